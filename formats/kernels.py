@@ -1,0 +1,229 @@
+"""Fast rounding kernels on float32 bit patterns (int32 tensor arithmetic only).
+
+The kernel rounds each float32 value x to the grid of an element format whose exponent range
+may be shifted per element by an integer ``k`` (a power-of-two block scale 2^k): the result is
+the *dequantized* value ``2^k * Q(x / 2^k)`` computed without any float division, so a block
+scale never causes a second rounding. Every step is integer arithmetic on the float32 bits
+(plus exact int -> float conversions of integers below 2^25), so the eager and the
+torch.compile'd versions are bit-identical, and neither depends on the CPU's denormal mode.
+
+Conventions (shared with :mod:`precisim.formats.reference`): "even" and "odd" refer to the last
+kept bit of the significand including the hidden bit, as in ml_dtypes (so for a format with no
+mantissa bits, such as E8M0, a tie between two normal powers of two rounds up).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .descriptor import FloatFormat, IntFormat
+from .rounding import Overflow, Rounding
+
+INT32_MIN = -(2**31)
+F32_INF = 0x7F800000
+F32_NAN = 0x7FC00000
+F32_MAX = 0x7F7FFFFF
+_BIG_EMIN = 1 << 20  # "no normal range" (integer formats)
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    """Static description of one rounding: everything the kernel needs, as plain ints."""
+
+    m: int  # kept fraction bits in the normal range (23 for integer grids)
+    emin: int  # exponent of the smallest normal (integer grids: grid exponent + 23)
+    max_pos_sig: int  # +max = max_pos_sig * 2^max_pos_exp (max_pos_sig < 2^24)
+    max_pos_exp: int
+    max_neg_sig: int  # |most negative| = max_neg_sig * 2^max_neg_exp (0: unsigned)
+    max_neg_exp: int
+    has_inf: bool
+    has_nan: bool
+    neg_zero: bool
+    has_zero: bool
+    signed: bool
+    is_int: bool
+
+    @staticmethod
+    def of(fmt: FloatFormat | IntFormat) -> KernelParams:
+        if isinstance(fmt, IntFormat):
+            u = -fmt.frac_bits
+            return KernelParams(
+                m=23, emin=u + 23, max_pos_sig=fmt.qmax, max_pos_exp=u,
+                max_neg_sig=-fmt.qmin, max_neg_exp=u, has_inf=False, has_nan=False,
+                neg_zero=False, has_zero=True, signed=fmt.signed, is_int=True,
+            )
+        mx = fmt.max
+        exp = fmt.emax - fmt.man_bits
+        sig = mx / (2**exp) if exp < 0 else mx / 2**exp
+        sig_int = int(sig)
+        assert sig_int == sig and sig_int < 2**24
+        return KernelParams(
+            m=fmt.man_bits, emin=fmt.emin, max_pos_sig=sig_int, max_pos_exp=exp,
+            max_neg_sig=sig_int if fmt.signed else 0, max_neg_exp=exp,
+            has_inf=fmt.has_inf, has_nan=fmt.has_nan, neg_zero=fmt.has_negative_zero,
+            has_zero=fmt.has_zero, signed=fmt.signed, is_int=False,
+        )
+
+
+def ldexp_bits(n: torch.Tensor, u: torch.Tensor | int) -> torch.Tensor:
+    """float32 bits of ``n * 2^u`` for int32 n in [0, 2^25) (exact, or inf bits on overflow).
+
+    Requires ``n * 2^u`` to be a multiple of 2^-149 (true for every value of a valid format).
+    """
+    fb = n.to(torch.float32).view(torch.int32)
+    ex = (fb >> 23) + u
+    normal = fb + u * (1 << 23)
+    sub = n << (min(max(u + 149, 0), 30) if isinstance(u, int) else torch.clamp(u + 149, 0, 30))
+    out = torch.where(ex >= 1, normal, sub)
+    out = torch.where(ex >= 255, F32_INF, out)
+    return torch.where(n == 0, 0, out)
+
+
+def round_bits(
+    b: torch.Tensor,
+    k: torch.Tensor | None,
+    p: KernelParams,
+    rounding: Rounding,
+    overflow: Overflow,
+    flush_in_below: int,
+    flush_out: bool,
+    rand: torch.Tensor | None,
+    sr_bits: int,
+) -> torch.Tensor:
+    """Round float32 bit patterns ``b`` (int32) to the format, scaled by 2^k; returns int32 bits."""
+    neg = b < 0
+    mag = b & 0x7FFFFFFF
+    E = mag >> 23
+    F = mag & 0x7FFFFF
+    is_nan = mag > F32_INF
+    is_inf = mag == F32_INF
+    is_zero = mag < flush_in_below if flush_in_below else mag == 0
+    # normalise (fp32 subnormals too): x = sig * 2^(e - 23), sig in [2^23, 2^24)
+    fF = F.to(torch.float32).view(torch.int32)
+    sub_in = E == 0
+    e = torch.where(sub_in, (fF >> 23) - 276, E - 127)
+    sig = torch.where(sub_in, fF & 0x7FFFFF, F) | 0x800000
+    kk = 0 if k is None else k
+    emin = p.emin + kk
+    # number of dropped bits (negative: integer grid overflow)
+    s_real = (23 - p.m) + torch.clamp(emin - e, min=0)
+    s = torch.clamp(s_real, 0, 30)
+    q = sig >> s
+    rem = sig & ((1 << s) - 1)
+    half = (1 << s) >> 1
+    inexact = rem != 0
+    if rounding is Rounding.NEAREST_EVEN:
+        up = (rem > half) | ((rem == half) & inexact & ((q & 1) == 1))
+    elif rounding is Rounding.NEAREST_AWAY:
+        up = (rem >= half) & inexact
+    elif rounding is Rounding.TOWARD_ZERO:
+        up = torch.zeros_like(inexact)
+    elif rounding is Rounding.UP:
+        up = inexact & ~neg
+    elif rounding is Rounding.DOWN:
+        up = inexact & neg
+    elif rounding is Rounding.ODD:
+        up = inexact & ((q & 1) == 0)
+    elif rounding is Rounding.STOCHASTIC:
+        assert rand is not None
+        t_shift = s_real - sr_bits
+        t = torch.where(t_shift >= 0, rem >> torch.clamp(t_shift, 0, 30),
+                        rem << torch.clamp(-t_shift, 0, 30))
+        up = (t + rand) >= (1 << sr_bits)
+    else:  # pragma: no cover
+        raise AssertionError(rounding)
+    n = q + up.to(torch.int32)
+    g = e - 23 + s_real  # exponent of the grid step
+    res = ldexp_bits(n, g)
+    # overflow thresholds (per sign, shifted by the block scale)
+    thr_pos = _const_ldexp(p.max_pos_sig, p.max_pos_exp, kk, b)
+    thr_neg = _const_ldexp(p.max_neg_sig, p.max_neg_exp, kk, b)
+    thr = torch.where(neg, thr_neg, thr_pos) if p.max_neg_sig != p.max_pos_sig else thr_pos
+    ovf = (res > thr) | is_inf
+    if overflow is Overflow.SATURATE:
+        ovf_val = thr
+    elif overflow is Overflow.INF:
+        ovf_val = torch.full_like(b, F32_INF)
+    else:  # NAN (WRAP is handled outside the kernel)
+        ovf_val = torch.full_like(b, F32_NAN)
+    if p.has_inf and overflow is not Overflow.SATURATE:
+        ovf_val = torch.where(is_inf, F32_INF, ovf_val)
+    out = torch.where(ovf, ovf_val, res)
+    zero = is_zero | (n == 0)
+    if flush_out:
+        min_norm = _const_ldexp(1, p.emin, kk, b)
+        zero = zero | ((out < min_norm) & ~ovf)
+    if p.has_zero:
+        out = torch.where(zero, 0, out)
+    else:  # E8M0-style: no zero; tiny values become the smallest value, zero becomes NaN
+        out = torch.where(n == 0, _const_ldexp(1, p.emin - p.m, kk, b), out)
+        out = torch.where(is_zero, F32_NAN, out)
+    # sign
+    if p.signed:
+        sign_ok = neg & ~zero if not p.neg_zero else neg
+        out = out | (sign_ok.to(torch.int32) << 31)
+    elif not p.has_zero:  # negative values and zero have no code (E8M0)
+        out = torch.where(neg, F32_NAN, out)
+    else:  # unsigned: a negative value is NaN unless it rounds to zero
+        out = torch.where(neg & ~zero, F32_NAN if p.has_nan else 0, out)
+        out = torch.where(neg & zero, 0, out)
+    nan_out = (out & 0x7FFFFFFF) > F32_INF
+    out = torch.where(is_nan | nan_out, F32_NAN, out)
+    return out
+
+
+def _const_ldexp(sig: int, exp: int, kk: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """float32 bits of sig * 2^(exp + kk) as an int32 tensor broadcastable against ``like``."""
+    if isinstance(kk, int):
+        n = torch.full((), sig, dtype=torch.int32, device=like.device)
+        return ldexp_bits(n, exp + kk)
+    n = torch.full_like(kk, sig)
+    return ldexp_bits(n, kk + exp)
+
+
+# ---------------------------------------------------------------------------------------------
+# compilation management
+
+_COMPILED: dict[tuple, object] = {}
+_BACKEND = os.environ.get("PRECISIM_BACKEND", "auto")
+COMPILE_MIN_NUMEL = int(os.environ.get("PRECISIM_COMPILE_MIN_NUMEL", str(1 << 18)))
+
+
+def set_backend(backend: str) -> None:
+    """Choose how kernels run: ``"eager"``, ``"compile"`` (torch.compile, also for small tensors)
+    or ``"auto"`` (compile for tensors of at least ``COMPILE_MIN_NUMEL`` elements, falling back
+    to eager if compilation fails). Results are bit-identical in every mode."""
+    global _BACKEND
+    if backend not in ("eager", "compile", "auto"):
+        raise ValueError(f"unknown backend {backend!r}: accepted 'eager', 'compile', 'auto'")
+    _BACKEND = backend
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def run(fn, key: tuple, numel: int, *args):
+    """Run ``fn(*args)`` eagerly or through a cached torch.compile'd version."""
+    use = _BACKEND == "compile" or (_BACKEND == "auto" and numel >= COMPILE_MIN_NUMEL)
+    if not use:
+        return fn(*args)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        _COMPILED[key] = compiled
+    if compiled is False:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as exc:  # pragma: no cover - depends on the machine's compiler
+        if _BACKEND == "compile":
+            raise
+        import warnings
+
+        warnings.warn(f"torch.compile failed ({exc!r:.200}); using the eager kernel", stacklevel=3)
+        _COMPILED[key] = False
+        return fn(*args)

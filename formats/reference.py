@@ -1,0 +1,257 @@
+"""Slow, exact reference arithmetic on Python ``Fraction`` values.
+
+This module is the specification the fast torch kernels are tested against bit for bit. It
+shares no code with them: values are exact rationals, rounding is decided from the exact
+fraction of an ulp, and codes are assembled field by field.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from fractions import Fraction
+
+from .descriptor import FloatFormat, FormatError, IntFormat
+from .rounding import Overflow, Rounding
+
+Value = Fraction | float  # float only for nan / +-inf
+
+NAN = float("nan")
+
+
+def fraction_of_float(x: float) -> Value:
+    """Exact value of a Python float (nan/inf are returned unchanged)."""
+    if math.isnan(x) or math.isinf(x):
+        return x
+    return Fraction(x)
+
+
+def f32_bits_to_value(bits: int) -> Value:
+    """Exact value of a float32 bit pattern; -0.0 is returned as the float -0.0."""
+    x = struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+    if x == 0 and bits >> 31:
+        return -0.0
+    return fraction_of_float(x)
+
+
+def value_to_f32_bits(v: Value) -> int:
+    """Bit pattern of a value that is exactly a float32 (raises otherwise)."""
+    if isinstance(v, float):
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+    f = float(v)
+    if Fraction(f) != v:
+        raise ValueError(f"{v} is not exactly a float64")
+    bits = struct.unpack("<I", struct.pack("<f", f))[0]
+    back = struct.unpack("<f", struct.pack("<I", bits))[0]
+    if Fraction(back) != v:
+        raise ValueError(f"{v} is not exactly a float32")
+    return bits
+
+
+def _is_negative(v: Value) -> bool:
+    return math.copysign(1.0, v) < 0 if isinstance(v, float) else v < 0
+
+
+def _round_up(lo: int, frac: Fraction, negative: bool, rounding: Rounding,
+              sr_rand: int | None, sr_bits: int) -> int:
+    """1 if the magnitude lo + frac (0 <= frac < 1) rounds up to lo + 1, else 0."""
+    if frac == 0:
+        return 0
+    half = Fraction(1, 2)
+    if rounding is Rounding.NEAREST_EVEN:
+        return int(frac > half or (frac == half and lo % 2 == 1))
+    if rounding is Rounding.NEAREST_AWAY:
+        return int(frac >= half)
+    if rounding is Rounding.TOWARD_ZERO:
+        return 0
+    if rounding is Rounding.UP:
+        return int(not negative)
+    if rounding is Rounding.DOWN:
+        return int(negative)
+    if rounding is Rounding.ODD:
+        return int(lo % 2 == 0)
+    if rounding is Rounding.STOCHASTIC:
+        if sr_rand is None:
+            raise ValueError("stochastic rounding needs the random integer")
+        t = math.floor(frac * (1 << sr_bits))
+        return int(t + sr_rand >= (1 << sr_bits))
+    raise AssertionError(rounding)
+
+
+def round_to_float_format(
+    x: Value,
+    fmt: FloatFormat,
+    rounding: Rounding = Rounding.NEAREST_EVEN,
+    overflow: Overflow = Overflow.SATURATE,
+    *,
+    flush_input_below: Fraction | None = None,
+    flush_output: bool = False,
+    sr_rand: int | None = None,
+    sr_bits: int = 24,
+) -> Value:
+    """Round an exact value to ``fmt``; returns the exact result value (Fraction, -0.0, nan, inf).
+
+    ``flush_input_below``: magnitudes below it (the source type's smallest normal) are read as
+    zero (DAZ). ``flush_output``: non-zero results below the smallest normal become zero (FTZ).
+    """
+    if isinstance(x, float) and math.isnan(x):
+        return NAN
+    negative = _is_negative(x)
+    if negative and not fmt.signed:
+        if x == 0:
+            return Fraction(0) if fmt.has_zero else NAN
+        # A negative value is outside an unsigned format: it becomes +0 only if its magnitude
+        # rounds to zero under the sign-aware mode, else NaN (or +0 without a NaN code).
+        return _unsigned_negative(x, fmt, rounding, sr_rand, sr_bits, flush_output)
+
+    def signed(v: Value) -> Value:
+        if isinstance(v, float):
+            return -v if negative else v
+        if v == 0:
+            return -0.0 if negative and fmt.has_negative_zero else Fraction(0)
+        return -v if negative else v
+
+    if isinstance(x, float) and math.isinf(x):
+        if fmt.has_inf and overflow is not Overflow.SATURATE:
+            return signed(math.inf)
+        return signed(_overflow_value(fmt, overflow))
+    ax = abs(Fraction(x))
+    if flush_input_below is not None and ax < flush_input_below:
+        ax = Fraction(0)
+    if ax == 0:
+        if not fmt.has_zero:
+            return NAN
+        return signed(Fraction(0))
+    e = _floor_log2(ax)
+    e_eff = max(e, fmt.emin)
+    ulp = Fraction(2) ** (e_eff - fmt.man_bits)
+    k = ax / ulp
+    lo = math.floor(k)
+    up = _round_up(lo, k - lo, negative, rounding, sr_rand, sr_bits)
+    result = (lo + up) * ulp
+    if result == 0 and not fmt.has_zero:
+        result = fmt.min_subnormal
+    if result > fmt.max:
+        return signed(_overflow_value(fmt, overflow))
+    if flush_output and 0 < result < fmt.min_normal:
+        result = Fraction(0)
+    return signed(result)
+
+
+def _unsigned_negative(x: Value, fmt: FloatFormat, rounding: Rounding, sr_rand: int | None,
+                       sr_bits: int, flush_output: bool) -> Value:
+    if isinstance(x, float) and math.isinf(x):
+        return NAN if fmt.has_nan else Fraction(0)
+    if not fmt.has_zero:
+        return NAN
+    ax = abs(Fraction(x))
+    e_eff = max(_floor_log2(ax), fmt.emin)
+    ulp = Fraction(2) ** (e_eff - fmt.man_bits)
+    k = ax / ulp
+    lo = math.floor(k)
+    up = _round_up(lo, k - lo, True, rounding, sr_rand, sr_bits)
+    rounded = (lo + up) * ulp
+    if rounded == 0 or (flush_output and rounded < fmt.min_normal):
+        return Fraction(0)
+    return NAN if fmt.has_nan else Fraction(0)
+
+
+def _overflow_value(fmt: FloatFormat, overflow: Overflow) -> Value:
+    if overflow is Overflow.SATURATE:
+        return fmt.max
+    if overflow is Overflow.INF:
+        if not fmt.has_inf:
+            raise FormatError(f"{fmt.name} has no infinity: overflow='inf' is not possible")
+        return math.inf
+    if overflow is Overflow.NAN:
+        if not fmt.has_nan:
+            raise FormatError(f"{fmt.name} has no NaN: overflow='nan' is not possible")
+        return NAN
+    raise FormatError(f"overflow={overflow.value!r} is for integer formats, not {fmt.name}")
+
+
+def round_to_int_format(
+    x: Value,
+    fmt: IntFormat,
+    rounding: Rounding = Rounding.NEAREST_EVEN,
+    overflow: Overflow = Overflow.SATURATE,
+    *,
+    sr_rand: int | None = None,
+    sr_bits: int = 24,
+) -> Value:
+    """Round an exact value to the integer grid of ``fmt``; returns the value (Fraction or nan).
+
+    ``WRAP`` keeps the code modulo 2^bits (two's complement); non-finite inputs give NaN under
+    ``WRAP`` and saturate otherwise. NaN stays NaN (the format has no NaN code).
+    """
+    if isinstance(x, float) and math.isnan(x):
+        return NAN
+    negative = _is_negative(x)
+    if isinstance(x, float) and math.isinf(x):
+        if overflow is Overflow.WRAP:
+            return NAN
+        return fmt.min if negative else fmt.max
+    k = abs(Fraction(x)) / fmt.ulp
+    lo = math.floor(k)
+    q = lo + _round_up(lo, k - lo, negative, rounding, sr_rand, sr_bits)
+    q = -q if negative else q
+    if fmt.qmin <= q <= fmt.qmax:
+        return q * fmt.ulp
+    if overflow is Overflow.WRAP:
+        q %= 1 << fmt.bits
+        if fmt.signed and q >> (fmt.bits - 1):
+            q -= 1 << fmt.bits
+        if q < fmt.qmin:  # symmetric formats have no code for the most negative value
+            q = fmt.qmin
+        return q * fmt.ulp
+    if overflow is not Overflow.SATURATE:
+        raise FormatError(f"{fmt.name}: overflow={overflow.value!r} is not possible for integers; "
+                          "accepted 'saturate' or 'wrap'")
+    return (fmt.qmin if q < fmt.qmin else fmt.qmax) * fmt.ulp
+
+
+def encode_value(v: Value, fmt: FloatFormat | IntFormat) -> int:
+    """The code of a value that is exactly representable in ``fmt`` (the inverse of decode)."""
+    if isinstance(fmt, IntFormat):
+        if isinstance(v, float) and not v == 0:
+            raise ValueError(f"{fmt.name} has no code for {v}")
+        q = Fraction(v) / fmt.ulp
+        if q.denominator != 1 or not fmt.qmin <= q <= fmt.qmax:
+            raise ValueError(f"{v} is not a value of {fmt.name}")
+        return int(q) % (1 << fmt.bits)
+    sign_bit = 1 << (fmt.bits - 1) if fmt.signed else 0
+    if isinstance(v, float) and math.isnan(v):
+        if fmt.nan_code is None:
+            raise ValueError(f"{fmt.name} has no NaN code")
+        return fmt.nan_code
+    negative = _is_negative(v)
+    sign = sign_bit if negative else 0
+    if isinstance(v, float) and math.isinf(v):
+        if fmt.inf_magnitude_code is None:
+            raise ValueError(f"{fmt.name} has no infinity")
+        return sign | fmt.inf_magnitude_code
+    av = abs(Fraction(v))
+    if av == 0:
+        if not fmt.has_zero:
+            raise ValueError(f"{fmt.name} has no zero")
+        return sign if fmt.has_negative_zero else 0
+    e = _floor_log2(av)
+    if e < fmt.emin:
+        mag = av / Fraction(2) ** (fmt.emin - fmt.man_bits)
+    else:
+        mag = (((e + fmt.bias) << fmt.man_bits)
+               + (av / Fraction(2) ** e - 1) * (1 << fmt.man_bits))
+    if mag.denominator != 1 or not 0 <= mag <= fmt.max_code_magnitude or (
+        fmt.magnitude_value(int(mag)) != av
+    ):
+        raise ValueError(f"{v} is not a value of {fmt.name}")
+    return sign | int(mag)
+
+
+def _floor_log2(v: Fraction) -> int:
+    e = v.numerator.bit_length() - v.denominator.bit_length()
+    if Fraction(2) ** e > v:
+        e -= 1
+    elif Fraction(2) ** (e + 1) <= v:
+        e += 1
+    return e
