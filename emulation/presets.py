@@ -1,0 +1,93 @@
+"""Named matrix units: NVIDIA tensor cores and the simple accumulator models.
+
+GPU parameters from ARITHMETIC.md section 4 (Khattak & Mikaitis, "Accurate Models of NVIDIA
+Tensor Cores", arXiv 2512.07004; their MATLAB models ``V100TC``/``A100TC``/``H100TC``):
+
+| unit, input      | k  | F = 23+neab | notes                                            |
+|------------------|----|-------------|--------------------------------------------------|
+| V100 fp16        | 4  | 23          | fp16-output mode: alignment exponent >= -19       |
+| A100 fp16, bf16  | 8  | 24          | fp16-output mode: alignment exponent >= -20       |
+| A100 tf32        | 4  | 24          |                                                  |
+| H100 fp16, bf16  | 16 | 25          | fp16-output mode: alignment exponent >= -21       |
+| H100 tf32        | 8  | 25          | recordings have K=4, so k is not tested          |
+| H100 E4M3, E5M2  | 32 | 13          | block result cut to 13 fraction bits              |
+
+All: exact products, c aligned jointly, unnormalised product exponents, sign-magnitude
+truncation, fp32 accumulator rounded toward zero (fp16-output modes: fp16 accumulator, RNE).
+``deepseek-fp8`` is the H100 E4M3 unit with promotion of the partial sums to an fp32 RNE
+register every 128 products (DeepSeek-V3 technical report, section 3.3.2; DeepGEMM).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from .matrix_unit import MatrixUnit, kulisch, per_add_rounding, sequential_fma
+
+_FP16_OUT_FLOOR = {"v100": -19, "a100": -20, "h100": -21}
+
+
+def _nv(name: str, fmt: str, k: int, f: int, fp16_out: bool = False, **kw: object
+        ) -> MatrixUnit:
+    gpu = name.split("-")[0]
+    if fp16_out:
+        return MatrixUnit(name, fmt, block_size=k, alignment_bits=f, drop="truncate",
+                          acc_format="fp16", acc_rounding="rne",
+                          alignment_floor=_FP16_OUT_FLOOR[gpu],
+                          description=f"{gpu.upper()} tensor core, {fmt} inputs, fp16 output "
+                          "(ARITHMETIC.md section 4, item 6)", **kw)
+    return MatrixUnit(name, fmt, block_size=k, alignment_bits=f, drop="truncate",
+                      acc_format="fp32", acc_rounding="rtz",
+                      description=f"{gpu.upper()} tensor core, {fmt} inputs, fp32 output "
+                      "(ARITHMETIC.md section 4)", **kw)
+
+
+def _build() -> dict[str, MatrixUnit]:
+    units = [
+        _nv("v100-fp16", "fp16", 4, 23),
+        _nv("v100-fp16-fp16out", "fp16", 4, 23, fp16_out=True),
+        _nv("a100-fp16", "fp16", 8, 24),
+        _nv("a100-fp16-fp16out", "fp16", 8, 24, fp16_out=True),
+        _nv("a100-bf16", "bf16", 8, 24),
+        _nv("a100-tf32", "tf32", 4, 24),
+        _nv("h100-fp16", "fp16", 16, 25),
+        _nv("h100-fp16-fp16out", "fp16", 16, 25, fp16_out=True),
+        _nv("h100-bf16", "bf16", 16, 25),
+        _nv("h100-tf32", "tf32", 8, 25),
+        _nv("h100-e4m3", "e4m3", 32, 13, block_result_bits=13),
+        _nv("h100-e5m2", "e5m2", 32, 13, block_result_bits=13),
+    ]
+    ds = units[-2].with_(name="deepseek-fp8", promotion_interval=128,
+                         description="H100 E4M3 unit with promotion to fp32 (RNE) every 128 "
+                         "products (DeepSeek-V3 / DeepGEMM)")
+    units.append(ds)
+    for fmt in ("fp16", "bf16", "tf32", "e4m3", "e5m2", "fp32"):
+        units.append(kulisch(fmt, "fp32", "rne", name=f"exact-{fmt}"))
+        units.append(sequential_fma(fmt, "fp32", "rne", name=f"fma-{fmt}-fp32"))
+    units.append(per_add_rounding("fp16", "fp32", "rne", name="mul-add-fp16-fp32"))
+    units.append(sequential_fma("fp16", "fp16", "rne", name="fma-fp16-fp16"))
+    units.append(sequential_fma("bf16", "bf16", "rne", name="fma-bf16-bf16"))
+    return {u.name: u for u in units}
+
+
+PRESETS: dict[str, MatrixUnit] = _build()
+
+
+def available_units() -> list[str]:
+    """The names accepted by :func:`get_unit`."""
+    return sorted(PRESETS)
+
+
+def get_unit(name: str | MatrixUnit) -> MatrixUnit:
+    """A preset by name (case-insensitive; ``_`` and ``-`` are interchangeable)."""
+    if isinstance(name, MatrixUnit):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"unit must be a name or a MatrixUnit, got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    if key in PRESETS:
+        return PRESETS[key]
+    close = difflib.get_close_matches(key, list(PRESETS), n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise KeyError(f"unknown matrix unit {name!r}{hint}; available: "
+                   f"{', '.join(available_units())}")
