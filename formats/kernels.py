@@ -155,7 +155,9 @@ def round_bits(
     zero = is_zero | (n == 0)
     if flush_out:
         min_norm = _const_ldexp(1, p.emin, kk, b)
-        zero = zero | ((out < min_norm) & ~ovf)
+        # (res, not out: a negative value of an unsigned format is flagged as an overflow,
+        # but flushes to zero like any other result below the smallest normal)
+        zero = zero | ((res < min_norm) & ~is_inf)
     if p.has_zero:
         out = torch.where(zero, 0, out)
     else:  # E8M0-style: no zero; tiny values become the smallest value, zero becomes NaN

@@ -98,7 +98,8 @@ def round_to_float_format(
         return NAN
     negative = _is_negative(x)
     if negative and not fmt.signed:
-        if x == 0:
+        if x == 0 or (flush_input_below is not None and not isinstance(x, float)
+                      and -x < flush_input_below):  # DAZ reads a tiny input as -0
             return Fraction(0) if fmt.has_zero else NAN
         # A negative value is outside an unsigned format: it becomes +0 only if its magnitude
         # rounds to zero under the sign-aware mode, else NaN (or +0 without a NaN code).
