@@ -28,7 +28,7 @@ The slow test ``test_all_float32_bit_patterns`` sweeps all 2^32 float32 bit patt
 ml_dtypes. A chunk takes about 5 CPU-seconds (16 s wall on a busy 2-core machine), so one
 format takes 20-70 minutes and all 10 several hours; restrict it with environment variables:
 
-* ``PRECISIM_F32_SWEEP_FORMATS``: comma-separated ml_dtypes names (default: all 13);
+* ``PRECISIM_F32_SWEEP_FORMATS``: comma-separated names from ``SWEEP_8BIT`` (default: all 10);
 * ``PRECISIM_F32_SWEEP_CHUNKS``: a Python slice ``start:stop[:step]`` over the 256 chunk
   indices (default ``0:256``; e.g. ``0:256:16`` checks every 16th chunk).
 
