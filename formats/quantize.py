@@ -254,6 +254,7 @@ def encode(
     **kwargs,
 ) -> torch.Tensor:
     """Round ``x`` to ``fmt`` (as :func:`quantize`) and return the codes (uint8 or int32)."""
+    x = check_tensor(x)  # float64 would be rounded twice (through float32), ints silently cast
     f = get_format(fmt)
     return values_to_codes(quantize(x.float() if x.dtype != torch.float32 else x, f, rounding,
                                     overflow, **kwargs), f)
