@@ -11,7 +11,8 @@ Semantics of ``d = sum_i a_i * b_i + c`` under a unit (implemented exactly by
 :mod:`precisim.emulation.reference`, and bit-identically by :mod:`precisim.emulation.matmul`):
 
 1. Inputs are values of ``a_format`` / ``b_format`` (subnormals read as zero when
-   ``flush_input_subnormals``). Products are exact, or rounded to ``product_format``.
+   ``flush_input_subnormals``). Products are exact, or rounded to ``product_format`` with
+   ``product_rounding`` (a product beyond that format's range saturates to its max).
 2. K is split into blocks of ``block_size`` (k) products; a K that is not a multiple of k is
    padded with zero products (zero products take no part in the alignment, so padding does
    not change any result). The output of block j is the accumulator c of block j+1.

@@ -138,7 +138,7 @@ def _round(v: Value, fmt: FloatFormat | IntFormat, unit: MatrixUnit, which: str,
         return v
     rounding, overflow, sr_bits = {
         "acc": (unit.acc_rounding, unit.acc_overflow, unit.acc_sr_bits or 24),
-        "product": (unit.product_rounding, Overflow.INF, 24),
+        "product": (unit.product_rounding, Overflow.SATURATE, 24),
         "promotion": (unit.promotion_rounding, Overflow.INF, 24),
         "output": (unit.output_rounding, unit.output_overflow, 24),
     }[which]
@@ -146,8 +146,6 @@ def _round(v: Value, fmt: FloatFormat | IntFormat, unit: MatrixUnit, which: str,
         if _is_neg_zero(v):
             return Fraction(0)
         return round_to_int_format(v, fmt, rounding, overflow, sr_rand=rand, sr_bits=sr_bits)
-    if which == "product" and not fmt.has_inf:
-        overflow = Overflow.SATURATE
     flush = unit.flush_output_subnormals and which in ("acc", "output")
     if _is_neg_zero(v):
         return v
