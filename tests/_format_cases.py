@@ -168,7 +168,8 @@ def table_round(x32: np.ndarray, fmt: FloatFormat, rounding: Rounding, overflow:
                 flush_input: bool = False, flush_output: bool = False) -> np.ndarray:
     """Exact rounding of float32 inputs to ``fmt`` by table lookup; returns float32 results."""
     grid, odd = _table(fmt)
-    x = x32.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # (signalling NaN payloads)
+        x = x32.astype(np.float64)
     nan_in = np.isnan(x)
     neg = np.signbit(x)
     a = np.abs(np.where(nan_in, 0.0, x))

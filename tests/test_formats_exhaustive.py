@@ -298,3 +298,36 @@ def test_unsigned_negative_flush_regressions():
     assert math.isnan(quantize(torch.tensor([tiny]), g, "rd").item())
     assert ref.round_to_float_format(ref.fraction_of_float(tiny), g, Rounding.DOWN,
                                      flush_input_below=Fraction(2) ** -126) == 0
+
+
+LOW_PRECISION_CASES = [
+    (torch.float16, ["e4m3", "e5m2", "e2m1", "e3m2", "e4m3fnuz", "binary8p5ue", "int8",
+                     "mxint8"]),
+    (torch.bfloat16, ["e4m3", "e5m2", "e2m1", "e8m0", "binary8p2se", "int8", "uint4"]),
+]
+
+
+@pytest.mark.parametrize("dtype, names", LOW_PRECISION_CASES, ids=["fp16", "bf16"])
+def test_fp16_bf16_inputs_every_code(dtype, names):
+    """x of dtype fp16/bf16 (all 65536 codes): the result has x's dtype and equals the rounding
+    of the float32 value; DAZ (flush_input) uses x.dtype's smallest normal (2^-14 for fp16)."""
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    xf = x.float()
+    tiny = xf.abs() < (2.0 ** -14 if dtype == torch.float16 else 2.0 ** -126)
+    xf_daz = torch.where(tiny, torch.copysign(torch.zeros_like(xf), xf), xf)
+    for name in names:
+        fmt = get_format(name)
+        for rounding in DETERMINISTIC:
+            for flush in (False, True):
+                got = quantize(x, fmt, rounding, flush_input=flush)
+                assert got.dtype == dtype
+                src = xf_daz if flush else xf
+                if isinstance(fmt, FloatFormat):
+                    want = table_round(src.numpy(), fmt, rounding, Overflow.SATURATE)
+                    want = torch.from_numpy(want)
+                else:
+                    want = quantize(src, fmt, rounding)
+                gb = got.float().view(torch.int32).numpy().view(np.uint32)
+                wb = want.view(torch.int32).numpy().view(np.uint32)
+                assert_same_bits(gb, wb, x.float().view(torch.int32).numpy().view(np.uint32),
+                                 f"{dtype} -> {name} {rounding.value} flush_input={flush}")
