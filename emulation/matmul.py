@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
 
-from .limits import fmax, max_code
+from .limits import emax, fmax, max_code
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 from .presets import get_unit
 
@@ -426,24 +426,57 @@ def _pow2(n: torch.Tensor) -> torch.Tensor:
     return ((n.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
-def _block_float(a, ea, b, eb, cval, ce, F: int, floor: int | None, use_floor: bool):
-    """Bit-exact aligned block sum in float64, for the NVIDIA-style units.
+def _pow2_32(n: torch.Tensor) -> torch.Tensor:
+    """2.0**n in float32, exactly, for integer n in [-126, 127]."""
+    return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
 
-    a: (B, M, 1, k) float64 values, ea their alignment exponents (int32, NEG_BIG for zeros);
-    b, eb: (B, 1, N, k); cval, ce: the accumulator value (float64) and exponent (B, M, N).
-    Every product is exact in float64 (two significands of <= 24 bits); scaling it by
-    2^(F-E) is exact; truncating it gives the aligned term as an integer of < F+3 bits, and
-    the sum of k+1 such integers is exact because F + 3 + bitlen(k+1) <= 53. Returns the
-    integer block sum S (float64) and E: the block sum is S * 2^(E-F).
+
+def _kernel_dtype(unit: MatrixUnit) -> torch.dtype:
+    """float32 when the products, the aligned terms and their sum are all exact in it."""
+    fa, fb, F = unit.a_format, unit.b_format, unit.alignment_bits
+    if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
+        return torch.float64
+    ok = (fa.man_bits + fb.man_bits + 2 <= 24 and F + 3 <= 24
+          and F + 3 + (unit.block_size + 1).bit_length() <= 31
+          and fa.emin - fa.man_bits + fb.emin - fb.man_bits >= -126
+          and emax(fa) + emax(fb) + 2 <= 127)
+    return torch.float32 if ok else torch.float64
+
+
+def _block_float(a, ea, b, eb, cval, ce, F: int, floor: int | None, use_floor: bool):
+    """Bit-exact aligned block sum with float arithmetic, for the NVIDIA-style units.
+
+    a: (B, M, 1, k) values (float32 or float64, see :func:`_kernel_dtype`), ea their
+    alignment exponents (int32, NEG_BIG_32 for zeros); b, eb: (B, 1, N, k); cval, ce: the
+    accumulator value (float64) and exponent (B, M, N). Every product is exact (two
+    significands of <= 24 bits in float64, <= 12 in float32); scaling it by 2^(F-E) is exact;
+    converting it to an integer truncates it toward zero, giving the aligned term (< 2^(F+2));
+    the k+1 terms are summed exactly in integers. Returns the integer block sum S (int64) and
+    E: the block sum is S * 2^(E-F).
     """
     p = a * b
     E = torch.maximum((ea + eb).amax(-1), ce)
     if floor is not None:
         E = torch.clamp(E, min=floor)
-    scale = _pow2(F - E)
-    cut = torch.floor if use_floor else torch.trunc
-    S = cut(p * scale.unsqueeze(-1)).sum(-1) + cut(cval * scale)
-    return S, E
+    d = F - E
+    if p.dtype == torch.float32:
+        # d > 127 only when every product of the block is zero (then c alone matters)
+        v = p * _pow2_32(d.clamp(max=127)).unsqueeze(-1)
+        t = v.to(torch.int32)
+        if use_floor:
+            t = t - (t.to(v.dtype) > v).to(torch.int32)
+        S = t.sum(-1, dtype=torch.int32).to(torch.int64)
+    else:
+        v = p * _pow2(d).unsqueeze(-1)
+        t = v.to(torch.int64)
+        if use_floor:
+            t = t - (t.to(v.dtype) > v).to(torch.int64)
+        S = t.sum(-1)
+    cv = cval * _pow2(d)
+    ct = cv.to(torch.int64)
+    if use_floor:
+        ct = ct - (ct.to(cv.dtype) > cv).to(torch.int64)
+    return S + ct, E
 
 
 _KERNELS: dict = {}
@@ -465,9 +498,10 @@ def _block_fn(unit, sp_block, has_rand):
                 cn, cq, cg, ce = state
                 cval = torch.ldexp(cq.to(torch.float64), cg.to(torch.float64))
                 cval = torch.where(cn, -cval, cval)
-                S, E = _block_float(pa[0], pa[1], pb[0], pb[1], cval, ce, F, fl, uf)
+                S, E = _block_float(pa[0], pa[1], pb[0], pb[1], cval, ce.to(torch.int32), F,
+                                    fl, uf)
                 neg = S < 0
-                mag = S.abs().to(torch.int64)
+                mag = S.abs()
                 rn, rq, rg, rinf, rnan = _round(neg, mag, E - F, sp_block, r)
                 return (rn, rq, rg, _c_exponent(rq, rg, unit.acc_format)), rinf, rnan, lost
         else:
@@ -548,6 +582,133 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
     return final, inf_pos, inf_neg, nan, lost
 
 
+# ---------------------------------------------------------------------------------------------
+# float64 chain: block sums and roundings done with exact float64 operations
+
+def _float_chain_ok(unit: MatrixUnit, fidelity: str) -> bool:
+    """The float64 chain handles deterministic roundings to float accumulators, with
+    promotion only when it is fp32 RNE with unit scales (then one float32 addition is the
+    correctly rounded promotion); bit-exact mode also needs the float64 block kernel."""
+    acc = unit.acc_format
+    ok = (isinstance(acc, FloatFormat) and unit.acc_rounding is not Rounding.STOCHASTIC
+          and acc.signed and isinstance(unit.out_format, FloatFormat))
+    if unit.promotion_interval:
+        pf = unit.promotion_format
+        ok = ok and (pf.exp_bits, pf.man_bits, pf.bias) == (8, 23, 127) and (
+            unit.promotion_rounding is Rounding.NEAREST_EVEN)
+    return ok and (fidelity == "fast" or _float_ok(unit))
+
+
+def _fexp(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2|x|) of nonzero finite float64 values (normal in float64)."""
+    return ((x.view(torch.int64) >> 52) & 0x7FF) - 1023
+
+
+def _round_float(x: torch.Tensor, sp: _Spec):
+    """Round exact float64 values x to the float format of ``sp`` (deterministic modes).
+
+    The scaling by 2^(m - e) is exact, so one float64 rounding-to-integer operation with the
+    right direction gives the correctly rounded significand. Returns (result, overflow mask).
+    """
+    ax = x.abs()
+    e = torch.clamp(_fexp(ax), min=sp.emin)
+    v = ax * _pow2(sp.m - e)
+    r = sp.rounding
+    neg = torch.signbit(x)
+    if r is Rounding.TOWARD_ZERO:
+        q = torch.trunc(v)
+    elif r is Rounding.NEAREST_EVEN:
+        q = torch.round(v)
+    elif r is Rounding.NEAREST_AWAY:
+        q = torch.floor(v + 0.5)
+    elif r is Rounding.UP:
+        q = torch.where(neg, torch.trunc(v), torch.ceil(v))
+    elif r is Rounding.DOWN:
+        q = torch.where(neg, torch.ceil(v), torch.trunc(v))
+    else:  # ODD
+        t = torch.trunc(v)
+        q = t + ((t != v) & (torch.remainder(t, 2) == 0)).to(v.dtype)
+    res = q * _pow2(e - sp.m)
+    mx = float(sp.max_sig) * 2.0 ** sp.max_exp
+    ovf = res > mx
+    if sp.overflow is Overflow.SATURATE:
+        res = torch.where(ovf, mx, res)
+        ovf = torch.zeros_like(ovf)
+    if sp.flush:
+        res = torch.where(res < 2.0 ** sp.emin, 0.0, res)
+    return torch.where(neg, -res, res), ovf
+
+
+def _chunk_float(unit, fidelity, A, Bm, cval):
+    """All blocks of K for a chunk of outputs with a float64 state (see _float_chain_ok).
+
+    A: (a float64 (B, M, K), ea int32) in bit-exact mode, else a (B, M, K); Bm likewise.
+    cval: the incoming c (float64 values of the accumulator / promotion format).
+    """
+    k = unit.block_size
+    exact = fidelity == "bit-exact"
+    a, b = (A[0], Bm[0]) if exact else (A, Bm)
+    K = a.shape[-1]
+    nblk = max(1, -(-K // k))
+    acc = unit.acc_format
+    spb = _Spec.of(unit.block_format, unit.acc_rounding, unit.acc_overflow,
+                   unit.flush_output_subnormals)
+    F, floor, use_floor = unit.alignment_bits, unit.alignment_floor, unit.drop is Drop.FLOOR
+    inf_pos = torch.zeros(cval.shape, dtype=torch.bool, device=cval.device)
+    inf_neg = torch.zeros_like(inf_pos)
+    nan = torch.zeros_like(inf_pos)
+    per = (unit.promotion_interval // k) if unit.promotion_interval else None
+    reg = cval.to(torch.float32)
+    part = torch.zeros_like(cval) if per else cval
+    part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    for j in range(nblk):
+        sl = slice(j * k, min((j + 1) * k, K))
+        if exact:
+            ab = a[:, :, None, sl]
+            bb = b[:, sl, :].transpose(1, 2)[:, None, :, :].contiguous()
+            eab = A[1][:, :, None, sl]
+            ebb = Bm[1][:, sl, :].transpose(1, 2)[:, None, :, :].contiguous()
+            pe = torch.where(part != 0, torch.clamp(_fexp(part), min=acc.emin), NEG_BIG_32)
+            S, E = _block_float(ab, eab, bb, ebb, part, pe.to(torch.int32), F, floor,
+                                use_floor)
+            s = S.to(torch.float64) * _pow2(E - F)  # exact: |S| < 2^53
+            zero = S == 0
+            if bool(zero.any()):  # IEEE: the sum of zeros is -0 only if all are -0
+                p = ab * bb
+                allneg = (torch.signbit(p) & (p == 0)).all(-1) & torch.signbit(part) & (
+                    part == 0)
+                s = torch.where(zero & allneg, -0.0, s)
+        else:
+            s = a[:, :, sl].to(torch.float64) @ b[:, sl, :].to(torch.float64) + part
+        r, ovf = _round_float(s, spb)
+        tp, tn = (part_pos, part_neg) if per else (inf_pos, inf_neg)
+        fresh = ovf & ~(tp | tn)
+        tp |= fresh & (r > 0)
+        tn |= fresh & (r < 0)
+        part = torch.where(ovf, 0.0, r)
+        if per and ((j + 1) % per == 0 or j == nblk - 1):
+            new = reg + part.to(torch.float32)  # fp32 RNE addition: the promotion
+            np_ = part_pos | (new == math.inf)
+            nn_ = part_neg | (new == -math.inf)
+            nan |= (inf_pos & nn_) | (inf_neg & np_) | (np_ & nn_)
+            inf_pos |= np_
+            inf_neg |= nn_
+            reg = torch.where(torch.isfinite(new), new, 0.0)
+            part = torch.zeros_like(part)
+            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    final = reg.to(torch.float64) if per else part
+    if unit.output_format is not None or unit.flush_output_subnormals:
+        sp = _Spec.of(unit.out_format, unit.output_rounding, unit.output_overflow,
+                      unit.flush_output_subnormals)
+        final, ovf = _round_float(final, sp)
+        inf_pos |= ovf & (final > 0)
+        inf_neg |= ovf & (final < 0)
+    res = final.to(torch.float32)
+    res = torch.where(inf_pos, math.inf, res)
+    res = torch.where(inf_neg, -math.inf, res)
+    return torch.where(nan | (inf_pos & inf_neg), math.nan, res)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
            c: torch.Tensor | float | None = None, fidelity: str = "bit-exact", *,
            seed: int | None = None, max_chunk_elements: int = 1 << 21) -> torch.Tensor:
@@ -593,8 +754,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
         # the float64 kernel needs the signed values and the alignment exponents only
         ea = _decompose(a, unit.a_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
         eb = _decompose(b, unit.b_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
-        A = (a.to(torch.float64), ea)
-        Bd = (b.to(torch.float64), eb)
+        kd = _kernel_dtype(unit)
+        A = (a.to(kd), ea)
+        Bd = (b.to(kd), eb)
     elif fidelity == "bit-exact":
         A = _decompose(a, unit.a_format)
         Bd = _decompose(b, unit.b_format)
@@ -606,6 +768,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
     lost_all = torch.zeros((Bt, M, N), dtype=torch.bool, device=a.device)
     kk = min(k, K) if fidelity == "bit-exact" else 1
     step = max(1, max_chunk_elements // max(1, M * kk))
+    if _float_chain_ok(unit, fidelity):
+        c64 = c.to(torch.float64)
+        for n0 in range(0, N, step):
+            ns = slice(n0, min(N, n0 + step))
+            Bc = tuple(t[:, :, ns] for t in Bd) if fidelity == "bit-exact" else Bd[:, :, ns]
+            out[:, :, ns] = _chunk_float(unit, fidelity, A, Bc, c64[:, :, ns])
+        return _apply_specials(unit, out, nan, pos, neg).reshape(out_shape)
     for n0 in range(0, N, step):
         ns = slice(n0, min(N, n0 + step))
         Bc = tuple(t[:, :, ns] for t in Bd) if fidelity == "bit-exact" else Bd[:, :, ns]
