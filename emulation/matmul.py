@@ -3,28 +3,34 @@
 Two fidelities, both public:
 
 * ``"bit-exact"`` returns exactly what the unit produces (ARITHMETIC.md section 4; tested bit
-  for bit against :mod:`precisim.emulation.reference` and the real-GPU recordings). Every
-  element is split into an integer significand and an exponent; per block of k products the
-  products are formed exactly in int64 (significands of at most 24 bits), aligned to the
-  block's largest (unnormalised) exponent E with F fraction bits kept below 2^E, dropped as
-  the unit says, summed exactly in int64 and rounded once to the accumulator format with
-  integer operations only. Exact units (``alignment_bits=None``) and units with very wide
-  alignment use a window of ``W = 59 - bitlen(k+1)`` bits below E; any output whose block
-  drops bits below that window is recomputed by the exact reference (rare: it needs an
-  exponent spread of ~30 bits inside one block).
-* ``"fast"``: each block sum is computed with one float64 matmul per block of k (exact when
-  the block's products span fewer than 53 bits, as for fp8 / bf16 / fp16 inputs with a
-  moderate dynamic range), then the unit's block rounding, promotion and output rounding are
-  applied as in bit-exact mode. What it leaves out is the alignment truncation of step 3 of
-  the model; :func:`fast_divergence` measures the effect (fraction of outputs that differ,
-  largest difference in ulps of the output format).
+  for bit against :mod:`precisim.emulation.reference` and all 60000 real-GPU recordings).
+  For the NVIDIA-style units (exact products, unnormalised alignment, truncation, joint c:
+  every GPU preset) each block is done with exact float arithmetic: the products of a block
+  are formed in float32 (FP8 inputs) or float64 (fp16/bf16/tf32), scaled by 2^(F-E) (exact),
+  truncated by conversion to integers and summed in int32/int64; the block sum S * 2^(E-F)
+  is then rounded once with an exact float64 rounding (:func:`_round_float`). Other units use
+  an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact units
+  (``alignment_bits=None``) and very wide alignments use a window of ``W = 59 - bitlen(k+1)``
+  bits below E; any output whose block drops bits below that window is recomputed by the
+  exact reference (rare: it needs an exponent spread of ~30 bits inside one block).
+* ``"fast"``: each block sum is one float64 matmul per block of k (exact when the block's
+  products and c span fewer than 53 bits), then the unit's block rounding, promotion and
+  output rounding as in bit-exact mode. It leaves out the alignment truncation of step 3 of
+  the model, so it is *not* close to bit-exact for the truncating units: measured on
+  512x512 @ 512x4096 N(0,1) inputs (benchmarks/bench_gemm.py), H100 E4M3: 92% of outputs
+  differ, normwise relative difference 4.8e-4; H100 bf16: 36% differ, 9.6e-8 (the largest
+  differences in ulps, ~3e5, are at outputs near zero after cancellation).
+  :func:`fast_divergence` measures this on any inputs.
 
 Special values (ARITHMETIC.md section 4, model assumption): any NaN among the products
 (including 0 * inf) or in c, or +inf with -inf, gives NaN; otherwise an infinite product or c
 gives that infinity; a block that overflows gives inf (``acc_overflow="inf"``) and the output
-stays inf. Values that are not values of the unit's input formats raise ``ValueError``.
+stays inf. Input values that are not values of the unit's formats raise ``ValueError``
+(inf in a format without inf included; NaN is always accepted and propagates).
 A K that is not a multiple of the block size is padded with zero products, which take no
 part in the alignment: the result is that of the unpadded model.
+Works on any device torch supports (every step is a torch op); scales for promotion
+(``s_a*s_b``) are supported by the reference only (here they are 1).
 """
 
 from __future__ import annotations
@@ -151,7 +157,7 @@ def _round(neg: torch.Tensor, mag: torch.Tensor, base: torch.Tensor, sp: _Spec,
                 code = torch.where(code >= (1 << (sp.bits - 1)), code - (1 << sp.bits), code)
         code = code.clamp(sp.qmin, sp.qmax)
         return code < 0, code.abs(), g, inf, nan
-    ovf = (g > sp.max_exp) | ((g == sp.max_exp) & (q > sp.max_sig))
+    ovf = ((g > sp.max_exp) | ((g == sp.max_exp) & (q > sp.max_sig))) & (q > 0)
     if sp.overflow is Overflow.SATURATE:
         q = torch.where(ovf, sp.max_sig, q)
         g = torch.where(ovf, sp.max_exp, g)
@@ -176,7 +182,7 @@ def _add_two(n1, m1, g1, n2, m2, g2):
     top = torch.maximum(t1, t2)
     far = 1 << 40
     low = torch.minimum(torch.where(m1 > 0, g1, far), torch.where(m2 > 0, g2, far))
-    base = torch.maximum(low, top - 60)
+    base = torch.where(top == NEG_BIG, 0, torch.maximum(low, top - 60))  # 0 + 0: base 0
 
     def put(n, m, g):
         s = g - base

@@ -451,3 +451,30 @@ def test_deepseek_fp8_promotion():
 
 def test_exact_dot_rounds_once():
     assert f32_bits(exact_dot([2.0**-12], [1.5 * 2.0**-12], 1.0)) == 0x3F800001
+
+
+@pytest.mark.parametrize("name", ["v100-fp16", "a100-tf32", "h100-bf16", "h100-e4m3",
+                                  "deepseek-fp8", "h100-fp16-fp16out"])
+def test_float_and_int_kernels_agree(name, monkeypatch):
+    """The float32/float64 block kernel and the generic int64 kernel give identical bits."""
+    import importlib
+
+    mm = importlib.import_module("precisim.emulation.matmul")  # the module, not the function
+    unit = get_unit(name)
+    for kind in ("random", "spread", "cancel"):
+        a, b, c = _inputs(unit, kind, seed=11, M=6, K=300, N=5)
+        fast_kernel = matmul(a, b, unit, c)
+        with monkeypatch.context() as m:
+            m.setattr(mm, "_float_ok", lambda u: False)
+            int_kernel = matmul(a, b, unit, c)
+        assert torch.equal(fast_kernel.view(torch.int32), int_kernel.view(torch.int32)), kind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["h100-e4m3", "h100-bf16", "deepseek-fp8", "exact-fp16"])
+def test_gpu_matches_cpu(name):
+    unit = get_unit(name)
+    a, b, c = _inputs(unit, "spread", seed=3, M=16, K=256, N=8)
+    cpu = matmul(a, b, unit, c)
+    gpu = matmul(a.cuda(), b.cuda(), unit, c.cuda()).cpu()
+    assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32))
