@@ -179,9 +179,9 @@ class MatrixUnit:
                              "nothing is aligned)")
         s(self, "acc_format", _fmt(self.acc_format, "acc_format"))
         acc = self.acc_format
-        if isinstance(acc, FloatFormat) and not is_subset(acc, FP32):
+        if isinstance(acc, FloatFormat) and (not is_subset(acc, FP32) or not acc.signed):
             raise FormatError(f"acc_format={acc.name!r} is not supported: a floating-point "
-                              "accumulator must fit in float32")
+                              "accumulator must be signed and fit in float32")
         s(self, "acc_rounding", _parse_enum(Rounding, self.acc_rounding, "acc_rounding"))
         s(self, "acc_overflow", self._overflow(self.acc_overflow, acc, "acc_overflow"))
         if self.acc_rounding is Rounding.STOCHASTIC:
@@ -200,9 +200,9 @@ class MatrixUnit:
         if self.output_format is not None:
             s(self, "output_format", _fmt(self.output_format, "output_format"))
             out = self.output_format
-            if isinstance(out, FloatFormat) and not is_subset(out, FP32):
-                raise FormatError(f"output_format={out.name!r} is not supported: it must fit "
-                                  "in float32")
+            if isinstance(out, FloatFormat) and (not is_subset(out, FP32) or not out.signed):
+                raise FormatError(f"output_format={out.name!r} is not supported: it must be "
+                                  "signed and fit in float32")
         s(self, "output_rounding", _parse_enum(Rounding, self.output_rounding,
                                                "output_rounding"))
         if self.output_rounding is Rounding.STOCHASTIC or (

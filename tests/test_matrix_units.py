@@ -147,6 +147,9 @@ def test_every_preset_is_a_matrix_unit_and_lists_in_the_error():
     ("promotion_interval", 100, "promotion_interval=100"),
     ("block_result_bits", 40, "block_result_bits=40"),
     ("acc_overflow", "wrap", "acc_overflow='wrap'"),
+    ("acc_format", "e8m0", "acc_format='float8_e8m0fnu'"),
+    ("output_format", "e8m0", "output_format='float8_e8m0fnu'"),
+    ("alignment_floor", 5000, "alignment_floor=5000"),
 ])
 def test_validation_names_the_bad_value(field, value, match):
     base = get_unit("h100-e4m3")
