@@ -481,3 +481,16 @@ def test_gpu_matches_cpu(name):
     cpu = matmul(a, b, unit, c)
     gpu = matmul(a.cuda(), b.cuda(), unit, c.cuda()).cpu()
     assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32))
+
+
+def test_fp16_output_alignment_floor():
+    """fp16-output modes align to E >= -19/-20/-21 (ARITHMETIC.md 4.6): bits below
+    2^(floor - F) are cut even when every product is tiny. Products 2^-25 + 2^-48: with the
+    floor the 2^-48 is cut and the exact tie 2^-25 rounds (RNE) to 0 in fp16; without it the
+    sum is above the tie and rounds to 2^-24. (The recordings do not reach this range: they
+    match with any floor <= -16, or none.)"""
+    a, b = [2.0**-13, 2.0**-24, 0.0, 0.0], [2.0**-12, 2.0**-24, 0.0, 0.0]
+    unit = get_unit("v100-fp16-fp16out")
+    assert both(a, b, unit) == (0, 0)
+    no_floor = unit.with_(alignment_floor=None)
+    assert both(a, b, no_floor) == (f32_bits(2.0**-24),) * 2
