@@ -324,4 +324,8 @@ def test_all_float32_bit_patterns(name):
         got = quantize(bits_to_tensor(bits), fmt, "rne", policy)
         got = got.view(torch.int32).numpy().view(np.uint32)
         want = _ml_cast(bits, t)
+        if name == "float8_e8m0fnu":  # the known artifact: precisim 2^-127, ml_dtypes 2^-126
+            odd = _e8m0_artifact(bits)
+            assert np.all(got[odd] == 0x00400000) and np.all(want[odd] == 0x00800000)
+            got, want, bits = got[~odd], want[~odd], bits[~odd]
         assert_same_bits(got, want, bits, f"{name}, chunk {c}")
