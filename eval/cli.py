@@ -1,2 +1,29 @@
-def main():
-    print("hi")
+"""The ``precisim`` command line: ``precisim formats`` (more subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from precisim.eval import demo
+from precisim.formats import cli as formats_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="precisim",
+        description="Bit-accurate number formats and accelerator arithmetic for LLM co-design.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    formats_cli.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,8 +3,8 @@
 Accepted spellings (case-insensitive):
 
 * catalog names and aliases: ``float8_e4m3fn`` / ``e4m3`` / ``fp8_e4m3``, ``float8_e5m2``,
-  ``float8_e4m3fnuz``, ``float8_e5m2fnuz``, ``float8_e4m3b11fnuz``, ``float8_e4m3`` (IEEE-style
-  E4M3 with inf, as in ml_dtypes), ``float8_e3m4``, ``float6_e3m2fn``, ``float6_e2m3fn``,
+  ``float8_e4m3fnuz``, ``float8_e5m2fnuz``, ``float8_e4m3b11fnuz``, ``float8_e4m3``
+  (IEEE-style E4M3 with inf, as in ml_dtypes), ``float8_e3m4``, ``float6_e3m2fn``, ``float6_e2m3fn``,
   ``float4_e2m1fn``, ``float8_e8m0fnu`` / ``e8m0``, ``bf16``, ``fp16``, ``fp32``, ``tf32``, ``int8``,
   ``int4``, ``uint8``, ``mxint8`` ...;
 * the IEEE P3109 family ``binary{K}p{P}{s|u}{e|f}`` (e.g. ``binary8p4se``: K=8, P=4, signed,
@@ -17,6 +17,7 @@ Accepted spellings (case-insensitive):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from functools import lru_cache
@@ -143,10 +144,8 @@ def p3109_family(k: int = 8) -> list[FloatFormat]:
     for signed in (True, False):
         for p in range(1, k - int(signed) + 1):
             for ext in (True, False):
-                try:
+                with contextlib.suppress(FormatError):  # no exponent bits left
                     out.append(p3109(k, p, signed, ext))
-                except FormatError:
-                    pass
     return out
 
 

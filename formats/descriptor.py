@@ -105,7 +105,7 @@ class FloatFormat:
         """Significand precision P including the hidden bit."""
         return self.man_bits + 1
 
-    @property
+    @cached_property
     def emax(self) -> int:
         """Exponent of the largest finite value."""
         return _floor_log2(self.max)
@@ -135,26 +135,21 @@ class FloatFormat:
     def _top_magnitude_code(self) -> int:
         return (1 << (self.exp_bits + self.man_bits)) - 1
 
-    @cached_property
-    def _reserved_magnitude_codes(self) -> frozenset[int]:
-        """Magnitude codes (sign stripped) that are not finite numbers."""
-        top = self._top_magnitude_code
-        reserved: set[int] = set()
-        if self.nan is Nan.IEEE:
-            reserved.update(range(top - (1 << self.man_bits) + 1, top + 1))
-        if self.nan is Nan.TOP:
-            reserved.add(top)
-        if self.inf is Inf.TOP:
-            reserved.add(top - 1 if self.nan is Nan.TOP else top)
-        return frozenset(reserved)
+    def _is_reserved(self, mag: int) -> bool:
+        """True for a magnitude code (sign stripped) that is not a finite number."""
+        if self.nan is Nan.IEEE and (mag >> self.man_bits) == (1 << self.exp_bits) - 1:
+            return True
+        if self.nan is Nan.TOP and mag == self._top_magnitude_code:
+            return True
+        return self.inf is Inf.TOP and mag == self.inf_magnitude_code
 
-    @property
+    @cached_property
     def max_code_magnitude(self) -> int:
         """Largest magnitude code that is a finite number."""
-        code = self._top_magnitude_code
-        while code in self._reserved_magnitude_codes:
-            code -= 1
-        return code
+        if self.nan is Nan.IEEE:  # the whole top exponent field is reserved
+            return self._top_magnitude_code - (1 << self.man_bits)
+        return (self._top_magnitude_code - int(self.nan is Nan.TOP)
+                - int(self.inf is Inf.TOP))
 
     @property
     def min_positive_code(self) -> int:
@@ -196,22 +191,22 @@ class FloatFormat:
             return float("nan")
         if mag == self.inf_magnitude_code:
             return float("-inf") if negative else float("inf")
-        if mag in self._reserved_magnitude_codes:
+        if self._is_reserved(mag):
             return float("nan")
         value = self.magnitude_value(mag)
         return -value if negative else value
 
-    @property
+    @cached_property
     def max(self) -> Fraction:
         """Largest finite value."""
         return self.magnitude_value(self.max_code_magnitude)
 
-    @property
+    @cached_property
     def min_normal(self) -> Fraction:
         """Smallest positive normal value 2^emin."""
         return _pow2(self.emin)
 
-    @property
+    @cached_property
     def min_subnormal(self) -> Fraction:
         """Smallest positive value (the smallest normal when there are no subnormals)."""
         return self.magnitude_value(self.min_positive_code) if self.subnormals and self.man_bits \
@@ -294,7 +289,7 @@ class IntFormat:
     def ulp(self) -> Fraction:
         return _pow2(-self.frac_bits)
 
-    @property
+    @cached_property
     def max(self) -> Fraction:
         return self.qmax * self.ulp
 
@@ -302,7 +297,7 @@ class IntFormat:
     def min(self) -> Fraction:
         return self.qmin * self.ulp
 
-    @property
+    @cached_property
     def emax(self) -> int:
         """Exponent of the largest value (OCP MX: 0 for MXINT8)."""
         return _floor_log2(self.max)

@@ -101,11 +101,17 @@ def round_bits(
     is_nan = mag > F32_INF
     is_inf = mag == F32_INF
     is_zero = mag < flush_in_below if flush_in_below else mag == 0
-    # normalise (fp32 subnormals too): x = sig * 2^(e - 23), sig in [2^23, 2^24)
-    fF = F.to(torch.float32).view(torch.int32)
-    sub_in = E == 0
-    e = torch.where(sub_in, (fF >> 23) - 276, E - 127)
-    sig = torch.where(sub_in, fF & 0x7FFFFF, F) | 0x800000
+    if k is None and p.emin > -126:
+        # every float32 subnormal lies below the format's normal range, where the grid step is
+        # fixed: read it as 0.F * 2^-126 (no normalisation needed)
+        e = torch.clamp(E, min=1) - 127
+        sig = torch.where(E == 0, F, F | 0x800000)
+    else:
+        # normalise float32 subnormals: x = sig * 2^(e - 23), sig in [2^23, 2^24)
+        fF = F.to(torch.float32).view(torch.int32)
+        sub_in = E == 0
+        e = torch.where(sub_in, (fF >> 23) - 276, E - 127)
+        sig = torch.where(sub_in, fF & 0x7FFFFF, F) | 0x800000
     kk = 0 if k is None else k
     emin = p.emin + kk
     # number of dropped bits (negative: integer grid overflow)

@@ -256,3 +256,105 @@ def _floor_log2(v: Fraction) -> int:
     elif Fraction(2) ** (e + 1) <= v:
         e += 1
     return e
+
+
+# ---------------------------------------------------------------------------------------------
+# block scaling (ARITHMETIC.md section 2; precisim.formats.scaling documents the semantics)
+
+def f32(v: Value) -> Value:
+    """IEEE float32 round-to-nearest-even of an exact value (overflow to inf)."""
+    from .catalog import get_format
+
+    return round_to_float_format(v, get_format("fp32"), Rounding.NEAREST_EVEN, Overflow.INF)
+
+
+def _ceil_log2(v: Fraction) -> int:
+    e = _floor_log2(v)
+    return e if Fraction(2) ** e == v else e + 1
+
+
+def pow2_scale_exponent_exact(amax: Value, elem: FloatFormat | IntFormat, rule: str) -> int | None:
+    """The MX block scale exponent k (X = 2^k) of a block with absolute maximum ``amax``, or None
+    for a NaN scale. ``rule`` is 'floor' (OCP MX v1.0 section 6.3), 'ceil', 'rceil' or 'even'."""
+    if isinstance(amax, float) and (math.isnan(amax) or math.isinf(amax)):
+        return None
+    a = Fraction(amax)
+    if a == 0:
+        return -127
+    emax = _floor_log2(Fraction(elem.max))
+    if rule == "floor":
+        k = _floor_log2(a) - emax
+    elif rule == "ceil":
+        k = _ceil_log2(a) - emax
+    elif rule == "rceil":
+        k = _ceil_log2(a / Fraction(elem.max))
+    elif rule == "even":
+        m = elem.man_bits if isinstance(elem, FloatFormat) else elem.qmax.bit_length() - 1
+        if a < Fraction(2) ** -126:  # float32 subnormal amax: torchao's bit trick on raw bits
+            k = -126 - emax if a >= Fraction(2**23 - 2 ** (22 - m), 2**149) else -1000
+        else:
+            e = _floor_log2(a)
+            carry = a >= Fraction(2) ** e * (2 - Fraction(1, 2 ** (m + 1)))
+            k = e + int(carry) - emax
+    else:
+        raise ValueError(rule)
+    k = max(k, -127)
+    return None if k > 127 else k
+
+
+def quantize_block_pow2_exact(values: list[Value], elem: FloatFormat | IntFormat, rule: str,
+                              rounding: Rounding = Rounding.NEAREST_EVEN) -> list[Value]:
+    """Dequantized values of one MX block (elements saturate at +-elem_max)."""
+    finite = [v for v in values if not (isinstance(v, float) and (math.isnan(v) or math.isinf(v)))]
+    if len(finite) != len(values):
+        return [NAN] * len(values)
+    amax = max((abs(Fraction(v)) for v in values), default=Fraction(0))
+    k = pow2_scale_exponent_exact(amax, elem, rule)
+    if k is None:
+        return [NAN] * len(values)
+    X = Fraction(2) ** k
+    out: list[Value] = []
+    for v in values:
+        if isinstance(elem, IntFormat):
+            p = round_to_int_format(Fraction(v) / X, elem, rounding, Overflow.SATURATE)
+        else:
+            p = round_to_float_format(Fraction(v) / X if v != 0 else v, elem, rounding,
+                                      Overflow.SATURATE)
+        # p * X is exact, but can exceed float32 (CEIL on an amax near 2^128): inf then
+        out.append(f32(p * X) if not isinstance(p, float) else p)
+    return out
+
+
+def quantize_block_float_exact(values: list[Value], elem: FloatFormat | IntFormat,
+                               scale_fmt: FloatFormat, g: Value = Fraction(1),
+                               rounding: Rounding = Rounding.NEAREST_EVEN) -> list[Value]:
+    """Dequantized values of one block with a float scale (fp32 or E4M3) and a second-level
+    scale g (1 without one), emulating each float32 operation exactly (see scaling.py)."""
+    if any(isinstance(v, float) and (math.isnan(v) or math.isinf(v)) for v in values):
+        return [NAN] * len(values)
+    bamax = max(abs(Fraction(v)) for v in values)
+    raw = f32(f32(bamax / Fraction(elem.max)) * g)
+    if scale_fmt.name == "fp32":
+        bs = Fraction(1) if bamax == 0 else max(Fraction(raw), Fraction(2) ** -126)
+    else:
+        bs = round_to_float_format(raw, scale_fmt, Rounding.NEAREST_EVEN, Overflow.SATURATE)
+    out: list[Value] = []
+    for v in values:
+        if bs == 0:
+            out.append(Fraction(0))
+            continue
+        t = f32(f32(Fraction(v) * g) / bs)
+        if isinstance(elem, IntFormat):
+            q = round_to_int_format(t, elem, rounding, Overflow.SATURATE)
+        else:
+            q = round_to_float_format(t, elem, rounding, Overflow.SATURATE)
+        out.append(f32(f32(Fraction(q) * bs) / g))
+    return out
+
+
+def nvfp4_global_scale_exact(tensor_amax: Value, elem_max: Fraction = Fraction(6),
+                             scale_max: Fraction = Fraction(448)) -> Value:
+    """NVFP4's second-level scale g = fl32(scale_max * elem_max / tensor_amax) (1 for amax 0)."""
+    if Fraction(tensor_amax) == 0:
+        return Fraction(1)
+    return f32(scale_max * elem_max / Fraction(tensor_amax))

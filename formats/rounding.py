@@ -68,7 +68,8 @@ class Overflow(enum.Enum):
             return value
         key = str(value).strip().lower()
         for member in cls:
-            if key in (member.value, member.name.lower()) or (key == "sat" and member is cls.SATURATE):
+            names = (member.value, member.name.lower())
+            if key in names or (key == "sat" and member is cls.SATURATE):
                 return member
         raise ValueError(
             f"unknown overflow {value!r}: accepted {', '.join(m.value for m in cls)}"

@@ -1,0 +1,469 @@
+"""Block-scaled formats: OCP MX, NVFP4, and per-tensor / channel / token / group / tile scaling.
+
+A :class:`ScaledFormat` is an element format, a :class:`Granularity` (which elements share a
+scale), a scale format and a :class:`ScaleRule`. ``quantize_scaled`` returns the dequantized
+tensor and, on request, the element codes, the scales (E8M0 / E4M3 bytes or fp32) and the
+packed codes.
+
+Semantics (ARITHMETIC.md section 2):
+
+* **Power-of-two scales** (E8M0, and fp32 power-of-two scales), OCP MX v1.0 section 6.3. With
+  e = floor(log2 amax) and emax the exponent of the element format's largest value, the block
+  scale is X = 2^k with
+  FLOOR (the spec): k = e - emax (the block max can saturate: 957 in MXFP8-E4M3 -> 896);
+  CEIL: k = ceil(log2 amax) - emax;
+  RCEIL (cuBLAS / TransformerEngine): the smallest k with amax <= elem_max * 2^k, computed
+  exactly (never saturates; no double rounding of amax / elem_max, cf. pytorch/ao PR 4725);
+  EVEN (torchao ``ScaleCalculationMode.EVEN`` / AMD Quark): amax's float32 bits plus half an
+  element ulp, mantissa dropped, then floor.
+  k below -127 clamps to -127 (an all-zero block gets 2^-127); k above 127 gives a NaN scale.
+  Elements are P_i = Q(V_i / X), clamped to +-elem_max. The division by X is exact: the kernel
+  shifts the element format's exponent range by k instead of dividing (no double rounding).
+* **Float scales** (``ScaleRule.AMAX``; fp32 for per-tensor/1x128/128x128 FP8, E4M3 for NVFP4):
+  s = fl32(amax / elem_max), rounded to nearest-even into the scale format with saturation. With a
+  second-level tensor scale (NVFP4): g = fl32((scale_max * elem_max) / tensor_amax),
+  bs = RNE_scale(min(fl32(fl32(block_amax / elem_max) * g), scale_max)),
+  v = fl32(fl32(x * g) / bs), q = Q(clamp(v)), dequant = fl32(fl32(q * bs) / g)
+  (TransformerEngine ``NVFP4BlockScaling``). Without a tensor scale g = 1 and the same formulas
+  hold. A float32 scale below 2^-126 is clamped to 2^-126; a block whose scale is 0 (an all-zero
+  block, or an E4M3 scale that underflows) dequantizes to 0; a zero tensor amax gives g = 1.
+* **Non-finite values**: a block holding NaN or +-inf dequantizes to NaN in every element (its
+  scale is NaN: E8M0 code 0xFF), as in torchao; with a tensor scale a non-finite value makes the
+  whole tensor NaN.
+* **Range**: a dequantized value beyond the float32 range (possible only under CEIL for an amax
+  near 2^128) is returned as +-inf, as a float32 multiply of element and scale would give.
+* **Padding**: an axis whose length is not a multiple of the block is padded with zeros to the
+  next multiple (zeros never change a block's amax); outputs are cropped back, scales cover
+  ceil(n / block) blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import kernels
+from .catalog import get_format
+from .descriptor import FloatFormat, FormatError, IntFormat
+from .kernels import F32_NAN, KernelParams, round_bits
+from .quantize import (
+    _DTYPE_FORMAT,
+    check_tensor,
+    flush_threshold_bits,
+    is_subset,
+    values_to_codes,
+)
+from .rounding import Overflow, Rounding
+
+E8M0 = get_format("e8m0")
+FP32 = get_format("fp32")
+
+
+class ScaleRule(enum.Enum):
+    """How a block's scale is derived from its absolute maximum (see module docstring)."""
+
+    FLOOR = "floor"  #: OCP MX v1.0 section 6.3
+    CEIL = "ceil"
+    RCEIL = "rceil"  #: cuBLAS / TransformerEngine: amax / elem_max rounded up to 2^k
+    EVEN = "even"  #: AMD Quark / torchao EVEN
+    AMAX = "amax"  #: float scale amax / elem_max rounded into the scale format
+
+    @classmethod
+    def parse(cls, value: ScaleRule | str) -> ScaleRule:
+        if isinstance(value, ScaleRule):
+            return value
+        key = str(value).strip().lower()
+        for m in cls:
+            if key in (m.value, m.name.lower()):
+                return m
+        raise ValueError(f"unknown scale rule {value!r}: accepted "
+                         f"{', '.join(m.value for m in cls)}")
+
+    @property
+    def power_of_two(self) -> bool:
+        return self is not ScaleRule.AMAX
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Which elements share a scale.
+
+    ``blocks`` maps an axis to the block length along it (``None`` = the whole axis); axes not
+    listed have blocks of length 1. ``keep_axis`` (per-channel): every axis except this one is
+    reduced whole.
+    """
+
+    blocks: tuple[tuple[int, int | None], ...] = ()
+    keep_axis: int | None = None
+    name: str = "custom"
+
+    @staticmethod
+    def per_tensor() -> Granularity:
+        return Granularity((), keep_axis=None, name="tensor")
+
+    @staticmethod
+    def per_channel(axis: int = 0) -> Granularity:
+        """One scale per index of ``axis`` (e.g. axis 0 = output channels of a weight)."""
+        return Granularity((), keep_axis=axis, name=f"channel(axis={axis})")
+
+    @staticmethod
+    def per_token(axis: int = -1) -> Granularity:
+        """One scale per token: ``axis`` (the hidden dimension) is reduced whole."""
+        return Granularity(((axis, None),), name=f"token(axis={axis})")
+
+    @staticmethod
+    def per_group(size: int, axis: int = -1) -> Granularity:
+        """Blocks of ``size`` consecutive elements along ``axis`` (MX: 32, NVFP4: 16, 1x128)."""
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"group size {size!r} must be a positive integer")
+        return Granularity(((axis, size),), name=f"group({size}, axis={axis})")
+
+    @staticmethod
+    def tile(rows: int, cols: int) -> Granularity:
+        """2-D blocks over the last two axes (e.g. 128x128 weight blocks)."""
+        for v in (rows, cols):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"tile size {v!r} must be a positive integer")
+        return Granularity(((-2, rows), (-1, cols)), name=f"tile({rows}x{cols})")
+
+    def is_per_tensor(self) -> bool:
+        return self.name == "tensor"
+
+    def block_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Block length along each axis of a tensor of ``shape`` (validated)."""
+        nd = len(shape)
+        if self.is_per_tensor():
+            return tuple(max(d, 1) for d in shape)
+        if self.keep_axis is not None:
+            ax = _axis(self.keep_axis, nd, self.name)
+            return tuple(1 if i == ax else max(d, 1) for i, d in enumerate(shape))
+        out = [1] * nd
+        for axis, size in self.blocks:
+            ax = _axis(axis, nd, self.name)
+            out[ax] = max(shape[ax], 1) if size is None else size
+        return tuple(out)
+
+
+def _axis(axis: int, nd: int, what: str) -> int:
+    if not -nd <= axis < nd:
+        raise ValueError(f"{what}: axis {axis} is out of range for a tensor with {nd} dims "
+                         f"(accepted {-nd}..{nd - 1})")
+    return axis % nd
+
+
+@dataclass(frozen=True)
+class ScaledFormat:
+    """An element format with shared scales. Presets: :func:`get_scaled_format`."""
+
+    name: str
+    element: FloatFormat | IntFormat
+    granularity: Granularity
+    scale: FloatFormat = E8M0
+    rule: ScaleRule = ScaleRule.FLOOR
+    tensor_scale: bool = False
+    rounding: Rounding = Rounding.NEAREST_EVEN
+
+    def __post_init__(self) -> None:
+        if self.rule.power_of_two and self.scale not in (E8M0, FP32):
+            raise FormatError(f"{self.name}: rule {self.rule.value} gives power-of-two scales; "
+                              f"the scale format must be e8m0 or fp32, not {self.scale.name}")
+        if not self.rule.power_of_two and self.scale == E8M0:
+            raise FormatError(f"{self.name}: an e8m0 scale needs a power-of-two rule "
+                              "(floor, ceil, rceil, even), not 'amax'")
+        if self.tensor_scale and self.rule.power_of_two:
+            raise FormatError(f"{self.name}: a second-level tensor scale needs rule='amax'")
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage bits per element including the block scale (not the tensor scale)."""
+        g = self.granularity
+        if g.is_per_tensor() or g.keep_axis is not None:
+            return float(self.element.bits)
+        n = math.prod(s for _, s in g.blocks if s is not None)
+        if any(s is None for _, s in g.blocks):
+            return float(self.element.bits)
+        return self.element.bits + self.scale.bits / n
+
+    def with_rule(self, rule: ScaleRule | str) -> ScaledFormat:
+        return replace(self, rule=ScaleRule.parse(rule))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _mx(name: str, elem: str, rule: ScaleRule, block: int = 32, axis: int = -1) -> ScaledFormat:
+    return ScaledFormat(name, get_format(elem), Granularity.per_group(block, axis), E8M0, rule)
+
+
+_SCALED_NAMES = ("mxfp8", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp6_e2m3",
+                 "mxfp4", "mxint8", "nvfp4", "fp8_tensor", "fp8_e5m2_tensor", "fp8_1x128",
+                 "fp8_128x128", "int8_channel", "int8_token", "int4_group128")
+
+
+def get_scaled_format(name: str | ScaledFormat, rule: ScaleRule | str | None = None,
+                      axis: int = -1) -> ScaledFormat:
+    """A named block-scaled format. ``rule`` overrides the scale rule of MX formats (FLOOR by
+    default, as in the OCP spec); ``axis`` is the axis the blocks run along (the GEMM's K)."""
+    if isinstance(name, ScaledFormat):
+        return name if rule is None else name.with_rule(rule)
+    key = name.strip().lower().replace("-", "_")
+    r = ScaleRule.parse(rule) if rule is not None else None
+    pow2 = r or ScaleRule.FLOOR
+    mx_elems = {"mxfp8": "e4m3", "mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6": "e3m2",
+                "mxfp6_e3m2": "e3m2", "mxfp6_e2m3": "e2m3", "mxfp4": "e2m1", "mxint8": "mxint8"}
+    if key in mx_elems:
+        return _mx(key, mx_elems[key], pow2, 32, axis)
+    amax = r or ScaleRule.AMAX
+    e4m3 = get_format("e4m3")
+    table = {
+        "nvfp4": lambda: ScaledFormat("nvfp4", get_format("e2m1"), Granularity.per_group(16, axis),
+                                      e4m3, ScaleRule.AMAX, tensor_scale=True),
+        "fp8_tensor": lambda: ScaledFormat("fp8_tensor", e4m3, Granularity.per_tensor(), FP32,
+                                           amax),
+        "fp8_e5m2_tensor": lambda: ScaledFormat("fp8_e5m2_tensor", get_format("e5m2"),
+                                                Granularity.per_tensor(), FP32, amax),
+        "fp8_1x128": lambda: ScaledFormat("fp8_1x128", e4m3, Granularity.per_group(128, axis),
+                                          FP32, amax),
+        "fp8_128x128": lambda: ScaledFormat("fp8_128x128", e4m3, Granularity.tile(128, 128),
+                                            FP32, amax),
+        "int8_channel": lambda: ScaledFormat("int8_channel", get_format("int8"),
+                                             Granularity.per_channel(0), FP32, amax),
+        "int8_token": lambda: ScaledFormat("int8_token", get_format("int8"),
+                                           Granularity.per_token(axis), FP32, amax),
+        "int4_group128": lambda: ScaledFormat("int4_group128", get_format("int4"),
+                                              Granularity.per_group(128, axis), FP32, amax),
+    }
+    if key in table:
+        return table[key]()
+    import difflib
+
+    close = difflib.get_close_matches(key, _SCALED_NAMES, n=4, cutoff=0.4)
+    raise FormatError(f"unknown scaled format {name!r}"
+                      + (f"; closest: {', '.join(close)}" if close else "")
+                      + f". Known: {', '.join(_SCALED_NAMES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# scale computation on float32 bit patterns
+
+def _elem_emax_and_mant(elem: FloatFormat | IntFormat) -> tuple[int, int, int]:
+    """(emax, 23-bit fraction field of elem_max, element mantissa bits for EVEN)."""
+    mx = elem.max
+    emax = elem.emax
+    frac = mx / (2**emax) - 1 if emax >= 0 else mx * 2**-emax - 1
+    mant = int(frac * (1 << 23))
+    m = elem.man_bits if isinstance(elem, FloatFormat) else elem.qmax.bit_length() - 1
+    return emax, mant, m
+
+
+def pow2_scale_exponent(amax_bits: torch.Tensor, elem: FloatFormat | IntFormat | tuple,
+                        rule: ScaleRule) -> torch.Tensor:
+    """Block scale exponent k (int32) from the float32 bits of amax; NaN scale -> 255.
+
+    ``elem`` may be the precomputed ``_elem_emax_and_mant(elem)`` (inside compiled code).
+    """
+    emax, max_mant, m = elem if isinstance(elem, tuple) else _elem_emax_and_mant(elem)
+    A = amax_bits
+    E = A >> 23
+    F = A & 0x7FFFFF
+    fF = F.to(torch.float32).view(torch.int32)
+    e = torch.where(E == 0, (fF >> 23) - 276, E - 127)
+    mant = torch.where(E == 0, (fF & 0x7FFFFF), F)
+    if rule is ScaleRule.FLOOR:
+        k = e - emax
+    elif rule is ScaleRule.CEIL:
+        k = e - emax + (mant != 0).to(torch.int32)
+    elif rule is ScaleRule.RCEIL:
+        k = e - emax + (mant > max_mant).to(torch.int32)
+    elif rule is ScaleRule.EVEN:
+        Ev = (A + (1 << (22 - m))) >> 23
+        k = torch.where(Ev == 0, -1000, Ev - 127 - emax)
+    else:  # pragma: no cover
+        raise AssertionError(rule)
+    k = torch.where(A == 0, -127, k)
+    k = torch.clamp(k, min=-127)
+    k = torch.where((k > 127) | (A >= 0x7F800000), 255, k)
+    return k
+
+
+def _block_view(x: torch.Tensor, bshape: tuple[int, ...]) -> tuple[torch.Tensor, tuple, tuple]:
+    """Pad ``x`` to multiples of the block shape and view it as (n0, b0, n1, b1, ...)."""
+    shape = tuple(x.shape)
+    pads = [(-d) % b for d, b in zip(shape, bshape)]
+    if any(pads):
+        pad_arg: list[int] = []
+        for p in reversed(pads):
+            pad_arg += [0, p]
+        x = torch.nn.functional.pad(x, pad_arg)
+    padded = tuple(x.shape)
+    inter: list[int] = []
+    for d, b in zip(padded, bshape):
+        inter += [d // b, b]
+    return x.reshape(inter), shape, padded
+
+
+def _crop(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(y.shape) == shape:
+        return y
+    return y[tuple(slice(0, d) for d in shape)]
+
+
+@dataclass
+class ScaledTensor:
+    """The parts of a block-scaled tensor.
+
+    ``dequantized``: the values (x's dtype). ``codes``: element codes (uint8), x's shape.
+    ``scales``: per block (E8M0 / E4M3 codes as uint8, or float32 values), one entry per block
+    of the padded tensor, shape ``ceil(shape / block_shape)``. ``tensor_scale``: NVFP4's fp32
+    global scale g (dequant = q * scale / g), else None. ``packed``: element codes packed along
+    the last axis (two FP4 per byte, four FP6 per three bytes, one byte otherwise).
+    """
+
+    dequantized: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor | None
+    block_shape: tuple[int, ...]
+    format: ScaledFormat
+
+    @property
+    def packed(self) -> torch.Tensor:
+        from .packing import pack
+
+        return pack(self.codes, self.format.element.bits)
+
+
+def quantize_scaled(
+    x: torch.Tensor,
+    fmt: ScaledFormat | str,
+    *,
+    rounding: Rounding | str | None = None,
+    flush_input: bool = False,
+    return_parts: bool = False,
+    sr_bits: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | ScaledTensor:
+    """Quantize ``x`` to a block-scaled format; returns the dequantized tensor (x's dtype), or a
+    :class:`ScaledTensor` with codes and scales when ``return_parts=True``.
+
+    Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
+    rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``.
+    """
+    from .quantize import MAX_SR_BITS, _sr_bits, random_bits
+
+    x = check_tensor(x)
+    f = get_scaled_format(fmt) if isinstance(fmt, str) else fmt
+    if not isinstance(f, ScaledFormat):
+        raise TypeError(f"fmt must be a ScaledFormat or a name, got {type(fmt).__name__}")
+    rnd = Rounding.parse(rounding) if rounding is not None else f.rounding
+    bits_sr = _sr_bits(rnd, sr_bits) if sr_bits is not None else MAX_SR_BITS
+    bshape = f.granularity.block_shape(tuple(x.shape))
+    xb, shape, padded = _block_view(x.to(torch.float32).contiguous(), bshape)
+    rand = None
+    if rnd is Rounding.STOCHASTIC:
+        rand = random_bits(xb.shape, bits_sr, x.device, seed, generator)
+    flush_in = flush_threshold_bits(x.dtype) if flush_input else 0
+    red_dims = tuple(range(1, xb.dim(), 2))
+    bits = xb.view(torch.int32)
+    p = KernelParams.of(f.element)
+    if f.rule.power_of_two:
+        consts = _elem_emax_and_mant(f.element)
+        rule = f.rule
+
+        def fn(b, rr):
+            amax = (b & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
+            k = pow2_scale_exponent(amax, consts, rule)
+            nan_block = k == 255
+            kk = torch.where(nan_block, 0, k)
+            out = round_bits(b, kk, p, rnd, Overflow.SATURATE, flush_in, False, rr, bits_sr)
+            return torch.where(nan_block, F32_NAN, out), k
+
+        key = ("mx", p, f.rule, rnd, flush_in, bits_sr, red_dims, rand is None)
+        out_bits, k = kernels.run(fn, key, bits.numel(), bits, rand)
+        deq = out_bits.view(torch.float32)
+        scale_store = k
+    else:
+        fn = _float_scaled_fn(f, red_dims, rnd, flush_in, bits_sr, p)
+        key = ("scaled", f.element, f.scale, f.tensor_scale, p, rnd, flush_in, bits_sr,
+               red_dims, rand is None)
+        deq, q_elems, bs, g = kernels.run(fn, key, bits.numel(), bits, rand)
+        scale_store = (bs, g)
+    deq_full = _crop(deq.reshape(padded), shape)
+    result = deq_full if x.dtype == torch.float32 else deq_full.to(x.dtype)
+    if x.dtype != torch.float32 and not is_subset(f.element, _DTYPE_FORMAT[x.dtype]):
+        raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
+                          "quantize a float32 copy instead")
+    if not return_parts:
+        return result
+    grid = tuple(d // b for d, b in zip(padded, bshape))
+    if f.rule.power_of_two:
+        kq = scale_store.reshape(grid)
+        if f.scale == E8M0:
+            scales = torch.where(kq == 255, 255, kq + 127).to(torch.uint8)
+        else:
+            scales = torch.where(kq == 255, float("nan"),
+                                 torch.ldexp(torch.ones_like(kq, dtype=torch.float32),
+                                             kq.to(torch.float32)))
+        elem_vals = _element_values_pow2(deq, scale_store)
+        tscale = None
+    else:
+        bs, g = scale_store
+        scales = bs.reshape(grid)
+        if f.scale.bits <= 8:
+            scales = values_to_codes(scales, f.scale)
+        elem_vals = q_elems
+        tscale = g if f.tensor_scale else None
+    elem_vals = torch.where(torch.isnan(elem_vals), 0.0, elem_vals) \
+        if not f.element.has_nan else elem_vals
+    codes = values_to_codes(_crop(elem_vals.reshape(padded), shape), f.element)
+    return ScaledTensor(result, codes, scales, tscale, bshape, f)
+
+
+def _element_values_pow2(deq: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """P_i = dequantized / 2^k (exact: both are float32 values of the same grid)."""
+    kk = torch.where(k == 255, 0, k)
+    return torch.ldexp(deq, (-kk).to(torch.float32))
+
+
+def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams):
+    """The float-scale quantizer as one function of (bits, rand), fusable by torch.compile."""
+    elem_max = float(f.element.max)
+    scale_max = float(f.scale.max)
+    ps = KernelParams.of(f.scale)
+    fp32_scale = f.scale == FP32
+    tensor_scale = f.tensor_scale
+
+    def fn(b, rr):
+        xb = b.view(torch.float32)
+        mag = b & 0x7FFFFFFF
+        if tensor_scale:
+            tamax = mag.amax().view(torch.float32)
+            # tensor / tensor: torch computes `scalar / tensor` as reciprocal * scalar, which
+            # rounds twice
+            g = torch.where(tamax == 0, 1.0, torch.full_like(tamax, scale_max * elem_max) / tamax)
+            tensor_bad = tamax >= float("inf")
+        else:
+            g = torch.ones((), dtype=torch.float32, device=b.device)
+            tensor_bad = torch.zeros((), dtype=torch.bool, device=b.device)
+        bamax_bits = mag.amax(dim=red_dims, keepdim=True)
+        bamax = bamax_bits.view(torch.float32)
+        raw = (bamax / elem_max) * g
+        if fp32_scale:
+            bs = torch.where(bamax == 0, 1.0, torch.clamp(raw, min=2.0**-126))
+        else:
+            bs = round_bits(raw.view(torch.int32), None, ps, Rounding.NEAREST_EVEN,
+                            Overflow.SATURATE, 0, False, None, bits_sr).view(torch.float32)
+        bad = (bamax_bits >= 0x7F800000) | tensor_bad
+        v = (xb * g) / bs
+        q = round_bits(v.view(torch.int32), None, p, rnd, Overflow.SATURATE, flush_in, False,
+                       rr, bits_sr).view(torch.float32)
+        q = torch.where(bs == 0, 0.0, q)
+        deq = (q * bs) / g
+        deq = torch.where(bad, float("nan"), deq)
+        return deq, q, bs, g
+
+    return fn
