@@ -613,14 +613,41 @@ def _fexp(x: torch.Tensor) -> torch.Tensor:
 def _round_float(x: torch.Tensor, sp: _Spec):
     """Round exact float64 values x to the float format of ``sp`` (deterministic modes).
 
-    The scaling by 2^(m - e) is exact, so one float64 rounding-to-integer operation with the
-    right direction gives the correctly rounded significand. Returns (result, overflow mask).
+    Where the result is normal in the target format, round-toward-zero and
+    round-to-nearest-even work on the float64 bits (clear, or round and clear, the low
+    52 - m bits: a carry correctly bumps the exponent). Otherwise the value is scaled by
+    2^(m - e), which is exact, and one float64 rounding-to-integer operation with the right
+    direction gives the correctly rounded significand. Returns (result, overflow mask).
     """
     ax = x.abs()
+    neg = torch.signbit(x)
+    r = sp.rounding
+    tiny = ax < 2.0 ** sp.emin
+    if r in (Rounding.TOWARD_ZERO, Rounding.NEAREST_EVEN):
+        sh = 52 - sp.m
+        bits = ax.view(torch.int64)
+        if r is Rounding.NEAREST_EVEN:
+            bits = bits + (((1 << (sh - 1)) - 1) + ((bits >> sh) & 1))
+        res = (bits & ~((1 << sh) - 1)).view(torch.float64)
+        if bool(tiny.any()):
+            res = torch.where(tiny, _round_scaled(ax, neg, sp), res)
+    else:
+        res = _round_scaled(ax, neg, sp)
+    mx = float(sp.max_sig) * 2.0 ** sp.max_exp
+    ovf = res > mx
+    if sp.overflow is Overflow.SATURATE:
+        res = torch.where(ovf, mx, res)
+        ovf = torch.zeros_like(ovf)
+    if sp.flush:
+        res = torch.where(res < 2.0 ** sp.emin, 0.0, res)
+    return torch.where(neg, -res, res), ovf
+
+
+def _round_scaled(ax: torch.Tensor, neg: torch.Tensor, sp: _Spec) -> torch.Tensor:
+    """|x| rounded to the format of ``sp`` via exact scaling to an integer significand."""
     e = torch.clamp(_fexp(ax), min=sp.emin)
     v = ax * _pow2(sp.m - e)
     r = sp.rounding
-    neg = torch.signbit(x)
     if r is Rounding.TOWARD_ZERO:
         q = torch.trunc(v)
     elif r is Rounding.NEAREST_EVEN:
@@ -634,15 +661,7 @@ def _round_float(x: torch.Tensor, sp: _Spec):
     else:  # ODD
         t = torch.trunc(v)
         q = t + ((t != v) & (torch.remainder(t, 2) == 0)).to(v.dtype)
-    res = q * _pow2(e - sp.m)
-    mx = float(sp.max_sig) * 2.0 ** sp.max_exp
-    ovf = res > mx
-    if sp.overflow is Overflow.SATURATE:
-        res = torch.where(ovf, mx, res)
-        ovf = torch.zeros_like(ovf)
-    if sp.flush:
-        res = torch.where(res < 2.0 ** sp.emin, 0.0, res)
-    return torch.where(neg, -res, res), ovf
+    return q * _pow2(e - sp.m)
 
 
 def _chunk_float(unit, fidelity, A, Bm, cval):

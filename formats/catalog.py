@@ -4,9 +4,9 @@ Accepted spellings (case-insensitive):
 
 * catalog names and aliases: ``float8_e4m3fn`` / ``e4m3`` / ``fp8_e4m3``, ``float8_e5m2``,
   ``float8_e4m3fnuz``, ``float8_e5m2fnuz``, ``float8_e4m3b11fnuz``, ``float8_e4m3``
-  (IEEE-style E4M3 with inf, as in ml_dtypes), ``float8_e3m4``, ``float6_e3m2fn``, ``float6_e2m3fn``,
-  ``float4_e2m1fn``, ``float8_e8m0fnu`` / ``e8m0``, ``bf16``, ``fp16``, ``fp32``, ``tf32``, ``int8``,
-  ``int4``, ``uint8``, ``mxint8`` ...;
+  (IEEE-style E4M3 with inf, as in ml_dtypes), ``float8_e3m4``, ``float6_e3m2fn``,
+  ``float6_e2m3fn``, ``float4_e2m1fn``, ``float8_e8m0fnu`` / ``e8m0``, ``bf16``, ``fp16``,
+  ``fp32``, ``tf32``, ``int8``, ``int4``, ``uint8``, ``mxint8`` ...;
 * the IEEE P3109 family ``binary{K}p{P}{s|u}{e|f}`` (e.g. ``binary8p4se``: K=8, P=4, signed,
   extended), also written ``p3109_k8p4se``;
 * any ``eXmY`` with optional ``bNN`` bias and ``fn`` / ``fnuz`` / ``fnu`` suffix, e.g. ``e5m7``,
