@@ -10,9 +10,10 @@ Two fidelities, both public:
   truncated by conversion to integers and summed in int32/int64; the block sum S * 2^(E-F)
   is then rounded once with an exact float64 rounding (:func:`_round_float`). Other units use
   an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact units
-  (``alignment_bits=None``) and very wide alignments use a window of ``W = 59 - bitlen(k+1)``
-  bits below E; any output whose block drops bits below that window is recomputed by the
-  exact reference (rare: it needs an exponent spread of ~30 bits inside one block).
+  (``alignment_bits=None``) and very wide alignments use a window of
+  ``W = 59 - bitlen(k+1)`` bits below E (k: the block's actual length); any output whose
+  block drops bits below that window is recomputed by the exact reference (rare for small
+  blocks: it needs an exponent spread of ~30 bits inside one block).
 * ``"fast"``: each block sum is one float64 matmul per block of k (exact when the block's
   products and c span fewer than 53 bits), then the unit's block rounding, promotion and
   output rounding as in bit-exact mode. It leaves out the alignment truncation of step 3 of
@@ -329,8 +330,9 @@ def _specials(a, b, c):
 # ---------------------------------------------------------------------------------------------
 # the block chain
 
-def _window(unit: MatrixUnit) -> int:
-    return 59 - (unit.block_size + 1).bit_length()
+def _window(k: int) -> int:
+    """Bits kept below E by the int64 kernel when it sums k + 1 terms exactly."""
+    return 59 - (k + 1).bit_length()
 
 
 def _block_exact(unit, pa, pb, cst, sp_block, rand, lost):
@@ -359,7 +361,7 @@ def _block_exact(unit, pa, pb, cst, sp_block, rand, lost):
     if joint:
         E = torch.maximum(E, ce)
     F = unit.alignment_bits
-    W = _window(unit)
+    W = _window(mag.shape[-1])  # the block's actual length (the last may be short)
     exact = F is None or F > W
     if unit.alignment_floor is not None:
         E = torch.maximum(E, torch.full_like(E, unit.alignment_floor))
