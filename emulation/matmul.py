@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
 
-from .limits import emax, fmax, max_code
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 from .presets import get_unit
 
@@ -83,7 +82,7 @@ class _Spec:
         if isinstance(fmt, IntFormat):
             return _Spec(True, 0, 0, 0, 0, rounding, overflow, False, sb, fmt.frac_bits,
                          fmt.bits, fmt.signed, fmt.qmin, fmt.qmax)
-        mc = max_code(fmt)
+        mc = fmt.max_code_magnitude
         e_field, m_field = mc >> fmt.man_bits, mc & ((1 << fmt.man_bits) - 1)
         if e_field == 0 and fmt.subnormals:
             sig, exp = m_field, fmt.emin - fmt.man_bits
@@ -248,7 +247,7 @@ def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> N
         _, ex = torch.frexp(ax)
         e = torch.clamp(ex.to(torch.float64) - 1, min=fmt.emin)
         sig = torch.ldexp(ax, fmt.man_bits - e)
-        bad = (sig != torch.floor(sig)) | (ax > float(fmax(fmt)))
+        bad = (sig != torch.floor(sig)) | (ax > float(fmt.max))
         if not fmt.signed:
             bad |= torch.signbit(x) & (ax != 0)
     bad &= ~torch.isnan(x)
@@ -447,7 +446,7 @@ def _kernel_dtype(unit: MatrixUnit) -> torch.dtype:
     ok = (fa.man_bits + fb.man_bits + 2 <= 24 and F + 3 <= 24
           and F + 3 + (unit.block_size + 1).bit_length() <= 31
           and fa.emin - fa.man_bits + fb.emin - fb.man_bits >= -126
-          and emax(fa) + emax(fb) + 2 <= 127)
+          and fa.emax + fb.emax + 2 <= 127)
     return torch.float32 if ok else torch.float64
 
 
@@ -837,7 +836,7 @@ def _apply_specials(unit, out, nan, pos, neg):
         return out
     fmt = unit.out_format
     big = math.inf if fmt.has_inf and unit.output_overflow is not Overflow.SATURATE else float(
-        fmax(fmt))
+        fmt.max)
     out = torch.where(pos, big, out)
     out = torch.where(neg, -big, out)
     return torch.where(nan, math.nan, out)

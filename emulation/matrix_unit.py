@@ -48,8 +48,7 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 from precisim.formats import FloatFormat, FormatError, IntFormat, Overflow, Rounding, get_format
-
-from .limits import is_subset
+from precisim.formats.quantize import is_subset
 
 FormatLike = FloatFormat | IntFormat | str
 

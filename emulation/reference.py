@@ -16,7 +16,6 @@ from fractions import Fraction
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
 from precisim.formats.reference import round_to_int_format
 
-from .limits import fmax
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
@@ -54,9 +53,9 @@ def round_to_float(v: Fraction, fmt: FloatFormat, rounding: Rounding, overflow: 
                 raise ValueError("stochastic rounding needs a random integer")
             up = int(math.floor(frac * (1 << sr_bits)) + sr_rand >= (1 << sr_bits))
     r = (lo + up) * ulp
-    if r > fmax(fmt):
+    if r > fmt.max:
         if overflow is Overflow.SATURATE:
-            r = fmax(fmt)
+            r = fmt.max
         elif overflow is Overflow.NAN:
             return math.nan
         else:
