@@ -40,9 +40,8 @@ def _finite_values(fmt) -> list[Fraction]:
     """The distinct finite values of the format, both signs (<= 16 bits)."""
     if isinstance(fmt, IntFormat):
         return [k * fmt.ulp for k in range(fmt.qmin, fmt.qmax + 1)]
-    top = (1 << (fmt.exp_bits + fmt.man_bits))
-    mags = {fmt.magnitude_value(c) for c in range(top) if c <= fmt.max_code_magnitude
-            and c not in fmt._reserved_magnitude_codes}
+    # the finite magnitude codes are 0..max_code_magnitude (the special codes sit above them)
+    mags = {fmt.magnitude_value(c) for c in range(fmt.max_code_magnitude + 1)}
     return sorted(mags | {-v for v in mags})
 
 
