@@ -92,8 +92,15 @@ def round_bits(
     flush_out: bool,
     rand: torch.Tensor | None,
     sr_bits: int,
+    unit_normal: bool = False,
 ) -> torch.Tensor:
-    """Round float32 bit patterns ``b`` (int32) to the format, scaled by 2^k; returns int32 bits."""
+    """Round float32 bit patterns ``b`` (int32) to the format, scaled by 2^k; returns int32 bits.
+
+    ``unit_normal``: the caller guarantees that the format's smallest step 2^(emin + k - m) is a
+    float32 normal for every element that is not zero (always true without k when
+    emin - m >= -126). The result bits are then assembled with integer adds only; otherwise
+    through :func:`ldexp_bits`.
+    """
     neg = b < 0
     mag = b & 0x7FFFFFFF
     E = mag >> 23
@@ -101,7 +108,8 @@ def round_bits(
     is_nan = mag > F32_INF
     is_inf = mag == F32_INF
     is_zero = mag < flush_in_below if flush_in_below else mag == 0
-    if k is None and p.emin > -126:
+    unit_normal = unit_normal or (k is None and p.emin - p.m >= -126)
+    if unit_normal or (k is None and p.emin > -126):
         # every float32 subnormal lies below the format's normal range, where the grid step is
         # fixed: read it as 0.F * 2^-126 (no normalisation needed)
         e = torch.clamp(E, min=1) - 127
@@ -142,15 +150,26 @@ def round_bits(
     else:  # pragma: no cover
         raise AssertionError(rounding)
     n = q + up.to(torch.int32)
-    g = e - 23 + s_real  # exponent of the grid step
-    res = ldexp_bits(n, g)
+    if unit_normal:
+        # x = sig * 2^(E - 150) for E >= 1. With s <= 23 the rounded significand n << s lies in
+        # [2^23, 2^24] and adding it to (E - 1) << 23 carries into the exponent by itself; with
+        # s >= 24 (or a float32 subnormal x) n is 0 or 1: zero or one grid step.
+        unit = (emin - p.m + 127) * (1 << 23)
+        res = torch.where((s <= 23) & (E >= 1), (E - 1) * (1 << 23) + (n << s),
+                          (n != 0).to(torch.int32) * unit)
+    else:
+        g = e - 23 + s_real  # exponent of the grid step
+        res = ldexp_bits(n, g)
     # overflow thresholds (per sign, shifted by the block scale)
-    thr_pos = _const_ldexp(p.max_pos_sig, p.max_pos_exp, kk, b)
-    thr_neg = _const_ldexp(p.max_neg_sig, p.max_neg_exp, kk, b)
-    thr = torch.where(neg, thr_neg, thr_pos) if p.max_neg_sig != p.max_pos_sig else thr_pos
+    thr_pos = _const_ldexp(p.max_pos_sig, p.max_pos_exp, kk, b, unit_normal)
+    thr_neg = _const_ldexp(p.max_neg_sig, p.max_neg_exp, kk, b, unit_normal)
+    if p.max_neg_sig != p.max_pos_sig:
+        thr = torch.where(neg, thr_neg, thr_pos).to(torch.int32)
+    else:
+        thr = thr_pos
     ovf = (res > thr) | is_inf
     if overflow is Overflow.SATURATE:
-        ovf_val = thr
+        ovf_val = thr if isinstance(thr, torch.Tensor) else torch.full_like(b, thr)
     elif overflow is Overflow.INF:
         ovf_val = torch.full_like(b, F32_INF)
     else:  # NAN (WRAP is handled outside the kernel)
@@ -160,7 +179,7 @@ def round_bits(
     out = torch.where(ovf, ovf_val, res)
     zero = is_zero | (n == 0)
     if flush_out:
-        min_norm = _const_ldexp(1, p.emin, kk, b)
+        min_norm = _const_ldexp(1, p.emin, kk, b, unit_normal)
         # (res, not out: a negative value of an unsigned format is flagged as an overflow,
         # but flushes to zero like any other result below the smallest normal)
         zero = zero | ((res < min_norm) & ~is_inf)
@@ -183,13 +202,32 @@ def round_bits(
     return out
 
 
-def _const_ldexp(sig: int, exp: int, kk: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-    """float32 bits of sig * 2^(exp + kk) as an int32 tensor broadcastable against ``like``."""
+def _const_ldexp(sig: int, exp: int, kk: torch.Tensor | int, like: torch.Tensor,
+                 normal: bool = False) -> torch.Tensor | int:
+    """float32 bits of sig * 2^(exp + kk), broadcastable against ``like`` (a Python int when
+    kk is). ``normal``: sig * 2^(exp + kk) is known to be a float32 normal (or beyond the float32
+    range, where the bits still order correctly) for every kk."""
     if isinstance(kk, int):
-        n = torch.full((), sig, dtype=torch.int32, device=like.device)
-        return ldexp_bits(n, exp + kk)
+        return _py_ldexp_bits(sig, exp + kk)
+    if normal:
+        return _py_ldexp_bits(sig, exp) + kk * (1 << 23)
     n = torch.full_like(kk, sig)
     return ldexp_bits(n, kk + exp)
+
+
+def _py_ldexp_bits(sig: int, exp: int) -> int:
+    """float32 bits of sig * 2^exp (0 <= sig < 2^25) as a Python int, as :func:`ldexp_bits`."""
+    if sig == 0:
+        return 0
+    lead = sig.bit_length() - 1
+    e = lead + exp  # exponent of the value
+    if e >= 128:
+        return F32_INF
+    if e >= -126:
+        assert lead <= 23 or sig % (1 << (lead - 23)) == 0
+        mant = (sig << (23 - lead)) if lead <= 23 else sig >> (lead - 23)
+        return ((e + 127) << 23) | (mant & 0x7FFFFF)
+    return sig << (exp + 149)
 
 
 # ---------------------------------------------------------------------------------------------

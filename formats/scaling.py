@@ -373,24 +373,36 @@ def quantize_scaled(
     if f.rule.power_of_two:
         consts = _elem_emax_and_mant(f.element)
         rule = f.rule
+        kmin = -126 - (p.emin - p.m)  # k >= kmin: the element grid step stays a float32 normal
 
-        def fn(b, rr):
+        def scale_fn(b):
             amax = (b & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
             k = pow2_scale_exponent(amax, consts, rule)
+            return k, ((k < kmin) & (amax != 0)).any()
+
+        k, tiny = kernels.run(scale_fn, ("mx_scale", consts, rule, red_dims), bits.numel(), bits)
+        unit_normal = not bool(tiny)
+
+        def fn(b, k, rr):
             nan_block = k == 255
             kk = torch.where(nan_block, 0, k)
-            out = round_bits(b, kk, p, rnd, Overflow.SATURATE, flush_in, False, rr, bits_sr)
-            return torch.where(nan_block, F32_NAN, out), k
+            out = round_bits(b, kk, p, rnd, Overflow.SATURATE, flush_in, False, rr, bits_sr,
+                             unit_normal)
+            return torch.where(nan_block, F32_NAN, out)
 
-        key = ("mx", p, f.rule, rnd, flush_in, bits_sr, red_dims, rand is None)
-        out_bits, k = kernels.run(fn, key, bits.numel(), bits, rand)
+        key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal)
+        out_bits = kernels.run(fn, key, bits.numel(), bits, k, rand)
         deq = out_bits.view(torch.float32)
         scale_store = k
     else:
-        fn = _float_scaled_fn(f, red_dims, rnd, flush_in, bits_sr, p)
-        key = ("scaled", f.element, f.scale, f.tensor_scale, p, rnd, flush_in, bits_sr,
-               red_dims, rand is None)
-        deq, q_elems, bs, g = kernels.run(fn, key, bits.numel(), bits, rand)
+        scale_fn, elem_fn = _float_scaled_fns(f, red_dims, rnd, flush_in, bits_sr, p,
+                                              return_parts)
+        skey = ("scaled_scale", f.element, f.scale, f.tensor_scale, red_dims)
+        g, bs, bad = kernels.run(scale_fn, skey, bits.numel(), bits)
+        key = ("scaled_elem", f.element, f.scale, p, rnd, flush_in, bits_sr, rand is None,
+               return_parts)
+        outs = kernels.run(elem_fn, key, bits.numel(), bits, g, bs, bad, rand)
+        deq, q_elems = outs if return_parts else (outs[0], None)
         scale_store = (bs, g)
     deq_full = _crop(deq.reshape(padded), shape)
     result = deq_full if x.dtype == torch.float32 else deq_full.to(x.dtype)
@@ -429,28 +441,29 @@ def _element_values_pow2(deq: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(deq, (-kk).to(torch.float32))
 
 
-def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams):
-    """The float-scale quantizer as one function of (bits, rand), fusable by torch.compile."""
+def _float_scaled_fns(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams,
+                      want_elements: bool):
+    """The float-scale quantizer as two functions fusable by torch.compile: the scales (one
+    reduction pass) and the elements (one element-wise pass)."""
     elem_max = float(f.element.max)
     scale_max = float(f.scale.max)
     ps = KernelParams.of(f.scale)
     fp32_scale = f.scale == FP32
     tensor_scale = f.tensor_scale
 
-    def fn(b, rr):
-        xb = b.view(torch.float32)
-        mag = b & 0x7FFFFFFF
+    def scale_fn(b):
+        bamax_bits = (b & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
+        bamax = bamax_bits.view(torch.float32)
         if tensor_scale:
-            tamax = mag.amax().view(torch.float32)
+            tamax_bits = bamax_bits.amax()
+            tamax = tamax_bits.view(torch.float32)
             # tensor / tensor: torch computes `scalar / tensor` as reciprocal * scalar, which
             # rounds twice
             g = torch.where(tamax == 0, 1.0, torch.full_like(tamax, scale_max * elem_max) / tamax)
-            tensor_bad = tamax >= float("inf")
+            tensor_bad = tamax_bits >= 0x7F800000
         else:
             g = torch.ones((), dtype=torch.float32, device=b.device)
             tensor_bad = torch.zeros((), dtype=torch.bool, device=b.device)
-        bamax_bits = mag.amax(dim=red_dims, keepdim=True)
-        bamax = bamax_bits.view(torch.float32)
         raw = (bamax / elem_max) * g
         if fp32_scale:
             bs = torch.where(bamax == 0, 1.0, torch.clamp(raw, min=2.0**-126))
@@ -458,12 +471,14 @@ def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kerne
             bs = round_bits(raw.view(torch.int32), None, ps, Rounding.NEAREST_EVEN,
                             Overflow.SATURATE, 0, False, None, bits_sr).view(torch.float32)
         bad = (bamax_bits >= 0x7F800000) | tensor_bad
-        v = (xb * g) / bs
+        return g, bs, bad
+
+    def elem_fn(b, g, bs, bad, rr):
+        v = (b.view(torch.float32) * g) / bs
         q = round_bits(v.view(torch.int32), None, p, rnd, Overflow.SATURATE, flush_in, False,
                        rr, bits_sr).view(torch.float32)
         q = torch.where(bs == 0, 0.0, q)
-        deq = (q * bs) / g
-        deq = torch.where(bad, float("nan"), deq)
-        return deq, q, bs, g
+        deq = torch.where(bad, float("nan"), (q * bs) / g)
+        return (deq, q) if want_elements else (deq,)
 
-    return fn
+    return scale_fn, elem_fn
