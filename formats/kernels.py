@@ -45,6 +45,23 @@ class KernelParams:
     has_zero: bool
     signed: bool
     is_int: bool
+    # float32 bits of max_pos, |max_neg|, 2^emin and 2^(emin - m), precomputed in Python: under
+    # torch.compile(dynamic=True) the int fields above are symbolic, and bit twiddling on them
+    # must not be traced
+    thr_pos_bits: int = 0
+    thr_neg_bits: int = 0
+    min_norm_bits: int = 0
+    min_step_bits: int = 0
+
+    def __post_init__(self) -> None:
+        bits = {
+            "thr_pos_bits": _py_ldexp_bits(self.max_pos_sig, self.max_pos_exp),
+            "thr_neg_bits": _py_ldexp_bits(self.max_neg_sig, self.max_neg_exp),
+            "min_norm_bits": _py_ldexp_bits(1, self.emin),
+            "min_step_bits": _py_ldexp_bits(1, self.emin - self.m),
+        }
+        for name, value in bits.items():
+            object.__setattr__(self, name, value)
 
     @staticmethod
     def of(fmt: FloatFormat | IntFormat) -> KernelParams:
@@ -161,8 +178,8 @@ def round_bits(
         g = e - 23 + s_real  # exponent of the grid step
         res = ldexp_bits(n, g)
     # overflow thresholds (per sign, shifted by the block scale)
-    thr_pos = _const_ldexp(p.max_pos_sig, p.max_pos_exp, kk, b, unit_normal)
-    thr_neg = _const_ldexp(p.max_neg_sig, p.max_neg_exp, kk, b, unit_normal)
+    thr_pos = _const_ldexp(p.thr_pos_bits, p.max_pos_sig, p.max_pos_exp, kk, unit_normal)
+    thr_neg = _const_ldexp(p.thr_neg_bits, p.max_neg_sig, p.max_neg_exp, kk, unit_normal)
     if p.max_neg_sig != p.max_pos_sig:
         thr = torch.where(neg, thr_neg, thr_pos).to(torch.int32)
     else:
@@ -179,14 +196,14 @@ def round_bits(
     out = torch.where(ovf, ovf_val, res)
     zero = is_zero | (n == 0)
     if flush_out:
-        min_norm = _const_ldexp(1, p.emin, kk, b, unit_normal)
+        min_norm = _const_ldexp(p.min_norm_bits, 1, p.emin, kk, unit_normal)
         # (res, not out: a negative value of an unsigned format is flagged as an overflow,
         # but flushes to zero like any other result below the smallest normal)
         zero = zero | ((res < min_norm) & ~is_inf)
     if p.has_zero:
         out = torch.where(zero, 0, out)
     else:  # E8M0-style: no zero; tiny values become the smallest value, zero becomes NaN
-        out = torch.where(n == 0, _const_ldexp(1, p.emin - p.m, kk, b), out)
+        out = torch.where(n == 0, _const_ldexp(p.min_step_bits, 1, p.emin - p.m, kk), out)
         out = torch.where(is_zero, F32_NAN, out)
     # sign
     if p.signed:
@@ -202,17 +219,19 @@ def round_bits(
     return out
 
 
-def _const_ldexp(sig: int, exp: int, kk: torch.Tensor | int, like: torch.Tensor,
+def _const_ldexp(bits0: int, sig: int, exp: int, kk: torch.Tensor | int,
                  normal: bool = False) -> torch.Tensor | int:
-    """float32 bits of sig * 2^(exp + kk), broadcastable against ``like`` (a Python int when
-    kk is). ``normal``: sig * 2^(exp + kk) is known to be a float32 normal (or beyond the float32
-    range, where the bits still order correctly) for every kk."""
+    """float32 bits of sig * 2^(exp + kk), where ``bits0`` are the (precomputed) bits for kk = 0.
+
+    A Python int when kk is the int 0. ``normal``: sig * 2^(exp + kk) is known to be a float32
+    normal (or beyond the float32 range, where the bits still order correctly) for every kk.
+    """
     if isinstance(kk, int):
-        return _py_ldexp_bits(sig, exp + kk)
+        assert kk == 0
+        return bits0
     if normal:
-        return _py_ldexp_bits(sig, exp) + kk * (1 << 23)
-    n = torch.full_like(kk, sig)
-    return ldexp_bits(n, kk + exp)
+        return bits0 + kk * (1 << 23)
+    return ldexp_bits(torch.full_like(kk, sig), kk + exp)
 
 
 def _py_ldexp_bits(sig: int, exp: int) -> int:
