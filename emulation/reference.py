@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
+from precisim.formats.descriptor import floor_log2
 from precisim.formats.reference import round_to_int_format
 
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
@@ -31,7 +32,7 @@ def round_to_float(v: Fraction, fmt: FloatFormat, rounding: Rounding, overflow: 
     ax = abs(v)
     if ax == 0:
         return Fraction(0)
-    e = max(_floor_log2(ax), fmt.emin)
+    e = max(floor_log2(ax), fmt.emin)
     ulp = Fraction(2) ** (e - fmt.man_bits)
     k = ax / ulp
     lo = math.floor(k)
@@ -67,22 +68,13 @@ def round_to_float(v: Fraction, fmt: FloatFormat, rounding: Rounding, overflow: 
     return -r if negative else r
 
 
-def _floor_log2(v: Fraction) -> int:
-    e = v.numerator.bit_length() - v.denominator.bit_length()
-    if Fraction(2) ** e > v:
-        e -= 1
-    elif Fraction(2) ** (e + 1) <= v:
-        e += 1
-    return e
-
-
 def _emin(fmt: FloatFormat | IntFormat) -> int:
     return fmt.emin if isinstance(fmt, FloatFormat) else -fmt.frac_bits
 
 
 def exponent_of(x: Fraction, fmt: FloatFormat | IntFormat) -> int:
     """e_x = max(floor(log2|x|), emin of x's format) for a nonzero x (ARITHMETIC.md 4.2)."""
-    return max(_floor_log2(abs(x)), _emin(fmt))
+    return max(floor_log2(abs(x)), _emin(fmt))
 
 
 def _is_special(v: Value) -> bool:
@@ -249,7 +241,7 @@ def dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, c: float = 0.0
         elif unit.alignment is Alignment.UNNORMALISED:
             terms.append((p, exponent_of(x, unit.a_format) + exponent_of(y, unit.b_format)))
         else:
-            terms.append((p, _floor_log2(abs(p))))
+            terms.append((p, floor_log2(abs(p))))
     k = unit.block_size
     blocks = [terms[i:i + k] for i in range(0, len(terms), k)] or [[]]
     rand_iter = iter(rand) if rand is not None else None

@@ -108,7 +108,7 @@ class FloatFormat:
     @cached_property
     def emax(self) -> int:
         """Exponent of the largest finite value."""
-        return _floor_log2(self.max)
+        return floor_log2(self.max)
 
     @property
     def emin(self) -> int:
@@ -300,7 +300,7 @@ class IntFormat:
     @cached_property
     def emax(self) -> int:
         """Exponent of the largest value (OCP MX: 0 for MXINT8)."""
-        return _floor_log2(self.max)
+        return floor_log2(self.max)
 
     has_inf = False
     has_nan = False
@@ -350,7 +350,7 @@ def _pow2(e: int) -> Fraction:
     return Fraction(2) ** e
 
 
-def _floor_log2(v: Fraction) -> int:
+def floor_log2(v: Fraction) -> int:
     """floor(log2(v)) of a positive Fraction, exactly."""
     if v <= 0:
         raise ValueError("log2 of a non-positive value")

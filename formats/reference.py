@@ -11,7 +11,7 @@ import math
 import struct
 from fractions import Fraction
 
-from .descriptor import FloatFormat, FormatError, IntFormat
+from .descriptor import FloatFormat, FormatError, IntFormat, floor_log2
 from .rounding import Overflow, Rounding
 
 Value = Fraction | float  # float only for nan / +-inf
@@ -123,7 +123,7 @@ def round_to_float_format(
         if not fmt.has_zero:
             return NAN
         return signed(Fraction(0))
-    e = _floor_log2(ax)
+    e = floor_log2(ax)
     e_eff = max(e, fmt.emin)
     ulp = Fraction(2) ** (e_eff - fmt.man_bits)
     k = ax / ulp
@@ -146,7 +146,7 @@ def _unsigned_negative(x: Value, fmt: FloatFormat, rounding: Rounding, sr_rand: 
     if not fmt.has_zero:
         return NAN
     ax = abs(Fraction(x))
-    e_eff = max(_floor_log2(ax), fmt.emin)
+    e_eff = max(floor_log2(ax), fmt.emin)
     ulp = Fraction(2) ** (e_eff - fmt.man_bits)
     k = ax / ulp
     lo = math.floor(k)
@@ -236,7 +236,7 @@ def encode_value(v: Value, fmt: FloatFormat | IntFormat) -> int:
         if not fmt.has_zero:
             raise ValueError(f"{fmt.name} has no zero")
         return sign if fmt.has_negative_zero else 0
-    e = _floor_log2(av)
+    e = floor_log2(av)
     if e < fmt.emin:
         mag = av / Fraction(2) ** (fmt.emin - fmt.man_bits)
     else:
@@ -247,15 +247,6 @@ def encode_value(v: Value, fmt: FloatFormat | IntFormat) -> int:
     ):
         raise ValueError(f"{v} is not a value of {fmt.name}")
     return sign | int(mag)
-
-
-def _floor_log2(v: Fraction) -> int:
-    e = v.numerator.bit_length() - v.denominator.bit_length()
-    if Fraction(2) ** e > v:
-        e -= 1
-    elif Fraction(2) ** (e + 1) <= v:
-        e += 1
-    return e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +260,7 @@ def f32(v: Value) -> Value:
 
 
 def _ceil_log2(v: Fraction) -> int:
-    e = _floor_log2(v)
+    e = floor_log2(v)
     return e if Fraction(2) ** e == v else e + 1
 
 
@@ -281,9 +272,9 @@ def pow2_scale_exponent_exact(amax: Value, elem: FloatFormat | IntFormat, rule: 
     a = Fraction(amax)
     if a == 0:
         return -127
-    emax = _floor_log2(Fraction(elem.max))
+    emax = floor_log2(Fraction(elem.max))
     if rule == "floor":
-        k = _floor_log2(a) - emax
+        k = floor_log2(a) - emax
     elif rule == "ceil":
         k = _ceil_log2(a) - emax
     elif rule == "rceil":
@@ -293,7 +284,7 @@ def pow2_scale_exponent_exact(amax: Value, elem: FloatFormat | IntFormat, rule: 
         if a < Fraction(2) ** -126:  # float32 subnormal amax: torchao's bit trick on raw bits
             k = -126 - emax if a >= Fraction(2**23 - 2 ** (22 - m), 2**149) else -1000
         else:
-            e = _floor_log2(a)
+            e = floor_log2(a)
             carry = a >= Fraction(2) ** e * (2 - Fraction(1, 2 ** (m + 1)))
             k = e + int(carry) - emax
     else:

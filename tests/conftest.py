@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from precisim.formats import set_backend
+import torch
+from precisim.formats import get_backend, set_backend
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRECISIM_SHARED", REPO.parent / "shared"))
@@ -18,3 +19,15 @@ def _eager_backend():
     set_backend("eager")
     yield
     set_backend("eager")
+
+
+@pytest.fixture(scope="module")
+def eager_single_thread():
+    """Eager kernels, one intra-op thread, for a whole module (many small tensors: threads only
+    add overhead, and on a busy 2-core machine they make the suite many times slower)."""
+    old, threads = get_backend(), torch.get_num_threads()
+    set_backend("eager")
+    torch.set_num_threads(1)
+    yield
+    set_backend(old)
+    torch.set_num_threads(threads)

@@ -45,7 +45,6 @@ from precisim.formats import (
     decode,
     encode,
     get_format,
-    kernels,
     p3109,
     p3109_family,
     quantize,
@@ -62,16 +61,7 @@ SMALL_FORMATS = (
 SMALL_FORMATS = list({f.name: f for f in SMALL_FORMATS}.values())  # de-duplicated by name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_single_thread():
-    """Eager kernels, one intra-op thread (many small tensors: threads only add overhead, and
-    on a busy 2-core machine they make the suite many times slower)."""
-    old, threads = kernels.get_backend(), torch.get_num_threads()
-    kernels.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    kernels.set_backend(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 @cache

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 import torch
 from _format_cases import assert_same_bits, bits_to_tensor
-from precisim.formats import decode, encode, get_format, kernels, quantize
+from precisim.formats import decode, encode, get_format, quantize
 from precisim.formats.rounding import Overflow, Rounding
 
 ML_TYPES = {
@@ -73,14 +73,7 @@ def ML_DTYPES_POLICY(fmt) -> Overflow:  # noqa: N802 - reads as a table
     return Overflow.SATURATE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_single_thread():
-    old, threads = kernels.get_backend(), torch.get_num_threads()
-    kernels.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    kernels.set_backend(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 def _code_view(t):

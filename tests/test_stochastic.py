@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from _format_cases import bits_to_tensor, exact_values
-from precisim.formats import get_format, kernels, quantize
+from precisim.formats import get_format, quantize
 from precisim.formats import reference as ref
 from precisim.formats.descriptor import IntFormat
 from precisim.formats.quantize import MAX_SR_BITS, random_bits, round_f32_bits
@@ -30,14 +30,7 @@ SR = Rounding.STOCHASTIC
 Z = 5.0  # z-score bound (see the module docstring)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_single_thread():
-    old, threads = kernels.get_backend(), torch.get_num_threads()
-    kernels.set_backend("eager")
-    torch.set_num_threads(1)
-    yield
-    kernels.set_backend(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 def _x(n=4096, seed=0):
