@@ -10,11 +10,12 @@ Public API::
 from .catalog import catalog, get_format, p3109, p3109_family
 from .descriptor import FloatFormat, FormatError, Inf, IntFormat, Nan
 from .kernels import get_backend, set_backend
+from .packing import pack, packed_size, unpack
 from .quantize import decode, encode, quantize
 from .rounding import Overflow, Rounding
 
 __all__ = [
     "FloatFormat", "FormatError", "Inf", "IntFormat", "Nan", "Overflow", "Rounding",
     "catalog", "decode", "encode", "get_backend", "get_format", "p3109", "p3109_family",
-    "quantize", "set_backend",
+    "pack", "packed_size", "quantize", "set_backend", "unpack",
 ]
