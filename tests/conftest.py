@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from precisim.formats import get_backend, set_backend
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PRECISIM_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(autouse=True)
