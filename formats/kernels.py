@@ -85,6 +85,15 @@ class KernelParams:
         )
 
 
+def split_f32(E: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponent e = floor(log2 x) and the 23-bit fraction of the normalised significand of
+    non-zero float32 magnitudes with exponent field E and fraction field F (subnormals too:
+    the exact int -> float conversion of F finds their leading bit)."""
+    fF = F.to(torch.float32).view(torch.int32)
+    sub = E == 0
+    return torch.where(sub, (fF >> 23) - 276, E - 127), torch.where(sub, fF & 0x7FFFFF, F)
+
+
 def ldexp_bits(n: torch.Tensor, u: torch.Tensor | int) -> torch.Tensor:
     """float32 bits of ``n * 2^u`` for int32 n in [0, 2^25) (exact, or inf bits on overflow).
 
@@ -133,10 +142,8 @@ def round_bits(
         sig = torch.where(E == 0, F, F | 0x800000)
     else:
         # normalise float32 subnormals: x = sig * 2^(e - 23), sig in [2^23, 2^24)
-        fF = F.to(torch.float32).view(torch.int32)
-        sub_in = E == 0
-        e = torch.where(sub_in, (fF >> 23) - 276, E - 127)
-        sig = torch.where(sub_in, fF & 0x7FFFFF, F) | 0x800000
+        e, frac = split_f32(E, F)
+        sig = frac | 0x800000
     kk = 0 if k is None else k
     emin = p.emin + kk
     # number of dropped bits (negative: integer grid overflow)

@@ -16,7 +16,7 @@ import torch
 from . import kernels
 from .catalog import get_format
 from .descriptor import FloatFormat, FormatError, IntFormat, Nan
-from .kernels import F32_NAN, KernelParams, round_bits
+from .kernels import F32_NAN, KernelParams, round_bits, split_f32
 from .rounding import Overflow, Rounding
 
 FormatLike = FloatFormat | IntFormat | str | torch.dtype
@@ -24,11 +24,7 @@ FormatLike = FloatFormat | IntFormat | str | torch.dtype
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SR_BITS = 30
 
-_DTYPE_FORMAT = {
-    torch.float32: FloatFormat("fp32", 8, 23, 127),
-    torch.bfloat16: FloatFormat("bf16", 8, 7, 127),
-    torch.float16: FloatFormat("fp16", 5, 10, 15),
-}
+_DTYPE_FORMAT = {dt: get_format(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def check_tensor(x: object, what: str = "x") -> torch.Tensor:
@@ -226,9 +222,8 @@ def values_to_codes(y: torch.Tensor, fmt: FloatFormat | IntFormat) -> torch.Tens
         raise ValueError(f"{fmt.name} has no NaN code: the input holds NaN")
     E = mag >> 23
     F = mag & 0x7FFFFF
-    fF = F.to(torch.float32).view(torch.int32)
-    e = torch.where(E == 0, (fF >> 23) - 276, E - 127)
-    sig = torch.where(E == 0, fF & 0x7FFFFF, F) | 0x800000
+    e, frac = split_f32(E, F)
+    sig = frac | 0x800000
     m = fmt.man_bits
     normal = e >= fmt.emin
     code_n = ((e + fmt.bias) << m) | ((sig >> (23 - m)) & ((1 << m) - 1))

@@ -48,7 +48,7 @@ import torch
 from . import kernels
 from .catalog import get_format
 from .descriptor import FloatFormat, FormatError, IntFormat
-from .kernels import F32_NAN, KernelParams, round_bits
+from .kernels import F32_NAN, KernelParams, round_bits, split_f32
 from .quantize import (
     _DTYPE_FORMAT,
     check_tensor,
@@ -269,9 +269,7 @@ def pow2_scale_exponent(amax_bits: torch.Tensor, elem: FloatFormat | IntFormat |
     A = amax_bits
     E = A >> 23
     F = A & 0x7FFFFF
-    fF = F.to(torch.float32).view(torch.int32)
-    e = torch.where(E == 0, (fF >> 23) - 276, E - 127)
-    mant = torch.where(E == 0, (fF & 0x7FFFFF), F)
+    e, mant = split_f32(E, F)
     if rule is ScaleRule.FLOOR:
         k = e - emax
     elif rule is ScaleRule.CEIL:
@@ -353,14 +351,17 @@ def quantize_scaled(
     Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
     rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``.
     """
-    from .quantize import MAX_SR_BITS, _sr_bits, random_bits
+    from .quantize import _sr_bits, random_bits
 
     x = check_tensor(x)
     f = get_scaled_format(fmt) if isinstance(fmt, str) else fmt
     if not isinstance(f, ScaledFormat):
         raise TypeError(f"fmt must be a ScaledFormat or a name, got {type(fmt).__name__}")
     rnd = Rounding.parse(rounding) if rounding is not None else f.rounding
-    bits_sr = _sr_bits(rnd, sr_bits) if sr_bits is not None else MAX_SR_BITS
+    bits_sr = _sr_bits(rnd, sr_bits)
+    if x.dtype != torch.float32 and not is_subset(f.element, _DTYPE_FORMAT[x.dtype]):
+        raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
+                          "quantize a float32 copy instead")
     bshape = f.granularity.block_shape(tuple(x.shape))
     xb, shape, padded = _block_view(x.to(torch.float32).contiguous(), bshape)
     rand = None
@@ -406,9 +407,6 @@ def quantize_scaled(
         scale_store = (bs, g)
     deq_full = _crop(deq.reshape(padded), shape)
     result = deq_full if x.dtype == torch.float32 else deq_full.to(x.dtype)
-    if x.dtype != torch.float32 and not is_subset(f.element, _DTYPE_FORMAT[x.dtype]):
-        raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
-                          "quantize a float32 copy instead")
     if not return_parts:
         return result
     grid = tuple(d // b for d, b in zip(padded, bshape))
