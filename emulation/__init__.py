@@ -4,9 +4,13 @@
     d = matmul(a, b, "h100-e4m3")            # what an H100 FP8 tensor core returns
     d = matmul(a, b, "deepseek-fp8")         # with promotion to fp32 every 128 products
 
+    with emulate(model, "mxfp4") as em:      # a Hugging Face model under a recipe
+        model(ids); print(em.plan, em.telemetry.table())
+
 See ARITHMETIC.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
 """
 
+from .loader import LoadError, load_model
 from .matmul import fast_divergence, matmul
 from .matrix_unit import (
     Alignment,
@@ -18,10 +22,25 @@ from .matrix_unit import (
     per_add_rounding,
     sequential_fma,
 )
+from .patch import Emulation, EmulationError, Plan, PlanEntry, emulate, plan
 from .presets import available_units, get_unit
+from .recipe import (
+    AttentionSpec,
+    GemmSpec,
+    Recipe,
+    RecipeError,
+    Rule,
+    TensorSpec,
+    available_recipes,
+    get_recipe,
+)
 from .reference import dot, exact_dot
+from .telemetry import Telemetry
 
 __all__ = [
+    "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "LoadError", "Plan",
+    "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",
+    "available_recipes", "emulate", "get_recipe", "load_model", "plan",
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_units", "chunked", "dot",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",
     "sequential_fma",

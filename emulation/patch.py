@@ -1,0 +1,518 @@
+"""Plan, then patch: run any PyTorch / Hugging Face model, unchanged, under a :class:`Recipe`.
+
+``plan(model, recipe)`` resolves which module gets which spec (printable as a table), warns
+about rules that matched nothing and lists what stays in high precision. ``emulate(model,
+recipe)`` applies that plan inside a ``with`` block (or ``apply()`` / ``restore()``) and
+restores the model exactly on exit, also when the forward raises:
+
+* linear layers (``nn.Linear``, transformers' ``Conv1D``) and the lm_head are swapped for
+  :class:`EmulatedLinear` wrappers that hold the *same* Parameter objects (no copies, same
+  state-dict names); the weight is quantized once per emulation and cached (bit-identical to
+  quantizing on every call, invalidated if the parameter changes in place);
+* embeddings are swapped for :class:`EmulatedEmbedding` (the table quantized once);
+* the attention matmuls QK^T and PV of every attention module that dispatches through
+  transformers' attention interface run the model's own eager attention function under a
+  scoped ``TorchFunctionMode`` that routes its two matmuls through :func:`gemm`; the model's
+  ``config._attn_implementation`` is set to ``"precisim"`` (registered in transformers'
+  ``AttentionInterface`` / ``AttentionMaskInterface``, eager-style masks) for the duration;
+* keys and values are rounded to the ``kv_cache`` format as they are written into the cache
+  (the cache object's ``update`` is wrapped for that call only), or, when the forward runs
+  without a cache, as they enter the attention function.
+
+No ``torch.*`` function is rewritten globally. Telemetry (saturation, flush-to-zero, inf/NaN,
+scale clamps per module and role) is collected in :attr:`Emulation.telemetry`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .gemm import Operand, gemm, needs_parts, quantize_operand
+from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
+from .telemetry import Telemetry
+
+__all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "emulate", "plan"]
+
+ATTN_IMPL = "precisim"
+
+
+class EmulationError(RuntimeError):
+    """The model cannot be emulated as asked (the message names the module)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# module classification
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) \
+        is not None and m.weight.dim() == 2
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def _eager_fn(m: nn.Module) -> Any:
+    mod = sys.modules.get(type(m).__module__)
+    return getattr(mod, "eager_attention_forward", None) if mod is not None else None
+
+
+def _is_attention(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return name.endswith("Attention") and hasattr(m, "config")
+
+
+_GEMM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear, nn.MultiheadAttention,
+               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.RNNBase)
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One op of the model and the spec it gets (None = high precision)."""
+
+    module: str
+    module_type: str
+    op: str
+    spec: GemmSpec | AttentionSpec | None
+    rule: str  # "default" or the pattern of the last rule that set it
+
+    @property
+    def emulated(self) -> bool:
+        return self.spec is not None and not self.spec.is_identity
+
+    def describe(self) -> str:
+        s = self.spec
+        if s is None or s.is_identity:
+            return "high precision"
+        if isinstance(s, AttentionSpec):
+            parts = []
+            for k in ("qk", "pv"):
+                g = getattr(s, k)
+                parts.append(f"{k}: " + ("high" if g is None or g.is_identity else g.describe()))
+            if s.kv_cache is not None:
+                parts.append(f"kv: {s.kv_cache.describe()}")
+            return "; ".join(parts)
+        return s.describe()
+
+
+@dataclass
+class Plan:
+    """The resolved plan; ``str(plan)`` / :meth:`table` print it."""
+
+    recipe: Recipe
+    entries: list[PlanEntry]
+    unmatched_rules: list[Rule] = field(default_factory=list)
+    unsupported: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def emulated(self, op: str | None = None) -> list[PlanEntry]:
+        return [e for e in self.entries if e.emulated and (op is None or e.op == op)]
+
+    def high_precision(self) -> list[PlanEntry]:
+        return [e for e in self.entries if not e.emulated]
+
+    def table(self) -> str:
+        lines = [f"plan for recipe {self.recipe.name!r}: {len(self.emulated())} of "
+                 f"{len(self.entries)} ops emulated", "",
+                 "| module | type | op | spec | rule |", "|---|---|---|---|---|"]
+        for e in self.entries:
+            lines.append(f"| {e.module} | {e.module_type} | {e.op} | {e.describe()} | "
+                         f"{e.rule} |")
+        if self.unmatched_rules:
+            lines += ["", "rules that matched no module: "
+                      + ", ".join(repr(r.pattern) for r in self.unmatched_rules)]
+        if self.unsupported:
+            lines += ["", "not emulated (unsupported): "
+                      + "; ".join(f"{n} ({t}): {why}" for n, t, why in self.unsupported)]
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def records(self) -> list[dict[str, str]]:
+        return [{"module": e.module, "type": e.module_type, "op": e.op, "spec": e.describe(),
+                 "rule": e.rule} for e in self.entries]
+
+
+def _ops(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, m in model.named_modules():
+        if head is not None and m is head and _is_linear(m):
+            yield name, m, "lm_head"
+        elif isinstance(m, nn.Embedding):
+            yield name, m, "embedding"
+        elif _is_linear(m):
+            yield name, m, "linear"
+        elif _is_attention(m):
+            yield name, m, "attention"
+
+
+def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
+    """Resolve ``recipe`` on ``model``: which op of which module gets which spec.
+
+    Defaults come from the recipe's op kinds; rules override them in order (the last matching
+    rule wins). Warns (``UserWarning``) about rules that matched no module and about modules
+    that hold a GEMM precisim does not emulate.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe must be a Recipe or a name, got {type(recipe).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    used = [False] * len(recipe.rules)
+    entries: list[PlanEntry] = []
+    unsupported: list[tuple[str, str, str]] = []
+    for name, m, op in _ops(model):
+        spec = getattr(recipe, op)
+        who = "default"
+        for i, r in enumerate(recipe.rules):
+            if r.overrides(op) and r.matches(name, type(m)):
+                spec, who, used[i] = getattr(r, op), r.pattern, True
+        if op == "attention" and spec is not None and not spec.is_identity \
+                and _eager_fn(m) is None:
+            unsupported.append((name, type(m).__name__, "its class does not dispatch through "
+                                "transformers' attention interface (no eager_attention_forward)"))
+            spec = None
+        if isinstance(spec, GemmSpec):
+            _check_unit(name, spec)
+        if isinstance(spec, AttentionSpec):
+            for g in (spec.qk, spec.pv):
+                if g is not None:
+                    _check_unit(name, g)
+        entries.append(PlanEntry(name, type(m).__name__, op, spec, who))
+    covered = {e.module for e in entries}
+    for name, m in model.named_modules():
+        if name in covered or any(name.startswith(c + ".") for c in covered if c):
+            continue
+        if isinstance(m, _GEMM_TYPES):
+            unsupported.append((name, type(m).__name__, "a GEMM module precisim does not "
+                                "emulate; left in high precision"))
+    unmatched = [r for r, u in zip(recipe.rules, used) if not u]
+    p = Plan(recipe, entries, unmatched, unsupported)
+    if warn:
+        for r in unmatched:
+            warnings.warn(f"recipe {recipe.name!r}: rule {r.pattern!r} ({r.kind}) matched no "
+                          "module", UserWarning, stacklevel=2)
+        for n, t, why in unsupported:
+            warnings.warn(f"module {n!r} ({t}) is not emulated: {why}", UserWarning,
+                          stacklevel=2)
+    return p
+
+
+def _check_unit(module: str, g: GemmSpec) -> None:
+    if g.unit is None:
+        return
+    if g.input is None or g.weight is None:
+        raise RecipeError(f"{module}: matrix unit {g.unit!r} needs an input and a weight "
+                          "format (its inputs must be values of the unit's formats)")
+
+
+# ---------------------------------------------------------------------------------------------
+# wrappers
+
+class EmulatedLinear(nn.Module):
+    """A linear / Conv1D layer under a :class:`GemmSpec`; shares the original parameters."""
+
+    def __init__(self, orig: nn.Module, spec: GemmSpec, handle: Emulation, name: str):
+        super().__init__()
+        self.weight = orig.weight  # the same Parameter objects: no copies, same names
+        self.bias = orig.bias
+        self.spec = spec
+        self.transposed = _is_conv1d(orig)  # Conv1D stores (in, out)
+        object.__setattr__(self, "_orig", orig)
+        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        self._name = name
+
+    def extra_repr(self) -> str:
+        return f"{self._name}: {self.spec.describe()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._handle
+        w = h._weight(self._name, self.weight, self.spec, self.transposed)
+        return gemm(x, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name)
+
+
+class EmulatedEmbedding(nn.Module):
+    """An embedding whose table is quantized to the spec's weight format (once)."""
+
+    def __init__(self, orig: nn.Embedding, spec: GemmSpec, handle: Emulation, name: str):
+        super().__init__()
+        self.weight = orig.weight
+        self.spec = spec
+        object.__setattr__(self, "_orig", orig)
+        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        self._name = name
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        o: nn.Embedding = self._orig
+        h = self._handle
+        table = h._weight(self._name, self.weight, self.spec, False).values
+        y = nn.functional.embedding(ids, table, o.padding_idx, o.max_norm, o.norm_type,
+                                    o.scale_grad_by_freq, o.sparse)
+        if self.spec.output is not None:
+            y = quantize_operand(y, self.spec.output, telemetry=h.telemetry,
+                                 where=(self._name, "output")).values
+        return y.to(self.weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
+            torch.Tensor.bmm}
+
+
+@dataclass
+class _AttnState:
+    name: str
+    spec: AttentionSpec
+    handle: Emulation
+    original_impl: str
+    kv_in_cache: bool = False
+
+
+_ACTIVE_ATTENTION: weakref.WeakKeyDictionary[nn.Module, _AttnState] = \
+    weakref.WeakKeyDictionary()
+
+
+class _AttentionMatmuls(TorchFunctionMode):
+    """Routes the eager attention function's two matmuls (QK^T, then PV) through :func:`gemm`.
+
+    Active only for the duration of one attention call of one module."""
+
+    def __init__(self, st: _AttnState):
+        super().__init__()
+        self.st = st
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func not in _MATMULS:
+            return func(*args, **kwargs)
+        self.calls += 1
+        if self.calls > 2:
+            raise EmulationError(f"{self.st.name}: the attention function issued more than two "
+                                 "matmuls; precisim expects QK^T then PV")
+        op = "qk" if self.calls == 1 else "pv"
+        g: GemmSpec | None = getattr(self.st.spec, op)
+        if g is None or g.is_identity:
+            return func(*args, **kwargs)
+        a, b = args[0], args[1]
+        h = self.st.handle
+        return gemm(a, b.transpose(-1, -2), g, telemetry=h.telemetry,
+                    name=f"{self.st.name}.{op}", out_dtype=a.dtype)
+
+
+def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, attention_mask: torch.Tensor | None,
+                        *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The ``"precisim"`` entry of transformers' AttentionInterface."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    st = _ACTIVE_ATTENTION.get(module)
+    eager = _eager_fn(module)
+    if st is None or eager is None:  # a module this emulation does not cover
+        impl = st.original_impl if st is not None else "eager"
+        fn = eager if impl == "eager" or impl is None else ALL_ATTENTION_FUNCTIONS[impl]
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+    kv = st.spec.kv_cache
+    if kv is not None and not st.kv_in_cache:
+        tel = st.handle.telemetry
+        key = quantize_operand(key, kv, telemetry=tel, where=(st.name, "k_cache")
+                               ).values.to(key.dtype)
+        value = quantize_operand(value, kv, telemetry=tel, where=(st.name, "v_cache")
+                                 ).values.to(value.dtype)
+    mode = _AttentionMatmuls(st)
+    with mode:
+        out = eager(module, query, key, value, attention_mask, *args, **kwargs)
+    if mode.calls != 2 and not (st.spec.qk is None and st.spec.pv is None):
+        raise EmulationError(f"{st.name}: the eager attention of {type(module).__name__} issued "
+                             f"{mode.calls} matmul(s); precisim expects exactly two (QK^T, PV), "
+                             "so its attention matmuls cannot be emulated")
+    return out
+
+
+def _register_attention() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPL, _precisim_attention)
+    if ATTN_IMPL not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        type(ALL_MASK_ATTENTION_FUNCTIONS).register(ATTN_IMPL, eager_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# the handle
+
+class Emulation:
+    """A reversible application of a plan to a model (see :func:`emulate`).
+
+    ``with emulate(model, recipe) as em: ...`` or ``em.apply()`` ... ``em.restore()``. A handle
+    can be applied again after a restore; its weight cache survives, so re-entering costs no
+    re-quantization.
+    """
+
+    def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
+                 warn: bool = True):
+        self.model = model
+        self.plan = plan(model, recipe, warn=warn)
+        self.recipe = self.plan.recipe
+        self.telemetry: Telemetry | None = Telemetry() if telemetry else None
+        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self._configs: list[tuple[Any, Any]] = []
+        self._hooks: list[Any] = []
+        self._patched_caches: list[Any] = []
+        self._attn: list[nn.Module] = []
+        self._wcache: dict[str, tuple[tuple[int, int, int], Operand]] = {}
+        self.active = False
+
+    # -- weight cache --------------------------------------------------------------------
+    def _weight(self, name: str, w: torch.Tensor, spec: GemmSpec, transposed: bool) -> Operand:
+        key = (id(w), w._version, w.data_ptr())
+        hit = self._wcache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        wt = w.t() if transposed else w
+        op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
+                              telemetry=self.telemetry, where=(name, "weight"))
+        self._wcache[name] = (key, op)
+        return op
+
+    def clear_cache(self) -> None:
+        """Drop the quantized weights (they are recomputed at the next forward)."""
+        self._wcache.clear()
+
+    # -- apply / restore -----------------------------------------------------------------
+    def apply(self) -> Emulation:
+        if self.active:
+            raise EmulationError("this emulation is already applied")
+        modules = dict(self.model.named_modules())
+        attn = [e for e in self.plan.entries if e.op == "attention" and e.emulated]
+        try:
+            for e in self.plan.entries:
+                if not e.emulated or e.op == "attention":
+                    continue
+                orig = modules[e.module]
+                assert isinstance(e.spec, GemmSpec)
+                new: nn.Module = (EmulatedEmbedding(orig, e.spec, self, e.module)
+                                  if e.op == "embedding"
+                                  else EmulatedLinear(orig, e.spec, self, e.module))
+                parent, child = self._parent(modules, e.module)
+                parent._modules[child] = new
+                self._swaps.append((parent, child, orig))
+            if attn:
+                self._apply_attention(modules, attn)
+        except BaseException:
+            self.restore()
+            raise
+        self.active = True
+        return self
+
+    @staticmethod
+    def _parent(modules: dict[str, nn.Module], name: str) -> tuple[nn.Module, str]:
+        if not name:
+            raise EmulationError("the model itself cannot be swapped; emulate its layers")
+        parent_name, _, child = name.rpartition(".")
+        return modules[parent_name], child
+
+    def _apply_attention(self, modules: dict[str, nn.Module], attn: list[PlanEntry]) -> None:
+        _register_attention()
+        configs = {id(m.config): m.config for m in self.model.modules()
+                   if getattr(m, "config", None) is not None
+                   and hasattr(m.config, "_attn_implementation_internal")}
+        original = None
+        for cfg in configs.values():
+            original = original or cfg._attn_implementation_internal
+            self._configs.append((cfg, cfg._attn_implementation_internal))
+            cfg._attn_implementation_internal = ATTN_IMPL
+        for e in attn:
+            m = modules[e.module]
+            assert isinstance(e.spec, AttentionSpec)
+            st = _AttnState(e.module, e.spec, self, original or "eager")
+            _ACTIVE_ATTENTION[m] = st
+            self._attn.append(m)
+            if e.spec.kv_cache is not None:
+                self._hooks.append(m.register_forward_pre_hook(
+                    self._kv_pre_hook(st), with_kwargs=True))
+                self._hooks.append(m.register_forward_hook(self._kv_post_hook(st),
+                                                           always_call=True))
+
+    def _kv_pre_hook(self, st: _AttnState):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                st.kv_in_cache = False
+                return
+            target = getattr(cache, "self_attention_cache", cache)
+            inner = type(target).update
+            spec = st.spec.kv_cache
+            tel = self.telemetry
+
+            def update(k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any):  # noqa: ANN202
+                k = quantize_operand(k, spec, telemetry=tel, where=(st.name, "k_cache")
+                                     ).values.to(k.dtype)
+                v = quantize_operand(v, spec, telemetry=tel, where=(st.name, "v_cache")
+                                     ).values.to(v.dtype)
+                return inner(target, k, v, *a, **kw)
+
+            target.update = update
+            self._patched_caches.append(target)
+            st.kv_in_cache = True
+        return hook
+
+    def _kv_post_hook(self, st: _AttnState):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._unpatch_caches()
+            st.kv_in_cache = False
+        return hook
+
+    def _unpatch_caches(self) -> None:
+        while self._patched_caches:
+            c = self._patched_caches.pop()
+            if "update" in vars(c):
+                del c.update
+
+    def restore(self) -> None:
+        """Put every module, config and hook back exactly as it was."""
+        self._unpatch_caches()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for m in self._attn:
+            _ACTIVE_ATTENTION.pop(m, None)
+        self._attn.clear()
+        for cfg, val in reversed(self._configs):
+            cfg._attn_implementation_internal = val
+        self._configs.clear()
+        for parent, child, orig in reversed(self._swaps):
+            parent._modules[child] = orig
+        self._swaps.clear()
+        self.active = False
+
+    def __enter__(self) -> Emulation:
+        return self.apply()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        state = "applied" if self.active else "not applied"
+        return f"<Emulation {self.recipe.name!r} on {type(self.model).__name__} ({state})>"
+
+
+def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
+            warn: bool = True) -> Emulation:
+    """Run ``model`` under ``recipe``: ``with emulate(model, "mxfp4") as em: model(ids)``.
+
+    Returns an :class:`Emulation` (a context manager; ``em.plan`` is the resolved plan,
+    ``em.telemetry`` the counters). The model is restored exactly on exit, exceptions
+    included. Nothing is changed until the handle is entered / applied.
+    """
+    return Emulation(model, recipe, telemetry=telemetry, warn=warn)

@@ -1,0 +1,154 @@
+"""Telemetry of an emulation: what the proposed formats did to the values, per module and role.
+
+For every quantized operand (module, role) the counters are:
+
+* ``numel``: elements quantized;
+* ``saturated``: finite elements beyond the format's overflow threshold (for block-scaled
+  formats: beyond the threshold of their block, i.e. the element is at the element format's
+  largest magnitude and the input exceeds it by more than half an ulp), which were clamped
+  (saturating overflow) or became inf/NaN (the other overflow policies);
+* ``flushed``: non-zero elements that became zero (underflow, also relative to a block scale);
+* ``nonfinite``: finite elements that became inf or NaN;
+* ``scale_clamped``: blocks with a non-zero element whose scale hit the scale format's limit
+  (E8M0 2^-127 or NaN, an E4M3 scale at 448 or at zero; ARITHMETIC.md section 2).
+
+Counts are kept as tensors on the operand's device and summed lazily, so no host sync happens
+per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from precisim.formats import FloatFormat, IntFormat
+from precisim.formats.scaling import ScaledFormat, ScaledTensor, _block_view
+
+__all__ = ["Telemetry", "count_events"]
+
+COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
+
+
+def _overflow_ratio(fmt: FloatFormat | IntFormat) -> float:
+    """Overflow threshold / largest magnitude (RNE: max + half an ulp of max)."""
+    if isinstance(fmt, IntFormat):
+        return (fmt.qmax + 0.5) / fmt.qmax
+    return 1.0 + 2.0 ** -(fmt.man_bits + 1)
+
+
+def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat | ScaledFormat,
+                 parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
+    """The counters of one quantization of ``x`` to ``q`` (see the module docstring)."""
+    xf = x.detach().float()
+    qf = q.detach().float()
+    ax, aq = xf.abs(), qf.abs()
+    finite = torch.isfinite(xf)
+    out: dict[str, torch.Tensor] = {
+        "numel": torch.tensor(x.numel(), dtype=torch.int64),
+        "flushed": ((xf != 0) & (qf == 0) & finite).sum(),
+        "nonfinite": (finite & ~torch.isfinite(qf)).sum(),
+    }
+    if isinstance(fmt, ScaledFormat):
+        elem = fmt.element
+        if parts is None:
+            raise ValueError("scaled telemetry needs the quantization parts")
+        from precisim.formats.quantize import decode
+
+        ev = decode(parts.codes, elem).float().abs()
+        at_max = ev >= float(elem.max)
+        sat = finite & at_max & (ax > aq * _overflow_ratio(elem)) & (aq > 0)
+        out["saturated"] = sat.sum()
+        out["scale_clamped"], out["blocks"] = _scale_clamps(xf, parts, fmt)
+    else:
+        thr = float(fmt.max) * _overflow_ratio(fmt)
+        out["saturated"] = (finite & (ax >= thr)).sum()
+        out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
+        out["blocks"] = torch.zeros((), dtype=torch.int64)
+    return out
+
+
+def _scale_clamps(xf: torch.Tensor, parts: ScaledTensor, fmt: ScaledFormat
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    s = parts.scales
+    nblocks = torch.tensor(s.numel(), dtype=torch.int64)
+    if s.dtype != torch.uint8:  # fp32 scales: no format limit short of fp32's own
+        return torch.zeros((), dtype=torch.int64), nblocks
+    xb, _, _ = _block_view(xf.abs(), parts.block_shape)
+    red = tuple(range(1, xb.dim(), 2))
+    amax = xb.amax(dim=red) if red else xb
+    nonzero = amax.reshape(s.shape) > 0
+    sc = fmt.scale
+    if sc.name.startswith("e8m0"):
+        bad = (s == 0) | (s == 0xFF)
+    else:
+        mag = s & 0x7F
+        bad = (mag == sc.max_code_magnitude) | (mag == 0)
+    return (bad & nonzero).sum(), nblocks
+
+
+@dataclass
+class Telemetry:
+    """Counters per (module, role); read them with :meth:`records` or :meth:`table`."""
+
+    _counts: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    _calls: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+        key = (module, role)
+        cur = self._counts.get(key)
+        if cur is None:
+            self._counts[key] = {k: v.detach().to("cpu", torch.int64) for k, v in counts.items()}
+        else:
+            for k, v in counts.items():
+                cur[k] = cur[k] + v.detach().to("cpu", torch.int64)
+        self._calls[key] = self._calls.get(key, 0) + 1
+
+    def reset(self) -> None:
+        self._counts.clear()
+        self._calls.clear()
+
+    def records(self) -> list[dict[str, object]]:
+        """One dict per (module, role): the counts, ``calls`` and the rates (count / numel;
+        scale clamps / blocks)."""
+        rows: list[dict[str, object]] = []
+        for (module, role), c in self._counts.items():
+            n = int(c["numel"])
+            blocks = int(c.get("blocks", torch.tensor(0)))
+            row: dict[str, object] = {"module": module, "role": role,
+                                      "calls": self._calls[(module, role)]}
+            for k in COUNTERS:
+                row[k] = int(c.get(k, torch.tensor(0)))
+            for k in ("saturated", "flushed", "nonfinite"):
+                row[f"{k}_rate"] = row[k] / n if n else 0.0  # type: ignore[operator]
+            row["scale_clamped_rate"] = row["scale_clamped"] / blocks if blocks else 0.0  # type: ignore[operator]
+            rows.append(row)
+        return rows
+
+    def totals(self) -> dict[str, float]:
+        """Counts and rates summed over every module and role."""
+        tot = {k: 0 for k in COUNTERS}
+        for row in self.records():
+            for k in COUNTERS:
+                tot[k] += int(row[k])  # type: ignore[call-overload]
+        n, b = tot["numel"], tot["blocks"]
+        out: dict[str, float] = {k: float(v) for k, v in tot.items()}
+        for k in ("saturated", "flushed", "nonfinite"):
+            out[f"{k}_rate"] = tot[k] / n if n else 0.0
+        out["scale_clamped_rate"] = tot["scale_clamped"] / b if b else 0.0
+        return out
+
+    def table(self, min_rate: float = 0.0) -> str:
+        """A Markdown table (rows whose every rate is below ``min_rate`` are left out)."""
+        head = ("| module | role | calls | elements | saturated | flushed to 0 | inf/NaN "
+                "| scale clamps |\n|---|---|---:|---:|---:|---:|---:|---:|")
+        lines = [head]
+        for r in self.records():
+            rates = [r["saturated_rate"], r["flushed_rate"], r["nonfinite_rate"],
+                     r["scale_clamped_rate"]]
+            if min_rate and max(rates) < min_rate:  # type: ignore[type-var]
+                continue
+            lines.append(f"| {r['module']} | {r['role']} | {r['calls']} | {r['numel']} | "
+                         f"{r['saturated']} ({r['saturated_rate']:.2e}) | "
+                         f"{r['flushed']} ({r['flushed_rate']:.2e}) | "
+                         f"{r['nonfinite']} | {r['scale_clamped']} |")
+        return "\n".join(lines)
