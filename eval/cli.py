@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from precisim.eval import demo
+from precisim.eval import demo, vectors
 from precisim.formats import cli as formats_cli
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     formats_cli.add_parser(sub)
     demo.add_parser(sub)
+    vectors.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,275 @@
+"""Sweeps: a grid of models x datasets x recipes declared in YAML, run cell by cell into a
+:class:`~precisim.eval.store.RunStore` so that a killed sweep resumes and loses no finished cell.
+
+A sweep file::
+
+    name: fp4-study                  # the sweep's name (records are grouped by it)
+    models: [smollm2-135m]           # a list, or a single string
+    recipes: [bf16, fp8, mxfp4, nvfp4]
+    datasets: [wikitext2]
+    params:                          # optional, passed to every cell
+      tokens: 4096
+      window: 512
+      stride: 256
+
+The evaluation of one cell is injected (``evaluate_cell(cell) -> dict``), so this module knows
+nothing about models; :func:`run_sweep` only orders, skips, times and stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .store import RunStore
+
+__all__ = ["Cell", "SweepError", "SweepSpec", "load_sweep", "run_sweep"]
+
+#: the keys a sweep file accepts (``params`` is optional)
+SPEC_KEYS = ("name", "models", "recipes", "datasets", "params")
+REQUIRED_KEYS = ("name", "models", "recipes", "datasets")
+AXES = ("models", "recipes", "datasets")
+
+ParamValue = str | int | float | bool | None
+
+
+class SweepError(ValueError):
+    """A malformed sweep declaration."""
+
+
+def _param_value(name: str, v: Any) -> ParamValue | tuple:
+    """A hashable, JSON-compatible parameter value (lists become tuples)."""
+    if v is None or isinstance(v, str | bool | int | float):
+        return v
+    if isinstance(v, list | tuple):
+        return tuple(_param_value(name, x) for x in v)
+    raise SweepError(f"params.{name}={v!r} is not valid: accepted a string, number, boolean, "
+                     "null or a list of those")
+
+
+def _axis(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise SweepError(f"{name} must be a list of names (or one name), got "
+                         f"{type(value).__name__} {value!r}")
+    if not value:
+        raise SweepError(f"{name} is empty: give at least one name")
+    out = []
+    for v in value:
+        if not isinstance(v, str) or not v.strip():
+            raise SweepError(f"{name} holds {v!r}: every entry must be a non-empty string")
+        out.append(v.strip())
+    dups = sorted({v for v in out if out.count(v) > 1})
+    if dups:
+        raise SweepError(f"{name} lists {', '.join(map(repr, dups))} more than once")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a sweep's grid: a model, a recipe and a dataset with the sweep's params."""
+
+    sweep: str
+    model: str
+    recipe: str
+    dataset: str
+    params: tuple[tuple[str, Any], ...] = ()  #: sorted (name, value) pairs
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        """The params as a dict (tuples shown as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the cell, as a JSON-compatible dict."""
+        return {"sweep": self.sweep, "model": self.model, "recipe": self.recipe,
+                "dataset": self.dataset, "params": self.param_dict}
+
+    @property
+    def key(self) -> str:
+        """A stable key: ``sweep/model/recipe/dataset/<hash>``, the hash (sha256, 12 hex digits)
+        of the canonical JSON of :meth:`identity`. Same cell, same key, in every run."""
+        canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(canon.encode("utf-8")).hexdigest()[:12]
+        return f"{self.sweep}/{self.model}/{self.recipe}/{self.dataset}/{digest}"
+
+    def __str__(self) -> str:
+        return f"{self.model} | {self.recipe} | {self.dataset}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: the grid ``models x datasets x recipes`` and the params every cell gets."""
+
+    name: str
+    models: tuple[str, ...]
+    recipes: tuple[str, ...]
+    datasets: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SweepError(f"name={self.name!r} is not valid: accepted a non-empty string")
+        if "/" in self.name:
+            raise SweepError(f"name={self.name!r} is not valid: it must not contain '/'")
+        object.__setattr__(self, "name", self.name.strip())
+        for axis in AXES:
+            object.__setattr__(self, axis, _axis(axis, getattr(self, axis)))
+        params = {} if self.params is None else self.params
+        if not isinstance(params, Mapping):
+            raise SweepError(f"params must be a mapping of name: value, got "
+                             f"{type(params).__name__} {params!r}")
+        for k in params:
+            if not isinstance(k, str) or not k:
+                raise SweepError(f"params has the key {k!r}: accepted non-empty strings")
+        object.__setattr__(self, "params", {k: _param_value(k, v) for k, v in params.items()})
+
+    def cells(self) -> list[Cell]:
+        """The grid in a deterministic order: model (slowest), then dataset, then recipe, so
+        that each model and dataset is loaded once per run."""
+        params = tuple(sorted(self.params.items()))
+        return [Cell(self.name, m, r, d, params)
+                for m, d, r in itertools.product(self.models, self.datasets, self.recipes)]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "sweep") -> SweepSpec:
+        """A spec from a mapping with the keys of :data:`SPEC_KEYS` (``params`` optional)."""
+        if not isinstance(d, Mapping):
+            raise SweepError(f"{source}: expected a mapping with keys {', '.join(SPEC_KEYS)}, "
+                             f"got {type(d).__name__}")
+        unknown = [k for k in d if k not in SPEC_KEYS]
+        if unknown:
+            raise SweepError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"accepted {', '.join(SPEC_KEYS)}")
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise SweepError(f"{source}: missing key(s) {', '.join(map(repr, missing))}; "
+                             f"required {', '.join(REQUIRED_KEYS)}")
+        try:
+            return cls(name=d["name"], models=d["models"], recipes=d["recipes"],
+                       datasets=d["datasets"], params=d.get("params") or {})
+        except SweepError as exc:
+            raise SweepError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SweepSpec:
+        """A spec from a YAML file (see the module docstring for the layout)."""
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SweepError(f"sweep file {str(path)!r} does not exist") from None
+        except OSError as exc:
+            raise SweepError(f"cannot read sweep file {str(path)!r}: {exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SweepError(f"{path}: malformed YAML: {exc}") from None
+        if data is None:
+            raise SweepError(f"{path}: the file is empty; expected the keys "
+                             f"{', '.join(SPEC_KEYS)}")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a YAML/JSON-compatible dict (``from_dict`` reads it back)."""
+        return {"name": self.name, "models": list(self.models), "recipes": list(self.recipes),
+                "datasets": list(self.datasets),
+                "params": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in self.params.items()}}
+
+
+def load_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path) -> SweepSpec:
+    """A :class:`SweepSpec` from a spec, a dict or a YAML file path."""
+    if isinstance(spec, SweepSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return SweepSpec.from_dict(spec)
+    return SweepSpec.from_yaml(spec)
+
+
+def run_sweep(
+    spec: SweepSpec | Mapping[str, Any] | str | Path,
+    store: RunStore | str | Path,
+    evaluate_cell: Callable[[Cell], Mapping[str, Any]],
+    *,
+    progress: bool = True,
+    on_error: str = "raise",
+) -> list[dict[str, Any]]:
+    """Run every cell of ``spec`` not yet in ``store``; return the records of all its cells.
+
+    Cells already stored (same :attr:`Cell.key`) are skipped. The others run one at a time, in
+    :meth:`SweepSpec.cells` order; each record is written to the store (one committed
+    transaction) as soon as its cell finishes, so a sweep killed at any point loses no finished
+    cell and re-running it resumes where it stopped.
+
+    Args:
+        spec: the sweep (a spec, a dict, or a YAML path).
+        store: a :class:`RunStore` or the path of one.
+        evaluate_cell: ``evaluate_cell(cell) -> dict`` of JSON-serialisable results. The stored
+            record is the cell's identity (``sweep, model, recipe, dataset, params`` and
+            ``key``, which win over the same names in the result), the result's fields, and
+            ``elapsed_s`` (the cell's wall time, unless the result has one).
+        progress: show a tqdm progress bar (on stderr).
+        on_error: ``"raise"`` (default): an exception in a cell stops the sweep (earlier cells
+            are kept); ``"skip"``: the cell is left out of the store (a re-run retries it) and
+            the sweep goes on; the error is reported on the progress bar and in the returned
+            list as ``{"key", "error"}``-only records at the end.
+
+    Returns:
+        The stored records of the spec's cells, in cells() order (plus error entries).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r} is not valid: accepted 'raise', 'skip'")
+    if not callable(evaluate_cell):
+        raise TypeError("evaluate_cell must be callable (cell) -> dict")
+    spec = load_sweep(spec)
+    own_store = not isinstance(store, RunStore)
+    st = RunStore(store) if own_store else store
+    try:
+        return _run(spec, st, evaluate_cell, progress, on_error)
+    finally:
+        if own_store:
+            st.close()
+
+
+def _run(spec: SweepSpec, store: RunStore, evaluate_cell: Callable[[Cell], Mapping[str, Any]],
+         progress: bool, on_error: str) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    cells = spec.cells()
+    todo = [c for c in cells if not store.has(c.key)]
+    errors: list[dict[str, Any]] = []
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=spec.name, unit="cell",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for cell in todo:
+            bar.set_postfix_str(str(cell), refresh=True)
+            t0 = time.perf_counter()
+            try:
+                result = evaluate_cell(cell)
+                if not isinstance(result, Mapping):
+                    raise TypeError(f"evaluate_cell returned {type(result).__name__} for "
+                                    f"{cell.key}; expected a dict")
+            except Exception as exc:
+                if on_error == "raise":
+                    raise
+                errors.append({"key": cell.key, "error": f"{type(exc).__name__}: {exc}"})
+                bar.write(f"cell {cell.key} failed: {type(exc).__name__}: {exc}")
+                bar.update(1)
+                continue
+            ident = cell.identity()
+            record = {**ident, "key": cell.key,
+                      **{k: v for k, v in result.items() if k not in ident and k != "key"}}
+            record.setdefault("elapsed_s", round(time.perf_counter() - t0, 6))
+            store.put(cell.key, record, sweep=spec.name)
+            bar.update(1)
+    records = [r for r in (store.get(c.key) for c in cells) if r is not None]
+    return records + errors
