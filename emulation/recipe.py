@@ -137,7 +137,7 @@ class TensorSpec:
         if value is None or isinstance(value, TensorSpec):
             return value
         if isinstance(value, str):
-            if value.strip().lower() in ("none", "high", "fp32", "off"):
+            if value.strip().lower() in ("none", "high", "off"):
                 return None
             return cls(format=value)
         if isinstance(value, Mapping):

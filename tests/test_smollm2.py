@@ -1,0 +1,56 @@
+"""The real test model, SmolLM2-135M-Instruct: the plan covers it, emulation runs and restores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from precisim.emulation import emulate, plan
+
+WIKI_LIKE = ("The tower is 324 metres tall, about the same height as an 81-storey building, "
+             "and the tallest structure in Paris.")
+
+
+def test_plan_covers_every_linear_and_both_attention_matmuls(smollm2) -> None:
+    model, _ = smollm2
+    n_layers = model.config.num_hidden_layers
+    p = plan(model, "mxfp4")
+    lin = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    emu_lin = {e.module for e in p.emulated("linear")}
+    assert len(emu_lin) == 7 * n_layers == 210
+    # every linear layer is emulated except the (tied) lm_head, which stays high precision
+    assert lin - emu_lin == {"lm_head"}
+    attn = p.emulated("attention")
+    assert len(attn) == n_layers
+    for e in attn:
+        assert not e.spec.qk.is_identity and not e.spec.pv.is_identity
+
+
+def test_forward_and_restore_on_smollm2(smollm2) -> None:
+    model, tok = smollm2
+    ids = tok(WIKI_LIKE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        for recipe in ("mxfp8", "nvfp4"):
+            with emulate(model, recipe) as em:
+                out = model(ids).logits
+            assert torch.isfinite(out).all()
+            assert not torch.equal(out, ref)
+            # telemetry saw every linear layer's input and both attention matmuls per layer
+            mods = {r["module"] for r in em.telemetry.records()}
+            assert sum(m.endswith(".qk") for m in mods) == model.config.num_hidden_layers
+            assert sum(m.endswith(".pv") for m in mods) == model.config.num_hidden_layers
+            # the next token is still mostly the same as the reference under 8 bits
+            if recipe == "mxfp8":
+                agree = (out.argmax(-1) == ref.argmax(-1)).float().mean()
+                assert agree > 0.7
+        assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4"])
+def test_generate_on_smollm2(smollm2, recipe: str) -> None:
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad(), emulate(model, recipe):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
