@@ -76,6 +76,9 @@ def load_model(source: str | Path, *, dtype: torch.dtype | str = torch.float32,
     else:
         path = Path(src).expanduser()
         if not path.exists():
+            if src.startswith(("/", ".", "~")) or src.endswith(".gguf") or src.count("/") > 1:
+                raise LoadError(f"model path {src!r} does not exist (give an existing "
+                                "directory, a .gguf file, a hub id, or 'smollm2')")
             path = None
     try:
         if path is not None and path.is_file():

@@ -25,10 +25,11 @@ scale clamps per module and role) is collected in :attr:`Emulation.telemetry`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from .gemm import Operand, gemm, needs_parts, quantize_operand
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
-from .telemetry import Telemetry
+from .telemetry import LayerErrors, Telemetry
 
 __all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "emulate", "plan"]
 
@@ -236,7 +237,10 @@ class EmulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
         w = h._weight(self._name, self.weight, self.spec, self.transposed)
-        return gemm(x, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name)
+        y = gemm(x, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name)
+        if h.errors is not None:
+            h.errors.add(self._name, self._orig(x), y)
+        return y
 
 
 class EmulatedEmbedding(nn.Module):
@@ -306,8 +310,11 @@ class _AttentionMatmuls(TorchFunctionMode):
             return func(*args, **kwargs)
         a, b = args[0], args[1]
         h = self.st.handle
-        return gemm(a, b.transpose(-1, -2), g, telemetry=h.telemetry,
-                    name=f"{self.st.name}.{op}", out_dtype=a.dtype)
+        y = gemm(a, b.transpose(-1, -2), g, telemetry=h.telemetry,
+                 name=f"{self.st.name}.{op}", out_dtype=a.dtype)
+        if h.errors is not None:
+            h.errors.add(f"{self.st.name}.{op}", func(*args, **kwargs), y)
+        return y
 
 
 def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -360,11 +367,17 @@ class Emulation:
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
+                 errors: bool = False, only: Callable[[str], bool] | None = None,
                  warn: bool = True):
         self.model = model
         self.plan = plan(model, recipe, warn=warn)
+        if only is not None:  # emulate a subset of the plan (sensitivity studies)
+            self.plan = dataclasses.replace(self.plan, entries=[
+                e if only(e.module) else dataclasses.replace(e, spec=None, rule="excluded")
+                for e in self.plan.entries])
         self.recipe = self.plan.recipe
         self.telemetry: Telemetry | None = Telemetry() if telemetry else None
+        self.errors: LayerErrors | None = LayerErrors() if errors else None
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
         self._configs: list[tuple[Any, Any]] = []
         self._hooks: list[Any] = []
@@ -508,11 +521,16 @@ class Emulation:
 
 
 def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
+            errors: bool = False, only: Callable[[str], bool] | None = None,
             warn: bool = True) -> Emulation:
     """Run ``model`` under ``recipe``: ``with emulate(model, "mxfp4") as em: model(ids)``.
 
     Returns an :class:`Emulation` (a context manager; ``em.plan`` is the resolved plan,
     ``em.telemetry`` the counters). The model is restored exactly on exit, exceptions
     included. Nothing is changed until the handle is entered / applied.
+
+    ``errors=True`` also runs every emulated op in high precision on the same inputs and
+    records its output error (``em.errors``: SQNR, relative RMS error per op); ``only``
+    restricts the plan to the modules whose name it accepts (the rest stay high precision).
     """
-    return Emulation(model, recipe, telemetry=telemetry, warn=warn)
+    return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn)

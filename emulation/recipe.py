@@ -488,6 +488,50 @@ class Recipe:
     def with_(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
+    def with_fidelity(self, fidelity: str) -> Recipe:
+        """The same recipe with every matrix unit run at ``fidelity`` (``bit-exact``/``fast``);
+        the name gets a ``@fast`` suffix when it changes anything."""
+        if fidelity not in FIDELITIES:
+            raise RecipeError(f"fidelity {fidelity!r} is not one of {', '.join(FIDELITIES)}")
+        changed = False
+
+        def g(x: Any) -> Any:
+            nonlocal changed
+            if isinstance(x, GemmSpec) and x.unit is not None and x.fidelity != fidelity:
+                changed = True
+                return dataclasses.replace(x, fidelity=fidelity)
+            if isinstance(x, AttentionSpec):
+                return dataclasses.replace(x, qk=g(x.qk), pv=g(x.pv))
+            return x
+
+        new = {op: g(getattr(self, op)) for op in OP_KINDS}
+        rules = tuple(dataclasses.replace(r, **{op: g(getattr(r, op)) for op in OP_KINDS
+                                                if r.overrides(op)}) for r in self.rules)
+        if not changed:
+            return self
+        suffix = "" if fidelity == "bit-exact" else f"@{fidelity}"
+        return dataclasses.replace(self, name=self.name.split("@")[0] + suffix, rules=rules,
+                                   **new)
+
+    def units(self) -> list[str]:
+        """The matrix units the recipe uses (defaults and rules)."""
+        out: list[str] = []
+
+        def add(x: Any) -> None:
+            if isinstance(x, GemmSpec) and x.unit and x.unit not in out:
+                out.append(x.unit)
+            if isinstance(x, AttentionSpec):
+                add(x.qk)
+                add(x.pv)
+
+        for op in OP_KINDS:
+            add(getattr(self, op))
+        for r in self.rules:
+            for op in OP_KINDS:
+                if r.overrides(op):
+                    add(getattr(r, op))
+        return out
+
     # -- cost axis (used by eval's spec tables) -------------------------------------------
     def bits_per_element(self) -> dict[str, float | None]:
         """Storage bits per element of the linear layers' weights and inputs and of the KV

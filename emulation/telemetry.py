@@ -152,3 +152,39 @@ class Telemetry:
                          f"{r['flushed']} ({r['flushed_rate']:.2e}) | "
                          f"{r['nonfinite']} | {r['scale_clamped']} |")
         return "\n".join(lines)
+
+
+@dataclass
+class LayerErrors:
+    """Error of each emulated op's output against the high-precision op on the same inputs
+    (signal and error energy, summed over calls): SQNR and relative RMS error per op."""
+
+    _acc: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, ref: torch.Tensor, emu: torch.Tensor) -> None:
+        r = ref.detach().double()
+        e = emu.detach().double() - r
+        fin = torch.isfinite(e)
+        sig = float(torch.where(fin, r * r, 0).sum())
+        err = float(torch.where(fin, e * e, 0).sum())
+        mx = float(torch.where(fin, e.abs(), 0).max()) if e.numel() else 0.0
+        cur = self._acc.setdefault(name, [0.0, 0.0, 0.0, 0.0, 0.0])
+        cur[0] += sig
+        cur[1] += err
+        cur[2] = max(cur[2], mx)
+        cur[3] += e.numel()
+        cur[4] += int((~fin).sum())
+
+    def reset(self) -> None:
+        self._acc.clear()
+
+    def records(self) -> list[dict[str, object]]:
+        import math
+
+        rows: list[dict[str, object]] = []
+        for name, (sig, err, mx, n, nonfinite) in self._acc.items():
+            sqnr = math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)
+            rows.append({"op": name, "sqnr_db": sqnr,
+                         "rel_rms_error": math.sqrt(err / sig) if sig > 0 else math.inf,
+                         "max_abs_error": mx, "numel": int(n), "nonfinite": int(nonfinite)})
+        return rows

@@ -1,11 +1,12 @@
-"""The ``precisim`` command line: ``precisim formats`` (more subcommands join as they land)."""
+"""The ``precisim`` command line: ``eval``, ``sweep``, ``report``, ``layers``, ``vectors``,
+``formats`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from precisim.eval import demo, vectors
+from precisim.eval import commands, demo, vectors
 from precisim.formats import cli as formats_cli
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bit-accurate number formats and accelerator arithmetic for LLM co-design.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    commands.add_parsers(sub)
     formats_cli.add_parser(sub)
     demo.add_parser(sub)
     vectors.add_parser(sub)

@@ -1,0 +1,253 @@
+"""``precisim eval``, ``precisim sweep``, ``precisim report`` and ``precisim layers``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parsers", "DEFAULT_RECIPES"]
+
+DEFAULT_RECIPES = "bf16,fp8-e4m3,mxfp8,mxfp4,nvfp4,deepseek-fp8"
+SETTINGS = ("tokens", "window", "stride", "fidelity", "dtype", "bootstrap", "block", "seed",
+            "threads")
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _recipes(args: argparse.Namespace) -> tuple[str, ...]:
+    names = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
+    return tuple(names + list(args.recipe_file or []))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="hub id, local HF directory, .gguf file, or 'smollm2' (default)")
+    p.add_argument("--data", default=None,
+                   help="text/jsonl/parquet file or hub dataset (default: $PRECISIM_DATA)")
+    p.add_argument("--tokens", type=int, default=2048, help="token budget (default 2048)")
+    p.add_argument("--window", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model under recipes: ppl, KL, top-1, spec table",
+                       description="Evaluate a causal LM on a text under one or more recipes "
+                       "against the unpatched model; print the vendor spec table and write "
+                       "the spec sheet, tables and Pareto plot.")
+    _common(p)
+    p.add_argument("--recipes", default=DEFAULT_RECIPES,
+                   help=f"comma-separated preset names (default {DEFAULT_RECIPES})")
+    p.add_argument("--recipe-file", action="append", help="a recipe YAML/JSON (repeatable)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default = window)")
+    p.add_argument("--fidelity", choices=("bit-exact", "fast"), default=None,
+                   help="run every matrix unit at this fidelity")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--block", type=int, default=32, help="bootstrap block length (tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="precisim-results", help="output directory")
+    p.add_argument("--spec", default=None,
+                   help="re-run the evaluation recorded in a spec sheet and check its metrics")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=run_eval_cmd)
+
+    s = sub.add_parser("sweep", help="run a YAML grid of models x recipes x datasets",
+                       description="Run a sweep declared in YAML (name, models, recipes, "
+                       "datasets, params); every finished cell is stored in a SQLite file at "
+                       "once, so a killed sweep resumes.")
+    s.add_argument("spec", help="sweep YAML")
+    s.add_argument("--store", default=None, help="SQLite run store (default precisim-runs.sqlite)")
+    s.add_argument("--export", default=None, help="also export the sweep to .csv or .json")
+    s.set_defaults(func=run_sweep_cmd)
+
+    r = sub.add_parser("report", help="tables and plots from a run store or a spec sheet")
+    r.add_argument("--store", default=None, help="SQLite run store")
+    r.add_argument("--sweep", default=None, help="only this sweep's records")
+    r.add_argument("--sheet", default=None, help="a spec_sheet.json written by precisim eval")
+    r.add_argument("--out", default="precisim-report", help="output directory")
+    r.set_defaults(func=run_report_cmd)
+
+    layer = sub.add_parser("layers", help="per-layer error and sensitivity of a recipe")
+    _common(layer)
+    layer.add_argument("--recipe", default="mxfp4")
+    layer.add_argument("--by", choices=("layer", "op", "module"), default="layer")
+    layer.add_argument("--out", default="precisim-layers", help="output directory")
+    layer.set_defaults(func=run_layers_cmd, tokens=512)
+
+
+def _print_table(sheet: dict[str, Any]) -> None:
+    from .spec import vendor_rows
+    from .tables import render_table
+
+    cols = [("recipe", "recipe"), ("weights", "weights"), ("unit", "matrix unit"),
+            ("bits_w", "bits/W"), ("ppl", "ppl"), ("delta_ppl_ci", "Δppl [95% CI]"),
+            ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated")]
+    print(render_table(vendor_rows(sheet), cols, fmt="markdown", floatfmt=".4g"))
+
+
+def run_eval_cmd(args: argparse.Namespace) -> int:
+    from precisim.emulation import LoadError, RecipeError
+
+    from .data import DataError
+    from .spec import EvalConfig, compare_metrics, run_eval, write_outputs
+
+    old = None
+    try:
+        if args.spec:
+            cfg = EvalConfig.from_sheet(args.spec)
+            old = json.loads(Path(args.spec).read_text())
+        else:
+            cfg = EvalConfig(model=args.model, data=args.data or _env_data(),
+                             recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
+        t0 = time.perf_counter()
+        sheet = run_eval(cfg, progress=sys.stderr.isatty())
+    except (LoadError, RecipeError, DataError, FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    print(f"model {cfg.model}, {sheet['inputs']['settings']['tokens_evaluated']} tokens, "
+          f"window {cfg.window}: reference ppl {sheet['reference']['ppl']:.4f} "
+          f"({time.perf_counter() - t0:.0f} s)\n")
+    _print_table(sheet)
+    paths = write_outputs(sheet, args.out, plot=not args.no_plot)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    if old is not None:
+        diffs = compare_metrics(old, json.loads(json.dumps(sheet)))
+        if diffs:
+            print("NOT reproduced:\n  " + "\n  ".join(diffs))
+            return 1
+        print(f"reproduced exactly: content hash {sheet['content_hash'][:16]}, every metric "
+              "identical")
+    return 0
+
+
+def _env_data() -> str:
+    import os
+
+    from .data import DATA_ENV, DataError
+
+    v = os.environ.get(DATA_ENV)
+    if not v:
+        raise DataError(f"no data given: pass --data PATH or set ${DATA_ENV}")
+    return v
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    from .spec import EvalConfig, run_eval
+    from .store import DEFAULT_STORE, RunStore
+    from .sweep import SweepError, load_sweep, run_sweep
+
+    try:
+        spec = load_sweep(args.spec)
+    except (SweepError, FileNotFoundError) as e:
+        return _err(str(e))
+    bad = [k for k in spec.params if k not in SETTINGS]
+    if bad:
+        return _err(f"sweep {spec.name!r}: unknown params {', '.join(bad)}; accepted: "
+                    f"{', '.join(SETTINGS)}")
+    models: dict[tuple[str, str], Any] = {}
+
+    def evaluate_cell(cell: Any) -> dict[str, Any]:
+        from precisim.emulation import load_model
+
+        params = cell.param_dict
+        dtype = params.get("dtype", "float32")
+        if (cell.model, dtype) not in models:
+            models.clear()
+            models[(cell.model, dtype)] = load_model(cell.model, dtype=dtype)
+        cfg = EvalConfig(model=cell.model, data=cell.dataset, recipes=(cell.recipe,), **params)
+        sheet = run_eval(cfg, model_and_tokenizer=models[(cell.model, dtype)])
+        name = cfg.resolved_recipes()[0].name
+        from .spec import vendor_rows
+
+        row = vendor_rows(sheet)[0]
+        return {"recipe_name": name, "ppl_ref": sheet["reference"]["ppl"],
+                "content_hash": sheet["content_hash"], **sheet["metrics"][name],
+                "cost": {k: row[k] for k in ("bits_w", "bits_a", "mem_w", "mem_kv",
+                                             "acc_bits")},
+                "bits_per_element": row["bits_per_element"]}
+
+    with RunStore(args.store or DEFAULT_STORE) as store:
+        recs = run_sweep(spec, store, evaluate_cell, progress=True)
+        if args.export:
+            store.export(args.export, sweep=spec.name)
+    print(f"sweep {spec.name!r}: {len(recs)} cells in {args.store or DEFAULT_STORE}")
+    return 0
+
+
+def run_report_cmd(args: argparse.Namespace) -> int:
+    from .plots import pareto_plot
+    from .spec import write_outputs
+    from .store import RunStore
+    from .tables import write_table
+
+    out = Path(args.out)
+    if args.sheet:
+        p = Path(args.sheet)
+        if not p.is_file():
+            return _err(f"spec sheet {str(p)!r} does not exist")
+        paths = write_outputs(json.loads(p.read_text()), out)
+        print("wrote " + ", ".join(str(x) for x in paths.values()))
+        return 0
+    if not args.store or not Path(args.store).is_file():
+        return _err(f"run store {args.store!r} does not exist (give --store FILE or --sheet)")
+    with RunStore(args.store) as st:
+        recs = st.records(args.sweep)
+    if not recs:
+        return _err(f"no records in {args.store!r}" + (f" for sweep {args.sweep!r}"
+                                                       if args.sweep else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [("model", "model"), ("dataset", "data"), ("recipe", "recipe"),
+            ("bits_per_element", "bits/W"), ("ppl_ref", "ppl ref"), ("ppl", "ppl"),
+            ("delta_ppl", "Δppl"), ("delta_ppl_low", "low"), ("delta_ppl_high", "high"),
+            ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated")]
+    written = [write_table(recs, out / f"report.{s}", cols) for s in ("md", "csv", "tex",
+                                                                       "html")]
+    pts = [r for r in recs if r.get("delta_ppl") is not None]
+    if pts:
+        written.append(pareto_plot(pts, out / "pareto.png", x="bits_per_element",
+                                   y="delta_ppl", label="recipe"))
+    print("wrote " + ", ".join(str(x) for x in written))
+    return 0
+
+
+def run_layers_cmd(args: argparse.Namespace) -> int:
+    from precisim.emulation import LoadError, RecipeError, get_recipe, load_model
+
+    from .data import DataError, load_text, tokenize
+    from .layers import layer_errors, sensitivity
+    from .plots import sensitivity_plot
+    from .tables import write_table
+
+    try:
+        recipe = get_recipe(args.recipe)
+        text = load_text(args.data or _env_data())
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model, tok = load_model(args.model, dtype=args.dtype)
+    except (LoadError, RecipeError, DataError) as e:
+        return _err(str(e))
+    ids = tokenize(tok, text.text, args.tokens)
+    prefix = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    errs = layer_errors(model, ids, recipe, window=args.window, prefix_token=prefix)
+    sens = sensitivity(model, ids, recipe, by=args.by, window=args.window, prefix_token=prefix)
+    paths = [write_table(errs, out / "layer_errors.csv"),
+             write_table(errs, out / "layer_errors.md"),
+             write_table(sens, out / "sensitivity.csv"),
+             write_table(sens, out / "sensitivity.md"),
+             sensitivity_plot(sens, out / "sensitivity.png", x="group", y="delta_ppl",
+                              title=f"{args.model} under {recipe.name}: one {args.by} at a time")]
+    from .tables import render_table
+
+    print(render_table(sens[:10], fmt="markdown", floatfmt=".4g"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

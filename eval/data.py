@@ -1,0 +1,106 @@
+"""Evaluation text, read with Hugging Face ``datasets`` from a local file or a hub dataset.
+
+Local files: ``.txt`` / ``.raw`` (plain text, line breaks kept), ``.json`` / ``.jsonl`` and
+``.parquet`` (a text column, ``text`` by default); rows are joined with the separator that
+lm-evaluation-harness' WikiText task uses between documents (none for plain text, whose lines
+keep their ``\\n``; ``"\\n\\n"`` between json/parquet rows). A hub dataset is named
+``name[:config]`` (e.g. ``wikitext:wikitext-2-raw-v1``) and needs the network; without it the
+error says so and asks for a local path. ``PRECISIM_DATA`` gives the default path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataError", "Text", "load_text", "tokenize"]
+
+DATA_ENV = "PRECISIM_DATA"
+_BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".json": "json",
+             ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Evaluation data could not be read (the message names the source)."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text and where it came from (``sha256`` of its UTF-8 bytes)."""
+
+    text: str
+    source: str
+    sha256: str
+
+
+def load_text(source: str | Path | None = None, *, split: str = "test",
+              column: str = "text") -> Text:
+    """Read the evaluation text from ``source`` (or ``$PRECISIM_DATA``) with ``datasets``."""
+    if source is None:
+        source = os.environ.get(DATA_ENV)
+        if not source:
+            raise DataError(f"no data given: pass a path (text, jsonl, parquet) or set "
+                            f"${DATA_ENV}")
+    src = str(source)
+    p = Path(src).expanduser()
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if p.suffix.lower() in _BUILDERS or p.exists():
+        if not p.is_file():
+            raise DataError(f"data file {src!r} does not exist")
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise DataError(f"data file {src!r}: unknown type {p.suffix!r}; accepted: "
+                            f"{', '.join(sorted(_BUILDERS))}")
+        kw = {"keep_linebreaks": True} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kw)
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise DataError(f"could not read {src!r} as {builder}: {type(e).__name__}: {e}"
+                            ) from None
+        sep = "" if builder == "text" else "\n\n"
+    else:
+        name, _, config = src.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split=split)
+        except Exception as e:
+            raise DataError(f"could not load dataset {src!r} from the Hugging Face Hub "
+                            f"({type(e).__name__}: {str(e)[:200]}). No hub is reachable from "
+                            "here: pass a local text/jsonl/parquet file instead") from None
+        sep = "\n\n"
+    if column not in ds.column_names:
+        raise DataError(f"{src!r} has no column {column!r}; columns: "
+                        f"{', '.join(ds.column_names)}")
+    text = sep.join(t for t in ds[column] if t is not None)
+    if not text.strip():
+        raise DataError(f"{src!r} contains no text")
+    return Text(text, src, hashlib.sha256(text.encode()).hexdigest())
+
+
+def tokenize(tokenizer: object, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``text`` (no special tokens), at most ``max_tokens`` (the first ones).
+
+    Only a prefix of a long text is tokenized when a budget is given (grown until it holds
+    enough tokens), so a quick run does not pay for the whole corpus; the tokens are those of
+    the full text's tokenization except possibly at the cut, which is dropped.
+    """
+    def enc(s: str) -> list[int]:
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    if max_tokens is None:
+        return enc(text)
+    if max_tokens < 1:
+        raise DataError(f"token budget {max_tokens} must be at least 1")
+    n_chars = max_tokens * 6
+    while True:
+        chunk = text[:n_chars]
+        ids = enc(chunk)
+        if n_chars >= len(text):
+            return ids[:max_tokens]
+        if len(ids) > max_tokens + 1:  # drop the token at the cut, it may be partial
+            return ids[:max_tokens]
+        n_chars *= 2

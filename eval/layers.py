@@ -1,0 +1,121 @@
+"""Per-layer error and per-layer sensitivity of a model under a recipe.
+
+* :func:`layer_errors`: every emulated op (each linear layer, each attention's QK^T and PV) is
+  also run in high precision on the *same* inputs (the emulated model's own activations), and
+  its output error is reported as SQNR (dB) and relative RMS error, joined with the op's
+  telemetry (saturation, flush-to-zero rates).
+* :func:`sensitivity`: the recipe is applied to one group of modules at a time (a decoder
+  layer, or one op type across layers), everything else in high precision; groups are ranked
+  by the accuracy delta they cause alone (mean NLL delta as a perplexity delta, and KL to the
+  reference), joined with the group's telemetry.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from precisim.emulation import Emulation, Recipe, get_recipe, plan
+
+from .perplexity import rolling_windows
+
+__all__ = ["layer_errors", "sensitivity", "module_groups"]
+
+
+def _windows(tokens: Sequence[int] | torch.Tensor, window: int, prefix_token: int):
+    toks = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens,
+                           dtype=torch.long).flatten()
+    seq = torch.cat([torch.tensor([prefix_token]), toks])
+    return seq, rolling_windows(toks.numel(), window)
+
+
+def _rates(records: list[dict[str, Any]], keep: Any) -> dict[str, float]:
+    n = sat = fl = 0
+    for r in records:
+        if keep(r["module"]):
+            n += int(r["numel"])
+            sat += int(r["saturated"])
+            fl += int(r["flushed"])
+    return {"saturated_rate": sat / n if n else 0.0, "flushed_rate": fl / n if n else 0.0}
+
+
+def layer_errors(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
+                 recipe: Recipe | str, *, window: int = 512, prefix_token: int = 0
+                 ) -> list[dict[str, Any]]:
+    """SQNR / relative error of every emulated op's output against the high-precision op on
+    the same inputs, with the op's telemetry rates; sorted by SQNR (worst first)."""
+    seq, wins = _windows(tokens, window, prefix_token)
+    em = Emulation(model, get_recipe(recipe) if isinstance(recipe, str) else recipe,
+                   errors=True)
+    with torch.no_grad(), em:
+        for w in wins:
+            model(seq[w.start:w.end][None], use_cache=False)
+    assert em.errors is not None and em.telemetry is not None
+    tel = em.telemetry.records()
+    rows = []
+    for r in em.errors.records():
+        op = str(r["op"])
+        rows.append({**r, **_rates(tel, lambda m, op=op: m == op)})
+    return sorted(rows, key=lambda r: r["sqnr_db"])
+
+
+def module_groups(model: torch.nn.Module, recipe: Recipe | str, by: str = "layer"
+                  ) -> dict[str, list[str]]:
+    """Groups of emulated modules: ``layer`` (one decoder block, ``...layers.N``), ``op`` (one
+    op type across blocks, e.g. ``mlp.down_proj``, ``self_attn``) or ``module`` (each)."""
+    if by not in ("layer", "op", "module"):
+        raise ValueError(f"group by {by!r}: accepted layer, op, module")
+    p = plan(model, get_recipe(recipe) if isinstance(recipe, str) else recipe, warn=False)
+    groups: dict[str, list[str]] = {}
+    for e in p.emulated():
+        m = re.match(r"(.*?\.(?:layers|h|blocks|layer)\.\d+)(?:\.(.*))?$", e.module)
+        if by == "module" or m is None:
+            key = e.module
+        elif by == "layer":
+            key = m.group(1)
+        else:
+            key = re.sub(r"\.\d+\.", ".*.", e.module)
+        groups.setdefault(key, []).append(e.module)
+    return groups
+
+
+def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
+                recipe: Recipe | str, *, by: str = "layer", window: int = 512,
+                prefix_token: int = 0) -> list[dict[str, Any]]:
+    """Emulate one group at a time; rank groups by the perplexity delta they cause alone."""
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    seq, wins = _windows(tokens, window, prefix_token)
+    groups = module_groups(model, r, by)
+    ref_lp: list[torch.Tensor] = []
+    with torch.no_grad():
+        for w in wins:
+            ids = seq[w.start:w.end]
+            ref_lp.append(torch.log_softmax(model(ids[None], use_cache=False).logits[0]
+                                            .double(), -1))
+    tgts = [seq[w.start + 1:w.end + 1] for w in wins]
+    ref_nll = torch.cat([-lp.gather(-1, t[:, None])[:, 0] for lp, t in zip(ref_lp, tgts)])
+    rows = []
+    for name, members in groups.items():
+        keep = set(members)
+        em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False)
+        nll, kl = [], []
+        with torch.no_grad():
+            for w, lp0, t in zip(wins, ref_lp, tgts):
+                with em:
+                    lp = torch.log_softmax(model(seq[w.start:w.end][None], use_cache=False)
+                                           .logits[0].double(), -1)
+                nll.append(-lp.gather(-1, t[:, None])[:, 0])
+                kl.append((lp0.exp() * (lp0 - lp)).sum(-1))
+        d_nll = float(torch.cat(nll).mean() - ref_nll.mean())
+        assert em.telemetry is not None
+        rows.append({
+            "group": name, "modules": len(members),
+            "delta_ppl": math.exp(float(ref_nll.mean())) * (math.exp(d_nll) - 1),
+            "delta_nll": d_nll, "kl": float(torch.cat(kl).mean()),
+            **_rates(em.telemetry.records(), lambda m, keep=keep: m.split(".qk")[0]
+                     .split(".pv")[0] in keep),
+        })
+    return sorted(rows, key=lambda x: -x["delta_ppl"])

@@ -1,0 +1,357 @@
+"""Evaluation runs, machine-readable spec sheets and the vendor spec table.
+
+:func:`run_eval` evaluates a model on a text under several recipes (perplexity, KL, top-1 with
+paired-bootstrap CIs, telemetry) and returns a **spec sheet**: a JSON-able dict that records
+exactly what was emulated (model source and file hash, data source and text hash, token budget,
+windows, every recipe in full with its resolved formats and matrix units, bootstrap settings,
+threads, library versions) with a ``content_hash`` over those inputs, plus the metrics.
+``run_eval(EvalConfig.from_sheet(sheet))`` re-runs it, and :func:`compare_metrics` checks that
+the metrics are reproduced exactly (CPU runs are deterministic at a fixed thread count).
+
+:func:`vendor_rows` turns a sheet into the table a co-design team hands a chip vendor: per
+recipe the element formats and encodings, scale format and rule, rounding, overflow and
+subnormal policies, matrix-unit parameters, the cost axis (bits per element incl. scales,
+weight / KV-cache memory relative to bf16, accumulator width) and the accuracy (ppl, delta
+with CI, KL, top-1, saturation rates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from precisim.emulation import Recipe, TensorSpec, get_recipe, get_unit
+from precisim.formats import IntFormat
+from precisim.formats.scaling import ScaledFormat
+
+__all__ = ["EvalConfig", "compare_metrics", "content_hash", "run_eval", "vendor_rows",
+           "VENDOR_COLUMNS"]
+
+SHEET_VERSION = 1
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that determines an evaluation's numbers."""
+
+    model: str
+    data: str
+    recipes: tuple[str | Recipe | dict[str, Any], ...]
+    tokens: int | None = 4096
+    window: int = 1024
+    stride: int | None = None
+    fidelity: str | None = None  # override every matrix unit's fidelity
+    dtype: str = "float32"
+    bootstrap: int = 1000
+    block: int = 32
+    seed: int = 0
+    threads: int | None = None
+
+    def resolved_recipes(self) -> list[Recipe]:
+        out = []
+        for r in self.recipes:
+            rec = Recipe.from_dict(r) if isinstance(r, dict) else get_recipe(r)
+            if self.fidelity is not None:
+                rec = rec.with_fidelity(self.fidelity)
+            out.append(rec)
+        names = [r.name for r in out]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"recipe names must be unique, repeated: {', '.join(sorted(dup))}")
+        return out
+
+    @classmethod
+    def from_sheet(cls, sheet: dict[str, Any] | str | Path) -> EvalConfig:
+        """The configuration recorded in a spec sheet (a dict or a JSON file)."""
+        if not isinstance(sheet, dict):
+            p = Path(sheet)
+            if not p.is_file():
+                raise FileNotFoundError(f"spec sheet {str(p)!r} does not exist")
+            try:
+                sheet = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"spec sheet {str(p)!r} is not valid JSON: {e}") from None
+        assert isinstance(sheet, dict)
+        try:
+            inp = sheet["inputs"]
+            s = inp["settings"]
+            return cls(model=inp["model"]["source"], data=inp["data"]["source"],
+                       recipes=tuple(inp["recipes"]),
+                       tokens=s["tokens"], window=s["window"], stride=s["stride"],
+                       fidelity=None, dtype=s["dtype"], bootstrap=s["bootstrap"],
+                       block=s["block"], seed=s["seed"], threads=s["threads"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"spec sheet is missing {e}; was it written by precisim eval?"
+                             ) from None
+
+
+def content_hash(inputs: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a sheet's inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    f = spec.resolve()
+    d: dict[str, Any] = {"spec": spec.to_dict(), "rounding": spec.rounding,
+                         "overflow": spec.overflow,
+                         "subnormals": "flushed" if spec.flush_subnormals else "kept"}
+    if isinstance(f, ScaledFormat):
+        d["element"] = f.element.properties()
+        d["scale"] = {"format": f.scale.name, "rule": f.rule.value,
+                      "granularity": f.granularity.name,
+                      "tensor_scale": "fp32" if f.tensor_scale else None}
+        d["bits_per_element"] = f.bits_per_element
+    else:
+        d["element"] = f.properties()
+        d["bits_per_element"] = float(f.bits)
+    return d
+
+
+def _recipe_info(r: Recipe) -> dict[str, Any]:
+    lin = r.linear
+    att = r.attention
+    info: dict[str, Any] = {"name": r.name, "description": r.description,
+                            "recipe": r.to_dict(), "bits_per_element": r.bits_per_element()}
+    if lin is not None:
+        info["linear"] = {role: _format_info(getattr(lin, role))
+                          for role in ("input", "weight", "output")}
+    if att is not None:
+        info["attention"] = {k: (None if getattr(att, k) is None else
+                                 {role: _format_info(getattr(getattr(att, k), role))
+                                  for role in ("input", "weight")}) for k in ("qk", "pv")}
+        info["kv_cache"] = _format_info(att.kv_cache)
+    info["units"] = {u: {"summary": get_unit(u).summary(),
+                         "description": get_unit(u).description} for u in r.units()}
+    return info
+
+
+def _model_info(source: str, dtype: str) -> dict[str, Any]:
+    from precisim.emulation.loader import SMOLLM2_ALIASES, smollm2_gguf
+
+    d: dict[str, Any] = {"source": source, "dtype": dtype}
+    p = smollm2_gguf() if source.lower() in SMOLLM2_ALIASES else Path(source)
+    if p.is_file():
+        d["file"] = p.name
+        d["sha256"] = _sha256_file(p)
+    return d
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("precisim", "transformers", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: Any = None
+             ) -> dict[str, Any]:
+    """Evaluate ``cfg`` and return its spec sheet (see the module docstring).
+
+    Everything that can fail on bad input (model, data, recipes, settings) is checked before the
+    long part starts; nothing is written here (see :func:`write_outputs`).
+    """
+    from precisim.emulation import load_model
+
+    from .data import load_text, tokenize
+    from .perplexity import evaluate, rolling_windows
+
+    recipes = cfg.resolved_recipes()
+    if not recipes:
+        raise ValueError("no recipes to evaluate")
+    rolling_windows(1, cfg.window, cfg.stride)  # validates window / stride
+    text = load_text(cfg.data)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    model, tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
+    ids = tokenize(tok, text.text, cfg.tokens)
+    prefix = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    res = evaluate(model, ids, recipes, window=cfg.window, stride=cfg.stride,
+                   prefix_token=prefix, bootstrap=cfg.bootstrap, block=cfg.block,
+                   seed=cfg.seed, progress=progress)
+    inputs = {
+        "model": _model_info(cfg.model, cfg.dtype),
+        "data": {"source": cfg.data, "text_sha256": text.sha256,
+                 "tokens_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()},
+        "settings": {"tokens": cfg.tokens, "tokens_evaluated": len(ids), "window": cfg.window,
+                     "stride": cfg.stride, "prefix_token": prefix, "dtype": cfg.dtype,
+                     "bootstrap": cfg.bootstrap, "block": cfg.block, "seed": cfg.seed,
+                     "threads": torch.get_num_threads(),
+                     "semantics": "rolling log-likelihood (lm-evaluation-harness)"},
+        "recipes": [r.to_dict() for r in recipes],
+    }
+    return {
+        "precisim_spec_sheet": SHEET_VERSION,
+        "content_hash": content_hash(inputs),
+        "inputs": inputs,
+        "recipes_resolved": [_recipe_info(r) for r in recipes],
+        "versions": _versions(),
+        "reference": {"ppl": res.ref_ppl, "seconds": res.ref_seconds},
+        "metrics": {r.recipe.name: r.metrics for r in res.results},
+        "telemetry": {r.recipe.name: r.telemetry for r in res.results},
+    }
+
+
+def compare_metrics(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Differences between two sheets' accuracy metrics (timings ignored); [] = reproduced."""
+    diffs = []
+    if a.get("content_hash") != b.get("content_hash"):
+        diffs.append(f"content hash {a.get('content_hash')} != {b.get('content_hash')}")
+    ma, mb = a.get("metrics", {}), b.get("metrics", {})
+    for name in sorted(set(ma) | set(mb)):
+        ra, rb = ma.get(name, {}), mb.get(name, {})
+        for k in sorted(set(ra) | set(rb)):
+            if k == "seconds":
+                continue
+            if ra.get(k) != rb.get(k):
+                diffs.append(f"{name}.{k}: {ra.get(k)} != {rb.get(k)}")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# vendor table
+
+VENDOR_COLUMNS: list[tuple[str, str]] = [
+    ("recipe", "recipe"), ("weights", "weights"), ("activations", "activations"),
+    ("attention", "attention QK/PV"), ("kv_cache", "KV cache"), ("scale", "scale (rule)"),
+    ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
+    ("unit", "matrix unit"), ("acc_bits", "accumulator"),
+    ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
+    ("mem_kv", "KV mem vs bf16"), ("ppl", "ppl"), ("delta_ppl_ci", "Δppl [95% CI]"),
+    ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated"),
+    ("flushed_rate", "flushed to 0"),
+]
+
+
+def _fmt_name(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "model dtype"
+    e = info["element"]
+    if "exp_bits" in e:
+        enc = f"E{e['exp_bits']}M{e['man_bits']}"
+        special = "" if e["inf"] == "none" and e["nan"] == "none" else \
+            f", inf {e['inf']}, NaN {e['nan']}"
+        body = f"{enc} (bias {e['bias']}{special})"
+    else:
+        body = f"INT{e['bits']}" + (f" (2^-{e['frac_bits']})" if e.get("frac_bits") else "")
+    sc = info.get("scale")
+    if sc:
+        body += f" / {sc['format']} per {sc['granularity']}"
+        if sc.get("tensor_scale"):
+            body += " + fp32 tensor scale"
+    return body
+
+
+def _unit_cell(info: dict[str, Any]) -> tuple[str, str]:
+    units = info.get("units", {})
+    if not units:
+        return "fp32 matmul of dequantized operands", "fp32 (24-bit significand)"
+    name, u = next(iter(units.items()))
+    unit = get_unit(name)
+    acc = unit.acc_format
+    bits = f"{acc.name}" if isinstance(acc, IntFormat) else \
+        f"{acc.name} ({acc.man_bits + 1}-bit significand)"
+    if unit.alignment_bits is not None:
+        bits += f"; {unit.alignment_bits} fraction bits after alignment"
+    if unit.block_result_bits is not None:
+        bits += f"; block result {unit.block_result_bits} bits"
+    if unit.promotion_interval:
+        bits += f"; fp32 promotion every {unit.promotion_interval}"
+    return u["summary"], bits
+
+
+def vendor_rows(sheet: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per recipe of a spec sheet, with the columns of :data:`VENDOR_COLUMNS`."""
+    rows = []
+    for info in sheet["recipes_resolved"]:
+        name = info["name"]
+        m = sheet["metrics"].get(name, {})
+        lin = info.get("linear") or {}
+        att = info.get("attention") or {}
+        w, a = lin.get("weight"), lin.get("input")
+        qk = (att.get("qk") or {}).get("input")
+        scales = sorted({f"{x['scale']['format']} ({x['scale']['rule']})"
+                         for x in (w, a, qk) if x and x.get("scale")})
+        roundings = sorted({x["rounding"] for x in (w, a, qk) if x})
+        ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
+        unit, acc = _unit_cell(info)
+        bpe = info["bits_per_element"]
+        ci = ""
+        if "delta_ppl_low" in m:
+            ci = f"{m['delta_ppl']:+.3f} [{m['delta_ppl_low']:+.3f}, {m['delta_ppl_high']:+.3f}]"
+        elif "delta_ppl" in m:
+            ci = f"{m['delta_ppl']:+.3f}"
+        kv_bits = bpe.get("kv_cache")
+        rows.append({
+            "recipe": name, "weights": _fmt_name(w), "activations": _fmt_name(a),
+            "attention": _fmt_name(qk) if att.get("qk") else "model dtype",
+            "kv_cache": _fmt_name(info.get("kv_cache")) if info.get("kv_cache") else
+            ("as attention operands" if att.get("qk") else "model dtype"),
+            "scale": "; ".join(scales) or "-", "rounding": ", ".join(roundings) or "-",
+            "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
+            "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
+            "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
+            "ppl": m.get("ppl"), "delta_ppl": m.get("delta_ppl"),
+            "delta_ppl_low": m.get("delta_ppl_low"), "delta_ppl_high": m.get("delta_ppl_high"),
+            "delta_ppl_ci": ci, "kl": m.get("kl"), "top1": m.get("top1"),
+            "saturated_rate": m.get("saturated_rate"), "flushed_rate": m.get("flushed_rate"),
+            "bits_per_element": bpe.get("weight") or 32.0,
+        })
+    return rows
+
+
+def write_outputs(sheet: dict[str, Any], out_dir: str | Path, *, plot: bool = True
+                  ) -> dict[str, Path]:
+    """Write the spec sheet (JSON), the vendor table (md, csv, tex, html) and the Pareto plot."""
+    from .plots import pareto_plot
+    from .store import write_atomic
+    from .tables import render_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = vendor_rows(sheet)
+    paths = {"sheet": write_atomic(out / "spec_sheet.json",
+                                   json.dumps(_json_safe(sheet), indent=2))}
+    for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
+        paths[suffix] = write_atomic(out / f"spec_table.{suffix}",
+                                     render_table(rows, VENDOR_COLUMNS, fmt=fmt))
+    if plot:
+        pts = [r for r in rows if r["delta_ppl"] is not None]
+        if pts:
+            paths["pareto"] = pareto_plot(
+                pts, out / "pareto.png", x="bits_per_element", y="delta_ppl", label="recipe",
+                title=f"{sheet['inputs']['model']['source']}: perplexity delta vs weight "
+                f"bits/element ({sheet['inputs']['settings']['tokens_evaluated']} tokens)")
+    return paths
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
