@@ -6,6 +6,10 @@ import pytest
 import torch
 from precisim.emulation import emulate, plan
 
+# Loading the GGUF and quantizing 135M weights takes minutes on a busy 2-core machine: these run
+# with the slow suite (`python -m pytest -m slow tests/test_smollm2.py`).
+pytestmark = pytest.mark.slow
+
 WIKI_LIKE = ("The tower is 324 metres tall, about the same height as an 81-storey building, "
              "and the tallest structure in Paris.")
 
