@@ -34,7 +34,8 @@ from .recipe import (
     available_recipes,
     get_recipe,
 )
-from .reference import dot, exact_dot
+from .reference import dot, exact_dot, scaled_dot
+from .scaled import scaled_fast_divergence, scaled_matmul
 from .telemetry import Telemetry
 
 __all__ = [
@@ -43,5 +44,5 @@ __all__ = [
     "available_recipes", "emulate", "get_recipe", "load_model", "plan",
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_units", "chunked", "dot",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",
-    "sequential_fma",
+    "scaled_dot", "scaled_fast_divergence", "scaled_matmul", "sequential_fma",
 ]

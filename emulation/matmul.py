@@ -8,20 +8,40 @@ Two fidelities, both public:
   every GPU preset) each block is done with exact float arithmetic: the products of a block
   are formed in float32 (FP8 inputs) or float64 (fp16/bf16/tf32), scaled by 2^(F-E) (exact),
   truncated by conversion to integers and summed in int32/int64; the block sum S * 2^(E-F)
-  is then rounded once with an exact float64 rounding (:func:`_round_float`). Other units use
-  an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact units
-  (``alignment_bits=None``) and very wide alignments use a window of
+  is then rounded once with an exact float64 rounding (:func:`_round_float`). The kernel
+  works on reused (M, N-chunk, k) buffers with the block's k products innermost. Other units
+  use an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact
+  units (``alignment_bits=None``) and very wide alignments use a window of
   ``W = 59 - bitlen(k+1)`` bits below E (k: the block's actual length); any output whose
   block drops bits below that window is recomputed by the exact reference (rare for small
   blocks: it needs an exponent spread of ~30 bits inside one block).
-* ``"fast"``: each block sum is one float64 matmul per block of k (exact when the block's
-  products and c span fewer than 53 bits), then the unit's block rounding, promotion and
-  output rounding as in bit-exact mode. It leaves out the alignment truncation of step 3 of
-  the model, so it is *not* close to bit-exact for the truncating units: measured on
-  512x512 @ 512x4096 N(0,1) inputs (benchmarks/bench_gemm.py), H100 E4M3: 92% of outputs
-  differ, normwise relative difference 4.8e-4; H100 bf16: 36% differ, 9.6e-8 (the largest
-  differences in ulps, ~3e5, are at outputs near zero after cancellation).
-  :func:`fast_divergence` measures this on any inputs.
+* ``"fast"`` (units with a float accumulator and a deterministic rounding, promotion if any
+  to fp32 RNE: every preset): one matmul per promotion chunk, or one for the whole K when
+  the unit does not promote (float32 when the products of the input formats are exact in
+  it, else float64), plus a model of the unit's systematic rounding on the M x N outputs:
+  the chunk's sum x1 = c + T is rounded once with the unit's block rounding (so results lie
+  on the unit's output grid, e.g. the 13-bit block results of the H100 FP8 unit), after
+  subtracting the expected loss of the other ``n - 1`` block roundings of a directed
+  accumulator rounding (RTZ: toward zero), ``beta * (n-1) * rho * (|c| + |x1|) / 2`` with
+  ``beta`` = the mean loss per block rounding in ulps (:func:`_fast_beta`; 0.375 for the
+  H100 fp16/bf16 units, 0 for H100 FP8 where F = the block result bits) and
+  ``rho = 2^-p / (2 ln 2)`` the mean ulp of a value relative to its magnitude (the running
+  sum taken to grow linearly over the chunk). Partial sums are promoted exactly as in
+  bit-exact mode (fp32 RNE, one rounding). Not modelled: the alignment truncation of each
+  term (step 3 of the model: zero-mean noise for mixed-sign data, a bias toward zero for
+  one-signed data), the order-dependent rounding of the float32 matmul, intermediate
+  overflow, and subnormal partial sums. Measured divergence from bit-exact on
+  512x512 @ 512x4096 N(0,1) inputs (benchmarks/bench_gemm.py; :func:`fast_divergence`):
+  FAST_NUMBERS
+  Other units (integer or stochastic accumulators, product rounding...) use the older fast
+  path: a float64 matmul per block of k, then the unit's exact block rounding, promotion and
+  output rounding (it leaves out the alignment truncation only).
+
+Block-scaled GEMMs (:func:`precisim.emulation.scaled_matmul`) pass their scales to the
+same kernels: per block-FMA term scales s = s_a*s_b (the alignment exponent of a term is
+e_a + e_b + floor(log2 s) and the term is s*a*b, exact), at promotion
+(``acc = RNE_fp32(acc + s*partial)``), or once on the final accumulator (whole-K scales);
+see :mod:`precisim.emulation.scaled` for the semantics.
 
 Special values (ARITHMETIC.md section 4, model assumption): any NaN among the products
 (including 0 * inf) or in c, or +inf with -inf, gives NaN; otherwise an infinite product or c
@@ -30,27 +50,32 @@ stays inf. Input values that are not values of the unit's formats raise ``ValueE
 (inf in a format without inf included; NaN is always accepted and propagates).
 A K that is not a multiple of the block size is padded with zero products, which take no
 part in the alignment: the result is that of the unpadded model.
-Works on any device torch supports (every step is a torch op); scales for promotion
-(``s_a*s_b``) are supported by the reference only (here they are 1).
+Works on any device torch supports (every step is a torch op), without autograd (the results
+are not differentiable).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
-from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
+from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, get_format
 
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 from .presets import get_unit
 
-__all__ = ["FIDELITIES", "fast_divergence", "matmul"]
+__all__ = ["FIDELITIES", "divergence", "fast_divergence", "matmul"]
+
+FP32 = get_format("fp32")
 
 FIDELITIES = ("bit-exact", "fast")
 NEG_BIG = -(1 << 40)  # exponent of a zero term: below everything
 _SHIFT_MAX = 62
 NEG_BIG_32 = -(1 << 20)  # the same, for the int32 exponents of the float64 kernel
+_NEG_16 = -(1 << 14)  # the same, for the int16 exponents of the float block kernel
+_ZERO_SUM = -(1 << 13)  # a sum of two int16 exponents below this involves a zero
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +224,28 @@ def _add_two(n1, m1, g1, n2, m2, g2):
 # ---------------------------------------------------------------------------------------------
 # element decomposition
 
-def _decompose(x: torch.Tensor, fmt: FloatFormat | IntFormat):
+def _emin(fmt: FloatFormat | IntFormat) -> int:
+    return fmt.emin if isinstance(fmt, FloatFormat) else -fmt.frac_bits
+
+
+def _decompose(x: torch.Tensor, fmt: FloatFormat | IntFormat,
+               sig_fmt: FloatFormat | IntFormat | None = None):
     """Finite float32 values of ``fmt`` -> (neg, significand, lsb exponent g, alignment e).
 
-    |x| = sig * 2^g; e = max(floor(log2|x|), emin(fmt)) (NEG_BIG for zeros).
+    |x| = sig * 2^g; e = max(floor(log2|x|), emin(fmt)) (NEG_BIG for zeros). ``sig_fmt``: a
+    format every x is a value of whose grid gives sig and g (default ``fmt``): block-scaled
+    elements use their element format, which keeps the significands short.
     """
     neg = torch.signbit(x)
     ax = x.abs().to(torch.float64)
     _, ex = torch.frexp(ax)
     fl = ex.to(torch.int64) - 1
-    if isinstance(fmt, IntFormat):
-        emin, g = -fmt.frac_bits, torch.full_like(fl, -fmt.frac_bits)
-        e = torch.maximum(fl, torch.full_like(fl, emin))
+    e = torch.maximum(fl, torch.full_like(fl, _emin(fmt)))
+    sf = fmt if sig_fmt is None else sig_fmt
+    if isinstance(sf, IntFormat):
+        g = torch.full_like(fl, -sf.frac_bits)
     else:
-        e = torch.maximum(fl, torch.full_like(fl, fmt.emin))
-        g = e - fmt.man_bits
+        g = torch.maximum(fl, torch.full_like(fl, sf.emin)) - sf.man_bits
     sig = torch.ldexp(ax, (-g).to(torch.float64)).to(torch.int64)
     zero = ax == 0
     e = torch.where(zero, NEG_BIG, e)
@@ -221,9 +253,8 @@ def _decompose(x: torch.Tensor, fmt: FloatFormat | IntFormat):
 
 
 def _c_exponent(q: torch.Tensor, g: torch.Tensor, fmt: FloatFormat | IntFormat) -> torch.Tensor:
-    emin = fmt.emin if isinstance(fmt, FloatFormat) else -fmt.frac_bits
     e = g + _bitlen(q) - 1
-    return torch.where(q > 0, torch.maximum(e, torch.full_like(e, emin)), NEG_BIG)
+    return torch.where(q > 0, torch.maximum(e, torch.full_like(e, _emin(fmt))), NEG_BIG)
 
 
 def _to_float(neg, q, g) -> torch.Tensor:
@@ -234,8 +265,53 @@ def _to_float(neg, q, g) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # checks
 
+def _any(mask: torch.Tensor) -> bool:
+    """``mask.any()`` for a bool tensor (a max over its bytes: many times faster on CPU)."""
+    if mask.numel() == 0:
+        return False
+    return bool(mask.view(torch.uint8).max())
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of a float32 tensor is finite (from the bits)."""
+    if x.numel() == 0:
+        return True
+    return int((x.view(torch.int32) & 0x7FFFFFFF).max()) < 0x7F800000
+
+
+@cache
+def _check_consts(fmt: FloatFormat) -> tuple[int, int, int, float]:
+    m = min(fmt.man_bits, 23)
+    max_bits = int(torch.tensor(float(fmt.max), dtype=torch.float32).view(torch.int32))
+    normal_bits = 0 if m >= 23 else (max(fmt.emin, -126) + 127) << 23
+    return (1 << (23 - m)) - 1, max_bits, normal_bits, 2.0 ** (fmt.emin - m + 23)
+
+
 def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> None:
-    """Raise ``ValueError`` unless every finite element of x is a value of ``fmt``."""
+    """Raise ``ValueError`` unless every finite element of x is a value of ``fmt``.
+
+    For float formats a few passes on the float32 bits look for suspects (magnitudes above
+    the format's max, inf and NaN included; bits below the format's precision; values below
+    its smallest normal that are not multiples of its smallest subnormal, tested as
+    (|x| + C) - C == |x| with ulp(C) that step); only if there are any does the exact check
+    run.
+    """
+    if isinstance(fmt, FloatFormat) and x.dtype == torch.float32 and x.numel():
+        low, max_bits, normal_bits, C = _check_consts(fmt)
+        bits = x.view(torch.int32)
+        mag = bits & 0x7FFFFFFF
+        suspect = int(mag.max()) > max_bits or (not fmt.signed and int(bits.min()) < 0)
+        if not suspect and low:
+            suspect = int((mag & low).max()) > 0
+        if not suspect and normal_bits:
+            v = torch.where(mag < normal_bits, mag, 0).view(torch.float32)
+            suspect = _any((v + C) - C != v)
+        if not suspect:
+            return
+    _check_values_exact(x, fmt, what)
+
+
+def _check_values_exact(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> None:
     if not fmt.has_inf and torch.isinf(x).any():
         raise ValueError(f"{what} holds infinities, which {fmt.name} cannot represent")
     ax = torch.where(torch.isfinite(x), x, 0.0).abs().to(torch.float64)
@@ -259,7 +335,7 @@ def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> N
             f"{fmt.name!r})")
 
 
-def _prepare(a, b, unit, c):
+def _prepare(a, b, unit, c, check: bool = True):
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -284,9 +360,7 @@ def _prepare(a, b, unit, c):
     b = b.float().expand(*batch, K, N).reshape(-1, K, N)
     out_shape = (*batch, M, N)
     c_fmt = unit.promotion_format if unit.promotion_interval else unit.acc_format
-    if c is None:
-        c = torch.zeros(out_shape, dtype=torch.float32, device=a.device)
-    else:
+    if c is not None:
         if not isinstance(c, torch.Tensor):
             c = torch.as_tensor(c, dtype=torch.float32, device=a.device)
         try:
@@ -295,18 +369,18 @@ def _prepare(a, b, unit, c):
             raise ValueError(f"c of shape {tuple(c.shape)} does not broadcast to the output "
                              f"shape {out_shape}") from None
         _check_values(c, c_fmt, "c")
-    _check_values(a, unit.a_format, "a")
-    _check_values(b, unit.b_format, "b")
-    return a, b, c.reshape(-1, M, N).contiguous(), out_shape, c_fmt
+        c = c.reshape(-1, M, N).contiguous()
+    if check:
+        _check_values(a, unit.a_format, "a")
+        _check_values(b, unit.b_format, "b")
+    return a, b, c, out_shape, c_fmt
 
 
 def _specials(a, b, c):
-    """(nan, +inf, -inf) masks of the outputs per the model's special-value rule."""
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    shape = (a.shape[0], a.shape[1], b.shape[2])
-    if bool(fa.all()) and bool(fb.all()) and bool(torch.isfinite(c).all()):
-        z = torch.zeros(shape, dtype=torch.bool, device=a.device)
-        return z, z, z
+    """(nan, +inf, -inf) masks of the outputs per the model's special-value rule, or None
+    when every input is finite (c may be None: +0)."""
+    if _all_finite(a) and _all_finite(b) and (c is None or _all_finite(c)):
+        return None
 
     def mm(x, y):
         return (x.to(torch.float64) @ y.to(torch.float64)) > 0
@@ -319,39 +393,127 @@ def _specials(a, b, c):
     nan = mm(an, torch.ones_like(bn)) | mm(torch.ones_like(an), bn) | mm(ai, bz) | mm(az, bi)
     pos = mm(ai & ap, bp) | mm(ai & am, bm) | mm(ap, bi & bp) | mm(am, bi & bm)
     neg = mm(ai & ap, bm) | mm(ai & am, bp) | mm(ap, bi & bm) | mm(am, bi & bp)
-    nan = nan | torch.isnan(c) | (pos & neg)
-    pos = pos | (c == math.inf)
-    neg = neg | (c == -math.inf)
+    if c is not None:
+        nan = nan | torch.isnan(c)
+        pos = pos | (c == math.inf)
+        neg = neg | (c == -math.inf)
     nan = nan | (pos & neg)
     return nan, pos & ~nan, neg & ~nan
 
 
 # ---------------------------------------------------------------------------------------------
-# the block chain
+# scales of block-scaled GEMMs (built by :mod:`precisim.emulation.scaled`)
+
+@dataclass
+class _Scales:
+    """The scales of a block-scaled GEMM as the core applies them (ARITHMETIC.md section 2).
+
+    ``a``: (B, M, nA) float64, the scale of K-block ``i // a_blk`` of each row of A (None: no
+    K-blocked scales on A); ``b``: (B, N, nB) likewise for the columns of B. ``exact``: the
+    scale product s_a*s_b is exact (E8M0 pairs, the exponents add), else it is rounded once
+    to fp32 (RNE). ``pow2``: every K-blocked scale is a power of two or zero.
+    Epilogue (whole-K scales): ``ep_a`` (B, M) and ``ep_b`` (B, N) float64 fp32 values and
+    ``ep_g`` = fl32(g_a*g_b) (NVFP4 tensor scales; 1.0 if none); alpha =
+    fl32(fl32(ep_a*ep_b) / ep_g) multiplies the final accumulator once (fp32 RNE).
+    """
+
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    a_blk: int = 1
+    b_blk: int = 1
+    exact: bool = True
+    pow2: bool = True
+    ep_a: torch.Tensor | None = None
+    ep_b: torch.Tensor | None = None
+    ep_g: float | None = None
+
+    @property
+    def has_k(self) -> bool:
+        return self.a is not None or self.b is not None
+
+    @property
+    def has_epilogue(self) -> bool:
+        return self.ep_a is not None or self.ep_b is not None or self.ep_g is not None
+
+    def _product(self, sa, sb) -> torch.Tensor:
+        s = sa * sb  # exact in float64: two float32 values
+        return s if self.exact else s.to(torch.float32).to(torch.float64)
+
+    def at(self, lo: int, ns: slice, shape: tuple[int, int, int]) -> torch.Tensor:
+        """(B, M, Nc) scale products of the K-range starting at product ``lo``."""
+        one = torch.ones((), dtype=torch.float64)
+        sa = one if self.a is None else self.a[:, :, lo // self.a_blk, None]
+        sb = one if self.b is None else self.b[:, ns, lo // self.b_blk][:, None, :]
+        return self._product(sa, sb).expand(shape)
+
+    def terms(self, lo: int, hi: int, ns: slice) -> torch.Tensor:
+        """(B, M, Nc, hi-lo) scale product of every product of the K-range [lo, hi)."""
+        one = torch.ones((), dtype=torch.float64)
+        idx = torch.arange(lo, hi)
+        sa = one if self.a is None else self.a[:, :, idx // self.a_blk][:, :, None, :]
+        sb = one if self.b is None else self.b[:, ns][:, :, idx // self.b_blk][:, None, :, :]
+        return self._product(sa, sb)
+
+    def expanded(self, K: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-element scales: A's (B, M, K) and B's (B, K, N) (None where unscaled)."""
+        idx = torch.arange(K)
+        sa = None if self.a is None else self.a[:, :, idx // self.a_blk]
+        sb = None if self.b is None else self.b[:, :, idx // self.b_blk].transpose(1, 2)
+        return sa, sb
+
+    def alpha(self, ns: slice, shape: tuple[int, int, int]) -> torch.Tensor:
+        """(B, M, Nc) epilogue factors (float64 holding fp32 values)."""
+        one = torch.ones((), dtype=torch.float64)
+        pa = one if self.ep_a is None else self.ep_a[:, :, None]
+        pb = one if self.ep_b is None else self.ep_b[:, None, ns]
+        p = (pa * pb).to(torch.float32).to(torch.float64)  # fl32(p_a*p_b)
+        if self.ep_g is not None:
+            # a float64 quotient of float32 values rounded to float32 is the correctly rounded
+            # float32 quotient (53 >= 2*24 + 2: the double rounding is innocuous)
+            p = (p / self.ep_g).to(torch.float32).to(torch.float64)
+        return p.expand(shape)
+
+
+def _pos_parts(s: torch.Tensor):
+    """(sig, g, e) of float64 values s >= 0 with at most 24 significant bits: s = sig*2^g,
+    e = floor(log2 s) (NEG_BIG for 0)."""
+    mant, ex = torch.frexp(s)
+    sig = torch.ldexp(mant, torch.full_like(mant, 24.0)).to(torch.int64)
+    ex = ex.to(torch.int64)
+    return sig, ex - 24, torch.where(s > 0, ex - 1, NEG_BIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# the block chain (int64 kernel: every unit)
 
 def _window(k: int) -> int:
     """Bits kept below E by the int64 kernel when it sums k + 1 terms exactly."""
     return 59 - (k + 1).bit_length()
 
 
-def _block_exact(unit, pa, pb, cst, sp_block, rand, lost):
+def _block_exact(unit, pa, pb, cst, sp_block, rand, lost, ps=None):
     """One block of bit-exact products for every output of the chunk.
 
     pa: (neg, sig, g, e) of A's block, each (B, M, 1, k); pb likewise (B, 1, N, k);
-    cst: the accumulator state (neg, q, g, e) each (B, M, N).
+    cst: the accumulator state (neg, q, g, e) each (B, M, N); ps: None or the (sig, g, e) of
+    the scale product of every term, broadcastable to (B, M, N, k) (block-scaled GEMMs: the
+    term is s*a*b, its alignment exponent e_a + e_b + e_s).
     """
     na, sa, ga, ea = pa
     nb, sb, gb, eb = pb
     neg = na ^ nb
     mag = sa * sb
     g = ga + gb
+    if ps is not None:
+        mag = mag * ps[0]
+        g = g + ps[1]
     if unit.product_format is not None:
         pf = unit.product_format
         sp = _Spec.of(pf, unit.product_rounding, Overflow.SATURATE)
         neg, mag, g, _, _ = _round(neg, mag, g, sp)
         e = _c_exponent(mag, g, pf)
     elif unit.alignment is Alignment.UNNORMALISED:
-        e = torch.where(mag > 0, ea + eb, NEG_BIG)
+        e = torch.where(mag > 0, ea + eb + (0 if ps is None else ps[2]), NEG_BIG)
     else:
         e = torch.where(mag > 0, g + _bitlen(mag) - 1, NEG_BIG)
     cn, cq, cg, ce = cst
@@ -438,8 +600,9 @@ def _pow2_32(n: torch.Tensor) -> torch.Tensor:
     return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
-def _kernel_dtype(unit: MatrixUnit) -> torch.dtype:
-    """float32 when the products, the aligned terms and their sum are all exact in it."""
+def _kernel_dtype(unit: MatrixUnit, scales: _Scales | None = None) -> torch.dtype:
+    """float32 when the products, the aligned terms and their sum are all exact in it (and
+    block scales, if any, are powers of two applied through the exponent only)."""
     fa, fb, F = unit.a_format, unit.b_format, unit.alignment_bits
     if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
         return torch.float64
@@ -447,6 +610,12 @@ def _kernel_dtype(unit: MatrixUnit) -> torch.dtype:
           and F + 3 + (unit.block_size + 1).bit_length() <= 31
           and fa.emin - fa.man_bits + fb.emin - fb.man_bits >= -126
           and fa.emax + fb.emax + 2 <= 127)
+    if scales is not None and scales.has_k:
+        # power-of-two scales enter through the exponent only; the clamped float32 power of
+        # two 2^(e_s + F - E) must then still give 0 where the true one underflows, and
+        # never need clamping where a product is nonzero
+        ok = (ok and scales.pow2 and fa.emax + fb.emax + 2 <= 126
+              and F - fa.emin - fb.emin <= 127)
     return torch.float32 if ok else torch.float64
 
 
@@ -474,12 +643,12 @@ def _block_float(a, ea, b, eb, cval, ce, F: int, floor: int | None, use_floor: b
             t = t - (t.to(v.dtype) > v).to(torch.int32)
         S = t.sum(-1, dtype=torch.int32).to(torch.int64)
     else:
-        v = p * _pow2(d).unsqueeze(-1)
+        v = p * _pow2(d.clamp(-1022, 1023)).unsqueeze(-1)
         t = v.to(torch.int64)
         if use_floor:
             t = t - (t.to(v.dtype) > v).to(torch.int64)
         S = t.sum(-1)
-    cv = cval * _pow2(d)
+    cv = cval * _pow2(d.clamp(-1022, 1023))
     ct = cv.to(torch.int64)
     if use_floor:
         ct = ct - (ct.to(cv.dtype) > cv).to(torch.int64)
@@ -501,7 +670,7 @@ def _block_fn(unit, sp_block, has_rand):
         if _float_ok(unit):
             F, fl, uf = unit.alignment_bits, unit.alignment_floor, unit.drop is Drop.FLOOR
 
-            def fn(pa, pb, state, r, lost):
+            def fn(pa, pb, state, r, lost, ps=None):
                 cn, cq, cg, ce = state
                 cval = torch.ldexp(cq.to(torch.float64), cg.to(torch.float64))
                 cval = torch.where(cn, -cval, cval)
@@ -512,8 +681,8 @@ def _block_fn(unit, sp_block, has_rand):
                 rn, rq, rg, rinf, rnan = _round(neg, mag, E - F, sp_block, r)
                 return (rn, rq, rg, _c_exponent(rq, rg, unit.acc_format)), rinf, rnan, lost
         else:
-            def fn(pa, pb, state, r, lost):
-                return _block_exact(unit, pa, pb, state, sp_block, r, lost)
+            def fn(pa, pb, state, r, lost, ps=None):
+                return _block_exact(unit, pa, pb, state, sp_block, r, lost, ps)
         _KERNELS[key] = fn
     return fn
 
@@ -532,9 +701,11 @@ def _block_fast(unit, a_blk, b_blk, cst, sp_block, rand):
     return (rn, rq, rg, _c_exponent(rq, rg, unit.acc_format)), rinf, rnan
 
 
-def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
-    """All blocks of K for one chunk of outputs. A: decomposed (B, M, K) tensors or the raw
-    (B, M, K) floats (fast); Bm likewise (B, K, N)."""
+def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt, sc: _Scales | None = None,
+           ns: slice = slice(None)):
+    """All blocks of K for one chunk of outputs (int64 chain; every unit). A: decomposed
+    (B, M, K) tensors or the raw (B, M, K) floats (fast); Bm likewise (B, K, N); ``sc``: the
+    scales (bit-exact: per term; both fidelities: at promotion), ``ns`` the chunk's columns."""
     k = unit.block_size
     K = (A[0] if fidelity == "bit-exact" else A).shape[-1]
     nblk = max(1, -(-K // k))
@@ -555,14 +726,20 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
     part_inf_pos = torch.zeros_like(inf_pos)
     part_inf_neg = torch.zeros_like(inf_pos)
     sp_prom = _Spec.of(unit.promotion_format, unit.promotion_rounding, Overflow.INF)
+    term_scales = sc is not None and sc.has_k and not per and fidelity == "bit-exact"
     for j in range(nblk):
         sl = slice(j * k, min((j + 1) * k, K))
         r = None if rand is None else rand[..., j]
         if fidelity == "bit-exact":
             pa = tuple(t[:, :, None, sl] for t in A)
             pb = tuple(t[:, sl, :].transpose(1, 2)[:, None, :, :].contiguous() for t in Bm)
-            state, rinf, rnan, lost = _block_fn(unit, sp_block, r is not None)(
-                pa, pb, state, r, lost)
+            if term_scales:
+                ps = _pos_parts(sc.terms(sl.start, sl.stop, ns))
+                state, rinf, rnan, lost = _block_exact(unit, pa, pb, state, sp_block, r, lost,
+                                                       ps)
+            else:
+                state, rinf, rnan, lost = _block_fn(unit, sp_block, r is not None)(
+                    pa, pb, state, r, lost)
         else:
             state, rinf, rnan = _block_fast(unit, A[:, :, sl], Bm[:, sl, :], state, sp_block,
                                             r)
@@ -572,10 +749,19 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
         nan |= rnan
         if per and ((j + 1) % per == 0 or j == nblk - 1):
             n1, q1, g1, _ = reg
-            sn, smag, sbase = _add_two(n1, q1, g1, state[0], state[1], state[2])
+            pn, pq, pg = state[0], state[1], state[2]
+            if sc is not None and sc.has_k:
+                s = sc.at((j // per) * per * k, ns, tuple(shape))
+                s_sig, s_g, _ = _pos_parts(s)
+                pq, pg = pq * s_sig, pg + s_g
+                zero_s = s == 0
+                nan |= (part_inf_pos | part_inf_neg) & zero_s  # inf * 0
+                part_inf_pos &= ~zero_s
+                part_inf_neg &= ~zero_s
+            sn, smag, sbase = _add_two(n1, q1, g1, pn, pq, pg)
             zero = smag == 0
             rn, rq, rg, rinf2, _ = _round(sn, smag, sbase, sp_prom)
-            rn = torch.where(zero, n1 & (q1 == 0) & state[0] & (state[1] == 0), rn)
+            rn = torch.where(zero, n1 & (q1 == 0) & pn & (pq == 0), rn)
             new_pos = part_inf_pos | (rinf2 & ~rn)
             new_neg = part_inf_neg | (rinf2 & rn)
             nan |= (inf_pos & new_neg) | (inf_neg & new_pos)
@@ -586,6 +772,18 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
             part_inf_pos = torch.zeros_like(inf_pos)
             part_inf_neg = torch.zeros_like(inf_pos)
     final = reg if per else state
+    if sc is not None and sc.has_epilogue:
+        al = sc.alpha(ns, tuple(shape))
+        a_sig, a_g, _ = _pos_parts(al)
+        n, q, g, _ = final
+        sp32 = _Spec.of(FP32, Rounding.NEAREST_EVEN, Overflow.INF)
+        zero = q == 0
+        rn, rq, rg, rinf, _ = _round(n, q * a_sig, g + a_g, sp32)
+        rn = torch.where(zero, n, rn)
+        nan |= (inf_pos | inf_neg) & (al == 0)
+        inf_pos |= rinf & ~rn
+        inf_neg |= rinf & rn
+        final = (rn, rq, rg, _c_exponent(rq, rg, FP32))
     return final, inf_pos, inf_neg, nan, lost
 
 
@@ -594,8 +792,9 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, cfmt):
 
 def _float_chain_ok(unit: MatrixUnit, fidelity: str) -> bool:
     """The float64 chain handles deterministic roundings to float accumulators, with
-    promotion only when it is fp32 RNE with unit scales (then one float32 addition is the
-    correctly rounded promotion); bit-exact mode also needs the float64 block kernel."""
+    promotion only when it is fp32 RNE (then the promotion is one correctly rounded fp32
+    addition, or fused multiply-add with a scale); bit-exact mode also needs the float64
+    block kernel."""
     acc = unit.acc_format
     ok = (isinstance(acc, FloatFormat) and unit.acc_rounding is not Rounding.STOCHASTIC
           and acc.signed and isinstance(unit.out_format, FloatFormat))
@@ -630,7 +829,7 @@ def _round_float(x: torch.Tensor, sp: _Spec):
         if r is Rounding.NEAREST_EVEN:
             bits = bits + (((1 << (sh - 1)) - 1) + ((bits >> sh) & 1))
         res = (bits & ~((1 << sh) - 1)).view(torch.float64)
-        if bool(tiny.any()):
+        if _any(tiny):
             res = torch.where(tiny, _round_scaled(ax, neg, sp), res)
     else:
         res = _round_scaled(ax, neg, sp)
@@ -665,64 +864,187 @@ def _round_scaled(ax: torch.Tensor, neg: torch.Tensor, sp: _Spec) -> torch.Tenso
     return q * _pow2(e - sp.m)
 
 
-def _chunk_float(unit, fidelity, A, Bm, cval):
+def _sum_to_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """RNE_fp32(x + y) of exact float64 values, correctly rounded (one rounding).
+
+    The float64 sum is made round-to-odd with the exact error of TwoSum (the last bit is set
+    toward the exact value when the sum was inexact); rounding a round-to-odd value with
+    53 >= 24 + 2 bits to float32 is then the correct rounding of the exact sum.
+    """
+    s = x + y
+    bb = s - x
+    err = (x - (s - bb)) + (y - bb)
+    bits = s.view(torch.int64)
+    fix = (err != 0) & ((bits & 1) == 0)
+    if _any(fix):
+        step = torch.where((err > 0) == (s > 0), 1, -1)
+        bits = torch.where(fix, bits + step, bits)
+    return bits.view(torch.float64).to(torch.float32)
+
+
+def _exp_dtype(unit: MatrixUnit) -> tuple[torch.dtype, int, int]:
+    """(dtype, zero marker, threshold) of the alignment exponents in the float block kernel:
+    int8 when every exponent of the input formats lies in [-15, 15] (FP8 and narrower), else
+    int16. A zero's exponent is the marker; a sum of two exponents below the threshold
+    involves a zero."""
+    lim = max(abs(_emin(f)) if isinstance(f, IntFormat) else max(abs(f.emin), abs(f.emax))
+              for f in (unit.a_format, unit.b_format))
+    if lim <= 15:
+        return torch.int8, -64, -40
+    return torch.int16, _NEG_16, _ZERO_SUM
+
+
+class _Buffers:
+    """Reused work buffers of the float block kernel (fresh allocations of this size cost
+    page faults that dominate the kernel's time)."""
+
+    def __init__(self) -> None:
+        self._d: dict = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        key = (shape, dtype, str(device))
+        t = self._d.get(key)
+        if t is None:
+            t = self._d[key] = torch.empty(shape, dtype=dtype, device=device)
+        return t
+
+
+def _promote_float(reg, part, s):
+    """The fp32 promotion register after adding one partial sum (times its scale s)."""
+    if s is None:
+        return reg + part.to(torch.float32)  # both fp32 values: one correctly rounded add
+    return _sum_to_f32(reg.to(torch.float64), s * part)  # s*part is exact in float64
+
+
+def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
+                 ns: slice = slice(None), bufs: _Buffers | None = None):
     """All blocks of K for a chunk of outputs with a float64 state (see _float_chain_ok).
 
-    A: (a float64 (B, M, K), ea int32) in bit-exact mode, else a (B, M, K); Bm likewise.
+    Bit-exact: A = (a (B, M, K) kernel dtype, ea int16 alignment exponents), Bt = (b^T
+    (B, Nc, K), eb^T int16). Fast: A = a (B, M, K), Bt = b (B, K, Nc), the matmul dtype.
     cval: the incoming c (float64 values of the accumulator / promotion format).
     """
+    if fidelity == "fast":
+        return _chunk_fast(unit, A, Bt, cval, sc, ns)
+    bufs = bufs or _Buffers()
+    a, ea = A
+    bt, eb = Bt
     k = unit.block_size
-    exact = fidelity == "bit-exact"
-    a, b = (A[0], Bm[0]) if exact else (A, Bm)
     K = a.shape[-1]
     nblk = max(1, -(-K // k))
     acc = unit.acc_format
     spb = _Spec.of(unit.block_format, unit.acc_rounding, unit.acc_overflow,
                    unit.flush_output_subnormals)
     F, floor, use_floor = unit.alignment_bits, unit.alignment_floor, unit.drop is Drop.FLOOR
-    inf_pos = torch.zeros(cval.shape, dtype=torch.bool, device=cval.device)
+    shape = tuple(cval.shape)
+    dev = cval.device
+    inf_pos = torch.zeros(shape, dtype=torch.bool, device=dev)
     inf_neg = torch.zeros_like(inf_pos)
     nan = torch.zeros_like(inf_pos)
     per = (unit.promotion_interval // k) if unit.promotion_interval else None
+    scaled = sc is not None and sc.has_k
     reg = cval.to(torch.float32)
     part = torch.zeros_like(cval) if per else cval
     part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    kd = a.dtype
+    idt = torch.int32 if kd == torch.float32 else torch.int64
+    zero_sum = _exp_dtype(unit)[2]
+    lo_d, hi_d = (-126, 127) if kd == torch.float32 else (-1022, 1023)
     for j in range(nblk):
-        sl = slice(j * k, min((j + 1) * k, K))
-        if exact:
-            ab = a[:, :, None, sl]
-            bb = b[:, sl, :].transpose(1, 2)[:, None, :, :].contiguous()
-            eab = A[1][:, :, None, sl]
-            ebb = Bm[1][:, sl, :].transpose(1, 2)[:, None, :, :].contiguous()
-            pe = torch.where(part != 0, torch.clamp(_fexp(part), min=acc.emin), NEG_BIG_32)
-            S, E = _block_float(ab, eab, bb, ebb, part, pe.to(torch.int32), F, floor,
-                                use_floor)
-            s = S.to(torch.float64) * _pow2(E - F)  # exact: |S| < 2^53
-            zero = S == 0
-            if bool(zero.any()):  # IEEE: the sum of zeros is -0 only if all are -0
-                p = ab * bb
-                allneg = (torch.signbit(p) & (p == 0)).all(-1) & torch.signbit(part) & (
-                    part == 0)
-                s = torch.where(zero & allneg, -0.0, s)
+        lo, hi = j * k, min((j + 1) * k, K)
+        bs = (*shape, hi - lo)
+        ebuf = bufs.get(bs, ea.dtype, dev)
+        pbuf = bufs.get(bs, kd, dev)
+        ibuf = bufs.get(bs, idt, dev)
+        torch.add(ea[:, :, None, lo:hi], eb[:, None, :, lo:hi], out=ebuf)
+        Ep = ebuf.amax(-1).to(torch.int32)
+        zero_blk = Ep < zero_sum
+        es = None
+        if scaled and not per:
+            s = sc.at(lo, ns, shape)
+            sz = s == 0
+            es = torch.where(sz, 0, _fexp(s)).to(torch.int32)
+            Ep = Ep + es
+            zero_blk = zero_blk | sz
+        Ep = torch.where(zero_blk, NEG_BIG_32, Ep)
+        pe = torch.where(part != 0, torch.clamp(_fexp(part), min=acc.emin), NEG_BIG_32)
+        E = torch.maximum(Ep, pe.to(torch.int32))
+        if floor is not None:
+            E = torch.clamp(E, min=floor)
+        d = F - E
+        dt = d if es is None else d + es
+        if kd == torch.float32:
+            mult = _pow2_32(dt.clamp(lo_d, hi_d))
         else:
-            s = a[:, :, sl].to(torch.float64) @ b[:, sl, :].to(torch.float64) + part
-        r, ovf = _round_float(s, spb)
+            mult = _pow2(dt.clamp(lo_d, hi_d))
+            if es is not None and not sc.pow2:
+                mult = mult * (s * _pow2(-es))  # the scale's significand: exact (<= 24 bits)
+        if es is not None:
+            mult = torch.where(sz, 0.0, mult)  # a zero scale: zero terms
+        torch.mul(a[:, :, None, lo:hi], bt[:, None, :, lo:hi], out=pbuf)
+        pbuf.mul_(mult.unsqueeze(-1))
+        ibuf.copy_(pbuf)  # conversion to integer: truncation toward zero
+        if use_floor:
+            ibuf.sub_((ibuf.to(kd) > pbuf).to(idt))
+        S = ibuf.sum(-1, dtype=idt).to(torch.int64)  # exact in idt (see _kernel_dtype)
+        cv = part * _pow2(d.clamp(-1022, 1023))
+        ct = cv.to(torch.int64)
+        if use_floor:
+            ct = ct - (ct.to(cv.dtype) > cv).to(torch.int64)
+        S = S + ct
+        sval = S.to(torch.float64) * _pow2(E - F)  # exact: |S| < 2^53
+        zero = S == 0
+        if _any(zero):  # IEEE: the sum of zeros is -0 only if all are -0
+            zi = zero.nonzero(as_tuple=True)
+            p = a[zi[0], zi[1], lo:hi] * bt[zi[0], zi[2], lo:hi]
+            pz = p == 0
+            if scaled and not per:
+                pz = pz | sz[zi].unsqueeze(-1)
+            pzi = part[zi]
+            allneg = (torch.signbit(p) & pz).all(-1) & torch.signbit(pzi) & (pzi == 0)
+            sval[zi] = torch.where(allneg, -0.0, sval[zi])
+        r, ovf = _round_float(sval, spb)
         tp, tn = (part_pos, part_neg) if per else (inf_pos, inf_neg)
         fresh = ovf & ~(tp | tn)
         tp |= fresh & (r > 0)
         tn |= fresh & (r < 0)
         part = torch.where(ovf, 0.0, r)
         if per and ((j + 1) % per == 0 or j == nblk - 1):
-            new = reg + part.to(torch.float32)  # fp32 RNE addition: the promotion
-            np_ = part_pos | (new == math.inf)
-            nn_ = part_neg | (new == -math.inf)
-            nan |= (inf_pos & nn_) | (inf_neg & np_) | (np_ & nn_)
-            inf_pos |= np_
-            inf_neg |= nn_
-            reg = torch.where(torch.isfinite(new), new, 0.0)
+            s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
+            reg, part_pos, part_neg = _promote(reg, part, s_p, part_pos, part_neg, inf_pos,
+                                               inf_neg, nan)
             part = torch.zeros_like(part)
-            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
-    final = reg.to(torch.float64) if per else part
+    return _finish_float(unit, reg.to(torch.float64) if per else part, inf_pos, inf_neg, nan,
+                         sc, ns)
+
+
+def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan):
+    """Promotion step of the float chains: reg = RNE_fp32(reg + s*part), with the special
+    values of the model (an inf partial sum makes the register inf; +inf with -inf: NaN)."""
+    new = _promote_float(reg, part, s)
+    if s is not None:
+        z = s == 0
+        nan |= (part_pos | part_neg) & z  # inf * 0
+        part_pos = part_pos & ~z
+        part_neg = part_neg & ~z
+    np_ = part_pos | (new == math.inf)
+    nn_ = part_neg | (new == -math.inf)
+    nan |= (inf_pos & nn_) | (inf_neg & np_) | (np_ & nn_)
+    inf_pos |= np_
+    inf_neg |= nn_
+    reg = torch.where(torch.isfinite(new), new, 0.0)
+    return reg, torch.zeros_like(part_pos), torch.zeros_like(part_neg)
+
+
+def _finish_float(unit, final, inf_pos, inf_neg, nan, sc, ns):
+    """Epilogue scale, output rounding and special values of the float chains."""
+    if sc is not None and sc.has_epilogue:
+        al = sc.alpha(ns, tuple(final.shape))
+        y = (final * al).to(torch.float32)  # exact float64 product, one fp32 rounding
+        nan |= (inf_pos | inf_neg) & (al == 0)  # inf * 0
+        inf_pos |= y == math.inf
+        inf_neg |= y == -math.inf
+        final = torch.where(torch.isinf(y), 0.0, y).to(torch.float64)
     if unit.output_format is not None or unit.flush_output_subnormals:
         sp = _Spec.of(unit.out_format, unit.output_rounding, unit.output_overflow,
                       unit.flush_output_subnormals)
@@ -730,10 +1052,150 @@ def _chunk_float(unit, fidelity, A, Bm, cval):
         inf_pos |= ovf & (final > 0)
         inf_neg |= ovf & (final < 0)
     res = final.to(torch.float32)
+    if not _any(inf_pos | inf_neg | nan):
+        return res
     res = torch.where(inf_pos, math.inf, res)
     res = torch.where(inf_neg, -math.inf, res)
     return torch.where(nan | (inf_pos & inf_neg), math.nan, res)
 
+
+# ---------------------------------------------------------------------------------------------
+# fast fidelity: one matmul per promotion chunk (or for the whole K) and a model of the
+# unit's rounding bias
+
+_RHO = 1.0 / (2.0 * math.log(2.0))  # E[ulp(x) / (|x| 2^-p)] for log-uniform significands
+
+
+def _fast_beta(unit: MatrixUnit) -> tuple[float, str]:
+    """Mean rounding loss of one block rounding, in ulps of the block result, and its
+    direction ('zero', 'down', 'up'; 0.0 for the unbiased roundings).
+
+    The block sum lies on the alignment grid q = 2^(E-F) (continuous without alignment) and
+    is rounded to g = ulp(result) = 2^(E - p) (p: block_result_bits or the accumulator's
+    fraction bits; the result's exponent taken as E): a directed rounding loses (g - q)/2 on
+    average, i.e. beta = (1 - 2^(p-F))/2 ulps when F > p, 0 when F <= p, 1/2 when F is None.
+    """
+    r = unit.acc_rounding
+    direction = {Rounding.TOWARD_ZERO: "zero", Rounding.DOWN: "down", Rounding.UP: "up"}.get(r)
+    if direction is None:
+        return 0.0, ""
+    p = unit.block_format.man_bits
+    F = unit.alignment_bits
+    beta = 0.5 if F is None else max(0.0, (1.0 - 2.0 ** (p - F)) / 2.0)
+    return beta, direction
+
+
+def _fast_mm_dtype(unit: MatrixUnit) -> torch.dtype:
+    """float32 when every product of the unit's input formats is exact in float32 (the sums
+    are then as good as float32 accumulation gives) and the unit truncates at alignment,
+    else float64 (units with exact block sums get exact float64 block sums)."""
+    if unit.alignment_bits is None:
+        return torch.float64
+    bits = 0
+    for f in (unit.a_format, unit.b_format):
+        bits += f.man_bits + 1 if isinstance(f, FloatFormat) else max(
+            abs(f.qmin), f.qmax).bit_length()
+    return torch.float32 if bits <= 24 else torch.float64
+
+
+def _round_fast(x: torch.Tensor, sp: _Spec) -> torch.Tensor:
+    """``x`` (a float64 tensor this function may overwrite) rounded to the format of ``sp``
+    for the fast fidelity: RTZ and RNE on the float64 bits in place (the sign bit is
+    untouched: sign-magnitude), at the precision of normal numbers; formats with a normal
+    range narrower than float32's and the other roundings use the exact
+    :func:`_round_float`. Overflow is left to the caller."""
+    if sp.rounding not in (Rounding.TOWARD_ZERO, Rounding.NEAREST_EVEN) or sp.flush or (
+            sp.emin > -126):
+        return _round_float(x, sp)[0]
+    sh = 52 - sp.m
+    bits = x.view(torch.int64)
+    if sp.rounding is Rounding.NEAREST_EVEN:
+        bits.add_(((bits >> sh) & 1) + ((1 << (sh - 1)) - 1))
+    bits.bitwise_and_(~((1 << sh) - 1))
+    return x
+
+
+def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
+    """Fast model for a chunk of columns (see the module docstring, "fast").
+
+    a: (B, M, K), b: (B, K, Nc) in the matmul dtype (block scales of units without promotion
+    already folded in); cval: float64 (B, M, Nc) or None (+0).
+    """
+    k = unit.block_size
+    K = a.shape[-1]
+    shape = (a.shape[0], a.shape[1], b.shape[2])
+    dev = a.device
+    spb = _Spec.of(unit.block_format, unit.acc_rounding, unit.acc_overflow,
+                   unit.flush_output_subnormals)
+    beta, direction = _fast_beta(unit)
+    rho = _RHO * 2.0 ** -unit.block_format.man_bits
+    inf_pos = torch.zeros(shape, dtype=torch.bool, device=dev)
+    inf_neg = torch.zeros_like(inf_pos)
+    nan = torch.zeros_like(inf_pos)
+    per = unit.promotion_interval
+    # units that do not truncate at alignment: one exact float64 block sum per block (then
+    # fast mode equals bit-exact wherever a block's products span < 53 bits)
+    seg = k if unit.alignment_bits is None else (per or max(K, 1))
+    reg = None if cval is None else cval.to(torch.float32)
+    x = cval
+    part = part_pos = part_neg = None
+    scaled = sc is not None and sc.has_k
+    mx = float(spb.max_sig) * 2.0 ** spb.max_exp
+    # formats with float32's range: an overflow shows as inf when the result is converted to
+    # float32 (the block format's precision is at most float32's, so a value beyond its max
+    # is >= 2^128)
+    fp32_range = spb.emin <= -126 and spb.max_exp + spb.m >= 127 and not spb.flush
+    for lo in range(0, max(K, 1), seg):
+        hi = min(K, lo + seg)
+        x0 = part if per else x
+        x1 = torch.matmul(a[:, :, lo:hi], b[:, lo:hi, :]).to(torch.float64)
+        if x0 is not None:
+            x1 += x0
+        nb = max(1, -(-(hi - lo) // k))
+        if beta and nb > 1:
+            f = 0.5 * beta * (nb - 1) * rho  # expected loss of the inner roundings / mean|x|
+            # loss = f * (|x0| + |x1|) in the rounding's direction (|x1| alone from x0 = 0:
+            # toward zero that is a factor (1 - f) on x1)
+            if direction == "zero":
+                x1 *= 1.0 - f
+                if x0 is not None:
+                    x1 -= f * x0.abs() * torch.sign(x1)
+            else:
+                u = x1.abs() if x0 is None else x1.abs() + x0.abs()
+                x1 += (-f if direction == "down" else f) * u
+        r = _round_fast(x1, spb)
+        if per:
+            pp = pn = torch.zeros_like(inf_pos)
+            if not fp32_range:  # (else a partial sum beyond fp32 overflows at promotion)
+                ovf = r.abs() > mx
+                if _any(ovf):
+                    pp, pn = ovf & (r > 0), ovf & (r < 0)
+                    r = torch.where(ovf, 0.0, r)
+            if part_pos is None:
+                part_pos, part_neg = pp, pn
+            else:
+                part_pos, part_neg = part_pos | (pp & ~part_neg), part_neg | (pn & ~part_pos)
+            part = r
+            if hi % per == 0 or hi >= K:
+                s_p = sc.at((lo // per) * per, ns, shape) if scaled else None
+                if reg is None:
+                    reg = torch.zeros(shape, dtype=torch.float32, device=dev)
+                reg, _, _ = _promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan)
+                part = part_pos = part_neg = None
+        else:
+            x = r
+    if not per and not fp32_range:
+        ovf = x.abs() > mx
+        if _any(ovf):
+            inf_pos |= ovf & (x > 0)
+            inf_neg |= ovf & (x < 0)
+            x = torch.where(ovf, 0.0, x)
+    final = reg.to(torch.float64) if per else x
+    return _finish_float(unit, final, inf_pos, inf_neg, nan, sc, ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GEMM
 
 def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
            c: torch.Tensor | float | None = None, fidelity: str = "bit-exact", *,
@@ -753,70 +1215,146 @@ def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
         max_chunk_elements: bound on M*N*k elements processed at once (memory).
     """
     unit = get_unit(unit)
+    return _core(a, b, unit, c, fidelity, seed, max_chunk_elements)
+
+
+def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: int,
+          sc: _Scales | None = None, elem_formats=None, check: bool = True) -> torch.Tensor:
+    """:func:`matmul`, plus the scales of a block-scaled GEMM (see :mod:`.scaled`).
+
+    ``elem_formats``: (format of a's values, of b's values) when they are narrower than the
+    unit's input formats (block-scaled elements): it keeps the int64 kernel's significands
+    short enough for the scale factors. ``check=False`` skips the input value checks (the
+    caller guarantees them).
+    """
     if fidelity not in FIDELITIES:
         raise ValueError(f"fidelity={fidelity!r} is not valid: accepted {FIDELITIES}")
-    a, b, c, out_shape, cfmt = _prepare(a, b, unit, c)
-    nan, pos, neg = _specials(a, b, c)
-    a = torch.where(torch.isfinite(a), a, 0.0)
-    b = torch.where(torch.isfinite(b), b, 0.0)
-    c = torch.where(torch.isfinite(c), c, 0.0)
-    if unit.flush_input_subnormals:
-        for fmt, name in ((unit.a_format, "a"), (unit.b_format, "b")):
-            if isinstance(fmt, FloatFormat):
-                t = a if name == "a" else b
-                t = torch.where(t.abs() < float(fmt.min_normal), 0.0 * t, t)
-                a, b = (t, b) if name == "a" else (a, t)
-    Bt, M, K = a.shape
-    N = b.shape[-1]
-    k = unit.block_size
-    nblk = max(1, -(-K // k))
-    rand = None
-    if unit.acc_rounding is Rounding.STOCHASTIC:
-        gen = torch.Generator(device=a.device)
-        gen.manual_seed(0 if seed is None else int(seed))
-        rand = torch.randint(0, 1 << unit.acc_sr_bits, (Bt, M, N, nblk), generator=gen,
-                             device=a.device, dtype=torch.int64)
-    if fidelity == "bit-exact" and _float_ok(unit):
-        # the float64 kernel needs the signed values and the alignment exponents only
-        ea = _decompose(a, unit.a_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
-        eb = _decompose(b, unit.b_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
-        kd = _kernel_dtype(unit)
-        A = (a.to(kd), ea)
-        Bd = (b.to(kd), eb)
-    elif fidelity == "bit-exact":
-        A = _decompose(a, unit.a_format)
-        Bd = _decompose(b, unit.b_format)
-    else:
-        A, Bd = a, b
-    cd = _decompose(c, cfmt)
-    cd = (cd[0], cd[1], cd[2], _c_exponent(cd[1], cd[2], cfmt))
-    out = torch.empty((Bt, M, N), dtype=torch.float32, device=a.device)
-    lost_all = torch.zeros((Bt, M, N), dtype=torch.bool, device=a.device)
-    kk = min(k, K) if fidelity == "bit-exact" else 1
-    step = max(1, max_chunk_elements // max(1, M * kk))
-    if _float_chain_ok(unit, fidelity):
-        c64 = c.to(torch.float64)
+    if not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
+        raise ValueError(f"max_chunk_elements={max_chunk_elements!r} is not valid: accepted a "
+                         "positive integer")
+    with torch.no_grad():
+        a, b, c, out_shape, cfmt = _prepare(a, b, unit, c, check)
+        specials = _specials(a, b, c)
+        if specials is not None:
+            a = torch.where(torch.isfinite(a), a, 0.0)
+            b = torch.where(torch.isfinite(b), b, 0.0)
+            if c is not None:
+                c = torch.where(torch.isfinite(c), c, 0.0)
+        if unit.flush_input_subnormals:
+            for fmt, name in ((unit.a_format, "a"), (unit.b_format, "b")):
+                if isinstance(fmt, FloatFormat):
+                    t = a if name == "a" else b
+                    t = torch.where(t.abs() < float(fmt.min_normal), 0.0 * t, t)
+                    a, b = (t, b) if name == "a" else (a, t)
+        Bt, M, K = a.shape
+        N = b.shape[-1]
+        k = unit.block_size
+        nblk = max(1, -(-K // k))
+        rand = None
+        if unit.acc_rounding is Rounding.STOCHASTIC:
+            gen = torch.Generator(device=a.device)
+            gen.manual_seed(0 if seed is None else int(seed))
+            rand = torch.randint(0, 1 << unit.acc_sr_bits, (Bt, M, N, nblk), generator=gen,
+                                 device=a.device, dtype=torch.int64)
+        out = torch.empty((Bt, M, N), dtype=torch.float32, device=a.device)
+        if fidelity == "fast":
+            out = _core_fast(unit, a, b, c, sc, rand, cfmt, out, max_chunk_elements)
+            return _apply_specials(unit, out, specials).reshape(out_shape)
+        if c is None:
+            c = torch.zeros((Bt, M, N), dtype=torch.float32, device=a.device)
+        if _float_chain_ok(unit, fidelity):
+            kd = _kernel_dtype(unit, sc)
+            edt, neg_e, _ = _exp_dtype(unit)
+            ea = _decompose(a, unit.a_format)[3].clamp(min=neg_e).to(edt)
+            eb = _decompose(b, unit.b_format)[3].clamp(min=neg_e).to(edt)
+            A = (a.to(kd), ea)
+            bt = b.transpose(1, 2).to(kd).contiguous()
+            ebt = eb.transpose(1, 2).contiguous()
+            c64 = c.to(torch.float64)
+            step = max(1, max_chunk_elements // max(1, Bt * M * min(k, max(K, 1))))
+            bufs = _Buffers()
+            for n0 in range(0, N, step):
+                ns = slice(n0, min(N, n0 + step))
+                out[:, :, ns] = _chunk_float(unit, fidelity, A, (bt[:, ns], ebt[:, ns]),
+                                             c64[:, :, ns], sc, ns, bufs)
+            return _apply_specials(unit, out, specials).reshape(out_shape)
+        fa, fb = elem_formats or (None, None)
+        if _float_ok(unit) and not (sc is not None and sc.has_k):
+            # the float64 kernel needs the signed values and the alignment exponents only
+            ea = _decompose(a, unit.a_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
+            eb = _decompose(b, unit.b_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
+            kd = _kernel_dtype(unit)
+            A = (a.to(kd), ea)
+            Bd = (b.to(kd), eb)
+        else:
+            A = _decompose(a, unit.a_format, fa)
+            Bd = _decompose(b, unit.b_format, fb)
+        cd = _decompose(c, cfmt)
+        cd = (cd[0], cd[1], cd[2], _c_exponent(cd[1], cd[2], cfmt))
+        lost_all = torch.zeros((Bt, M, N), dtype=torch.bool, device=a.device)
+        kk = min(k, max(K, 1))
+        step = max(1, max_chunk_elements // max(1, Bt * M * kk))
         for n0 in range(0, N, step):
             ns = slice(n0, min(N, n0 + step))
-            Bc = tuple(t[:, :, ns] for t in Bd) if fidelity == "bit-exact" else Bd[:, :, ns]
-            out[:, :, ns] = _chunk_float(unit, fidelity, A, Bc, c64[:, :, ns])
-        return _apply_specials(unit, out, nan, pos, neg).reshape(out_shape)
+            Bc = tuple(t[:, :, ns] for t in Bd)
+            Cc = tuple(t[:, :, ns] for t in cd)
+            rc = None if rand is None else rand[:, :, ns]
+            final, ip, ineg, nn, lost = _chunk(unit, fidelity, A, Bc, Cc, rc, cfmt, sc, ns)
+            out[:, :, ns] = _int_result(unit, final, ip, ineg, nn)
+            lost_all[:, :, ns] = lost
+        out = _apply_specials(unit, out, specials)
+        if _any(lost_all):
+            if specials is not None:
+                lost_all &= ~(specials[0] | specials[1] | specials[2])
+            out = _fallback(unit, a, b, c, out, lost_all, rand, sc)
+        return out.reshape(out_shape)
+
+
+def _int_result(unit, final, ip, ineg, nn) -> torch.Tensor:
+    res = _output(unit, final)
+    res = torch.where(ip, math.inf, res)
+    res = torch.where(ineg, -math.inf, res)
+    return torch.where(nn | (ip & ineg), math.nan, res)
+
+
+def _core_fast(unit, a, b, c, sc, rand, cfmt, out, max_chunk_elements):
+    """The fast fidelity (module docstring): the float model, or for the other units the
+    per-block float64 sums with the int64 chain."""
+    per = unit.promotion_interval
+    if sc is not None and sc.has_k and not per:
+        # block scales of units without promotion multiply the products: fold them into the
+        # operands (fast mode forms s_a*a and s_b*b in float64, then the matmul dtype)
+        sa, sb = sc.expanded(a.shape[-1])
+        a = a.to(torch.float64) * sa if sa is not None else a
+        b = b.to(torch.float64) * sb if sb is not None else b
+        sc = _Scales(ep_a=sc.ep_a, ep_b=sc.ep_b, ep_g=sc.ep_g)
+    Bt, M, K = a.shape
+    N = b.shape[-1]
+    if _float_chain_ok(unit, "fast"):
+        md = _fast_mm_dtype(unit)
+        a = a.to(md)
+        b = b.to(md)
+        c64 = None if c is None else c.to(torch.float64)
+        step = max(1, (max_chunk_elements * 2) // max(1, Bt * M))
+        if step >= N:
+            return _chunk_float(unit, "fast", a, b, c64, sc, slice(None))
+        for n0 in range(0, N, step):
+            ns = slice(n0, min(N, n0 + step))
+            out[:, :, ns] = _chunk_float(unit, "fast", a, b[:, :, ns],
+                                         None if c64 is None else c64[:, :, ns], sc, ns)
+        return out
+    if c is None:
+        c = torch.zeros((Bt, M, N), dtype=torch.float32, device=a.device)
+    cd = _decompose(c, cfmt)
+    cd = (cd[0], cd[1], cd[2], _c_exponent(cd[1], cd[2], cfmt))
+    step = max(1, max_chunk_elements // max(1, Bt * M))
     for n0 in range(0, N, step):
         ns = slice(n0, min(N, n0 + step))
-        Bc = tuple(t[:, :, ns] for t in Bd) if fidelity == "bit-exact" else Bd[:, :, ns]
         Cc = tuple(t[:, :, ns] for t in cd)
         rc = None if rand is None else rand[:, :, ns]
-        final, ip, ineg, nn, lost = _chunk(unit, fidelity, A, Bc, Cc, rc, cfmt)
-        res = _output(unit, final)
-        res = torch.where(ip, math.inf, res)
-        res = torch.where(ineg, -math.inf, res)
-        res = torch.where(nn, math.nan, res)
-        out[:, :, ns] = res
-        lost_all[:, :, ns] = lost
-    out = _apply_specials(unit, out, nan, pos, neg)
-    if bool(lost_all.any()):
-        out = _fallback(unit, a, b, c, out, lost_all & ~(nan | pos | neg), rand)
-    return out.reshape(out_shape)
+        final, ip, ineg, nn, _ = _chunk(unit, "fast", a, b[:, :, ns], Cc, rc, cfmt, sc, ns)
+        out[:, :, ns] = _int_result(unit, final, ip, ineg, nn)
+    return out
 
 
 def _output(unit: MatrixUnit, final) -> torch.Tensor:
@@ -831,8 +1369,11 @@ def _output(unit: MatrixUnit, final) -> torch.Tensor:
     return torch.where(nan, math.nan, v)
 
 
-def _apply_specials(unit, out, nan, pos, neg):
-    if not bool((nan | pos | neg).any()):
+def _apply_specials(unit, out, specials):
+    if specials is None:
+        return out
+    nan, pos, neg = specials
+    if not _any(nan | pos | neg):
         return out
     fmt = unit.out_format
     big = math.inf if fmt.has_inf and unit.output_overflow is not Overflow.SATURATE else float(
@@ -842,29 +1383,44 @@ def _apply_specials(unit, out, nan, pos, neg):
     return torch.where(nan, math.nan, out)
 
 
-def _fallback(unit, a, b, c, out, mask, rand):
+def _fallback(unit, a, b, c, out, mask, rand, sc: _Scales | None = None):
     """Recompute the outputs flagged in ``mask`` with the exact reference (rare)."""
-    from .reference import dot
+    from .reference import dot, scaled_dot
 
     out = out.clone()
     idx = mask.nonzero().tolist()
+    if sc is not None:
+        sa, sb = sc.expanded(a.shape[-1])
     for bi, m, n in idx:
         rr = None if rand is None else rand[bi, m, n].tolist()
-        out[bi, m, n] = dot(a[bi, m].tolist(), b[bi, :, n].tolist(), unit,
-                            float(c[bi, m, n]), rand=rr)
+        if sc is None:
+            out[bi, m, n] = dot(a[bi, m].tolist(), b[bi, :, n].tolist(), unit,
+                                float(c[bi, m, n]), rand=rr)
+            continue
+        K = a.shape[-1]
+        ra = [1.0] * K if sa is None else sa[bi, m].tolist()
+        rb = [1.0] * K if sb is None else sb[bi, :, n].tolist()
+        ep = None
+        if sc.has_epilogue:
+            ep = (1.0 if sc.ep_a is None else float(sc.ep_a[bi, m]),
+                  1.0 if sc.ep_b is None else float(sc.ep_b[bi, n]),
+                  1.0 if sc.ep_g is None else sc.ep_g, 1.0)
+        out[bi, m, n] = scaled_dot(a[bi, m].tolist(), b[bi, :, n].tolist(), unit, ra, rb,
+                                   exact_scale_product=sc.exact, epilogue=ep, rand=rr)
     return out
 
 
-def fast_divergence(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
-                    c: torch.Tensor | None = None) -> dict[str, float]:
-    """How far ``fidelity="fast"`` is from bit-exact on these inputs.
+def divergence(exact: torch.Tensor, fast: torch.Tensor, unit: MatrixUnit | str
+               ) -> dict[str, float]:
+    """How far ``fast`` is from ``exact`` (two results of the same GEMM under ``unit``).
 
-    Returns ``{"fraction_differ": ..., "max_ulp": ..., "n": ...}`` where ulps are those of the
-    output format at the bit-exact result (NaN/inf outputs compare by identity).
+    Returns ``n`` (outputs), ``fraction_differ`` (NaN == NaN), ``max_ulp`` (ulps of the output
+    format, or of the block result precision when the unit cuts it, at the bit-exact value;
+    finite outputs), ``normwise_relative`` (||fast - exact||_F / ||exact||_F over finite
+    outputs), ``mean_relative_bias`` (mean(fast - exact) / mean|exact|) and
+    ``nonfinite_mismatch`` (count).
     """
     unit = get_unit(unit)
-    exact = matmul(a, b, unit, c, "bit-exact")
-    fast = matmul(a, b, unit, c, "fast")
     same = (exact == fast) | (torch.isnan(exact) & torch.isnan(fast))
     fmt = unit.out_format
     fin = torch.isfinite(exact) & torch.isfinite(fast)
@@ -873,13 +1429,28 @@ def fast_divergence(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
     m = fmt.man_bits if isinstance(fmt, FloatFormat) else 0
     emin = fmt.emin if isinstance(fmt, FloatFormat) else 0
     e = torch.maximum(ee.to(torch.int64) - 1, torch.full_like(ee, emin, dtype=torch.int64))
-    if unit.block_result_bits is not None:
+    if unit.block_result_bits is not None and unit.output_format is None:
         m = unit.block_result_bits
     ulp = torch.ldexp(torch.ones_like(ex64), (e - m).to(torch.float64))
-    diff = ((fast.to(torch.float64) - ex64).abs() / ulp)[fin]
+    d = (fast.to(torch.float64) - ex64)[fin]
+    diff = d.abs() / ulp[fin]
+    ref = ex64[fin]
+    norm = float(ref.norm())
     return {
         "n": float(exact.numel()),
-        "fraction_differ": float((~same).float().mean()),
+        "fraction_differ": float((~same).float().mean()) if same.numel() else 0.0,
         "max_ulp": float(diff.max()) if diff.numel() else 0.0,
+        "normwise_relative": float(d.norm()) / norm if norm > 0 else float(d.norm()),
+        "mean_relative_bias": (float(d.mean()) / float(ref.abs().mean())
+                               if d.numel() and float(ref.abs().mean()) > 0 else 0.0),
         "nonfinite_mismatch": float((~same & ~fin).sum()),
     }
+
+
+def fast_divergence(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
+                    c: torch.Tensor | None = None) -> dict[str, float]:
+    """How far ``fidelity="fast"`` is from bit-exact on these inputs (see :func:`divergence`
+    for the keys: fraction of outputs that differ, max ulp, normwise relative difference...).
+    """
+    unit = get_unit(unit)
+    return divergence(matmul(a, b, unit, c, "bit-exact"), matmul(a, b, unit, c, "fast"), unit)

@@ -13,15 +13,16 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
-from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding
+from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, get_format
 from precisim.formats.descriptor import floor_log2
 from precisim.formats.reference import round_to_int_format
 
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
+FP32_FMT = get_format("fp32")
 
-__all__ = ["dot", "exact_dot", "exponent_of"]
+__all__ = ["dot", "exact_dot", "exponent_of", "scaled_dot"]
 
 
 def round_to_float(v: Fraction, fmt: FloatFormat, rounding: Rounding, overflow: Overflow, *,
@@ -204,6 +205,32 @@ def _to_float(v: Value) -> float:
     return v if isinstance(v, float) else float(v)
 
 
+def _check_scales(s: Sequence[float], k: int, what: str) -> list[Value]:
+    if len(s) != k:
+        raise ValueError(f"{what} has {len(s)} scales for {k} elements; they must match")
+    out: list[Value] = []
+    for x in s:
+        x = float(x)
+        if math.isnan(x):
+            out.append(math.nan)
+        elif math.isinf(x) or x < 0:
+            raise ValueError(f"{what}: scale {x!r} is not valid: accepted finite scales >= 0 "
+                             "(or NaN for a NaN block)")
+        else:
+            out.append(Fraction(x))
+    return out
+
+
+def _scale_product(x: Value, y: Value, exact: bool) -> Value:
+    """s = s_a*s_b: exact (E8M0 pairs), else rounded to fp32 with RNE (float scales)."""
+    if _is_special(x) or _is_special(y):
+        return math.nan
+    s = _exact(x) * _exact(y)
+    if exact or s == 0:
+        return s
+    return _exact(round_to_float(s, FP32_FMT, Rounding.NEAREST_EVEN, Overflow.INF))
+
+
 def dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, c: float = 0.0, *,
         rand: Sequence[int] | None = None, scale: float = 1.0) -> float:
     """``d = sum_i a_i*b_i + c`` computed exactly as ``unit`` does; returns the float value.
@@ -224,22 +251,92 @@ def dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, c: float = 0.0
     bv = [_value(x, unit.b_format, ff, "b") for x in b]
     c_fmt = unit.promotion_format if unit.promotion_interval else unit.acc_format
     cv = _value(c, c_fmt, False, "c")
-    if unit.product_format is None:
-        prods = [_mul(x, y) for x, y in zip(av, bv, strict=True)]
+    chunk = None if unit.promotion_interval is None else (lambda i: Fraction(scale))
+    return _dot(av, bv, cv, unit, rand, None, chunk, None)
+
+
+def scaled_dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, sa: Sequence[float],
+               sb: Sequence[float], *, exact_scale_product: bool = False,
+               epilogue: tuple[float, float, float, float] | None = None,
+               rand: Sequence[int] | None = None) -> float:
+    """One output of a block-scaled GEMM under ``unit``, exactly (ARITHMETIC.md sections 2, 4).
+
+    ``a``, ``b``: the K element values (values of the unit's input formats); ``sa``, ``sb``:
+    the scale of the K-block each element belongs to (one per element; NaN marks a NaN
+    block, which makes the result NaN). The scale product of element i is
+    ``s_i = sa_i*sb_i``, exact when ``exact_scale_product`` (E8M0 pairs: the exponents add),
+    else rounded once to fp32 with RNE (float scales, as DeepGEMM / cuBLAS form it).
+
+    * Unit with promotion (DeepSeek-V3 / DeepGEMM): ``s_i`` must be constant over each
+      promotion chunk; the chunk's products are summed unscaled by the unit's block chain and
+      the chunk's partial sum is promoted as ``acc = round(acc + s*partial)`` (one rounding).
+    * Unit without promotion: the term of product i is ``s_i*a_i*b_i``, formed exactly
+      (rounded to ``product_format`` if the unit rounds products); its alignment exponent is
+      ``e_a + e_b + floor(log2 s_i)`` (unnormalised alignment: significand in [1, 8)), the
+      exponent of the rounded product (product format), or floor(log2|term|) (normalised).
+      The terms then go through the unit's alignment, block sums and roundings unchanged.
+    * ``epilogue = (p_a, p_b, g_a, g_b)``: whole-K scales applied once to the final
+      accumulator: ``alpha = fl32(fl32(p_a*p_b) / fl32(g_a*g_b))`` and the result is
+      ``fl32(alpha*acc)`` (fp32 RNE; before the unit's output rounding, if any).
+    """
+    k = len(a)
+    if len(b) != k:
+        raise ValueError(f"a has {k} elements and b has {len(b)}; they must match")
+    ff = unit.flush_input_subnormals
+    av = [_value(x, unit.a_format, ff, "a") for x in a]
+    bv = [_value(x, unit.b_format, ff, "b") for x in b]
+    s = [_scale_product(x, y, exact_scale_product) for x, y in
+         zip(_check_scales(sa, k, "sa"), _check_scales(sb, k, "sb"), strict=True)]
+    alpha = None
+    if epilogue is not None:
+        pa, pb, ga, gb = (Fraction(float(v)) for v in epilogue)
+        p = round_to_float(pa * pb, FP32_FMT, Rounding.NEAREST_EVEN, Overflow.INF)
+        g = round_to_float(ga * gb, FP32_FMT, Rounding.NEAREST_EVEN, Overflow.INF)
+        if _is_special(p) or _is_special(g) or _exact(g) == 0:
+            raise ValueError(f"epilogue {epilogue!r} gives no finite alpha")
+        alpha = _exact(round_to_float(_exact(p) / _exact(g), FP32_FMT,
+                                      Rounding.NEAREST_EVEN, Overflow.INF))
+    if unit.promotion_interval is None:
+        return _dot(av, bv, Fraction(0), unit, rand, s, None, alpha)
+    n = unit.promotion_interval
+    for i in range(0, k, n):
+        chunk = s[i:i + n]
+        if any(_is_special(x) for x in chunk):
+            continue
+        if len(set(chunk)) > 1:
+            raise ValueError(f"scales vary inside promotion chunk {i // n} (products {i}.."
+                             f"{min(k, i + n) - 1}); they must be constant over each chunk "
+                             f"of {n} products")
+    if any(_is_special(x) for x in s):
+        return _round_out(math.nan, unit)
+    return _dot(av, bv, Fraction(0), unit, rand, None, lambda i: s[i * n], alpha)
+
+
+def _dot(av: list[Value], bv: list[Value], cv: Value, unit: MatrixUnit,
+         rand: Sequence[int] | None, term_scales: list[Value] | None,
+         chunk_scale, alpha: Fraction | None) -> float:
+    """The unit's dot product on checked values (see :func:`dot` and :func:`scaled_dot`)."""
+    pf = unit.product_format
+    if term_scales is None:
+        raw = [_mul(x, y) for x, y in zip(av, bv, strict=True)]
     else:
-        prods = [_round(_mul(x, y), unit.product_format, unit, "product")
-                 for x, y in zip(av, bv, strict=True)]
+        raw = [_mul(_mul(x, y), s) if not _is_special(s) else math.nan
+               for x, y, s in zip(av, bv, term_scales, strict=True)]
+    prods = raw if pf is None else [_round(p, pf, unit, "product") for p in raw]
     special = _specials([*prods, cv])
     if special is not None:
-        return _round_out(special, unit)
+        return _round_out(_epilogue(special, alpha), unit)
     terms: list[tuple[Value, int]] = []
-    for x, y, p in zip(av, bv, prods, strict=True):
+    for i, (x, y, p) in enumerate(zip(av, bv, prods, strict=True)):
         if isinstance(p, float) or p == 0:
             terms.append((p, 0))
-        elif unit.product_format is not None:
-            terms.append((p, exponent_of(p, unit.product_format)))
+        elif pf is not None:
+            terms.append((p, exponent_of(p, pf)))
         elif unit.alignment is Alignment.UNNORMALISED:
-            terms.append((p, exponent_of(x, unit.a_format) + exponent_of(y, unit.b_format)))
+            e = exponent_of(x, unit.a_format) + exponent_of(y, unit.b_format)
+            if term_scales is not None:
+                e += floor_log2(_exact(term_scales[i]))
+            terms.append((p, e))
         else:
             terms.append((p, floor_log2(abs(p))))
     k = unit.block_size
@@ -260,18 +357,30 @@ def dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, c: float = 0.0
     else:
         per = unit.promotion_interval // k
         reg: Value = cv
-        for i in range(0, len(blocks), per):
+        for ci, i in enumerate(range(0, len(blocks), per)):
             part = chain(blocks[i:i + per], Fraction(0))
+            scale = chunk_scale(ci)
             if _is_special(reg) or _is_special(part):
-                reg = _to_float(reg) + _to_float(part) * scale
+                reg = _to_float(reg) + _to_float(part) * float(scale)
                 continue
-            t = _exact(reg) + Fraction(scale) * _exact(part)
+            t = _exact(reg) + scale * _exact(part)
             if t == 0:
                 reg = -0.0 if _is_neg_zero(reg) and _is_neg_zero(part) else Fraction(0)
             else:
                 reg = _round(t, unit.promotion_format, unit, "promotion")
         result = reg
-    return _round_out(result, unit)
+    return _round_out(_epilogue(result, alpha), unit)
+
+
+def _epilogue(v: Value, alpha: Fraction | None) -> Value:
+    """fl32(alpha*v) (fp32 RNE, overflow to inf); the identity without an epilogue."""
+    if alpha is None:
+        return v
+    if _is_special(v):
+        return float(v) * float(alpha)
+    if _is_neg_zero(v):
+        return v
+    return round_to_float(alpha * v, FP32_FMT, Rounding.NEAREST_EVEN, Overflow.INF)
 
 
 def _round_out(v: Value, unit: MatrixUnit) -> float:
