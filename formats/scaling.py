@@ -48,7 +48,7 @@ import torch
 from . import kernels
 from .catalog import get_format
 from .descriptor import FloatFormat, FormatError, IntFormat
-from .kernels import F32_NAN, KernelParams, round_bits, split_f32
+from .kernels import F32_NAN, KernelParams, round_bits, round_bits_nearest, split_f32
 from .quantize import (
     _DTYPE_FORMAT,
     check_tensor,
@@ -364,46 +364,42 @@ def quantize_scaled(
                           "quantize a float32 copy instead")
     bshape = f.granularity.block_shape(tuple(x.shape))
     xb, shape, padded = _block_view(x.to(torch.float32).contiguous(), bshape)
+    xb = _flat_blocks(xb, bshape)
     rand = None
     if rnd is Rounding.STOCHASTIC:
         rand = random_bits(xb.shape, bits_sr, x.device, seed, generator)
     flush_in = flush_threshold_bits(x.dtype) if flush_input else 0
-    red_dims = tuple(range(1, xb.dim(), 2))
-    bits = xb.view(torch.int32)
+    red_dims = tuple(range(1, xb.dim(), 2)) if xb.dim() != 2 else (1,)
     p = KernelParams.of(f.element)
     if f.rule.power_of_two:
         consts = _elem_emax_and_mant(f.element)
         rule = f.rule
-        kmin = -126 - (p.emin - p.m)  # k >= kmin: the element grid step stays a float32 normal
+        if (rnd is Rounding.NEAREST_EVEN and not flush_in and rand is None
+                and p.nearest_scaled is not None):
+            # one pass: block amax, scale and elements in one compiled kernel
+            def fused_fn(xf):
+                b = xf.view(torch.int32)  # float32 in: see quantize.round_f32_bits
+                amax = _block_amax_bits(xf, red_dims)
+                k = pow2_scale_exponent(amax, consts, rule)
+                nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
+                out = round_bits_nearest(b, torch.where(nan_block, 0, k), p.nearest_scaled,
+                                         Overflow.SATURATE)
+                return torch.where(nan_block, F32_NAN, out), k
 
-        def scale_fn(b):
-            amax = (b & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
-            k = pow2_scale_exponent(amax, consts, rule)
-            return k, ((k < kmin) & (amax != 0)).any()
-
-        k, tiny = kernels.run(scale_fn, ("mx_scale", consts, rule, red_dims), bits.numel(), bits)
-        unit_normal = not bool(tiny)
-
-        def fn(b, k, rr):
-            nan_block = k == 255
-            kk = torch.where(nan_block, 0, k)
-            out = round_bits(b, kk, p, rnd, Overflow.SATURATE, flush_in, False, rr, bits_sr,
-                             unit_normal)
-            return torch.where(nan_block, F32_NAN, out)
-
-        key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal)
-        out_bits = kernels.run(fn, key, bits.numel(), bits, k, rand)
+            key = ("mx_fused", p, consts, rule, red_dims)
+            out_bits, k = kernels.run(fused_fn, key, xb.numel(), _static_block(xb, f.granularity))
+        else:
+            out_bits, k = _pow2_two_pass(xb, red_dims, consts, rule, p, rnd, flush_in, bits_sr,
+                                         rand)
         deq = out_bits.view(torch.float32)
         scale_store = k
     else:
-        scale_fn, elem_fn = _float_scaled_fns(f, red_dims, rnd, flush_in, bits_sr, p,
-                                              return_parts)
-        skey = ("scaled_scale", f.element, f.scale, f.tensor_scale, red_dims)
-        g, bs, bad = kernels.run(scale_fn, skey, bits.numel(), bits)
-        key = ("scaled_elem", f.element, f.scale, p, rnd, flush_in, bits_sr, rand is None,
-               return_parts)
-        outs = kernels.run(elem_fn, key, bits.numel(), bits, g, bs, bad, rand)
-        deq, q_elems = outs if return_parts else (outs[0], None)
+        fused = _float_scaled_fn(f, red_dims, rnd, flush_in, bits_sr, p, return_parts)
+        key = ("scaled", f.element, f.scale, f.tensor_scale, red_dims, p, rnd, flush_in,
+               bits_sr, rand is None, return_parts)
+        outs = kernels.run(fused, key, xb.numel(), _static_block(xb, f.granularity), rand)
+        g, bs = outs[0], outs[1]
+        deq, q_elems = (outs[2], outs[3]) if return_parts else (outs[2], None)
         scale_store = (bs, g)
     deq_full = _crop(deq.reshape(padded), shape)
     result = deq_full if x.dtype == torch.float32 else deq_full.to(x.dtype)
@@ -433,35 +429,101 @@ def quantize_scaled(
     return ScaledTensor(result, codes, scales, tscale, bshape, f)
 
 
+def _block_amax_bits(xf: torch.Tensor, red_dims: tuple[int, ...]) -> torch.Tensor:
+    """float32 bits of each block's largest magnitude (NaN: bits above 0x7F800000).
+
+    A float max (vectorised in compiled code; an int32 max is not): it picks the largest value
+    exactly, propagates NaN, and the sign bit of whatever NaN it returns is cleared. Only if the
+    CPU treated subnormals as zero (DAZ, not torch's default) could a block whose largest
+    magnitude is below 2^-126 report another magnitude below 2^-126 or zero; every such amax
+    gives the same scale (2^-127) when the element max is at least 2, as for the fused MX path.
+    """
+    return xf.abs().amax(dim=red_dims, keepdim=True).view(torch.int32) & 0x7FFFFFFF
+
+
+STATIC_BLOCK_MAX = 256
+
+
+def _static_block(xb: torch.Tensor, gran: Granularity) -> torch.Tensor:
+    """Compile the block length of a (blocks, block) view as a constant for fixed small groups
+    (MX 32, NVFP4 16, 1x128): the compiler unrolls the block loop (several times faster). Lengths
+    that follow the tensor's shape (per-token rows, per-channel, per-tensor) stay symbolic: one
+    compiled kernel for every size."""
+    fixed = (gran.keep_axis is None and bool(gran.blocks)
+             and all(size is not None for _, size in gran.blocks))
+    if fixed and xb.dim() == 2 and xb.shape[1] <= STATIC_BLOCK_MAX:
+        xb = xb.detach()  # no view base (see kernels.run), so the mark stays on what is passed
+        torch._dynamo.mark_static(xb, 1)
+    return xb
+
+
+def _flat_blocks(xb: torch.Tensor, bshape: tuple[int, ...]) -> torch.Tensor:
+    """The block view as (blocks, block elements) where that needs no copy: blocks along the
+    last axis only (MX, NVFP4, groups, tokens), or one block (per-tensor); else unchanged.
+    Fewer dimensions: one compiled kernel serves every shape, with the block reduction innermost.
+    """
+    if all(b == 1 for b in bshape[:-1]) and bshape:
+        return xb.reshape(-1, bshape[-1])
+    if all(n == 1 for n in xb.shape[0::2]):
+        return xb.reshape(1, -1)
+    return xb
+
+
+def _pow2_two_pass(xb: torch.Tensor, red_dims: tuple[int, ...], consts: tuple, rule: ScaleRule,
+                   p: KernelParams, rnd: Rounding, flush_in: int, bits_sr: int,
+                   rand: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-of-two scales for the modes without a fused kernel (stochastic rounding, flushed
+    inputs, other roundings, integer elements): the scales in one pass, then the elements."""
+    kmin = -126 - (p.emin - p.m)  # k >= kmin: the element grid step stays a float32 normal
+
+    def scale_fn(xf):
+        amax = (xf.view(torch.int32) & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
+        k = pow2_scale_exponent(amax, consts, rule)
+        return k, ((k < kmin) & (amax != 0)).any()
+
+    k, tiny = kernels.run(scale_fn, ("mx_scale", consts, rule, red_dims), xb.numel(), xb)
+    unit_normal = not bool(tiny)
+
+    def fn(xf, k, rr):
+        nan_block = k == 255
+        kk = torch.where(nan_block, 0, k)
+        out = round_bits(xf.view(torch.int32), kk, p, rnd, Overflow.SATURATE, flush_in, False,
+                         rr, bits_sr, unit_normal)
+        return torch.where(nan_block, F32_NAN, out)
+
+    key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal)
+    return kernels.run(fn, key, xb.numel(), xb, k, rand), k
+
+
 def _element_values_pow2(deq: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """P_i = dequantized / 2^k (exact: both are float32 values of the same grid)."""
     kk = torch.where(k == 255, 0, k)
     return torch.ldexp(deq, (-kk).to(torch.float32))
 
 
-def _float_scaled_fns(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams,
-                      want_elements: bool):
-    """The float-scale quantizer as two functions fusable by torch.compile: the scales (one
-    reduction pass) and the elements (one element-wise pass)."""
+def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams,
+                     want_elements: bool):
+    """The float-scale quantizer as one function for torch.compile: block amaxes (and the
+    tensor amax), scales, then the elements. Returns (g, bs, dequantized[, elements])."""
     elem_max = float(f.element.max)
     scale_max = float(f.scale.max)
     ps = KernelParams.of(f.scale)
     fp32_scale = f.scale == FP32
     tensor_scale = f.tensor_scale
 
-    def scale_fn(b):
-        bamax_bits = (b & 0x7FFFFFFF).amax(dim=red_dims, keepdim=True)
-        bamax = bamax_bits.view(torch.float32)
+    def fused(xf, rr):
+        bamax = xf.abs().amax(dim=red_dims, keepdim=True)
+        bamax_bits = bamax.view(torch.int32) & 0x7FFFFFFF
         if tensor_scale:
-            tamax_bits = bamax_bits.amax()
-            tamax = tamax_bits.view(torch.float32)
+            tamax = bamax.amax()
+            tamax_bits = tamax.view(torch.int32) & 0x7FFFFFFF
             # tensor / tensor: torch computes `scalar / tensor` as reciprocal * scalar, which
             # rounds twice
             g = torch.where(tamax == 0, 1.0, torch.full_like(tamax, scale_max * elem_max) / tamax)
             tensor_bad = tamax_bits >= 0x7F800000
         else:
-            g = torch.ones((), dtype=torch.float32, device=b.device)
-            tensor_bad = torch.zeros((), dtype=torch.bool, device=b.device)
+            g = torch.ones((), dtype=torch.float32, device=xf.device)
+            tensor_bad = torch.zeros((), dtype=torch.bool, device=xf.device)
         raw = (bamax / elem_max) * g
         if fp32_scale:
             bs = torch.where(bamax == 0, 1.0, torch.clamp(raw, min=2.0**-126))
@@ -469,14 +531,11 @@ def _float_scaled_fns(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kern
             bs = round_bits(raw.view(torch.int32), None, ps, Rounding.NEAREST_EVEN,
                             Overflow.SATURATE, 0, False, None, bits_sr).view(torch.float32)
         bad = (bamax_bits >= 0x7F800000) | tensor_bad
-        return g, bs, bad
-
-    def elem_fn(b, g, bs, bad, rr):
-        v = (b.view(torch.float32) * g) / bs
+        v = (xf * g) / bs
         q = round_bits(v.view(torch.int32), None, p, rnd, Overflow.SATURATE, flush_in, False,
                        rr, bits_sr).view(torch.float32)
         q = torch.where(bs == 0, 0.0, q)
         deq = torch.where(bad, float("nan"), (q * bs) / g)
-        return (deq, q) if want_elements else (deq,)
+        return (g, bs, deq, q) if want_elements else (g, bs, deq)
 
-    return scale_fn, elem_fn
+    return fused
