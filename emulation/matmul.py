@@ -9,7 +9,10 @@ Two fidelities, both public:
   are formed in float32 (FP8 inputs) or float64 (fp16/bf16/tf32), scaled by 2^(F-E) (exact),
   truncated by conversion to integers and summed in int32/int64; the block sum S * 2^(E-F)
   is then rounded once with an exact float64 rounding (:func:`_round_float`). The kernel
-  works on reused (M, N-chunk, k) buffers with the block's k products innermost. Other units
+  works on reused (k, M, N-chunk) buffers (the block's k products outermost: the exponent
+  maximum and the sum are plane-wise), with int8 exponents for FP8 inputs and the float32
+  kernel whenever the inputs' exponent range allows it; column chunks run in parallel
+  Python threads with single-threaded torch ops (robust on a shared machine). Other units
   use an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact
   units (``alignment_bits=None``) and very wide alignments use a window of
   ``W = 59 - bitlen(k+1)`` bits below E (k: the block's actual length); any output whose
@@ -26,13 +29,38 @@ Two fidelities, both public:
   ``beta`` = the mean loss per block rounding in ulps (:func:`_fast_beta`; 0.375 for the
   H100 fp16/bf16 units, 0 for H100 FP8 where F = the block result bits) and
   ``rho = 2^-p / (2 ln 2)`` the mean ulp of a value relative to its magnitude (the running
-  sum taken to grow linearly over the chunk). Partial sums are promoted exactly as in
-  bit-exact mode (fp32 RNE, one rounding). Not modelled: the alignment truncation of each
+  sum taken to grow linearly over the chunk). Partial sums are promoted with fp32 RNE
+  arithmetic (with a block scale: s*partial + acc formed in float64, then rounded to fp32: a
+  double rounding only at an exact fp32 tie after an inexact float64 sum). Units without
+  alignment truncation (``alignment_bits=None``) get one exact float64 sum per block of k
+  instead, so there fast mode equals bit-exact wherever a block's products span < 53 bits.
+  The element-wise work runs single-threaded and the matmuls with every torch thread (split
+  element-wise ops wait for a time slice per op on a busy machine). Not modelled: the
+  alignment truncation of each
   term (step 3 of the model: zero-mean noise for mixed-sign data, a bias toward zero for
   one-signed data), the order-dependent rounding of the float32 matmul, intermediate
-  overflow, and subnormal partial sums. Measured divergence from bit-exact on
-  512x512 @ 512x4096 N(0,1) inputs (benchmarks/bench_gemm.py; :func:`fast_divergence`):
-  FAST_NUMBERS
+  overflow (a block overflow that the unit turns into inf may give NaN or a finite value;
+  fp32-range results overflow when converted to float32), and subnormal partial sums.
+  Measured divergence from bit-exact (:func:`fast_divergence`; 512x512 @ 512x4096, inputs
+  quantized from N(0,1) / U(0,1); "differ": fraction of outputs not bit-identical; max ulp
+  at the bit-exact value, large only at outputs near zero after cancellation; normwise:
+  ||fast - exact||_F / ||exact||_F; bias: mean(fast - exact) / mean|exact|)::
+
+      unit           data    differ  max ulp  normwise  bias
+      h100-e4m3      N(0,1)  0.887   3.7e5    3.4e-4    -5.7e-7
+      h100-bf16      N(0,1)  0.913   1.3e7    2.7e-7     1.4e-10
+      deepseek-fp8   N(0,1)  0.953   1.6e5    1.2e-4    -1.3e-7
+      h100-fp16      N(0,1)  0.930   9.2e6    4.1e-7     3.5e-10
+      h100-e4m3      U(0,1)  1.000   114      5.2e-3     5.2e-3
+      h100-bf16      U(0,1)  0.964   13       2.7e-7     2.4e-7
+      deepseek-fp8   U(0,1)  1.000   14.5     4.6e-4     4.5e-4
+
+  (For comparison, the exact sum rounded once differs from the H100 FP8 unit by 3.4e-4
+  normwise on the N(0,1) case: that unit's deviation is the zero-mean noise of its
+  alignment cut, which no deterministic model reproduces; on one-signed data the cut's bias
+  toward zero, 5e-3 at K=512, is what fast mode misses.) With a scaled GEMM
+  (``scaled_matmul``) the figures are alike: MXFP8 on h100-e4m3 0.897 / 3.6e-4, 1x128 /
+  128x128 FP8 on deepseek-fp8 0.995 / 1.2e-4 (benchmarks/bench_gemm.py --scaled).
   Other units (integer or stochastic accumulators, product rounding...) use the older fast
   path: a float64 matmul per block of k, then the unit's exact block rounding, promotion and
   output rounding (it leaves out the alignment truncation only).
@@ -57,6 +85,9 @@ are not differentiable).
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 
@@ -287,14 +318,15 @@ def _check_consts(fmt: FloatFormat) -> tuple[int, int, int, float]:
     return (1 << (23 - m)) - 1, max_bits, normal_bits, 2.0 ** (fmt.emin - m + 23)
 
 
-def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> None:
-    """Raise ``ValueError`` unless every finite element of x is a value of ``fmt``.
+def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> bool:
+    """Raise ``ValueError`` unless every finite element of x is a value of ``fmt``; returns
+    True when it found every element finite (False: not known).
 
     For float formats a few passes on the float32 bits look for suspects (magnitudes above
     the format's max, inf and NaN included; bits below the format's precision; values below
-    its smallest normal that are not multiples of its smallest subnormal, tested as
-    (|x| + C) - C == |x| with ulp(C) that step); only if there are any does the exact check
-    run.
+    its smallest normal that are not multiples of its smallest subnormal, tested on those
+    values only as (|x| + C) - C == |x| with ulp(C) that step); only if there are any does
+    the exact check run.
     """
     if isinstance(fmt, FloatFormat) and x.dtype == torch.float32 and x.numel():
         low, max_bits, normal_bits, C = _check_consts(fmt)
@@ -304,11 +336,14 @@ def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> N
         if not suspect and low:
             suspect = int((mag & low).max()) > 0
         if not suspect and normal_bits:
-            v = torch.where(mag < normal_bits, mag, 0).view(torch.float32)
-            suspect = _any((v + C) - C != v)
+            small = mag < normal_bits
+            if _any(small):
+                v = torch.masked_select(mag, small).view(torch.float32)
+                suspect = _any((v + C) - C != v)
         if not suspect:
-            return
+            return True
     _check_values_exact(x, fmt, what)
+    return False
 
 
 def _check_values_exact(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> None:
@@ -370,16 +405,16 @@ def _prepare(a, b, unit, c, check: bool = True):
                              f"shape {out_shape}") from None
         _check_values(c, c_fmt, "c")
         c = c.reshape(-1, M, N).contiguous()
+    finite = False
     if check:
-        _check_values(a, unit.a_format, "a")
-        _check_values(b, unit.b_format, "b")
-    return a, b, c, out_shape, c_fmt
+        finite = _check_values(a, unit.a_format, "a") & _check_values(b, unit.b_format, "b")
+    return a, b, c, out_shape, c_fmt, finite
 
 
-def _specials(a, b, c):
+def _specials(a, b, c, finite_ab: bool = False):
     """(nan, +inf, -inf) masks of the outputs per the model's special-value rule, or None
-    when every input is finite (c may be None: +0)."""
-    if _all_finite(a) and _all_finite(b) and (c is None or _all_finite(c)):
+    when every input is finite (c may be None: +0; finite_ab: a and b are known finite)."""
+    if (finite_ab or (_all_finite(a) and _all_finite(b))) and (c is None or _all_finite(c)):
         return None
 
     def mm(x, y):
@@ -616,6 +651,40 @@ def _kernel_dtype(unit: MatrixUnit, scales: _Scales | None = None) -> torch.dtyp
         # never need clamping where a product is nonzero
         ok = (ok and scales.pow2 and fa.emax + fb.emax + 2 <= 126
               and F - fa.emin - fb.emin <= 127)
+    return torch.float32 if ok else torch.float64
+
+
+def _exp_range(e: torch.Tensor, zero: int) -> tuple[int, int] | None:
+    """(min, max) of the alignment exponents of the nonzero elements (None: all zero)."""
+    if e.numel() == 0:
+        return None
+    hi = int(e.max())
+    if hi == zero:
+        return None
+    return int(torch.where(e == zero, hi, e).min()), hi
+
+
+def _chain_kernel_dtype(unit: MatrixUnit, sc: _Scales | None, ea: torch.Tensor,
+                        eb: torch.Tensor, zero: int) -> torch.dtype:
+    """float32 for the float chain's block kernel when, for these inputs, every product is
+    exact in float32 (significands of <= 24 bits, exponents inside float32's normal range),
+    the power of two 2^(e_s + F - E) never needs clamping where a product is nonzero, and the
+    integer sum of the block's aligned products (each < 2^(F+2)) fits in int32 (the aligned
+    c is added in int64); else float64. Block scales must be powers of two (they enter the
+    power of two only). Both kernels give identical bits."""
+    fa, fb, F, k = unit.a_format, unit.b_format, unit.alignment_bits, unit.block_size
+    if sc is not None and sc.has_k and not sc.pow2:
+        return torch.float64
+    if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
+        return torch.float64
+    if fa.man_bits + fb.man_bits + 2 > 24 or k * 2 ** (F + 2) > 2**31:
+        return torch.float64
+    ra, rb = _exp_range(ea, zero), _exp_range(eb, zero)
+    if ra is None or rb is None:
+        return torch.float32
+    lo = ra[0] + rb[0] - fa.man_bits - fb.man_bits  # exponent of the smallest product's lsb
+    hi = ra[1] + rb[1] + 2
+    ok = lo >= -126 and hi <= 126 and F - (ra[0] + rb[0]) <= 127
     return torch.float32 if ok else torch.float64
 
 
@@ -920,8 +989,8 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
                  ns: slice = slice(None), bufs: _Buffers | None = None):
     """All blocks of K for a chunk of outputs with a float64 state (see _float_chain_ok).
 
-    Bit-exact: A = (a (B, M, K) kernel dtype, ea int16 alignment exponents), Bt = (b^T
-    (B, Nc, K), eb^T int16). Fast: A = a (B, M, K), Bt = b (B, K, Nc), the matmul dtype.
+    Bit-exact: A = (a (K, B, M) kernel dtype, ea int8/int16 alignment exponents), Bt =
+    (b (K, B, Nc), eb). Fast: A = a (B, M, K), Bt = b (B, K, Nc), the matmul dtype.
     cval: the incoming c (float64 values of the accumulator / promotion format).
     """
     if fidelity == "fast":
@@ -930,7 +999,7 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
     a, ea = A
     bt, eb = Bt
     k = unit.block_size
-    K = a.shape[-1]
+    K = a.shape[0]
     nblk = max(1, -(-K // k))
     acc = unit.acc_format
     spb = _Spec.of(unit.block_format, unit.acc_rounding, unit.acc_overflow,
@@ -952,12 +1021,12 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
     lo_d, hi_d = (-126, 127) if kd == torch.float32 else (-1022, 1023)
     for j in range(nblk):
         lo, hi = j * k, min((j + 1) * k, K)
-        bs = (*shape, hi - lo)
+        bs = (hi - lo, *shape)
         ebuf = bufs.get(bs, ea.dtype, dev)
         pbuf = bufs.get(bs, kd, dev)
         ibuf = bufs.get(bs, idt, dev)
-        torch.add(ea[:, :, None, lo:hi], eb[:, None, :, lo:hi], out=ebuf)
-        Ep = ebuf.amax(-1).to(torch.int32)
+        torch.add(ea[lo:hi, :, :, None], eb[lo:hi, :, None, :], out=ebuf)
+        Ep = ebuf.amax(0).to(torch.int32)
         zero_blk = Ep < zero_sum
         es = None
         if scaled and not per:
@@ -981,12 +1050,12 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
                 mult = mult * (s * _pow2(-es))  # the scale's significand: exact (<= 24 bits)
         if es is not None:
             mult = torch.where(sz, 0.0, mult)  # a zero scale: zero terms
-        torch.mul(a[:, :, None, lo:hi], bt[:, None, :, lo:hi], out=pbuf)
-        pbuf.mul_(mult.unsqueeze(-1))
+        torch.mul(a[lo:hi, :, :, None], bt[lo:hi, :, None, :], out=pbuf)
+        pbuf.mul_(mult)
         ibuf.copy_(pbuf)  # conversion to integer: truncation toward zero
         if use_floor:
             ibuf.sub_((ibuf.to(kd) > pbuf).to(idt))
-        S = ibuf.sum(-1, dtype=idt).to(torch.int64)  # exact in idt (see _kernel_dtype)
+        S = ibuf.sum(0, dtype=idt).to(torch.int64)  # exact in idt (see _kernel_dtype)
         cv = part * _pow2(d.clamp(-1022, 1023))
         ct = cv.to(torch.int64)
         if use_floor:
@@ -996,12 +1065,12 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
         zero = S == 0
         if _any(zero):  # IEEE: the sum of zeros is -0 only if all are -0
             zi = zero.nonzero(as_tuple=True)
-            p = a[zi[0], zi[1], lo:hi] * bt[zi[0], zi[2], lo:hi]
+            p = a[lo:hi, zi[0], zi[1]] * bt[lo:hi, zi[0], zi[2]]  # (w, zeros)
             pz = p == 0
             if scaled and not per:
-                pz = pz | sz[zi].unsqueeze(-1)
+                pz = pz | sz[zi].unsqueeze(0)
             pzi = part[zi]
-            allneg = (torch.signbit(p) & pz).all(-1) & torch.signbit(pzi) & (pzi == 0)
+            allneg = (torch.signbit(p) & pz).all(0) & torch.signbit(pzi) & (pzi == 0)
             sval[zi] = torch.where(allneg, -0.0, sval[zi])
         r, ovf = _round_float(sval, spb)
         tp, tn = (part_pos, part_neg) if per else (inf_pos, inf_neg)
@@ -1011,17 +1080,24 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
         part = torch.where(ovf, 0.0, r)
         if per and ((j + 1) % per == 0 or j == nblk - 1):
             s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
-            reg, part_pos, part_neg = _promote(reg, part, s_p, part_pos, part_neg, inf_pos,
-                                               inf_neg, nan)
+            reg, _, _ = _promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan)
             part = torch.zeros_like(part)
+            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
     return _finish_float(unit, reg.to(torch.float64) if per else part, inf_pos, inf_neg, nan,
                          sc, ns)
 
 
 def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan):
     """Promotion step of the float chains: reg = RNE_fp32(reg + s*part), with the special
-    values of the model (an inf partial sum makes the register inf; +inf with -inf: NaN)."""
+    values of the model (an inf partial sum makes the register inf; +inf with -inf: NaN).
+    part_pos / part_neg: the partial sum overflowed (None: it did not). Returns the new
+    register and None, None (the partial sum's flags after a promotion)."""
     new = _promote_float(reg, part, s)
+    flagged = part_pos is not None and (_any(part_pos) or _any(part_neg))
+    if not flagged and _all_finite(new):
+        return new, None, None
+    if part_pos is None:
+        part_pos = part_neg = torch.zeros_like(inf_pos)
     if s is not None:
         z = s == 0
         nan |= (part_pos | part_neg) & z  # inf * 0
@@ -1033,7 +1109,7 @@ def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan):
     inf_pos |= np_
     inf_neg |= nn_
     reg = torch.where(torch.isfinite(new), new, 0.0)
-    return reg, torch.zeros_like(part_pos), torch.zeros_like(part_neg)
+    return reg, None, None
 
 
 def _finish_float(unit, final, inf_pos, inf_neg, nan, sc, ns):
@@ -1048,11 +1124,18 @@ def _finish_float(unit, final, inf_pos, inf_neg, nan, sc, ns):
     if unit.output_format is not None or unit.flush_output_subnormals:
         sp = _Spec.of(unit.out_format, unit.output_rounding, unit.output_overflow,
                       unit.flush_output_subnormals)
+        final = final.to(torch.float64)
+        fin = torch.isfinite(final)
+        if not bool(fin.all()):  # (fast mode carries inf / NaN in the values)
+            inf_pos |= final == math.inf
+            inf_neg |= final == -math.inf
+            nan |= torch.isnan(final)
+            final = torch.where(fin, final, 0.0)
         final, ovf = _round_float(final, sp)
         inf_pos |= ovf & (final > 0)
         inf_neg |= ovf & (final < 0)
     res = final.to(torch.float32)
-    if not _any(inf_pos | inf_neg | nan):
+    if not (_any(inf_pos) or _any(inf_neg) or _any(nan)):
         return res
     res = torch.where(inf_pos, math.inf, res)
     res = torch.where(inf_neg, -math.inf, res)
@@ -1115,6 +1198,13 @@ def _round_fast(x: torch.Tensor, sp: _Spec) -> torch.Tensor:
     return x
 
 
+def _round_bits32(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Round-toward-zero of a float32 tensor to m fraction bits, in place on its bits."""
+    if m < 23:
+        t.view(torch.int32).bitwise_and_(~((1 << (23 - m)) - 1))
+    return t
+
+
 def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
     """Fast model for a chunk of columns (see the module docstring, "fast").
 
@@ -1136,61 +1226,79 @@ def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
     # units that do not truncate at alignment: one exact float64 block sum per block (then
     # fast mode equals bit-exact wherever a block's products span < 53 bits)
     seg = k if unit.alignment_bits is None else (per or max(K, 1))
-    reg = None if cval is None else cval.to(torch.float32)
-    x = cval
-    part = part_pos = part_neg = None
-    scaled = sc is not None and sc.has_k
     mx = float(spb.max_sig) * 2.0 ** spb.max_exp
     # formats with float32's range: an overflow shows as inf when the result is converted to
     # float32 (the block format's precision is at most float32's, so a value beyond its max
     # is >= 2^128)
     fp32_range = spb.emin <= -126 and spb.max_exp + spb.m >= 127 and not spb.flush
+    # a chunk's sum alone (no incoming value), rounded toward zero: on its float32 bits
+    f32_path = (fp32_range and a.dtype == torch.float32 and spb.m <= 23
+                and spb.rounding is Rounding.TOWARD_ZERO)
+    reg = None if cval is None else cval.to(torch.float32)
+    x = cval
+    part = part_pos = part_neg = None
+    scaled = sc is not None and sc.has_k
     for lo in range(0, max(K, 1), seg):
         hi = min(K, lo + seg)
         x0 = part if per else x
-        x1 = torch.matmul(a[:, :, lo:hi], b[:, lo:hi, :]).to(torch.float64)
-        if x0 is not None:
-            x1 += x0
+        with _all_threads():
+            T = torch.matmul(a[:, :, lo:hi], b[:, lo:hi, :])
         nb = max(1, -(-(hi - lo) // k))
-        if beta and nb > 1:
-            f = 0.5 * beta * (nb - 1) * rho  # expected loss of the inner roundings / mean|x|
-            # loss = f * (|x0| + |x1|) in the rounding's direction (|x1| alone from x0 = 0:
-            # toward zero that is a factor (1 - f) on x1)
-            if direction == "zero":
-                x1 *= 1.0 - f
-                if x0 is not None:
-                    x1 -= f * x0.abs() * torch.sign(x1)
-            else:
-                u = x1.abs() if x0 is None else x1.abs() + x0.abs()
-                x1 += (-f if direction == "down" else f) * u
-        r = _round_fast(x1, spb)
+        f = 0.5 * beta * (nb - 1) * rho if beta and nb > 1 else 0.0
+        if x0 is None and f32_path:
+            if f:
+                T.mul_(1.0 - f)  # the expected loss of the inner roundings, toward zero
+            r = _round_bits32(T, spb.m)
+        else:
+            x1 = T.to(torch.float64)
+            if x0 is not None:
+                x1 += x0
+            if f:
+                # loss = f * (|x0| + |x1|) in the rounding's direction (from x0 = 0, toward
+                # zero, that is a factor (1 - f) on x1)
+                if direction == "zero":
+                    x1 *= 1.0 - f
+                    if x0 is not None:
+                        x1 -= f * x0.abs() * torch.sign(x1)
+                else:
+                    u = x1.abs() if x0 is None else x1.abs() + x0.abs()
+                    x1 += (-f if direction == "down" else f) * u
+            r = _round_fast(x1, spb)
+        if not fp32_range:  # (else a value beyond the format shows as inf in float32)
+            ovf = r.abs() > mx
+            if _any(ovf):
+                pp, pn = ovf & (r > 0), ovf & (r < 0)
+                r = torch.where(ovf, 0.0, r)
+                if per:
+                    if part_pos is None:
+                        part_pos, part_neg = pp, pn
+                    else:
+                        part_pos = part_pos | (pp & ~part_neg)
+                        part_neg = part_neg | (pn & ~part_pos)
+                else:
+                    inf_pos |= pp & ~inf_neg
+                    inf_neg |= pn & ~inf_pos
         if per:
-            pp = pn = torch.zeros_like(inf_pos)
-            if not fp32_range:  # (else a partial sum beyond fp32 overflows at promotion)
-                ovf = r.abs() > mx
-                if _any(ovf):
-                    pp, pn = ovf & (r > 0), ovf & (r < 0)
-                    r = torch.where(ovf, 0.0, r)
-            if part_pos is None:
-                part_pos, part_neg = pp, pn
-            else:
-                part_pos, part_neg = part_pos | (pp & ~part_neg), part_neg | (pn & ~part_pos)
             part = r
             if hi % per == 0 or hi >= K:
-                s_p = sc.at((lo // per) * per, ns, shape) if scaled else None
-                if reg is None:
-                    reg = torch.zeros(shape, dtype=torch.float32, device=dev)
-                reg, _, _ = _promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan)
+                # plain IEEE arithmetic gives the model's special values here (an inf
+                # partial sum makes the register inf, inf - inf and inf * 0 are NaN); with a
+                # scale the float64 sum is rounded to fp32 (a double rounding only at an exact
+                # float32 tie after an inexact float64 sum)
+                if part_pos is not None:  # partial sums that overflowed a narrow format
+                    part = torch.where(part_pos, math.inf, torch.where(part_neg, -math.inf,
+                                                                        part))
+                p32 = part.to(torch.float32)
+                if scaled:
+                    s_p = sc.at((lo // per) * per, ns, shape)
+                    base = 0.0 if reg is None else reg.to(torch.float64)
+                    reg = (base + s_p * p32).to(torch.float32)
+                else:
+                    reg = p32 + 0.0 if reg is None else reg + p32  # +0.0: RNE(0 + -0) = +0
                 part = part_pos = part_neg = None
         else:
             x = r
-    if not per and not fp32_range:
-        ovf = x.abs() > mx
-        if _any(ovf):
-            inf_pos |= ovf & (x > 0)
-            inf_neg |= ovf & (x < 0)
-            x = torch.where(ovf, 0.0, x)
-    final = reg.to(torch.float64) if per else x
+    final = reg if per else x
     return _finish_float(unit, final, inf_pos, inf_neg, nan, sc, ns)
 
 
@@ -1232,9 +1340,13 @@ def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: in
     if not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
         raise ValueError(f"max_chunk_elements={max_chunk_elements!r} is not valid: accepted a "
                          "positive integer")
-    with torch.no_grad():
-        a, b, c, out_shape, cfmt = _prepare(a, b, unit, c, check)
-        specials = _specials(a, b, c)
+    one = (fidelity == "fast" and isinstance(a, torch.Tensor) and a.device.type == "cpu"
+           and torch.get_num_threads() > 1)
+    with torch.no_grad(), (_one_thread_per_op() if one else nullcontext()):
+        # fast mode: the element-wise work runs single-threaded (on a shared machine a split
+        # op waits for a time slice per synchronisation) and the matmuls with every thread
+        a, b, c, out_shape, cfmt, finite = _prepare(a, b, unit, c, check)
+        specials = _specials(a, b, c, finite)
         if specials is not None:
             a = torch.where(torch.isfinite(a), a, 0.0)
             b = torch.where(torch.isfinite(b), b, 0.0)
@@ -1263,20 +1375,26 @@ def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: in
         if c is None:
             c = torch.zeros((Bt, M, N), dtype=torch.float32, device=a.device)
         if _float_chain_ok(unit, fidelity):
-            kd = _kernel_dtype(unit, sc)
             edt, neg_e, _ = _exp_dtype(unit)
             ea = _decompose(a, unit.a_format)[3].clamp(min=neg_e).to(edt)
             eb = _decompose(b, unit.b_format)[3].clamp(min=neg_e).to(edt)
-            A = (a.to(kd), ea)
-            bt = b.transpose(1, 2).to(kd).contiguous()
-            ebt = eb.transpose(1, 2).contiguous()
+            kd = _chain_kernel_dtype(unit, sc, ea, eb, neg_e)
+            # K outermost: (K, B, M) and (K, B, N), so that the block's k products are the
+            # outer axis of the work buffers and their reductions are plane-wise (vectorised)
+            A = (a.to(kd).permute(2, 0, 1).contiguous(), ea.permute(2, 0, 1).contiguous())
+            Bk = (b.to(kd).permute(1, 0, 2).contiguous(), eb.permute(1, 0, 2).contiguous())
             c64 = c.to(torch.float64)
             step = max(1, max_chunk_elements // max(1, Bt * M * min(k, max(K, 1))))
-            bufs = _Buffers()
-            for n0 in range(0, N, step):
-                ns = slice(n0, min(N, n0 + step))
-                out[:, :, ns] = _chunk_float(unit, fidelity, A, (bt[:, ns], ebt[:, ns]),
+            local = threading.local()
+
+            def run(ns: slice) -> None:
+                bufs = getattr(local, "bufs", None) or _Buffers()
+                local.bufs = bufs
+                out[:, :, ns] = _chunk_float(unit, fidelity, A, (Bk[0][:, :, ns],
+                                                                 Bk[1][:, :, ns]),
                                              c64[:, :, ns], sc, ns, bufs)
+
+            _for_chunks(N, step, run, a.device)
             return _apply_specials(unit, out, specials).reshape(out_shape)
         fa, fb = elem_formats or (None, None)
         if _float_ok(unit) and not (sc is not None and sc.has_k):
@@ -1294,20 +1412,82 @@ def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: in
         lost_all = torch.zeros((Bt, M, N), dtype=torch.bool, device=a.device)
         kk = min(k, max(K, 1))
         step = max(1, max_chunk_elements // max(1, Bt * M * kk))
-        for n0 in range(0, N, step):
-            ns = slice(n0, min(N, n0 + step))
+
+        def run_int(ns: slice) -> None:
             Bc = tuple(t[:, :, ns] for t in Bd)
             Cc = tuple(t[:, :, ns] for t in cd)
             rc = None if rand is None else rand[:, :, ns]
             final, ip, ineg, nn, lost = _chunk(unit, fidelity, A, Bc, Cc, rc, cfmt, sc, ns)
             out[:, :, ns] = _int_result(unit, final, ip, ineg, nn)
             lost_all[:, :, ns] = lost
+
+        _for_chunks(N, step, run_int, a.device)
         out = _apply_specials(unit, out, specials)
         if _any(lost_all):
             if specials is not None:
                 lost_all &= ~(specials[0] | specials[1] | specials[2])
             out = _fallback(unit, a, b, c, out, lost_all, rand, sc)
         return out.reshape(out_shape)
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"depth": 0, "saved": 1}
+
+
+@contextmanager
+def _one_thread_per_op():
+    """torch ops single-threaded for the duration (restored after; nesting and concurrent
+    callers share one saved value)."""
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
+
+
+@contextmanager
+def _all_threads():
+    """Inside :func:`_one_thread_per_op`: the caller's thread count again (for one big op)."""
+    with _THREADS_LOCK:
+        n = _THREADS_STATE["saved"] if _THREADS_STATE["depth"] else 0
+        if n > 1:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 1:
+            with _THREADS_LOCK:
+                if _THREADS_STATE["depth"]:
+                    torch.set_num_threads(1)
+
+
+def _for_chunks(N: int, step: int, fn, device) -> None:
+    """``fn(slice)`` for the column chunks of the bit-exact kernels.
+
+    On a CPU with several torch threads the chunks run in that many Python threads, each op
+    single-threaded: the kernels issue many mid-sized ops, and splitting every op across
+    threads costs a synchronisation per op, which on a busy (shared) machine costs a
+    scheduler time slice each time. Chunks write disjoint columns, so the result does not
+    depend on the schedule.
+    """
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers > 1 and -(-N // step) < 2 * workers:
+        step = max(1, -(-N // (2 * workers)))
+    chunks = [slice(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+    if workers <= 1 or len(chunks) <= 1 or _THREADS_STATE["depth"]:
+        for ns in chunks:
+            fn(ns)
+        return
+    with _one_thread_per_op(), ThreadPoolExecutor(workers) as ex:
+        for f in [ex.submit(fn, ns) for ns in chunks]:
+            f.result()
 
 
 def _int_result(unit, final, ip, ineg, nn) -> torch.Tensor:

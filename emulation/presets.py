@@ -16,6 +16,17 @@ All: exact products, c aligned jointly, unnormalised product exponents, sign-mag
 truncation, fp32 accumulator rounded toward zero (fp16-output modes: fp16 accumulator, RNE).
 ``deepseek-fp8`` is the H100 E4M3 unit with promotion of the partial sums to an fp32 RNE
 register every 128 products (DeepSeek-V3 technical report, section 3.3.2; DeepGEMM).
+
+Block-scaled operands (:func:`precisim.emulation.scaled_matmul`): a unit takes the elements
+of a scaled format when its input format contains the element format (``h100-e4m3``:
+E4M3, E3M2, E2M3 and E2M1 elements; ``h100-bf16`` / ``h100-fp16`` also E5M2 and MXINT8), and
+its block size k must divide the scale block (MX 32: k = 16 or 32; NVFP4 16: k = 16, so
+NVFP4 runs on the k = 16 units, not on ``h100-e4m3``), or, with promotion
+(``deepseek-fp8``), each promotion chunk must lie in one scale block (1x128 / 128x128).
+``exact-fp32`` is the generic exact-then-fp32 path: a Kulisch accumulator over fp32 inputs,
+so it takes every element format and any scale blocks (the scaled products are summed
+exactly and rounded once to fp32 RNE); ``kulisch(fmt)`` builds the same with the element
+format itself as input format.
 """
 
 from __future__ import annotations

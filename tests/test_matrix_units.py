@@ -494,3 +494,79 @@ def test_fp16_output_alignment_floor():
     assert both(a, b, unit) == (0, 0)
     no_floor = unit.with_(alignment_floor=None)
     assert both(a, b, no_floor) == (f32_bits(2.0**-24),) * 2
+
+
+@pytest.mark.parametrize("name", ["v100-fp16", "a100-bf16", "h100-bf16", "h100-e4m3",
+                                  "h100-e5m2", "deepseek-fp8", "h100-fp16-fp16out"])
+def test_float32_and_float64_chain_kernels_agree(name, monkeypatch):
+    """The float block kernel in float32 (chosen when the inputs' exponent range allows it)
+    and in float64 give identical bits."""
+    import importlib
+
+    mm = importlib.import_module("precisim.emulation.matmul")
+    unit = get_unit(name)
+    for kind in ("random", "cancel"):
+        a, b, c = _inputs(unit, kind, seed=12, M=5, K=300, N=7)
+        assert mm._chain_kernel_dtype(unit, None, *(
+            mm._decompose(t, f)[3].clamp(min=mm._exp_dtype(unit)[1]).to(mm._exp_dtype(unit)[0])
+            for t, f in ((a, unit.a_format), (b, unit.b_format))), mm._exp_dtype(unit)[1]
+        ) == torch.float32, kind
+        d32 = matmul(a, b, unit, c)
+        with monkeypatch.context() as m:
+            m.setattr(mm, "_chain_kernel_dtype", lambda *args: torch.float64)
+            d64 = matmul(a, b, unit, c)
+        assert torch.equal(d32.view(torch.int32), d64.view(torch.int32)), kind
+
+
+def test_bit_exact_does_not_depend_on_threads_or_chunks():
+    unit = get_unit("h100-bf16")
+    a, b, c = _inputs(unit, "spread", seed=13, M=9, K=70, N=50)
+    ref = matmul(a, b, unit, c)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matmul(a, b, unit, c, max_chunk_elements=1000)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ref.view(torch.int32), one.view(torch.int32))
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("name", ["v100-fp16", "h100-bf16", "h100-e5m2", "exact-fp16",
+                                  "fma-fp16-fp32", "deepseek-fp8", "h100-fp16-fp16out"])
+def test_fast_mode_special_values_match_bit_exact(name):
+    """NaN / inf inputs (no overflow): fast mode puts NaN and inf where bit-exact does."""
+    unit = get_unit(name)
+    fmt = unit.a_format
+    g = torch.Generator().manual_seed(14)
+    a = quantize(torch.randn(5, 300, generator=g), fmt)
+    b = quantize(torch.randn(300, 3, generator=g), fmt)
+    a[0, 3] = math.nan
+    b[2, 0] = math.inf if fmt.has_inf else math.nan
+    a[2, 5] = math.inf if fmt.has_inf else 1.0
+    if fmt.has_inf:
+        a[3, 0], a[3, 1] = math.inf, -math.inf
+        b[0, :], b[1, :] = 1.0, 1.0
+    ex, fa = matmul(a, b, unit), matmul(a, b, unit, fidelity="fast")
+    assert torch.equal(torch.isnan(ex), torch.isnan(fa))
+    assert torch.equal(torch.isinf(ex), torch.isinf(fa))
+    assert torch.equal(ex[torch.isinf(ex)], fa[torch.isinf(fa)])
+
+
+def test_fast_mode_models_the_rtz_bias():
+    """One-signed data on the H100 bf16 unit: the unit's round-toward-zero chain loses about
+    0.375 ulp per block; fast mode models that mean loss, so its bias against bit-exact is
+    several times smaller than that of the exact sum rounded once (ARITHMETIC.md 4.4)."""
+    unit = get_unit("h100-bf16")
+    g = torch.Generator().manual_seed(15)
+    a = quantize(torch.rand(64, 512, generator=g), "bf16")
+    b = quantize(torch.rand(512, 256, generator=g), "bf16")
+    ex = matmul(a, b, unit).double()
+    once = (a.double() @ b.double()).float().double()  # exact sum rounded once (RNE)
+    fast = matmul(a, b, unit, fidelity="fast").double()
+    bias_once = float((once - ex).mean() / ex.abs().mean())
+    bias_fast = float((fast - ex).mean() / ex.abs().mean())
+    assert bias_once > 3e-7 and abs(bias_fast) < bias_once / 3, (bias_once, bias_fast)
+    r = fast_divergence(a, b, unit)
+    assert {"fraction_differ", "max_ulp", "normwise_relative", "mean_relative_bias"} <= set(r)
+    assert r["normwise_relative"] < 1e-6
