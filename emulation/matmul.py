@@ -30,8 +30,8 @@ Two fidelities, both public:
   H100 fp16/bf16 units, 0 for H100 FP8 where F = the block result bits) and
   ``rho = 2^-p / (2 ln 2)`` the mean ulp of a value relative to its magnitude (the running
   sum taken to grow linearly over the chunk). Partial sums are promoted with fp32 RNE
-  arithmetic (with a block scale: s*partial + acc formed in float64, then rounded to fp32: a
-  double rounding only at an exact fp32 tie after an inexact float64 sum). Units without
+  arithmetic (with a block scale: fl32(s*partial) is added, two roundings where the unit
+  does one). Units without
   alignment truncation (``alignment_bits=None``) get one exact float64 sum per block of k
   instead, so there fast mode equals bit-exact wherever a block's products span < 53 bits.
   The element-wise work runs single-threaded and the matmuls with every torch thread (split
@@ -324,9 +324,9 @@ def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> b
 
     For float formats a few passes on the float32 bits look for suspects (magnitudes above
     the format's max, inf and NaN included; bits below the format's precision; values below
-    its smallest normal that are not multiples of its smallest subnormal, tested on those
-    values only as (|x| + C) - C == |x| with ulp(C) that step); only if there are any does
-    the exact check run.
+    its smallest normal that are not multiples of its smallest subnormal, tested as
+    (|x| + C) - C == |x| with ulp(C) that step, |x| clamped to the smallest normal); only if
+    there are any does the exact check run.
     """
     if isinstance(fmt, FloatFormat) and x.dtype == torch.float32 and x.numel():
         low, max_bits, normal_bits, C = _check_consts(fmt)
@@ -335,11 +335,9 @@ def _check_values(x: torch.Tensor, fmt: FloatFormat | IntFormat, what: str) -> b
         suspect = int(mag.max()) > max_bits or (not fmt.signed and int(bits.min()) < 0)
         if not suspect and low:
             suspect = int((mag & low).max()) > 0
-        if not suspect and normal_bits:
-            small = mag < normal_bits
-            if _any(small):
-                v = torch.masked_select(mag, small).view(torch.float32)
-                suspect = _any((v + C) - C != v)
+        if not suspect and normal_bits and _any(mag < normal_bits):
+            v = mag.clamp_(max=normal_bits).view(torch.float32)  # (2^emin itself is valid)
+            suspect = _any((v + C) - C != v)
         if not suspect:
             return True
     _check_values_exact(x, fmt, what)
@@ -480,6 +478,13 @@ class _Scales:
         sa = one if self.a is None else self.a[:, :, lo // self.a_blk, None]
         sb = one if self.b is None else self.b[:, ns, lo // self.b_blk][:, None, :]
         return self._product(sa, sb).expand(shape)
+
+    def at32(self, lo: int, ns: slice) -> torch.Tensor:
+        """:meth:`at` in float32 arithmetic (fast mode): fl32(s_a*s_b), broadcastable."""
+        one = torch.ones((), dtype=torch.float32)
+        sa = one if self.a is None else self.a[:, :, lo // self.a_blk, None].float()
+        sb = one if self.b is None else self.b[:, ns, lo // self.b_blk][:, None, :].float()
+        return sa * sb
 
     def terms(self, lo: int, hi: int, ns: slice) -> torch.Tensor:
         """(B, M, Nc, hi-lo) scale product of every product of the K-range [lo, hi)."""
@@ -1238,11 +1243,24 @@ def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
     x = cval
     part = part_pos = part_neg = None
     scaled = sc is not None and sc.has_k
-    for lo in range(0, max(K, 1), seg):
+    nseg = -(-max(K, 1) // seg)
+    T_all = None
+    if 1 < nseg <= 64 and unit.alignment_bits is not None:
+        # every chunk's sum in one batched matmul (B, nseg, M, Nc) (K padded with zeros)
+        Kp, B_, M_, Nc = nseg * seg, shape[0], shape[1], shape[2]
+        ap = torch.nn.functional.pad(a, (0, Kp - K)) if Kp > K else a
+        bp = torch.nn.functional.pad(b, (0, 0, 0, Kp - K)) if Kp > K else b
+        with _all_threads():
+            T_all = torch.matmul(ap.reshape(B_, M_, nseg, seg).transpose(1, 2),
+                                 bp.reshape(B_, nseg, seg, Nc))
+    for j, lo in enumerate(range(0, max(K, 1), seg)):
         hi = min(K, lo + seg)
         x0 = part if per else x
-        with _all_threads():
-            T = torch.matmul(a[:, :, lo:hi], b[:, lo:hi, :])
+        if T_all is not None:
+            T = T_all[:, j]
+        else:
+            with _all_threads():
+                T = torch.matmul(a[:, :, lo:hi], b[:, lo:hi, :])
         nb = max(1, -(-(hi - lo) // k))
         f = 0.5 * beta * (nb - 1) * rho if beta and nb > 1 else 0.0
         if x0 is None and f32_path:
@@ -1282,19 +1300,18 @@ def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
             part = r
             if hi % per == 0 or hi >= K:
                 # plain IEEE arithmetic gives the model's special values here (an inf
-                # partial sum makes the register inf, inf - inf and inf * 0 are NaN); with a
-                # scale the float64 sum is rounded to fp32 (a double rounding only at an exact
-                # float32 tie after an inexact float64 sum)
+                # partial sum makes the register inf, inf - inf and inf * 0 are NaN)
                 if part_pos is not None:  # partial sums that overflowed a narrow format
                     part = torch.where(part_pos, math.inf, torch.where(part_neg, -math.inf,
                                                                         part))
                 p32 = part.to(torch.float32)
-                if scaled:
-                    s_p = sc.at((lo // per) * per, ns, shape)
-                    base = 0.0 if reg is None else reg.to(torch.float64)
-                    reg = (base + s_p * p32).to(torch.float32)
+                if scaled:  # fast: fl32(s*partial) added with fp32 RNE (two roundings)
+                    s32 = sc.at32((lo // per) * per, ns)
+                    reg = p32 * s32 + 0.0 if reg is None else reg.addcmul_(p32, s32)
+                elif reg is None:  # (p32 is this chunk's own tensor: updated in place)
+                    reg = p32.add_(0.0)  # RNE(0 + -0) = +0
                 else:
-                    reg = p32 + 0.0 if reg is None else reg + p32  # +0.0: RNE(0 + -0) = +0
+                    reg = reg.add_(p32)
                 part = part_pos = part_neg = None
         else:
             x = r
@@ -1497,16 +1514,35 @@ def _int_result(unit, final, ip, ineg, nn) -> torch.Tensor:
     return torch.where(nn | (ip & ineg), math.nan, res)
 
 
+def _fold(x: torch.Tensor, s: torch.Tensor | None, blk: int, axis: int) -> torch.Tensor:
+    """x * (its K-block scales): x is (B, M, K) (axis 2 is K) or (B, K, N) (axis 1); s is
+    (B, rows, nK). Blocks of a K that is a multiple of blk are a reshape, else a gather."""
+    if s is None:
+        return x
+    K = x.shape[axis]
+    s = s.to(x.dtype)
+    if K % blk == 0 and s.shape[-1] == K // blk:
+        if axis == 2:
+            B, M, _ = x.shape
+            return (x.view(B, M, K // blk, blk) * s[..., None]).view(B, M, K)
+        B, _, N = x.shape
+        return (x.view(B, K // blk, blk, N) * s.transpose(1, 2)[:, :, None, :]).view(B, K, N)
+    idx = torch.arange(K, device=x.device) // blk
+    g = s[:, :, idx]
+    return x * (g if axis == 2 else g.transpose(1, 2))
+
+
 def _core_fast(unit, a, b, c, sc, rand, cfmt, out, max_chunk_elements):
     """The fast fidelity (module docstring): the float model, or for the other units the
     per-block float64 sums with the int64 chain."""
     per = unit.promotion_interval
     if sc is not None and sc.has_k and not per:
         # block scales of units without promotion multiply the products: fold them into the
-        # operands (fast mode forms s_a*a and s_b*b in float64, then the matmul dtype)
-        sa, sb = sc.expanded(a.shape[-1])
-        a = a.to(torch.float64) * sa if sa is not None else a
-        b = b.to(torch.float64) * sb if sb is not None else b
+        # operands (s_a*a and s_b*b in the matmul dtype: exact for power-of-two and E4M3
+        # scales of narrow elements, else rounded once)
+        md = _fast_mm_dtype(unit) if _float_chain_ok(unit, "fast") else torch.float64
+        a = _fold(a.to(md), sc.a, sc.a_blk, 2)
+        b = _fold(b.to(md), sc.b, sc.b_blk, 1)
         sc = _Scales(ep_a=sc.ep_a, ep_b=sc.ep_b, ep_g=sc.ep_g)
     Bt, M, K = a.shape
     N = b.shape[-1]
@@ -1515,7 +1551,9 @@ def _core_fast(unit, a, b, c, sc, rand, cfmt, out, max_chunk_elements):
         a = a.to(md)
         b = b.to(md)
         c64 = None if c is None else c.to(torch.float64)
-        step = max(1, (max_chunk_elements * 2) // max(1, Bt * M))
+        per = unit.promotion_interval
+        nseg = -(-max(K, 1) // per) if per and unit.alignment_bits is not None else 1
+        step = max(1, (max_chunk_elements * 8) // max(1, Bt * M * (nseg + 1)))
         if step >= N:
             return _chunk_float(unit, "fast", a, b, c64, sc, slice(None))
         for n0 in range(0, N, step):

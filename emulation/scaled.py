@@ -96,6 +96,18 @@ def _accepts(elem: FloatFormat | IntFormat, fmt: FloatFormat | IntFormat) -> boo
             and elem.qmax * 2 ** (fmt.frac_bits - elem.frac_bits) <= fmt.qmax)
 
 
+_NATIVE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def _decode(codes: torch.Tensor, fmt: FloatFormat | IntFormat) -> torch.Tensor:
+    """Element values of the codes (float32): torch's own FP8 conversion where it exists
+    (exact), else the format's decode table."""
+    native = _NATIVE.get(fmt.name)
+    if native is not None and codes.dtype == torch.uint8:
+        return codes.view(native).to(torch.float32)
+    return decode(codes, fmt)
+
+
 def _scale_values(st: ScaledTensor) -> torch.Tensor:
     """The block scales as float64 values (NaN for NaN blocks)."""
     s = st.scales
@@ -132,7 +144,7 @@ def _operand(st: ScaledTensor, what: str) -> _Operand:
     if nd < 2:
         raise ValueError(f"{what} must have at least 2 dimensions (..., rows, K), got shape "
                          f"{tuple(codes.shape)}")
-    vals = decode(codes, st.format.element)
+    vals = _decode(codes, st.format.element)
     shape = tuple(codes.shape)
     bshape = tuple(st.block_shape)
     if len(bshape) != nd:

@@ -570,3 +570,19 @@ def test_fast_mode_models_the_rtz_bias():
     r = fast_divergence(a, b, unit)
     assert {"fraction_differ", "max_ulp", "normwise_relative", "mean_relative_bias"} <= set(r)
     assert r["normwise_relative"] < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "bf16", "fp16", "tf32"])
+def test_value_check_catches_off_grid_values_in_every_range(fmt):
+    """The bit-level input check (fast path of the check) rejects values between grid points
+    in the normal range, in the format's subnormal range, and above its max."""
+    f = get_unit("exact-fp32").with_(a_format=fmt, b_format=fmt, name="x").a_format
+    b = torch.ones(1, 1)
+    tiny = float(f.min_normal) * 2.0 ** -f.man_bits  # smallest subnormal step
+    for bad in (1.0 + 2.0 ** -(f.man_bits + 1), float(f.min_normal) * 0.75 + tiny / 2,
+                tiny * 1.5, min(float(f.max) * 1.25, float(torch.finfo(torch.float32).max))):
+        a = torch.tensor([[bad]])
+        with pytest.raises(ValueError, match="not .* values"):
+            matmul(a, b, kulisch(fmt, name="x"))
+    ok = torch.tensor([[float(f.min_normal) * 0.75, tiny, float(f.max)]])
+    matmul(ok, torch.ones(3, 1), kulisch(fmt, name="x"))
