@@ -1308,8 +1308,8 @@ def _chunk_fast(unit, a, b, cval, sc: _Scales | None, ns: slice):
                 if scaled:  # fast: fl32(s*partial) added with fp32 RNE (two roundings)
                     s32 = sc.at32((lo // per) * per, ns)
                     reg = p32 * s32 + 0.0 if reg is None else reg.addcmul_(p32, s32)
-                elif reg is None:  # (p32 is this chunk's own tensor: updated in place)
-                    reg = p32.add_(0.0)  # RNE(0 + -0) = +0
+                elif reg is None:  # (a new tensor: p32 may be a view of the batched sums)
+                    reg = p32 + 0.0  # RNE(0 + -0) = +0
                 else:
                     reg = reg.add_(p32)
                 part = part_pos = part_neg = None

@@ -54,7 +54,11 @@ description says, not by dequantizing the operands first (ARITHMETIC.md sections
 
 The exact reference is :func:`precisim.emulation.reference.scaled_dot`; ``fidelity="fast"``
 is the fast model of :mod:`precisim.emulation.matmul` with the K-block scales folded into
-the operands (units without promotion) or applied at promotion, and the epilogue as above.
+the operands (units without promotion: s_a*a and s_b*b in the matmul's dtype) or applied at
+promotion (fl32(s*partial) added in fp32), and the epilogue as above. Measured on a
+(1, 1024, 576) x (1536, 576) layer (benchmarks/bench_gemm.py --scaled): MXFP8 on h100-e4m3,
+0.897 of the outputs differ from bit-exact, normwise 3.6e-4; 1x128 / 128x128 FP8 on
+deepseek-fp8, 0.995 and 1.2e-4 (:func:`scaled_fast_divergence`).
 """
 
 from __future__ import annotations
