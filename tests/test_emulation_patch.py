@@ -354,3 +354,20 @@ def test_plan_of_preset_covers_every_linear_and_attention() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan(model, "mxfp4")  # nothing to warn about
+
+
+def test_deepseek_fp8_recipe_runs_the_block_scaled_unit() -> None:
+    """Linear layers under deepseek-fp8 == scaled_matmul of the 1x128 / 128x128 parts."""
+    from precisim.emulation import scaled_matmul
+
+    model = _llama()
+    lin = model.model.layers[0].mlp.gate_proj
+    x = torch.randn(1, 7, lin.in_features)
+    with emulate(model, "deepseek-fp8"):
+        y = model.model.layers[0].mlp.gate_proj(x)
+    a = quantize_scaled(x, "fp8_1x128", return_parts=True)
+    w = quantize_scaled(lin.weight.detach(), "fp8_128x128", return_parts=True)
+    assert torch.equal(y, scaled_matmul(a, w, "deepseek-fp8"))
+    with emulate(model, get_recipe("deepseek-fp8").with_fidelity("fast")):
+        yf = model.model.layers[0].mlp.gate_proj(x)
+    assert torch.allclose(yf, y, rtol=1e-2, atol=1e-4)
