@@ -95,7 +95,7 @@ def _print_table(sheet: dict[str, Any]) -> None:
 def run_eval_cmd(args: argparse.Namespace) -> int:
     from precisim.emulation import LoadError, RecipeError
 
-    from .data import DataError
+    from .data import DataError, data_source
     from .spec import EvalConfig, compare_metrics, run_eval, write_outputs
 
     old = None
@@ -104,7 +104,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
             cfg = EvalConfig.from_sheet(args.spec)
             old = json.loads(Path(args.spec).read_text())
         else:
-            cfg = EvalConfig(model=args.model, data=args.data or _env_data(),
+            cfg = EvalConfig(model=args.model, data=data_source(args.data),
                              recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
         t0 = time.perf_counter()
         sheet = run_eval(cfg, progress=sys.stderr.isatty())
@@ -126,19 +126,8 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env_data() -> str:
-    import os
-
-    from .data import DATA_ENV, DataError
-
-    v = os.environ.get(DATA_ENV)
-    if not v:
-        raise DataError(f"no data given: pass --data PATH or set ${DATA_ENV}")
-    return v
-
-
 def run_sweep_cmd(args: argparse.Namespace) -> int:
-    from .spec import EvalConfig, run_eval
+    from .spec import EvalConfig, run_eval, vendor_rows
     from .store import DEFAULT_STORE, RunStore
     from .sweep import SweepError, load_sweep, run_sweep
 
@@ -163,8 +152,6 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         cfg = EvalConfig(model=cell.model, data=cell.dataset, recipes=(cell.recipe,), **params)
         sheet = run_eval(cfg, model_and_tokenizer=models[(cell.model, dtype)])
         name = cfg.resolved_recipes()[0].name
-        from .spec import vendor_rows
-
         row = vendor_rows(sheet)[0]
         return {"recipe_name": name, "ppl_ref": sheet["reference"]["ppl"],
                 "content_hash": sheet["content_hash"], **sheet["metrics"][name],
@@ -219,14 +206,14 @@ def run_report_cmd(args: argparse.Namespace) -> int:
 def run_layers_cmd(args: argparse.Namespace) -> int:
     from precisim.emulation import LoadError, RecipeError, get_recipe, load_model
 
-    from .data import DataError, load_text, tokenize
+    from .data import DataError, load_text, prefix_token, tokenize
     from .layers import layer_errors, sensitivity
     from .plots import sensitivity_plot
     from .tables import write_table
 
     try:
         recipe = get_recipe(args.recipe)
-        text = load_text(args.data or _env_data())
+        text = load_text(args.data)
         if args.threads:
             import torch
 
@@ -235,7 +222,7 @@ def run_layers_cmd(args: argparse.Namespace) -> int:
     except (LoadError, RecipeError, DataError) as e:
         return _err(str(e))
     ids = tokenize(tok, text.text, args.tokens)
-    prefix = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    prefix = prefix_token(tok)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     errs = layer_errors(model, ids, recipe, window=args.window, prefix_token=prefix)

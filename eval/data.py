@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "Text", "load_text", "tokenize"]
+__all__ = ["DataError", "Text", "data_source", "load_text", "prefix_token", "tokenize"]
 
 DATA_ENV = "PRECISIM_DATA"
 _BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".json": "json",
@@ -35,15 +35,26 @@ class Text:
     sha256: str
 
 
-def load_text(source: str | Path | None = None, *, split: str = "test",
-              column: str = "text") -> Text:
-    """Read the evaluation text from ``source`` (or ``$PRECISIM_DATA``) with ``datasets``."""
-    if source is None:
+def data_source(source: str | Path | None = None) -> str:
+    """``source``, or ``$PRECISIM_DATA`` when it is None (a clear error when neither is set)."""
+    if source is None or str(source) == "":
         source = os.environ.get(DATA_ENV)
         if not source:
             raise DataError(f"no data given: pass a path (text, jsonl, parquet) or set "
                             f"${DATA_ENV}")
-    src = str(source)
+    return str(source)
+
+
+def prefix_token(tokenizer: object) -> int:
+    """The token prepended to an evaluated text: the tokenizer's BOS, else EOS, else 0."""
+    return next((t for t in (getattr(tokenizer, "bos_token_id", None),
+                             getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
+
+
+def load_text(source: str | Path | None = None, *, split: str = "test",
+              column: str = "text") -> Text:
+    """Read the evaluation text from ``source`` (or ``$PRECISIM_DATA``) with ``datasets``."""
+    src = data_source(source)
     p = Path(src).expanduser()
     import datasets
 

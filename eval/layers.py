@@ -20,16 +20,21 @@ from typing import Any
 import torch
 from precisim.emulation import Emulation, Recipe, get_recipe, plan
 
-from .perplexity import rolling_windows
+from .perplexity import (
+    logits_of,
+    prefixed,
+    rolling_windows,
+    token_kl,
+    token_nll,
+    window_logprobs,
+)
 
 __all__ = ["layer_errors", "sensitivity", "module_groups"]
 
 
 def _windows(tokens: Sequence[int] | torch.Tensor, window: int, prefix_token: int):
-    toks = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens,
-                           dtype=torch.long).flatten()
-    seq = torch.cat([torch.tensor([prefix_token]), toks])
-    return seq, rolling_windows(toks.numel(), window)
+    seq = prefixed(tokens, prefix_token)
+    return seq, rolling_windows(seq.numel() - 1, window)
 
 
 def _rates(records: list[dict[str, Any]], keep: Any) -> dict[str, float]:
@@ -89,26 +94,22 @@ def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     seq, wins = _windows(tokens, window, prefix_token)
     groups = module_groups(model, r, by)
-    ref_lp: list[torch.Tensor] = []
+    ref: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for w in wins:
-            ids = seq[w.start:w.end]
-            ref_lp.append(torch.log_softmax(model(ids[None], use_cache=False).logits[0]
-                                            .double(), -1))
-    tgts = [seq[w.start + 1:w.end + 1] for w in wins]
-    ref_nll = torch.cat([-lp.gather(-1, t[:, None])[:, 0] for lp, t in zip(ref_lp, tgts)])
+            ref.append(window_logprobs(logits_of(model, seq[w.start:w.end]), seq, w))
+    ref_nll = torch.cat([token_nll(lp, t) for lp, t in ref])
     rows = []
     for name, members in groups.items():
         keep = set(members)
         em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False)
         nll, kl = [], []
         with torch.no_grad():
-            for w, lp0, t in zip(wins, ref_lp, tgts):
+            for w, (lp0, t) in zip(wins, ref):
                 with em:
-                    lp = torch.log_softmax(model(seq[w.start:w.end][None], use_cache=False)
-                                           .logits[0].double(), -1)
-                nll.append(-lp.gather(-1, t[:, None])[:, 0])
-                kl.append((lp0.exp() * (lp0 - lp)).sum(-1))
+                    lp, _ = window_logprobs(logits_of(model, seq[w.start:w.end]), seq, w)
+                nll.append(token_nll(lp, t))
+                kl.append(token_kl(lp0, lp))
         d_nll = float(torch.cat(nll).mean() - ref_nll.mean())
         assert em.telemetry is not None
         rows.append({

@@ -29,7 +29,8 @@ from precisim.emulation import Emulation, Recipe, get_recipe
 
 from .stats import Interval, mean_ci, ppl_delta
 
-__all__ = ["EvalResult", "RecipeResult", "evaluate", "rolling_windows", "window_nll"]
+__all__ = ["EvalResult", "RecipeResult", "evaluate", "prefixed", "rolling_windows", "token_kl",
+           "token_nll", "window_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,31 @@ def rolling_windows(n_tokens: int, window: int, stride: int | None = None) -> li
     return out
 
 
-def window_nll(logits: torch.Tensor, seq: torch.Tensor, w: Window) -> torch.Tensor:
-    """Per-token NLL (float64) of the predicted positions of ``w`` from the window's logits."""
+def prefixed(tokens: Sequence[int] | torch.Tensor, prefix_token: int) -> torch.Tensor:
+    """The sequence the windows index: ``[prefix_token, *tokens]`` (int64)."""
+    toks = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens,
+                           dtype=torch.long).flatten()
+    return torch.cat([torch.tensor([prefix_token]), toks])
+
+
+def window_logprobs(logits: torch.Tensor, seq: torch.Tensor, w: Window
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (float64) of the predicted positions of ``w`` from the window's
+    logits, and the target tokens they predict."""
     k = w.pred_start - w.start - 1  # logit row predicting seq[pred_start]
-    lp = torch.log_softmax(logits[k:].double(), dim=-1)
-    tgt = seq[w.pred_start:w.end + 1]
+    return torch.log_softmax(logits[k:].double(), dim=-1), seq[w.pred_start:w.end + 1]
+
+
+def token_nll(lp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``tgt`` under log-probabilities ``lp``."""
     return -lp.gather(-1, tgt[:, None])[:, 0]
+
+
+def token_kl(ref_lp: torch.Tensor, lp: torch.Tensor, ref_p: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Per-token KL(reference || emulated) over the vocabulary (``ref_p`` = ``ref_lp.exp()``
+    when the caller already has it)."""
+    return ((ref_lp.exp() if ref_p is None else ref_p) * (ref_lp - lp)).sum(-1)
 
 
 @dataclass
@@ -101,7 +121,7 @@ class EvalResult:
         return [{"recipe": r.recipe.name, **r.metrics} for r in self.results]
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids[None], use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0])[0]
 
@@ -116,17 +136,16 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     else EOS, else 0). Metrics per recipe: ``ppl``, ``delta_ppl`` (paired bootstrap CI),
     ``kl`` and ``top1`` (mean with CI), telemetry rates.
     """
-    toks = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens,
-                           dtype=torch.long).flatten()
-    if toks.numel() == 0:
-        raise ValueError("no tokens to evaluate (empty text?)")
     if prefix_token is None:
         cfg = getattr(model, "config", None)
         prefix_token = next((t for t in (getattr(cfg, "bos_token_id", None),
                                          getattr(cfg, "eos_token_id", None))
                              if isinstance(t, int)), 0)
-    seq = torch.cat([torch.tensor([prefix_token]), toks])
-    wins = rolling_windows(toks.numel(), window, stride)
+    seq = prefixed(tokens, prefix_token)
+    n_tokens = seq.numel() - 1
+    if n_tokens == 0:
+        raise ValueError("no tokens to evaluate (empty text?)")
+    wins = rolling_windows(n_tokens, window, stride)
     recs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]
     handles = [Emulation(model, r, telemetry=telemetry) for r in recs]
     ref_parts: list[torch.Tensor] = []
@@ -143,23 +162,20 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
         for w in it:
             ids = seq[w.start:w.end]
             t0 = time.perf_counter()
-            ref_logits = _logits(model, ids)
+            ref_logits = logits_of(model, ids)
             ref_secs += time.perf_counter() - t0
-            k = w.pred_start - w.start - 1
-            ref_lp = torch.log_softmax(ref_logits[k:].double(), dim=-1)
-            tgt = seq[w.pred_start:w.end + 1]
-            ref_parts.append(-ref_lp.gather(-1, tgt[:, None])[:, 0])
+            ref_lp, tgt = window_logprobs(ref_logits, seq, w)
+            ref_parts.append(token_nll(ref_lp, tgt))
             ref_top = ref_lp.argmax(-1)
             ref_p = ref_lp.exp()
             for i, h in enumerate(handles):
                 t0 = time.perf_counter()
                 with h:
-                    logits = _logits(model, ids)
+                    logits = logits_of(model, ids)
                 secs[i] += time.perf_counter() - t0
-                lp = torch.log_softmax(logits[k:].double(), dim=-1)
-                parts[i]["nll"].append(-lp.gather(-1, tgt[:, None])[:, 0])
-                kl = (ref_p * (ref_lp - lp)).sum(-1)
-                parts[i]["kl"].append(kl.clamp_min(0))
+                lp, _ = window_logprobs(logits, seq, w)
+                parts[i]["nll"].append(token_nll(lp, tgt))
+                parts[i]["kl"].append(token_kl(ref_lp, lp, ref_p).clamp_min(0))
                 parts[i]["top1"].append((lp.argmax(-1) == ref_top).double())
     ref_nll = torch.cat(ref_parts).numpy()
     results = []
@@ -173,7 +189,7 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
         rr.metrics = summarize(ref_nll, rr, bootstrap=bootstrap, block=block, seed=seed)
         h.clear_cache()
         results.append(rr)
-    return EvalResult(ref_nll, results, int(toks.numel()), window, stride or window, ref_secs)
+    return EvalResult(ref_nll, results, n_tokens, window, stride or window, ref_secs)
 
 
 def summarize(ref_nll: np.ndarray, rr: RecipeResult, *, bootstrap: int = 1000,

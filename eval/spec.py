@@ -174,7 +174,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     """
     from precisim.emulation import load_model
 
-    from .data import load_text, tokenize
+    from .data import load_text, prefix_token, tokenize
     from .perplexity import evaluate, rolling_windows
 
     recipes = cfg.resolved_recipes()
@@ -186,7 +186,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
         torch.set_num_threads(cfg.threads)
     model, tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
     ids = tokenize(tok, text.text, cfg.tokens)
-    prefix = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    prefix = prefix_token(tok)
     res = evaluate(model, ids, recipes, window=cfg.window, stride=cfg.stride,
                    prefix_token=prefix, bootstrap=cfg.bootstrap, block=cfg.block,
                    seed=cfg.seed, progress=progress)
