@@ -169,3 +169,23 @@ def test_cli_bad_input_writes_nothing(tmp_path, textfile, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--spec", str(tmp_path / "sheet.json"), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_layer_errors_and_sensitivity(model) -> None:
+    from precisim.eval.layers import layer_errors, module_groups, sensitivity
+
+    toks = CharTokenizer()(TEXT[:128])["input_ids"]
+    e4 = {r["op"]: r for r in layer_errors(model, toks, "mxfp4", window=64)}
+    e8 = {r["op"]: r for r in layer_errors(model, toks, "mxfp8", window=64)}
+    assert "model.layers.0.self_attn.qk" in e4 and "model.layers.1.mlp.down_proj" in e4
+    assert set(e4) == set(e8)
+    for op in e4:
+        assert e4[op]["sqnr_db"] > 0 and e4[op]["numel"] > 0
+        if not op.endswith((".qk", ".pv")):  # (both recipes run attention in mxfp8)
+            # 8-bit blocks are more accurate than 4-bit blocks on every linear layer
+            assert e8[op]["sqnr_db"] > e4[op]["sqnr_db"] + 10
+    assert set(module_groups(model, "mxfp4")) == {"model.layers.0", "model.layers.1"}
+    rows = sensitivity(model, toks, "mxfp4", window=64)
+    assert [r["group"] for r in rows] and len(rows) == 2
+    assert rows[0]["delta_ppl"] >= rows[1]["delta_ppl"]
+    assert all(r["kl"] > 0 and r["modules"] == 8 for r in rows)
