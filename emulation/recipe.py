@@ -172,10 +172,6 @@ class TensorSpec:
         except FormatError as e:
             raise RecipeError(f"{where}: {e}") from None
 
-    @property
-    def is_scaled(self) -> bool:
-        return isinstance(self.resolve(), ScaledFormat)
-
     def bits_per_element(self) -> float:
         """Storage bits per element including block scales (ARITHMETIC.md section 2)."""
         f = self.resolve()
