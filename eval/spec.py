@@ -31,7 +31,7 @@ from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
 
 __all__ = ["EvalConfig", "compare_metrics", "content_hash", "run_eval", "vendor_rows",
-           "VENDOR_COLUMNS"]
+           "write_outputs", "VENDOR_COLUMNS"]
 
 SHEET_VERSION = 1
 
