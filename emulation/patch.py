@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .attention import KeyEnds, chunkable, chunked_attention, is_standard_eager
 from .gemm import Operand, gemm, needs_parts, quantize_operand
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
 from .telemetry import LayerErrors, Telemetry
@@ -336,6 +337,16 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                                ).values.to(key.dtype)
         value = quantize_operand(value, kv, telemetry=tel, where=(st.name, "v_cache")
                                  ).values.to(value.dtype)
+    # the standard eager function under fake quant: chunked, skipping the masked triangle
+    align = chunkable(st.spec) if st.handle.errors is None else None
+    scaling = kwargs.get("scaling", args[0] if args else None)
+    dropout = kwargs.get("dropout", args[1] if len(args) > 1 else 0.0)
+    if align is not None and scaling is not None and is_standard_eager(eager) \
+            and query.dim() == 4 and not (module.training and dropout) \
+            and (attention_mask is None or attention_mask.is_floating_point()):
+        return chunked_attention(module, query, key, value, attention_mask, float(scaling),
+                                 st.spec, align, name=st.name, telemetry=st.handle.telemetry,
+                                 key_ends=st.handle._key_ends)
     mode = _AttentionMatmuls(st)
     with mode:
         out = eager(module, query, key, value, attention_mask, *args, **kwargs)
@@ -384,6 +395,7 @@ class Emulation:
         self._patched_caches: list[Any] = []
         self._attn: list[nn.Module] = []
         self._wcache: dict[str, tuple[tuple[int, int, int], Operand]] = {}
+        self._key_ends = KeyEnds()  # visible key range of the current attention mask
         self.active = False
 
     # -- weight cache --------------------------------------------------------------------
@@ -507,6 +519,7 @@ class Emulation:
         for parent, child, orig in reversed(self._swaps):
             parent._modules[child] = orig
         self._swaps.clear()
+        self._key_ends.clear()
         self.active = False
 
     def __enter__(self) -> Emulation:

@@ -1,0 +1,182 @@
+"""Emulated attention for the standard eager attention function, skipping the masked triangle.
+
+Most decoder models in transformers (Llama, Mistral, Qwen2/3, Phi-3, OLMo-2, Granite, SmolLM3,
+Mixtral, ...) share one eager attention function::
+
+    S = (Q @ K^T) * scaling + mask;  P = softmax(S, fp32).to(dtype);  O = P @ V
+
+:func:`chunked_attention` computes exactly that with both matmuls under their
+:class:`~precisim.emulation.recipe.GemmSpec` (fake quant: operands quantized, fp32 products),
+but row chunk by row chunk, and for each chunk only over the keys the mask leaves visible
+(rounded up to whole scale blocks of P). Entries it skips are the ones the mask sends to an
+exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block of P that is
+computed unchanged (the blocks run along the keys, ARITHMETIC.md section 2). Under a causal
+mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in cache-sized
+pieces.
+
+It applies only when the result is the same computation as the generic path (the model's own
+function under :class:`~precisim.emulation.patch` 's matmul routing), checked by
+:func:`chunkable`: both matmuls fake-quant (no matrix unit, no output format), and P's format
+row-local along the keys (an element format with deterministic rounding, or blocks / a whole
+row along the keys, no tensor-level scale). Anything else (per-tensor FP8 scaling of P,
+stochastic rounding, a bit-exact unit, a different attention function) runs the generic path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from precisim.formats import FloatFormat, IntFormat, Rounding
+from precisim.formats.scaling import ScaledFormat
+
+from .gemm import _resolved, quantize_operand
+from .recipe import AttentionSpec, GemmSpec
+from .telemetry import Telemetry
+
+__all__ = ["chunkable", "chunked_attention", "is_standard_eager"]
+
+#: target size in bytes of one chunk of the score matrix (all heads)
+CHUNK_BYTES = 1 << 22
+
+_STANDARD: dict[Any, bool] = {}
+
+
+def _reference_eager() -> Any:
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama.eager_attention_forward
+
+
+def is_standard_eager(fn: Any) -> bool:
+    """True if ``fn`` is (a copy of) transformers' Llama ``eager_attention_forward``."""
+    hit = _STANDARD.get(fn)
+    if hit is None:
+        ref = _reference_eager()
+        a, b = getattr(fn, "__code__", None), ref.__code__
+        hit = fn is ref or (a is not None and a.co_code == b.co_code
+                            and a.co_names == b.co_names and a.co_consts == b.co_consts
+                            and a.co_varnames == b.co_varnames)
+        _STANDARD[fn] = hit
+    return hit
+
+
+def _key_align(g: GemmSpec) -> int | None:
+    """Key alignment that keeps P's quantization unchanged when keys are cut, or None when
+    P's format is not row-local along the keys."""
+    spec = g.input
+    if spec is None:
+        return 1
+    fmt = _resolved(spec, -1)
+    if isinstance(fmt, FloatFormat | IntFormat):
+        return None if Rounding.parse(spec.rounding) is Rounding.STOCHASTIC else 1
+    if not isinstance(fmt, ScaledFormat) or fmt.tensor_scale or fmt.granularity.keep_axis \
+            is not None or fmt.granularity.is_per_tensor():
+        return None
+    if Rounding.parse(spec.rounding) is Rounding.STOCHASTIC:
+        return None
+    blocks = fmt.granularity.blocks
+    if len(blocks) != 1 or blocks[0][0] != -1:
+        return None
+    return blocks[0][1] or 1  # None: one scale per row (amax unchanged by exact zeros)
+
+
+def chunkable(spec: AttentionSpec) -> int | None:
+    """The key alignment for :func:`chunked_attention` under ``spec``, or None if it does not
+    apply (see module doc)."""
+    qk, pv = spec.qk, spec.pv
+    for g in (qk, pv):
+        if g is None or g.is_identity or g.unit is not None or g.output is not None:
+            return None
+    assert pv is not None
+    return _key_align(pv)
+
+
+def _key_ends(mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: int
+              ) -> list[int]:
+    """Per row chunk, the number of leading keys that hold every key the mask leaves visible
+    (rounded up to ``align``); all keys for a chunk with a fully masked row (its softmax is
+    uniform over every key) or without a mask."""
+    starts = range(0, n_q, rows)
+    if mask is None:
+        return [n_k for _ in starts]
+    vis = (mask > torch.finfo(mask.dtype).min / 2).expand(-1, -1, n_q, n_k)
+    vis = vis.any(dim=1)  # (b, q, k)
+    ends = []
+    for r0 in starts:
+        v = vis[:, r0:r0 + rows]
+        if not bool(v.any(-1).all()):
+            ends.append(n_k)
+            continue
+        cols = v.any(dim=0).any(dim=0).nonzero()
+        last = int(cols[-1]) + 1
+        ends.append(min(n_k, -(-last // align) * align))
+    return ends
+
+
+class KeyEnds:
+    """Caches :func:`_key_ends` for the mask object every layer of one forward shares."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._ends: list[int] = []
+
+    def get(self, mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: int
+            ) -> list[int]:
+        key = (n_q, n_k, rows, align, None if mask is None else mask._version)
+        if mask is not self._mask or key != self._key:
+            self._ends = _key_ends(mask, n_q, n_k, rows, align)
+            self._mask, self._key = mask, key
+        return self._ends
+
+    def clear(self) -> None:
+        self._mask, self._key, self._ends = None, None, []
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                      spec: AttentionSpec, align: int, *, name: str,
+                      telemetry: Telemetry | None, key_ends: KeyEnds
+                      ) -> tuple[torch.Tensor, None]:
+    """The standard eager attention under ``spec`` (see module doc); returns
+    ``(output (b, q, h, d) in the query's dtype, None)``."""
+    qk, pv = spec.qk, spec.pv
+    assert qk is not None and pv is not None
+    dtype = query.dtype
+    groups = getattr(module, "num_key_value_groups", 1)
+    k = _repeat_kv(key, groups)
+    v = _repeat_kv(value, groups)
+    qq = quantize_operand(query, qk.input, telemetry=telemetry, where=(f"{name}.qk", "input"))
+    kq = quantize_operand(k, qk.weight, telemetry=telemetry, where=(f"{name}.qk", "weight"))
+    vq = quantize_operand(v.transpose(-1, -2), pv.weight, telemetry=telemetry,
+                          where=(f"{name}.pv", "weight")).values.transpose(-1, -2)
+    q = qq.values
+    pow2 = scaling > 0 and math.frexp(scaling)[0] == 0.5
+    if pow2:  # exact: scaling the fp32 operand by 2^n scales every partial sum by 2^n
+        q = q * scaling
+    b, h, n_q, d = q.shape
+    n_k = kq.values.shape[-2]
+    rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
+    ends = key_ends.get(mask, n_q, n_k, rows, align)
+    out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
+    kt = kq.values.transpose(-1, -2)
+    for i, r0 in enumerate(range(0, n_q, rows)):
+        r1, ke = min(n_q, r0 + rows), ends[i]
+        s = torch.matmul(q[:, :, r0:r1], kt[..., :ke]).to(dtype)
+        if not pow2:
+            s = s * scaling
+        if mask is not None:
+            s = s + mask[:, :, r0:r1, :ke]
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+        pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
+        out[:, :, r0:r1] = torch.matmul(pq.values, vq[:, :, :ke])
+    return out.to(dtype).transpose(1, 2).contiguous(), None
