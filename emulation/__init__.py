@@ -7,6 +7,8 @@
     with emulate(model, "mxfp4") as em:      # a Hugging Face model under a recipe
         model(ids); print(em.plan, em.telemetry.table())
 
+    rec = load_recording("H100", "E4M3")     # real tensor-core outputs to check a model against
+
 See ARITHMETIC.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
 """
 
@@ -34,6 +36,15 @@ from .recipe import (
     available_recipes,
     get_recipe,
 )
+from .recordings import (
+    RECORDED_CASES,
+    Recording,
+    RecordingCase,
+    RecordingError,
+    available_recordings,
+    load_recording,
+    recordings_dir,
+)
 from .reference import dot, exact_dot, scaled_dot
 from .scaled import scaled_fast_divergence, scaled_matmul
 from .telemetry import Telemetry
@@ -45,4 +56,6 @@ __all__ = [
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_units", "chunked", "dot",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",
     "scaled_dot", "scaled_fast_divergence", "scaled_matmul", "sequential_fma",
+    "RECORDED_CASES", "Recording", "RecordingCase", "RecordingError", "available_recordings",
+    "load_recording", "recordings_dir",
 ]

@@ -8,16 +8,16 @@ recordings are ../shared/data/tensor-core-recordings (Khattak & Mikaitis, arXiv 
 from __future__ import annotations
 
 import math
-import os
 import struct
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 from precisim.emulation.matmul import fast_divergence, matmul
 from precisim.emulation.matrix_unit import CMode, Drop, MatrixUnit, chunked, kulisch
 from precisim.emulation.presets import available_units, get_unit
+from precisim.emulation.recordings import RECORDED_CASES, RecordingError
+from precisim.emulation.recordings import load_recording as load_recorded
 from precisim.emulation.reference import dot, exact_dot
 from precisim.formats import FormatError, quantize
 
@@ -177,53 +177,49 @@ def test_sr_needs_bits_and_is_reproducible():
 
 
 # ---------------------------------------------------------------------------------------------
-# recordings of real tensor cores (../shared/data/tensor-core-recordings)
+# recordings of real tensor cores (../shared/data/tensor-core-recordings, loaded by
+# precisim.emulation.recordings; $PRECISIM_SHARED overrides the shared folder)
 
-def shared_dir() -> Path:
-    env = os.environ.get("PRECISIM_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-REC = shared_dir() / "data" / "tensor-core-recordings"
-CASES = [  # (gpu, input format, output, preset)
-    ("V100", "fp16", "fp32", "v100-fp16"),
-    ("V100", "fp16", "fp16", "v100-fp16-fp16out"),
-    ("A100", "fp16", "fp32", "a100-fp16"),
-    ("A100", "fp16", "fp16", "a100-fp16-fp16out"),
-    ("A100", "bf16", "fp32", "a100-bf16"),
-    ("A100", "tf32", "fp32", "a100-tf32"),
-    ("H100", "fp16", "fp32", "h100-fp16"),
-    ("H100", "fp16", "fp16", "h100-fp16-fp16out"),
-    ("H100", "bf16", "fp32", "h100-bf16"),
-    ("H100", "tf32", "fp32", "h100-tf32"),
-    ("H100", "E4M3", "fp32", "h100-e4m3"),
-    ("H100", "E5M2", "fp32", "h100-e5m2"),
-]
+CASES = [(c.gpu, c.fmt, c.out, c.preset) for c in RECORDED_CASES]
 
 
 @cache
 def load_recording(gpu: str, fmt: str, out: str):
-    d = REC / gpu / fmt
-    if not d.is_dir():
-        pytest.skip(f"tensor-core recordings not found at {d} (set PRECISIM_SHARED to the "
-                    "folder holding data/tensor-core-recordings)")
-
-    def hexrows(name):
-        return [[bits_f32(int(h, 16)) for h in line.split()] for line in open(d / name)]
-
-    def binrows(name):
-        return [int(line.strip(), 2) for line in open(d / name) if line.strip()]
-
-    a = hexrows(f"a_{gpu}_{fmt}.txt")
-    b = hexrows(f"b_{gpu}_{fmt}.txt")
-    c = [bits_f32(x) for x in binrows(f"c_{gpu}_fp32.txt")]
-    dd = binrows(f"d_{gpu}_{out}.txt")
-    if fmt in ("E4M3", "E5M2"):  # README: recorded with C = 0; the c file is not an input
-        c = [0.0] * len(c)
-    if out == "fp16":  # README: C was first rounded to fp16 (RNE) on the GPU
-        c = quantize(torch.tensor(c), "fp16").tolist()
+    try:
+        rec = load_recorded(gpu, fmt, out)
+    except RecordingError as e:
+        pytest.skip(str(e))
+    a, b, c = rec.a.tolist(), rec.b.tolist(), rec.c.tolist()
+    dd = rec.d_bits.tolist()
     assert len(a) == len(b) == len(c) == len(dd) == 5000
     return a, b, c, dd
+
+
+def test_recording_loader_against_the_raw_files(tmp_path):
+    """load_recording parses the files as the README says (checked line by line with struct
+    on the first and last samples), applies C = 0 (FP8) and fp16 C (fp16 outputs), and names
+    the path when the data are missing."""
+    for gpu, fmt, out, preset in CASES:
+        a, b, c, dd = load_recording(gpu, fmt, out)
+        rec = load_recorded(gpu, fmt, out)
+        assert rec.preset == preset and len(rec) == 5000
+        lines = {n: (rec.path / f"{n}_{gpu}_{f}.txt").read_text().splitlines()
+                 for n, f in (("a", fmt), ("b", fmt), ("c", "fp32"), ("d", out))}
+        for i in (0, 4999):
+            assert a[i] == [bits_f32(int(h, 16)) for h in lines["a"][i].split()]
+            assert b[i] == [bits_f32(int(h, 16)) for h in lines["b"][i].split()]
+            assert dd[i] == int(lines["d"][i], 2)
+            raw_c = bits_f32(int(lines["c"][i], 2))
+            if fmt in ("E4M3", "E5M2"):
+                assert c[i] == 0.0
+            elif out == "fp16":
+                assert c[i] == float(torch.tensor(raw_c).half())
+            else:
+                assert f32_bits(c[i]) == f32_bits(raw_c)
+    with pytest.raises(RecordingError, match=str(tmp_path)):
+        load_recorded("H100", "E4M3", "fp32", root=tmp_path)
+    with pytest.raises(KeyError, match="V100"):
+        load_recorded("H100", "E4M3", "fp16")
 
 
 @pytest.mark.parametrize("gpu,fmt,out,preset", CASES, ids=[f"{g}-{f}-{o}" for g, f, o, _ in CASES])
