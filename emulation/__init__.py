@@ -25,7 +25,7 @@ from .matrix_unit import (
     sequential_fma,
 )
 from .patch import Emulation, EmulationError, Plan, PlanEntry, emulate, plan
-from .presets import available_units, get_unit
+from .presets import available_units, get_unit, unit_from_dict, unit_to_dict
 from .recipe import (
     AttentionSpec,
     GemmSpec,
@@ -56,6 +56,7 @@ __all__ = [
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_units", "chunked", "dot",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",
     "scaled_dot", "scaled_fast_divergence", "scaled_matmul", "sequential_fma",
+    "unit_from_dict", "unit_to_dict",
     "RECORDED_CASES", "Recording", "RecordingCase", "RecordingError", "available_recordings",
     "load_recording", "recordings_dir",
 ]

@@ -31,7 +31,13 @@ format itself as input format.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from precisim.formats import FloatFormat, FormatError, IntFormat
 
 from .matrix_unit import MatrixUnit, kulisch, per_add_rounding, sequential_fma
 
@@ -87,6 +93,56 @@ PRESETS: dict[str, MatrixUnit] = _build()
 def available_units() -> list[str]:
     """The names accepted by :func:`get_unit`."""
     return sorted(PRESETS)
+
+
+def unit_to_dict(unit: MatrixUnit) -> dict[str, Any]:
+    """Every field of ``unit`` as plain JSON/YAML values (formats by name, enums by value);
+    :func:`unit_from_dict` rebuilds the same unit."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(unit):
+        v = getattr(unit, f.name)
+        if isinstance(v, FloatFormat | IntFormat):
+            v = v.name
+        elif isinstance(v, enum.Enum):
+            v = v.value
+        if f.name == "description" and not v:
+            continue
+        out[f.name] = v
+    return out
+
+
+def unit_from_dict(spec: Mapping[str, Any], where: str = "unit") -> MatrixUnit:
+    """A matrix unit from a mapping: ``base`` (a preset name) plus the fields to change, or
+    every field of :class:`MatrixUnit` (``name`` required). E.g. an H100 FP8 datapath with
+    16-product blocks for NVFP4: ``{"base": "h100-e4m3", "name": "fp4-acc13", "block_size":
+    16}``. Unknown keys and bad values raise ``ValueError`` naming them."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a mapping of MatrixUnit fields (or a preset name), "
+                         f"got {type(spec).__name__} {spec!r}")
+    allowed = ["base"] + [f.name for f in dataclasses.fields(MatrixUnit)]
+    bad = [k for k in spec if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
+                         f"{', '.join(allowed)}")
+    fields = {k: v for k, v in spec.items() if k != "base"}
+    try:
+        if spec.get("base") is not None:
+            base = get_unit(str(spec["base"]))
+            fields.setdefault("name", f"{base.name}+custom")
+            fields.setdefault("description", f"{base.name} with " + ", ".join(
+                f"{k}={v}" for k, v in spec.items() if k not in ("base", "name")))
+            return base.with_(**fields)
+        if "name" not in fields:
+            raise ValueError("a unit without 'base' needs a 'name'")
+        return MatrixUnit(**fields)
+    except KeyError as e:
+        raise ValueError(f"{where}: {e.args[0]}") from None
+    except (ValueError, TypeError, FormatError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def get_unit(name: str | MatrixUnit) -> MatrixUnit:

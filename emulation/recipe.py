@@ -44,6 +44,8 @@ from precisim.formats.scaling import (
     get_scaled_format,
 )
 
+from .matrix_unit import MatrixUnit
+
 __all__ = [
     "AttentionSpec", "GemmSpec", "Recipe", "RecipeError", "Rule", "TensorSpec",
     "available_recipes", "get_recipe",
@@ -208,14 +210,15 @@ def _with_axis(g: Granularity, axis: int) -> Granularity:
 class GemmSpec:
     """One GEMM: a :class:`TensorSpec` per role (None = left in the model's precision) and the
     matrix unit that sums the products (a name from
-    :func:`precisim.emulation.available_units`, or None for an fp32 ``torch.matmul`` of the
-    dequantized operands). ``fidelity``: ``bit-exact`` or ``fast`` (see
-    :func:`precisim.emulation.matmul`)."""
+    :func:`precisim.emulation.available_units`, a :class:`~precisim.emulation.MatrixUnit`
+    (in YAML/JSON: a mapping, see :func:`~precisim.emulation.presets.unit_from_dict`), or None
+    for an fp32 ``torch.matmul`` of the dequantized operands). ``fidelity``: ``bit-exact`` or
+    ``fast`` (see :func:`precisim.emulation.matmul`)."""
 
     input: TensorSpec | None = None
     weight: TensorSpec | None = None
     output: TensorSpec | None = None
-    unit: str | None = None
+    unit: str | MatrixUnit | None = None
     fidelity: str = "bit-exact"
 
     def __post_init__(self) -> None:
@@ -227,8 +230,19 @@ class GemmSpec:
 
             try:
                 get_unit(self.unit)
-            except KeyError as e:
+            except (KeyError, TypeError) as e:
                 raise RecipeError(f"gemm spec: {e.args[0]}") from None
+
+    @property
+    def unit_name(self) -> str | None:
+        """The matrix unit's name (None: fp32 matmul of the dequantized operands)."""
+        return self.unit if self.unit is None or isinstance(self.unit, str) else self.unit.name
+
+    def matrix_unit(self) -> MatrixUnit | None:
+        """The matrix unit object (None: fp32 matmul of the dequantized operands)."""
+        from .presets import get_unit
+
+        return None if self.unit is None else get_unit(self.unit)
 
     @classmethod
     def parse(cls, value: GemmSpec | str | Mapping[str, Any] | None, where: str
@@ -244,8 +258,19 @@ class GemmSpec:
             _unknown_keys(value, ("input", "weight", "output", "unit", "fidelity"), where)
             kw: dict[str, Any] = {r: TensorSpec.parse(value.get(r), f"{where}.{r}")
                                   for r in ROLES}
-            if value.get("unit") is not None:
-                kw["unit"] = str(value["unit"])
+            u = value.get("unit")
+            if isinstance(u, Mapping):
+                from .presets import unit_from_dict
+
+                try:
+                    kw["unit"] = unit_from_dict(u, f"{where}.unit")
+                except ValueError as e:
+                    raise RecipeError(str(e)) from None
+            elif isinstance(u, MatrixUnit | str):
+                kw["unit"] = u
+            elif u is not None:
+                raise RecipeError(f"{where}.unit: expected a preset name or a mapping of "
+                                  f"MatrixUnit fields, got {type(u).__name__} {u!r}")
             if value.get("fidelity") is not None:
                 kw["fidelity"] = str(value["fidelity"])
             return cls(**kw)
@@ -264,14 +289,19 @@ class GemmSpec:
             if s is not None:
                 d[r] = s.to_dict()
         if self.unit is not None:
-            d["unit"] = self.unit
+            from .presets import PRESETS, unit_to_dict
+
+            u = self.unit
+            d["unit"] = u if isinstance(u, str) else u.name if PRESETS.get(u.name) == u \
+                else unit_to_dict(u)
             d["fidelity"] = self.fidelity
         return d
 
     def describe(self) -> str:
         parts = [f"{r[0]}={getattr(self, r).describe()}" for r in ROLES
                  if getattr(self, r) is not None]
-        parts.append(f"unit={self.unit}/{self.fidelity}" if self.unit else "unit=fp32-matmul")
+        parts.append(f"unit={self.unit_name}/{self.fidelity}" if self.unit
+                     else "unit=fp32-matmul")
         return " ".join(parts)
 
 
@@ -510,12 +540,18 @@ class Recipe:
                                    **new)
 
     def units(self) -> list[str]:
-        """The matrix units the recipe uses (defaults and rules)."""
-        out: list[str] = []
+        """The names of the matrix units the recipe uses (defaults and rules)."""
+        return [u.name for u in self.matrix_units()]
+
+    def matrix_units(self) -> list[MatrixUnit]:
+        """The matrix units the recipe uses (defaults and rules), as objects."""
+        out: list[MatrixUnit] = []
 
         def add(x: Any) -> None:
-            if isinstance(x, GemmSpec) and x.unit and x.unit not in out:
-                out.append(x.unit)
+            if isinstance(x, GemmSpec) and x.unit is not None:
+                u = x.matrix_unit()
+                if u not in out:
+                    out.append(u)
             if isinstance(x, AttentionSpec):
                 add(x.qk)
                 add(x.pv)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from precisim.emulation import Recipe, TensorSpec, get_recipe, get_unit
+from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
 
@@ -137,8 +138,8 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
                                  {role: _format_info(getattr(getattr(att, k), role))
                                   for role in ("input", "weight")}) for k in ("qk", "pv")}
         info["kv_cache"] = _format_info(att.kv_cache)
-    info["units"] = {u: {"summary": get_unit(u).summary(),
-                         "description": get_unit(u).description} for u in r.units()}
+    info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
+                              "params": unit_to_dict(u)} for u in r.matrix_units()}
     return info
 
 
@@ -268,7 +269,7 @@ def _unit_cell(info: dict[str, Any]) -> tuple[str, str]:
     if not units:
         return "fp32 matmul of dequantized operands", "fp32 (24-bit significand)"
     name, u = next(iter(units.items()))
-    unit = get_unit(name)
+    unit = unit_from_dict(u["params"]) if "params" in u else get_unit(name)
     acc = unit.acc_format
     bits = f"{acc.name}" if isinstance(acc, IntFormat) else \
         f"{acc.name} ({acc.man_bits + 1}-bit significand)"

@@ -189,3 +189,21 @@ def test_layer_errors_and_sensitivity(model) -> None:
     assert [r["group"] for r in rows] and len(rows) == 2
     assert rows[0]["delta_ppl"] >= rows[1]["delta_ppl"]
     assert all(r["kl"] > 0 and r["modules"] == 8 for r in rows)
+
+
+def test_spec_sheet_with_a_custom_matrix_unit(model, textfile) -> None:
+    """A recipe whose unit is given by its fields (not a preset) reaches the vendor table and
+    the spec sheet reproduces it from the recorded fields alone."""
+    from precisim.emulation import Recipe
+
+    r = Recipe.from_dict({"name": "fp4-acc13", "linear": {
+        "input": "nvfp4", "weight": "nvfp4",
+        "unit": {"base": "h100-e4m3", "name": "fp4-acc13-k16", "block_size": 16}}})
+    cfg = EvalConfig(model="tiny", data=str(textfile), recipes=(r.to_dict(),), tokens=64,
+                     window=64, bootstrap=0)
+    sheet = run_eval(cfg, model_and_tokenizer=(model, CharTokenizer()))
+    row = vendor_rows(sheet)[0]
+    assert "fp4-acc13-k16" in row["unit"] and "k=16" in row["unit"]
+    assert "13 fraction bits after alignment" in row["acc_bits"]
+    again = EvalConfig.from_sheet(json.loads(json.dumps(sheet)))
+    assert Recipe.from_dict(again.recipes[0]) == r
