@@ -82,14 +82,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     layer.set_defaults(func=run_layers_cmd, tokens=512)
 
 
-def _print_table(sheet: dict[str, Any]) -> None:
+def summary_table(sheet: dict[str, Any]) -> str:
+    """The short accuracy table ``precisim eval`` prints (and writes as ``summary.md``)."""
     from .spec import vendor_rows
     from .tables import render_table
 
     cols = [("recipe", "recipe"), ("weights", "weights"), ("unit", "matrix unit"),
             ("bits_w", "bits/W"), ("ppl", "ppl"), ("delta_ppl_ci", "Δppl [95% CI]"),
             ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated")]
-    print(render_table(vendor_rows(sheet), cols, fmt="markdown", floatfmt=".4g"))
+    s = sheet["inputs"]["settings"]
+    head = (f"{sheet['inputs']['model']['source']}, {s['tokens_evaluated']} tokens of "
+            f"{Path(sheet['inputs']['data']['source']).name}, window {s['window']}: reference "
+            f"(unpatched) ppl {sheet['reference']['ppl']:.4f}")
+    return head + "\n\n" + render_table(vendor_rows(sheet), cols, fmt="markdown",
+                                        floatfmt=".4g")
 
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
@@ -97,6 +103,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
 
     from .data import DataError, data_source
     from .spec import EvalConfig, compare_metrics, run_eval, write_outputs
+    from .store import write_atomic
 
     old = None
     try:
@@ -110,11 +117,10 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         sheet = run_eval(cfg, progress=sys.stderr.isatty())
     except (LoadError, RecipeError, DataError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
-    print(f"model {cfg.model}, {sheet['inputs']['settings']['tokens_evaluated']} tokens, "
-          f"window {cfg.window}: reference ppl {sheet['reference']['ppl']:.4f} "
-          f"({time.perf_counter() - t0:.0f} s)\n")
-    _print_table(sheet)
+    table = summary_table(sheet)
+    print(f"evaluated in {time.perf_counter() - t0:.0f} s\n\n{table}")
     paths = write_outputs(sheet, args.out, plot=not args.no_plot)
+    paths["summary"] = write_atomic(Path(args.out) / "summary.md", table + "\n")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     if old is not None:
         diffs = compare_metrics(old, json.loads(json.dumps(sheet)))
