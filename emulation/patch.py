@@ -343,7 +343,10 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     dropout = kwargs.get("dropout", args[1] if len(args) > 1 else 0.0)
     if align is not None and scaling is not None and is_standard_eager(eager) \
             and query.dim() == 4 and not (module.training and dropout) \
-            and (attention_mask is None or attention_mask.is_floating_point()):
+            and (attention_mask is None or (attention_mask.is_floating_point()
+                                            and attention_mask.dim() == 4
+                                            and attention_mask.shape[-2:] == (query.shape[-2],
+                                                                              key.shape[-2]))):
         return chunked_attention(module, query, key, value, attention_mask, float(scaling),
                                  st.spec, align, name=st.name, telemetry=st.handle.telemetry,
                                  key_ends=st.handle._key_ends)

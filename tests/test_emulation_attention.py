@@ -127,3 +127,25 @@ def test_when_the_chunked_path_does_not_apply() -> None:
     assert is_standard_eager(modeling_llama.eager_attention_forward)
     assert is_standard_eager(modeling_qwen2.eager_attention_forward)
     assert not is_standard_eager(modeling_gpt2.eager_attention_forward)
+
+
+def test_generate_with_a_kv_cache_chunked_equals_generic(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Prefill and one-token decode steps (a growing cache, a (1, k) mask) agree too."""
+    model = _model("llama")
+    r = Recipe.from_dict({"name": "kv", "linear": "mxfp8", "attention": {
+        "qk": "mxfp8", "pv": "mxfp8", "kv_cache": "e4m3"}})
+    outs = []
+    for generic in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(attn_mod, "CHUNK_BYTES", 1)
+            if generic:
+                m.setattr(patch_mod, "chunkable", lambda spec: None)
+            with torch.no_grad(), emulate(model, r):
+                g = model.generate(IDS[:1, :40], max_new_tokens=8, do_sample=False,
+                                   pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+        outs.append(g)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        assert torch.equal(a, b)
