@@ -18,27 +18,111 @@ per call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from precisim.formats import FloatFormat, IntFormat
 from precisim.formats.scaling import ScaledFormat, ScaledTensor, _block_view
 
-__all__ = ["Telemetry", "count_events"]
+__all__ = ["Telemetry", "count_events", "count_events_reference"]
 
 COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
 
 
-def _overflow_ratio(fmt: FloatFormat | IntFormat) -> float:
-    """Overflow threshold / largest magnitude (RNE: max + half an ulp of max)."""
+def _overflow_threshold(fmt: FloatFormat | IntFormat) -> tuple[float, bool]:
+    """``(t, tie)``: under RNE, magnitudes above ``t`` (the largest magnitude plus half an
+    ulp) overflow, and ``t`` itself overflows iff ``tie`` (the largest magnitude is odd, so
+    the tie goes to the next, unrepresentable, even value)."""
     if isinstance(fmt, IntFormat):
-        return (fmt.qmax + 0.5) / fmt.qmax
-    return 1.0 + 2.0 ** -(fmt.man_bits + 1)
+        return fmt.qmax + 0.5, fmt.qmax % 2 == 1
+    top = float(fmt.max)
+    ulp_exp = math.floor(math.log2(top)) - fmt.man_bits
+    odd = int(top / 2.0 ** ulp_exp) % 2 == 1
+    return top + 2.0 ** (ulp_exp - 1), odd
+
+
+def _overflow_ratio(fmt: FloatFormat | IntFormat) -> float:
+    """Overflow threshold / largest magnitude (relative to a block's scaled maximum)."""
+    t, _ = _overflow_threshold(fmt)
+    return t / float(fmt.qmax if isinstance(fmt, IntFormat) else fmt.max)
+
+
+def _beyond(ax: torch.Tensor, t: float, tie: bool) -> torch.Tensor:
+    return ax >= t if tie else ax > t
 
 
 def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat | ScaledFormat,
                  parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
-    """The counters of one quantization of ``x`` to ``q`` (see the module docstring)."""
+    """The counters of one quantization of ``x`` to ``q`` (see the module docstring).
+
+    The element-wise tests and their sums run as one fused kernel (torch.compile for large
+    operands, as the quantization kernels do; :func:`count_events_reference` is the plain
+    eager definition they are tested against)."""
+    from precisim.formats import kernels
+
+    xf = x.detach().float().reshape(-1)
+    qf = q.detach().float().reshape(-1)
+    out: dict[str, torch.Tensor] = {"numel": torch.tensor(x.numel(), dtype=torch.int64)}
+    if isinstance(fmt, ScaledFormat):
+        if parts is None:
+            raise ValueError("scaled telemetry needs the quantization parts")
+        ratio = _overflow_ratio(fmt.element)
+        table = _at_max_table(fmt.element).to(xf.device)
+        codes = parts.codes.detach().reshape(-1)
+        sums = kernels.run(_scaled_events(ratio), ("telemetry", "scaled", ratio), xf.numel(),
+                           xf, qf, codes, table)
+        out["scale_clamped"], out["blocks"] = _scale_clamps(x.detach().float(), parts, fmt)
+    else:
+        thr, tie = _overflow_threshold(fmt)
+        sums = kernels.run(_plain_events(thr, tie), ("telemetry", "plain", thr, tie),
+                           xf.numel(), xf, qf)
+        out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
+        out["blocks"] = torch.zeros((), dtype=torch.int64)
+    out["flushed"], out["nonfinite"], out["saturated"] = sums.unbind()
+    return out
+
+
+@lru_cache(maxsize=64)
+def _at_max_table(elem: FloatFormat | IntFormat) -> torch.Tensor:
+    """For each code of ``elem``: is its value at the format's largest magnitude?"""
+    from precisim.formats.quantize import decode
+
+    vals = decode(torch.arange(1 << elem.bits), elem).abs()
+    return vals >= float(elem.max)
+
+
+@lru_cache(maxsize=64)
+def _plain_events(thr: float, tie: bool):  # noqa: ANN202
+    def fn(xf: torch.Tensor, qf: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(xf)
+        flushed = ((xf != 0) & (qf == 0) & finite).sum()
+        nonfinite = (finite & ~torch.isfinite(qf)).sum()
+        sat = (finite & _beyond(xf.abs(), thr, tie)).sum()
+        return torch.stack([flushed, nonfinite, sat])
+    return fn
+
+
+@lru_cache(maxsize=64)
+def _scaled_events(ratio: float):  # noqa: ANN202
+    def fn(xf: torch.Tensor, qf: torch.Tensor, codes: torch.Tensor, table: torch.Tensor
+           ) -> torch.Tensor:
+        finite = torch.isfinite(xf)
+        flushed = ((xf != 0) & (qf == 0) & finite).sum()
+        nonfinite = (finite & ~torch.isfinite(qf)).sum()
+        aq = qf.abs()
+        at_max = table[codes.to(torch.int64)]
+        sat = (finite & at_max & (xf.abs() > aq * ratio) & (aq > 0)).sum()
+        return torch.stack([flushed, nonfinite, sat])
+    return fn
+
+
+def count_events_reference(x: torch.Tensor, q: torch.Tensor,
+                           fmt: FloatFormat | IntFormat | ScaledFormat,
+                           parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
+    """The definition of the counters, in plain eager torch (what :func:`count_events` is
+    tested against)."""
     xf = x.detach().float()
     qf = q.detach().float()
     ax, aq = xf.abs(), qf.abs()
@@ -60,8 +144,8 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
         out["saturated"] = sat.sum()
         out["scale_clamped"], out["blocks"] = _scale_clamps(xf, parts, fmt)
     else:
-        thr = float(fmt.max) * _overflow_ratio(fmt)
-        out["saturated"] = (finite & (ax >= thr)).sum()
+        thr, tie = _overflow_threshold(fmt)
+        out["saturated"] = (finite & _beyond(ax, thr, tie)).sum()
         out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
         out["blocks"] = torch.zeros((), dtype=torch.int64)
     return out

@@ -1,0 +1,80 @@
+"""Telemetry counters: known answers at the overflow threshold, and the fused counting kernel
+(eager and torch.compile'd) equal to the plain definition on adversarial data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from precisim.emulation.telemetry import count_events, count_events_reference
+from precisim.formats import Overflow, get_backend, quantize, set_backend
+from precisim.formats.scaling import get_scaled_format, quantize_scaled
+
+
+def _plain(x: torch.Tensor, fmt: str, overflow: str = "saturate") -> dict[str, int]:
+    q = quantize(x, fmt, overflow=Overflow.parse(overflow))
+    return {k: int(v) for k, v in count_events(x, q, __import__(
+        "precisim.formats", fromlist=["get_format"]).get_format(fmt)).items()}
+
+
+def test_known_answers_e4m3_threshold_and_flush() -> None:
+    # e4m3fn: max 448 = 1.110b x 2^8, ulp 32: 464 is a tie that rounds (to even) to 448
+    x = torch.tensor([464.0, 464.5, 470.0, 500.0, -1e4, math.inf, math.nan, 1e-5, -1e-4,
+                      0.0, 1.0])
+    c = _plain(x, "e4m3")
+    assert c["saturated"] == 4 and c["flushed"] == 2 and c["nonfinite"] == 0
+    assert c["numel"] == 11
+    # with overflow to inf (e5m2) the beyond-threshold values become inf: counted as both
+    y = torch.tensor([61440.0, 61441.0, 1e6, 1.0])  # e5m2 max 57344 = 1.11b x 2^15, tie 61440
+    c = _plain(y, "e5m2", "inf")
+    assert c["saturated"] == 3 and c["nonfinite"] == 3
+
+
+def test_known_answers_odd_maximum_tie_overflows() -> None:
+    # e2m1: max 6 = 1.1b x 2^2 (odd): the tie at 7 rounds to 8, beyond the format
+    c = _plain(torch.tensor([6.9, 7.0, 7.1, -7.0, 6.0]), "e2m1")
+    assert c["saturated"] == 3
+
+
+def _adversarial(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.distributions.StudentT(2.0).sample((n,)) * 0.5
+    x = x * torch.exp2(torch.randint(-30, 20, (n,), generator=g).float() / 4)
+    idx = torch.randint(0, n, (n // 50,), generator=g)
+    x[idx[: len(idx) // 4]] = math.inf
+    x[idx[len(idx) // 4: len(idx) // 2]] = math.nan
+    x[idx[len(idx) // 2: 3 * len(idx) // 4]] = 0.0
+    x[idx[3 * len(idx) // 4:: 2]] = 3.4e38  # beyond bf16's threshold too
+    x[idx[3 * len(idx) // 4 + 1:: 2]] = -1e-44  # an fp32 subnormal: flushed by every format
+    return x.reshape(-1, 256)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e2m1", "int8", "bf16", "mxfp4", "mxfp8",
+                                 "nvfp4", "fp8_tensor", "int4_group128"])
+def test_fused_counts_equal_the_definition(fmt: str, backend: str) -> None:
+    old = get_backend()
+    set_backend(backend)
+    try:
+        for seed in (0, 1):
+            x = _adversarial(1 << 16, seed)
+            try:
+                sf = get_scaled_format(fmt)
+            except Exception:
+                sf = None
+            if sf is not None:
+                st = quantize_scaled(x, sf, return_parts=True)
+                got = count_events(x, st.dequantized, sf, st)
+                ref = count_events_reference(x, st.dequantized, sf, st)
+            else:
+                from precisim.formats import get_format
+
+                f = get_format(fmt)
+                q = quantize(x, f)
+                got, ref = count_events(x, q, f), count_events_reference(x, q, f)
+            assert {k: int(v) for k, v in got.items()} == {k: int(v) for k, v in ref.items()}
+            if fmt not in ("nvfp4", "fp8_tensor"):  # a tensor-wide scale follows the outliers
+                assert int(ref["flushed"]) > 0
+    finally:
+        set_backend(old)
