@@ -413,6 +413,16 @@ class Emulation:
         self._wcache[name] = (key, op)
         return op
 
+    def cache_bytes(self) -> int:
+        """Bytes held by the quantized-weight cache (values, and codes and scales)."""
+        n = 0
+        for _, op in self._wcache.values():
+            n += op.values.numel() * op.values.element_size()
+            if op.parts is not None:
+                for t in (op.parts.codes, op.parts.scales):
+                    n += t.numel() * t.element_size()
+        return n
+
     def clear_cache(self) -> None:
         """Drop the quantized weights (they are recomputed at the next forward)."""
         self._wcache.clear()

@@ -129,12 +129,17 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
              recipes: Sequence[Recipe | str], *, window: int = 1024, stride: int | None = None,
              prefix_token: int | None = None, bootstrap: int = 1000, block: int = 32,
-             seed: int = 0, telemetry: bool = True, progress: bool = False) -> EvalResult:
+             seed: int = 0, telemetry: bool = True, progress: bool = False,
+             weight_cache_bytes: int = 4 << 30) -> EvalResult:
     """Evaluate ``recipes`` on ``tokens`` against the unpatched ``model`` (see module doc).
 
     ``prefix_token``: the token prepended to the sequence (default: the model config's BOS,
     else EOS, else 0). Metrics per recipe: ``ppl``, ``delta_ppl`` (paired bootstrap CI),
     ``kl`` and ``top1`` (mean with CI), telemetry rates.
+
+    Each recipe's quantized weights are kept from one window to the next while all recipes'
+    caches together hold at most ``weight_cache_bytes``; beyond that a recipe's weights are
+    quantized again for every window (same numbers, less memory).
     """
     if prefix_token is None:
         cfg = getattr(model, "config", None)
@@ -172,6 +177,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                 t0 = time.perf_counter()
                 with h:
                     logits = logits_of(model, ids)
+                if sum(x.cache_bytes() for x in handles) > weight_cache_bytes:
+                    h.clear_cache()
                 secs[i] += time.perf_counter() - t0
                 lp, _ = window_logprobs(logits, seq, w)
                 parts[i]["nll"].append(token_nll(lp, tgt))

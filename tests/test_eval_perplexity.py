@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from precisim.eval.data import DataError, load_text, tokenize
@@ -207,3 +208,12 @@ def test_spec_sheet_with_a_custom_matrix_unit(model, textfile) -> None:
     assert "13 fraction bits after alignment" in row["acc_bits"]
     again = EvalConfig.from_sheet(json.loads(json.dumps(sheet)))
     assert Recipe.from_dict(again.recipes[0]) == r
+
+
+def test_weight_cache_budget_changes_memory_not_numbers(model) -> None:
+    toks = CharTokenizer()(TEXT[:256])["input_ids"]
+    kept = evaluate(model, toks, ["mxfp4", "nvfp4"], window=64, bootstrap=0)
+    tight = evaluate(model, toks, ["mxfp4", "nvfp4"], window=64, bootstrap=0,
+                     weight_cache_bytes=0)
+    for a, b in zip(kept.results, tight.results):
+        assert np.array_equal(a.nll, b.nll) and np.array_equal(a.kl, b.kl)
