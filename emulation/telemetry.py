@@ -65,19 +65,21 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     xf = x.detach().float().reshape(-1)
     qf = q.detach().float().reshape(-1)
     out: dict[str, torch.Tensor] = {"numel": torch.tensor(x.numel(), dtype=torch.int64)}
+    # the format's constants are tensor arguments, so one compiled graph serves every format
     if isinstance(fmt, ScaledFormat):
         if parts is None:
             raise ValueError("scaled telemetry needs the quantization parts")
-        ratio = _overflow_ratio(fmt.element)
+        ratio = torch.tensor(_overflow_ratio(fmt.element), dtype=torch.float32,
+                             device=xf.device)
         table = _at_max_table(fmt.element).to(xf.device)
         codes = parts.codes.detach().reshape(-1)
-        sums = kernels.run(_scaled_events(ratio), ("telemetry", "scaled", ratio), xf.numel(),
-                           xf, qf, codes, table)
+        sums = kernels.run(_scaled_events, ("telemetry", "scaled"), xf.numel(), xf, qf, codes,
+                           table, ratio)
         out["scale_clamped"], out["blocks"] = _scale_clamps(x.detach().float(), parts, fmt)
     else:
         thr, tie = _overflow_threshold(fmt)
-        sums = kernels.run(_plain_events(thr, tie), ("telemetry", "plain", thr, tie),
-                           xf.numel(), xf, qf)
+        consts = torch.tensor([thr, float(tie)], dtype=torch.float64, device=xf.device)
+        sums = kernels.run(_plain_events, ("telemetry", "plain"), xf.numel(), xf, qf, consts)
         out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
         out["blocks"] = torch.zeros((), dtype=torch.int64)
     out["flushed"], out["nonfinite"], out["saturated"] = sums.unbind()
@@ -93,29 +95,25 @@ def _at_max_table(elem: FloatFormat | IntFormat) -> torch.Tensor:
     return vals >= float(elem.max)
 
 
-@lru_cache(maxsize=64)
-def _plain_events(thr: float, tie: bool):  # noqa: ANN202
-    def fn(xf: torch.Tensor, qf: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(xf)
-        flushed = ((xf != 0) & (qf == 0) & finite).sum()
-        nonfinite = (finite & ~torch.isfinite(qf)).sum()
-        sat = (finite & _beyond(xf.abs(), thr, tie)).sum()
-        return torch.stack([flushed, nonfinite, sat])
-    return fn
+def _plain_events(xf: torch.Tensor, qf: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(xf)
+    flushed = ((xf != 0) & (qf == 0) & finite).sum()
+    nonfinite = (finite & ~torch.isfinite(qf)).sum()
+    ax = xf.abs().double()  # the threshold (max + half an ulp) is exact in float64
+    beyond = (ax > consts[0]) | ((ax == consts[0]) & (consts[1] != 0))
+    sat = (finite & beyond).sum()
+    return torch.stack([flushed, nonfinite, sat])
 
 
-@lru_cache(maxsize=64)
-def _scaled_events(ratio: float):  # noqa: ANN202
-    def fn(xf: torch.Tensor, qf: torch.Tensor, codes: torch.Tensor, table: torch.Tensor
-           ) -> torch.Tensor:
-        finite = torch.isfinite(xf)
-        flushed = ((xf != 0) & (qf == 0) & finite).sum()
-        nonfinite = (finite & ~torch.isfinite(qf)).sum()
-        aq = qf.abs()
-        at_max = table[codes.to(torch.int64)]
-        sat = (finite & at_max & (xf.abs() > aq * ratio) & (aq > 0)).sum()
-        return torch.stack([flushed, nonfinite, sat])
-    return fn
+def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, codes: torch.Tensor,
+                   table: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(xf)
+    flushed = ((xf != 0) & (qf == 0) & finite).sum()
+    nonfinite = (finite & ~torch.isfinite(qf)).sum()
+    aq = qf.abs()
+    at_max = table[codes.to(torch.int64)]
+    sat = (finite & at_max & (xf.abs() > aq * ratio) & (aq > 0)).sum()
+    return torch.stack([flushed, nonfinite, sat])
 
 
 def count_events_reference(x: torch.Tensor, q: torch.Tensor,
