@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from precisim.formats import FloatFormat, IntFormat
@@ -61,6 +60,7 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     operands, as the quantization kernels do; :func:`count_events_reference` is the plain
     eager definition they are tested against)."""
     from precisim.formats import kernels
+    from precisim.formats.quantize import decode
 
     xf = x.detach().float().reshape(-1)
     qf = q.detach().float().reshape(-1)
@@ -69,12 +69,14 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     if isinstance(fmt, ScaledFormat):
         if parts is None:
             raise ValueError("scaled telemetry needs the quantization parts")
-        ratio = torch.tensor(_overflow_ratio(fmt.element), dtype=torch.float32,
-                             device=xf.device)
-        table = _at_max_table(fmt.element).to(xf.device)
-        codes = parts.codes.detach().reshape(-1)
-        sums = kernels.run(_scaled_events, ("telemetry", "scaled"), xf.numel(), xf, qf, codes,
-                           table, ratio)
+        consts = torch.tensor([_overflow_ratio(fmt.element), float(fmt.element.max)],
+                              dtype=torch.float32, device=xf.device)
+        if parts.elements is not None:  # at the element format's largest magnitude?
+            elems = parts.elements.detach().float().reshape(-1)
+        else:
+            elems = decode(parts.codes.detach().reshape(-1), fmt.element)
+        sums = kernels.run(_scaled_events, ("telemetry", "scaled"), xf.numel(), xf, qf, elems,
+                           consts)
         out["scale_clamped"], out["blocks"] = _scale_clamps(x.detach().float(), parts, fmt)
     else:
         thr, tie = _overflow_threshold(fmt)
@@ -84,15 +86,6 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
         out["blocks"] = torch.zeros((), dtype=torch.int64)
     out["flushed"], out["nonfinite"], out["saturated"] = sums.unbind()
     return out
-
-
-@lru_cache(maxsize=64)
-def _at_max_table(elem: FloatFormat | IntFormat) -> torch.Tensor:
-    """For each code of ``elem``: is its value at the format's largest magnitude?"""
-    from precisim.formats.quantize import decode
-
-    vals = decode(torch.arange(1 << elem.bits), elem).abs()
-    return vals >= float(elem.max)
 
 
 def _plain_events(xf: torch.Tensor, qf: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
@@ -105,14 +98,14 @@ def _plain_events(xf: torch.Tensor, qf: torch.Tensor, consts: torch.Tensor) -> t
     return torch.stack([flushed, nonfinite, sat])
 
 
-def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, codes: torch.Tensor,
-                   table: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, elems: torch.Tensor,
+                   consts: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(xf)
     flushed = ((xf != 0) & (qf == 0) & finite).sum()
     nonfinite = (finite & ~torch.isfinite(qf)).sum()
     aq = qf.abs()
-    at_max = table[codes.to(torch.int64)]
-    sat = (finite & at_max & (xf.abs() > aq * ratio) & (aq > 0)).sum()
+    at_max = elems.abs() >= consts[1]
+    sat = (finite & at_max & (xf.abs() > aq * consts[0]) & (aq > 0)).sum()
     return torch.stack([flushed, nonfinite, sat])
 
 

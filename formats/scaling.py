@@ -321,11 +321,24 @@ class ScaledTensor:
     """
 
     dequantized: torch.Tensor
-    codes: torch.Tensor
+    _codes: torch.Tensor | None
     scales: torch.Tensor
     tensor_scale: torch.Tensor | None
     block_shape: tuple[int, ...]
     format: ScaledFormat
+    #: the element values (x's shape, before scaling), from which ``codes`` is derived on
+    #: first use when the codes were not given
+    elements: torch.Tensor | None = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Element codes (uint8), x's shape."""
+        if self._codes is None:
+            if self.elements is None:
+                raise ValueError("a ScaledTensor needs its codes or its element values")
+            self._codes = values_to_codes(self.elements, self.format.element)
+            self.elements = None  # the codes hold the same information in a quarter the bytes
+        return self._codes
 
     @property
     def packed(self) -> torch.Tensor:
@@ -425,8 +438,9 @@ def quantize_scaled(
         tscale = g if f.tensor_scale else None
     elem_vals = torch.where(torch.isnan(elem_vals), 0.0, elem_vals) \
         if not f.element.has_nan else elem_vals
-    codes = values_to_codes(_crop(elem_vals.reshape(padded), shape), f.element)
-    return ScaledTensor(result, codes, scales, tscale, bshape, f)
+    # codes are derived on first use (telemetry only needs the element values)
+    return ScaledTensor(result, None, scales, tscale, bshape, f,
+                        _crop(elem_vals.reshape(padded), shape))
 
 
 def _block_amax_bits(xf: torch.Tensor, red_dims: tuple[int, ...]) -> torch.Tensor:
