@@ -147,15 +147,25 @@ def pareto_plot(
                 label="Pareto frontier")
         ax.legend(loc="best", fontsize="small")
     if labels is not None:
-        for i in ok:
-            ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(5, 4),
-                        fontsize="small")
+        span = (max(px) - min(px)) or 1.0
+        placed: list[float] = []
+        for i in ok:  # stack the labels of points at (nearly) the same x
+            near = sum(abs(xs[i] - x0) < 0.04 * span for x0 in placed)
+            placed.append(xs[i])
+            ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(5, 4) if near % 2 == 0 else (-6, -4 - 11 * (near // 2)),
+                        ha="left" if near % 2 == 0 else "right", fontsize="small")
     positive = all(v > 0 for v in py)
+    nonzero = [abs(v) for v in py if v != 0]
+    wide = bool(nonzero) and max(nonzero) / min(nonzero) > 100
     use_log = (positive and max(py) / min(py) > 10) if logy == "auto" else bool(logy)
     if use_log:
         if not positive:
             raise ValueError(f"logy=True needs positive {y!r} values")
         ax.set_yscale("log")
+    elif logy == "auto" and not positive and wide:
+        # values of both signs over decades: linear near zero, logarithmic beyond
+        ax.set_yscale("symlog", linthresh=max(min(nonzero), max(nonzero) * 1e-3))
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.grid(True, alpha=0.3)

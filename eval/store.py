@@ -91,6 +91,9 @@ def write_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets; these are results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
