@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import enum
 import hashlib
 import io
 import json
@@ -595,18 +593,6 @@ def _default_k(unit: Any) -> int:
     return min(max(2 * unit.block_size, 16), DEFAULT_K_CAP)
 
 
-def _unit_meta(unit: Any) -> dict[str, Any]:
-    out = {}
-    for fld in dataclasses.fields(unit):
-        v = getattr(unit, fld.name)
-        if isinstance(v, FloatFormat | IntFormat):
-            v = v.name
-        elif isinstance(v, enum.Enum):
-            v = v.value
-        out[fld.name] = v
-    return out
-
-
 def unit_vectors(unit: Any, n: int = 100, k_len: int | None = None, seed: int = 0) -> Vectors:
     """Dot-product vectors of a matrix unit: ``d = sum_i a_i*b_i + c`` for K-element a, b.
 
@@ -625,7 +611,7 @@ def unit_vectors(unit: Any, n: int = 100, k_len: int | None = None, seed: int = 
     output format; ``expected_value``: its value. Expected results come from the exact
     reference :func:`precisim.emulation.reference.dot`.
     """
-    from precisim.emulation import get_unit
+    from precisim.emulation import get_unit, unit_to_dict
     from precisim.emulation.reference import dot
 
     u = get_unit(unit)
@@ -662,7 +648,7 @@ def unit_vectors(unit: Any, n: int = 100, k_len: int | None = None, seed: int = 
         "unit": u.name,
         "summary": u.summary(),
         "description": u.description,
-        "parameters": _unit_meta(u),
+        "parameters": unit_to_dict(u),
         "k": k_len,
         "a_format": u.a_format.name,
         "b_format": u.b_format.name,
