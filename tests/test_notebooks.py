@@ -11,6 +11,7 @@ install, when they are absent.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
 #: notebooks that take more than ~2 minutes on the 2-core machine (run with ``-m slow``)
-SLOW: set[str] = set()
+SLOW: set[str] = {"03_llm_under_arithmetic.ipynb", "04_vendor_spec_table.ipynb"}
 
 #: per-cell timeout (seconds): generous, the machine is shared
 CELL_TIMEOUT = 1800
@@ -44,10 +45,23 @@ def _recordings() -> str | None:
     return None
 
 
+def _wikitext() -> str | None:
+    # as the notebooks resolve it (working directory notebooks/): $PRECISIM_DATA, else
+    # ../shared beside the repository
+    path = NOTEBOOKS_DIR / (os.environ.get("PRECISIM_DATA")
+                            or "../../shared/data/wikitext-2-raw/wiki.test.raw")
+    if not path.is_file():
+        return (f"the WikiText-2 test text is missing: {path.resolve()} does not exist "
+                "(set PRECISIM_DATA to the path of wiki.test.raw)")
+    return None
+
+
 #: notebook file name -> checks returning why it cannot run (None when it can)
 NEEDS: dict[str, tuple[Callable[[], str | None], ...]] = {
     "01_formats_tour.ipynb": (_smollm2,),
     "02_matrix_units.ipynb": (_recordings,),
+    "03_llm_under_arithmetic.ipynb": (_smollm2, _wikitext),
+    "04_vendor_spec_table.ipynb": (_smollm2, _wikitext),
 }
 
 
