@@ -94,6 +94,7 @@ from functools import cache
 import torch
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, get_format
 
+from . import fused_chain as _fused
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 from .presets import get_unit
 
@@ -678,8 +679,8 @@ def _chain_kernel_dtype(unit: MatrixUnit, sc: _Scales | None, ea: torch.Tensor,
     c is added in int64); else float64. Block scales must be powers of two (they enter the
     power of two only). Both kernels give identical bits."""
     fa, fb, F, k = unit.a_format, unit.b_format, unit.alignment_bits, unit.block_size
-    if sc is not None and sc.has_k and not sc.pow2:
-        return torch.float64
+    if sc is not None and sc.has_k and not sc.pow2 and not unit.promotion_interval:
+        return torch.float64  # (scales applied at promotion never enter the block kernel)
     if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
         return torch.float64
     if fa.man_bits + fb.man_bits + 2 > 24 or k * 2 ** (F + 2) > 2**31:
@@ -1092,6 +1093,151 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
                          sc, ns)
 
 
+def _fused_ok(unit: MatrixUnit, kd: torch.dtype, sc: _Scales | None) -> bool:
+    """Whether the compiled chain of :mod:`.fused_chain` computes this bit-exact GEMM: the
+    float chain with the float32 block kernel, float input formats whose exponent powers fit
+    a float matmul, block results that are float32 values (rounded toward zero or to
+    nearest-even, not flushed, with the accumulator's minimum exponent), and K-blocked scales
+    (if any) applied at promotion or powers of two."""
+    fa, fb, bf = unit.a_format, unit.b_format, unit.block_format
+    if not (kd == torch.float32 and isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)
+            and isinstance(bf, FloatFormat) and isinstance(unit.acc_format, FloatFormat)):
+        return False
+    sp = _Spec.of(bf, unit.acc_rounding, unit.acc_overflow, unit.flush_output_subnormals)
+    return (_fused.pow_dtype(fa, fb, unit.block_size) is not None
+            and sp.rounding in (Rounding.TOWARD_ZERO, Rounding.NEAREST_EVEN) and not sp.flush
+            and sp.m <= 23 and sp.emin - sp.m >= -149 and sp.emin == unit.acc_format.emin
+            and sp.max_exp + sp.max_sig.bit_length() <= 128
+            and (unit.block_size + 1) << (unit.alignment_bits + 1) <= 1 << 24
+            and (sc is None or not sc.has_k or bool(unit.promotion_interval) or sc.pow2))
+
+
+def _fused_kernels(unit: MatrixUnit):
+    """(key, prepare, block) of a unit (see :func:`.fused_chain.make_kernels`)."""
+    sp = _Spec.of(unit.block_format, unit.acc_rounding, unit.acc_overflow,
+                  unit.flush_output_subnormals)
+    args = dict(F=unit.alignment_bits, c=unit.block_size.bit_length(),
+                acc_emin=unit.acc_format.emin, floor=unit.alignment_floor,
+                use_floor=unit.drop is Drop.FLOOR, m=sp.m, bemin=sp.emin,
+                max_val=float(sp.max_sig) * 2.0 ** sp.max_exp,
+                rne=sp.rounding is Rounding.NEAREST_EVEN,
+                saturate=sp.overflow is Overflow.SATURATE)
+    key = ("fused-chain", *sorted(args.items()))
+    return key, *_fused.make_kernels(**args)
+
+
+def _fused_flags(flags, r, pe, a_j, b_j, part, sz, tpn):
+    """The rare cases of a fused block (see :func:`_chunk_fused`): an integer sum of 0 gets the
+    IEEE sign of zero (-0 only when every product and the running sum are zeros of negative
+    sign); an overflowed result sets the flags ``tpn`` = (positive, negative) once and leaves
+    0. Returns the block results and their exponents."""
+    zero = (flags & 2) != 0
+    if _any(zero):  # IEEE: the sum of zeros is -0 only if all are -0
+        zi = zero.nonzero(as_tuple=True)
+        p = a_j[zi[0], zi[1]] * b_j[zi[0], :, zi[2]]  # (zeros, w)
+        pz = p == 0
+        if sz is not None:
+            pz = pz | sz[zi].unsqueeze(-1)
+        pzi = part[zi]
+        allneg = (torch.signbit(p) & pz).all(-1) & torch.signbit(pzi) & (pzi == 0)
+        r[zi] = torch.where(allneg, -0.0, r[zi])
+    ovf = (flags & 1) != 0
+    if _any(ovf):
+        tp, tn = tpn
+        fresh = ovf & ~(tp | tn)
+        tp |= fresh & (r > 0)
+        tn |= fresh & (r < 0)
+        r = torch.where(ovf, 0.0, r)
+        pe = torch.where(ovf, _fused.NEG_BIG_32, pe)
+    return r, pe
+
+
+def _chunk_fused(unit, a, pa, bt, pb, cval, sc: _Scales | None = None, ns: slice = slice(None)):
+    """:func:`_chunk_float` in bit-exact mode with the compiled kernels of :mod:`.fused_chain`
+    (same bits). a: (B, M, K) float32 values, pa: their exponent powers (B, M, K); bt: (B, K,
+    Nc), pb: (B, K, Nc); cval: (B, M, Nc) float64 incoming c."""
+    from precisim.formats import kernels as _kernels
+
+    k = unit.block_size
+    K = a.shape[-1]
+    nblk = max(1, -(-K // k))
+    shape = tuple(cval.shape)
+    dev = cval.device
+    inf_pos = torch.zeros(shape, dtype=torch.bool, device=dev)
+    inf_neg = torch.zeros_like(inf_pos)
+    nan = torch.zeros_like(inf_pos)
+    per = (unit.promotion_interval // k) if unit.promotion_interval else None
+    scaled = sc is not None and sc.has_k
+    acc_emin = unit.acc_format.emin
+    reg = cval.to(torch.float32)
+    neg32 = torch.full(shape, _fused.NEG_BIG_32, dtype=torch.int32, device=dev)
+    if per:
+        part, pe = torch.zeros_like(reg), neg32
+    else:
+        part = reg
+        pe = torch.where(cval != 0, torch.clamp(_fexp(cval), min=acc_emin), neg32)
+        pe = pe.to(torch.int32)
+    part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    kkey, prepare, block = _fused_kernels(unit)
+    work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
+    for j in range(nblk):
+        lo, hi = j * k, min((j + 1) * k, K)
+        P = torch.matmul(pa[:, :, lo:hi], pb[:, lo:hi])  # exponent maxima: see fused_chain
+        if scaled and not per:
+            s = sc.at(lo, ns, shape)
+            sz = s == 0
+            es = torch.where(sz, 0, _fexp(s)).to(torch.int32)
+            E, mult, ct = _kernels.run(prepare, (*kkey, "prepare", True), work, P, part, pe,
+                                       es, sz)
+        else:
+            E, mult, ct = _kernels.run(prepare, (*kkey, "prepare", False), work, P, part, pe)
+        a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
+        r, pe, flags = _kernels.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
+        if int(flags.max()) == 0:
+            part = r
+        else:
+            r, pe = _fused_flags(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
+                                 (part_pos, part_neg) if per else (inf_pos, inf_neg))
+            part = r
+        if per and ((j + 1) % per == 0 or j == nblk - 1):
+            s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
+            reg, _, _ = _promote(reg, part.to(torch.float64), s_p, part_pos, part_neg, inf_pos,
+                                 inf_neg, nan)
+            part, pe = torch.zeros_like(part), neg32
+            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    return _finish_float(unit, reg.to(torch.float64) if per else part.to(torch.float64),
+                         inf_pos, inf_neg, nan, sc, ns)
+
+
+#: use the compiled chain of :mod:`.fused_chain` where it applies (tests switch it off to
+#: compare it with the eager float chain)
+USE_FUSED = True
+
+
+def _fused_backend() -> bool:
+    from precisim.formats import kernels as _kernels
+
+    return _kernels.get_backend() != "eager"
+
+
+def _core_fused(unit, a, b, ea, eb, c, sc, out, max_chunk_elements: int) -> None:
+    """The bit-exact float chain through :func:`_chunk_fused`, in column chunks of at most
+    ``max_chunk_elements`` outputs (the compiled kernels use every torch thread)."""
+    k = unit.block_size
+    Bt, M, _ = a.shape
+    N = b.shape[-1]
+    dt = _fused.pow_dtype(unit.a_format, unit.b_format, k)
+    pa = _fused.exponent_powers(ea, a == 0, k, dt)
+    pb = _fused.exponent_powers(eb, b == 0, k, dt)
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    c64 = c.to(torch.float64)
+    step = max(1, max_chunk_elements // max(1, Bt * M))
+    for n0 in range(0, N, step):
+        ns = slice(n0, min(N, n0 + step))
+        out[:, :, ns] = _chunk_fused(unit, a32, pa, b32[:, :, ns], pb[:, :, ns], c64[:, :, ns],
+                                     sc, ns)
+
+
 def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan):
     """Promotion step of the float chains: reg = RNE_fp32(reg + s*part), with the special
     values of the model (an inf partial sum makes the register inf; +inf with -inf: NaN).
@@ -1396,6 +1542,9 @@ def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: in
             ea = _decompose(a, unit.a_format)[3].clamp(min=neg_e).to(edt)
             eb = _decompose(b, unit.b_format)[3].clamp(min=neg_e).to(edt)
             kd = _chain_kernel_dtype(unit, sc, ea, eb, neg_e)
+            if USE_FUSED and _fused_ok(unit, kd, sc) and _fused_backend():
+                _core_fused(unit, a, b, ea, eb, c, sc, out, max_chunk_elements)
+                return _apply_specials(unit, out, specials).reshape(out_shape)
             # K outermost: (K, B, M) and (K, B, N), so that the block's k products are the
             # outer axis of the work buffers and their reductions are plane-wise (vectorised)
             A = (a.to(kd).permute(2, 0, 1).contiguous(), ea.permute(2, 0, 1).contiguous())

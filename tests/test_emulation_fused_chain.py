@@ -1,0 +1,192 @@
+"""The compiled bit-exact chain (emulation/fused_chain.py) against the eager float chain of
+emulation/matmul.py, bit for bit, on adversarial operands: wide exponent spreads, zeros of both
+signs, all-zero blocks, ragged K, accumulator overflow and saturation, subnormal incoming c,
+round-to-nearest-even and floor variants of the H100 FP8 datapath, in-block power-of-two
+scales (MX) and promotion with scales (DeepSeek 1x128 / 128x128). The eager float chain is in
+turn tested against the exact reference (tests/test_matrix_units.py, test_scaled_matmul.py)
+and the GPU recordings; both kernels of the fused chain run compiled and eagerly here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from precisim.emulation import fused_chain as fc
+from precisim.emulation import get_unit, scaled_matmul, unit_from_dict
+from precisim.emulation.matmul import matmul
+from precisim.formats import kernels, quantize
+from precisim.formats.scaling import quantize_scaled
+
+MM = sys.modules["precisim.emulation.matmul"]
+
+UNITS = {
+    "h100-e4m3": "h100-e4m3",
+    "h100-e5m2": "h100-e5m2",
+    "deepseek-fp8": "deepseek-fp8",
+    "rne": {"base": "h100-e4m3", "name": "rne", "acc_rounding": "rne"},
+    "floor-drop": {"base": "h100-e4m3", "name": "floor-drop", "drop": "floor"},
+    "saturate": {"base": "h100-e4m3", "name": "saturate", "acc_overflow": "saturate"},
+    "k16-F10": {"base": "h100-e4m3", "name": "k16-F10", "block_size": 16,
+                "alignment_bits": 10, "block_result_bits": 11},
+    "align-floor": {"base": "h100-e4m3", "name": "align-floor", "alignment_floor": -2},
+    "promo64-rne": {"base": "h100-e4m3", "name": "promo64-rne", "promotion_interval": 64,
+                    "acc_rounding": "rne"},
+}
+
+
+def unit_of(name):
+    spec = UNITS[name]
+    return get_unit(spec) if isinstance(spec, str) else unit_from_dict(spec)
+
+
+def operand(shape, fmt, gen, spread=3.0):
+    """Values of ``fmt`` over a wide exponent range, with +-0, maxima and zero blocks."""
+    x = torch.randn(shape, generator=gen) * torch.exp2(
+        torch.randn(shape, generator=gen) * spread)
+    x = quantize(x, fmt)
+    flat = x.view(-1)
+    n = flat.numel()
+    idx = torch.randint(0, n, (max(1, n // 20),), generator=gen)
+    flat[idx] = 0.0
+    idx = torch.randint(0, n, (max(1, n // 40),), generator=gen)
+    flat[idx] = -0.0
+    idx = torch.randint(0, n, (max(1, n // 50),), generator=gen)
+    flat[idx] = quantize(torch.tensor([1e9]), fmt) * torch.where(
+        torch.rand(idx.shape, generator=gen) < 0.5, -1.0, 1.0)
+    return x
+
+
+def incoming(shape, gen):
+    """An incoming accumulator with ordinary, tiny (fp32 subnormal), huge and -0 values."""
+    c = torch.randn(shape, generator=gen) * 100
+    flat = c.view(-1)
+    n = flat.numel()
+    for value, frac in ((-0.0, 10), (1e-40, 10), (-3.0e38, 15), (3.4e38, 15), (0.0, 10)):
+        flat[torch.randint(0, n, (max(1, n // frac),), generator=gen)] = value
+    return c
+
+
+def same_bits(x, y):
+    return torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+def both(fn):
+    """fn() with the eager float chain and with the fused chain (compiled, then eager); fails
+    unless the fused chain ran (and only there)."""
+    old_backend, old_chunk = kernels.get_backend(), MM._chunk_fused
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return old_chunk(*args, **kw)
+
+    MM._chunk_fused = counted
+    try:
+        MM.USE_FUSED = False
+        ref = fn()
+        assert not calls
+        MM.USE_FUSED = True
+        out = []
+        for backend in ("compile", "auto"):
+            kernels.set_backend(backend)
+            out.append(fn())
+            assert calls, "the fused chain did not run"
+            calls.clear()
+        return ref, out
+    finally:
+        MM.USE_FUSED = True
+        MM._chunk_fused = old_chunk
+        kernels.set_backend(old_backend)
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+@pytest.mark.parametrize("shape", [(1, 9, 100, 7), (2, 16, 256, 24)])
+def test_fused_matches_float_chain(name, shape):
+    unit = unit_of(name)
+    kd = MM._kernel_dtype(unit)
+    assert MM._fused_ok(unit, kd, None), f"{name} should take the fused chain"
+    B, M, K, N = shape
+    gen = torch.Generator().manual_seed(hash(name) % 1000 + K)
+    a = operand((B, M, K), unit.a_format, gen)
+    b = operand((B, K, N), unit.b_format, gen)
+    a[0, 1, :] = 0.0  # a row of zeros: every block sum is an exact zero
+    b[0, :40, 2] = -0.0  # all-zero blocks of -0 products
+    a[0, 2, :] = -a[0, 2, :].abs()
+    b[0, :, 3] = b[0, :, 3].abs()  # one-signed products: truncation bias shows
+    for c in (None, incoming((B, M, N), gen)):
+        ref, outs = both(lambda c=c: matmul(a, b, unit, c))
+        for out in outs:
+            assert same_bits(ref, out), (name, int((ref.view(torch.int32)
+                                                    != out.view(torch.int32)).sum()))
+
+
+def test_fused_overflow_inside_blocks():
+    """Block sums beyond fp32 (E5M2 maxima with a huge c) and sign of zero after cancellation."""
+    unit = get_unit("h100-e5m2")
+    a = torch.full((1, 4, 64), 57344.0)
+    b = torch.full((1, 64, 3), 57344.0)
+    b[0, :, 1] = -57344.0
+    b[0, 32:, 2] = -57344.0  # the second block cancels the first exactly: +0
+    c = torch.tensor([[3.0e38, -3.0e38, -0.0]]).expand(4, 3).reshape(1, 4, 3).clone()
+    ref, outs = both(lambda: matmul(a, b, unit, c))
+    for out in outs:
+        assert same_bits(ref, out)
+
+
+@pytest.mark.parametrize("fmt,unit", [("mxfp8", "h100-e4m3"), ("mxfp8_e5m2", "h100-e5m2")])
+def test_fused_in_block_power_of_two_scales(fmt, unit):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 160, generator=gen) * torch.exp2(torch.randn(2, 12, 1, generator=gen)
+                                                            * 8)
+    w = torch.randn(20, 160, generator=gen) * torch.exp2(torch.randn(20, 1, generator=gen) * 8)
+    x[0, 0, :32] = 0.0  # a zero scale block
+    xa, wb = quantize_scaled(x, fmt, return_parts=True), quantize_scaled(w, fmt,
+                                                                         return_parts=True)
+    ref, outs = both(lambda: scaled_matmul(xa, wb, unit))
+    for out in outs:
+        assert same_bits(ref, out)
+
+
+def test_fused_promotion_with_scales():
+    """DeepSeek-V3 FP8: 1x128 activations, 128x128 weights, promotion every 128 products."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 384, generator=gen) * torch.exp2(torch.randn(40, 384, generator=gen))
+    w = torch.randn(136, 384, generator=gen) * 0.02
+    xa = quantize_scaled(x, "fp8_1x128", return_parts=True)
+    wb = quantize_scaled(w, "fp8_128x128", return_parts=True)
+    ref, outs = both(lambda: scaled_matmul(xa, wb, "deepseek-fp8"))
+    for out in outs:
+        assert same_bits(ref, out)
+
+
+def test_block_max_exponent_is_the_maximum():
+    gen = torch.Generator().manual_seed(5)
+    for k, (lo, hi) in ((32, (-6, 8)), (16, (-6, 8)), (32, (-14, 15)), (7, (-14, 15))):
+        ea = torch.randint(lo, hi + 1, (3, 11, k), generator=gen)
+        eb = torch.randint(lo, hi + 1, (3, k, 13), generator=gen)
+        za = torch.rand(ea.shape, generator=gen) < 0.3
+        zb = torch.rand(eb.shape, generator=gen) < 0.3
+        za[0, 0] = True  # an all-zero row: no nonzero product
+        fa = fb = type("F", (), {"emin": lo, "emax": hi})
+        dt = fc.pow_dtype(fa, fb, k)
+        c = k.bit_length()
+        assert dt == (torch.float32 if c * 2 * lo >= -126 and c * (2 * hi + 1) <= 127
+                      else torch.float64)
+        got = fc.block_max_exponent(fc.exponent_powers(ea, za, k, dt),
+                                    fc.exponent_powers(eb, zb, k, dt), k)
+        s = ea[:, :, :, None] + eb[:, None, :, :]
+        s = torch.where(za[:, :, :, None] | zb[:, None, :, :], -(1 << 30), s)
+        want = s.amax(2)
+        want = torch.where(want < -(1 << 29), fc.NEG_BIG_32, want)
+        assert torch.equal(got, want.to(torch.int32))
+
+
+def test_fused_not_used_where_it_does_not_apply():
+    kd32 = torch.float32
+    assert not MM._fused_ok(get_unit("h100-fp16"), torch.float64, None)
+    sr = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "sr", "acc_sr_bits": 8})
+    assert not MM._fused_ok(sr, kd32, None)
+    rd = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "rd"})
+    assert not MM._fused_ok(rd, kd32, None)
