@@ -134,9 +134,10 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     ``block(a, bt, mult, ct, E)`` -> (part, pe, flags): the integer block sum
     S = sum_i trunc(a_i*b_i*mult) + ct, its value S*2^(E-F) rounded to the block format
     (``m`` fraction bits, minimum exponent ``bemin``; toward zero, or to nearest-even if
-    ``rne``), the new alignment exponent, and int32 flags: bit 0 where the result overflowed
-    (above ``max_val``; with ``saturate`` it is clamped instead), bit 1 where S == 0 (the
-    caller gives the zero its IEEE sign). a: (B, M, kb) float32, bt: (B, kb, N) float32.
+    ``rne``), the new alignment exponent, and int32 flags: bit 0 where S == 0 (the result is
+    +0; the caller gives the zero its IEEE sign where that can be -0), bit 1 where the result
+    overflowed (above ``max_val``; with ``saturate`` it is clamped instead). a: (B, M, kb)
+    float32, bt: (B, kb, N) float32.
     """
     lim = 1 << (m + 1)
     inv_c = 1.0 / c
@@ -200,7 +201,27 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
             ovf = torch.zeros_like(ovf)
         part = torch.where(S < 0, -val, val)
         # the two masks as one int32 tensor (bool outputs are stored lane by lane)
-        flags = ovf.to(torch.int32) | ((S == 0).to(torch.int32) << 1)
+        flags = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
         return part, pe, flags
 
     return prepare, block
+
+
+def promote(reg: torch.Tensor, part: torch.Tensor, s: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """The promotion register RNE_fp32(reg + s*part) of finite float32 ``reg`` and ``part``
+    (``s``: float64 scale products holding float32 values, or None for 1): one correctly
+    rounded addition. With a scale, s*part is exact in float64 and the float64 sum is made
+    round-to-odd from the exact error of TwoSum before the rounding to float32 (53 >= 24 + 2
+    bits: the double rounding is innocuous), as in ``matmul._sum_to_f32``."""
+    if s is None:
+        return reg + part
+    x = reg.to(torch.float64)
+    y = s * part.to(torch.float64)
+    t = x + y
+    bb = t - x
+    err = (x - (t - bb)) + (y - bb)
+    bits = t.view(torch.int64)
+    fix = (err != 0) & ((bits & 1) == 0)
+    step = torch.where((err > 0) == (t > 0), 1, -1)
+    return torch.where(fix, bits + step, bits).view(torch.float64).to(torch.float32)

@@ -12,7 +12,12 @@ Two fidelities, both public:
   works on reused (k, M, N-chunk) buffers (the block's k products outermost: the exponent
   maximum and the sum are plane-wise), with int8 exponents for FP8 inputs and the float32
   kernel whenever the inputs' exponent range allows it; column chunks run in parallel
-  Python threads with single-threaded torch ops (robust on a shared machine). Other units
+  Python threads with single-threaded torch ops (robust on a shared machine). For FP8-class
+  inputs whose block results are float32 values (H100 E4M3/E5M2, DeepSeek FP8, variants) the
+  same chain runs compiled (:mod:`.fused_chain`: exponent maxima by one float matmul of
+  powers of two, then one int32/float32 kernel per block for the truncated sum and its
+  rounding), bit-identical and several times faster; ``PRECISIM_BACKEND=eager`` keeps the
+  eager chain. Other units
   use an int64 kernel (integer significands, shifts, integer rounding of every mode). Exact
   units (``alignment_bits=None``) and very wide alignments use a window of
   ``W = 59 - bitlen(k+1)`` bits below E (k: the block's actual length); any output whose
@@ -282,6 +287,17 @@ def _decompose(x: torch.Tensor, fmt: FloatFormat | IntFormat,
     zero = ax == 0
     e = torch.where(zero, NEG_BIG, e)
     return neg, sig, g, e
+
+
+def _align_exponents(x: torch.Tensor, fmt: FloatFormat | IntFormat, zero: int) -> torch.Tensor:
+    """Alignment exponents max(floor(log2|x|), emin) of finite values of ``fmt`` (``zero`` for
+    zeros), as ``_decompose(x, fmt)[3]`` clamped at ``zero`` gives them: from the float32 bits
+    when the format's exponents lie in float32's (a float32 subnormal then has exponent field
+    0 and alignment exponent emin = -126), else through :func:`_decompose`."""
+    if x.dtype != torch.float32 or not isinstance(fmt, FloatFormat) or fmt.emin < -126:
+        return _decompose(x, fmt)[3].clamp(min=zero)
+    e = ((x.view(torch.int32) >> 23) & 0xFF) - 127
+    return torch.where(x == 0, zero, e.clamp(min=fmt.emin))
 
 
 def _c_exponent(q: torch.Tensor, g: torch.Tensor, fmt: FloatFormat | IntFormat) -> torch.Tensor:
@@ -1126,13 +1142,13 @@ def _fused_kernels(unit: MatrixUnit):
     return key, *_fused.make_kernels(**args)
 
 
-def _fused_flags(flags, r, pe, a_j, b_j, part, sz, tpn):
+def _fused_flags(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
     """The rare cases of a fused block (see :func:`_chunk_fused`): an integer sum of 0 gets the
     IEEE sign of zero (-0 only when every product and the running sum are zeros of negative
     sign); an overflowed result sets the flags ``tpn`` = (positive, negative) once and leaves
     0. Returns the block results and their exponents."""
-    zero = (flags & 2) != 0
-    if _any(zero):  # IEEE: the sum of zeros is -0 only if all are -0
+    zero = (flags & 1) != 0
+    if negz and _any(zero):  # IEEE: the sum of zeros is -0 only if all are -0
         zi = zero.nonzero(as_tuple=True)
         p = a_j[zi[0], zi[1]] * b_j[zi[0], :, zi[2]]  # (zeros, w)
         pz = p == 0
@@ -1141,7 +1157,7 @@ def _fused_flags(flags, r, pe, a_j, b_j, part, sz, tpn):
         pzi = part[zi]
         allneg = (torch.signbit(p) & pz).all(-1) & torch.signbit(pzi) & (pzi == 0)
         r[zi] = torch.where(allneg, -0.0, r[zi])
-    ovf = (flags & 1) != 0
+    ovf = (flags & 2) != 0
     if _any(ovf):
         tp, tn = tpn
         fresh = ovf & ~(tp | tn)
@@ -1178,6 +1194,7 @@ def _chunk_fused(unit, a, pa, bt, pb, cval, sc: _Scales | None = None, ns: slice
         pe = torch.where(cval != 0, torch.clamp(_fexp(cval), min=acc_emin), neg32)
         pe = pe.to(torch.int32)
     part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    negz = _any(torch.signbit(part) & (part == 0))  # some running sum is -0
     kkey, prepare, block = _fused_kernels(unit)
     work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
     for j in range(nblk):
@@ -1193,17 +1210,20 @@ def _chunk_fused(unit, a, pa, bt, pb, cval, sc: _Scales | None = None, ns: slice
             E, mult, ct = _kernels.run(prepare, (*kkey, "prepare", False), work, P, part, pe)
         a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
         r, pe, flags = _kernels.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
-        if int(flags.max()) == 0:
-            part = r
-        else:
+        fl = int(flags.max())
+        # a zero sum is +0 (as the kernel returns it) unless the running sum is -0
+        if fl >= 2 or (fl == 1 and negz):
             r, pe = _fused_flags(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
-                                 (part_pos, part_neg) if per else (inf_pos, inf_neg))
-            part = r
+                                 (part_pos, part_neg) if per else (inf_pos, inf_neg), negz)
+            negz = _any(torch.signbit(r) & (r == 0))
+        part = r
         if per and ((j + 1) % per == 0 or j == nblk - 1):
             s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
-            reg, _, _ = _promote(reg, part.to(torch.float64), s_p, part_pos, part_neg, inf_pos,
-                                 inf_neg, nan)
-            part, pe = torch.zeros_like(part), neg32
+            args = (reg, part) if s_p is None else (reg, part, s_p)
+            new = _kernels.run(_fused.promote, ("fused-promote", s_p is None), work, *args)
+            reg, _, _ = _promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan,
+                                 new=new)
+            part, pe, negz = torch.zeros_like(part), neg32, False
             part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
     return _finish_float(unit, reg.to(torch.float64) if per else part.to(torch.float64),
                          inf_pos, inf_neg, nan, sc, ns)
@@ -1227,9 +1247,11 @@ def _core_fused(unit, a, b, ea, eb, c, sc, out, max_chunk_elements: int) -> None
     Bt, M, _ = a.shape
     N = b.shape[-1]
     dt = _fused.pow_dtype(unit.a_format, unit.b_format, k)
-    pa = _fused.exponent_powers(ea, a == 0, k, dt)
-    pb = _fused.exponent_powers(eb, b == 0, k, dt)
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    # row-major (B, M, K) and (B, K, N): the block kernel loads vectors along N (a weight
+    # arrives as the transposed view of an (N, K) tensor)
+    a32, b32 = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+    pa = _fused.exponent_powers(ea, a32 == 0, k, dt).contiguous()
+    pb = _fused.exponent_powers(eb, b32 == 0, k, dt).contiguous()
     c64 = c.to(torch.float64)
     step = max(1, max_chunk_elements // max(1, Bt * M))
     for n0 in range(0, N, step):
@@ -1238,12 +1260,14 @@ def _core_fused(unit, a, b, ea, eb, c, sc, out, max_chunk_elements: int) -> None
                                      sc, ns)
 
 
-def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan):
+def _promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan, new=None):
     """Promotion step of the float chains: reg = RNE_fp32(reg + s*part), with the special
     values of the model (an inf partial sum makes the register inf; +inf with -inf: NaN).
-    part_pos / part_neg: the partial sum overflowed (None: it did not). Returns the new
-    register and None, None (the partial sum's flags after a promotion)."""
-    new = _promote_float(reg, part, s)
+    part_pos / part_neg: the partial sum overflowed (None: it did not). ``new``: the sum
+    already computed (:func:`.fused_chain.promote`). Returns the new register and None, None
+    (the partial sum's flags after a promotion)."""
+    if new is None:
+        new = _promote_float(reg, part, s)
     flagged = part_pos is not None and (_any(part_pos) or _any(part_neg))
     if not flagged and _all_finite(new):
         return new, None, None
@@ -1539,8 +1563,8 @@ def _core(a, b, unit: MatrixUnit, c, fidelity: str, seed, max_chunk_elements: in
             c = torch.zeros((Bt, M, N), dtype=torch.float32, device=a.device)
         if _float_chain_ok(unit, fidelity):
             edt, neg_e, _ = _exp_dtype(unit)
-            ea = _decompose(a, unit.a_format)[3].clamp(min=neg_e).to(edt)
-            eb = _decompose(b, unit.b_format)[3].clamp(min=neg_e).to(edt)
+            ea = _align_exponents(a, unit.a_format, neg_e).to(edt)
+            eb = _align_exponents(b, unit.b_format, neg_e).to(edt)
             kd = _chain_kernel_dtype(unit, sc, ea, eb, neg_e)
             if USE_FUSED and _fused_ok(unit, kd, sc) and _fused_backend():
                 _core_fused(unit, a, b, ea, eb, c, sc, out, max_chunk_elements)

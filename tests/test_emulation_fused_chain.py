@@ -190,3 +190,27 @@ def test_fused_not_used_where_it_does_not_apply():
     assert not MM._fused_ok(sr, kd32, None)
     rd = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "rd"})
     assert not MM._fused_ok(rd, kd32, None)
+
+
+@pytest.mark.parametrize("name", ["h100-e4m3", "deepseek-fp8"])
+def test_fused_signed_zeros(name):
+    """IEEE zeros: -0 only where every product and the incoming c are -0 (then without
+    promotion the result is -0; a promoting unit adds to a +0 register: +0)."""
+    unit = get_unit(name)
+    a = torch.zeros(1, 3, 96)
+    a[0, 0] = -0.0
+    a[0, 2] = quantize(torch.linspace(-2, 2, 96), "e4m3")
+    b = torch.zeros(1, 96, 2)
+    b[0, :, 1] = -0.0
+    c = torch.tensor([[[-0.0, -0.0], [-0.0, 0.0], [-0.0, -0.0]]])
+    ref, outs = both(lambda: matmul(a, b, unit, c))
+    for out in outs:
+        assert same_bits(ref, out)
+    neg = torch.signbit(ref[0])
+    assert (ref == 0).all()
+    if unit.promotion_interval:
+        assert not neg.any()
+    else:
+        # row 0: (-0)(+0) = -0 products, with -0 c: -0; (-0)(-0) = +0 products: +0.
+        # row 1: (+0)(+0) = +0: +0; (+0)(-0) = -0 with +0 c: +0. row 2: nonzero*0 mixed signs
+        assert neg.tolist() == [[True, False], [False, False], [False, False]]
