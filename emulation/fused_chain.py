@@ -11,12 +11,13 @@ bits with two changes of method:
   and ``c = bitlen(k)`` (so ``2^c > k``), ``P = sum_i 2^(c*ea_i) * 2^(c*eb_i)`` lies in
   ``[2^(c*Emax), k*2^(c*Emax)]`` with ``Emax = max_i (ea_i + eb_i)``, hence
   ``Emax = floor(floor(log2 P) / c)``. ``P`` is one ordinary float matmul of two tensors of
-  powers of two (BLAS speed). Its rounding cannot move ``floor(log2 P)`` across a multiple of
-  ``c``: every term is positive, so every rounded partial sum stays at or above the largest
-  term ``2^(c*Emax)``, and the exact sum is below ``2^(c*Emax + c - 1)`` with a margin of a
-  factor 2 > ``(1 + 2^-24)^k``. Zeros contribute 0 (an all-zero block gives ``P = 0``). The
-  dtype is float32 when ``c*(emin_a+emin_b) >= -126`` and ``c*(emax_a+emax_b+1) <= 127``
-  (every FP8 format pair with ``k <= 63``), else float64.
+  powers of two (BLAS speed). Its rounding cannot move ``floor(log2 P)`` out of
+  ``[c*Emax, c*Emax + c - 1]``: every term is positive, so every rounded partial sum stays at
+  or above the largest term ``2^(c*Emax)``; the exact sum is at most ``k*2^(c*Emax)``, a
+  factor ``2^c/k >= 1 + 1/k`` below ``2^(c*Emax + c)``, far more than the float sum's
+  relative error (below ``k*2^-24``). Zeros contribute 0 (an all-zero block gives ``P = 0``).
+  The dtype is float32 when ``c*(emin_a+emin_b) >= -126`` and ``c*(emax_a+emax_b+1) <= 127``
+  (E4M3 pairs with ``k <= 63``), else float64 (E5M2).
 * **the truncated sum and the block rounding as one compiled kernel** (torch.compile, inductor
   C++ on CPU): the scaled products ``a_i*b_i*2^(F-E)`` are converted to int32 (truncation
   toward zero) and summed in registers, then the block sum is rounded to the block format in
@@ -27,10 +28,15 @@ bits with two changes of method:
   outputs lane by lane, so the kernels use none of them on the outputs (the two masks come
   back as bits of one int32 tensor).
 
+A third kernel (:func:`promote`) adds a partial sum to the fp32 promotion register. The
+rare cases stay eager: an overflowed block result, and the IEEE sign of a zero sum where a
+running sum is -0.
+
 The result is bit-identical to ``_chunk_float`` (tests/test_emulation_fused_chain.py compares
 them, and both with the exact reference, on adversarial data); it is used by
-:func:`precisim.emulation.matmul.matmul` when :func:`supported` holds and the torch.compile
-backend is enabled (``PRECISIM_BACKEND`` not ``eager``), with the eager chain as fallback.
+:func:`precisim.emulation.matmul.matmul` and ``scaled_matmul`` where ``matmul._fused_ok``
+holds (H100 E4M3 / E5M2 and DeepSeek FP8 units and their variants) unless
+``PRECISIM_BACKEND=eager``.
 """
 
 from __future__ import annotations
