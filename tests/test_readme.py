@@ -32,3 +32,9 @@ def test_readme_recipe_yaml_parses() -> None:
     for block in re.findall(r"```yaml\n(.*?)```", README, re.S):
         r = Recipe.from_yaml(block)
         assert r.linear is not None and r.linear.matrix_unit() is not None
+
+
+def test_readme_shows_the_model_benchmark_verbatim() -> None:
+    table = (ROOT / "docs" / "bench-model.md").read_text().strip()
+    assert table in README, "README's model benchmark differs from docs/bench-model.md"
+    assert "benchmarks/bench_model.py" in README and "--out docs/bench-model.md" in README
