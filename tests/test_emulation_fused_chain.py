@@ -16,6 +16,7 @@ import torch
 from precisim.emulation import fused_chain as fc
 from precisim.emulation import get_unit, scaled_matmul, unit_from_dict
 from precisim.emulation.matmul import matmul
+from precisim.emulation.recordings import RECORDED_CASES, RecordingError, load_recording
 from precisim.formats import kernels, quantize
 from precisim.formats.scaling import quantize_scaled
 
@@ -214,3 +215,24 @@ def test_fused_signed_zeros(name):
         # row 0: (-0)(+0) = -0 products, with -0 c: -0; (-0)(-0) = +0 products: +0.
         # row 1: (+0)(+0) = +0: +0; (+0)(-0) = -0 with +0 c: +0. row 2: nonzero*0 mixed signs
         assert neg.tolist() == [[True, False], [False, False], [False, False]]
+
+
+FUSED_RECORDINGS = [c for c in RECORDED_CASES if c.preset in ("h100-e4m3", "h100-e5m2")]
+
+
+@pytest.mark.parametrize("case", FUSED_RECORDINGS, ids=[c.preset for c in FUSED_RECORDINGS])
+def test_fused_compiled_reproduces_h100_recordings(case):
+    """The compiled kernels against the real tensor core: all 5000 recorded H100 FP8 dot
+    products (with their incoming c), bit for bit."""
+    try:
+        rec = load_recording(case.gpu, case.fmt, case.out)
+    except RecordingError as exc:
+        pytest.skip(str(exc))
+    A, B, C = rec.a.unsqueeze(1), rec.b.unsqueeze(2), rec.c.reshape(-1, 1, 1)
+    ref, outs = both(lambda: matmul(A, B, case.preset, C))
+    want = rec.d_bits.to(torch.int64)
+    want = torch.where(want >= 1 << 31, want - (1 << 32), want).to(torch.int32)
+    d = want
+    for out in [ref, *outs]:
+        got = out.reshape(-1).view(torch.int32)
+        assert torch.equal(got, want), f"{int((got != want).sum())} of {len(d)} differ"
