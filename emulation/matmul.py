@@ -100,6 +100,9 @@ import torch
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, get_format
 
 from . import fused_chain as _fused
+from .fused_chain import _fexp64 as _fexp
+from .fused_chain import _pow2_32
+from .fused_chain import _pow2_64 as _pow2
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 from .presets import get_unit
 
@@ -647,16 +650,6 @@ def _float_ok(unit: MatrixUnit) -> bool:
             and F is not None and F + 3 + (unit.block_size + 1).bit_length() <= 53)
 
 
-def _pow2(n: torch.Tensor) -> torch.Tensor:
-    """2.0**n in float64, exactly, for integer n in [-1022, 1023] (built from the bits)."""
-    return ((n.to(torch.int64) + 1023) << 52).view(torch.float64)
-
-
-def _pow2_32(n: torch.Tensor) -> torch.Tensor:
-    """2.0**n in float32, exactly, for integer n in [-126, 127]."""
-    return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
-
-
 def _kernel_dtype(unit: MatrixUnit, scales: _Scales | None = None) -> torch.dtype:
     """float32 when the products, the aligned terms and their sum are all exact in it (and
     block scales, if any, are powers of two applied through the exponent only)."""
@@ -894,11 +887,6 @@ def _float_chain_ok(unit: MatrixUnit, fidelity: str) -> bool:
         ok = ok and (pf.exp_bits, pf.man_bits, pf.bias) == (8, 23, 127) and (
             unit.promotion_rounding is Rounding.NEAREST_EVEN)
     return ok and (fidelity == "fast" or _float_ok(unit))
-
-
-def _fexp(x: torch.Tensor) -> torch.Tensor:
-    """floor(log2|x|) of nonzero finite float64 values (normal in float64)."""
-    return ((x.view(torch.int64) >> 52) & 0x7FF) - 1023
 
 
 def _round_float(x: torch.Tensor, sp: _Spec):
