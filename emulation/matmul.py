@@ -995,6 +995,16 @@ def _promote_float(reg, part, s):
     return _sum_to_f32(reg.to(torch.float64), s * part)  # s*part is exact in float64
 
 
+def _chain_start(unit: MatrixUnit, cval: torch.Tensor, sc: _Scales | None):
+    """State of a float chain before its first block: the (B, M, N) masks of outputs that
+    became +inf, -inf, NaN (all clear), the number of blocks per promotion (None: the unit
+    does not promote) and whether K-blocked scales are present."""
+    inf_pos = torch.zeros(tuple(cval.shape), dtype=torch.bool, device=cval.device)
+    per = (unit.promotion_interval // unit.block_size) if unit.promotion_interval else None
+    return (inf_pos, torch.zeros_like(inf_pos), torch.zeros_like(inf_pos), per,
+            sc is not None and sc.has_k)
+
+
 def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
                  ns: slice = slice(None), bufs: _Buffers | None = None):
     """All blocks of K for a chunk of outputs with a float64 state (see _float_chain_ok).
@@ -1017,11 +1027,7 @@ def _chunk_float(unit, fidelity, A, Bt, cval, sc: _Scales | None = None,
     F, floor, use_floor = unit.alignment_bits, unit.alignment_floor, unit.drop is Drop.FLOOR
     shape = tuple(cval.shape)
     dev = cval.device
-    inf_pos = torch.zeros(shape, dtype=torch.bool, device=dev)
-    inf_neg = torch.zeros_like(inf_pos)
-    nan = torch.zeros_like(inf_pos)
-    per = (unit.promotion_interval // k) if unit.promotion_interval else None
-    scaled = sc is not None and sc.has_k
+    inf_pos, inf_neg, nan, per, scaled = _chain_start(unit, cval, sc)
     reg = cval.to(torch.float32)
     part = torch.zeros_like(cval) if per else cval
     part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
@@ -1167,11 +1173,7 @@ def _chunk_fused(unit, a, pa, bt, pb, cval, sc: _Scales | None = None, ns: slice
     nblk = max(1, -(-K // k))
     shape = tuple(cval.shape)
     dev = cval.device
-    inf_pos = torch.zeros(shape, dtype=torch.bool, device=dev)
-    inf_neg = torch.zeros_like(inf_pos)
-    nan = torch.zeros_like(inf_pos)
-    per = (unit.promotion_interval // k) if unit.promotion_interval else None
-    scaled = sc is not None and sc.has_k
+    inf_pos, inf_neg, nan, per, scaled = _chain_start(unit, cval, sc)
     acc_emin = unit.acc_format.emin
     reg = cval.to(torch.float32)
     neg32 = torch.full(shape, _fused.NEG_BIG_32, dtype=torch.int32, device=dev)
