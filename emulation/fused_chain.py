@@ -94,14 +94,22 @@ def exponent_powers(e: torch.Tensor, zero: torch.Tensor, k: int, dtype: torch.dt
     return torch.where(zero, 0.0, p).to(dtype)
 
 
+def exponent_of_sum(P: torch.Tensor, c: int) -> torch.Tensor:
+    """Emax from the exponent-maximum matmul ``P`` (> 0; the result is meaningless where
+    P == 0): floor(log2 P) lies in [c*Emax, c*Emax + c - 1], so Emax = floor((floor(log2 P)
+    + 0.5) / c), taken in float32 (exact enough: the margin is 0.5/c) because inductor's CPU
+    code divides integers lane by lane. int32 (B, M, N)."""
+    x = _fexp32(P) if P.dtype == torch.float32 else _fexp64(P).to(torch.int32)
+    return torch.floor((x.to(torch.float32) + 0.5) * (1.0 / c)).to(torch.int32)
+
+
 def block_max_exponent(pa: torch.Tensor, pb: torch.Tensor, k: int) -> torch.Tensor:
     """max_i (ea_i + eb_i) over one block, for every output: (B, M, N) int32 (NEG_BIG_32
     where every product of the block is zero). pa: (B, M, kb) powers from
-    :func:`exponent_powers`, pb: (B, kb, N) likewise, kb <= k."""
-    c = k.bit_length()
+    :func:`exponent_powers`, pb: (B, kb, N) likewise, kb <= k. (The block kernels do the
+    same from the matmul, in :func:`make_kernels`' ``prepare``.)"""
     P = torch.matmul(pa, pb)
-    f = _fexp32(P) if P.dtype == torch.float32 else _fexp64(P)
-    return torch.where(P == 0, NEG_BIG_32, torch.div(f, c, rounding_mode="floor").to(torch.int32))
+    return torch.where(P == 0, NEG_BIG_32, exponent_of_sum(P, k.bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +117,7 @@ def block_max_exponent(pa: torch.Tensor, pb: torch.Tensor, k: int) -> torch.Tens
 
 def _p2(n: torch.Tensor) -> torch.Tensor:
     """2.0**n in float32 for int32 n, exact for n in [-126, 127] (n is clamped to it)."""
-    return ((n.clamp(-126, 127) + 127) << 23).view(torch.float32)
+    return _pow2_32(n.clamp(-126, 127))
 
 
 def _times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -146,18 +154,11 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     float32, bt: (B, kb, N) float32.
     """
     lim = 1 << (m + 1)
-    inv_c = 1.0 / c
     e_max = math.frexp(max_val)[1] - 1
 
     def prepare(P, part, pe, es=None, sz=None):
-        nz = P != 0
-        if P.dtype == torch.float32:
-            x = (P.view(torch.int32) >> 23) - 127
-        else:
-            x = ((P.view(torch.int64) >> 52) - 1023).to(torch.int32)
-        # x = floor(log2 P) lies in [c*E, c*E + c - 1]
-        Ep = torch.floor((x.to(torch.float32) + 0.5) * inv_c).to(torch.int32)
-        zero_blk = ~nz
+        zero_blk = P == 0
+        Ep = exponent_of_sum(P, c)
         if es is not None:
             zero_blk = zero_blk | sz
             Ep = Ep + es
