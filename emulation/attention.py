@@ -8,7 +8,9 @@ Mixtral, ...) share one eager attention function::
 :func:`chunked_attention` computes exactly that with both matmuls under their
 :class:`~precisim.emulation.recipe.GemmSpec` (fake quant: operands quantized, fp32 products),
 but row chunk by row chunk, and for each chunk only over the keys the mask leaves visible
-(rounded up to whole scale blocks of P). Entries it skips are the ones the mask sends to an
+(rounded up to whole scale blocks of P; the softmax itself still runs over the full row, with
+the skipped scores at -inf, so that its reductions add the same values in the same order as the
+generic path's). Entries it skips are the ones the mask sends to an
 exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block of P that is
 computed unchanged (the blocks run along the keys, ARITHMETIC.md section 2). Under a causal
 mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in cache-sized
@@ -176,7 +178,12 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             s = s * scaling
         if mask is not None:
             s = s + mask[:, :, r0:r1, :ke]
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+        if ke < n_k:
+            # softmax over the full row with the skipped keys at -inf: the vectorised max and
+            # sum reductions group elements by their position in the row, so a shorter row
+            # would sum the same exponentials in another order (other bits)
+            s = torch.nn.functional.pad(s, (0, n_k - ke), value=-math.inf)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)[..., :ke]
         pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
         out[:, :, r0:r1] = torch.matmul(pq.values, vq[:, :, :ke])
     return out.to(dtype).transpose(1, 2).contiguous(), None

@@ -7,6 +7,7 @@ import pytest
 import torch
 from precisim.emulation import Recipe, emulate, get_recipe
 from precisim.emulation import attention as attn_mod
+from precisim.emulation import gemm as gemm_mod
 from precisim.emulation import patch as patch_mod
 from precisim.emulation.attention import _key_ends, chunkable, is_standard_eager
 
@@ -39,17 +40,39 @@ RECIPES = {
 }
 
 
-def _run(model, recipe, *, generic: bool, mp: pytest.MonkeyPatch, mask=None, ids=IDS):
+def _run(model, recipe, *, generic: bool, mp: pytest.MonkeyPatch, mask=None, ids=IDS,
+         record: dict | None = None, chunk_bytes: int = 1):
+    """Logits, chunked-attention calls and telemetry records; ``record`` collects the
+    quantized operands of the first layer's attention matmuls and that attention's output."""
     calls = []
     real = patch_mod.chunked_attention
+    real_q = attn_mod.quantize_operand
+    real_attn = patch_mod._precisim_attention
+    first = "model.layers.0.self_attn"
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
+    def quantizing(x, spec, **kw):
+        out = real_q(x, spec, **kw)
+        if record is not None and kw.get("where", ("",))[0].startswith(first + "."):
+            record.setdefault(kw["where"], []).append(out.values)
+        return out
+
+    def attending(module, *a, **k):
+        out = real_attn(module, *a, **k)
+        if record is not None and "out" not in record:
+            record["out"] = out[0]
+        return out
+
     with mp.context() as m:
-        m.setattr(attn_mod, "CHUNK_BYTES", 1)  # the smallest chunks (16 rows): many of them
+        # default: the smallest chunks (16 rows), many of them
+        m.setattr(attn_mod, "CHUNK_BYTES", chunk_bytes)
         m.setattr(patch_mod, "chunked_attention", counting)
+        m.setattr(attn_mod, "quantize_operand", quantizing)
+        m.setattr(gemm_mod, "quantize_operand", quantizing)
+        m.setattr(patch_mod, "_precisim_attention", attending)
         if generic:
             m.setattr(patch_mod, "chunkable", lambda spec: None)
         with torch.no_grad(), emulate(model, recipe) as em:
@@ -61,19 +84,122 @@ def _run(model, recipe, *, generic: bool, mp: pytest.MonkeyPatch, mask=None, ids
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_chunked_attention_equals_the_generic_path(arch: str, name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked path quantizes exactly the operands the generic path quantizes (the same
+    scores, the same P and its scale blocks, the same telemetry events); its two fp32 matmuls
+    are the generic path's sums restricted to the visible keys, computed by the BLAS library
+    on smaller shapes. The library may order a dot product's additions by the shape (MKL on
+    AVX-512 does for the 6-row tail of a 150-row product), so the first layer's attention
+    output is checked against the bound of fp32 summation in any order, 2 * gamma_K *
+    (|P| @ |V|) with gamma_K = K u / (1 - K u), u = 2^-24."""
     model = _model(arch)
-    fast, n_fast, tel = _run(model, RECIPES[name], generic=False, mp=monkeypatch)
-    slow, n_slow, _ = _run(model, RECIPES[name], generic=True, mp=monkeypatch)
+    rec_fast: dict = {}
+    rec_slow: dict = {}
+    fast, n_fast, tel = _run(model, RECIPES[name], generic=False, mp=monkeypatch,
+                             record=rec_fast)
+    slow, n_slow, tel_slow = _run(model, RECIPES[name], generic=True, mp=monkeypatch,
+                                  record=rec_slow)
     assert n_fast == 2 and n_slow == 0  # one call per layer, and the generic path did not use it
-    # the same computation: bit-identical (fp32 products and sums in the same order; the
-    # skipped keys only add exact zeros)
-    assert torch.equal(fast, slow)
+    first = "model.layers.0.self_attn"
+    for role in (("qk", "input"), ("qk", "weight"), ("pv", "weight")):
+        where = (f"{first}.{role[0]}", role[1])
+        a, b = rec_fast[where][0], rec_slow[where][0]
+        assert torch.equal(a.reshape(-1), b.reshape(-1)), where
+    # P: every chunk's quantized block equals the same block of the generic path's P
+    p_full = rec_slow[(f"{first}.pv", "input")][0]
+    r0 = 0
+    for p in rec_fast[(f"{first}.pv", "input")]:
+        rows, ke = p.shape[-2], p.shape[-1]
+        assert torch.equal(p, p_full[..., r0:r0 + rows, :ke])
+        assert not bool(p_full[..., r0:r0 + rows, ke:].any())  # skipped keys: exact zeros
+        r0 += rows
+    assert r0 == p_full.shape[-2]
+    # the first layer's output: within the fp32 summation bound of the generic one
+    v = rec_slow[(f"{first}.pv", "weight")][0].transpose(-1, -2).double()
+    K = v.shape[-2]
+    u = 2.0 ** -24
+    bound = 2 * (K * u / (1 - K * u)) * (p_full.double().abs() @ v.abs())
+    out_fast, out_slow = rec_fast["out"].double(), rec_slow["out"].double()
+    assert bool(((out_fast - out_slow).abs() <= bound.transpose(1, 2)).all())
+    # the same quantization events, role by role
+    assert _counts(tel) == _counts(tel_slow)
+    # the end result is the same model computation, up to that summation order
+    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)
     # the reference is not trivially equal: the attention formats change the logits
     with torch.no_grad():
         ref = model(IDS, use_cache=False).logits
     assert not torch.equal(fast, ref)
     roles = {(r["module"].rsplit(".", 1)[-1], r["role"]) for r in tel}
     assert {("qk", "input"), ("qk", "weight"), ("pv", "input"), ("pv", "weight")} <= roles
+
+
+def test_chunked_softmax_rows_of_any_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 23 rows see 23, 46, ... keys: the softmax still runs over whole rows (the
+    vectorised reductions of a shorter row would add the exponentials in another order), so
+    P is bit-identical to the generic path's."""
+    model = _model("llama")
+    recs: list[dict] = [{}, {}]
+    for rec, generic in zip(recs, (False, True)):
+        _run(model, RECIPES["e3m2-elementwise"], generic=generic, mp=monkeypatch, record=rec,
+             chunk_bytes=23 * 4 * 2 * 4 * 150)  # b=2, h=4, 150 keys of fp32 per row
+    where = ("model.layers.0.self_attn.pv", "input")
+    p_full = recs[1][where][0]
+    r0 = 0
+    for p in recs[0][where]:
+        assert p.shape[-2] == min(23, 150 - r0)
+        assert torch.equal(p, p_full[..., r0:r0 + p.shape[-2], :p.shape[-1]])
+        r0 += p.shape[-2]
+
+
+def test_chunked_softmax_of_short_visible_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose visible keys end before 16 (a mask hiding every later key): ATen reduces
+    rows shorter than 16 in another order than the same values in a longer row, so the
+    chunked path takes its softmax over the whole row (skipped keys at -inf) and gets the
+    generic path's P bit for bit."""
+    from precisim.emulation.attention import KeyEnds, chunked_attention
+
+    torch.manual_seed(0)
+    b, h, n, d = 1, 4, 64, 8
+    q, k, v = (torch.randn(b, h, n, d) * 3 for _ in range(3))
+    mask = torch.zeros(b, 1, n, n)
+    mask[..., 10:] = torch.finfo(torch.float32).min  # keys 10.. hidden from every query
+    # P kept in fp32 (every last-bit difference shows)
+    spec = Recipe.from_dict({"name": "p32", "attention": {"qk": "e4m3", "pv": {
+        "input": "fp32", "weight": "e4m3"}}}).attention
+    seen: list = []
+    real_q = attn_mod.quantize_operand
+
+    def quantizing(x, s, **kw):
+        out = real_q(x, s, **kw)
+        if kw.get("where", ("", ""))[1] == "input" and kw["where"][0].endswith(".pv"):
+            seen.append(out.values)
+        return out
+
+    monkeypatch.setattr(attn_mod, "quantize_operand", quantizing)
+    module = torch.nn.Module()
+    chunked_attention(module, q, k, v, mask, 0.25, spec, 1, name="a", telemetry=None,
+                      key_ends=KeyEnds())
+    from precisim.emulation.gemm import quantize_operand
+
+    qq = quantize_operand(q, spec.qk.input).values
+    kq = quantize_operand(k, spec.qk.weight).values
+    p_full = torch.softmax((qq @ kq.transpose(-1, -2)) * 0.25 + mask, dim=-1)
+    p_q = quantize_operand(p_full, spec.pv.input).values
+    r0 = 0
+    for p in seen:
+        assert p.shape[-1] == 10
+        assert torch.equal(p, p_q[..., r0:r0 + p.shape[-2], :10])
+        r0 += p.shape[-2]
+    assert r0 == n
+
+
+def _counts(records: list[dict]) -> dict:
+    out: dict = {}
+    for r in records:
+        if r["module"].startswith("model.layers.0."):
+            key = (r["module"], r["role"])
+            # (P's numel differs: the skipped keys are never quantized)
+            out[key] = tuple(r[c] for c in ("saturated", "flushed", "nonfinite"))
+    return out
 
 
 def test_chunked_attention_with_left_padding(monkeypatch: pytest.MonkeyPatch) -> None:
