@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from precisim.formats import FloatFormat, FormatError, IntFormat
+from precisim.formats.registry import Registry, UnknownNameError
 
 from .matrix_unit import MatrixUnit, kulisch, per_add_rounding, sequential_fma
 
@@ -87,12 +88,24 @@ def _build() -> dict[str, MatrixUnit]:
     return {u.name: u for u in units}
 
 
-PRESETS: dict[str, MatrixUnit] = _build()
+class UnknownUnitError(UnknownNameError):
+    """An unknown matrix-unit name (a ``KeyError`` and a ``ValueError``)."""
+
+
+#: the named matrix units (docs/naming.md; qualified spelling ``unit:<name>``)
+UNITS: Registry[MatrixUnit] = Registry("matrix unit", prefix="unit", error=UnknownUnitError)
+for _u in _build().values():
+    UNITS.register(_u.name, _u)
 
 
 def available_units() -> list[str]:
     """The names accepted by :func:`get_unit`."""
-    return sorted(PRESETS)
+    return sorted(UNITS.names())
+
+
+def is_preset(unit: MatrixUnit) -> bool:
+    """Whether ``unit`` is a registered unit, field for field."""
+    return UNITS.find(unit.name) == unit
 
 
 def unit_to_dict(unit: MatrixUnit) -> dict[str, Any]:
@@ -151,10 +164,4 @@ def get_unit(name: str | MatrixUnit) -> MatrixUnit:
         return name
     if not isinstance(name, str):
         raise TypeError(f"unit must be a name or a MatrixUnit, got {type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
-    if key in PRESETS:
-        return PRESETS[key]
-    close = difflib.get_close_matches(key, list(PRESETS), n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise KeyError(f"unknown matrix unit {name!r}{hint}; available: "
-                   f"{', '.join(available_units())}")
+    return UNITS.get(name)

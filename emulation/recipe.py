@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from precisim.formats import FloatFormat, FormatError, IntFormat, Overflow, Rounding, get_format
+from precisim.formats.registry import Registry, UnknownNameError
 from precisim.formats.scaling import (
     Granularity,
     ScaledFormat,
@@ -289,11 +290,10 @@ class GemmSpec:
             if s is not None:
                 d[r] = s.to_dict()
         if self.unit is not None:
-            from .presets import PRESETS, unit_to_dict
+            from .presets import is_preset, unit_to_dict
 
             u = self.unit
-            d["unit"] = u if isinstance(u, str) else u.name if PRESETS.get(u.name) == u \
-                else unit_to_dict(u)
+            d["unit"] = u if isinstance(u, str) else u.name if is_preset(u) else unit_to_dict(u)
             d["fidelity"] = self.fidelity
         return d
 
@@ -622,12 +622,20 @@ def _presets() -> dict[str, Recipe]:
     return {x.name: x for x in r}
 
 
-PRESETS: dict[str, Recipe] = _presets()
+class UnknownRecipeError(UnknownNameError, RecipeError):
+    """An unknown recipe name."""
+
+
+#: the named recipes (docs/naming.md; qualified spelling ``recipe:<name>``)
+RECIPES: Registry[Recipe] = Registry(
+    "recipe", error=UnknownRecipeError, hint="or give a .yaml/.json recipe file")
+for _r in _presets().values():
+    RECIPES.register(_r.name, _r)
 
 
 def available_recipes() -> list[str]:
     """The preset names :func:`get_recipe` accepts."""
-    return list(PRESETS)
+    return RECIPES.names()
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
@@ -637,13 +645,6 @@ def get_recipe(name: str | Recipe) -> Recipe:
     if not isinstance(name, str):
         raise RecipeError(f"recipe must be a name, a path or a Recipe, got "
                           f"{type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
-    if key in PRESETS:
-        return PRESETS[key]
     if Path(name).suffix.lower() in (".yaml", ".yml", ".json"):
         return Recipe.load(name)
-    close = difflib.get_close_matches(key, list(PRESETS), n=3, cutoff=0.4)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise RecipeError(f"unknown recipe {name!r}{hint}; presets: {', '.join(PRESETS)}; or give "
-                      "a .yaml/.json recipe file")
-
+    return RECIPES.get(name)

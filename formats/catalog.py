@@ -18,11 +18,13 @@ Accepted spellings (case-insensitive):
 from __future__ import annotations
 
 import contextlib
-import difflib
-import re
-from functools import lru_cache
 
 from .descriptor import FloatFormat, FormatError, Inf, IntFormat, Nan
+from .registry import Registry, UnknownNameError
+
+
+class UnknownFormatError(UnknownNameError, FormatError):
+    """An unknown format name (a :class:`FormatError` and a ``KeyError``)."""
 
 ElementFormat = FloatFormat | IntFormat
 
@@ -68,9 +70,6 @@ _BUILTIN: tuple[FloatFormat | IntFormat, ...] = (
     IntFormat("mxint8", 8, frac_bits=6, aliases=("int8_mx", "mx_int8_element"),
               description="OCP MX INT8 element: two's complement with implicit scale 2^-6"),
 )
-
-_P3109_RE = re.compile(r"^(?:p3109_k|binary)(\d+)p(\d+)([su])([ef])$")
-_EXMY_RE = re.compile(r"^(?:float\d+_|fp\d+_)?e(\d+)m(\d+)(?:b(\d+))?(fnuz|fnu|fn)?$")
 
 
 def p3109(k: int, p: int, signed: bool = True, extended: bool = True) -> FloatFormat:
@@ -124,13 +123,20 @@ def _exmy(e: int, m: int, bias: int | None, suffix: str | None) -> FloatFormat:
                        subnormals=m > 0)
 
 
-@lru_cache(maxsize=1)
-def _index() -> dict[str, FloatFormat | IntFormat]:
-    idx: dict[str, FloatFormat | IntFormat] = {}
-    for f in _BUILTIN:
-        for n in (f.name, *f.aliases):
-            idx[n.lower()] = f
-    return idx
+#: every named element format (docs/naming.md); the P3109 and eXmY families are parsed
+FORMATS: Registry[FloatFormat | IntFormat] = Registry(
+    "format", error=UnknownFormatError,
+    hint="block-scaled formats (mxfp8, nvfp4, ...) are looked up by "
+    "precisim.formats.scaling.get_scaled_format")
+for _f in _BUILTIN:
+    FORMATS.register(_f.name, _f, aliases=_f.aliases)
+FORMATS.register_family(r"(?:p3109_k|binary)(\d+)p(\d+)([su])([ef])",
+                        lambda m: p3109(int(m.group(1)), int(m.group(2)), m.group(3) == "s",
+                                        m.group(4) == "e"), "binary8p3se")
+FORMATS.register_family(r"(?:float\d+_|fp\d+_)?e(\d+)m(\d+)(?:b(\d+))?(fnuz|fnu|fn)?",
+                        lambda m: _exmy(int(m.group(1)), int(m.group(2)),
+                                        None if m.group(3) is None else int(m.group(3)),
+                                        m.group(4)), "e5m7[b15][fn|fnuz|fnu]")
 
 
 def catalog() -> list[FloatFormat | IntFormat]:
@@ -176,20 +182,4 @@ def get_format(spec: str | FloatFormat | IntFormat | object) -> FloatFormat | In
                 "pass a name such as 'e4m3', a FloatFormat/IntFormat, or a torch dtype"
             )
         name = spec
-    key = name.strip().lower().replace("-", "_")
-    idx = _index()
-    if key in idx:
-        return idx[key]
-    m = _P3109_RE.match(key)
-    if m:
-        return p3109(int(m.group(1)), int(m.group(2)), m.group(3) == "s", m.group(4) == "e")
-    m = _EXMY_RE.match(key)
-    if m:
-        return _exmy(int(m.group(1)), int(m.group(2)),
-                     None if m.group(3) is None else int(m.group(3)), m.group(4))
-    close = difflib.get_close_matches(key, list(idx), n=5, cutoff=0.5)
-    hint = f"; closest known names: {', '.join(close)}" if close else ""
-    raise FormatError(
-        f"unknown format {name!r}{hint}. Also accepted: any 'eXmY[bNN][fn|fnuz|fnu]' and "
-        "IEEE P3109 'binary{K}p{P}{s|u}{e|f}'"
-    )
+    return FORMATS.get(name)

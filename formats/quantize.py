@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from . import kernels
-from .catalog import get_format
+from .catalog import UnknownFormatError, get_format
 from .descriptor import FloatFormat, FormatError, IntFormat, Nan
 from .kernels import F32_NAN, KernelParams, round_bits, split_f32
 from .rounding import Overflow, Rounding
@@ -37,6 +37,20 @@ def check_tensor(x: object, what: str = "x") -> torch.Tensor:
             "(convert integer or float64 tensors explicitly)"
         )
     return x
+
+
+def _element_format(fmt: FormatLike) -> FloatFormat | IntFormat:
+    """get_format, naming quantize_scaled when ``fmt`` is a block-scaled format's name."""
+    try:
+        return get_format(fmt)
+    except UnknownFormatError:
+        from .scaling import SCALED_FORMATS
+
+        if isinstance(fmt, str) and fmt in SCALED_FORMATS:
+            raise UnknownFormatError(
+                f"{fmt!r} is a block-scaled format, not an element format: call "
+                f"precisim.formats.scaling.quantize_scaled(x, {fmt!r})") from None
+        raise
 
 
 def is_subset(fmt: FloatFormat | IntFormat, container: FloatFormat) -> bool:
@@ -180,7 +194,7 @@ def quantize(
     a bfloat16 tensor to fp16, say, raises an error (convert to float32 first).
     """
     x = check_tensor(x)
-    f = get_format(fmt)
+    f = _element_format(fmt)
     rnd = Rounding.parse(rounding)
     ovf = Overflow.parse(overflow)
     _check_policy(f, ovf)

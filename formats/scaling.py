@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +57,7 @@ from .quantize import (
     is_subset,
     values_to_codes,
 )
+from .registry import Registry, UnknownNameError
 from .rounding import Overflow, Rounding
 
 E8M0 = get_format("e8m0")
@@ -198,52 +200,66 @@ def _mx(name: str, elem: str, rule: ScaleRule, block: int = 32, axis: int = -1) 
     return ScaledFormat(name, get_format(elem), Granularity.per_group(block, axis), E8M0, rule)
 
 
-_SCALED_NAMES = ("mxfp8", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp6_e2m3",
-                 "mxfp4", "mxint8", "nvfp4", "fp8_tensor", "fp8_e5m2_tensor", "fp8_1x128",
-                 "fp8_128x128", "int8_channel", "int8_token", "int4_group128")
+class UnknownScaledFormatError(UnknownNameError, FormatError):
+    """An unknown block-scaled format name."""
+
+
+#: builders of the named block-scaled formats: ``build(rule, axis) -> ScaledFormat`` with
+#: ``rule`` None (the format's own rule) or a :class:`ScaleRule` (docs/naming.md)
+SCALED_FORMATS: Registry[Callable[[ScaleRule | None, int], ScaledFormat]] = Registry(
+    "scaled format", prefix="scaled", error=UnknownScaledFormatError,
+    hint="element formats (e4m3, e2m1, ...) are looked up by precisim.formats.get_format")
+
+
+def _pow2_builder(name: str, elem: str) -> Callable[[ScaleRule | None, int], ScaledFormat]:
+    def build(rule: ScaleRule | None, axis: int) -> ScaledFormat:
+        if rule is not None and not rule.power_of_two:
+            raise FormatError(f"{name}: scale rule {rule.value!r} is not possible for an E8M0 "
+                              "scale; accepted floor, ceil, rceil, even")
+        return _mx(name, elem, rule or ScaleRule.FLOOR, 32, axis)
+    return build
+
+
+def _amax_builder(name: str, elem: str, gran: Callable[[int], Granularity]
+                  ) -> Callable[[ScaleRule | None, int], ScaledFormat]:
+    def build(rule: ScaleRule | None, axis: int) -> ScaledFormat:
+        return ScaledFormat(name, get_format(elem), gran(axis), FP32, rule or ScaleRule.AMAX)
+    return build
+
+
+def _nvfp4(rule: ScaleRule | None, axis: int) -> ScaledFormat:
+    if rule is not None and rule is not ScaleRule.AMAX:
+        raise FormatError(f"nvfp4: scale rule {rule.value!r} is not possible: NVFP4's E4M3 "
+                          "block scales follow the amax rule (accepted: amax)")
+    return ScaledFormat("nvfp4", get_format("e2m1"), Granularity.per_group(16, axis),
+                        get_format("e4m3"), ScaleRule.AMAX, tensor_scale=True)
+
+
+for _name, _elem in (("mxfp8", "e4m3"), ("mxfp8_e4m3", "e4m3"), ("mxfp8_e5m2", "e5m2"),
+                     ("mxfp6", "e3m2"), ("mxfp6_e3m2", "e3m2"), ("mxfp6_e2m3", "e2m3"),
+                     ("mxfp4", "e2m1"), ("mxint8", "mxint8")):
+    SCALED_FORMATS.register(_name, _pow2_builder(_name, _elem))
+SCALED_FORMATS.register("nvfp4", _nvfp4)
+for _name, _elem, _gran in (
+        ("fp8_tensor", "e4m3", lambda axis: Granularity.per_tensor()),
+        ("fp8_e5m2_tensor", "e5m2", lambda axis: Granularity.per_tensor()),
+        ("fp8_1x128", "e4m3", lambda axis: Granularity.per_group(128, axis)),
+        ("fp8_128x128", "e4m3", lambda axis: Granularity.tile(128, 128)),
+        ("int8_channel", "int8", lambda axis: Granularity.per_channel(0)),
+        ("int8_token", "int8", lambda axis: Granularity.per_token(axis)),
+        ("int4_group128", "int4", lambda axis: Granularity.per_group(128, axis))):
+    SCALED_FORMATS.register(_name, _amax_builder(_name, _elem, _gran))
 
 
 def get_scaled_format(name: str | ScaledFormat, rule: ScaleRule | str | None = None,
                       axis: int = -1) -> ScaledFormat:
-    """A named block-scaled format. ``rule`` overrides the scale rule of MX formats (FLOOR by
-    default, as in the OCP spec); ``axis`` is the axis the blocks run along (the GEMM's K)."""
+    """A named block-scaled format (:data:`SCALED_FORMATS`). ``rule`` overrides the scale rule
+    (MX formats: FLOOR by default, as in the OCP spec; rules a format cannot take raise);
+    ``axis`` is the axis the blocks run along (the GEMM's K)."""
     if isinstance(name, ScaledFormat):
         return name if rule is None else name.with_rule(rule)
-    key = name.strip().lower().replace("-", "_")
     r = ScaleRule.parse(rule) if rule is not None else None
-    pow2 = r or ScaleRule.FLOOR
-    mx_elems = {"mxfp8": "e4m3", "mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6": "e3m2",
-                "mxfp6_e3m2": "e3m2", "mxfp6_e2m3": "e2m3", "mxfp4": "e2m1", "mxint8": "mxint8"}
-    if key in mx_elems:
-        return _mx(key, mx_elems[key], pow2, 32, axis)
-    amax = r or ScaleRule.AMAX
-    e4m3 = get_format("e4m3")
-    table = {
-        "nvfp4": lambda: ScaledFormat("nvfp4", get_format("e2m1"), Granularity.per_group(16, axis),
-                                      e4m3, ScaleRule.AMAX, tensor_scale=True),
-        "fp8_tensor": lambda: ScaledFormat("fp8_tensor", e4m3, Granularity.per_tensor(), FP32,
-                                           amax),
-        "fp8_e5m2_tensor": lambda: ScaledFormat("fp8_e5m2_tensor", get_format("e5m2"),
-                                                Granularity.per_tensor(), FP32, amax),
-        "fp8_1x128": lambda: ScaledFormat("fp8_1x128", e4m3, Granularity.per_group(128, axis),
-                                          FP32, amax),
-        "fp8_128x128": lambda: ScaledFormat("fp8_128x128", e4m3, Granularity.tile(128, 128),
-                                            FP32, amax),
-        "int8_channel": lambda: ScaledFormat("int8_channel", get_format("int8"),
-                                             Granularity.per_channel(0), FP32, amax),
-        "int8_token": lambda: ScaledFormat("int8_token", get_format("int8"),
-                                           Granularity.per_token(axis), FP32, amax),
-        "int4_group128": lambda: ScaledFormat("int4_group128", get_format("int4"),
-                                              Granularity.per_group(128, axis), FP32, amax),
-    }
-    if key in table:
-        return table[key]()
-    import difflib
-
-    close = difflib.get_close_matches(key, _SCALED_NAMES, n=4, cutoff=0.4)
-    raise FormatError(f"unknown scaled format {name!r}"
-                      + (f"; closest: {', '.join(close)}" if close else "")
-                      + f". Known: {', '.join(_SCALED_NAMES)}")
+    return SCALED_FORMATS.get(name)(r, axis)
 
 
 # ---------------------------------------------------------------------------------------------

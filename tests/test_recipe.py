@@ -112,7 +112,7 @@ def test_bad_recipes_raise_clear_errors(text: str, needle: str) -> None:
 
 
 def test_unknown_preset_and_missing_file(tmp_path) -> None:
-    with pytest.raises(RecipeError, match="did you mean mxfp4"):
+    with pytest.raises(RecipeError, match="unknown recipe 'mxfp44'; did you mean 'mxfp4'"):
         get_recipe("mxfp44")
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.load(tmp_path / "nope.yaml")
