@@ -12,9 +12,9 @@ DeepSeek 1x128 / 128x128 FP8 on ``deepseek-fp8``.
     python benchmarks/bench_gemm.py [--m 512 --k 512 --n 4096 --threads 0 --repeat 3]
                                     [--units h100-e4m3,h100-bf16] [--scaled]
 
-Where the compiled bit-exact chain (emulation/fused_chain.py) applies, the bit-exact row is
-followed by the eager float chain on the same inputs (its time, the speedup, and whether the
-bits agree).
+Each bit-exact row names the kernel that computed it (:func:`precisim.emulation.explain`)
+and is followed by every slower bit-exact kernel that also computes the call, timed on the same
+inputs (its time, the speed-up, and whether the bits agree).
 
 Targets on the 2-core CPU (issue 3): bit-exact >= 1e8 products/s; fast within 3x of the fp32
 matmul. Timings are the best of ``--repeat`` runs (the machine is shared: medians drift).
@@ -23,17 +23,21 @@ matmul. Timings are the best of ``--repeat`` runs (the machine is shared: median
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
-from precisim.emulation import scaled_matmul
-from precisim.emulation.matmul import divergence, matmul
-from precisim.emulation.presets import get_unit
+from precisim.emulation import (
+    available_kernels,
+    divergence,
+    explain,
+    get_unit,
+    matmul,
+    scaled_matmul,
+    use_kernels,
+)
+from precisim.emulation.scaled import scaled_explain
 from precisim.formats import quantize
 from precisim.formats.scaling import quantize_scaled
-
-MM = sys.modules["precisim.emulation.matmul"]  # (the package exports the function matmul)
 
 
 def _time(fn, repeat: int) -> float:
@@ -45,22 +49,19 @@ def _time(fn, repeat: int) -> float:
     return best
 
 
-def _eager_chain(name: str, run, out: dict, t_fused: float, repeat: int) -> None:
-    """Time ``run`` again with the eager float chain instead of the compiled one (same run,
-    same inputs) and check the bits agree."""
-    fused = out["d"]
-    MM.USE_FUSED = False
-    try:
-        t = _time(run, repeat)
-    finally:
-        MM.USE_FUSED = True
-    same = torch.equal(out["d"].view(torch.int32), fused.view(torch.int32))
-    print(f"{name:14s} bit-exact, eager chain: {t:8.3f} s; the compiled chain is "
-          f"{t / t_fused:.2f}x faster, {'bit-identical' if same else 'DIFFERENT BITS'}")
-
-
-def _fused(unit) -> bool:
-    return MM._fused_ok(unit, MM._kernel_dtype(unit), None)
+def _other_kernels(name: str, run, out: dict, t_best: float, repeat: int, explain) -> None:
+    """Time ``run`` again with each slower bit-exact kernel that also computes this call
+    (same run, same inputs; the exact reference is left out) and check the bits agree."""
+    chosen = out["d"]
+    print(f"{name:14s} bit-exact kernel: {explain.kernel}")
+    for k in available_kernels("bit-exact"):
+        if k in (explain.kernel, "reference") or k in dict(explain.refused):
+            continue
+        with use_kernels(k):
+            t = _time(run, repeat)
+        same = torch.equal(out["d"].view(torch.int32), chosen.view(torch.int32))
+        print(f"{name:14s} bit-exact, kernel {k}: {t:8.3f} s; {explain.kernel} is "
+              f"{t / t_best:.2f}x faster, {'bit-identical' if same else 'DIFFERENT BITS'}")
 
 
 def _report(name: str, ex: torch.Tensor, fa: torch.Tensor, unit) -> None:
@@ -92,8 +93,8 @@ def _gemms(args) -> None:
             results[fid] = out["d"]
             print(f"{name:14s} {fid:9s}: {t:8.3f} s  {products / t:10.3g} products/s  "
                   f"{t / t32:8.2f}x the fp32 matmul time")
-            if fid == "bit-exact" and _fused(unit):
-                _eager_chain(name, run, out, t, args.repeat)
+            if fid == "bit-exact":
+                _other_kernels(name, run, out, t, args.repeat, explain(a, b, unit))
         _report(name, results["bit-exact"], results["fast"], unit)
 
 
@@ -121,8 +122,8 @@ def _scaled(args) -> None:
             res[fid] = out["d"]
             print(f"{fa + '/' + unit:24s} {fid:9s}: {t:8.3f} s  {products / t:10.3g} products/s"
                   f"  {t / t32:8.2f}x the fp32 matmul time")
-            if fid == "bit-exact" and _fused(get_unit(unit)):
-                _eager_chain(unit, run, out, t, args.repeat)
+            if fid == "bit-exact":
+                _other_kernels(unit, run, out, t, args.repeat, scaled_explain(a, b, unit))
         _report(unit, res["bit-exact"], res["fast"], get_unit(unit))
 
 

@@ -12,8 +12,9 @@
 See ARITHMETIC.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
 """
 
+from .divergence import divergence, fast_divergence, scaled_fast_divergence
 from .loader import LoadError, load_model
-from .matmul import fast_divergence, matmul
+from .matmul import available_kernels, explain, matmul, use_kernels
 from .matrix_unit import (
     Alignment,
     CMode,
@@ -46,14 +47,15 @@ from .recordings import (
     recordings_dir,
 )
 from .reference import dot, exact_dot, scaled_dot
-from .scaled import scaled_fast_divergence, scaled_matmul
+from .scaled import scaled_matmul
 from .telemetry import Telemetry
 
 __all__ = [
     "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "LoadError", "Plan",
     "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",
     "available_recipes", "emulate", "get_recipe", "load_model", "plan",
-    "Alignment", "CMode", "Drop", "MatrixUnit", "available_units", "chunked", "dot",
+    "Alignment", "CMode", "Drop", "MatrixUnit", "available_kernels", "available_units",
+    "chunked", "divergence", "dot", "explain", "use_kernels",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",
     "scaled_dot", "scaled_fast_divergence", "scaled_matmul", "sequential_fma",
     "unit_from_dict", "unit_to_dict",

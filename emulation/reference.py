@@ -16,6 +16,7 @@ from fractions import Fraction
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, get_format
 from precisim.formats.descriptor import floor_log2
 from precisim.formats.reference import round_to_int_format
+from precisim.formats.rounding import ExactRemainder, round_up
 
 from .matrix_unit import Alignment, CMode, Drop, MatrixUnit
 
@@ -37,23 +38,7 @@ def round_to_float(v: Fraction, fmt: FloatFormat, rounding: Rounding, overflow: 
     ulp = Fraction(2) ** (e - fmt.man_bits)
     k = ax / ulp
     lo = math.floor(k)
-    frac = k - lo
-    up = 0
-    if frac:
-        if rounding is Rounding.NEAREST_EVEN:
-            up = int(frac > Fraction(1, 2) or (frac == Fraction(1, 2) and lo % 2 == 1))
-        elif rounding is Rounding.NEAREST_AWAY:
-            up = int(frac >= Fraction(1, 2))
-        elif rounding is Rounding.UP:
-            up = int(not negative)
-        elif rounding is Rounding.DOWN:
-            up = int(negative)
-        elif rounding is Rounding.ODD:
-            up = int(lo % 2 == 0)
-        elif rounding is Rounding.STOCHASTIC:
-            if sr_rand is None:
-                raise ValueError("stochastic rounding needs a random integer")
-            up = int(math.floor(frac * (1 << sr_bits)) + sr_rand >= (1 << sr_bits))
+    up = int(bool(round_up(rounding, ExactRemainder(lo, k - lo, negative, sr_rand, sr_bits))))
     r = (lo + up) * ulp
     if r > fmt.max:
         if overflow is Overflow.SATURATE:

@@ -58,11 +58,13 @@ the operands (units without promotion: s_a*a and s_b*b in the matmul's dtype) or
 promotion (fl32(s*partial) added in fp32), and the epilogue as above. Measured on a
 (1, 1024, 576) x (1536, 576) layer (benchmarks/bench_gemm.py --scaled): MXFP8 on h100-e4m3,
 0.897 of the outputs differ from bit-exact, normwise 3.6e-4; 1x128 / 128x128 FP8 on
-deepseek-fp8, 0.995 and 1.2e-4 (:func:`scaled_fast_divergence`).
+deepseek-fp8, 0.995 and 1.2e-4
+(:func:`precisim.emulation.divergence.scaled_fast_divergence`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +72,13 @@ from precisim.formats import FloatFormat, IntFormat, decode, get_format
 from precisim.formats.quantize import is_subset
 from precisim.formats.scaling import ScaledTensor
 
-from .matmul import FIDELITIES, _core, _Scales, divergence
+from .matmul import FIDELITIES, Explanation, Scales, run_gemm
+from .matmul.call import prepare
+from .matmul.registry import explain_call
 from .matrix_unit import MatrixUnit
 from .presets import get_unit
 
-__all__ = ["scaled_fast_divergence", "scaled_matmul"]
+__all__ = ["scaled_explain", "scaled_matmul"]
 
 E8M0 = get_format("e8m0")
 
@@ -260,14 +264,15 @@ def _build(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit):
         ep_g = float(gg.to(torch.float32))
     ks = [t for t in (sa, sb) if t is not None]
     exact = all(o.e8m0 for o in (oa, ow) if o.k_scales is not None)
-    sc = _Scales(a=sa, b=sb, a_blk=oa.k_block, b_blk=ow.k_block, exact=exact,
+    sc = Scales(a=sa, b=sb, a_blk=oa.k_block, b_blk=ow.k_block, exact=exact,
                  pow2=all(_pow2(t) for t in ks), ep_a=pa, ep_b=pb, ep_g=ep_g)
     return va, vw, sc, (a.format.element, w.format.element)
 
 
 def scaled_matmul(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str, *,
                   fidelity: str = "bit-exact", seed: int | None = None,
-                  max_chunk_elements: int = 1 << 21) -> torch.Tensor:
+                  max_chunk_elements: int = 1 << 21,
+                  kernel: str | Sequence[str] | None = None) -> torch.Tensor:
     """What ``unit`` returns for ``x @ W^T`` from block-scaled operands (float32).
 
     Args:
@@ -280,6 +285,7 @@ def scaled_matmul(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str, *,
         fidelity: ``"bit-exact"`` or ``"fast"`` (:mod:`precisim.emulation.matmul`).
         seed: random bits for units with stochastic accumulator rounding.
         max_chunk_elements: bound on the elements processed at once (memory).
+        kernel: restrict the matrix-unit kernels (see :func:`precisim.emulation.matmul`).
 
     Returns (..., M, N) float32. See the module docstring for the semantics; bad input
     (shapes, element formats the unit cannot take, scale blocks that do not fit the unit's
@@ -289,14 +295,18 @@ def scaled_matmul(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str, *,
     if fidelity not in FIDELITIES:
         raise ValueError(f"fidelity={fidelity!r} is not valid: accepted {FIDELITIES}")
     va, vw, sc, elems = _build(a, w, unit)
-    return _core(va, vw.transpose(-1, -2), unit, None, fidelity, seed, max_chunk_elements,
-                 sc, elems, check=False)
+    return run_gemm(va, vw.transpose(-1, -2), unit, None, fidelity, seed=seed,
+                    max_chunk_elements=max_chunk_elements, scales=sc, elem_formats=elems,
+                    check=False, kernel=kernel)
 
 
-def scaled_fast_divergence(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str
-                           ) -> dict[str, float]:
-    """How far ``scaled_matmul(..., fidelity="fast")`` is from bit-exact on these operands
-    (keys of :func:`precisim.emulation.matmul.divergence`)."""
+def scaled_explain(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str, *,
+                   fidelity: str = "bit-exact",
+                   kernel: str | Sequence[str] | None = None) -> Explanation:
+    """Which kernel :func:`scaled_matmul` would use for these operands, and why each faster
+    kernel was refused (see :func:`precisim.emulation.matmul.explain`)."""
     unit = get_unit(unit)
-    return divergence(scaled_matmul(a, w, unit), scaled_matmul(a, w, unit, fidelity="fast"),
-                      unit)
+    va, vw, sc, elems = _build(a, w, unit)
+    call = prepare(va, vw.transpose(-1, -2), unit, None, fidelity, scales=sc,
+                   elem_formats=elems, check=False)
+    return explain_call(call, kernel)

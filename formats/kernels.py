@@ -25,6 +25,7 @@ mantissa bits, such as E8M0, a tie between two normal powers of two rounds up).
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from .descriptor import FloatFormat, IntFormat
-from .rounding import Overflow, Rounding
+from .rounding import BitsRemainder, Overflow, Rounding, round_up
 
 INT32_MIN = -(2**31)
 F32_INF = 0x7F800000
@@ -294,27 +295,15 @@ def round_bits_generic(
     q = sig >> s
     rem = sig & ((1 << s) - 1)
     half = (1 << s) >> 1
-    inexact = rem != 0
-    if rounding is Rounding.NEAREST_EVEN:
-        up = (rem > half) | ((rem == half) & inexact & ((q & 1) == 1))
-    elif rounding is Rounding.NEAREST_AWAY:
-        up = (rem >= half) & inexact
-    elif rounding is Rounding.TOWARD_ZERO:
-        up = torch.zeros_like(inexact)
-    elif rounding is Rounding.UP:
-        up = inexact & ~neg
-    elif rounding is Rounding.DOWN:
-        up = inexact & neg
-    elif rounding is Rounding.ODD:
-        up = inexact & ((q & 1) == 0)
-    elif rounding is Rounding.STOCHASTIC:
+    t = None
+    if rounding is Rounding.STOCHASTIC:
         assert rand is not None
         t_shift = s_real - sr_bits
         t = torch.where(t_shift >= 0, rem >> torch.clamp(t_shift, 0, 30),
                         rem << torch.clamp(-t_shift, 0, 30))
-        up = (t + rand) >= (1 << sr_bits)
-    else:  # pragma: no cover
-        raise AssertionError(rounding)
+    up = round_up(rounding, BitsRemainder(q, rem, half, neg, t, rand, sr_bits))
+    if up is None:
+        up = torch.zeros_like(neg)
     n = q + up.to(torch.int32)
     if unit_normal:
         # x = sig * 2^(E - 150) for E >= 1. With s <= 23 the rounded significand n << s lies in
@@ -432,7 +421,7 @@ def run(fn, key: tuple, numel: int, *args):
                  for a in args)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_private_copy(fn), dynamic=True, fullgraph=True)
         _COMPILED[key] = compiled
     if compiled is False:
         return fn(*args)
@@ -446,6 +435,17 @@ def run(fn, key: tuple, numel: int, *args):
         warnings.warn(f"torch.compile failed ({exc!r:.200}); using the eager kernel", stacklevel=3)
         _COMPILED[key] = False
         return fn(*args)
+
+
+def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. torch.compile caches its graphs per code object
+    and tells them apart by guards; the constants a kernel closes over (format parameters, the
+    rounding mode...) must not depend on those guards (a mode looked up in the rounding table
+    was seen to reuse another mode's graph), so each key of :data:`_COMPILED` compiles its own
+    copy and the key alone decides which graph runs."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_k{len(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
 
 
 def _call_compiled(compiled: Callable[..., Any], args: tuple) -> Any:

@@ -1,8 +1,11 @@
 """Slow, exact reference arithmetic on Python ``Fraction`` values.
 
 This module is the specification the fast torch kernels are tested against bit for bit. It
-shares no code with them: values are exact rationals, rounding is decided from the exact
-fraction of an ulp, and codes are assembled field by field.
+shares no arithmetic with them: values are exact rationals, the remainder of a rounding is the
+exact fraction of an ulp, and codes are assembled field by field. The one thing it shares is
+the rounding decision table (:data:`precisim.formats.rounding.ROUNDING_RULES`: which
+remainders round up under each mode), which every representation consults; the kernels are
+also tested against independent oracles (ml_dtypes, torch's casts).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import struct
 from fractions import Fraction
 
 from .descriptor import FloatFormat, FormatError, IntFormat, floor_log2
-from .rounding import Overflow, Rounding
+from .rounding import ExactRemainder, Overflow, Rounding, round_up
 
 Value = Fraction | float  # float only for nan / +-inf
 
@@ -54,28 +57,10 @@ def _is_negative(v: Value) -> bool:
 
 def _round_up(lo: int, frac: Fraction, negative: bool, rounding: Rounding,
               sr_rand: int | None, sr_bits: int) -> int:
-    """1 if the magnitude lo + frac (0 <= frac < 1) rounds up to lo + 1, else 0."""
-    if frac == 0:
-        return 0
-    half = Fraction(1, 2)
-    if rounding is Rounding.NEAREST_EVEN:
-        return int(frac > half or (frac == half and lo % 2 == 1))
-    if rounding is Rounding.NEAREST_AWAY:
-        return int(frac >= half)
-    if rounding is Rounding.TOWARD_ZERO:
-        return 0
-    if rounding is Rounding.UP:
-        return int(not negative)
-    if rounding is Rounding.DOWN:
-        return int(negative)
-    if rounding is Rounding.ODD:
-        return int(lo % 2 == 0)
-    if rounding is Rounding.STOCHASTIC:
-        if sr_rand is None:
-            raise ValueError("stochastic rounding needs the random integer")
-        t = math.floor(frac * (1 << sr_bits))
-        return int(t + sr_rand >= (1 << sr_bits))
-    raise AssertionError(rounding)
+    """1 if the magnitude lo + frac (0 <= frac < 1) rounds up to lo + 1, else 0 (the decision
+    of :data:`precisim.formats.rounding.ROUNDING_RULES` on exact fractions)."""
+    up = round_up(rounding, ExactRemainder(lo, frac, negative, sr_rand, sr_bits))
+    return int(bool(up))
 
 
 def round_to_float_format(

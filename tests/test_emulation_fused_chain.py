@@ -1,5 +1,6 @@
-"""The compiled bit-exact chain (emulation/fused_chain.py) against the eager float chain of
-emulation/matmul.py, bit for bit, on adversarial operands: wide exponent spreads, zeros of both
+"""The compiled bit-exact chain (kernel ``fused-chain``, emulation/matmul/fused.py) against the
+eager float chain (kernel ``float-chain``), bit for bit, on adversarial operands: wide exponent
+spreads, zeros of both
 signs, all-zero blocks, ragged K, accumulator overflow and saturation, subnormal incoming c,
 round-to-nearest-even and floor variants of the H100 FP8 datapath, in-block power-of-two
 scales (MX) and promotion with scales (DeepSeek 1x128 / 128x128). The eager float chain is in
@@ -9,18 +10,14 @@ and the GPU recordings; both kernels of the fused chain run compiled and eagerly
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from precisim.emulation import fused_chain as fc
-from precisim.emulation import get_unit, scaled_matmul, unit_from_dict
+from precisim.emulation import explain, get_unit, scaled_matmul, unit_from_dict, use_kernels
+from precisim.emulation.matmul import fused as fc
 from precisim.emulation.matmul import matmul
 from precisim.emulation.recordings import RECORDED_CASES, RecordingError, load_recording
 from precisim.formats import kernels, quantize
 from precisim.formats.scaling import quantize_scaled
-
-MM = sys.modules["precisim.emulation.matmul"]
 
 UNITS = {
     "h100-e4m3": "h100-e4m3",
@@ -34,6 +31,12 @@ UNITS = {
     "align-floor": {"base": "h100-e4m3", "name": "align-floor", "alignment_floor": -2},
     "promo64-rne": {"base": "h100-e4m3", "name": "promo64-rne", "promotion_interval": 64,
                     "acc_rounding": "rne"},
+    # the other deterministic roundings of the block result (the rounding table in the kernel)
+    "ru": {"base": "h100-e4m3", "name": "ru", "acc_rounding": "ru"},
+    "rd": {"base": "h100-e4m3", "name": "rd", "acc_rounding": "rd"},
+    "rna": {"base": "h100-e4m3", "name": "rna", "acc_rounding": "rna"},
+    "rto": {"base": "h100-e4m3", "name": "rto", "acc_rounding": "rto"},
+    "rto-promo": {"base": "deepseek-fp8", "name": "rto-promo", "acc_rounding": "rto"},
 }
 
 
@@ -76,29 +79,28 @@ def same_bits(x, y):
 def both(fn):
     """fn() with the eager float chain and with the fused chain (compiled, then eager); fails
     unless the fused chain ran (and only there)."""
-    old_backend, old_chunk = kernels.get_backend(), MM._chunk_fused
+    old_backend, old_chunk = kernels.get_backend(), fc.chunk_fused
     calls = []
 
     def counted(*args, **kw):
         calls.append(1)
         return old_chunk(*args, **kw)
 
-    MM._chunk_fused = counted
+    fc.chunk_fused = counted
     try:
-        MM.USE_FUSED = False
-        ref = fn()
+        with use_kernels("float-chain"):
+            ref = fn()
         assert not calls
-        MM.USE_FUSED = True
         out = []
         for backend in ("compile", "auto"):
             kernels.set_backend(backend)
-            out.append(fn())
+            with use_kernels("fused-chain"):
+                out.append(fn())
             assert calls, "the fused chain did not run"
             calls.clear()
         return ref, out
     finally:
-        MM.USE_FUSED = True
-        MM._chunk_fused = old_chunk
+        fc.chunk_fused = old_chunk
         kernels.set_backend(old_backend)
 
 
@@ -106,8 +108,6 @@ def both(fn):
 @pytest.mark.parametrize("shape", [(1, 9, 100, 7), (2, 16, 256, 24)])
 def test_fused_matches_float_chain(name, shape):
     unit = unit_of(name)
-    kd = MM._kernel_dtype(unit)
-    assert MM._fused_ok(unit, kd, None), f"{name} should take the fused chain"
     B, M, K, N = shape
     gen = torch.Generator().manual_seed(hash(name) % 1000 + K)
     a = operand((B, M, K), unit.a_format, gen)
@@ -185,12 +185,27 @@ def test_block_max_exponent_is_the_maximum():
 
 
 def test_fused_not_used_where_it_does_not_apply():
-    kd32 = torch.float32
-    assert not MM._fused_ok(get_unit("h100-fp16"), torch.float64, None)
-    sr = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "sr", "acc_sr_bits": 8})
-    assert not MM._fused_ok(sr, kd32, None)
-    rd = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "rd"})
-    assert not MM._fused_ok(rd, kd32, None)
+    a = quantize(torch.randn(1, 4, 64), "fp16")
+    b = quantize(torch.randn(64, 3), "fp16")
+    a8, b8 = quantize(a, "e4m3"), quantize(b, "e4m3")
+    ex = explain(a8, b8, "h100-e4m3")  # (the tests' default backend is eager)
+    assert ex.kernel == "float-chain" and "compiled kernels are off" in ex.refused[0][1]
+    old = kernels.get_backend()
+    kernels.set_backend("auto")
+    try:
+        ex = explain(a, b, "h100-fp16")
+        assert ex.kernel == "float-chain"
+        assert ex.refused[0][0] == "fused-chain" and "reach 2^24" in ex.refused[0][1]
+        sr = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "sr", "acc_sr_bits": 8})
+        ex = explain(a8, b8, sr)
+        assert ex.kernel == "int-chain"
+        assert dict(ex.refused)["fused-chain"] == "it does not model acc_sr_bits=8"
+        # every deterministic rounding of the block result is in the compiled kernel (the
+        # rounding table), e.g. round-down
+        rd = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "rd"})
+        assert explain(a8, b8, rd).kernel == "fused-chain"
+    finally:
+        kernels.set_backend(old)
 
 
 @pytest.mark.parametrize("name", ["h100-e4m3", "deepseek-fp8"])

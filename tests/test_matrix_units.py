@@ -13,7 +13,7 @@ from functools import cache
 
 import pytest
 import torch
-from precisim.emulation.matmul import fast_divergence, matmul
+from precisim.emulation import fast_divergence, matmul
 from precisim.emulation.matrix_unit import CMode, Drop, MatrixUnit, chunked, kulisch
 from precisim.emulation.presets import available_units, get_unit
 from precisim.emulation.recordings import RECORDED_CASES, RecordingError
@@ -455,17 +455,17 @@ def test_exact_dot_rounds_once():
 @pytest.mark.parametrize("name", ["v100-fp16", "a100-tf32", "h100-bf16", "h100-e4m3",
                                   "deepseek-fp8", "h100-fp16-fp16out"])
 def test_float_and_int_kernels_agree(name, monkeypatch):
-    """The float32/float64 block kernel and the generic int64 kernel give identical bits."""
-    import importlib
+    """The float32/float64 block kernel (kernel float-chain) and the generic int64 kernel
+    (kernel int-chain, its float64 block sums switched off) give identical bits."""
+    from precisim.emulation.matmul import int_chain
 
-    mm = importlib.import_module("precisim.emulation.matmul")  # the module, not the function
     unit = get_unit(name)
     for kind in ("random", "spread", "cancel"):
         a, b, c = _inputs(unit, kind, seed=11, M=6, K=300, N=5)
-        fast_kernel = matmul(a, b, unit, c)
+        fast_kernel = matmul(a, b, unit, c, kernel="float-chain")
         with monkeypatch.context() as m:
-            m.setattr(mm, "_float_ok", lambda u: False)
-            int_kernel = matmul(a, b, unit, c)
+            m.setattr(int_chain, "sums_fit_float64", lambda u: False)
+            int_kernel = matmul(a, b, unit, c, kernel="int-chain")
         assert torch.equal(fast_kernel.view(torch.int32), int_kernel.view(torch.int32)), kind
 
 
@@ -497,20 +497,18 @@ def test_fp16_output_alignment_floor():
 def test_float32_and_float64_chain_kernels_agree(name, monkeypatch):
     """The float block kernel in float32 (chosen when the inputs' exponent range allows it)
     and in float64 give identical bits."""
-    import importlib
+    from precisim.emulation.matmul import float_chain
+    from precisim.emulation.matmul.call import prepare
 
-    mm = importlib.import_module("precisim.emulation.matmul")
     unit = get_unit(name)
     for kind in ("random", "cancel"):
         a, b, c = _inputs(unit, kind, seed=12, M=5, K=300, N=7)
-        assert mm._chain_kernel_dtype(unit, None, *(
-            mm._decompose(t, f)[3].clamp(min=mm._exp_dtype(unit)[1]).to(mm._exp_dtype(unit)[0])
-            for t, f in ((a, unit.a_format), (b, unit.b_format))), mm._exp_dtype(unit)[1]
-        ) == torch.float32, kind
-        d32 = matmul(a, b, unit, c)
+        call = prepare(a, b, unit, c, "bit-exact")
+        assert float_chain.chain_kernel_dtype(call) == torch.float32, kind
+        d32 = matmul(a, b, unit, c, kernel="float-chain")
         with monkeypatch.context() as m:
-            m.setattr(mm, "_chain_kernel_dtype", lambda *args: torch.float64)
-            d64 = matmul(a, b, unit, c)
+            m.setattr(float_chain, "chain_kernel_dtype", lambda call: torch.float64)
+            d64 = matmul(a, b, unit, c, kernel="float-chain")
         assert torch.equal(d32.view(torch.int32), d64.view(torch.int32)), kind
 
 

@@ -12,10 +12,9 @@ import struct
 
 import pytest
 import torch
-from precisim.emulation import get_unit, kulisch, matmul, scaled_matmul
+from precisim.emulation import get_unit, kulisch, matmul, scaled_fast_divergence, scaled_matmul
 from precisim.emulation.matrix_unit import MatrixUnit
 from precisim.emulation.reference import scaled_dot
-from precisim.emulation.scaled import scaled_fast_divergence
 from precisim.formats import decode, get_format
 from precisim.formats.scaling import ScaledTensor, get_scaled_format, quantize_scaled
 

@@ -1,0 +1,397 @@
+"""The compiled bit-exact block chain (kernel ``fused-chain``): the float chain, fused.
+
+The bit-exact float chain (:func:`.float_chain.chunk_float`) forms, for every
+block of ``k`` products and every output, the alignment exponent ``E`` (the largest product
+exponent of the block, or the running sum's exponent if larger), truncates every product to
+``F`` fraction bits below ``E`` and sums the integers (ARITHMETIC.md section 4, steps 2-4).
+Eagerly that is six passes over ``k*M*N`` elements per block. This module computes the same
+bits with two changes of method:
+
+* **the exponent maximum as a matrix product.** For alignment exponents ``e`` of the inputs
+  and ``c = bitlen(k)`` (so ``2^c > k``), ``P = sum_i 2^(c*ea_i) * 2^(c*eb_i)`` lies in
+  ``[2^(c*Emax), k*2^(c*Emax)]`` with ``Emax = max_i (ea_i + eb_i)``, hence
+  ``Emax = floor(floor(log2 P) / c)``. ``P`` is one ordinary float matmul of two tensors of
+  powers of two (BLAS speed). Its rounding cannot move ``floor(log2 P)`` out of
+  ``[c*Emax, c*Emax + c - 1]``: every term is positive, so every rounded partial sum stays at
+  or above the largest term ``2^(c*Emax)``; the exact sum is at most ``k*2^(c*Emax)``, a
+  factor ``2^c/k >= 1 + 1/k`` below ``2^(c*Emax + c)``, far more than the float sum's
+  relative error (below ``k*2^-24``). Zeros contribute 0 (an all-zero block gives ``P = 0``).
+  The dtype is float32 when ``c*(emin_a+emin_b) >= -126`` and ``c*(emax_a+emax_b+1) <= 127``
+  (E4M3 pairs with ``k <= 63``), else float64 (E5M2).
+* **the truncated sum and the block rounding as one compiled kernel** (torch.compile, inductor
+  C++ on CPU): the scaled products ``a_i*b_i*2^(F-E)`` are converted to int32 (truncation
+  toward zero) and summed in registers, then the block sum is rounded to the block format in
+  the same kernel with int32 arithmetic (bit length from the exponent of float32(S), shifts,
+  the rounding decision of :data:`precisim.formats.rounding.ROUNDING_RULES`: every
+  deterministic mode) and float32 powers of two built from their bits. The power of two
+  ``2^(F-E)`` is an input of that kernel, computed by a small one before it, so that the
+  inner loop is multiply, multiply, convert, add. Inductor's CPU code runs int64, float64,
+  table lookups and bool outputs lane by lane, so the kernels use none of them on the outputs
+  (the two masks come back as bits of one int32 tensor).
+
+A third kernel (:func:`promote_kernel`) adds a partial sum to the fp32 promotion register. The
+rare cases stay eager: an overflowed block result, and the IEEE sign of a zero sum where a
+running sum is -0.
+
+The result is bit-identical to the eager float chain (tests/test_emulation_fused_chain.py
+compares them, and both with the exact reference, on adversarial data); the dispatcher takes
+it wherever :func:`supports` holds (H100 E4M3 / E5M2 and DeepSeek FP8 units and their
+variants) unless compiled kernels are off (``PRECISIM_BACKEND=eager``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from precisim.formats import FloatFormat, Overflow, Rounding
+from precisim.formats import kernels as compiled
+from precisim.formats.rounding import BitsRemainder, round_up
+
+from .call import GemmCall
+from .float_chain import (
+    CHAIN_FIELDS,
+    block_spec,
+    chain_kernel_dtype,
+    chain_start,
+    finish,
+    float_chain_ok,
+    promote,
+    sums_refusal,
+)
+from .floatarith import any_true, fexp32, fexp64, pow2_32, pow2_64
+from .intarith import NEG_BIG_32
+from .registry import Kernel, register_kernel
+
+__all__ = ["block_max_exponent", "exponent_of_sum", "exponent_powers", "make_kernels",
+           "pow_dtype", "promote_kernel"]
+
+
+def pow_dtype(fa: FloatFormat, fb: FloatFormat, k: int) -> torch.dtype | None:
+    """dtype of the exponent-maximum matmul for these input formats and block size (None: the
+    powers 2^(c*e) do not fit float64)."""
+    c = k.bit_length()
+    lo, hi = c * (fa.emin + fb.emin), c * (fa.emax + fb.emax + 1)
+    if lo >= -126 and hi <= 127:
+        return torch.float32
+    if lo >= -1022 and hi <= 1023:
+        return torch.float64
+    return None
+
+
+def exponent_powers(e: torch.Tensor, zero: torch.Tensor, k: int, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """2^(c*e) (0 where ``zero``) in ``dtype``, c = bitlen(k): the operands of
+    :func:`block_max_exponent`."""
+    c = k.bit_length()
+    ce = e.to(torch.int32) * c
+    p = pow2_32(ce) if dtype == torch.float32 else pow2_64(ce)
+    return torch.where(zero, 0.0, p).to(dtype)
+
+
+def exponent_of_sum(P: torch.Tensor, c: int) -> torch.Tensor:
+    """Emax from the exponent-maximum matmul ``P`` (> 0; the result is meaningless where
+    P == 0): floor(log2 P) lies in [c*Emax, c*Emax + c - 1], so Emax = floor((floor(log2 P)
+    + 0.5) / c), taken in float32 (exact enough: the margin is 0.5/c) because inductor's CPU
+    code divides integers lane by lane. int32 (B, M, N)."""
+    x = fexp32(P) if P.dtype == torch.float32 else fexp64(P).to(torch.int32)
+    return torch.floor((x.to(torch.float32) + 0.5) * (1.0 / c)).to(torch.int32)
+
+
+def block_max_exponent(pa: torch.Tensor, pb: torch.Tensor, k: int) -> torch.Tensor:
+    """max_i (ea_i + eb_i) over one block, for every output: (B, M, N) int32 (NEG_BIG_32
+    where every product of the block is zero). pa: (B, M, kb) powers from
+    :func:`exponent_powers`, pb: (B, kb, N) likewise, kb <= k. (The block kernels do the
+    same from the matmul, in :func:`make_kernels`' ``prepare``.)"""
+    P = torch.matmul(pa, pb)
+    return torch.where(P == 0, NEG_BIG_32, exponent_of_sum(P, k.bit_length()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled block kernels
+
+def _p2(n: torch.Tensor) -> torch.Tensor:
+    """2.0**n in float32 for int32 n, exact for n in [-126, 127] (n is clamped to it)."""
+    return pow2_32(n.clamp(-126, 127))
+
+
+def _times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """x * 2^n in float32 in two steps of at most 2^±64 each: exact whenever the result is
+    representable (x a float32 value; |n| <= 252)."""
+    h = n >> 1  # floor(n / 2)
+    return (x * _p2(h)) * _p2(n - h)
+
+
+def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bool, m: int,
+                 bemin: int, max_val: float, rounding: Rounding, saturate: bool
+                 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(prepare, block) kernels of one unit; the unit's constants are closed over (one
+    compilation per unit, dynamic shapes). Only int32 and float32 arithmetic (and bit casts)
+    on the outputs: no int64, no float64, no table lookups, which inductor's CPU code runs
+    lane by lane. The running sum of the block chain is carried as ``part`` (float32: every
+    block result of the units :func:`supports` admits is a
+    float32 value) with ``pe``, its alignment exponent (int32: max(floor(log2|part|),
+    acc_emin), NEG_BIG_32 for 0), which the block kernel derives from its integer sum.
+
+    ``prepare(P, part, pe, es, sz)`` -> (E, mult, ct): from the exponent-maximum matmul
+    ``P`` (:func:`block_max_exponent`'s operand powers summed), the block's alignment
+    exponent E (the products' maximum plus the scale exponent ``es``, against ``pe``), the
+    float32 factor 2^(F-E+es) of the products (0 where no product is nonzero) and the running
+    sum aligned to E and truncated (int32). ``es``/``sz``: None, or the exponents and zero
+    mask of in-block power-of-two scales.
+
+    ``block(a, bt, mult, ct, E)`` -> (part, pe, flags): the integer block sum
+    S = sum_i trunc(a_i*b_i*mult) + ct, its value S*2^(E-F) rounded to the block format
+    (``m`` fraction bits, minimum exponent ``bemin``; any deterministic ``rounding``, decided
+    by the rounding table), the new alignment exponent, and int32 flags: bit 0 where S == 0
+    (the result is +0; the caller gives the zero its IEEE sign where that can be -0), bit 1
+    where the result overflowed (above ``max_val``; with ``saturate`` it is clamped
+    instead). a: (B, M, kb) float32, bt: (B, kb, N) float32.
+    """
+    lim = 1 << (m + 1)
+    e_max = math.frexp(max_val)[1] - 1
+
+    def prepare(P, part, pe, es=None, sz=None):
+        zero_blk = P == 0
+        Ep = exponent_of_sum(P, c)
+        if es is not None:
+            zero_blk = zero_blk | sz
+            Ep = Ep + es
+        Ep = torch.where(zero_blk, NEG_BIG_32, Ep)
+        E = torch.maximum(Ep, pe)
+        if floor is not None:
+            E = torch.clamp(E, min=floor)
+        d = F - E
+        dt = d if es is None else d + es
+        mult = torch.where(zero_blk, 0.0, _p2(dt))
+        cv = _times_pow2(part, d.clamp(-252, 252))  # |part * 2^d| < 2^(F+1): exact
+        ct = cv.to(torch.int32)
+        if use_floor:
+            ct = ct - (ct.to(cv.dtype) > cv).to(torch.int32)
+        return E, mult, ct
+
+    def block(a, bt, mult, ct, E):
+        v = a[:, :, :, None] * bt[:, None, :, :] * mult[:, :, None, :]
+        t = v.to(torch.int32)
+        if use_floor:
+            t = t - (t.to(v.dtype) > v).to(torch.int32)
+        S = t.sum(2, dtype=torch.int32) + ct
+        n = S.abs()
+        # bit length from the exponent of float32(n) (exact: n < 2^24)
+        L = torch.where(n == 0, 0, (n.to(torch.float32).view(torch.int32) >> 23) - 126)
+        base = E - F
+        e = base + L - 1
+        g = torch.maximum(e, torch.full_like(e, bemin)) - m
+        sh = g - base
+        shc = sh.clamp(0, 31)
+        q = torch.where(sh > 0, n >> shc, n)
+        # the remainder below the kept bits; beyond 31 bits of shift n (< 2^24) is all
+        # remainder and half an ulp (2^30 stands for it) exceeds it
+        rem = torch.where(sh > 31, n, n - (q << shc))
+        half = torch.where((sh > 31) | (sh <= 0), 1 << 30, 1 << (shc - 1).clamp(min=0))
+        up = round_up(rounding, BitsRemainder(q, rem, half, S < 0))
+        carry = torch.zeros_like(sh > 0)
+        if up is not None:
+            q = q + up.to(torch.int32)
+            carry = (sh > 0) & (q >= lim)
+        gq = torch.where(sh > 0, g, base).clamp(-252, 252)
+        val = _times_pow2(q.to(torch.float32), gq)
+        ovf = val > max_val
+        pe = torch.where(q == 0, NEG_BIG_32,
+                         torch.maximum(e + carry.to(torch.int32), torch.full_like(e, acc_emin)))
+        if saturate:
+            val = torch.where(ovf, max_val, val)
+            pe = torch.where(ovf, e_max, pe)
+            ovf = torch.zeros_like(ovf)
+        part = torch.where(S < 0, -val, val)
+        # the two masks as one int32 tensor (bool outputs are stored lane by lane)
+        flags = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
+        return part, pe, flags
+
+    return prepare, block
+
+
+def promote_kernel(reg: torch.Tensor, part: torch.Tensor, s: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The promotion register RNE_fp32(reg + s*part) of finite float32 ``reg`` and ``part``
+    (``s``: float64 scale products holding float32 values, or None for 1): one correctly
+    rounded addition. With a scale, s*part is exact in float64 and the float64 sum is made
+    round-to-odd from the exact error of TwoSum before the rounding to float32 (53 >= 24 + 2
+    bits: the double rounding is innocuous), as in :func:`.floatarith.sum_to_f32`."""
+    if s is None:
+        return reg + part
+    x = reg.to(torch.float64)
+    y = s * part.to(torch.float64)
+    t = x + y
+    bb = t - x
+    err = (x - (t - bb)) + (y - bb)
+    bits = t.view(torch.int64)
+    fix = (err != 0) & ((bits & 1) == 0)
+    step = torch.where((err > 0) == (t > 0), 1, -1)
+    return torch.where(fix, bits + step, bits).view(torch.float64).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the chain
+
+def supports(call: GemmCall) -> str | None:
+    """Why the compiled chain does not compute ``call`` (None: it does): it needs what the
+    eager float chain needs with its float32 block kernel (:func:`.float_chain.
+    chain_kernel_dtype`), float input formats whose exponent powers fit a float matmul, block
+    results that are float32 values (a deterministic rounding, not flushed, with the
+    accumulator's minimum exponent), integer block sums below 2^24, K-blocked scales (if any)
+    applied at promotion or powers of two, and compiled kernels switched on."""
+    unit, sc = call.unit, call.scales
+    why = float_chain_ok(unit)
+    if why is not None:
+        return why
+    why = sums_refusal(unit)
+    if why is not None:
+        return why
+    if compiled.get_backend() == "eager":
+        return "compiled kernels are off (precisim.formats.set_backend('eager') or " \
+            "PRECISIM_BACKEND=eager)"
+    fa, fb, bf = unit.a_format, unit.b_format, unit.block_format
+    if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
+        return "an input format is not a float format"
+    if pow_dtype(fa, fb, unit.block_size) is None:
+        return "the exponent powers 2^(c*e) of the input formats do not fit float64"
+    sp = block_spec(unit)
+    if sp.flush:
+        return "block results are flushed to zero"
+    if not (sp.m <= 23 and sp.emin - sp.m >= -149 and sp.emin == unit.acc_format.emin
+            and sp.max_exp + sp.max_sig.bit_length() <= 128 and isinstance(bf, FloatFormat)):
+        return f"block results in {bf.name} are not float32 values with fp32's range"
+    if (unit.block_size + 1) << (unit.alignment_bits + 1) > 1 << 24:
+        return (f"block sums of k={unit.block_size} terms with F={unit.alignment_bits} "
+                "fraction bits reach 2^24 (the kernel's int32 sum must stay exact in float32)")
+    if sc is not None and sc.has_k and not unit.promotion_interval and not sc.pow2:
+        return "in-block scales that are not powers of two"
+    if chain_kernel_dtype(call) != torch.float32:
+        return ("these operands' exponents need the float64 block kernel (products or "
+                "powers of two outside float32's normal range)")
+    return None
+
+
+def _kernels_of(unit):
+    """(key, prepare, block) of a unit (see :func:`make_kernels`)."""
+    sp = block_spec(unit)
+    args = dict(F=unit.alignment_bits, c=unit.block_size.bit_length(),
+                acc_emin=unit.acc_format.emin, floor=unit.alignment_floor,
+                use_floor=unit.drop.value == "floor", m=sp.m, bemin=sp.emin,
+                max_val=sp.max_value, rounding=sp.rounding,
+                saturate=sp.overflow is Overflow.SATURATE)
+    key = ("fused-chain", *sorted((k, str(v)) for k, v in args.items()))
+    return key, *make_kernels(**args)
+
+
+def _rare(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
+    """The rare cases of a fused block (see :func:`chunk_fused`): an integer sum of 0 gets the
+    IEEE sign of zero (-0 only when every product and the running sum are zeros of negative
+    sign); an overflowed result sets the flags ``tpn`` = (positive, negative) once and leaves
+    0. Returns the block results and their exponents."""
+    zero = (flags & 1) != 0
+    if negz and any_true(zero):  # IEEE: the sum of zeros is -0 only if all are -0
+        zi = zero.nonzero(as_tuple=True)
+        p = a_j[zi[0], zi[1]] * b_j[zi[0], :, zi[2]]  # (zeros, w)
+        pz = p == 0
+        if sz is not None:
+            pz = pz | sz[zi].unsqueeze(-1)
+        pzi = part[zi]
+        allneg = (torch.signbit(p) & pz).all(-1) & torch.signbit(pzi) & (pzi == 0)
+        r[zi] = torch.where(allneg, -0.0, r[zi])
+    ovf = (flags & 2) != 0
+    if any_true(ovf):
+        tp, tn = tpn
+        fresh = ovf & ~(tp | tn)
+        tp |= fresh & (r > 0)
+        tn |= fresh & (r < 0)
+        r = torch.where(ovf, 0.0, r)
+        pe = torch.where(ovf, NEG_BIG_32, pe)
+    return r, pe
+
+
+def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None)):
+    """The eager chain's blocks with the compiled kernels (same bits). a: (B, M, K) float32
+    values, pa: their exponent powers (B, M, K); bt: (B, K, Nc), pb: (B, K, Nc); cval:
+    (B, M, Nc) float64 incoming c."""
+    unit, sc = call.unit, call.scales
+    k = unit.block_size
+    K = a.shape[-1]
+    nblk = max(1, -(-K // k))
+    shape = tuple(cval.shape)
+    dev = cval.device
+    inf_pos, inf_neg, nan, per, scaled = chain_start(unit, cval, sc)
+    acc_emin = unit.acc_format.emin
+    reg = cval.to(torch.float32)
+    neg32 = torch.full(shape, NEG_BIG_32, dtype=torch.int32, device=dev)
+    if per:
+        part, pe = torch.zeros_like(reg), neg32
+    else:
+        part = reg
+        pe = torch.where(cval != 0, torch.clamp(fexp64(cval), min=acc_emin), neg32)
+        pe = pe.to(torch.int32)
+    part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    negz = any_true(torch.signbit(part) & (part == 0))  # some running sum is -0
+    kkey, prepare, block = _kernels_of(unit)
+    work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
+    for j in range(nblk):
+        lo, hi = j * k, min((j + 1) * k, K)
+        P = torch.matmul(pa[:, :, lo:hi], pb[:, lo:hi])  # exponent maxima (module docstring)
+        if scaled and not per:
+            s = sc.at(lo, ns, shape)
+            sz = s == 0
+            es = torch.where(sz, 0, fexp64(s)).to(torch.int32)
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, P, part, pe,
+                                       es, sz)
+        else:
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, P, part, pe)
+        a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
+        r, pe, flags = compiled.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
+        fl = int(flags.max())
+        # a zero sum is +0 (as the kernel returns it) unless the running sum is -0
+        if fl >= 2 or (fl == 1 and negz):
+            r, pe = _rare(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
+                          (part_pos, part_neg) if per else (inf_pos, inf_neg), negz)
+            negz = any_true(torch.signbit(r) & (r == 0))
+        part = r
+        if per and ((j + 1) % per == 0 or j == nblk - 1):
+            s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
+            args = (reg, part) if s_p is None else (reg, part, s_p)
+            new = compiled.run(promote_kernel, ("fused-promote", s_p is None), work, *args)
+            reg = promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan, new=new)
+            part, pe, negz = torch.zeros_like(part), neg32, False
+            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    return finish(unit, reg.to(torch.float64) if per else part.to(torch.float64),
+                  inf_pos, inf_neg, nan, sc, ns)
+
+
+def _run(call: GemmCall) -> torch.Tensor:
+    """The chain through :func:`chunk_fused`, in column chunks of at most
+    ``max_chunk_elements`` outputs (the compiled kernels use every torch thread)."""
+    unit = call.unit
+    k = unit.block_size
+    Bt, M, _, N = call.shape
+    ea, eb = call.exponents
+    dt = pow_dtype(unit.a_format, unit.b_format, k)
+    # row-major (B, M, K) and (B, K, N): the block kernel loads vectors along N (a weight
+    # arrives as the transposed view of an (N, K) tensor)
+    a32, b32 = call.a.to(torch.float32).contiguous(), call.b.to(torch.float32).contiguous()
+    pa = exponent_powers(ea, a32 == 0, k, dt).contiguous()
+    pb = exponent_powers(eb, b32 == 0, k, dt).contiguous()
+    c64 = call.c_or_zero().to(torch.float64)
+    out = torch.empty((Bt, M, N), dtype=torch.float32, device=a32.device)
+    step = max(1, call.max_chunk_elements // max(1, Bt * M))
+    for n0 in range(0, N, step):
+        ns = slice(n0, min(N, n0 + step))
+        out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c64[:, :, ns],
+                                    ns)
+    return out
+
+
+FUSED_CHAIN = register_kernel(Kernel(
+    "fused-chain", "bit-exact", CHAIN_FIELDS, supports, _run, priority=10,
+    description="the float chain compiled: block exponent maxima as one float matmul of "
+    "powers of two, truncated sums and the block rounding in one int32/float32 kernel"))
