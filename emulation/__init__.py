@@ -25,6 +25,7 @@ from .matrix_unit import (
     per_add_rounding,
     sequential_fma,
 )
+from .opkinds import OP_KINDS, Installer, OpKind
 from .patch import Emulation, EmulationError, Plan, PlanEntry, emulate, plan
 from .presets import available_units, get_unit, unit_from_dict, unit_to_dict
 from .recipe import (
@@ -51,7 +52,8 @@ from .scaled import scaled_matmul
 from .telemetry import Telemetry
 
 __all__ = [
-    "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "LoadError", "Plan",
+    "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "Installer", "LoadError",
+    "OP_KINDS", "OpKind", "Plan",
     "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",
     "available_recipes", "emulate", "get_recipe", "load_model", "plan",
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_kernels", "available_units",

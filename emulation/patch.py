@@ -3,14 +3,20 @@
 ``plan(model, recipe)`` resolves which module gets which spec (printable as a table), warns
 about rules that matched nothing and lists what stays in high precision. ``emulate(model,
 recipe)`` applies that plan inside a ``with`` block (or ``apply()`` / ``restore()``) and
-restores the model exactly on exit, also when the forward raises:
+restores the model exactly on exit, also when the forward raises.
 
-* linear layers (``nn.Linear``, transformers' ``Conv1D``) and the lm_head are swapped for
+Both iterate the op kinds of :data:`~precisim.emulation.opkinds.OP_KINDS`: each kind finds its
+modules (by type and behaviour) and installs its emulation through an
+:class:`~precisim.emulation.opkinds.Installer` that records every change for the restore. The
+built-in kinds' installers are here:
+
+* linear layers (``nn.Linear``, modules that behave like transformers' ``Conv1D``) and the
+  lm_head are swapped for
   :class:`EmulatedLinear` wrappers that hold the *same* Parameter objects (no copies, same
   state-dict names); the weight is quantized once per emulation and cached (bit-identical to
   quantizing on every call, invalidated if the parameter changes in place);
 * embeddings are swapped for :class:`EmulatedEmbedding` (the table quantized once);
-* the attention matmuls QK^T and PV of every attention module that dispatches through
+* the attention matmuls QK^T and PV of every module whose forward dispatches through
   transformers' attention interface run the model's own eager attention function under a
   scoped ``TorchFunctionMode`` that routes its two matmuls through :func:`gemm`; the model's
   ``config._attn_implementation`` is set to ``"precisim"`` (registered in transformers'
@@ -26,10 +32,9 @@ scale clamps per module and role) is collected in :attr:`Emulation.telemetry`.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +44,14 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import KeyEnds, chunkable, chunked_attention, is_standard_eager
 from .gemm import Operand, gemm, needs_parts, quantize_operand
+from .opkinds import (
+    OP_KINDS,
+    EmulationError,
+    Installer,
+    eager_attention_of,
+    find_ops,
+    linear_layout,
+)
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
 from .telemetry import LayerErrors, Telemetry
 
@@ -46,45 +59,20 @@ __all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "emulate", "plan"
 
 ATTN_IMPL = "precisim"
 
-
-class EmulationError(RuntimeError):
-    """The model cannot be emulated as asked (the message names the module)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# module classification
-
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) \
-        is not None and m.weight.dim() == 2
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
-def _eager_fn(m: nn.Module) -> Any:
-    mod = sys.modules.get(type(m).__module__)
-    return getattr(mod, "eager_attention_forward", None) if mod is not None else None
-
-
-def _is_attention(m: nn.Module) -> bool:
-    name = type(m).__name__
-    return name.endswith("Attention") and hasattr(m, "config")
-
-
+#: GEMM modules no op kind covers: reported as unsupported
 _GEMM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear, nn.MultiheadAttention,
                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.RNNBase)
 
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One op of the model and the spec it gets (None = high precision)."""
+    """One op of the model and the spec it gets (None = high precision); ``op`` is the name
+    of its :class:`~precisim.emulation.opkinds.OpKind`."""
 
     module: str
     module_type: str
     op: str
-    spec: GemmSpec | AttentionSpec | None
+    spec: Any
     rule: str  # "default" or the pattern of the last rule that set it
 
     @property
@@ -93,17 +81,7 @@ class PlanEntry:
 
     def describe(self) -> str:
         s = self.spec
-        if s is None or s.is_identity:
-            return "high precision"
-        if isinstance(s, AttentionSpec):
-            parts = []
-            for k in ("qk", "pv"):
-                g = getattr(s, k)
-                parts.append(f"{k}: " + ("high" if g is None or g.is_identity else g.describe()))
-            if s.kv_cache is not None:
-                parts.append(f"kv: {s.kv_cache.describe()}")
-            return "; ".join(parts)
-        return s.describe()
+        return "high precision" if s is None or s.is_identity else s.describe()
 
 
 @dataclass
@@ -142,52 +120,47 @@ class Plan:
         return [{"module": e.module, "type": e.module_type, "op": e.op, "spec": e.describe(),
                  "rule": e.rule} for e in self.entries]
 
-
-def _ops(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, m in model.named_modules():
-        if head is not None and m is head and _is_linear(m):
-            yield name, m, "lm_head"
-        elif isinstance(m, nn.Embedding):
-            yield name, m, "embedding"
-        elif _is_linear(m):
-            yield name, m, "linear"
-        elif _is_attention(m):
-            yield name, m, "attention"
+    def telemetry_keys(self) -> dict[tuple[str, str], PlanEntry]:
+        """Every (module, role) key the emulated ops may report in
+        :class:`~precisim.emulation.Telemetry`, with the entry that reports it (roles are
+        declared by the op kinds)."""
+        out: dict[tuple[str, str], PlanEntry] = {}
+        for e in self.emulated():
+            for key in OP_KINDS.get(e.op).telemetry_keys(e.module):
+                out[key] = e
+        return out
 
 
 def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
     """Resolve ``recipe`` on ``model``: which op of which module gets which spec.
 
-    Defaults come from the recipe's op kinds; rules override them in order (the last matching
-    rule wins). Warns (``UserWarning``) about rules that matched no module and about modules
-    that hold a GEMM precisim does not emulate.
+    The modules of every registered op kind (:data:`~precisim.emulation.opkinds.OP_KINDS`;
+    opt-in kinds only where the recipe names them) get the recipe's spec of their kind; rules
+    override it in order (the last matching rule wins). Warns (``UserWarning``) about rules
+    that matched no module and about modules that hold an op precisim does not emulate.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be a Recipe or a name, got {type(recipe).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    kinds = [k for k in OP_KINDS.kinds() if k.default_on or recipe.mentions(k.name)]
     used = [False] * len(recipe.rules)
     entries: list[PlanEntry] = []
     unsupported: list[tuple[str, str, str]] = []
-    for name, m, op in _ops(model):
-        spec = getattr(recipe, op)
+    for found in find_ops(model, kinds):
+        name, m, op = found.name, found.module, found.kind.name
+        spec = recipe.spec(op)
         who = "default"
         for i, r in enumerate(recipe.rules):
             if r.overrides(op) and r.matches(name, type(m)):
-                spec, who, used[i] = getattr(r, op), r.pattern, True
-        if op == "attention" and spec is not None and not spec.is_identity \
-                and _eager_fn(m) is None:
-            unsupported.append((name, type(m).__name__, "its class does not dispatch through "
-                                "transformers' attention interface (no eager_attention_forward)"))
-            spec = None
-        if isinstance(spec, GemmSpec):
-            _check_unit(name, spec)
-        if isinstance(spec, AttentionSpec):
-            for g in (spec.qk, spec.pv):
-                if g is not None:
-                    _check_unit(name, g)
+                spec, who, used[i] = r.get(op), r.pattern, True
+        if found.suspect is not None:  # looks like the kind but is not: report, skip
+            if spec is not None and not spec.is_identity:
+                unsupported.append((name, type(m).__name__, found.suspect))
+            continue
+        if spec is not None and found.kind.validate is not None:
+            found.kind.validate(name, spec)
         entries.append(PlanEntry(name, type(m).__name__, op, spec, who))
     covered = {e.module for e in entries}
     for name, m in model.named_modules():
@@ -208,14 +181,6 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
     return p
 
 
-def _check_unit(module: str, g: GemmSpec) -> None:
-    if g.unit is None:
-        return
-    if g.input is None or g.weight is None:
-        raise RecipeError(f"{module}: matrix unit {g.unit!r} needs an input and a weight "
-                          "format (its inputs must be values of the unit's formats)")
-
-
 # ---------------------------------------------------------------------------------------------
 # wrappers
 
@@ -227,7 +192,7 @@ class EmulatedLinear(nn.Module):
         self.weight = orig.weight  # the same Parameter objects: no copies, same names
         self.bias = orig.bias
         self.spec = spec
-        self.transposed = _is_conv1d(orig)  # Conv1D stores (in, out)
+        self.transposed = linear_layout(orig) == "in_out"  # Conv1D stores (in, out)
         object.__setattr__(self, "_orig", orig)
         object.__setattr__(self, "_handle", weakref.proxy(handle))
         self._name = name
@@ -267,6 +232,22 @@ class EmulatedEmbedding(nn.Module):
         return y.to(self.weight.dtype)
 
 
+def install_linear(installer: Installer, entries: Sequence[PlanEntry]) -> None:
+    """The ``linear`` and ``lm_head`` op kinds: swap in :class:`EmulatedLinear` wrappers."""
+    em = installer.emulation
+    for e in entries:
+        orig = installer.modules[e.module]
+        installer.swap(e.module, EmulatedLinear(orig, e.spec, em, e.module))
+
+
+def install_embedding(installer: Installer, entries: Sequence[PlanEntry]) -> None:
+    """The ``embedding`` op kind: swap in :class:`EmulatedEmbedding` wrappers."""
+    em = installer.emulation
+    for e in entries:
+        orig = installer.modules[e.module]
+        installer.swap(e.module, EmulatedEmbedding(orig, e.spec, em, e.module))
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 
@@ -280,6 +261,8 @@ class _AttnState:
     spec: AttentionSpec
     handle: Emulation
     original_impl: str
+    key_ends: KeyEnds  # visible key range of the current attention mask (shared by layers)
+    caches: list[Any]  # cache objects whose update is wrapped for the current call
     kv_in_cache: bool = False
 
 
@@ -325,7 +308,7 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     st = _ACTIVE_ATTENTION.get(module)
-    eager = _eager_fn(module)
+    eager = eager_attention_of(module)
     if st is None or eager is None:  # a module this emulation does not cover
         impl = st.original_impl if st is not None else "eager"
         fn = eager if impl == "eager" or impl is None else ALL_ATTENTION_FUNCTIONS[impl]
@@ -349,7 +332,7 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                                                                               key.shape[-2]))):
         return chunked_attention(module, query, key, value, attention_mask, float(scaling),
                                  st.spec, align, name=st.name, telemetry=st.handle.telemetry,
-                                 key_ends=st.handle._key_ends)
+                                 key_ends=st.key_ends)
     mode = _AttentionMatmuls(st)
     with mode:
         out = eager(module, query, key, value, attention_mask, *args, **kwargs)
@@ -369,6 +352,74 @@ def _register_attention() -> None:
         type(ALL_MASK_ATTENTION_FUNCTIONS).register(ATTN_IMPL, eager_mask)
 
 
+def install_attention(installer: Installer, entries: Sequence[PlanEntry]) -> None:
+    """The ``attention`` op kind: every config's attention implementation becomes
+    ``"precisim"`` (registered in transformers' AttentionInterface), each attention module
+    gets its state (and, with a ``kv_cache`` format, the hooks that round keys and values as
+    they enter the cache)."""
+    _register_attention()
+    em = installer.emulation
+    configs = {id(m.config): m.config for m in installer.model.modules()
+               if getattr(m, "config", None) is not None
+               and hasattr(m.config, "_attn_implementation_internal")}
+    original = None
+    for cfg in configs.values():
+        original = original or cfg._attn_implementation_internal
+        installer.setattr(cfg, "_attn_implementation_internal", ATTN_IMPL)
+    key_ends = KeyEnds()
+    installer.on_restore(key_ends.clear)
+    caches: list[Any] = []
+    installer.on_restore(lambda: _unpatch_caches(caches))
+    for e in entries:
+        m = installer.modules[e.module]
+        st = _AttnState(e.module, e.spec, em, original or "eager", key_ends, caches)
+        _ACTIVE_ATTENTION[m] = st
+        installer.on_restore(lambda m=m: _ACTIVE_ATTENTION.pop(m, None))
+        if e.spec.kv_cache is not None:
+            installer.on_restore(m.register_forward_pre_hook(
+                _kv_pre_hook(st), with_kwargs=True).remove)
+            installer.on_restore(m.register_forward_hook(_kv_post_hook(st),
+                                                         always_call=True).remove)
+
+
+def _kv_pre_hook(st: _AttnState):  # noqa: ANN202
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            st.kv_in_cache = False
+            return
+        target = getattr(cache, "self_attention_cache", cache)
+        inner = type(target).update
+        spec = st.spec.kv_cache
+        tel = st.handle.telemetry
+
+        def update(k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any):  # noqa: ANN202
+            k = quantize_operand(k, spec, telemetry=tel, where=(st.name, "k_cache")
+                                 ).values.to(k.dtype)
+            v = quantize_operand(v, spec, telemetry=tel, where=(st.name, "v_cache")
+                                 ).values.to(v.dtype)
+            return inner(target, k, v, *a, **kw)
+
+        target.update = update
+        st.caches.append(target)
+        st.kv_in_cache = True
+    return hook
+
+
+def _kv_post_hook(st: _AttnState):  # noqa: ANN202
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        _unpatch_caches(st.caches)
+        st.kv_in_cache = False
+    return hook
+
+
+def _unpatch_caches(caches: list[Any]) -> None:
+    while caches:
+        c = caches.pop()
+        if "update" in vars(c):
+            del c.update
+
+
 # ---------------------------------------------------------------------------------------------
 # the handle
 
@@ -377,7 +428,9 @@ class Emulation:
 
     ``with emulate(model, recipe) as em: ...`` or ``em.apply()`` ... ``em.restore()``. A handle
     can be applied again after a restore; its weight cache survives, so re-entering costs no
-    re-quantization.
+    re-quantization. Applying runs the ``install`` of each op kind of the plan (in registry
+    order) through one :class:`~precisim.emulation.opkinds.Installer`, which records every
+    change; restoring undoes them, last first.
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
@@ -392,13 +445,8 @@ class Emulation:
         self.recipe = self.plan.recipe
         self.telemetry: Telemetry | None = Telemetry() if telemetry else None
         self.errors: LayerErrors | None = LayerErrors() if errors else None
-        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
-        self._configs: list[tuple[Any, Any]] = []
-        self._hooks: list[Any] = []
-        self._patched_caches: list[Any] = []
-        self._attn: list[nn.Module] = []
+        self._installer: Installer | None = None
         self._wcache: dict[str, tuple[tuple[int, int, int], Operand]] = {}
-        self._key_ends = KeyEnds()  # visible key range of the current attention mask
         self.active = False
 
     # -- weight cache --------------------------------------------------------------------
@@ -431,109 +479,27 @@ class Emulation:
     def apply(self) -> Emulation:
         if self.active:
             raise EmulationError("this emulation is already applied")
-        modules = dict(self.model.named_modules())
-        attn = [e for e in self.plan.entries if e.op == "attention" and e.emulated]
+        todo: dict[str, list[PlanEntry]] = {}
+        for e in self.plan.entries:
+            if e.emulated:
+                todo.setdefault(e.op, []).append(e)
+        order = {n: i for i, n in enumerate(OP_KINDS.names())}
+        installer = self._installer = Installer(self, dict(self.model.named_modules()))
         try:
-            for e in self.plan.entries:
-                if not e.emulated or e.op == "attention":
-                    continue
-                orig = modules[e.module]
-                assert isinstance(e.spec, GemmSpec)
-                new: nn.Module = (EmulatedEmbedding(orig, e.spec, self, e.module)
-                                  if e.op == "embedding"
-                                  else EmulatedLinear(orig, e.spec, self, e.module))
-                parent, child = self._parent(modules, e.module)
-                parent._modules[child] = new
-                self._swaps.append((parent, child, orig))
-            if attn:
-                self._apply_attention(modules, attn)
+            for op in sorted(todo, key=lambda o: order.get(o, len(order))):
+                OP_KINDS.get(op).install(installer, todo[op])
         except BaseException:
             self.restore()
             raise
         self.active = True
         return self
 
-    @staticmethod
-    def _parent(modules: dict[str, nn.Module], name: str) -> tuple[nn.Module, str]:
-        if not name:
-            raise EmulationError("the model itself cannot be swapped; emulate its layers")
-        parent_name, _, child = name.rpartition(".")
-        return modules[parent_name], child
-
-    def _apply_attention(self, modules: dict[str, nn.Module], attn: list[PlanEntry]) -> None:
-        _register_attention()
-        configs = {id(m.config): m.config for m in self.model.modules()
-                   if getattr(m, "config", None) is not None
-                   and hasattr(m.config, "_attn_implementation_internal")}
-        original = None
-        for cfg in configs.values():
-            original = original or cfg._attn_implementation_internal
-            self._configs.append((cfg, cfg._attn_implementation_internal))
-            cfg._attn_implementation_internal = ATTN_IMPL
-        for e in attn:
-            m = modules[e.module]
-            assert isinstance(e.spec, AttentionSpec)
-            st = _AttnState(e.module, e.spec, self, original or "eager")
-            _ACTIVE_ATTENTION[m] = st
-            self._attn.append(m)
-            if e.spec.kv_cache is not None:
-                self._hooks.append(m.register_forward_pre_hook(
-                    self._kv_pre_hook(st), with_kwargs=True))
-                self._hooks.append(m.register_forward_hook(self._kv_post_hook(st),
-                                                           always_call=True))
-
-    def _kv_pre_hook(self, st: _AttnState):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get("past_key_values")
-            if cache is None:
-                st.kv_in_cache = False
-                return
-            target = getattr(cache, "self_attention_cache", cache)
-            inner = type(target).update
-            spec = st.spec.kv_cache
-            tel = self.telemetry
-
-            def update(k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any):  # noqa: ANN202
-                k = quantize_operand(k, spec, telemetry=tel, where=(st.name, "k_cache")
-                                     ).values.to(k.dtype)
-                v = quantize_operand(v, spec, telemetry=tel, where=(st.name, "v_cache")
-                                     ).values.to(v.dtype)
-                return inner(target, k, v, *a, **kw)
-
-            target.update = update
-            self._patched_caches.append(target)
-            st.kv_in_cache = True
-        return hook
-
-    def _kv_post_hook(self, st: _AttnState):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self._unpatch_caches()
-            st.kv_in_cache = False
-        return hook
-
-    def _unpatch_caches(self) -> None:
-        while self._patched_caches:
-            c = self._patched_caches.pop()
-            if "update" in vars(c):
-                del c.update
-
     def restore(self) -> None:
         """Put every module, config and hook back exactly as it was."""
-        self._unpatch_caches()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for m in self._attn:
-            _ACTIVE_ATTENTION.pop(m, None)
-        self._attn.clear()
-        for cfg, val in reversed(self._configs):
-            cfg._attn_implementation_internal = val
-        self._configs.clear()
-        for parent, child, orig in reversed(self._swaps):
-            parent._modules[child] = orig
-        self._swaps.clear()
-        self._key_ends.clear()
+        installer, self._installer = self._installer, None
         self.active = False
+        if installer is not None:
+            installer.undo()
 
     def __enter__(self) -> Emulation:
         return self.apply()
