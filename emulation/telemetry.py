@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from precisim.formats import FloatFormat, IntFormat
-from precisim.formats.scaling import ScaledFormat, ScaledTensor, _block_view
+from precisim.formats.scaling import ScaledFormat, ScaledTensor, block_view
 
 __all__ = ["Telemetry", "count_events", "count_events_reference"]
 
@@ -157,7 +157,7 @@ def _scale_clamps(xf: torch.Tensor, parts: ScaledTensor, fmt: ScaledFormat
         bad = (mag == sc.max_code_magnitude) | (mag == 0)
     if not bool(bad.any()):  # (the usual case: no pass over the operand)
         return zero, nblocks
-    xb, _, _ = _block_view(xf.abs(), parts.block_shape)
+    xb, _, _ = block_view(xf.abs(), parts.block_shape)
     red = tuple(range(1, xb.dim(), 2))
     amax = xb.amax(dim=red) if red else xb
     nonzero = amax.reshape(s.shape) > 0

@@ -15,25 +15,43 @@ Public API::
 
 Perplexity uses lm-evaluation-harness' rolling log-likelihood semantics
 (:func:`rolling_windows`); confidence intervals are paired block bootstraps (:mod:`.stats`).
+
+The names below are imported from their submodules on first use (PEP 562), so that importing a
+light submodule (the command line, :mod:`.tables`, :mod:`.stats`) does not load the model
+patching and evaluation machinery.
 """
 
-from .data import DataError, data_source, load_text, prefix_token, tokenize
-from .layers import layer_errors, module_groups, sensitivity
-from .perplexity import EvalResult, RecipeResult, evaluate, rolling_windows
-from .plots import pareto_frontier, pareto_plot, sensitivity_plot
-from .spec import VENDOR_COLUMNS, EvalConfig, compare_metrics, run_eval, vendor_rows, write_outputs
-from .stats import Interval, mean_ci, paired_bootstrap, ppl_delta
-from .store import RunStore
-from .sweep import SweepError, SweepSpec, load_sweep, run_sweep
-from .tables import render_table, write_table
-from .vectors import format_vectors, unit_vectors, write_vectors
+from __future__ import annotations
 
-__all__ = [
-    "DataError", "EvalConfig", "EvalResult", "Interval", "RecipeResult", "RunStore",
-    "SweepError", "SweepSpec", "VENDOR_COLUMNS", "compare_metrics", "data_source", "evaluate",
-    "format_vectors", "layer_errors", "load_sweep", "load_text", "mean_ci", "module_groups",
-    "paired_bootstrap", "pareto_frontier", "pareto_plot", "ppl_delta", "prefix_token",
-    "render_table", "rolling_windows", "run_eval", "run_sweep", "sensitivity",
-    "sensitivity_plot", "tokenize", "unit_vectors", "vendor_rows", "write_outputs",
-    "write_table", "write_vectors",
-]
+import importlib
+from typing import Any
+
+#: submodule -> the public names it defines, re-exported here
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "data": ("DataError", "data_source", "load_text", "prefix_token", "tokenize"),
+    "layers": ("layer_errors", "module_groups", "sensitivity"),
+    "perplexity": ("EvalResult", "RecipeResult", "evaluate", "rolling_windows"),
+    "plots": ("pareto_frontier", "pareto_plot", "sensitivity_plot"),
+    "spec": ("VENDOR_COLUMNS", "EvalConfig", "compare_metrics", "run_eval", "vendor_rows",
+             "write_outputs"),
+    "stats": ("Interval", "mean_ci", "paired_bootstrap", "ppl_delta"),
+    "store": ("RunStore",),
+    "sweep": ("SweepError", "SweepSpec", "load_sweep", "run_sweep"),
+    "tables": ("render_table", "write_table"),
+}
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_SOURCE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -78,7 +78,10 @@ def _check_policy(fmt: FloatFormat | IntFormat, overflow: Overflow) -> None:
         raise FormatError(f"overflow='wrap' is for integer formats, not {fmt.name}")
 
 
-def _sr_bits(rounding: Rounding, sr_bits: int | None) -> int:
+def check_sr_bits(rounding: Rounding, sr_bits: int | None) -> int:
+    """The random bits per value a rounding draws: ``sr_bits`` checked (only stochastic
+    rounding takes it; 1..MAX_SR_BITS), or MAX_SR_BITS when it is None. Raises ValueError naming
+    the bad value."""
     if sr_bits is None:
         return MAX_SR_BITS
     if rounding is not Rounding.STOCHASTIC:
@@ -198,7 +201,7 @@ def quantize(
     rnd = Rounding.parse(rounding)
     ovf = Overflow.parse(overflow)
     _check_policy(f, ovf)
-    bits_sr = _sr_bits(rnd, sr_bits)
+    bits_sr = check_sr_bits(rnd, sr_bits)
     container = _DTYPE_FORMAT[x.dtype]
     if x.dtype != torch.float32 and not is_subset(f, container):
         raise FormatError(

@@ -51,7 +51,6 @@ from .catalog import get_format
 from .descriptor import FloatFormat, FormatError, IntFormat
 from .kernels import F32_NAN, KernelParams, round_bits, round_bits_nearest, split_f32
 from .quantize import (
-    _DTYPE_FORMAT,
     check_tensor,
     flush_threshold_bits,
     is_subset,
@@ -303,8 +302,10 @@ def pow2_scale_exponent(amax_bits: torch.Tensor, elem: FloatFormat | IntFormat |
     return k
 
 
-def _block_view(x: torch.Tensor, bshape: tuple[int, ...]) -> tuple[torch.Tensor, tuple, tuple]:
-    """Pad ``x`` to multiples of the block shape and view it as (n0, b0, n1, b1, ...)."""
+def block_view(x: torch.Tensor, bshape: tuple[int, ...]) -> tuple[torch.Tensor, tuple, tuple]:
+    """Pad ``x`` with zeros to multiples of the block shape ``bshape`` (one block length per
+    dimension, as :meth:`Granularity.block_shape` gives it) and view it as (n0, b0, n1, b1,
+    ...); returns that view, ``x``'s shape and the padded shape."""
     shape = tuple(x.shape)
     pads = [(-d) % b for d, b in zip(shape, bshape)]
     if any(pads):
@@ -380,19 +381,19 @@ def quantize_scaled(
     Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
     rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``.
     """
-    from .quantize import _sr_bits, random_bits
+    from .quantize import check_sr_bits, random_bits
 
     x = check_tensor(x)
     f = get_scaled_format(fmt) if isinstance(fmt, str) else fmt
     if not isinstance(f, ScaledFormat):
         raise TypeError(f"fmt must be a ScaledFormat or a name, got {type(fmt).__name__}")
     rnd = Rounding.parse(rounding) if rounding is not None else f.rounding
-    bits_sr = _sr_bits(rnd, sr_bits)
-    if x.dtype != torch.float32 and not is_subset(f.element, _DTYPE_FORMAT[x.dtype]):
+    bits_sr = check_sr_bits(rnd, sr_bits)
+    if x.dtype != torch.float32 and not is_subset(f.element, get_format(x.dtype)):
         raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
                           "quantize a float32 copy instead")
     bshape = f.granularity.block_shape(tuple(x.shape))
-    xb, shape, padded = _block_view(x.to(torch.float32).contiguous(), bshape)
+    xb, shape, padded = block_view(x.to(torch.float32).contiguous(), bshape)
     xb = _flat_blocks(xb, bshape)
     rand = None
     if rnd is Rounding.STOCHASTIC:

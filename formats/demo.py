@@ -1,8 +1,8 @@
 """``precisim demo``: quantization error of every headline format on a heavy-tailed tensor.
 
-Until the LLM evaluation lands this is the main job: it shows, on a 1024x4096 weight-like
-tensor (Student-t, 4 degrees of freedom, the heavy tails LLM weights and activations have), the
-storage cost and the error of each element and block-scaled format, computed by precisim.
+On a 1024x4096 weight-like tensor (Student-t, 4 degrees of freedom, the heavy tails LLM weights
+and activations have) it shows the storage cost and the error of each element and block-scaled
+format (the README's "Demo" table). Formats only: no model, no matrix unit.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import math
 import time
 
 import torch
-from precisim.formats import get_format, quantize
-from precisim.formats.scaling import get_scaled_format, quantize_scaled
+
+from .catalog import get_format
+from .quantize import quantize
+from .scaling import get_scaled_format, quantize_scaled
 
 ROWS: list[tuple[str, str, str | None]] = [
     # label, kind, rule
@@ -34,6 +36,8 @@ ROWS: list[tuple[str, str, str | None]] = [
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``y`` as an approximation of ``x``, in dB (inf
+    when they are equal)."""
     err = (x - y).double().pow(2).sum().item()
     sig = x.double().pow(2).sum().item()
     return math.inf if err == 0 else 10 * math.log10(sig / err)
@@ -62,6 +66,7 @@ def demo_table(rows: int = 1024, cols: int = 4096, seed: int = 0) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``precisim demo``."""
     p = sub.add_parser("demo", help="quantization error of the headline formats (formats demo)")
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--cols", type=int, default=4096)
@@ -70,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``precisim demo``: print the table and the time it took."""
     t0 = time.perf_counter()
     print(f"Quantization of a {args.rows}x{args.cols} Student-t(4) tensor (seed {args.seed}):\n")
     print(demo_table(args.rows, args.cols, args.seed))
