@@ -12,6 +12,7 @@ Public API::
 
     sheet = run_eval(EvalConfig(model="smollm2", data="wiki.test.raw", recipes=("mxfp4",)))
     write_outputs(sheet, "out/")    # spec_sheet.json, spec_table.{md,csv,tex,html}, pareto.png
+    SpecSheet.load("out/spec_sheet.json").metrics["mxfp4"]["kl"]   # also sheet["metrics"]...
 
 Perplexity uses lm-evaluation-harness' rolling log-likelihood semantics
 (:func:`rolling_windows`); confidence intervals are paired block bootstraps (:mod:`.stats`).
@@ -19,8 +20,10 @@ Perplexity uses lm-evaluation-harness' rolling log-likelihood semantics
 
 from .data import DataError, data_source, load_text, prefix_token, tokenize
 from .layers import layer_errors, module_groups, sensitivity
+from .metrics import METRICS, Metric, get_metric, register_metric
 from .perplexity import EvalResult, RecipeResult, evaluate, rolling_windows
 from .plots import pareto_frontier, pareto_plot, sensitivity_plot
+from .sheet import SpecSheet, SpecSheetError
 from .spec import VENDOR_COLUMNS, EvalConfig, compare_metrics, run_eval, vendor_rows, write_outputs
 from .stats import Interval, mean_ci, paired_bootstrap, ppl_delta
 from .store import RunStore
@@ -36,4 +39,5 @@ __all__ = [
     "render_table", "rolling_windows", "run_eval", "run_sweep", "sensitivity",
     "sensitivity_plot", "tokenize", "unit_vectors", "vendor_rows", "write_outputs",
     "write_table", "write_vectors",
+    "METRICS", "Metric", "SpecSheet", "SpecSheetError", "get_metric", "register_metric",
 ]
