@@ -12,6 +12,7 @@ Public API::
 
     sheet = run_eval(EvalConfig(model="smollm2", data="wiki.test.raw", recipes=("mxfp4",)))
     write_outputs(sheet, "out/")    # spec_sheet.json, spec_table.{md,csv,tex,html}, pareto.png
+    SpecSheet.load("out/spec_sheet.json").metrics["mxfp4"]["kl"]   # also sheet["metrics"]...
 
 Perplexity uses lm-evaluation-harness' rolling log-likelihood semantics
 (:func:`rolling_windows`); confidence intervals are paired block bootstraps (:mod:`.stats`).
@@ -30,8 +31,10 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "data": ("DataError", "data_source", "load_text", "prefix_token", "tokenize"),
     "layers": ("layer_errors", "module_groups", "sensitivity"),
+    "metrics": ("METRICS", "Metric", "get_metric", "register_metric"),
     "perplexity": ("EvalResult", "RecipeResult", "evaluate", "rolling_windows"),
     "plots": ("pareto_frontier", "pareto_plot", "sensitivity_plot"),
+    "sheet": ("SpecSheet", "SpecSheetError"),
     "spec": ("VENDOR_COLUMNS", "EvalConfig", "compare_metrics", "run_eval", "vendor_rows",
              "write_outputs"),
     "stats": ("Interval", "mean_ci", "paired_bootstrap", "ppl_delta"),

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .sheet import SpecSheet
 
 __all__ = ["add_parsers", "DEFAULT_RECIPES"]
 
@@ -82,34 +86,46 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     layer.set_defaults(func=run_layers_cmd, tokens=512)
 
 
-def summary_table(sheet: dict[str, Any]) -> str:
-    """The short accuracy table ``precisim eval`` prints (and writes as ``summary.md``)."""
+def summary_table(sheet: SpecSheet | Mapping[str, Any]) -> str:
+    """The short accuracy table ``precisim eval`` prints (and writes as ``summary.md``): the
+    recipe's design columns, then the metrics the sheet's definitions put in the summary, and
+    which of them are better higher or lower."""
+    from .metrics import table_columns
+    from .sheet import as_sheet
     from .spec import vendor_rows
     from .tables import render_table
 
+    sheet = as_sheet(sheet)
+    defs = sheet.metric_definitions
     cols = [("recipe", "recipe"), ("weights", "weights"), ("unit", "matrix unit"),
-            ("bits_w", "bits/W"), ("ppl", "ppl"), ("delta_ppl_ci", "Δppl [95% CI]"),
-            ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated")]
-    s = sheet["inputs"]["settings"]
-    head = (f"{sheet['inputs']['model']['source']}, {s['tokens_evaluated']} tokens of "
-            f"{Path(sheet['inputs']['data']['source']).name}, window {s['window']}: reference "
-            f"(unpatched) ppl {sheet['reference']['ppl']:.4f}")
-    return head + "\n\n" + render_table(vendor_rows(sheet), cols, fmt="markdown",
-                                        floatfmt=".4g")
+            ("bits_w", "bits/W"), *table_columns("summary", defs)]
+    s = sheet.inputs["settings"]
+    head = (f"{sheet.inputs['model']['source']}, {s['tokens_evaluated']} tokens of "
+            f"{Path(sheet.inputs['data']['source']).name}, window {s['window']}: reference "
+            f"(unpatched) ppl {sheet.reference['ppl']:.4f}")
+    legend = []
+    for word, higher in (("lower", False), ("higher", True)):
+        labels = [d.get("label") or n for n, d in defs.items()
+                  if "summary" in d.get("tables", ()) and d.get("higher_is_better") is higher]
+        if labels:
+            legend.append(f"{word} is better: {', '.join(labels)}")
+    table = render_table(vendor_rows(sheet), cols, fmt="markdown", floatfmt=".4g")
+    return head + "\n\n" + table + ("\n" + "; ".join(legend) + "\n" if legend else "")
 
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
     from precisim.emulation import LoadError, RecipeError
 
     from .data import DataError, data_source
+    from .sheet import SpecSheet
     from .spec import EvalConfig, compare_metrics, run_eval, write_outputs
     from .store import write_atomic
 
     old = None
     try:
         if args.spec:
-            cfg = EvalConfig.from_sheet(args.spec)
-            old = json.loads(Path(args.spec).read_text())
+            old = SpecSheet.load(args.spec)
+            cfg = EvalConfig.from_sheet(old)
         else:
             cfg = EvalConfig(model=args.model, data=data_source(args.data),
                              recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
@@ -123,11 +139,11 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     paths["summary"] = write_atomic(Path(args.out) / "summary.md", table + "\n")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     if old is not None:
-        diffs = compare_metrics(old, json.loads(json.dumps(sheet)))
+        diffs = compare_metrics(old, sheet)
         if diffs:
             print("NOT reproduced:\n  " + "\n  ".join(diffs))
             return 1
-        print(f"reproduced exactly: content hash {sheet['content_hash'][:16]}, every metric "
+        print(f"reproduced exactly: content hash {sheet.content_hash[:16]}, every metric "
               "identical")
     return 0
 
@@ -159,8 +175,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         sheet = run_eval(cfg, model_and_tokenizer=models[(cell.model, dtype)])
         name = cfg.resolved_recipes()[0].name
         row = vendor_rows(sheet)[0]
-        return {"recipe_name": name, "ppl_ref": sheet["reference"]["ppl"],
-                "content_hash": sheet["content_hash"], **sheet["metrics"][name],
+        return {"recipe_name": name, "ppl_ref": sheet.reference["ppl"],
+                "content_hash": sheet.content_hash, **sheet.metrics[name],
                 "cost": {k: row[k] for k in ("bits_w", "bits_a", "mem_w", "mem_kv",
                                              "acc_bits")},
                 "bits_per_element": row["bits_per_element"]}
@@ -174,17 +190,20 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 
 
 def run_report_cmd(args: argparse.Namespace) -> int:
+    from .metrics import table_columns
     from .plots import pareto_plot
+    from .sheet import SpecSheet, SpecSheetError
     from .spec import write_outputs
     from .store import RunStore
     from .tables import write_table
 
     out = Path(args.out)
     if args.sheet:
-        p = Path(args.sheet)
-        if not p.is_file():
-            return _err(f"spec sheet {str(p)!r} does not exist")
-        paths = write_outputs(json.loads(p.read_text()), out)
+        try:
+            sheet = SpecSheet.load(args.sheet)
+        except (FileNotFoundError, SpecSheetError) as e:
+            return _err(str(e))
+        paths = write_outputs(sheet, out)
         print("wrote " + ", ".join(str(x) for x in paths.values()))
         return 0
     if not args.store or not Path(args.store).is_file():
@@ -196,9 +215,7 @@ def run_report_cmd(args: argparse.Namespace) -> int:
                                                        if args.sweep else ""))
     out.mkdir(parents=True, exist_ok=True)
     cols = [("model", "model"), ("dataset", "data"), ("recipe", "recipe"),
-            ("bits_per_element", "bits/W"), ("ppl_ref", "ppl ref"), ("ppl", "ppl"),
-            ("delta_ppl", "Δppl"), ("delta_ppl_low", "low"), ("delta_ppl_high", "high"),
-            ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated")]
+            ("bits_per_element", "bits/W"), *table_columns("report")]
     written = [write_table(recs, out / f"report.{s}", cols) for s in ("md", "csv", "tex",
                                                                        "html")]
     pts = [r for r in recs if r.get("delta_ppl") is not None]

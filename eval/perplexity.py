@@ -9,17 +9,18 @@ extra context (``stride = window``: disjoint windows, lm-eval's default context 
 
 In the same pass, for every window, the unpatched model's log-probabilities are the reference
 and every recipe is run on the same input (an :class:`~precisim.emulation.Emulation` handle per
-recipe, entered per window; its weights are quantized once): per token the NLL, the KL
-divergence KL(reference || emulated) over the vocabulary, and whether the top-1 tokens agree.
-Deltas get paired bootstrap confidence intervals (:mod:`precisim.eval.stats`, block bootstrap
-over token positions).
+recipe, entered per window; its weights are quantized once): per token the series the metrics
+read (:mod:`precisim.eval.metrics`: by default the NLL, the KL divergence KL(reference ||
+emulated) over the vocabulary, and whether the top-1 tokens agree), summarised per recipe by
+every metric (:func:`summarize`). Deltas get paired bootstrap confidence intervals
+(:mod:`precisim.eval.stats`, block bootstrap over token positions).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,19 @@ import numpy as np
 import torch
 from precisim.emulation import Emulation, Recipe, get_recipe
 
-from .stats import Interval, mean_ci, ppl_delta
+from .metrics import (
+    Metric,
+    MetricInputs,
+    TokenBatch,
+    TokenFn,
+    nll_series,
+    resolve_metrics,
+    token_kl,
+    token_nll,
+)
 
-__all__ = ["EvalResult", "RecipeResult", "evaluate", "prefixed", "rolling_windows", "token_kl",
-           "token_nll", "window_logprobs"]
+__all__ = ["EvalResult", "RecipeResult", "evaluate", "prefixed", "rolling_windows", "summarize",
+           "token_kl", "token_nll", "window_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -76,35 +86,39 @@ def window_logprobs(logits: torch.Tensor, seq: torch.Tensor, w: Window
     return torch.log_softmax(logits[k:].double(), dim=-1), seq[w.pred_start:w.end + 1]
 
 
-def token_nll(lp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood of ``tgt`` under log-probabilities ``lp``."""
-    return -lp.gather(-1, tgt[:, None])[:, 0]
-
-
-def token_kl(ref_lp: torch.Tensor, lp: torch.Tensor, ref_p: torch.Tensor | None = None
-             ) -> torch.Tensor:
-    """Per-token KL(reference || emulated) over the vocabulary (``ref_p`` = ``ref_lp.exp()``
-    when the caller already has it)."""
-    return ((ref_lp.exp() if ref_p is None else ref_p) * (ref_lp - lp)).sum(-1)
-
-
 @dataclass
 class RecipeResult:
-    """Per-token series and summary metrics of one recipe."""
+    """Per-token series (by series name: ``nll``, ``kl``, ``top1``...) and summary metrics of
+    one recipe."""
 
     recipe: Recipe
-    nll: np.ndarray
-    kl: np.ndarray
-    top1: np.ndarray
+    series: dict[str, np.ndarray]
     seconds: float = 0.0
     telemetry: dict[str, float] = field(default_factory=dict)
     telemetry_records: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def nll(self) -> np.ndarray:
+        """Per-token negative log-likelihood (the ``nll`` series)."""
+        return self.series["nll"]
+
+    @property
+    def kl(self) -> np.ndarray:
+        """Per-token KL(reference || emulated) (the ``kl`` series)."""
+        return self.series["kl"]
+
+    @property
+    def top1(self) -> np.ndarray:
+        """Per-token top-1 agreement with the reference, 0.0 or 1.0 (the ``top1`` series)."""
+        return self.series["top1"]
+
 
 @dataclass
 class EvalResult:
-    """The reference's NLL per token and one :class:`RecipeResult` per recipe."""
+    """The reference's NLL per token, one :class:`RecipeResult` per recipe, the reference's
+    series that paired metrics read (``ref_series``) and the metrics every recipe was
+    summarised with (``metrics_used``, in order)."""
 
     ref_nll: np.ndarray
     results: list[RecipeResult]
@@ -112,6 +126,8 @@ class EvalResult:
     window: int
     stride: int
     ref_seconds: float = 0.0
+    ref_series: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics_used: tuple[Metric, ...] = ()
 
     @property
     def ref_ppl(self) -> float:
@@ -126,21 +142,39 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out[0])[0]
 
 
+def _series_functions(metrics: Sequence[Metric]) -> tuple[dict[str, TokenFn], dict[str, TokenFn]]:
+    """The token functions of every series the metrics read, and of those also computed on the
+    reference."""
+    fns: dict[str, TokenFn] = {}
+    ref: dict[str, TokenFn] = {}
+    for m in metrics:
+        if m.series is not None and m.token is not None:
+            fns.setdefault(m.series, m.token)
+            if m.reference:
+                ref.setdefault(m.series, m.token)
+    return fns, ref
+
+
 def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
              recipes: Sequence[Recipe | str], *, window: int = 1024, stride: int | None = None,
              prefix_token: int | None = None, bootstrap: int = 1000, block: int = 32,
              seed: int = 0, telemetry: bool = True, progress: bool = False,
-             weight_cache_bytes: int = 4 << 30) -> EvalResult:
+             weight_cache_bytes: int = 4 << 30,
+             metrics: Sequence[str | Metric] | None = None) -> EvalResult:
     """Evaluate ``recipes`` on ``tokens`` against the unpatched ``model`` (see module doc).
 
     ``prefix_token``: the token prepended to the sequence (default: the model config's BOS,
-    else EOS, else 0). Metrics per recipe: ``ppl``, ``delta_ppl`` (paired bootstrap CI),
-    ``kl`` and ``top1`` (mean with CI), telemetry rates.
+    else EOS, else 0). ``metrics``: names in :data:`~precisim.eval.metrics.METRICS` (or
+    :class:`~precisim.eval.metrics.Metric` objects) to compute per recipe, with those they
+    require; default every registered metric: ``ppl``, ``delta_ppl`` (paired bootstrap CI),
+    ``kl`` and ``top1`` (mean with CI), telemetry rates...
 
     Each recipe's quantized weights are kept from one window to the next while all recipes'
     caches together hold at most ``weight_cache_bytes``; beyond that a recipe's weights are
     quantized again for every window (same numbers, less memory).
     """
+    mets = resolve_metrics(metrics)
+    fns, ref_fns = _series_functions(mets)
     if prefix_token is None:
         cfg = getattr(model, "config", None)
         prefix_token = next((t for t in (getattr(cfg, "bos_token_id", None),
@@ -154,8 +188,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     recs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]
     handles = [Emulation(model, r, telemetry=telemetry) for r in recs]
     ref_parts: list[torch.Tensor] = []
-    parts: list[dict[str, list[torch.Tensor]]] = [{"nll": [], "kl": [], "top1": []}
-                                                  for _ in recs]
+    ref_series: dict[str, list[torch.Tensor]] = {s: [] for s in ref_fns}
+    parts: list[dict[str, list[torch.Tensor]]] = [{s: [] for s in fns} for _ in recs]
     secs = [0.0] * len(recs)
     ref_secs = 0.0
     it: Any = wins
@@ -171,8 +205,9 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
             ref_secs += time.perf_counter() - t0
             ref_lp, tgt = window_logprobs(ref_logits, seq, w)
             ref_parts.append(token_nll(ref_lp, tgt))
-            ref_top = ref_lp.argmax(-1)
-            ref_p = ref_lp.exp()
+            ref = TokenBatch(ref_lp, ref_lp, tgt)
+            for s, fn in ref_fns.items():
+                ref_series[s].append(ref_parts[-1] if fn is nll_series else fn(ref))
             for i, h in enumerate(handles):
                 t0 = time.perf_counter()
                 with h:
@@ -181,46 +216,48 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                     h.clear_cache()
                 secs[i] += time.perf_counter() - t0
                 lp, _ = window_logprobs(logits, seq, w)
-                parts[i]["nll"].append(token_nll(lp, tgt))
-                parts[i]["kl"].append(token_kl(ref_lp, lp, ref_p).clamp_min(0))
-                parts[i]["top1"].append((lp.argmax(-1) == ref_top).double())
+                b = TokenBatch(ref_lp, lp, tgt, ref.ref_p, ref.ref_top)
+                for s, fn in fns.items():
+                    parts[i][s].append(fn(b))
     ref_nll = torch.cat(ref_parts).numpy()
+    ref_arrays = {s: torch.cat(v).numpy() for s, v in ref_series.items()}
     results = []
     for i, (r, h) in enumerate(zip(recs, handles)):
-        rr = RecipeResult(r, torch.cat(parts[i]["nll"]).numpy(),
-                          torch.cat(parts[i]["kl"]).numpy(),
-                          torch.cat(parts[i]["top1"]).numpy(), secs[i])
+        rr = RecipeResult(r, {s: torch.cat(v).numpy() for s, v in parts[i].items()}, secs[i])
         if h.telemetry is not None:
             rr.telemetry = h.telemetry.totals()
             rr.telemetry_records = h.telemetry.records()
-        rr.metrics = summarize(ref_nll, rr, bootstrap=bootstrap, block=block, seed=seed)
+        rr.metrics = summarize(ref_nll, rr, bootstrap=bootstrap, block=block, seed=seed,
+                               metrics=mets, ref_series=ref_arrays)
         h.clear_cache()
         results.append(rr)
-    return EvalResult(ref_nll, results, n_tokens, window, stride or window, ref_secs)
+    return EvalResult(ref_nll, results, n_tokens, window, stride or window, ref_secs, ref_arrays,
+                      mets)
 
 
 def summarize(ref_nll: np.ndarray, rr: RecipeResult, *, bootstrap: int = 1000,
-              block: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Summary metrics with confidence intervals (``*_low`` / ``*_high``)."""
+              block: int = 32, seed: int = 0, metrics: Sequence[str | Metric] | None = None,
+              ref_series: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """A recipe's summary: ``tokens``, every metric's number (in registry order) with its
+    confidence interval (``<name>_low`` / ``<name>_high``) where it has one and ``bootstrap``
+    resamples are asked for, and ``seconds``.
+
+    ``metrics`` as in :func:`evaluate`; ``ref_series``: the reference's series by name (default
+    ``{"nll": ref_nll}``). The bootstrap block is ``block`` tokens, at most a quarter of them.
+    """
+    mets = resolve_metrics(metrics)
     n = len(ref_nll)
     blk = max(1, min(block, n // 4 or 1))
-    m: dict[str, Any] = {"tokens": n, "ppl_ref": math.exp(float(ref_nll.mean())),
-                         "ppl": math.exp(float(rr.nll.mean()))}
-    cis: dict[str, Interval] = {}
-    if bootstrap > 0 and n >= 2:
-        cis["delta_ppl"] = ppl_delta(ref_nll, rr.nll, n_resamples=bootstrap, block=blk,
-                                     seed=seed)
-        cis["kl"] = mean_ci(rr.kl, n_resamples=bootstrap, block=blk, seed=seed)
-        cis["top1"] = mean_ci(rr.top1, n_resamples=bootstrap, block=blk, seed=seed)
-        for k, ci in cis.items():
-            m.update(ci.to_dict(k))
-    else:
-        m["delta_ppl"] = m["ppl"] - m["ppl_ref"]
-        m["kl"] = float(rr.kl.mean())
-        m["top1"] = float(rr.top1.mean())
-    m["delta_ppl_rel"] = m["delta_ppl"] / m["ppl_ref"]
-    for k in ("saturated_rate", "flushed_rate", "nonfinite_rate", "scale_clamped_rate"):
-        if k in rr.telemetry:
-            m[k] = rr.telemetry[k]
+    m: dict[str, Any] = {"tokens": n}
+    inputs = MetricInputs(rr.series, {"nll": ref_nll} if ref_series is None else ref_series,
+                          rr.telemetry, m)
+    for met in mets:
+        if met.ci is not None and bootstrap > 0 and n >= 2:
+            ci = met.ci(met, inputs, n_resamples=bootstrap, block=blk, seed=seed)
+            m.update(ci.to_dict(met.name))
+        else:
+            v = met.aggregate(inputs)
+            if v is not None:
+                m[met.name] = v
     m["seconds"] = rr.seconds
     return m

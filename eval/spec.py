@@ -1,18 +1,20 @@
 """Evaluation runs, machine-readable spec sheets and the vendor spec table.
 
-:func:`run_eval` evaluates a model on a text under several recipes (perplexity, KL, top-1 with
-paired-bootstrap CIs, telemetry) and returns a **spec sheet**: a JSON-able dict that records
+:func:`run_eval` evaluates a model on a text under several recipes (the metrics of
+:mod:`precisim.eval.metrics`: perplexity, KL, top-1 with paired-bootstrap CIs, telemetry
+rates...) and returns a **spec sheet** (:class:`~precisim.eval.sheet.SpecSheet`) that records
 exactly what was emulated (model source and file hash, data source and text hash, token budget,
 windows, every recipe in full with its resolved formats and matrix units, bootstrap settings,
-threads, library versions) with a ``content_hash`` over those inputs, plus the metrics.
-``run_eval(EvalConfig.from_sheet(sheet))`` re-runs it, and :func:`compare_metrics` checks that
-the metrics are reproduced exactly (CPU runs are deterministic at a fixed thread count).
+threads, library versions) with a ``content_hash`` over those inputs, plus the metrics and their
+definitions. ``run_eval(EvalConfig.from_sheet(sheet))`` re-runs it, and :func:`compare_metrics`
+checks that the metrics are reproduced exactly (CPU runs are deterministic at a fixed thread
+count).
 
 :func:`vendor_rows` turns a sheet into the table a co-design team hands a chip vendor: per
 recipe the element formats and encodings, scale format and rule, rounding, overflow and
 subnormal policies, matrix-unit parameters, the cost axis (bits per element incl. scales,
-weight / KV-cache memory relative to bf16, accumulator width) and the accuracy (ppl, delta
-with CI, KL, top-1, saturation rates).
+weight / KV-cache memory relative to bf16, accumulator width) and the accuracy (the metrics the
+sheet's definitions put in the vendor table: ppl, delta with CI, KL, top-1, saturation rates).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import math
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,14 @@ from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
 
-__all__ = ["EvalConfig", "compare_metrics", "content_hash", "run_eval", "vendor_rows",
-           "write_outputs", "VENDOR_COLUMNS"]
+from .metrics import definitions, resolve_metrics, table_cells, table_columns
+from .sheet import SCHEMA_VERSION, SpecSheet, as_sheet
 
-SHEET_VERSION = 1
+__all__ = ["EvalConfig", "SpecSheet", "compare_metrics", "content_hash", "run_eval",
+           "vendor_columns", "vendor_rows", "write_outputs", "VENDOR_COLUMNS"]
+
+#: the schema version of the sheets :func:`run_eval` returns (see :mod:`precisim.eval.sheet`)
+SHEET_VERSION = SCHEMA_VERSION
 
 
 def _sha256_file(path: Path) -> str:
@@ -61,6 +68,10 @@ class EvalConfig:
     block: int = 32
     seed: int = 0
     threads: int | None = None
+    #: the metrics to compute (names in :data:`~precisim.eval.metrics.METRICS`; None: every
+    #: registered one). Not part of the content hash: it selects what is reported, not how
+    #: any number comes out.
+    metrics: tuple[str, ...] | None = None
 
     def resolved_recipes(self) -> list[Recipe]:
         out = []
@@ -75,29 +86,24 @@ class EvalConfig:
             raise ValueError(f"recipe names must be unique, repeated: {', '.join(sorted(dup))}")
         return out
 
+    def resolved_metrics(self) -> tuple[str, ...]:
+        """The names of the metrics to compute (with those they require); raises the metric
+        registry's error on an unknown name."""
+        return tuple(m.name for m in resolve_metrics(self.metrics))
+
     @classmethod
-    def from_sheet(cls, sheet: dict[str, Any] | str | Path) -> EvalConfig:
-        """The configuration recorded in a spec sheet (a dict or a JSON file)."""
-        if not isinstance(sheet, dict):
-            p = Path(sheet)
-            if not p.is_file():
-                raise FileNotFoundError(f"spec sheet {str(p)!r} does not exist")
-            try:
-                sheet = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"spec sheet {str(p)!r} is not valid JSON: {e}") from None
-        assert isinstance(sheet, dict)
-        try:
-            inp = sheet["inputs"]
-            s = inp["settings"]
-            return cls(model=inp["model"]["source"], data=inp["data"]["source"],
-                       recipes=tuple(inp["recipes"]),
-                       tokens=s["tokens"], window=s["window"], stride=s["stride"],
-                       fidelity=None, dtype=s["dtype"], bootstrap=s["bootstrap"],
-                       block=s["block"], seed=s["seed"], threads=s["threads"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"spec sheet is missing {e}; was it written by precisim eval?"
-                             ) from None
+    def from_sheet(cls, sheet: SpecSheet | Mapping[str, Any] | str | Path) -> EvalConfig:
+        """The configuration recorded in a spec sheet (a :class:`SpecSheet`, its JSON object or
+        its file; any readable schema version), computing the metrics it defines."""
+        sh = as_sheet(sheet)
+        inp = sh.inputs
+        s = inp["settings"]
+        return cls(model=inp["model"]["source"], data=inp["data"]["source"],
+                   recipes=tuple(inp["recipes"]),
+                   tokens=s["tokens"], window=s["window"], stride=s["stride"],
+                   fidelity=None, dtype=s["dtype"], bootstrap=s["bootstrap"],
+                   block=s["block"], seed=s["seed"], threads=s["threads"],
+                   metrics=tuple(sh.metric_definitions))
 
 
 def content_hash(inputs: dict[str, Any]) -> str:
@@ -167,7 +173,7 @@ def _versions() -> dict[str, str]:
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: Any = None
-             ) -> dict[str, Any]:
+             ) -> SpecSheet:
     """Evaluate ``cfg`` and return its spec sheet (see the module docstring).
 
     Everything that can fail on bad input (model, data, recipes, settings) is checked before the
@@ -181,6 +187,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     recipes = cfg.resolved_recipes()
     if not recipes:
         raise ValueError("no recipes to evaluate")
+    metrics = resolve_metrics(cfg.metrics)
     rolling_windows(1, cfg.window, cfg.stride)  # validates window / stride
     text = load_text(cfg.data)
     if cfg.threads is not None:
@@ -190,7 +197,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     prefix = prefix_token(tok)
     res = evaluate(model, ids, recipes, window=cfg.window, stride=cfg.stride,
                    prefix_token=prefix, bootstrap=cfg.bootstrap, block=cfg.block,
-                   seed=cfg.seed, progress=progress)
+                   seed=cfg.seed, progress=progress, metrics=metrics)
     inputs = {
         "model": _model_info(cfg.model, cfg.dtype),
         "data": {"source": cfg.data, "text_sha256": text.sha256,
@@ -202,30 +209,42 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
                      "semantics": "rolling log-likelihood (lm-evaluation-harness)"},
         "recipes": [r.to_dict() for r in recipes],
     }
-    return {
-        "precisim_spec_sheet": SHEET_VERSION,
-        "content_hash": content_hash(inputs),
-        "inputs": inputs,
-        "recipes_resolved": [_recipe_info(r) for r in recipes],
-        "versions": _versions(),
-        "reference": {"ppl": res.ref_ppl, "seconds": res.ref_seconds},
-        "metrics": {r.recipe.name: r.metrics for r in res.results},
-        "telemetry": {r.recipe.name: r.telemetry for r in res.results},
-    }
+    return SpecSheet(
+        content_hash=content_hash(inputs),
+        inputs=inputs,
+        recipes_resolved=[_recipe_info(r) for r in recipes],
+        versions=_versions(),
+        reference={"ppl": res.ref_ppl, "seconds": res.ref_seconds},
+        metric_definitions=definitions(res.metrics_used),
+        metrics={r.recipe.name: r.metrics for r in res.results},
+        telemetry={r.recipe.name: r.telemetry for r in res.results},
+    )
 
 
-def compare_metrics(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Differences between two sheets' accuracy metrics (timings ignored); [] = reproduced."""
+def _same(x: Any, y: Any) -> bool:
+    """Equal, counting NaN equal to NaN (a sheet read back holds NaN where it wrote "nan")."""
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    return bool(x == y)
+
+
+def compare_metrics(a: SpecSheet | Mapping[str, Any], b: SpecSheet | Mapping[str, Any]
+                    ) -> list[str]:
+    """Differences between two sheets' accuracy metrics (timings ignored); [] = reproduced.
+
+    The sheets may be :class:`SpecSheet` objects or their JSON objects (any readable version).
+    """
+    sa, sb = as_sheet(a), as_sheet(b)
     diffs = []
-    if a.get("content_hash") != b.get("content_hash"):
-        diffs.append(f"content hash {a.get('content_hash')} != {b.get('content_hash')}")
-    ma, mb = a.get("metrics", {}), b.get("metrics", {})
+    if sa.content_hash != sb.content_hash:
+        diffs.append(f"content hash {sa.content_hash} != {sb.content_hash}")
+    ma, mb = sa.metrics, sb.metrics
     for name in sorted(set(ma) | set(mb)):
         ra, rb = ma.get(name, {}), mb.get(name, {})
         for k in sorted(set(ra) | set(rb)):
-            if k == "seconds":
+            if k == "seconds":  # timings are not reproduced
                 continue
-            if ra.get(k) != rb.get(k):
+            if not _same(ra.get(k), rb.get(k)):
                 diffs.append(f"{name}.{k}: {ra.get(k)} != {rb.get(k)}")
     return diffs
 
@@ -233,16 +252,42 @@ def compare_metrics(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # vendor table
 
-VENDOR_COLUMNS: list[tuple[str, str]] = [
+#: the vendor table's columns that describe a recipe (its metrics' columns follow)
+DESIGN_COLUMNS: list[tuple[str, str]] = [
     ("recipe", "recipe"), ("weights", "weights"), ("activations", "activations"),
     ("attention", "attention QK/PV"), ("kv_cache", "KV cache"), ("scale", "scale (rule)"),
     ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
     ("unit", "matrix unit"), ("acc_bits", "accumulator"),
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
-    ("mem_kv", "KV mem vs bf16"), ("ppl", "ppl"), ("delta_ppl_ci", "Δppl [95% CI]"),
-    ("kl", "KL"), ("top1", "top-1"), ("saturated_rate", "saturated"),
-    ("flushed_rate", "flushed to 0"),
+    ("mem_kv", "KV mem vs bf16"),
 ]
+
+
+def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
+                   ) -> list[tuple[str, str] | tuple[str, str, str]]:
+    """The vendor table's columns: :data:`DESIGN_COLUMNS`, then the ``(key, label, format)``
+    columns of the metrics the vendor table shows, as a sheet defines them (None: as the
+    registered metrics do)."""
+    defs = None if sheet is None else as_sheet(sheet).metric_definitions
+    return [*DESIGN_COLUMNS, *table_columns("vendor", defs)]
+
+
+class _VendorColumns(Sequence[tuple[str, ...]]):
+    """A live view of :func:`vendor_columns` of the registered metrics."""
+
+    def __getitem__(self, i: Any) -> Any:
+        return vendor_columns()[i]
+
+    def __len__(self) -> int:
+        return len(vendor_columns())
+
+    def __repr__(self) -> str:
+        return f"VENDOR_COLUMNS({vendor_columns()!r})"
+
+
+#: the vendor table's columns for the registered metrics (a live view: a metric registered later
+#: appears in it); ``vendor_columns(sheet)`` gives those of a sheet's metrics
+VENDOR_COLUMNS: Sequence[tuple[str, ...]] = _VendorColumns()
 
 
 def _fmt_name(info: dict[str, Any] | None) -> str:
@@ -282,12 +327,14 @@ def _unit_cell(info: dict[str, Any]) -> tuple[str, str]:
     return u["summary"], bits
 
 
-def vendor_rows(sheet: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per recipe of a spec sheet, with the columns of :data:`VENDOR_COLUMNS`."""
+def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per recipe of a spec sheet, with the columns of :func:`vendor_columns` (and every
+    metric of the sheet, with its interval bounds)."""
+    sheet = as_sheet(sheet)
     rows = []
-    for info in sheet["recipes_resolved"]:
+    for info in sheet.recipes_resolved:
         name = info["name"]
-        m = sheet["metrics"].get(name, {})
+        m = sheet.metrics.get(name, {})
         lin = info.get("linear") or {}
         att = info.get("attention") or {}
         w, a = lin.get("weight"), lin.get("input")
@@ -298,11 +345,6 @@ def vendor_rows(sheet: dict[str, Any]) -> list[dict[str, Any]]:
         ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
         unit, acc = _unit_cell(info)
         bpe = info["bits_per_element"]
-        ci = ""
-        if "delta_ppl_low" in m:
-            ci = f"{m['delta_ppl']:+.3f} [{m['delta_ppl_low']:+.3f}, {m['delta_ppl_high']:+.3f}]"
-        elif "delta_ppl" in m:
-            ci = f"{m['delta_ppl']:+.3f}"
         kv_bits = bpe.get("kv_cache")
         rows.append({
             "recipe": name, "weights": _fmt_name(w), "activations": _fmt_name(a),
@@ -313,46 +355,34 @@ def vendor_rows(sheet: dict[str, Any]) -> list[dict[str, Any]]:
             "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
             "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
             "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
-            "ppl": m.get("ppl"), "delta_ppl": m.get("delta_ppl"),
-            "delta_ppl_low": m.get("delta_ppl_low"), "delta_ppl_high": m.get("delta_ppl_high"),
-            "delta_ppl_ci": ci, "kl": m.get("kl"), "top1": m.get("top1"),
-            "saturated_rate": m.get("saturated_rate"), "flushed_rate": m.get("flushed_rate"),
+            **table_cells(m, sheet.metric_definitions),
             "bits_per_element": bpe.get("weight") or 32.0,
         })
     return rows
 
 
-def write_outputs(sheet: dict[str, Any], out_dir: str | Path, *, plot: bool = True
-                  ) -> dict[str, Path]:
-    """Write the spec sheet (JSON), the vendor table (md, csv, tex, html) and the Pareto plot."""
+def write_outputs(sheet: SpecSheet | Mapping[str, Any], out_dir: str | Path, *,
+                  plot: bool = True) -> dict[str, Path]:
+    """Write the spec sheet (JSON, the current schema version), the vendor table (md, csv, tex,
+    html) and the Pareto plot."""
     from .plots import pareto_plot
     from .store import write_atomic
     from .tables import render_table
 
+    sheet = as_sheet(sheet)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = vendor_rows(sheet)
-    paths = {"sheet": write_atomic(out / "spec_sheet.json",
-                                   json.dumps(_json_safe(sheet), indent=2))}
+    paths = {"sheet": sheet.save(out / "spec_sheet.json")}
     for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
         paths[suffix] = write_atomic(out / f"spec_table.{suffix}",
-                                     render_table(rows, VENDOR_COLUMNS, fmt=fmt))
+                                     render_table(rows, vendor_columns(sheet), fmt=fmt))
     if plot:
-        pts = [r for r in rows if r["delta_ppl"] is not None]
+        pts = [r for r in rows if r.get("delta_ppl") is not None]
         if pts:
             paths["pareto"] = pareto_plot(
                 pts, out / "pareto.png", x="bits_per_element", y="delta_ppl", label="recipe",
-                title=f"{sheet['inputs']['model']['source']}: perplexity delta vs weight "
-                f"bits/element ({sheet['inputs']['settings']['tokens_evaluated']} tokens)")
+                title=f"{sheet.inputs['model']['source']}: perplexity delta vs weight "
+                f"bits/element ({sheet.inputs['settings']['tokens_evaluated']} tokens)")
     return paths
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
 

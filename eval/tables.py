@@ -7,8 +7,9 @@
 
 Records are mappings; a column is a key, or a dotted path into nested mappings
 (``"params.window"``). Floats are shown with ``floatfmt`` (default 4 significant digits; CSV
-keeps the full ``repr`` unless a ``floatfmt`` is given); missing values (absent keys, None) are
-shown as ``missing`` (default ``"-"``, and an empty field in CSV).
+keeps the full ``repr`` unless a ``floatfmt`` is given), or with a column's own format (a
+``(key, header, format)`` column; not in CSV, which keeps full precision); missing values
+(absent keys, None) are shown as ``missing`` (default ``"-"``, and an empty field in CSV).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["FORMATS", "MISSING", "Column", "get_field", "render_table", "write_t
 FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv", ".tex": "latex",
            ".html": "html", ".htm": "html"}
 
-Column = str | tuple[str, str]
+Column = str | tuple[str, str] | tuple[str, str, str]
 
 
 class _Missing:
@@ -55,24 +56,31 @@ def get_field(record: Mapping[str, Any], key: str, default: Any = MISSING) -> An
 
 
 def _columns(records: Sequence[Mapping[str, Any]], columns: Sequence[Column] | None
-             ) -> list[tuple[str, str]]:
+             ) -> list[tuple[str, str, str | None]]:
     if columns is None:
         seen: dict[str, None] = {}
         for r in records:
             seen.update(dict.fromkeys(flatten(r)))
-        return [(k, k) for k in seen]
+        return [(k, k, None) for k in seen]
     if isinstance(columns, str):
         raise ValueError(f"columns={columns!r} must be a list of keys or (key, header) pairs, "
                          "not a single string")
     out = []
     for c in columns:
         if isinstance(c, str):
-            out.append((c, c))
-        elif isinstance(c, tuple | list) and len(c) == 2 and all(isinstance(x, str) for x in c):
-            out.append((c[0], c[1]))
+            out.append((c, c, None))
+        elif (isinstance(c, tuple | list) and len(c) in (2, 3)
+              and all(isinstance(x, str) for x in c)):
+            if len(c) == 3:
+                try:
+                    format(1.0, c[2])
+                except ValueError:
+                    raise ValueError(f"column {c!r}: {c[2]!r} is not a format spec for a float "
+                                     "(e.g. '.4g', '+.3f')") from None
+            out.append((c[0], c[1], c[2] if len(c) == 3 else None))
         else:
-            raise ValueError(f"column {c!r} is not valid: accepted a key or a (key, header) pair "
-                             "of strings")
+            raise ValueError(f"column {c!r} is not valid: accepted a key, a (key, header) pair "
+                             "or a (key, header, float format) triple of strings")
     return out
 
 
@@ -128,8 +136,9 @@ def render_table(
 
     Args:
         records: the rows (mappings).
-        columns: keys (or dotted paths), or ``(key, header)`` pairs; default every key of the
-            records (nested mappings flattened to dotted keys), in first-seen order.
+        columns: keys (or dotted paths), ``(key, header)`` pairs or ``(key, header, format)``
+            triples (the column's floats in that format spec, except in CSV); default every key
+            of the records (nested mappings flattened to dotted keys), in first-seen order.
         fmt: ``"markdown"``, ``"csv"``, ``"latex"`` (a ``tabular``, numeric columns right
             aligned) or ``"html"`` (a ``<table>``).
         floatfmt: format spec for floats; default ``".4g"``, for CSV the full ``repr``.
@@ -151,9 +160,10 @@ def render_table(
         floatfmt = ".4g"
     if missing is None:
         missing = "" if fmt == "csv" else "-"
-    raw = [[get_field(r, k) for k, _ in cols] for r in records]
-    cells = [[_format_value(v, floatfmt, missing) for v in row] for row in raw]
-    headers = [h for _, h in cols]
+    raw = [[get_field(r, k) for k, _, _ in cols] for r in records]
+    fmts = [floatfmt if f is None or fmt == "csv" else f for _, _, f in cols]
+    cells = [[_format_value(v, f, missing) for v, f in zip(row, fmts)] for row in raw]
+    headers = [h for _, h, _ in cols]
     numeric = [all(_is_number(row[j]) or row[j] is MISSING or row[j] is None for row in raw)
                and any(_is_number(row[j]) for row in raw) for j in range(len(cols))]
     if fmt == "csv":

@@ -110,7 +110,7 @@ def test_spec_sheet_reproduces_exactly(model, textfile, tmp_path) -> None:
     cfg = EvalConfig(model="tiny", data=str(textfile), recipes=("mxfp8", "nvfp4"), tokens=200,
                      window=100, bootstrap=100)
     sheet = run_eval(cfg, model_and_tokenizer=(model, tok))
-    again = run_eval(EvalConfig.from_sheet(json.loads(json.dumps(sheet))),
+    again = run_eval(EvalConfig.from_sheet(json.loads(sheet.to_json())),
                      model_and_tokenizer=(model, tok))
     assert again["content_hash"] == sheet["content_hash"]
     assert compare_metrics(sheet, again) == []
@@ -206,7 +206,7 @@ def test_spec_sheet_with_a_custom_matrix_unit(model, textfile) -> None:
     row = vendor_rows(sheet)[0]
     assert "fp4-acc13-k16" in row["unit"] and "k=16" in row["unit"]
     assert "13 fraction bits after alignment" in row["acc_bits"]
-    again = EvalConfig.from_sheet(json.loads(json.dumps(sheet)))
+    again = EvalConfig.from_sheet(json.loads(sheet.to_json()))
     assert Recipe.from_dict(again.recipes[0]) == r
 
 

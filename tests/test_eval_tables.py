@@ -106,3 +106,18 @@ def test_get_field():
     rec = {"a": {"b": {"c": 1}}, "x.y": 2}
     assert get_field(rec, "a.b.c") == 1 and get_field(rec, "x.y") == 2
     assert get_field(rec, "a.z", None) is None
+
+
+def test_column_formats():
+    cols = [("recipe", "Recipe"), ("delta_ppl", "Δ ppl", "+.2f"), ("bits", "bits/elem")]
+    md = render_table(RECORDS[:1], cols, floatfmt=".3g")
+    assert md.splitlines()[2] == "| mxfp4 | +1.23 | 4.25 |"  # its own format, else floatfmt
+    assert render_table(RECORDS[:1], cols, "latex").count("+1.23 &") == 1
+    assert ">+1.23</td>" in render_table(RECORDS[:1], cols, "html")
+    # CSV keeps full precision
+    assert list(csv.reader(io.StringIO(render_table(RECORDS[:1], cols, "csv"))))[1] == [
+        "mxfp4", "1.23456789", "4.25"]
+    with pytest.raises(ValueError, match="'q' is not a format spec for a float"):
+        render_table(RECORDS, [("bits", "bits", "q")])
+    with pytest.raises(ValueError, match="or a \\(key, header, float format\\) triple"):
+        render_table(RECORDS, [("bits", "bits", "x", "y")])
