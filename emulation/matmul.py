@@ -2,7 +2,7 @@
 
 Two fidelities, both public:
 
-* ``"bit-exact"`` returns exactly what the unit produces (ARITHMETIC.md section 4; tested bit
+* ``"bit-exact"`` returns exactly what the unit produces (docs/arithmetic.md section 4; tested bit
   for bit against :mod:`precisim.emulation.reference` and all 60000 real-GPU recordings).
   For the NVIDIA-style units (exact products, unnormalised alignment, truncation, joint c:
   every GPU preset) each block is done with exact float arithmetic: the products of a block
@@ -76,7 +76,7 @@ e_a + e_b + floor(log2 s) and the term is s*a*b, exact), at promotion
 (``acc = RNE_fp32(acc + s*partial)``), or once on the final accumulator (whole-K scales);
 see :mod:`precisim.emulation.scaled` for the semantics.
 
-Special values (ARITHMETIC.md section 4, model assumption): any NaN among the products
+Special values (docs/arithmetic.md section 4, model assumption): any NaN among the products
 (including 0 * inf) or in c, or +inf with -inf, gives NaN; otherwise an infinite product or c
 gives that infinity; a block that overflows gives inf (``acc_overflow="inf"``) and the output
 stays inf. Input values that are not values of the unit's formats raise ``ValueError``
@@ -459,7 +459,7 @@ def _specials(a, b, c, finite_ab: bool = False):
 
 @dataclass
 class _Scales:
-    """The scales of a block-scaled GEMM as the core applies them (ARITHMETIC.md section 2).
+    """The scales of a block-scaled GEMM as the core applies them (docs/arithmetic.md section 2).
 
     ``a``: (B, M, nA) float64, the scale of K-block ``i // a_blk`` of each row of A (None: no
     K-blocked scales on A); ``b``: (B, N, nB) likewise for the columns of B. ``exact``: the

@@ -8,9 +8,9 @@ A :class:`Recipe` is a frozen description, independent of any model:
   precision unless the recipe says otherwise (the usual practice, e.g. torchao's float8
   training, DeepSeek-V3 section 3.3);
 * per **role** of a GEMM (``input``, ``weight``, ``output``) a :class:`TensorSpec`: a format
-  (element format, or block-scaled format as in ARITHMETIC.md section 2), rounding, scale rule,
+  (element format, or block-scaled format as in docs/arithmetic.md section 2), rounding, scale rule,
   scaling granularity, overflow and subnormal policies;
-* the **matrix unit** that adds the products (ARITHMETIC.md section 4; ``None`` = the
+* the **matrix unit** that adds the products (docs/arithmetic.md section 4; ``None`` = the
   dequantized operands are multiplied by ``torch.matmul`` in fp32, i.e. exact products and an
   fp32 accumulator in an unspecified order: the "fake-quant" convention of every public tool);
 * **rules** that override the defaults per module, matched by glob (default), regex (``re:``
@@ -100,9 +100,9 @@ class TensorSpec:
     ``mxfp4``, ``nvfp4``, ``fp8_tensor``, ``fp8_1x128``, ``fp8_128x128``, ``int8_channel``...,
     see :func:`precisim.formats.scaling.get_scaled_format`). ``scaling`` turns an element
     format into a scaled one: ``tensor``, ``channel``, ``token``, ``group:N`` or ``tile:RxC``
-    with ``scale_format`` (``e8m0`` for power-of-two rules, else ``fp32``; ARITHMETIC.md
+    with ``scale_format`` (``e8m0`` for power-of-two rules, else ``fp32``; docs/arithmetic.md
     section 2) and ``scale_rule`` (``floor``, ``ceil``, ``rceil``, ``even`` or ``amax``).
-    ``rounding``/``overflow`` as in ARITHMETIC.md section 3; ``sr_bits``/``seed`` for
+    ``rounding``/``overflow`` as in docs/arithmetic.md section 3; ``sr_bits``/``seed`` for
     stochastic rounding; ``flush_subnormals`` flushes input and output subnormals.
     """
 
@@ -176,7 +176,7 @@ class TensorSpec:
             raise RecipeError(f"{where}: {e}") from None
 
     def bits_per_element(self) -> float:
-        """Storage bits per element including block scales (ARITHMETIC.md section 2)."""
+        """Storage bits per element including block scales (docs/arithmetic.md section 2)."""
         f = self.resolve()
         return f.bits_per_element if isinstance(f, ScaledFormat) else float(f.bits)
 
@@ -567,7 +567,7 @@ class Recipe:
     # -- cost axis (used by eval's spec tables) -------------------------------------------
     def bits_per_element(self) -> dict[str, float | None]:
         """Storage bits per element of the linear layers' weights and inputs and of the KV
-        cache, scale overhead included (MXFP4 4.25, NVFP4 4.5: ARITHMETIC.md section 2);
+        cache, scale overhead included (MXFP4 4.25, NVFP4 4.5: docs/arithmetic.md section 2);
         None = the model's own precision."""
         lin = self.linear
         att = self.attention

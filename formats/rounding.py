@@ -1,4 +1,4 @@
-"""Rounding and overflow modes (ARITHMETIC.md section 3)."""
+"""Rounding and overflow modes (docs/arithmetic.md section 3)."""
 
 from __future__ import annotations
 
