@@ -9,7 +9,7 @@
 
     rec = load_recording("H100", "E4M3")     # real tensor-core outputs to check a model against
 
-See ARITHMETIC.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
+See docs/arithmetic.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
 """
 
 from .divergence import divergence, fast_divergence, scaled_fast_divergence

@@ -12,7 +12,7 @@ but row chunk by row chunk, and for each chunk only over the keys the mask leave
 the skipped scores at -inf, so that its reductions add the same values in the same order as the
 generic path's). Entries it skips are the ones the mask sends to an
 exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block of P that is
-computed unchanged (the blocks run along the keys, ARITHMETIC.md section 2). Under a causal
+computed unchanged (the blocks run along the keys, docs/arithmetic.md section 2). Under a causal
 mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in cache-sized
 pieces.
 

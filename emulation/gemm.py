@@ -3,9 +3,9 @@
 This is the arithmetic every patched op (linear layers, the attention matmuls) runs:
 
 1. each operand is quantized to its role's format (:class:`TensorSpec`; block-scaled formats
-   with their blocks along K, the reduction axis: ARITHMETIC.md section 2), from a float32
+   with their blocks along K, the reduction axis: docs/arithmetic.md section 2), from a float32
    view of the model's values (bf16 / fp16 models are widened exactly first);
-2. the products are summed by the spec's matrix unit (ARITHMETIC.md section 4) via
+2. the products are summed by the spec's matrix unit (docs/arithmetic.md section 4) via
    :func:`precisim.emulation.matmul` / :func:`precisim.emulation.scaled_matmul`, or, when the
    spec has no unit, by an fp32 ``torch.matmul`` of the dequantized operands ("fake quant":
    exact products, fp32 accumulation in the library's order);

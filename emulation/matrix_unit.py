@@ -2,7 +2,7 @@
 
 The parameters are those of the block-FMA model of Khattak & Mikaitis, "Accurate Models of
 NVIDIA Tensor Cores" (arXiv 2512.07004) and Fasi, Higham, Mikaitis & Pranesh, "Numerical
-behavior of NVIDIA tensor cores" (PeerJ CS 2021), summarised in ARITHMETIC.md section 4. One
+behavior of NVIDIA tensor cores" (PeerJ CS 2021), summarised in docs/arithmetic.md section 4. One
 description covers every unit there without special-casing a GPU, and the simpler accumulator
 models of the same section are presets of it (see :func:`kulisch`, :func:`sequential_fma`,
 :func:`per_add_rounding`, :func:`chunked`).
@@ -16,7 +16,7 @@ Semantics of ``d = sum_i a_i * b_i + c`` under a unit (implemented exactly by
 2. K is split into blocks of ``block_size`` (k) products; a K that is not a multiple of k is
    padded with zero products (zero products take no part in the alignment, so padding does
    not change any result). The output of block j is the accumulator c of block j+1.
-3. Alignment (ARITHMETIC.md 4.2-4.3): the nonzero products of a block, and the incoming
+3. Alignment (docs/arithmetic.md 4.2-4.3): the nonzero products of a block, and the incoming
    accumulator when ``c_mode`` is ``JOINT``, are aligned to E = the largest of their
    exponents. A product's exponent is the UNNORMALISED ``e_a + e_b`` with
    ``e_x = max(floor(log2|x|), emin(format of x))`` (``Alignment.UNNORMALISED``; its
@@ -29,14 +29,14 @@ Semantics of ``d = sum_i a_i * b_i + c`` under a unit (implemented exactly by
 5. The block sum is rounded once to ``acc_format`` with ``acc_rounding`` (to a precision of
    ``block_result_bits`` fraction bits when that is set: H100 FP8 keeps 13), overflowing as
    ``acc_overflow`` says (``INF`` for floats: overflow gives inf even under round-toward-zero,
-   ARITHMETIC.md section 4; ``WRAP`` / ``SATURATE`` for fixed-point accumulators).
+   docs/arithmetic.md section 4; ``WRAP`` / ``SATURATE`` for fixed-point accumulators).
 6. Promotion (DeepSeek-V3 / DeepGEMM): with ``promotion_interval`` N the block chain restarts
    from zero every N products and each partial sum is added to a ``promotion_format``
    register: ``acc = round(acc + s_a*s_b*partial)`` with ``promotion_rounding`` (one rounding,
    as an FMA; the scales default to 1). The caller's c initialises that register.
 7. The final accumulator is rounded to ``output_format`` (if set) with ``output_rounding``.
 
-Special values follow the model assumption of ARITHMETIC.md section 4 (unverified there): any
+Special values follow the model assumption of docs/arithmetic.md section 4 (unverified there): any
 NaN among the products or c, or +inf together with -inf, gives NaN; otherwise an inf among
 them gives that inf; a finite overflow gives inf (and then stays inf).
 """

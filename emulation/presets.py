@@ -1,6 +1,6 @@
 """Named matrix units: NVIDIA tensor cores and the simple accumulator models.
 
-GPU parameters from ARITHMETIC.md section 4 (Khattak & Mikaitis, "Accurate Models of NVIDIA
+GPU parameters from docs/arithmetic.md section 4 (Khattak & Mikaitis, "Accurate Models of NVIDIA
 Tensor Cores", arXiv 2512.07004; their MATLAB models ``V100TC``/``A100TC``/``H100TC``):
 
 | unit, input      | k  | F = 23+neab | notes                                            |
@@ -53,11 +53,11 @@ def _nv(name: str, fmt: str, k: int, f: int, fp16_out: bool = False, **kw: objec
                           acc_format="fp16", acc_rounding="rne",
                           alignment_floor=_FP16_OUT_FLOOR[gpu],
                           description=f"{gpu.upper()} tensor core, {fmt} inputs, fp16 output "
-                          "(ARITHMETIC.md section 4, item 6)", **kw)
+                          "(docs/arithmetic.md section 4, item 6)", **kw)
     return MatrixUnit(name, fmt, block_size=k, alignment_bits=f, drop="truncate",
                       acc_format="fp32", acc_rounding="rtz",
                       description=f"{gpu.upper()} tensor core, {fmt} inputs, fp32 output "
-                      "(ARITHMETIC.md section 4)", **kw)
+                      "(docs/arithmetic.md section 4)", **kw)
 
 
 def _build() -> dict[str, MatrixUnit]:

@@ -9,9 +9,9 @@ A :class:`Recipe` is a frozen description, independent of any model:
   precision unless the recipe says otherwise (the usual practice, e.g. torchao's float8
   training, DeepSeek-V3 section 3.3);
 * per **role** of a GEMM (``input``, ``weight``, ``output``) a :class:`TensorSpec`: a format
-  (element format, or block-scaled format as in ARITHMETIC.md section 2), rounding, scale rule,
+  (element format, or block-scaled format as in docs/arithmetic.md section 2), rounding, scale rule,
   scaling granularity, overflow and subnormal policies;
-* the **matrix unit** that adds the products (ARITHMETIC.md section 4; ``None`` = the
+* the **matrix unit** that adds the products (docs/arithmetic.md section 4; ``None`` = the
   dequantized operands are multiplied by ``torch.matmul`` in fp32, i.e. exact products and an
   fp32 accumulator in an unspecified order: the "fake-quant" convention of every public tool);
 * **rules** that override the defaults per module, matched by glob (default), regex (``re:``
@@ -344,7 +344,7 @@ class Recipe:
     # -- cost axis (used by eval's spec tables) -------------------------------------------
     def bits_per_element(self) -> dict[str, float | None]:
         """Storage bits per element of the linear layers' weights and inputs and of the KV
-        cache, scale overhead included (MXFP4 4.25, NVFP4 4.5: ARITHMETIC.md section 2);
+        cache, scale overhead included (MXFP4 4.25, NVFP4 4.5: docs/arithmetic.md section 2);
         None = the model's own precision."""
         lin = self.spec("linear")
         att = self.spec("attention")

@@ -1,7 +1,7 @@
 """Exact reference dot products under a :class:`MatrixUnit`: slow and obviously correct.
 
 One output at a time, in Python ``Fraction`` arithmetic, following the numbered semantics of
-:mod:`precisim.emulation.matrix_unit` (ARITHMETIC.md section 4; Khattak & Mikaitis, arXiv
+:mod:`precisim.emulation.matrix_unit` (docs/arithmetic.md section 4; Khattak & Mikaitis, arXiv
 2512.07004) step by step. Rounding to formats uses the exact reference of
 :mod:`precisim.formats.reference`. The fast vectorised :func:`precisim.emulation.matmul` is
 tested against this module bit for bit; it shares no arithmetic code with it.
@@ -59,7 +59,7 @@ def _emin(fmt: FloatFormat | IntFormat) -> int:
 
 
 def exponent_of(x: Fraction, fmt: FloatFormat | IntFormat) -> int:
-    """e_x = max(floor(log2|x|), emin of x's format) for a nonzero x (ARITHMETIC.md 4.2)."""
+    """e_x = max(floor(log2|x|), emin of x's format) for a nonzero x (docs/arithmetic.md 4.2)."""
     return max(floor_log2(abs(x)), _emin(fmt))
 
 
@@ -173,7 +173,7 @@ def _block(products: list[tuple[Value, int]], c: Value, unit: MatrixUnit,
 
 
 def _specials(values: list[Value]) -> Value | None:
-    """NaN / inf result of the model assumption of ARITHMETIC.md section 4, or None."""
+    """NaN / inf result of the model assumption of docs/arithmetic.md section 4, or None."""
     nan = any(isinstance(v, float) and math.isnan(v) for v in values)
     pos = any(v == math.inf for v in values if isinstance(v, float))
     neg = any(v == -math.inf for v in values if isinstance(v, float))
@@ -244,7 +244,7 @@ def scaled_dot(a: Sequence[float], b: Sequence[float], unit: MatrixUnit, sa: Seq
                sb: Sequence[float], *, exact_scale_product: bool = False,
                epilogue: tuple[float, float, float, float] | None = None,
                rand: Sequence[int] | None = None) -> float:
-    """One output of a block-scaled GEMM under ``unit``, exactly (ARITHMETIC.md sections 2, 4).
+    """One output of a block-scaled GEMM under ``unit``, exactly (docs/arithmetic.md sections 2, 4).
 
     ``a``, ``b``: the K element values (values of the unit's input formats); ``sa``, ``sb``:
     the scale of the K-block each element belongs to (one per element; NaN marks a NaN

@@ -5,7 +5,7 @@
 W (..., N, K) (``nn.Linear`` layout), both with their scale blocks along K (the last axis);
 the result is what ``unit`` returns for x @ W^T, float32 (..., M, N). The elements are fed
 to the unit's datapath and the scales are applied to the partial sums the way the unit
-description says, not by dequantizing the operands first (ARITHMETIC.md sections 2 and 4):
+description says, not by dequantizing the operands first (docs/arithmetic.md sections 2 and 4):
 
 * **Element values.** The elements (decoded from ``codes``) must be values of the unit's
   input formats: ``a.format.element`` must be a subset of ``unit.a_format`` (every e2m1
@@ -20,13 +20,13 @@ description says, not by dequantizing the operands first (ARITHMETIC.md sections
   A scale that applies to a whole row (per-tensor, per-token, per-channel: the block spans
   all of K) is not a K-block scale: see "epilogue".
 * **Units with promotion** (``deepseek-fp8``: every 128 products; DeepSeek-V3 / DeepGEMM,
-  ARITHMETIC.md section 4 "chunked accumulation with promotion"): the unit sums the
+  docs/arithmetic.md section 4 "chunked accumulation with promotion"): the unit sums the
   *unscaled* products of one promotion chunk with its block chain, then
   ``acc32 = RNE_fp32(acc32 + s*partial)`` in one rounding (an FMA). Each chunk must lie
   inside one scale block of each operand (1x128 activations and 128x128 weights with
   interval 128 do); otherwise ``ValueError`` names both sizes.
 * **Units without promotion** (an MX-capable tensor core modelled on the H100 datapath,
-  ARITHMETIC.md section 4 items 1-5): the scale must be constant over each block-FMA of k
+  docs/arithmetic.md section 4 items 1-5): the scale must be constant over each block-FMA of k
   products, i.e. each block of k lies inside one scale block (MX 32 with k = 16 or 32,
   NVFP4 16 with k = 16); otherwise ``ValueError`` names k and the scale block. The block's
   products are multiplied by s before alignment: term i is s*a_i*b_i, formed exactly, and

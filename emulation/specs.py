@@ -1,9 +1,9 @@
 """Op specs: how the operands of one op are represented and which matrix unit adds them.
 
 * :class:`TensorSpec`: one operand (a *role*): element or block-scaled format, rounding, scale
-  rule and granularity, overflow and subnormal policies (ARITHMETIC.md sections 2 and 3);
+  rule and granularity, overflow and subnormal policies (docs/arithmetic.md sections 2 and 3);
 * :class:`GemmSpec`: one GEMM, a :class:`TensorSpec` per role (``input``, ``weight``,
-  ``output``) and the matrix unit that sums the products (ARITHMETIC.md section 4);
+  ``output``) and the matrix unit that sums the products (docs/arithmetic.md section 4);
 * :class:`AttentionSpec`: the attention block, ``qk`` and ``pv`` GEMMs and the ``kv_cache``.
 
 Every spec class is frozen and has the interface an op kind's spec type needs
@@ -80,9 +80,9 @@ class TensorSpec:
     ``mxfp4``, ``nvfp4``, ``fp8_tensor``, ``fp8_1x128``, ``fp8_128x128``, ``int8_channel``...,
     see :func:`precisim.formats.scaling.get_scaled_format`). ``scaling`` turns an element
     format into a scaled one: ``tensor``, ``channel``, ``token``, ``group:N`` or ``tile:RxC``
-    with ``scale_format`` (``e8m0`` for power-of-two rules, else ``fp32``; ARITHMETIC.md
+    with ``scale_format`` (``e8m0`` for power-of-two rules, else ``fp32``; docs/arithmetic.md
     section 2) and ``scale_rule`` (``floor``, ``ceil``, ``rceil``, ``even`` or ``amax``).
-    ``rounding``/``overflow`` as in ARITHMETIC.md section 3; ``sr_bits``/``seed`` for
+    ``rounding``/``overflow`` as in docs/arithmetic.md section 3; ``sr_bits``/``seed`` for
     stochastic rounding; ``flush_subnormals`` flushes input and output subnormals.
     """
 
@@ -161,7 +161,7 @@ class TensorSpec:
         return False
 
     def bits_per_element(self) -> float:
-        """Storage bits per element including block scales (ARITHMETIC.md section 2)."""
+        """Storage bits per element including block scales (docs/arithmetic.md section 2)."""
         f = self.resolve()
         return f.bits_per_element if isinstance(f, ScaledFormat) else float(f.bits)
 

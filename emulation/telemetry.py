@@ -10,7 +10,7 @@ For every quantized operand (module, role) the counters are:
 * ``flushed``: non-zero elements that became zero (underflow, also relative to a block scale);
 * ``nonfinite``: finite elements that became inf or NaN;
 * ``scale_clamped``: blocks with a non-zero element whose scale hit the scale format's limit
-  (E8M0 2^-127 or NaN, an E4M3 scale at 448 or at zero; ARITHMETIC.md section 2).
+  (E8M0 2^-127 or NaN, an E4M3 scale at 448 or at zero; docs/arithmetic.md section 2).
 
 Counts are kept as tensors on the operand's device and summed lazily, so no host sync happens
 per call.

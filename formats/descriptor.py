@@ -2,7 +2,7 @@
 
 Every limit (max, smallest normal/subnormal, eps, emax/emin, value table) is *derived* from the
 descriptor fields, in the style of graphcore-research/gfloat's ``FormatInfo``; nothing is typed
-in twice. The special-value conventions cover the formats of ARITHMETIC.md section 1:
+in twice. The special-value conventions cover the formats of docs/arithmetic.md section 1:
 
 * IEEE 754 style (``inf=IEEE, nan=IEEE``): the all-ones exponent field is reserved
   (mantissa 0 = inf, otherwise NaN) -- fp32, fp16, bf16, tf32, OCP E5M2.

@@ -1,7 +1,7 @@
 """Element-wise fake quantization, encoding to integer codes and decoding.
 
 ``quantize(x, fmt)`` returns, in x's dtype, the value of the format nearest to x under the
-chosen rounding (ARITHMETIC.md section 3); ``encode`` returns the format's codes and ``decode``
+chosen rounding (docs/arithmetic.md section 3); ``encode`` returns the format's codes and ``decode``
 maps codes back to values. The slow exact twin of every path is in
 :mod:`precisim.formats.reference`.
 """

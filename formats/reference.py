@@ -235,7 +235,7 @@ def encode_value(v: Value, fmt: FloatFormat | IntFormat) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# block scaling (ARITHMETIC.md section 2; precisim.formats.scaling documents the semantics)
+# block scaling (docs/arithmetic.md section 2; precisim.formats.scaling documents the semantics)
 
 def f32(v: Value) -> Value:
     """IEEE float32 round-to-nearest-even of an exact value (overflow to inf)."""

@@ -1,4 +1,4 @@
-"""Rounding and overflow modes, and the one rounding decision table (ARITHMETIC.md section 3).
+"""Rounding and overflow modes, and the one rounding decision table (docs/arithmetic.md section 3).
 """
 
 from __future__ import annotations

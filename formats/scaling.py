@@ -5,7 +5,7 @@ scale), a scale format and a :class:`ScaleRule`. ``quantize_scaled`` returns the
 tensor and, on request, the element codes, the scales (E8M0 / E4M3 bytes or fp32) and the
 packed codes.
 
-Semantics (ARITHMETIC.md section 2):
+Semantics (docs/arithmetic.md section 2):
 
 * **Power-of-two scales** (E8M0, and fp32 power-of-two scales), OCP MX v1.0 section 6.3. With
   e = floor(log2 amax) and emax the exponent of the element format's largest value, the block

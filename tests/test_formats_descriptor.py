@@ -1,6 +1,6 @@
 """Derived limits, value tables, aliases and validation of the format descriptors.
 
-Every expected figure below is typed in from ARITHMETIC.md section 1 (or the IEEE 754 /
+Every expected figure below is typed in from docs/arithmetic.md section 1 (or the IEEE 754 /
 OCP / P3109 documents it cites), never computed with the code under test.
 """
 

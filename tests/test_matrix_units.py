@@ -1,7 +1,7 @@
 """Matrix units (emulation/): known-answer vectors, real tensor-core recordings, the fast path
 against the exact reference, the DeepSeek FP8 experiment and bad input (issue 3).
 
-Known-answer vectors and the error-growth figures are from ARITHMETIC.md section 4; the
+Known-answer vectors and the error-growth figures are from docs/arithmetic.md section 4; the
 recordings are ../shared/data/tensor-core-recordings (Khattak & Mikaitis, arXiv 2512.07004).
 """
 
@@ -51,7 +51,7 @@ EXACT_RNE = kulisch("fp16", "fp32", "rne", name="exact-rne")
 FMA32 = "fma-fp16-fp32"
 
 # ---------------------------------------------------------------------------------------------
-# known-answer vectors (ARITHMETIC.md section 4)
+# known-answer vectors (docs/arithmetic.md section 4)
 
 
 @pytest.mark.parametrize("unit,expected", [
@@ -331,7 +331,7 @@ def test_matmul_equals_reference_other_datapaths(drop, c_mode):
 @pytest.mark.parametrize("name", ["v100-fp16", "h100-bf16", "h100-e5m2", "exact-fp16",
                                   "fma-fp16-fp32", "deepseek-fp8"])
 def test_nan_inf_propagation(name):
-    """Model assumption (ARITHMETIC.md 4): NaN wins, +inf with -inf is NaN, else inf."""
+    """Model assumption (docs/arithmetic.md 4): NaN wins, +inf with -inf is NaN, else inf."""
     unit = get_unit(name)
     fmt = unit.a_format
     a = quantize(torch.randn(5, 8), fmt)
@@ -438,7 +438,7 @@ def _deepseek_error(unit: str, seed: int, M=64, K=4096, N=64) -> float:
 
 
 def test_deepseek_fp8_promotion():
-    """ARITHMETIC.md 4: K=4096, N(0,1): ~1.3e-3 without promotion, ~10x less with it."""
+    """docs/arithmetic.md 4: K=4096, N(0,1): ~1.3e-3 without promotion, ~10x less with it."""
     e0 = _deepseek_error("h100-e4m3", seed=0)
     e1 = _deepseek_error("deepseek-fp8", seed=0)
     assert 0.6e-3 < e0 < 2.6e-3, e0
@@ -480,7 +480,7 @@ def test_gpu_matches_cpu(name):
 
 
 def test_fp16_output_alignment_floor():
-    """fp16-output modes align to E >= -19/-20/-21 (ARITHMETIC.md 4.6): bits below
+    """fp16-output modes align to E >= -19/-20/-21 (docs/arithmetic.md 4.6): bits below
     2^(floor - F) are cut even when every product is tiny. Products 2^-25 + 2^-48: with the
     floor the 2^-48 is cut and the exact tie 2^-25 rounds (RNE) to 0 in fp16; without it the
     sum is above the tie and rounds to 2^-24. (The recordings do not reach this range: they
@@ -550,7 +550,7 @@ def test_fast_mode_special_values_match_bit_exact(name):
 def test_fast_mode_models_the_rtz_bias():
     """One-signed data on the H100 bf16 unit: the unit's round-toward-zero chain loses about
     0.375 ulp per block; fast mode models that mean loss, so its bias against bit-exact is
-    several times smaller than that of the exact sum rounded once (ARITHMETIC.md 4.4)."""
+    several times smaller than that of the exact sum rounded once (docs/arithmetic.md 4.4)."""
     unit = get_unit("h100-bf16")
     g = torch.Generator().manual_seed(15)
     a = quantize(torch.rand(64, 512, generator=g), "bf16")

@@ -1,6 +1,6 @@
 """Block-scaled GEMMs under matrix units (issue 3): ``scaled_matmul`` against the exact
 reference ``scaled_dot`` bit for bit, for MX, NVFP4, DeepSeek 1x128/128x128, per-tensor and
-per-channel/per-token scalings, on random and adversarial operands (ARITHMETIC.md sections 2
+per-channel/per-token scalings, on random and adversarial operands (docs/arithmetic.md sections 2
 and 4). The per-element scales the reference gets are worked out here from the ScaledTensor
 fields with plain Python loops, independently of emulation/scaled.py.
 """

@@ -76,7 +76,7 @@ def test_mx_constructed_blocks(name: str, rule: str) -> None:
 
 
 def test_floor_saturates_block_max_spec_example() -> None:
-    """OCP MX v1.0 6.3 / ARITHMETIC.md: 957 in MXFP8-E4M3 under FLOOR becomes 896."""
+    """OCP MX v1.0 6.3 / docs/arithmetic.md: 957 in MXFP8-E4M3 under FLOOR becomes 896."""
     x = torch.tensor([[957.0] + [1.0] * 31])
     assert quantize_scaled(x, get_scaled_format("mxfp8", "floor"))[0, 0].item() == 896.0
     # RCEIL never saturates: X = 4, 957/4 = 239.25 -> 240 -> 960

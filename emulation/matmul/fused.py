@@ -3,7 +3,7 @@
 The bit-exact float chain (:func:`.float_chain.chunk_float`) forms, for every
 block of ``k`` products and every output, the alignment exponent ``E`` (the largest product
 exponent of the block, or the running sum's exponent if larger), truncates every product to
-``F`` fraction bits below ``E`` and sums the integers (ARITHMETIC.md section 4, steps 2-4).
+``F`` fraction bits below ``E`` and sums the integers (docs/arithmetic.md section 4, steps 2-4).
 Eagerly that is six passes over ``k*M*N`` elements per block. This module computes the same
 bits with two changes of method:
 
