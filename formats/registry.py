@@ -62,13 +62,16 @@ class Registry(Generic[T]):
 
     ``kind``: what the entries are, as the error message says it (``"format"``, ``"matrix
     unit"``); ``prefix``: the qualifier ``prefix:name`` selects this registry (default: the
-    kind's first word); ``error``: the :class:`UnknownNameError` subclass raised on a miss.
+    kind's first word); ``error``: the :class:`UnknownNameError` subclass raised on a miss;
+    ``materialize``: for registries whose entries are builders, what turns an entry into the
+    named object (used by :func:`lookup`).
     """
 
     def __init__(self, kind: str, *, prefix: str | None = None,
                  error: type[UnknownNameError] = UnknownNameError,
-                 hint: str = "") -> None:
+                 hint: str = "", materialize: Callable[[Any], Any] | None = None) -> None:
         self.kind = kind
+        self.materialize = materialize  # entry -> the named object (entries that are builders)
         self.prefix = normalize(prefix or kind.split()[0])
         self.error = error
         self.hint = hint
@@ -217,18 +220,25 @@ def registries() -> dict[str, Registry[Any]]:
     return dict(_ALL)
 
 
+def _get(reg: Registry[Any], name: str) -> Any:
+    entry = reg.get(name)
+    return entry if reg.materialize is None else reg.materialize(entry)
+
+
 def lookup(name: str) -> Any:
     """Resolve ``kind:name`` in the registry of that kind, or a bare name in whichever registry
-    holds it; a bare name that several kinds hold raises, naming the qualified spellings."""
+    holds it; a bare name that several kinds hold raises, naming the qualified spellings. Only
+    registries whose modules are imported take part (:func:`precisim.lookup` imports them all).
+    """
     kind, sep, _ = name.partition(":")
     if sep:
         reg = _ALL.get(normalize(kind))
         if reg is None:
             raise UnknownNameError(unknown_message("kind", kind, sorted(_ALL)))
-        return reg.get(name)
+        return _get(reg, name)
     hits = [(p, r) for p, r in _ALL.items() if r.find(name) is not None]
     if len(hits) == 1:
-        return hits[0][1].get(name)
+        return _get(hits[0][1], name)
     if not hits:
         every = sorted({n for r in _ALL.values() for n in r.names()})
         raise UnknownNameError(unknown_message("name", name, every))

@@ -207,6 +207,7 @@ class UnknownScaledFormatError(UnknownNameError, FormatError):
 #: ``rule`` None (the format's own rule) or a :class:`ScaleRule` (docs/naming.md)
 SCALED_FORMATS: Registry[Callable[[ScaleRule | None, int], ScaledFormat]] = Registry(
     "scaled format", prefix="scaled", error=UnknownScaledFormatError,
+    materialize=lambda build: build(None, -1),
     hint="element formats (e4m3, e2m1, ...) are looked up by precisim.formats.get_format")
 
 
