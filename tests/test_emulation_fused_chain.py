@@ -20,6 +20,12 @@ from precisim.formats import kernels, quantize
 from precisim.formats.scaling import quantize_scaled
 
 UNITS = {
+    # the wider-input NVIDIA units (bf16 / fp16 / tf32 products, F = 23..25, k = 4..16)
+    "h100-bf16": "h100-bf16",
+    "h100-fp16": "h100-fp16",
+    "h100-fp16-fp16out": "h100-fp16-fp16out",
+    "a100-tf32": "a100-tf32",
+    "v100-fp16": "v100-fp16",
     "h100-e4m3": "h100-e4m3",
     "h100-e5m2": "h100-e5m2",
     "deepseek-fp8": "deepseek-fp8",
@@ -116,11 +122,31 @@ def test_fused_matches_float_chain(name, shape):
     b[0, :40, 2] = -0.0  # all-zero blocks of -0 products
     a[0, 2, :] = -a[0, 2, :].abs()
     b[0, :, 3] = b[0, :, 3].abs()  # one-signed products: truncation bias shows
-    for c in (None, incoming((B, M, N), gen)):
+    cf = unit.promotion_format if unit.promotion_interval else unit.acc_format
+    for c in (None, quantize(incoming((B, M, N), gen), cf, "rne", "saturate")):
         ref, outs = both(lambda c=c: matmul(a, b, unit, c))
         for out in outs:
             assert same_bits(ref, out), (name, int((ref.view(torch.int32)
                                                     != out.view(torch.int32)).sum()))
+
+
+def test_fused_int32_sums_near_their_limit():
+    """H100 bf16 (k = 16, F = 25): sixteen products of significand ~4 at the block's exponent
+    plus a c of the same sign give an integer block sum above 2^31; the kernel flags those
+    outputs (its float32 sum of the scaled products) and they are summed again in int64."""
+    unit = get_unit("h100-bf16")
+    big = quantize(torch.tensor(1.99), "bf16").item()
+    a = torch.full((1, 3, 64), big)
+    b = torch.full((1, 64, 4), big)
+    b[0, :, 1] = -big
+    b[0, 8:, 2] = -big  # half and half: far from the limit
+    c = torch.tensor([[[3.9, -3.9, 0.0, 1.0]]]).expand(1, 3, 4).contiguous() * 2.0 ** 6
+    c = quantize(c, "fp32")
+    ref, outs = both(lambda: matmul(a, b, unit, c))
+    for out in outs:
+        assert same_bits(ref, out)
+    exact = matmul(a[:, :1], b, unit, c[:, :1], kernel="reference")
+    assert same_bits(exact[0, 0], ref[0, 0])
 
 
 def test_fused_overflow_inside_blocks():
@@ -193,9 +219,14 @@ def test_fused_not_used_where_it_does_not_apply():
     old = kernels.get_backend()
     kernels.set_backend("auto")
     try:
-        ex = explain(a, b, "h100-fp16")
+        assert explain(a, b, "h100-fp16").kernel == "fused-chain"
+        # bf16 operands whose exponents span most of bf16's range: their products leave
+        # float32's range, so the float64 block kernel of the eager chain is needed
+        wide = quantize(torch.randn(1, 4, 64) * 2.0 ** torch.randint(-100, 100, (1, 4, 64)),
+                        "bf16")
+        ex = explain(wide, quantize(b, "bf16"), "h100-bf16")
         assert ex.kernel == "float-chain"
-        assert ex.refused[0][0] == "fused-chain" and "reach 2^24" in ex.refused[0][1]
+        assert ex.refused[0][0] == "fused-chain" and "float64 block kernel" in ex.refused[0][1]
         sr = unit_from_dict({"base": "h100-e4m3", "acc_rounding": "sr", "acc_sr_bits": 8})
         ex = explain(a8, b8, sr)
         assert ex.kernel == "int-chain"
@@ -232,12 +263,10 @@ def test_fused_signed_zeros(name):
         assert neg.tolist() == [[True, False], [False, False], [False, False]]
 
 
-FUSED_RECORDINGS = [c for c in RECORDED_CASES if c.preset in ("h100-e4m3", "h100-e5m2")]
-
-
-@pytest.mark.parametrize("case", FUSED_RECORDINGS, ids=[c.preset for c in FUSED_RECORDINGS])
-def test_fused_compiled_reproduces_h100_recordings(case):
-    """The compiled kernels against the real tensor core: all 5000 recorded H100 FP8 dot
+@pytest.mark.parametrize("case", RECORDED_CASES, ids=[c.preset for c in RECORDED_CASES])
+def test_fused_compiled_reproduces_the_recordings(case):
+    """The compiled kernels against the real tensor cores: for every recorded unit (V100,
+    A100, H100; fp16, bf16, tf32, E4M3, E5M2; fp32 and fp16 outputs) all 5000 recorded dot
     products (with their incoming c), bit for bit."""
     try:
         rec = load_recording(case.gpu, case.fmt, case.out)

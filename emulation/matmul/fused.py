@@ -50,6 +50,7 @@ from precisim.formats import FloatFormat, Overflow, Rounding
 from precisim.formats import kernels as compiled
 from precisim.formats.rounding import BitsRemainder, round_up
 
+from ..matrix_unit import MatrixUnit
 from .call import GemmCall
 from .float_chain import (
     CHAIN_FIELDS,
@@ -61,7 +62,7 @@ from .float_chain import (
     promote,
     sums_refusal,
 )
-from .floatarith import any_true, fexp32, fexp64, pow2_32, pow2_64
+from .floatarith import any_true, fexp32, fexp64, pow2_32, pow2_64, round_float
 from .intarith import NEG_BIG_32
 from .registry import Kernel, register_kernel
 
@@ -70,23 +71,50 @@ __all__ = ["block_max_exponent", "exponent_of_sum", "exponent_powers", "make_ker
 
 
 def pow_dtype(fa: FloatFormat, fb: FloatFormat, k: int) -> torch.dtype | None:
-    """dtype of the exponent-maximum matmul for these input formats and block size (None: the
-    powers 2^(c*e) do not fit float64)."""
+    """dtype of the exponent-maximum matmul for every input of these formats and block size
+    (None: the powers 2^(c*e) do not fit float64): :func:`pow_plan` for the formats' whole
+    exponent ranges."""
+    plan = _plan(fa.emin, fa.emax, fb.emin, fb.emax, k)
+    return None if isinstance(plan, str) else plan[0]
+
+
+def _plan(lo_a: int, hi_a: int, lo_b: int, hi_b: int, k: int
+          ) -> tuple[torch.dtype, int] | str:
+    """(dtype, offset) of the exponent-maximum matmul for alignment exponents in
+    [lo_a, hi_a] and [lo_b, hi_b]: the powers are 2^(c*(e_a + e_b - offset)); every block's
+    largest term must be a normal number and the sum of k terms finite."""
     c = k.bit_length()
-    lo, hi = c * (fa.emin + fb.emin), c * (fa.emax + fb.emax + 1)
-    if lo >= -126 and hi <= 127:
-        return torch.float32
-    if lo >= -1022 and hi <= 1023:
-        return torch.float64
-    return None
+    span = c * (hi_a + hi_b - lo_a - lo_b) + c  # (k < 2^c: the sum of k terms)
+    for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
+        if span <= hi - lo:
+            # place the smallest sum exactly at the bottom of the normal range
+            off = lo_a + lo_b + (-lo) // c
+            if c * (hi_a + hi_b - off) + c <= hi and c * (lo_a + lo_b - off) >= lo:
+                return dtype, off
+    return (f"the operands' exponents span {hi_a - lo_a} and {hi_b - lo_b} binades: the "
+            f"powers 2^(c*e) of the block-maximum matmul (c = {c}) do not fit float64")
 
 
-def exponent_powers(e: torch.Tensor, zero: torch.Tensor, k: int, dtype: torch.dtype
-                    ) -> torch.Tensor:
-    """2^(c*e) (0 where ``zero``) in ``dtype``, c = bitlen(k): the operands of
+def pow_plan(call: GemmCall) -> tuple[torch.dtype, int, int] | str:
+    """(dtype, offset of a, offset of b) of the exponent-maximum matmul for these operands
+    (their actual exponent ranges), or why it cannot be formed."""
+    ra, rb = call.exponent_range(0), call.exponent_range(1)
+    if ra is None or rb is None:  # an operand is all zeros
+        return torch.float32, 0, 0
+    plan = _plan(ra[0], ra[1], rb[0], rb[1], call.unit.block_size)
+    if isinstance(plan, str):
+        return plan
+    dtype, off = plan
+    return dtype, ra[0], off - ra[0]
+
+
+def exponent_powers(e: torch.Tensor, zero: torch.Tensor, k: int, dtype: torch.dtype,
+                    offset: int = 0) -> torch.Tensor:
+    """2^(c*(e - offset)) (0 where ``zero``) in ``dtype``, c = bitlen(k): the operands of
     :func:`block_max_exponent`."""
     c = k.bit_length()
-    ce = e.to(torch.int32) * c
+    ce = (e.to(torch.int32) - offset) * c
+    ce = torch.where(zero, 0, ce)
     p = pow2_32(ce) if dtype == torch.float32 else pow2_64(ce)
     return torch.where(zero, 0.0, p).to(dtype)
 
@@ -100,13 +128,15 @@ def exponent_of_sum(P: torch.Tensor, c: int) -> torch.Tensor:
     return torch.floor((x.to(torch.float32) + 0.5) * (1.0 / c)).to(torch.int32)
 
 
-def block_max_exponent(pa: torch.Tensor, pb: torch.Tensor, k: int) -> torch.Tensor:
+def block_max_exponent(pa: torch.Tensor, pb: torch.Tensor, k: int, offset: int = 0
+                       ) -> torch.Tensor:
     """max_i (ea_i + eb_i) over one block, for every output: (B, M, N) int32 (NEG_BIG_32
     where every product of the block is zero). pa: (B, M, kb) powers from
-    :func:`exponent_powers`, pb: (B, kb, N) likewise, kb <= k. (The block kernels do the
-    same from the matmul, in :func:`make_kernels`' ``prepare``.)"""
+    :func:`exponent_powers`, pb: (B, kb, N) likewise, kb <= k, their offsets summing to
+    ``offset``. (The block kernels do the same from the matmul, in :func:`make_kernels`'
+    ``prepare``.)"""
     P = torch.matmul(pa, pb)
-    return torch.where(P == 0, NEG_BIG_32, exponent_of_sum(P, k.bit_length()))
+    return torch.where(P == 0, NEG_BIG_32, exponent_of_sum(P, k.bit_length()) + offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +155,8 @@ def _times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bool, m: int,
-                 bemin: int, max_val: float, rounding: Rounding, saturate: bool
+                 bemin: int, max_val: float, rounding: Rounding, saturate: bool,
+                 sum_bound: int = 1 << 24
                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(prepare, block) kernels of one unit; the unit's constants are closed over (one
     compilation per unit, dynamic shapes). Only int32 and float32 arithmetic (and bit casts)
@@ -135,8 +166,9 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     float32 value) with ``pe``, its alignment exponent (int32: max(floor(log2|part|),
     acc_emin), NEG_BIG_32 for 0), which the block kernel derives from its integer sum.
 
-    ``prepare(P, part, pe, es, sz)`` -> (E, mult, ct): from the exponent-maximum matmul
-    ``P`` (:func:`block_max_exponent`'s operand powers summed), the block's alignment
+    ``prepare(P, off, part, pe, es, sz)`` -> (E, mult, ct): from the exponent-maximum matmul
+    ``P`` (:func:`block_max_exponent`'s operand powers summed, their offsets summing to the
+    int32 scalar ``off``), the block's alignment
     exponent E (the products' maximum plus the scale exponent ``es``, against ``pe``), the
     float32 factor 2^(F-E+es) of the products (0 where no product is nonzero) and the running
     sum aligned to E and truncated (int32). ``es``/``sz``: None, or the exponents and zero
@@ -148,14 +180,20 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     by the rounding table), the new alignment exponent, and int32 flags: bit 0 where S == 0
     (the result is +0; the caller gives the zero its IEEE sign where that can be -0), bit 1
     where the result overflowed (above ``max_val``; with ``saturate`` it is clamped
-    instead). a: (B, M, kb) float32, bt: (B, kb, N) float32.
+    instead), bit 2 where the int32 sum may have overflowed (only when ``sum_bound``, a bound
+    on |S|, exceeds 2^30: the float32 sum of the scaled products says where |S| may reach
+    2^29; those outputs are recomputed exactly by the caller). a: (B, M, kb) float32, bt:
+    (B, kb, N) float32.
     """
     lim = 1 << (m + 1)
     e_max = math.frexp(max_val)[1] - 1
 
-    def prepare(P, part, pe, es=None, sz=None):
+    wide = sum_bound > 1 << 24  # |S| may not be exact in float32
+    guard = sum_bound > 1 << 30  # |S| may not fit int32
+
+    def prepare(P, off, part, pe, es=None, sz=None):
         zero_blk = P == 0
-        Ep = exponent_of_sum(P, c)
+        Ep = exponent_of_sum(P, c) + off
         if es is not None:
             zero_blk = zero_blk | sz
             Ep = Ep + es
@@ -179,8 +217,12 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
             t = t - (t.to(v.dtype) > v).to(torch.int32)
         S = t.sum(2, dtype=torch.int32) + ct
         n = S.abs()
-        # bit length from the exponent of float32(n) (exact: n < 2^24)
+        # bit length from the exponent of float32(n) (one too many where the conversion
+        # rounded n up to a power of two: n >= 2^24 only)
         L = torch.where(n == 0, 0, (n.to(torch.float32).view(torch.int32) >> 23) - 126)
+        if wide:
+            over = ((n >> (L - 1).clamp(min=0)) == 0) & (n > 0)
+            L = L - over.to(torch.int32)
         base = E - F
         e = base + L - 1
         g = torch.maximum(e, torch.full_like(e, bemin)) - m
@@ -206,8 +248,11 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
             pe = torch.where(ovf, e_max, pe)
             ovf = torch.zeros_like(ovf)
         part = torch.where(S < 0, -val, val)
-        # the two masks as one int32 tensor (bool outputs are stored lane by lane)
+        # the masks as one int32 tensor (bool outputs are stored lane by lane)
         flags = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
+        if guard:
+            approx = v.sum(2).abs() + ct.to(torch.float32).abs()
+            flags = flags | ((approx > float(1 << 29)).to(torch.int32) << 2)
         return part, pe, flags
 
     return prepare, block
@@ -256,23 +301,26 @@ def supports(call: GemmCall) -> str | None:
     fa, fb, bf = unit.a_format, unit.b_format, unit.block_format
     if not (isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)):
         return "an input format is not a float format"
-    if pow_dtype(fa, fb, unit.block_size) is None:
-        return "the exponent powers 2^(c*e) of the input formats do not fit float64"
     sp = block_spec(unit)
     if sp.flush:
         return "block results are flushed to zero"
     if not (sp.m <= 23 and sp.emin - sp.m >= -149 and sp.emin == unit.acc_format.emin
             and sp.max_exp + sp.max_sig.bit_length() <= 128 and isinstance(bf, FloatFormat)):
         return f"block results in {bf.name} are not float32 values with fp32's range"
-    if (unit.block_size + 1) << (unit.alignment_bits + 1) > 1 << 24:
-        return (f"block sums of k={unit.block_size} terms with F={unit.alignment_bits} "
-                "fraction bits reach 2^24 (the kernel's int32 sum must stay exact in float32)")
     if sc is not None and sc.has_k and not unit.promotion_interval and not sc.pow2:
         return "in-block scales that are not powers of two"
     if chain_kernel_dtype(call) != torch.float32:
         return ("these operands' exponents need the float64 block kernel (products or "
                 "powers of two outside float32's normal range)")
-    return None
+    plan = pow_plan(call)
+    return plan if isinstance(plan, str) else None
+
+
+def sum_bound(unit: MatrixUnit) -> int:
+    """A bound on |S|, the integer block sum of the compiled kernel: k terms below 2^(F+2)
+    (unnormalised products: significands below 4) and the aligned c below 2^(F+1)."""
+    F = unit.alignment_bits
+    return unit.block_size * (1 << (F + 2)) + (1 << (F + 1))
 
 
 def _kernels_of(unit):
@@ -282,9 +330,32 @@ def _kernels_of(unit):
                 acc_emin=unit.acc_format.emin, floor=unit.alignment_floor,
                 use_floor=unit.drop.value == "floor", m=sp.m, bemin=sp.emin,
                 max_val=sp.max_value, rounding=sp.rounding,
-                saturate=sp.overflow is Overflow.SATURATE)
+                saturate=sp.overflow is Overflow.SATURATE, sum_bound=sum_bound(unit))
     key = ("fused-chain", *sorted((k, str(v)) for k, v in args.items()))
     return key, *make_kernels(**args)
+
+
+def _exact_sums(unit, flags, r, pe, a_j, b_j, mult, ct, E):
+    """Outputs whose int32 block sum may have overflowed (flag bit 2): the block sum again in
+    int64, rounded with the exact float64 rounding of the eager chain. Returns the updated
+    (flags, r, pe)."""
+    wi = ((flags & 4) != 0).nonzero(as_tuple=True)
+    p = a_j[wi[0], wi[1]].double() * b_j[wi[0], :, wi[2]].double()  # (n, kb): exact
+    v = p * mult[wi].double().unsqueeze(-1)
+    t = v.to(torch.int64)
+    if unit.drop.value == "floor":
+        t = t - (t.to(v.dtype) > v).to(torch.int64)
+    S = t.sum(-1) + ct[wi].to(torch.int64)
+    val = S.double() * pow2_64((E[wi] - unit.alignment_bits).to(torch.int64))  # exact
+    rv, ovf = round_float(val, block_spec(unit))
+    acc_emin = unit.acc_format.emin
+    e = torch.where(rv != 0, torch.clamp(fexp64(rv.abs().clamp(min=1e-300)), min=acc_emin),
+                    NEG_BIG_32)
+    r, pe, flags = r.clone(), pe.clone(), flags.clone()
+    r[wi] = rv.to(torch.float32)
+    pe[wi] = e.to(torch.int32)
+    flags[wi] = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
+    return flags, r, pe
 
 
 def _rare(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
@@ -313,10 +384,10 @@ def _rare(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
     return r, pe
 
 
-def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None)):
+def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), offset: int = 0):
     """The eager chain's blocks with the compiled kernels (same bits). a: (B, M, K) float32
-    values, pa: their exponent powers (B, M, K); bt: (B, K, Nc), pb: (B, K, Nc); cval:
-    (B, M, Nc) float64 incoming c."""
+    values, pa: their exponent powers (B, M, K); bt: (B, K, Nc), pb: (B, K, Nc) (the
+    exponent offsets of pa and pb sum to ``offset``); cval: (B, M, Nc) float64 incoming c."""
     unit, sc = call.unit, call.scales
     k = unit.block_size
     K = a.shape[-1]
@@ -337,6 +408,7 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None)):
     negz = any_true(torch.signbit(part) & (part == 0))  # some running sum is -0
     kkey, prepare, block = _kernels_of(unit)
     work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
+    off = torch.tensor(offset, dtype=torch.int32, device=dev)
     for j in range(nblk):
         lo, hi = j * k, min((j + 1) * k, K)
         P = torch.matmul(pa[:, :, lo:hi], pb[:, lo:hi])  # exponent maxima (module docstring)
@@ -344,13 +416,17 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None)):
             s = sc.at(lo, ns, shape)
             sz = s == 0
             es = torch.where(sz, 0, fexp64(s)).to(torch.int32)
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, P, part, pe,
-                                       es, sz)
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, P, off, part,
+                                       pe, es, sz)
         else:
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, P, part, pe)
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, P, off, part,
+                                       pe)
         a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
         r, pe, flags = compiled.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
         fl = int(flags.max())
+        if fl >= 4:  # int32 sums that may have overflowed: exactly, in int64
+            flags, r, pe = _exact_sums(unit, flags, r, pe, a_j, b_j, mult, ct, E)
+            fl = int(flags.max())
         # a zero sum is +0 (as the kernel returns it) unless the running sum is -0
         if fl >= 2 or (fl == 1 and negz):
             r, pe = _rare(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
@@ -375,19 +451,21 @@ def _run(call: GemmCall) -> torch.Tensor:
     k = unit.block_size
     Bt, M, _, N = call.shape
     ea, eb = call.exponents
-    dt = pow_dtype(unit.a_format, unit.b_format, k)
+    plan = pow_plan(call)
+    assert not isinstance(plan, str), plan
+    dt, off_a, off_b = plan
     # row-major (B, M, K) and (B, K, N): the block kernel loads vectors along N (a weight
     # arrives as the transposed view of an (N, K) tensor)
     a32, b32 = call.a.to(torch.float32).contiguous(), call.b.to(torch.float32).contiguous()
-    pa = exponent_powers(ea, a32 == 0, k, dt).contiguous()
-    pb = exponent_powers(eb, b32 == 0, k, dt).contiguous()
+    pa = exponent_powers(ea, a32 == 0, k, dt, off_a).contiguous()
+    pb = exponent_powers(eb, b32 == 0, k, dt, off_b).contiguous()
     c64 = call.c_or_zero().to(torch.float64)
     out = torch.empty((Bt, M, N), dtype=torch.float32, device=a32.device)
     step = max(1, call.max_chunk_elements // max(1, Bt * M))
     for n0 in range(0, N, step):
         ns = slice(n0, min(N, n0 + step))
         out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c64[:, :, ns],
-                                    ns)
+                                    ns, off_a + off_b)
     return out
 
 
