@@ -421,7 +421,10 @@ def run(fn, key: tuple, numel: int, *args):
                  for a in args)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = torch.compile(_private_copy(fn), dynamic=True, fullgraph=True)
+        # inductor otherwise keeps some values in a wider type across a narrowing cast (seen:
+        # x.to(float16).to(float32) compiled to x): precisim's kernels round through casts
+        compiled = torch.compile(_private_copy(fn), dynamic=True, fullgraph=True,
+                                 options={"emulate_precision_casts": True})
         _COMPILED[key] = compiled
     if compiled is False:
         return fn(*args)

@@ -10,6 +10,9 @@ and the GPU recordings; both kernels of the fused chain run compiled and eagerly
 
 from __future__ import annotations
 
+import random
+import zlib
+
 import pytest
 import torch
 from precisim.emulation import explain, get_unit, scaled_matmul, unit_from_dict, use_kernels
@@ -115,7 +118,7 @@ def both(fn):
 def test_fused_matches_float_chain(name, shape):
     unit = unit_of(name)
     B, M, K, N = shape
-    gen = torch.Generator().manual_seed(hash(name) % 1000 + K)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000 + K)
     a = operand((B, M, K), unit.a_format, gen)
     b = operand((B, K, N), unit.b_format, gen)
     a[0, 1, :] = 0.0  # a row of zeros: every block sum is an exact zero
@@ -188,26 +191,66 @@ def test_fused_promotion_with_scales():
         assert same_bits(ref, out)
 
 
-def test_block_max_exponent_is_the_maximum():
-    gen = torch.Generator().manual_seed(5)
-    for k, (lo, hi) in ((32, (-6, 8)), (16, (-6, 8)), (32, (-14, 15)), (7, (-14, 15))):
-        ea = torch.randint(lo, hi + 1, (3, 11, k), generator=gen)
-        eb = torch.randint(lo, hi + 1, (3, k, 13), generator=gen)
+@pytest.mark.parametrize("k", [4, 7, 16, 32])
+def test_block_max_exponent_is_the_maximum(k):
+    """The block maxima from the matmul of offset powers equal the brute-force maxima, for
+    exponent ranges of every width the plan accepts (float32 and float64 matmuls, ranges
+    placed anywhere, of different widths for a and b)."""
+    gen = torch.Generator().manual_seed(5 + k)
+    rng = random.Random(k)
+    c = k.bit_length()
+    seen = set()
+    for _ in range(60):
+        top = 120 if rng.random() < 0.5 else 1800  # float32- or float64-sized ranges
+        wa, wb = rng.randint(0, top // c), rng.randint(0, top // c)
+        lo_a, lo_b = rng.randint(-600, 300), rng.randint(-600, 300)
+        plan = fc._plan(lo_a, lo_a + wa, lo_b, lo_b + wb, k)
+        if isinstance(plan, str):
+            assert c * (wa + wb + 1) > 2045 - 2 * c  # refused only when it cannot fit
+            continue
+        dt, off_a, off_b = plan
+        seen.add(dt)
+        ea = torch.randint(lo_a, lo_a + wa + 1, (2, 9, k), generator=gen)
+        eb = torch.randint(lo_b, lo_b + wb + 1, (2, k, 11), generator=gen)
+        ea[..., 0], eb[:, 0] = lo_a, lo_b + wb  # the range ends are present
+        ea[..., -1], eb[:, -1] = lo_a + wa, lo_b
         za = torch.rand(ea.shape, generator=gen) < 0.3
         zb = torch.rand(eb.shape, generator=gen) < 0.3
         za[0, 0] = True  # an all-zero row: no nonzero product
-        fa = fb = type("F", (), {"emin": lo, "emax": hi})
-        dt = fc.pow_dtype(fa, fb, k)
-        c = k.bit_length()
-        assert dt == (torch.float32 if c * 2 * lo >= -126 and c * (2 * hi + 1) <= 127
-                      else torch.float64)
-        got = fc.block_max_exponent(fc.exponent_powers(ea, za, k, dt),
-                                    fc.exponent_powers(eb, zb, k, dt), k)
+        pa = fc.exponent_powers(ea, za, k, dt, off_a)
+        pb = fc.exponent_powers(eb, zb, k, dt, off_b)
+        assert bool(((pa == 0) == za).all() and ((pb == 0) == zb).all())  # no underflow
+        assert bool(torch.isfinite(pa).all() and torch.isfinite(pb).all())
+        got = fc.block_max_exponent(pa, pb, k, off_a + off_b)
         s = ea[:, :, :, None] + eb[:, None, :, :]
         s = torch.where(za[:, :, :, None] | zb[:, None, :, :], -(1 << 30), s)
         want = s.amax(2)
         want = torch.where(want < -(1 << 29), fc.NEG_BIG_32, want)
-        assert torch.equal(got, want.to(torch.int32))
+        assert torch.equal(got, want.to(torch.int32)), (lo_a, wa, lo_b, wb, dt)
+    assert seen == {torch.float32, torch.float64}
+
+
+@pytest.mark.parametrize("name", ["a100-tf32", "h100-bf16", "v100-fp16-fp16out",
+                                  "h100-e5m2", "k16-F10"])
+def test_fused_equals_the_chain_on_many_operands(name):
+    """The compiled chain's kernels (run eagerly on small tensors) against the eager chain on
+    80 seeds of adversarial operands each (exponent ranges that end anywhere)."""
+    unit = unit_of(name) if name in UNITS else get_unit(name)
+    old = kernels.get_backend()
+    kernels.set_backend("auto")
+    try:
+        for seed in range(80):
+            gen = torch.Generator().manual_seed(seed)
+            a = operand((1, 5, 70), unit.a_format, gen, spread=1.0 + seed % 7)
+            b = operand((1, 70, 6), unit.b_format, gen, spread=1.0 + seed % 5)
+            cf = unit.acc_format
+            c = quantize(incoming((1, 5, 6), gen), cf, "rne", "saturate")
+            for cc in (None, c):
+                f = matmul(a, b, unit, cc, kernel="fused-chain")
+                e = matmul(a, b, unit, cc, kernel="float-chain")
+                assert same_bits(f, e), (name, seed)
+    finally:
+        kernels.set_backend(old)
 
 
 def test_fused_not_used_where_it_does_not_apply():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_the_reference_models_every_field() -> None:
 
 @pytest.mark.parametrize("unit", GRID, ids=[u.name for u in GRID])
 def test_every_supporting_kernel_equals_the_reference(unit: MatrixUnit) -> None:
-    a, b, c = _operands(unit, seed=hash(unit.name) % 997)
+    a, b, c = _operands(unit, seed=zlib.crc32(unit.name.encode()) % 997)
     old = kernels.get_backend()
     kernels.set_backend("auto")  # the compiled chain's kernels, run eagerly on small tensors
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from functools import cache
 
 import pytest
@@ -296,7 +297,7 @@ def _inputs(unit: MatrixUnit, kind: str, seed: int, M=3, K=40, N=3):
 @pytest.mark.parametrize("kind", ["random", "spread", "cancel", "subnormal"])
 def test_matmul_equals_reference(name, kind):
     unit = get_unit(name)
-    a, b, c = _inputs(unit, kind, seed=hash((name, kind)) % 1000)
+    a, b, c = _inputs(unit, kind, seed=zlib.crc32(f'{name}/{kind}'.encode()) % 1000)
     d = matmul(a, b, unit, c)
     for i in range(a.shape[0]):
         for j in range(b.shape[1]):

@@ -15,8 +15,10 @@ computes it:
 ========================  ========  ==========================================================
 kernel                    fidelity  what it computes (module)
 ========================  ========  ==========================================================
-``fused-chain``           bit-exact the float chain compiled: FP8-class NVIDIA-style units
+``fused-chain``           bit-exact the float chain compiled: NVIDIA-style units
                                     (:mod:`.fused`)
+``exact-blocks``          bit-exact exact block sums (Kulisch, sequential FMA), compiled
+                                    (:mod:`.exact_blocks`)
 ``float-chain``           bit-exact eager float block chain: NVIDIA-style units with float
                                     accumulators (:mod:`.float_chain`)
 ``int-chain``             bit-exact int64 block chain: every unit (:mod:`.int_chain`)
@@ -54,7 +56,14 @@ import torch
 
 from ..matrix_unit import MatrixUnit
 from ..presets import get_unit
-from . import fast, float_chain, fused, int_chain, reference_kernel  # noqa: F401  (register)
+from . import (  # noqa: F401  (the kernels register themselves)
+    exact_blocks,
+    fast,
+    float_chain,
+    fused,
+    int_chain,
+    reference_kernel,
+)
 from .call import FIDELITIES, GemmCall, Scales, prepare
 from .registry import (
     KERNELS,

@@ -79,18 +79,24 @@ def pow_dtype(fa: FloatFormat, fb: FloatFormat, k: int) -> torch.dtype | None:
 
 
 def _plan(lo_a: int, hi_a: int, lo_b: int, hi_b: int, k: int
-          ) -> tuple[torch.dtype, int] | str:
-    """(dtype, offset) of the exponent-maximum matmul for alignment exponents in
-    [lo_a, hi_a] and [lo_b, hi_b]: the powers are 2^(c*(e_a + e_b - offset)); every block's
-    largest term must be a normal number and the sum of k terms finite."""
+          ) -> tuple[torch.dtype, int, int] | str:
+    """(dtype, offset of a, offset of b) of the exponent-maximum matmul for alignment
+    exponents in [lo_a, hi_a] and [lo_b, hi_b]: the operands are 2^(c*(e_a - off_a)) and
+    2^(c*(e_b - off_b)), each a normal number, and so is every product of a pair and the sum
+    of k products; or why no offsets do it."""
     c = k.bit_length()
-    span = c * (hi_a + hi_b - lo_a - lo_b) + c  # (k < 2^c: the sum of k terms)
     for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
-        if span <= hi - lo:
-            # place the smallest sum exactly at the bottom of the normal range
-            off = lo_a + lo_b + (-lo) // c
-            if c * (hi_a + hi_b - off) + c <= hi and c * (lo_a + lo_b - off) >= lo:
-                return dtype, off
+        up, down = hi // c, (-lo) // c  # c*x <= hi  <=>  x <= up;  c*x >= lo  <=>  x >= -down
+        # the sums e_a + e_b - off: the smallest at -down, the largest leaving room for k terms
+        off = lo_a + lo_b + down
+        if c * (hi_a + hi_b - off) + c > hi:
+            continue
+        # each operand's own powers: off_a in [hi_a - up, lo_a + down], off - off_a likewise
+        first = max(hi_a - up, off - lo_b - down)
+        last = min(lo_a + down, off - hi_b + up)
+        if first <= last:
+            off_a = (first + last) // 2
+            return dtype, off_a, off - off_a
     return (f"the operands' exponents span {hi_a - lo_a} and {hi_b - lo_b} binades: the "
             f"powers 2^(c*e) of the block-maximum matmul (c = {c}) do not fit float64")
 
@@ -101,11 +107,7 @@ def pow_plan(call: GemmCall) -> tuple[torch.dtype, int, int] | str:
     ra, rb = call.exponent_range(0), call.exponent_range(1)
     if ra is None or rb is None:  # an operand is all zeros
         return torch.float32, 0, 0
-    plan = _plan(ra[0], ra[1], rb[0], rb[1], call.unit.block_size)
-    if isinstance(plan, str):
-        return plan
-    dtype, off = plan
-    return dtype, ra[0], off - ra[0]
+    return _plan(ra[0], ra[1], rb[0], rb[1], call.unit.block_size)
 
 
 def exponent_powers(e: torch.Tensor, zero: torch.Tensor, k: int, dtype: torch.dtype,

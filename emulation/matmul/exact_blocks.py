@@ -1,0 +1,319 @@
+"""Units whose blocks are summed exactly (kernel ``exact-blocks``): Kulisch accumulators,
+sequential FMA, rounding after every add, exact blocks of k products (docs/arithmetic.md
+section 4.8).
+
+With ``alignment_bits=None`` a block's products and the incoming accumulator are summed
+exactly and the sum is rounded once to the block format. This kernel forms the exact sum as a
+float64 pair (hi, lo) with error-free additions (TwoSum, Knuth): each product (exact in float64:
+two significands of <= 24 bits) is added to hi, and the exact error of that addition to lo; a
+second TwoSum on lo records whether lo itself lost a bit. Where it did not (every output of
+ordinary data: it needs products spread over more than ~50 binades), hi + lo *is* the exact
+sum; it is rounded to the block format by rounding hi + lo to odd in float64 (53 bits) and
+then to odd in float32 (24 bits), both with one TwoSum or one comparison, and finally with the
+float32 rounding kernel of :mod:`precisim.formats.kernels` (every mode, overflow and flush
+policy, through the rounding table): rounding to odd with p >= m + 2 bits first and then to m
+bits is the correct rounding of the exact value. Outputs where lo lost a bit (or that became
+infinite) are recomputed by the int64 chain. The steps run compiled, 16 products (or whole
+blocks of k < 16) per kernel call, over every output at once.
+
+Supported: float accumulators with at most 22 fraction bits (fp16, bf16, reduced-precision
+block results), or fp32 with round-to-nearest-even; products exact or rounded to fp32 with
+round-to-nearest-even (``product_format="fp32"``); no promotion; block scales that keep the
+scaled products exact in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+from precisim.formats import FloatFormat, Rounding
+from precisim.formats import kernels as compiled
+from precisim.formats.kernels import KernelParams, round_bits
+
+from ..matrix_unit import MatrixUnit
+from .call import GemmCall
+from .float_chain import finish
+from .floatarith import any_true
+from .registry import Kernel, register_kernel
+
+__all__: list[str] = []
+
+#: products per compiled call when a block is longer than this
+CHUNK = 16
+#: products per compiled call of a unit with one product per block (sequential FMA: a
+#: rounding per product, so a larger unrolled kernel takes long to compile)
+FMA_CHUNK = 8
+
+
+def _fp32_rne(fmt, rounding: Rounding) -> bool:
+    return (fmt.exp_bits, fmt.man_bits, fmt.bias) == (8, 23, 127) and (
+        rounding is Rounding.NEAREST_EVEN)
+
+
+def _refusal(call: GemmCall) -> str | None:
+    unit = call.unit
+    if unit.alignment_bits is not None:
+        return "its blocks are not summed exactly (alignment_bits is set)"
+    bf = unit.block_format
+    if not isinstance(bf, FloatFormat) or not bf.signed:
+        return f"the accumulator format {unit.acc_format.name} is not a signed float format"
+    if unit.acc_rounding is Rounding.STOCHASTIC:
+        return "the accumulator rounds stochastically"
+    if bf.man_bits > 22 and not _fp32_rne(bf, unit.acc_rounding):
+        return (f"block results of {bf.man_bits} fraction bits other than fp32 with "
+                "round-to-nearest-even (the kernel rounds through float32 to odd)")
+    if unit.product_format is not None and not _fp32_rne(unit.product_format,
+                                                         unit.product_rounding):
+        return "products are rounded to a format other than fp32 (round-to-nearest-even)"
+    if unit.promotion_interval:
+        return "the unit promotes its partial sums"
+    if not isinstance(unit.out_format, FloatFormat):
+        return f"the output format {unit.out_format.name} is not a float format"
+    sc = call.scales
+    if sc is not None and sc.has_k:
+        bits = sum(f.man_bits + 1 if isinstance(f, FloatFormat) else f.bits
+                   for f in (call.elem_formats or (unit.a_format, unit.b_format)))
+        if bits + (0 if sc.pow2 else 24) > 53:
+            return "its block-scaled products are not exact in float64"
+    return None
+
+
+def _two_sum(x, y):
+    """(s, e): s = fl(x + y) and its exact error e (x + y = s + e; Knuth's TwoSum)."""
+    s = x + y
+    bb = s - x
+    return s, (x - (s - bb)) + (y - bb)
+
+
+def _sequential_variant(call: GemmCall) -> str:
+    """For one product per block under round-to-nearest-even, how the running sum can be
+    rounded without bit manipulation (:func:`_kernels`): ``"f32"`` an fp32 accumulator and
+    products exact in float32 (one float32 addition is the unit's rounding), ``"f64"`` an fp32
+    accumulator and wider products (a float64 addition, corrected where it lands on a float32
+    midpoint), ``"half"`` an fp16 or bf16 accumulator and products exact in float32 (a float32
+    addition with its exact error, converted, corrected at midpoints); ``""`` the general
+    rounding through odd values."""
+    unit = call.unit
+    if (unit.block_size != 1 or unit.acc_rounding is not Rounding.NEAREST_EVEN
+            or unit.flush_output_subnormals or call.has_k_scales
+            or (unit.product_format is not None
+                and not _fp32_rne(unit.product_format, unit.product_rounding))):
+        return ""
+    bf, fa, fb = unit.block_format, unit.a_format, unit.b_format
+    exact32 = False
+    if isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat) and (
+            fa.man_bits + fb.man_bits + 2 <= 24):
+        ra, rb = call.exponent_range(0), call.exponent_range(1)
+        exact32 = ra is None or rb is None or (
+            ra[0] + rb[0] - fa.man_bits - fb.man_bits >= -149 and ra[1] + rb[1] + 2 <= 127)
+    shape = (bf.exp_bits, bf.man_bits, bf.bias)
+    if shape == (8, 23, 127):
+        return "f32" if exact32 else "f64"
+    if shape in ((5, 10, 15), (8, 7, 127)) and exact32:
+        return "half"
+    return ""
+
+
+def _sequential_kernel(unit: MatrixUnit, T: int, variant: str):
+    """(steps, key) of a :func:`_sequential_variant`: T products, each added to the running
+    sum ``hi`` and rounded. Results that overflow come back infinite (the caller recomputes
+    them exactly)."""
+    bf = unit.block_format
+    half = torch.float16 if bf.exp_bits == 5 else torch.bfloat16
+    saturate = unit.acc_overflow.value == "saturate"
+    mx = float(bf.max)
+
+    def steps(hi, lo, bad, a_c, b_c):
+        if variant == "f32":
+            c, a32, b32 = hi.to(torch.float32), a_c.to(torch.float32), b_c.to(torch.float32)
+            for t in range(T):
+                c = c + a32[:, :, t:t + 1] * b32[:, t:t + 1, :]
+                if saturate:
+                    c = c.clamp(-mx, mx)
+            return c.to(torch.float64), lo, bad
+        if variant == "f64":
+            c = hi
+            for t in range(T):
+                s, e = _two_sum(c, a_c[:, :, t:t + 1] * b_c[:, t:t + 1, :])
+                t64 = s.to(torch.float32).to(torch.float64)
+                r = s - t64  # exact
+                o = t64 + 2 * r  # the other float32 neighbour, when s is a midpoint
+                mid = (r != 0) & (o.to(torch.float32).to(torch.float64) == o)
+                c = torch.where(mid & (e != 0) & ((e > 0) == (r > 0)), o, t64)
+            return c, lo, bad
+        c, a32, b32 = hi.to(torch.float32), a_c.to(torch.float32), b_c.to(torch.float32)
+        for t in range(T):
+            s, e = _two_sum(c, a32[:, :, t:t + 1] * b32[:, t:t + 1, :])  # exact in float32
+            t32 = s.to(half).to(torch.float32)
+            r = s - t32
+            o = t32 + 2 * r
+            mid = (r != 0) & (o.to(half).to(torch.float32) == o)
+            c = torch.where(mid & (e != 0) & ((e > 0) == (r > 0)), o, t32)
+        return c.to(torch.float64), lo, bad
+
+    return steps, ("exact-blocks-seq", unit.with_(name="-", description=""), T, variant)
+
+
+@cache
+def _kernels(unit: MatrixUnit, T: int, ends: tuple[int, ...], variant: str = ""):
+    """(steps, key): the compiled step function for chunks of T products whose blocks end
+    after the positions ``ends`` (within the chunk), and its cache key; ``variant``: see
+    :func:`_sequential_variant`."""
+    if variant:
+        return _sequential_kernel(unit, T, variant)
+    bf = unit.block_format
+    params = KernelParams.of(bf)
+    rounding, overflow = unit.acc_rounding, unit.acc_overflow
+    flush = unit.flush_output_subnormals
+    rne32 = _fp32_rne(bf, rounding)
+    # fp32, round-to-nearest-even, overflow to inf, no flushing: float64 -> float32 is it
+    plain32 = rne32 and overflow.value == "inf" and not flush
+    round_products = unit.product_format is not None
+    fma = ends == tuple(range(T))  # a block per product: the running sum is the state
+
+    def round_pair(s, err):
+        """s + err (s = fl(s + err), err exact) rounded to the block format (float64)."""
+        bits = s.view(torch.int64)
+        fix = (err != 0) & ((bits & 1) == 0) & (s.abs() < math.inf)
+        bits = bits + torch.where(fix, torch.where((err > 0) == (s > 0), 1, -1), 0)
+        s_ro = bits.view(torch.float64)  # rounded to odd at 53 bits
+        t = s_ro.to(torch.float32)  # rounded to nearest-even at 24 bits
+        if plain32:
+            return t.to(torch.float64)
+        tb = t.view(torch.int32)
+        if not rne32:  # to odd at 24 bits instead (m <= 22: two bits to spare)
+            back = t.to(torch.float64)
+            fix32 = (back != s_ro) & ((tb & 1) == 0) & (t.abs() < math.inf)
+            step = torch.where(fix32, torch.where(back.abs() < s_ro.abs(), 1, -1), 0)
+            tb = tb + step.to(torch.int32)
+        # the block format's rounding (fp32 with RNE: only its overflow and flush policies)
+        out = round_bits(tb, None, params, rounding, overflow, 0, flush, None, 0)
+        return out.view(torch.float32).to(torch.float64)
+
+    # which products end a block, as Python bools (dynamo traced ``t in ends`` on a closure
+    # tuple of ints as always False under dynamic shapes)
+    round_after = tuple(bool(t in ends) for t in range(T))
+
+    def product(a_c, b_c, t):
+        p = a_c[:, :, t:t + 1] * b_c[:, t:t + 1, :]  # exact in float64
+        return p.to(torch.float32).to(torch.float64) if round_products else p
+
+    def steps(hi, lo, bad, a_c, b_c):
+        if fma:  # hi is the running sum; every step rounds hi + p (exact: s + e) at once
+            for t in range(T):
+                hi = round_pair(*_two_sum(hi, product(a_c, b_c, t)))
+            return hi, lo, bad
+        for t in range(T):
+            s, e = _two_sum(hi, product(a_c, b_c, t))
+            s2, e2 = _two_sum(lo, e)
+            bad = bad + (e2 != 0).to(torch.float64)
+            hi, lo = s, s2
+            if round_after[t]:
+                # (hi alone keeps the sign of a zero sum)
+                hi = round_pair(*_two_sum(hi, torch.where(lo == 0, -0.0, lo)))
+                lo = torch.zeros_like(lo)
+        return hi, lo, bad
+
+    key = ("exact-blocks", unit.with_(name="-", description=""), T, ends)
+    return steps, key
+
+
+def _plan(k: int, K: int) -> tuple[int, tuple[int, ...], int]:
+    """(T, ends, Kp): chunks of T products, block ends inside a chunk, K padded to whole
+    chunks (the last block ends at K)."""
+    if k == 1:
+        T = FMA_CHUNK
+    elif k <= CHUNK:
+        T = k * (CHUNK // k)
+    else:
+        T = max(d for d in range(1, CHUNK + 1) if k % d == 0)
+    ends = tuple(i for i in range(T) if (i + 1) % k == 0) if k <= T else ()
+    Kp = -(-max(K, 1) // T) * T
+    return T, ends, Kp
+
+
+def _run(call: GemmCall) -> torch.Tensor:
+    unit, sc = call.unit, call.scales
+    Bt, M, K, N = call.shape
+    k = unit.block_size
+    T, ends, Kp = _plan(k, K)
+    a = call.a.to(torch.float64)
+    b = call.b.to(torch.float64)
+    if sc is not None and sc.has_k:  # the scale product multiplies each product: exactly
+        from .fast import fold
+
+        a = fold(a, sc.a, sc.a_blk, 2)
+        b = fold(b, sc.b, sc.b_blk, 1)
+    # pad K with -0 products: they change no sum, not even the sign of a zero
+    pad = Kp - K
+    if pad:
+        a = torch.cat([a, torch.full((Bt, M, pad), -0.0, dtype=a.dtype)], -1)
+        b = torch.cat([b, torch.full((Bt, pad, N), 0.0, dtype=b.dtype)], -2)
+    c = call.c_or_zero().to(torch.float64)
+    hi, lo = c.clone(), torch.zeros_like(c)
+    bad = torch.zeros_like(c)
+    work = Bt * M * N * T
+    variant = _sequential_variant(call)
+    for k0 in range(0, Kp, T):
+        last = k0 + T >= Kp
+        chunk_ends = ends
+        if not ends and (last or (k0 + T) % k == 0):
+            chunk_ends = (T - 1,)  # a long block (or the whole K) ends with this chunk
+        steps, key = _kernels(unit, T, chunk_ends, variant)
+        hi, lo, bad = compiled.run(steps, key, work, hi, lo, bad,
+                                   a[:, :, k0:k0 + T].contiguous(),
+                                   b[:, k0:k0 + T, :].contiguous())
+    final = hi
+    flagged = (bad != 0) | ~torch.isfinite(hi)
+    if any_true(flagged):
+        final = _recompute(call, final, flagged)
+    zeros = torch.zeros(hi.shape, dtype=torch.bool, device=hi.device)
+    inf_pos, inf_neg = final == math.inf, final == -math.inf
+    final = torch.where(torch.isinf(final), 0.0, final)
+    return finish(unit, final, inf_pos, inf_neg, zeros.clone(), _epilogue(sc), slice(None))
+
+
+def _epilogue(sc):
+    return None if sc is None else sc.epilogue_only()
+
+
+def _recompute(call: GemmCall, final: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """The flagged outputs' accumulators, exactly, by the int64 chain (without the output
+    rounding and epilogue, which the caller applies)."""
+    from dataclasses import replace
+
+    from .call import Scales
+    from .int_chain import INT_CHAIN
+
+    idx = flagged.nonzero(as_tuple=True)
+    bi, mi, ni = idx
+    unit = call.unit.with_(output_format=None, output_overflow=None)
+    sc = call.scales
+    sub_sc = None
+    if sc is not None and sc.has_k:
+        sub_sc = Scales(a=None if sc.a is None else sc.a[bi, mi][:, None, :],
+                        b=None if sc.b is None else sc.b[bi, ni][:, None, :],
+                        a_blk=sc.a_blk, b_blk=sc.b_blk, exact=sc.exact, pow2=sc.pow2)
+    sub = replace(call, unit=unit, a=call.a[bi, mi][:, None, :],
+                  b=call.b[bi, :, ni].unsqueeze(-1),
+                  c=None if call.c is None else call.c[idx].reshape(-1, 1, 1),
+                  out_shape=(len(bi), 1, 1), scales=sub_sc, specials=None, _cache={})
+    vals = INT_CHAIN.run(sub).reshape(-1).to(torch.float64)
+    out = final.clone()
+    out[idx] = vals
+    return out
+
+
+#: the MatrixUnit fields this kernel models (with exact block sums, c_mode, alignment and
+#: drop change nothing)
+EXACT_FIELDS = frozenset({
+    "a_format", "b_format", "block_size", "product_format", "product_rounding", "c_mode",
+    "alignment", "drop", "acc_format", "acc_rounding", "acc_overflow", "block_result_bits",
+    "flush_output_subnormals", "output_format", "output_rounding", "output_overflow"})
+
+EXACT_BLOCKS = register_kernel(Kernel(
+    "exact-blocks", "bit-exact", EXACT_FIELDS, _refusal, _run, priority=15,
+    description="exact block sums (Kulisch, sequential FMA, exact blocks) as certified float64 "
+    "pairs, rounded through odd float64 and float32 values; compiled"))
