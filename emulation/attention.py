@@ -33,7 +33,7 @@ import torch
 from precisim.formats import FloatFormat, IntFormat, Rounding
 from precisim.formats.scaling import ScaledFormat
 
-from .gemm import _resolved, quantize_operand
+from .gemm import quantize_operand, resolved_format
 from .recipe import AttentionSpec, GemmSpec
 from .telemetry import Telemetry
 
@@ -70,7 +70,7 @@ def _key_align(g: GemmSpec) -> int | None:
     spec = g.input
     if spec is None:
         return 1
-    fmt = _resolved(spec, -1)
+    fmt = resolved_format(spec, -1)
     if isinstance(fmt, FloatFormat | IntFormat):
         return None if Rounding.parse(spec.rounding) is Rounding.STOCHASTIC else 1
     if not isinstance(fmt, ScaledFormat) or fmt.tensor_scale or fmt.granularity.keep_axis \

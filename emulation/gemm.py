@@ -25,11 +25,13 @@ from precisim.formats.scaling import ScaledFormat, ScaledTensor, quantize_scaled
 from .recipe import GemmSpec, TensorSpec
 from .telemetry import Telemetry, count_events
 
-__all__ = ["Operand", "gemm", "quantize_operand"]
+__all__ = ["Operand", "gemm", "quantize_operand", "resolved_format"]
 
 
 @lru_cache(maxsize=512)
-def _resolved(spec: TensorSpec, axis: int) -> FloatFormat | IntFormat | ScaledFormat:
+def resolved_format(spec: TensorSpec, axis: int) -> FloatFormat | IntFormat | ScaledFormat:
+    """``spec.resolve(axis)``, cached (specs are frozen): the format an operand is quantized
+    to, with its blocks along ``axis``."""
     return spec.resolve(axis)
 
 
@@ -53,7 +55,7 @@ def quantize_operand(x: torch.Tensor, spec: TensorSpec | None, *, axis: int = -1
     xf = x.float()
     if spec is None:
         return Operand(xf)
-    fmt = _resolved(spec, axis)
+    fmt = resolved_format(spec, axis)
     rounding = Rounding.parse(spec.rounding)
     if isinstance(fmt, ScaledFormat):
         want = need_parts or telemetry is not None
@@ -86,15 +88,21 @@ def _unit_product(a: Operand, b: Operand, spec: GemmSpec) -> torch.Tensor:
     return matmul(a.values, b.values.transpose(-1, -2), spec.unit, fidelity=spec.fidelity)
 
 
-def gemm(a: torch.Tensor, b_t: Operand | torch.Tensor, spec: GemmSpec, *,
+def gemm(a: Operand | torch.Tensor, b_t: Operand | torch.Tensor, spec: GemmSpec, *,
          bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          telemetry: Telemetry | None = None, name: str = "") -> torch.Tensor:
     """``a @ b_t^T (+ bias)`` under ``spec``: a is (..., M, K), b_t is (N, K) or (..., N, K)
-    (a weight in nn.Linear layout, or an already quantized :class:`Operand`)."""
+    (a weight in nn.Linear layout); either may be an already quantized :class:`Operand`
+    (then ``out_dtype`` must be given for ``a``)."""
     use_unit = spec.unit is not None
     scaled = use_unit and _scaled(spec)
-    qa = quantize_operand(a, spec.input, axis=-1, need_parts=scaled, telemetry=telemetry,
-                          where=(name, "input"))
+    if isinstance(a, Operand):
+        if out_dtype is None:
+            raise ValueError("gemm: give out_dtype when a is an already quantized Operand")
+        qa = a
+    else:
+        qa = quantize_operand(a, spec.input, axis=-1, need_parts=scaled, telemetry=telemetry,
+                              where=(name, "input"))
     qb = b_t if isinstance(b_t, Operand) else quantize_operand(
         b_t, spec.weight, axis=-1, need_parts=scaled, telemetry=telemetry,
         where=(name, "weight"))
@@ -112,11 +120,11 @@ def gemm(a: torch.Tensor, b_t: Operand | torch.Tensor, spec: GemmSpec, *,
     if spec.output is not None:
         y = quantize_operand(y, spec.output, axis=-1, telemetry=telemetry,
                              where=(name, "output")).values
-    return y.to(out_dtype or a.dtype)
+    return y.to(out_dtype or a.dtype)  # (a is a tensor when out_dtype is None)
 
 
 def _scaled(spec: GemmSpec) -> bool:
-    return any(s is not None and isinstance(_resolved(s, -1), ScaledFormat)
+    return any(s is not None and isinstance(resolved_format(s, -1), ScaledFormat)
                for s in (spec.input, spec.weight))
 
 

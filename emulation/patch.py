@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from precisim.formats import Rounding
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -184,6 +185,18 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # wrappers
 
+class _Recorder:
+    """Forwards telemetry counts and keeps the last ones (to repeat them for a reused input)."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.counts: dict[str, torch.Tensor] | None = None
+
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+        self.counts = counts
+        self.telemetry.add(module, role, counts)
+
+
 class EmulatedLinear(nn.Module):
     """A linear / Conv1D layer under a :class:`GemmSpec`; shares the original parameters."""
 
@@ -203,7 +216,9 @@ class EmulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
         w = h._weight(self._name, self.weight, self.spec, self.transposed)
-        y = gemm(x, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name)
+        qx = h._input(self._name, x, self.spec)
+        y = gemm(qx, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name,
+                 out_dtype=x.dtype)
         if h.errors is not None:
             h.errors.add(self._name, self._orig(x), y)
         return y
@@ -447,6 +462,8 @@ class Emulation:
         self.errors: LayerErrors | None = LayerErrors() if errors else None
         self._installer: Installer | None = None
         self._wcache: dict[str, tuple[tuple[int, int, int], Operand]] = {}
+        # the last quantized linear input (q/k/v and gate/up projections share theirs)
+        self._last_input: tuple | None = None
         self.active = False
 
     # -- weight cache --------------------------------------------------------------------
@@ -459,6 +476,28 @@ class Emulation:
         op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
                               telemetry=self.telemetry, where=(name, "weight"))
         self._wcache[name] = (key, op)
+        return op
+
+    def _input(self, name: str, x: torch.Tensor, spec: GemmSpec) -> Operand:
+        """``x`` quantized to ``spec.input``: once for the linear layers that read the same
+        tensor one after another (the attention's q/k/v projections, the MLP's gate and up
+        projections), whose telemetry counts are repeated for each of them. Stochastic
+        rounding without a fixed seed draws for each layer (no reuse)."""
+        ts = spec.input
+        need = needs_parts(spec)
+        reusable = ts is not None and not (Rounding.parse(ts.rounding) is Rounding.STOCHASTIC
+                                           and ts.seed is None)
+        key = (x._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, ts, need)
+        hit = self._last_input
+        if reusable and hit is not None and hit[0] is x and hit[1] == key:
+            if hit[3] is not None and self.telemetry is not None:
+                self.telemetry.add(name, "input", hit[3])
+            return hit[2]
+        rec = _Recorder(self.telemetry) if self.telemetry is not None else None
+        op = quantize_operand(x, ts, axis=-1, need_parts=need, telemetry=rec,
+                              where=(name, "input"))
+        self._last_input = (x, key, op, None if rec is None else rec.counts) if reusable \
+            else None
         return op
 
     def cache_bytes(self) -> int:
@@ -474,6 +513,7 @@ class Emulation:
     def clear_cache(self) -> None:
         """Drop the quantized weights (they are recomputed at the next forward)."""
         self._wcache.clear()
+        self._last_input = None
 
     # -- apply / restore -----------------------------------------------------------------
     def apply(self) -> Emulation:

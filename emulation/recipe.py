@@ -49,7 +49,7 @@ from .specs import (
     GemmSpec,
     RecipeError,
     TensorSpec,
-    _unknown_keys,
+    check_keys,
 )
 
 __all__ = [
@@ -137,7 +137,7 @@ class Rule:
             return value
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: a rule must be a mapping, got {type(value).__name__}")
-        _unknown_keys(value, ("match", "kind", *OP_KINDS.names()), where, UnknownOpKindError)
+        check_keys(value, ("match", "kind", *OP_KINDS.names()), where, UnknownOpKindError)
         if "match" not in value:
             raise RecipeError(f"{where}: a rule needs 'match' (a glob, 're:<regex>' or a "
                               "module type with kind: type)")
@@ -219,7 +219,7 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
-        _unknown_keys(d, ("name", "description", *OP_KINDS.names(), "rules"), "recipe",
+        check_keys(d, ("name", "description", *OP_KINDS.names(), "rules"), "recipe",
                       UnknownOpKindError)
         name = str(d.get("name", "custom"))
         rules = d.get("rules") or []

@@ -40,8 +40,10 @@ class RecipeError(ValueError):
     """A recipe (or its YAML/JSON) is malformed; the message names the bad value."""
 
 
-def _unknown_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str,
-                  error: type[RecipeError] = RecipeError) -> None:
+def check_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str,
+               error: type[RecipeError] = RecipeError) -> None:
+    """Raise ``error`` naming every key of ``d`` not in ``allowed`` (with the closest allowed
+    name) and listing the allowed ones."""
     bad = [k for k in d if k not in allowed]
     if bad:
         hints = []
@@ -125,7 +127,7 @@ class TensorSpec:
             return cls(format=value)
         if isinstance(value, Mapping):
             names = tuple(f.name for f in fields(cls))
-            _unknown_keys(value, names, where)
+            check_keys(value, names, where)
             if "format" not in value:
                 raise RecipeError(f"{where}: a tensor spec needs a 'format'")
             return cls(**dict(value))
@@ -241,7 +243,7 @@ class GemmSpec:
             ts = TensorSpec.parse(value, where)
             return None if ts is None else cls(input=ts, weight=ts)
         if isinstance(value, Mapping):
-            _unknown_keys(value, ("input", "weight", "output", "unit", "fidelity"), where)
+            check_keys(value, ("input", "weight", "output", "unit", "fidelity"), where)
             kw: dict[str, Any] = {r: TensorSpec.parse(value.get(r), f"{where}.{r}")
                                   for r in ROLES}
             u = value.get("unit")
@@ -309,7 +311,7 @@ class AttentionSpec:
             g = GemmSpec.parse(value, where)
             return None if g is None else cls(qk=g, pv=g)
         if isinstance(value, Mapping):
-            _unknown_keys(value, ("qk", "pv", "kv_cache"), where)
+            check_keys(value, ("qk", "pv", "kv_cache"), where)
             return cls(GemmSpec.parse(value.get("qk"), f"{where}.qk"),
                        GemmSpec.parse(value.get("pv"), f"{where}.pv"),
                        TensorSpec.parse(value.get("kv_cache"), f"{where}.kv_cache"))
