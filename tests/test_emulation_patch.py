@@ -371,3 +371,37 @@ def test_deepseek_fp8_recipe_runs_the_block_scaled_unit() -> None:
     with emulate(model, get_recipe("deepseek-fp8").with_fidelity("fast")):
         yf = model.model.layers[0].mlp.gate_proj(x)
     assert torch.allclose(yf, y, rtol=1e-2, atol=1e-4)
+
+
+def test_shared_inputs_are_quantized_once(monkeypatch) -> None:
+    """q/k/v (and gate/up) read one tensor: it is quantized once per forward, and the logits
+    and every telemetry record equal those of quantizing it for each layer."""
+    from precisim.emulation import gemm as gemm_mod
+    from precisim.emulation import patch as patch_mod
+
+    model = _llama()
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = patch_mod.quantize_operand
+
+    def counted(*a, **k):
+        calls.append(k.get("where"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(patch_mod, "quantize_operand", counted)
+    with torch.no_grad(), emulate(model, "mxfp8") as em:
+        once = model(ids).logits
+    inputs = [w for w in calls if w is not None and w[1] == "input"]
+    n_linear = len(em.plan.emulated("linear"))
+    assert len(inputs) == n_linear - 2 * len(model.model.layers) - len(model.model.layers)
+    records = em.telemetry.records()
+
+    def every_time(self, name, x, spec):  # the reuse switched off
+        return gemm_mod.quantize_operand(x, spec.input, need_parts=gemm_mod.needs_parts(spec),
+                                         telemetry=self.telemetry, where=(name, "input"))
+
+    monkeypatch.setattr(patch_mod.Emulation, "_input", every_time)
+    with torch.no_grad(), emulate(model, "mxfp8") as em2:
+        each = model(ids).logits
+    assert torch.equal(once, each)
+    assert records == em2.telemetry.records()
