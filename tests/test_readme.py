@@ -141,3 +141,8 @@ def test_readme_shows_the_demo_table_verbatim() -> None:
     from precisim.formats.demo import demo_table
 
     assert demo_table() in README, "README's demo table differs from `precisim demo`'s"
+
+
+def test_readme_shows_the_revision_comparison_verbatim() -> None:
+    table = (ROOT / "docs" / "bench-compare.md").read_text().strip()
+    assert table in README, "README's revision comparison differs from docs/bench-compare.md"
