@@ -56,7 +56,8 @@ from .opkinds import (
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
 from .telemetry import LayerErrors, Telemetry
 
-__all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "emulate", "plan"]
+__all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "active_emulation", "emulate",
+           "plan"]
 
 ATTN_IMPL = "precisim"
 
@@ -145,10 +146,17 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
         raise RecipeError(f"recipe must be a Recipe or a name, got {type(recipe).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    active = active_emulation(model)
+    if active is not None:  # its wrappers would be planned instead of the model's own ops
+        raise EmulationError(
+            f"cannot plan recipe {recipe.name!r}: the model is under emulation "
+            f"{active.recipe.name!r} ({active!r}); plan or emulate it before applying that one "
+            "or after restoring it (emulations do not nest)")
     kinds = [k for k in OP_KINDS.kinds() if k.default_on or recipe.mentions(k.name)]
     used = [False] * len(recipe.rules)
     entries: list[PlanEntry] = []
     unsupported: list[tuple[str, str, str]] = []
+    modules = dict(model.named_modules())
     for found in find_ops(model, kinds):
         name, m, op = found.name, found.module, found.kind.name
         spec = recipe.spec(op)
@@ -156,9 +164,12 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
         for i, r in enumerate(recipe.rules):
             if r.overrides(op) and r.matches(name, type(m)):
                 spec, who, used[i] = r.get(op), r.pattern, True
-        if found.suspect is not None:  # looks like the kind but is not: report, skip
+        suspect = found.suspect
+        if suspect is None and found.kind.family == "module":
+            suspect = _read_by_parent(name, modules)
+        if suspect is not None:  # looks like the kind but is not: report, skip
             if spec is not None and not spec.is_identity:
-                unsupported.append((name, type(m).__name__, found.suspect))
+                unsupported.append((name, type(m).__name__, suspect))
             continue
         if spec is not None and found.kind.validate is not None:
             found.kind.validate(name, spec)
@@ -180,6 +191,26 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
             warnings.warn(f"module {n!r} ({t}) is not emulated: {why}", UserWarning,
                           stacklevel=2)
     return p
+
+
+#: parents whose forward reads a child's parameters directly instead of calling it: a module
+#: swapped in for the child would never run
+_READS_CHILDREN = (nn.MultiheadAttention,)
+
+
+def _read_by_parent(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """Why module ``name`` cannot be emulated by swapping it (its parent reads its weight
+    directly, as ``nn.MultiheadAttention`` does with ``out_proj.weight`` in
+    ``F.multi_head_attention_forward``), or None."""
+    if not name:
+        return None
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    if isinstance(parent, _READS_CHILDREN):
+        return (f"its parent {parent_name or 'the model'} ({type(parent).__name__}) reads its "
+                "weight directly instead of calling it, so a swapped-in emulation would never "
+                "run; left in high precision")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +238,9 @@ class EmulatedLinear(nn.Module):
         self.spec = spec
         self.transposed = linear_layout(orig) == "in_out"  # Conv1D stores (in, out)
         object.__setattr__(self, "_orig", orig)
-        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        # a strong reference: an applied handle lives as long as the model holds its wrappers
+        # (a collected handle must never leave the model broken)
+        object.__setattr__(self, "_handle", handle)
         self._name = name
 
     def extra_repr(self) -> str:
@@ -219,8 +252,8 @@ class EmulatedLinear(nn.Module):
         qx = h._input(self._name, x, self.spec)
         y = gemm(qx, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name,
                  out_dtype=x.dtype)
-        if h.errors is not None:
-            h.errors.add(self._name, self._orig(x), y)
+        if h.errors is not None:  # (forward, not the module: its hooks fire on this one)
+            h.errors.add(self._name, self._orig.forward(x), y)
         return y
 
 
@@ -232,7 +265,7 @@ class EmulatedEmbedding(nn.Module):
         self.weight = orig.weight
         self.spec = spec
         object.__setattr__(self, "_orig", orig)
-        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        object.__setattr__(self, "_handle", handle)  # strong: see EmulatedLinear
         self._name = name
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -436,6 +469,39 @@ def _unpatch_caches(caches: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# one emulation per model at a time
+
+#: the applied emulation each module belongs to: every module of an emulated model (wrappers
+#: included) while the emulation is applied
+_OWNER: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Emulation]] = \
+    weakref.WeakKeyDictionary()
+
+
+def active_emulation(model: nn.Module) -> Emulation | None:
+    """The applied :class:`Emulation` that covers ``model`` or any of its modules, or None.
+
+    Emulations do not nest: :meth:`Emulation.apply` refuses a model that one of them covers
+    (docs: README "Emulating a model"); this returns that one, e.g. to restore it."""
+    for m in model.modules():
+        ref = _OWNER.get(m)
+        em = ref() if ref is not None else None
+        if em is not None and em.active:
+            return em
+    return None
+
+
+def _claim(em: Emulation) -> None:
+    for m in em.model.modules():
+        _OWNER[m] = weakref.ref(em)
+
+
+def _release(em: Emulation) -> None:
+    for m, ref in list(_OWNER.items()):
+        if ref() is em or ref() is None:
+            _OWNER.pop(m, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # the handle
 
 class Emulation:
@@ -517,29 +583,52 @@ class Emulation:
 
     # -- apply / restore -----------------------------------------------------------------
     def apply(self) -> Emulation:
+        """Install the plan on the model (see :func:`emulate`).
+
+        Emulations do not nest or overlap: if the model, a module of it or a model containing
+        it is under another applied emulation, this raises :class:`EmulationError` naming that
+        emulation and changes nothing (restore it first)."""
         if self.active:
             raise EmulationError("this emulation is already applied")
+        other = active_emulation(self.model)
+        if other is None:
+            other = next((em for m in self.model.modules()
+                          if isinstance(m, EmulatedLinear | EmulatedEmbedding)
+                          for em in (m._handle,)), None)
+        if other is not None:
+            raise EmulationError(
+                f"cannot apply recipe {self.recipe.name!r}: the model is under emulation "
+                f"{other.recipe.name!r} ({other!r}); emulations do not nest or overlap, so the "
+                f"result would be neither recipe. Restore {other.recipe.name!r} first (leave its "
+                "with-block or call .restore(); precisim.emulation.active_emulation(model) "
+                "returns it)")
         todo: dict[str, list[PlanEntry]] = {}
         for e in self.plan.entries:
             if e.emulated:
                 todo.setdefault(e.op, []).append(e)
         order = {n: i for i, n in enumerate(OP_KINDS.names())}
         installer = self._installer = Installer(self, dict(self.model.named_modules()))
+        self.active = True  # (claimed before installing: a failed install is released too)
+        _claim(self)
         try:
             for op in sorted(todo, key=lambda o: order.get(o, len(order))):
                 OP_KINDS.get(op).install(installer, todo[op])
+            _claim(self)  # the wrappers too
         except BaseException:
             self.restore()
             raise
-        self.active = True
         return self
 
     def restore(self) -> None:
-        """Put every module, config and hook back exactly as it was."""
+        """Put every module, config and hook back exactly as it was (a no-op when the
+        emulation is not applied)."""
         installer, self._installer = self._installer, None
         self.active = False
-        if installer is not None:
-            installer.undo()
+        try:
+            if installer is not None:
+                installer.undo()
+        finally:
+            _release(self)
 
     def __enter__(self) -> Emulation:
         return self.apply()
