@@ -160,7 +160,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
              prefix_token: int | None = None, bootstrap: int = 1000, block: int = 32,
              seed: int = 0, telemetry: bool = True, progress: bool = False,
              weight_cache_bytes: int = 4 << 30,
-             metrics: Sequence[str | Metric] | None = None) -> EvalResult:
+             metrics: Sequence[str | Metric] | None = None,
+             progress_interval: float = 30.0) -> EvalResult:
     """Evaluate ``recipes`` on ``tokens`` against the unpatched ``model`` (see module doc).
 
     ``prefix_token``: the token prepended to the sequence (default: the model config's BOS,
@@ -172,6 +173,10 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     Each recipe's quantized weights are kept from one window to the next while all recipes'
     caches together hold at most ``weight_cache_bytes``; beyond that a recipe's weights are
     quantized again for every window (same numbers, less memory).
+
+    ``progress``: a progress bar on a terminal; when stderr is not a terminal (a batch job's
+    log) a line ``windows 3/16 (19%), 2.1 s/window, elapsed 6 s, ETA 27 s`` after a window, at
+    most one every ``progress_interval`` seconds (and after the first and the last window).
     """
     mets = resolve_metrics(metrics)
     fns, ref_fns = _series_functions(mets)
@@ -194,9 +199,14 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     ref_secs = 0.0
     it: Any = wins
     if progress:
-        from tqdm import tqdm
+        import sys
 
-        it = tqdm(wins, desc="windows", unit="win")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            it = tqdm(wins, desc="windows", unit="win")
+        else:  # a log (batch job, redirected stderr): plain lines at a bounded rate
+            it = LogProgress(wins, "windows", unit="window", interval=progress_interval)
     with torch.no_grad():
         for w in it:
             ids = seq[w.start:w.end]
@@ -233,6 +243,34 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
         results.append(rr)
     return EvalResult(ref_nll, results, n_tokens, window, stride or window, ref_secs, ref_arrays,
                       mets)
+
+
+class LogProgress:
+    """Progress of a long loop as plain lines on stderr (for logs, where a progress bar's
+    carriage returns are noise): after an item, ``<what> 3/16 (19%), 2.1 s/<unit>, elapsed 6 s,
+    ETA 27 s``, at most one line every ``interval`` seconds, always after the first and the
+    last item."""
+
+    def __init__(self, items: Sequence[Any], what: str, *, unit: str = "item",
+                 interval: float = 30.0, stream: Any = None) -> None:
+        import sys
+
+        self.items, self.what, self.unit = items, what, unit
+        self.interval = interval
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __iter__(self):  # noqa: ANN204
+        n = len(self.items)
+        t0 = last = time.perf_counter()
+        for i, item in enumerate(self.items, 1):
+            yield item
+            now = time.perf_counter()
+            if i == 1 or i == n or now - last >= self.interval:
+                last = now
+                rate = (now - t0) / i
+                print(f"{self.what} {i}/{n} ({100 * i // n}%), {rate:.3g} s/{self.unit}, "
+                      f"elapsed {now - t0:.0f} s, ETA {rate * (n - i):.0f} s",
+                      file=self.stream, flush=True)
 
 
 def summarize(ref_nll: np.ndarray, rr: RecipeResult, *, bootstrap: int = 1000,

@@ -100,22 +100,61 @@ class RunStore:
         path: the SQLite file (created with its folder if missing); default
             :data:`DEFAULT_STORE` in the working directory.
         timeout: seconds a write waits for another process holding the file.
+        readonly: open an existing store for reading only (``precisim report``): nothing is
+            written to the file, not even the table.
+
+    A SQLite file that holds other tables (another program's database) is refused with a
+    ``ValueError`` and left unchanged, in either mode.
     """
 
-    def __init__(self, path: str | Path = DEFAULT_STORE, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | Path = DEFAULT_STORE, *, timeout: float = 30.0,
+                 readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         if self.path.is_dir():
             raise ValueError(f"run store path {str(self.path)!r} is a folder; give a file name "
                              f"such as {str(self.path / DEFAULT_STORE)!r}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly and not self.path.is_file():
+            raise ValueError(f"run store {str(self.path)!r} does not exist")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = None
         try:
-            # autocommit mode: every transaction below is explicit (BEGIN ... COMMIT)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None)
-            self._conn.execute(_SCHEMA)
+            if readonly:  # never writes: not even a journal or the runs table
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            else:
+                # autocommit mode: every transaction below is explicit (BEGIN ... COMMIT)
+                conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._conn = conn
+            self._check_schema()
         except sqlite3.DatabaseError as exc:
+            self.close()
             raise ValueError(f"{str(self.path)!r} is not a precisim run store (SQLite): "
                              f"{exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Create the ``runs`` table in a new (empty) file; refuse a SQLite database that holds
+        other tables, or a ``runs`` table of another shape (another program's database is
+        never modified)."""
+        conn = self.conn
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if "runs" in tables:
+            cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+            if cols != ["key", "sweep", "created", "record"]:
+                raise ValueError(f"{str(self.path)!r} is not a precisim run store: its 'runs' "
+                                 f"table has the columns {', '.join(cols)} (expected key, "
+                                 "sweep, created, record); it is left unchanged")
+            return
+        if tables or self.readonly:
+            what = f"the tables {', '.join(tables)}" if tables else "no tables"
+            raise ValueError(f"{str(self.path)!r} is not a precisim run store: it is a SQLite "
+                             f"database with {what} and no 'runs' table; it is left unchanged")
+        conn.execute(_SCHEMA)
 
     # -- connection ---------------------------------------------------------------------------
     @property
@@ -154,6 +193,10 @@ class RunStore:
 
     __contains__ = has
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ValueError(f"the run store {str(self.path)!r} was opened read-only")
+
     def put(self, key: str, record: Mapping[str, Any], *, sweep: str | None = None) -> None:
         """Store one finished record under ``key`` (replacing an earlier one), atomically.
 
@@ -166,6 +209,7 @@ class RunStore:
         in one transaction, so the store never holds a partial record.
         """
         self._check_key(key)
+        self._writable()
         if not isinstance(record, Mapping):
             raise ValueError(f"record for {key!r} must be a dict, got {type(record).__name__}")
         if sweep is None and isinstance(record.get("sweep"), str):
@@ -193,6 +237,7 @@ class RunStore:
     def delete(self, key: str) -> bool:
         """Remove the record under ``key``; True if there was one."""
         self._check_key(key)
+        self._writable()
         cur = self.conn.execute("DELETE FROM runs WHERE key = ?", (key,))
         return cur.rowcount > 0
 

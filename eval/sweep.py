@@ -18,6 +18,7 @@ nothing about models; :func:`run_sweep` only orders, skips, times and stores.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -29,7 +30,7 @@ from typing import Any
 
 from .store import RunStore
 
-__all__ = ["Cell", "SweepError", "SweepSpec", "load_sweep", "run_sweep"]
+__all__ = ["Cell", "SweepError", "SweepSpec", "latest_records", "load_sweep", "run_sweep"]
 
 #: the keys a sweep file accepts (``params`` is optional)
 SPEC_KEYS = ("name", "models", "recipes", "datasets", "params")
@@ -81,21 +82,35 @@ class Cell:
     recipe: str
     dataset: str
     params: tuple[tuple[str, Any], ...] = ()  #: sorted (name, value) pairs
+    #: sorted (input, hash) pairs: the content of what the names point to (the recipe's
+    #: definition, the data file, the model files); empty when the caller gives none
+    content: tuple[tuple[str, str], ...] = ()
 
     @property
     def param_dict(self) -> dict[str, Any]:
         """The params as a dict (tuples shown as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
 
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the cell, as a JSON-compatible dict."""
+    def names(self) -> dict[str, Any]:
+        """The fields a person names the cell by (no content hashes)."""
         return {"sweep": self.sweep, "model": self.model, "recipe": self.recipe,
                 "dataset": self.dataset, "params": self.param_dict}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the cell, as a JSON-compatible dict: its names and, when
+        known, the content hashes of its inputs."""
+        out = self.names()
+        if self.content:
+            out["content"] = dict(self.content)
+        return out
 
     @property
     def key(self) -> str:
         """A stable key: ``sweep/model/recipe/dataset/<hash>``, the hash (sha256, 12 hex digits)
-        of the canonical JSON of :meth:`identity`. Same cell, same key, in every run."""
+        of the canonical JSON of :meth:`identity`. Same cell, same key, in every run; a cell
+        whose recipe, data or model changed (same names, other content) gets another key, so a
+        stale result is never reused. Cells without content hashes keep the keys of stores
+        written before content was hashed."""
         canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canon.encode("utf-8")).hexdigest()[:12]
         return f"{self.sweep}/{self.model}/{self.recipe}/{self.dataset}/{digest}"
@@ -203,6 +218,7 @@ def run_sweep(
     *,
     progress: bool = True,
     on_error: str = "raise",
+    content: Callable[[Cell], Mapping[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` not yet in ``store``; return the records of all its cells.
 
@@ -223,6 +239,10 @@ def run_sweep(
             are kept); ``"skip"``: the cell is left out of the store (a re-run retries it) and
             the sweep goes on; the error is reported on the progress bar and in the returned
             list as ``{"key", "error"}``-only records at the end.
+        content: ``content(cell) -> {input: hash}``, the content hashes of a cell's inputs
+            (recipe definition, data, model files), made part of its key. It is called for
+            every cell before the first one runs, so it also validates the whole grid: an
+            exception there stops the sweep before any work (nothing is stored).
 
     Returns:
         The stored records of the spec's cells, in cells() order (plus error entries).
@@ -232,21 +252,40 @@ def run_sweep(
     if not callable(evaluate_cell):
         raise TypeError("evaluate_cell must be callable (cell) -> dict")
     spec = load_sweep(spec)
+    cells = spec.cells()
+    if content is not None:
+        cells = [_with_content(c, content(c)) for c in cells]
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
-        return _run(spec, st, evaluate_cell, progress, on_error)
+        return _run(spec, cells, st, evaluate_cell, progress, on_error)
     finally:
         if own_store:
             st.close()
 
 
-def _run(spec: SweepSpec, store: RunStore, evaluate_cell: Callable[[Cell], Mapping[str, Any]],
-         progress: bool, on_error: str) -> list[dict[str, Any]]:
+def _with_content(cell: Cell, hashes: Mapping[str, str]) -> Cell:
+    if not isinstance(hashes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise TypeError(f"content({cell}) must return a dict of str -> str, got {hashes!r}")
+    return dataclasses.replace(cell, content=tuple(sorted(hashes.items())))
+
+
+def _run(spec: SweepSpec, cells: list[Cell], store: RunStore,
+         evaluate_cell: Callable[[Cell], Mapping[str, Any]], progress: bool,
+         on_error: str) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    cells = spec.cells()
     todo = [c for c in cells if not store.has(c.key)]
+    if todo and any(c.content for c in todo):
+        named = {json.dumps(_names(r), sort_keys=True) for r in store.records(spec.name)}
+        stale = [c for c in todo if json.dumps(c.names(), sort_keys=True) in named]
+        if stale and progress:
+            import sys
+
+            print(f"{spec.name}: {len(stale)} stored cell(s) were computed from other inputs "
+                  "(recipe, data or model changed since); they are evaluated again",
+                  file=sys.stderr)
     errors: list[dict[str, Any]] = []
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=spec.name, unit="cell",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -273,3 +312,18 @@ def _run(spec: SweepSpec, store: RunStore, evaluate_cell: Callable[[Cell], Mappi
             bar.update(1)
     records = [r for r in (store.get(c.key) for c in cells) if r is not None]
     return records + errors
+
+
+def _names(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The naming fields of a stored record (see :meth:`Cell.names`)."""
+    return {k: record.get(k) for k in ("sweep", "model", "recipe", "dataset", "params")}
+
+
+def latest_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The newest record of every cell name (sweep, model, recipe, dataset, params), in store
+    order, and how many older ones (computed from other inputs) were left out."""
+    last: dict[str, int] = {}
+    for i, r in enumerate(records):
+        last[json.dumps(_names(r), sort_keys=True, default=str)] = i
+    keep = sorted(last.values())
+    return [records[i] for i in keep], len(records) - len(keep)
