@@ -193,6 +193,11 @@ class MatrixUnit:
                 raise ValueError("block_result_bits needs a floating-point acc_format, not "
                                  f"{acc.name!r}")
             _check_int(self.block_result_bits, "block_result_bits", 0, acc.man_bits)
+            try:
+                _reduced(acc, self.block_result_bits)
+            except FormatError as exc:  # e.g. 0 fraction bits leave no room for an IEEE NaN
+                raise ValueError(f"block_result_bits={self.block_result_bits!r} is not valid "
+                                 f"for acc_format {acc.name!r}: {exc}") from None
         for what in ("flush_input_subnormals", "flush_output_subnormals"):
             if not isinstance(getattr(self, what), bool):
                 raise ValueError(f"{what}={getattr(self, what)!r} is not valid: accepted a bool")

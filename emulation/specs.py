@@ -256,6 +256,16 @@ class GemmSpec:
         if self.fidelity not in FIDELITIES:
             raise RecipeError(f"gemm spec: fidelity {self.fidelity!r} is not one of "
                               f"{', '.join(FIDELITIES)}")
+        if self.unit is None and self.fidelity != "bit-exact":
+            raise RecipeError(f"gemm spec: fidelity={self.fidelity!r} needs a matrix unit "
+                              "('unit'); without one the dequantized operands are multiplied "
+                              "in fp32 and there is no fidelity to choose")
+        for role in ROLES:
+            v = getattr(self, role)
+            if v is not None and not isinstance(v, TensorSpec):
+                raise RecipeError(f"gemm spec: {role}={v!r} is not valid: accepted a "
+                                  "TensorSpec or None (GemmSpec.parse reads names and "
+                                  "mappings)")
         if self.unit is not None:
             from .presets import get_unit
 

@@ -118,7 +118,8 @@ def _shape_problems(d: Mapping[str, Any], version: int) -> list[str]:
         if isinstance(sub, Mapping):
             problems += [f"'{key}.{k}' is {_json_type(v)} {_short(v)}, expected object"
                          for k, v in sub.items() if not isinstance(v, Mapping)]
-    for i, r in enumerate(d.get("recipes_resolved") or ()):
+    resolved = d.get("recipes_resolved")
+    for i, r in enumerate(resolved if isinstance(resolved, list) else ()):
         if not isinstance(r, Mapping) or not isinstance(r.get("name"), str):
             problems.append(f"'recipes_resolved[{i}]' is not an object with a 'name'")
     if "notes" in d and (not isinstance(d["notes"], list)

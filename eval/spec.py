@@ -35,7 +35,7 @@ from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
 
 from .metrics import definitions, resolve_metrics, table_cells, table_columns
-from .sheet import SCHEMA_VERSION, SpecSheet, as_sheet
+from .sheet import SCHEMA_VERSION, SpecSheet, SpecSheetError, as_sheet
 
 __all__ = ["EvalConfig", "SpecSheet", "compare_metrics", "content_hash", "run_eval",
            "vendor_columns", "vendor_rows", "write_outputs", "VENDOR_COLUMNS"]
@@ -109,10 +109,10 @@ class EvalConfig:
             check_dtype(self.dtype)
         except LoadError as e:
             raise ValueError(str(e)) from None
-        _check_setting("bootstrap", self.bootstrap, 0)
+        _check_setting("bootstrap", self.bootstrap, 0, hi=1_000_000)
         _check_setting("block", self.block, 1)
         _check_setting("seed", self.seed, 0, hi=2**63 - 1)
-        _check_setting("threads", self.threads, 1, none_ok=True)
+        _check_setting("threads", self.threads, 1, hi=4096, none_ok=True)
         if self.metrics is not None:
             if isinstance(self.metrics, str) or not all(isinstance(m, str)
                                                         for m in self.metrics):
@@ -442,33 +442,43 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
     metric of the sheet, with its interval bounds)."""
     sheet = as_sheet(sheet)
     rows = []
-    for info in sheet.recipes_resolved:
-        name = info["name"]
-        m = sheet.metrics.get(name, {})
-        lin = info.get("linear") or {}
-        att = info.get("attention") or {}
-        w, a = lin.get("weight"), lin.get("input")
-        qk = (att.get("qk") or {}).get("input")
-        scales = sorted({f"{x['scale']['format']} ({x['scale']['rule']})"
-                         for x in (w, a, qk) if x and x.get("scale")})
-        roundings = sorted({x["rounding"] for x in (w, a, qk) if x})
-        ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
-        unit, acc = _unit_cell(info)
-        bpe = info["bits_per_element"]
-        kv_bits = bpe.get("kv_cache")
-        rows.append({
-            "recipe": name, "weights": _fmt_name(w), "activations": _fmt_name(a),
-            "attention": _fmt_name(qk) if att.get("qk") else "model dtype",
-            "kv_cache": _fmt_name(info.get("kv_cache")) if info.get("kv_cache") else
-            ("as attention operands" if att.get("qk") else "model dtype"),
-            "scale": "; ".join(scales) or "-", "rounding": ", ".join(roundings) or "-",
-            "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
-            "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
-            "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
-            **table_cells(m, sheet.metric_definitions),
-            "bits_per_element": bpe.get("weight") or 32.0,
-        })
+    for i, info in enumerate(sheet.recipes_resolved):
+        try:
+            rows.append(_vendor_row(sheet, info))
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            what = info.get("name", i) if isinstance(info, Mapping) else i
+            raise SpecSheetError(f"spec sheet: recipes_resolved entry {what!r} is malformed: "
+                                 f"a field is missing or of the wrong type ({type(e).__name__}"
+                                 f": {e})") from None
     return rows
+
+
+def _vendor_row(sheet: SpecSheet, info: Mapping[str, Any]) -> dict[str, Any]:
+    name = info["name"]
+    m = sheet.metrics.get(name, {})
+    lin = info.get("linear") or {}
+    att = info.get("attention") or {}
+    w, a = lin.get("weight"), lin.get("input")
+    qk = (att.get("qk") or {}).get("input")
+    scales = sorted({f"{x['scale']['format']} ({x['scale']['rule']})"
+                     for x in (w, a, qk) if x and x.get("scale")})
+    roundings = sorted({x["rounding"] for x in (w, a, qk) if x})
+    ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
+    unit, acc = _unit_cell(info)
+    bpe = info["bits_per_element"]
+    kv_bits = bpe.get("kv_cache")
+    return {
+        "recipe": name, "weights": _fmt_name(w), "activations": _fmt_name(a),
+        "attention": _fmt_name(qk) if att.get("qk") else "model dtype",
+        "kv_cache": _fmt_name(info.get("kv_cache")) if info.get("kv_cache") else
+        ("as attention operands" if att.get("qk") else "model dtype"),
+        "scale": "; ".join(scales) or "-", "rounding": ", ".join(roundings) or "-",
+        "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
+        "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
+        "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
+        **table_cells(m, sheet.metric_definitions),
+        "bits_per_element": bpe.get("weight") or 32.0,
+    }
 
 
 def write_outputs(sheet: SpecSheet | Mapping[str, Any], out_dir: str | Path, *,

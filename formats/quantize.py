@@ -93,10 +93,19 @@ def check_sr_bits(rounding: Rounding, sr_bits: int | None) -> int:
     if sr_bits is None:
         return MAX_SR_BITS
     if rounding is not Rounding.STOCHASTIC:
-        raise ValueError(f"sr_bits={sr_bits} is only meaningful with rounding='sr'")
-    if not isinstance(sr_bits, int) or not 1 <= sr_bits <= MAX_SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits!r} is only meaningful with rounding='sr'")
+    if isinstance(sr_bits, bool) or not isinstance(sr_bits, int) \
+            or not 1 <= sr_bits <= MAX_SR_BITS:
         raise ValueError(f"sr_bits={sr_bits!r} is not valid: accepted 1..{MAX_SR_BITS}")
     return sr_bits
+
+
+def check_flags(**flags: object) -> None:
+    """Raise ValueError naming any flag that is not a bool (a string such as 'no' is truthy:
+    it would switch the flag on silently)."""
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}={v!r} is not valid: accepted True or False")
 
 
 def random_bits(shape: torch.Size, bits: int, device: torch.device, seed: int | None = None,
@@ -104,6 +113,11 @@ def random_bits(shape: torch.Size, bits: int, device: torch.device, seed: int | 
     """Uniform integers in [0, 2^bits) (int32) for stochastic rounding, reproducible by seed."""
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} is not valid: accepted an integer in -2^63..2^64-1")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} is not valid: accepted a torch.Generator")
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
@@ -208,6 +222,7 @@ def quantize(
     f = _element_format(fmt)
     rnd = Rounding.parse(rounding)
     ovf = Overflow.parse(overflow)
+    check_flags(flush_input=flush_input, flush_output=flush_output)
     _check_policy(f, ovf)
     bits_sr = check_sr_bits(rnd, sr_bits)
     container = _DTYPE_FORMAT[x.dtype]

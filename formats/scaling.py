@@ -402,7 +402,7 @@ def quantize_scaled(
     Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
     rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``.
     """
-    from .quantize import check_sr_bits, random_bits
+    from .quantize import check_flags, check_sr_bits, random_bits
 
     x = check_tensor(x)
     f = get_scaled_format(fmt) if isinstance(fmt, str) else fmt
@@ -413,9 +413,7 @@ def quantize_scaled(
     if rnd is not Rounding.STOCHASTIC and (seed is not None or generator is not None):
         raise ValueError(f"seed/generator are only used with rounding='sr' (got rounding="
                          f"{rnd.value!r}, seed={seed!r})")
-    for what, v in (("flush_input", flush_input), ("return_parts", return_parts)):
-        if not isinstance(v, bool):
-            raise ValueError(f"{what}={v!r} is not valid: accepted True or False")
+    check_flags(flush_input=flush_input, return_parts=return_parts)
     if x.dtype != torch.float32 and not is_subset(f.element, get_format(x.dtype)):
         raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
                           "quantize a float32 copy instead")

@@ -345,6 +345,17 @@ def test_unit_from_dict_rederives_defaults_of_changed_fields() -> None:
     assert (w.a_format.name, w.b_format.name) == ("tf32", "fp16")
 
 
+def test_a_block_result_width_the_accumulator_cannot_hold_is_refused_when_parsed() -> None:
+    """Found by tests/test_properties.py: block_result_bits=0 on an fp32 accumulator was accepted
+    and every matmul on the unit then failed inside the kernel with a FormatError about an
+    internal 'fp32_m0' format (zero fraction bits leave no room for an IEEE NaN)."""
+    with pytest.raises(ValueError, match="block_result_bits=0 is not valid for acc_format 'fp32'"):
+        unit_from_dict({"name": "u", "a_format": "fp16", "block_result_bits": 0})
+    u = unit_from_dict({"name": "u", "a_format": "fp16", "block_result_bits": 1})
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5], [0.25]])
+    assert float(matmul(a, b, u)[0, 0]) == dot([1.0, 2.0], [0.5, 0.25], u)
+
+
 # ---------------------------------------------------------------------------------------------
 # 17. a compiled kernel is checked against its eager twin the first time it is used
 

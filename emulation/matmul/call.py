@@ -344,6 +344,8 @@ def prepare(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = None
     c_fmt = unit.promotion_format if unit.promotion_interval else unit.acc_format
     if c is not None:
         if not isinstance(c, torch.Tensor):
+            if isinstance(c, bool) or not isinstance(c, int | float):
+                raise TypeError(f"c={c!r} is not valid: accepted a tensor, a number or None")
             c = torch.as_tensor(c, dtype=torch.float32, device=a.device)
         try:
             c = c.float().to(a.device).expand(out_shape)
