@@ -42,6 +42,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
+def _numerics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--numerics", choices=("reproducible", "native"), default="reproducible",
+                   help="reproducible (default): pin the CPU code paths of ATen, MKL and oneDNN "
+                   "so the metrics are the same bits on every x86-64 machine with AVX2 (the "
+                   "command restarts itself with the pins); native: the machine's fastest "
+                   "code paths (docs/reproducibility.md)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model under recipes: ppl, KL, top-1, spec table",
                        description="Evaluate a causal LM on a text under one or more recipes "
@@ -61,11 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", default=None,
                    help="re-run the evaluation recorded in a spec sheet and check its metrics")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--numerics", choices=("reproducible", "native"), default="reproducible",
-                   help="reproducible (default): pin the CPU code paths of ATen, MKL and oneDNN "
-                   "so the metrics are the same bits on every x86-64 machine with AVX2 (the "
-                   "command restarts itself with the pins); native: the machine's fastest "
-                   "code paths (docs/reproducibility.md)")
+    _numerics(p)
     p.add_argument("--noise", type=int, default=0, metavar="N",
                    help="also measure each metric's numerical-noise band: N more evaluations "
                    "with the fp32 sums in permuted orders (shown beside the bootstrap CI)")
@@ -80,6 +84,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("spec", help="sweep YAML")
     s.add_argument("--store", default=None, help="SQLite run store (default precisim-runs.sqlite)")
     s.add_argument("--export", default=None, help="also export the sweep to .csv or .json")
+    _numerics(s)
     s.set_defaults(func=run_sweep_cmd)
 
     r = sub.add_parser("report", help="tables and plots from a run store or a spec sheet")
@@ -94,6 +99,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     layer.add_argument("--recipe", default="mxfp4")
     layer.add_argument("--by", choices=("layer", "op", "module"), default="layer")
     layer.add_argument("--out", default="precisim-layers", help="output directory")
+    _numerics(layer)
     layer.set_defaults(func=run_layers_cmd, tokens=512)
 
 
@@ -251,6 +257,9 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     from .store import DEFAULT_STORE, RunStore
     from .sweep import SweepError, load_sweep, run_sweep
 
+    status = _pin_or_restart(args)
+    if status is not None:
+        return status
     try:
         spec = load_sweep(args.spec)
     except (SweepError, FileNotFoundError) as e:
@@ -331,6 +340,10 @@ def run_layers_cmd(args: argparse.Namespace) -> int:
     from .layers import layer_errors, sensitivity
     from .plots import sensitivity_plot
     from .tables import write_table
+
+    status = _pin_or_restart(args)
+    if status is not None:
+        return status
 
     try:
         recipe = get_recipe(args.recipe)
