@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ``PRECISIM_TRACEBACK=1`` to see one); Ctrl-C gives ``error: interrupted`` and status 130.
     Warnings are printed as ``warning: ...`` lines."""
     args = build_parser().parse_args(argv)
+    # a command run as a program may restart itself (reproducible mode); called from Python
+    # with an argv, it may not
+    args.argv = list(sys.argv[1:]) if argv is None else None
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         return _run(args)
