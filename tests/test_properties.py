@@ -70,7 +70,7 @@ settings.register_profile("precisim-default", derandomize=True, **COMMON)
 settings.register_profile("precisim-slow", derandomize=False, **COMMON)
 
 #: examples per property: (default suite, -m slow)
-FAST, SLOW = 40, 1500
+FAST, SLOW = 100, 1500
 #: seconds one example may take before it counts as a hang
 ALARM_S = 60
 #: growth of the peak resident memory one property may cause
@@ -526,7 +526,7 @@ _OPS = st.lists(st.tuples(st.sampled_from(["apply", "restore", "with", "plan", "
                           st.integers(0, 2)), max_size=12)
 
 
-@_twins(_OPS, fast=30, slow=500)
+@_twins(_OPS, fast=30, slow=200)
 def _handles(ops):
     """Any sequence of apply / restore / nested with / plan / dropping handles on one model:
     at most one emulation is active, refusals are EmulationErrors naming the active recipe, the
