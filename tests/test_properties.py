@@ -164,17 +164,27 @@ def format_names(draw) -> str:
     return draw(st.text(max_size=20))
 
 
+def _mostly(good, bad):
+    """``good`` about half the time, else one of ``bad``: the valid path is exercised too."""
+    return st.one_of(st.just(good), st.sampled_from(bad))
+
+
 _ROUNDINGS = st.sampled_from(["rne", "rtz", "ru", "rd", "rna", "rto", "sr", "RNE", "nearest",
                               "floor", "", "banana", 3, None])
 _OVERFLOWS = st.sampled_from(["saturate", "inf", "nan", "wrap", "clamp", "", 1, None])
 
 
-def _tensors(max_dims: int = 3, max_side: int = 40):
+_DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64,
+           torch.int32)
+
+
+def _tensors(max_dims: int = 3, max_side: int = 40, dtypes: tuple = _DTYPES, min_dims: int = 0):
     """Float tensors of assorted shapes (empty axes included) and values (specials, huge,
     tiny, subnormal), in the accepted dtypes and a few others."""
     @st.composite
     def build(draw):
-        shape = tuple(draw(st.lists(st.integers(0, max_side), max_size=max_dims)))
+        shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=min_dims,
+                                    max_size=max_dims)))
         n = math.prod(shape)
         kind = draw(st.sampled_from(["normal", "wide", "special", "tiny", "ints"]))
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -191,8 +201,7 @@ def _tensors(max_dims: int = 3, max_side: int = 40):
             pool = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 3.4e38, -3.4e38,
                                  1e-45, -1e-45, 1.0, 0.5, 448.0, 464.0, 6.0, 5.0])
             x = pool[torch.randint(0, len(pool), (n,), generator=g)]
-        dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16,
-                                      torch.float16, torch.float64, torch.int32]))
+        dtype = draw(st.sampled_from(dtypes))
         return x.reshape(shape).to(dtype) if dtype != torch.int32 else \
             x.nan_to_num().clamp(-1e9, 1e9).reshape(shape).to(dtype)
     return build()
@@ -237,9 +246,9 @@ test_format_names, test_format_names_slow = _format_name
 @_twins(st.tuples(_tensors(), st.sampled_from(["e4m3", "e5m2", "e2m1", "bf16", "int8", "e8m0",
                                                 "binary8p3se", "e3m2", "mxfp4", "fp32"]),
                   _ROUNDINGS, _OVERFLOWS,
-                  st.sampled_from([None, 0, 1, 8, 30, 31, -1, True, 2.5]),
-                  st.sampled_from([None, 0, 7, -3, "abc", 2**70]),
-                  st.sampled_from([False, True, "no", 1])))
+                  _mostly(None, [0, 1, 8, 30, 31, -1, True, 2.5]),
+                  _mostly(None, [0, 7, -3, "abc", 2**70]),
+                  _mostly(False, [True, "no", 1])))
 def _quantize_args(case):
     x, fmt, rnd, ovf, sr_bits, seed, flush = case
     kw = {"sr_bits": sr_bits, "seed": seed, "flush_input": flush}
@@ -275,10 +284,16 @@ test_quantize_arguments, test_quantize_arguments_slow = _quantize_args
 _SCALED = st.sampled_from(SCALED_FORMATS.names() + ["mxfp5", "nvfp4x", "e4m3"])
 
 
-@_twins(st.tuples(_tensors(max_dims=3, max_side=70), _SCALED,
-                  st.sampled_from([None, "floor", "ceil", "rceil", "even", "amax", "up", 7]),
-                  st.sampled_from([-1, -2, 0, 1, 5, -9, True]), _ROUNDINGS,
-                  st.sampled_from([None, 0, 5]), st.booleans()))
+@_twins(st.one_of(
+    # anything, mostly bad
+    st.tuples(_tensors(max_dims=3, max_side=70), _SCALED,
+              _mostly(None, ["floor", "ceil", "rceil", "even", "amax", "up", 7]),
+              _mostly(-1, [-2, 0, 1, 5, -9, True]), st.one_of(st.none(), _ROUNDINGS),
+              _mostly(None, [0, 5]), st.booleans()),
+    # valid calls, so that results are checked too (against the exact reference for MX)
+    st.tuples(_tensors(max_dims=2, max_side=70, dtypes=(torch.float32,), min_dims=1),
+              st.sampled_from(SCALED_FORMATS.names()), st.just(None), st.just(-1),
+              st.sampled_from([None, "rne"]), st.just(None), st.booleans())))
 def _scaled(case):
     x, name, rule, axis, rnd, seed, parts = case
     try:
@@ -308,6 +323,32 @@ def _scaled(case):
         assert (yf - xf).abs().max() <= amax * 1.01 + 1e-30
     if parts:
         assert out.codes.shape == x.shape
+    _check_mx_blocks(x, y, f, rnd)
+
+
+def _check_mx_blocks(x: torch.Tensor, y: torch.Tensor, f: ScaledFormat, rnd) -> None:
+    """Power-of-two scaled (MX) blocks along an axis, float32 input, nearest-even rounding: a
+    few rows' blocks equal the exact reference bit for bit (a silently wrong number fails)."""
+    from precisim.formats.reference import quantize_block_pow2_exact
+
+    if x.dtype != torch.float32 or x.dim() == 0 or f.scale.name != "float8_e8m0fnu" \
+            or f.tensor_scale or Rounding.parse(rnd or "rne") is not Rounding.NEAREST_EVEN \
+            or len(f.granularity.blocks) != 1:
+        return
+    axis, size = f.granularity.blocks[0]
+    if size is None:
+        return
+    xs, ys = x.movedim(axis, -1), y.movedim(axis, -1)
+    xs, ys = xs.reshape(-1, xs.shape[-1]), ys.reshape(-1, ys.shape[-1])
+    for row in range(min(2, xs.shape[0])):
+        xr, yr = xs[row].tolist(), ys[row].tolist()
+        for b in range(0, len(xr), size):
+            ref = quantize_block_pow2_exact(xr[b:b + size], f.element, f.rule.value)
+            for xi, got, r in zip(xr[b:b + size], yr[b:b + size], ref):
+                ok = math.isnan(got) if isinstance(r, float) and math.isnan(r) else \
+                    (got == r if isinstance(r, float) else
+                     not math.isinf(got) and Fraction(got) == Fraction(r))
+                assert ok, (f.name, f.rule, xi, got, r)
 
 
 test_scaled_formats, test_scaled_formats_slow = _scaled
