@@ -11,7 +11,8 @@ Budgets (hypothesis settings profiles, registered below):
 * default suite (``pytest``): derandomized (the same examples in every run, so CI is
   reproducible), no deadline (a shared 2-core machine makes per-example timings noisy; hangs
   are caught by the alarm instead), no example database; each property a few dozen examples,
-  the whole file about two minutes;
+  the whole file about 40 s of CPU time (under 3 minutes of wall time on a busy
+  2-core machine);
 * ``pytest -m slow``: the ``_slow`` twin of each property, randomized, many more examples.
 """
 
