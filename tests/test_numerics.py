@@ -243,3 +243,15 @@ def test_emulated_matmuls_are_ieee_fp32_whatever_the_process_setting(
     # (on a CPU whose oneDNN has bf16 matmuls, the setting does change a plain fp32 matmul)
     if not torch.equal(lowered_plain, torch.nn.functional.linear(x, w)):
         assert (lowered_plain - torch.nn.functional.linear(x, w)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@needs_model
+def test_the_committed_main_job_sheet_reruns_exactly(tmp_path) -> None:
+    """docs/main-job/spec_sheet.json (the README's results) re-runs bit for bit here."""
+    sheet = Path(__file__).resolve().parents[1] / "docs/main-job/spec_sheet.json"
+    r = subprocess.run([sys.executable, "-m", "precisim.eval.cli", "eval", "--spec", str(sheet),
+                        "--no-plot", "--out", str(tmp_path / "rerun")], capture_output=True,
+                       text=True, timeout=7200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "reproduced exactly" in r.stdout and "both in reproducible mode" in r.stdout
