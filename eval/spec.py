@@ -146,7 +146,31 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
         info["kv_cache"] = _format_info(att.kv_cache)
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
+    info["cost"] = _cost_info(r)
     return info
+
+
+def _cost_info(r: Recipe) -> dict[str, Any] | None:
+    """The modelled datapath cost of a recipe's linear GEMM (precisim.eval.cost), or None when
+    the linear layers stay in high precision."""
+    from .cost import MODEL_NOTE, recipe_cost
+
+    g = recipe_cost(r)
+    if g is None:
+        return None
+    return {"energy": g.energy, "area": g.area, "datapath": g.datapath.description,
+            "bits": g.bits, "coefficients": g.datapath.coefficients.name, "note": MODEL_NOTE}
+
+
+def _row_cost(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A recipe's cost from its sheet entry; sheets written before the cost model get it from
+    the recorded recipe (None when that cannot be rebuilt)."""
+    if "cost" in info:
+        return info["cost"]
+    try:
+        return _cost_info(Recipe.from_dict(info["recipe"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _model_info(source: str, dtype: str) -> dict[str, Any]:
@@ -253,13 +277,17 @@ def compare_metrics(a: SpecSheet | Mapping[str, Any], b: SpecSheet | Mapping[str
 # vendor table
 
 #: the vendor table's columns that describe a recipe (its metrics' columns follow)
-DESIGN_COLUMNS: list[tuple[str, str]] = [
+DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
     ("recipe", "recipe"), ("weights", "weights"), ("activations", "activations"),
     ("attention", "attention QK/PV"), ("kv_cache", "KV cache"), ("scale", "scale (rule)"),
     ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
     ("unit", "matrix unit"), ("acc_bits", "accumulator"),
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
     ("mem_kv", "KV mem vs bf16"),
+    # modelled, not measured (precisim.eval.cost, docs/cost-model.md): the linear layers' GEMM
+    # datapath per product, relative to a bf16 multiply with fp32 accumulation
+    ("dp_energy", "datapath energy/MAC (model)", ".3g"),
+    ("dp_area", "datapath area/MAC (model)", ".3g"),
 ]
 
 
@@ -344,6 +372,7 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
         roundings = sorted({x["rounding"] for x in (w, a, qk) if x})
         ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
         unit, acc = _unit_cell(info)
+        cost = _row_cost(info) or {}
         bpe = info["bits_per_element"]
         kv_bits = bpe.get("kv_cache")
         rows.append({
@@ -355,6 +384,7 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
             "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
             "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
             "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
+            "dp_energy": cost.get("energy"), "dp_area": cost.get("area"),
             **table_cells(m, sheet.metric_definitions),
             "bits_per_element": bpe.get("weight") or 32.0,
         })
