@@ -4,7 +4,7 @@ An :class:`Accelerator` is a frozen description: dense (not 2:4-sparse) peak ope
 second per compute class (``fp4``, ``fp6``, ``fp8``, ``int8``, ``bf16``, ``fp16``, ``tf32``,
 ``fp32``), memory levels (capacity, bandwidth; the last level is where weights and the KV cache
 live), interconnect tiers (bandwidth per device and direction, latency, how many devices a
-tier spans) and the datasheets its figures come from. Presets (docs/cost-model.md section 6,
+tier spans) and the datasheets its figures come from. Presets (docs/cost-perf.md section 6,
 each figure with its source): ``a100-sxm``, ``h100-sxm``, ``h200``, ``b200``, ``mi300x``, in
 the registry :data:`ACCELERATORS` (qualified spelling ``accelerator:<name>``). Custom
 accelerators come from YAML or JSON (:func:`load_accelerator`), in human units::
@@ -331,7 +331,7 @@ def load_accelerator(path: str | Path) -> Accelerator:
 
 
 # ---------------------------------------------------------------------------------------------
-# presets (docs/cost-model.md section 6: every figure, its source, and what is assumed)
+# presets (docs/cost-perf.md section 6: every figure, its source, and what is assumed)
 
 #: scale-out per GPU: one 400 Gb/s NIC (DGX H100/H200/B200 datasheets: 8 x ConnectX-7 400 Gb/s)
 _SCALE_OUT_400G = NetworkTier("infiniband-400g", 50 * _G, 5 * _US)

@@ -1,7 +1,7 @@
 """A first-order datapath cost model: relative area and energy per product of a matrix unit.
 
 **It is a model, not a measurement** (every result says so, :data:`MODEL_NOTE`). It counts the
-bit cells of the blocks a block-FMA datapath is built from (docs/cost-model.md has every
+bit cells of the blocks a block-FMA datapath is built from (docs/cost-perf.md has every
 formula, its derivation and the assumptions) and prices them with per-cell coefficients
 derived from published 45 nm figures (:class:`CostCoefficients`, Horowitz, ISSCC 2014):
 
@@ -51,7 +51,7 @@ __all__ = ["BASELINE_UNIT", "COST_MODELS", "MODEL_NOTE", "CostCoefficients", "Co
            "implied_unit", "recipe_cost", "register_cost_model", "unit_cost"]
 
 #: what every output of the cost model says about itself
-MODEL_NOTE = ("modelled by precisim's first-order datapath cost model (docs/cost-model.md), "
+MODEL_NOTE = ("modelled by precisim's first-order datapath cost model (docs/cost-perf.md), "
               "not measured: relative to a bf16 multiply with fp32 accumulation = 1")
 
 #: the unit whose cost per product is 1 (area and energy separately)
@@ -78,7 +78,7 @@ class CostCoefficients:
 
     Override any figure for another technology (``coeffs.with_(fp32_add_pj=...)``, or a YAML /
     JSON mapping through :meth:`from_dict`); the per-cell coefficients below are properties
-    derived from the fields, with the formulas of docs/cost-model.md section 2.
+    derived from the fields, with the formulas of docs/cost-perf.md section 2.
     """
 
     name: str = "horowitz-45nm"
@@ -111,7 +111,7 @@ class CostCoefficients:
                             f"(32 add bits: {32 * self.add_bit_pj:.4g} pJ, "
                             f"{32 * self.add_bit_um2:.4g} um^2)")
 
-    # -- per-cell coefficients (docs/cost-model.md section 2) -------------------------------
+    # -- per-cell coefficients (docs/cost-perf.md section 2) -------------------------------
     @property
     def mul_cell_pj(self) -> float:
         """Energy of one partial-product cell: an 8x8 multiplier / 64."""
@@ -205,7 +205,7 @@ HOROWITZ_2014 = CostCoefficients()
 @dataclass(frozen=True)
 class CostTerm:
     """One block of the datapath: its cells per product by kind (``mul``, ``add``,
-    ``shift``) and the formula they follow (docs/cost-model.md section 3)."""
+    ``shift``) and the formula they follow (docs/cost-perf.md section 3)."""
 
     name: str
     formula: str
@@ -539,7 +539,7 @@ def implied_unit(spec: GemmSpec) -> MatrixUnit:
     convention (no unit: an fp32 matmul of the dequantized operands) a block-FMA unit with
     the operands' element formats (roles in high precision: bf16), k = the smaller scale
     block along K (at most 32; 32 without blocks), F = 25 (fp32-like alignment), c joint,
-    truncation, an fp32 accumulator rounded to nearest (docs/cost-model.md section 4)."""
+    truncation, an fp32 accumulator rounded to nearest (docs/cost-perf.md section 4)."""
     u = spec.matrix_unit()
     if u is not None:
         return u

@@ -28,7 +28,7 @@ def _err(msg: str) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "cost", help="modelled datapath area and energy of matrix units and recipes",
-        description="A first-order datapath cost model (docs/cost-model.md): relative area and "
+        description="A first-order datapath cost model (docs/cost-perf.md): relative area and "
         "energy per product of matrix units (and of recipes' GEMMs: block-scale application, "
         "storage bits), a bf16 multiply with fp32 accumulation = 1. A model, not a "
         "measurement.")
@@ -42,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "perf", help="roofline: prefill time, decode tokens/s, memory per device",
-        description="A roofline performance model (docs/cost-model.md): per-op time and bound "
+        description="A roofline performance model (docs/cost-perf.md): per-op time and bound "
         "(compute, memory, network) of a model on an accelerator under a precision and "
         "workload. A model, not a measurement: measured systems reach a fraction of it.")
     p.add_argument("--model", default="llama-2-7b",
@@ -74,7 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser(
         "search", help="the cheapest per-layer mix of specs within an accuracy budget",
-        description="Mixed-precision search (docs/cost-model.md): per-layer sensitivities on a "
+        description="Mixed-precision search (docs/cost-perf.md): per-layer sensitivities on a "
         "search set, a greedy cost-per-accuracy path, real evaluations around the budget edge, "
         "and a verification on held-out tokens (the first --heldout-tokens of the text, what "
         "`precisim eval --tokens N` evaluates). Writes recipe.yaml, search.md/csv and "

@@ -4,7 +4,7 @@ footprint, for a (model, accelerator, precision, workload).
 **It is a model**: every op runs at the accelerator's dense peak for its compute class or at
 its main-memory (or network) bandwidth, whichever is slower: ``time = max(flops / peak, bytes /
 bandwidth)`` (``max(..., net_bytes / link bandwidth + latency)`` for collectives). Measured
-systems reach a fraction of these peaks, so the results are bounds (docs/cost-model.md section
+systems reach a fraction of these peaks, so the results are bounds (docs/cost-perf.md section
 7 compares them with published measurements and states the error).
 
 Inputs, each a frozen description:
@@ -47,7 +47,7 @@ __all__ = ["MODEL_NOTE", "GemmNumerics", "Generation", "Memory", "OpTime", "Perf
            "gemm_time", "generation", "max_batch", "roofline"]
 
 #: what every output of the performance model says about itself
-MODEL_NOTE = ("modelled by precisim's roofline (docs/cost-model.md): every op at the dense peak "
+MODEL_NOTE = ("modelled by precisim's roofline (docs/cost-perf.md): every op at the dense peak "
               "or the bandwidth, whichever bounds it; measured systems reach a fraction of this")
 
 _WIDTH = {"fp4": 4, "int4": 4, "fp6": 6, "fp8": 8, "int8": 8, "bf16": 16, "fp16": 16,

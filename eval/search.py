@@ -9,7 +9,7 @@ meet it), a cost :class:`Objective` (``bits`` of the weights, modelled datapath 
 accelerator (:mod:`precisim.eval.perf`)), the grouping (one decoder layer per group by
 default) and the token budgets.
 
-The method (docs/cost-model.md section 8), on SmolLM2-135M with 2048 search tokens a few
+The method (docs/cost-perf.md section 8), on SmolLM2-135M with 2048 search tokens a few
 minutes on a 2-core CPU:
 
 1. the text is split: the first ``heldout_tokens`` tokens are held out for the verification
@@ -261,7 +261,7 @@ class SearchResult:
     verified: bool
     seconds: dict[str, float]
     costs: dict[str, float] = field(default_factory=dict)
-    note: str = ("costs are modelled (docs/cost-model.md), accuracies measured: search set for "
+    note: str = ("costs are modelled (docs/cost-perf.md), accuracies measured: search set for "
                  "the path, held-out tokens for the verification")
 
     @property
@@ -306,8 +306,9 @@ class SearchResult:
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``recipe.yaml``, ``search.md``, ``search.csv`` (the whole path),
         ``verification.csv``, ``sensitivity.csv`` and ``pareto.png``."""
-        from .plots import pareto_plot
         from precisim.formats.files import write_atomic
+
+        from .plots import pareto_plot
         from .tables import write_table
 
         out = Path(out_dir)

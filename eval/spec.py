@@ -154,8 +154,8 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
 
 
 def _cost_info(r: Recipe) -> dict[str, Any] | None:
-    """The modelled datapath cost of a recipe's linear GEMM (precisim.eval.cost), or None when
-    the linear layers stay in high precision."""
+    """The modelled datapath cost of a recipe's linear GEMM (precisim.eval.cost,
+    docs/cost-perf.md), or None when the linear layers stay in high precision."""
     from .cost import MODEL_NOTE, recipe_cost
 
     g = recipe_cost(r)
@@ -296,8 +296,13 @@ DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
     ("unit", "matrix unit"), ("acc_bits", "accumulator"),
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
     ("mem_kv", "KV mem vs bf16"),
-    # modelled, not measured (precisim.eval.cost, docs/cost-model.md): the linear layers' GEMM
-    # datapath per product, relative to a bf16 multiply with fp32 accumulation
+]
+
+#: modelled, not measured (precisim.eval.cost, docs/cost-perf.md): the linear layers' GEMM
+#: datapath per product, relative to a bf16 multiply with fp32 accumulation. Shown for sheets
+#: that record it (written since the cost model); the tables of older sheets stay as they were
+#: (their rows still carry ``dp_energy`` / ``dp_area``, computed from the recorded recipes).
+COST_COLUMNS: list[tuple[str, str, str]] = [
     ("dp_energy", "datapath energy/MAC (model)", ".3g"),
     ("dp_area", "datapath area/MAC (model)", ".3g"),
 ]
@@ -305,11 +310,16 @@ DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
 
 def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
                    ) -> list[tuple[str, str] | tuple[str, str, str]]:
-    """The vendor table's columns: :data:`DESIGN_COLUMNS`, then the ``(key, label, format)``
-    columns of the metrics the vendor table shows, as a sheet defines them (None: as the
-    registered metrics do)."""
-    defs = None if sheet is None else as_sheet(sheet).metric_definitions
-    return [*DESIGN_COLUMNS, *table_columns("vendor", defs)]
+    """The vendor table's columns: :data:`DESIGN_COLUMNS`, :data:`COST_COLUMNS` (when the sheet
+    records the modelled cost, or for None), then the ``(key, label, format)`` columns of the
+    metrics the vendor table shows, as a sheet defines them (None: as the registered metrics
+    do)."""
+    if sheet is None:
+        return [*DESIGN_COLUMNS, *COST_COLUMNS, *table_columns("vendor", None)]
+    sh = as_sheet(sheet)
+    cost = any("cost" in info for info in sh.recipes_resolved)
+    return [*DESIGN_COLUMNS, *(COST_COLUMNS if cost else []),
+            *table_columns("vendor", sh.metric_definitions)]
 
 
 class _VendorColumns(Sequence[tuple[str, ...]]):

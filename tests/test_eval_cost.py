@@ -1,4 +1,4 @@
-"""The datapath cost model (precisim.eval.cost, docs/cost-model.md): every term follows its
+"""The datapath cost model (precisim.eval.cost, docs/cost-perf.md): every term follows its
 stated formula, costs are monotone in the widths, the stated multiplier ratios hold, the
 baseline is 1, coefficients are overridable, and every output says it is a model."""
 
