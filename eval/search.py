@@ -83,9 +83,10 @@ class Budget:
     def value(self, summary: Mapping[str, Any]) -> float:
         """The number compared with the limit: the estimate, or the CI end on the bad side."""
         m = self.metric
-        if self.use == "estimate" or f"{m}_low" not in summary:
+        bad_end = f"{m}_low" if self.higher_is_better else f"{m}_high"
+        if self.use == "estimate" or summary.get(bad_end) is None:
             return float(summary[m])
-        return float(summary[f"{m}_low"] if self.higher_is_better else summary[f"{m}_high"])
+        return float(summary[bad_end])
 
     def ok(self, summary: Mapping[str, Any]) -> bool:
         v = self.value(summary)

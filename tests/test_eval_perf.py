@@ -285,3 +285,15 @@ def test_report_says_it_is_a_model_and_answers_fast() -> None:
     generation("mixtral-8x7b", "mi300x", None, Workload(batch=32, prefill_tokens=1024,
                                                         output_tokens=1024, tp=2))
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_smollm2_config_from_the_loader(smollm2) -> None:
+    """The model description of the loaded SmolLM2 (its transformers config) counts exactly the
+    loaded model's parameters and matches the preset."""
+    model, _ = smollm2
+    m = ModelSpec.from_hf_config(model.config)
+    assert m.params == sum(p.numel() for p in model.parameters())
+    preset = get_model_spec("smollm2")
+    assert (m.n_layers, m.hidden, m.n_heads, m.n_kv_heads, m.head_dim, m.vocab) == (
+        preset.n_layers, preset.hidden, preset.n_heads, preset.n_kv_heads, preset.head_dim,
+        preset.vocab) and m.params == preset.params
