@@ -147,5 +147,16 @@ def test_search_on_smollm2(smollm2, tmp_path) -> None:
         assert m["delta_ppl"] == pytest.approx(r.chosen["delta_ppl"], rel=1e-9)
         assert r.verified == p.budget.ok(m)
         assert "modelled" in paths["table"].read_text()
+        # and a separate `precisim eval` of the YAML on the same tokens (its own model load
+        # and thread count: equal to summation-order noise)
+        out = tmp_path / "eval"
+        assert main(["eval", "--data", DATA, "--recipes", "", "--recipe-file",
+                     str(paths["recipe"]), "--tokens", "128", "--window", "128",
+                     "--bootstrap", "100", "--numerics", "native", "--no-plot",
+                     "--out", str(out)]) == 0
+        sheet = json.loads((out / "spec_sheet.json").read_text())
+        e = sheet["metrics"][r.recipe.name]
+        assert e["kl"] == pytest.approx(r.chosen["kl"], rel=1e-4)
+        assert e["delta_ppl"] == pytest.approx(r.chosen["delta_ppl"], rel=1e-4, abs=1e-4)
     finally:
         torch.set_num_threads(threads)
