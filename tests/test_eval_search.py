@@ -160,3 +160,27 @@ def test_search_on_smollm2(smollm2, tmp_path) -> None:
         assert e["delta_ppl"] == pytest.approx(r.chosen["delta_ppl"], rel=1e-4, abs=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_module_costs_follow_the_objective() -> None:
+    """Each objective's per-module cost is its formula: bits = k n bits/weight; energy / area =
+    k n x the modelled cost per product; time = the roofline of the GEMM (memory bound at
+    batch 1: weight and activation bytes / bandwidth)."""
+    import torch
+    from precisim.eval.accelerators import get_accelerator
+    from precisim.eval.cost import gemm_cost
+    from precisim.eval.search import module_costs
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    specs = {c: candidate_spec(c) for c in ("nvfp4", "mxfp8")}
+    k, n = 64, 32
+    bits = module_costs(model, specs, Objective("bits"), ["0"])
+    assert bits["nvfp4"]["0"] == k * n * 4.5 and bits["mxfp8"]["0"] == k * n * 8.25
+    en = module_costs(model, specs, Objective("energy"), ["0"])
+    assert en["nvfp4"]["0"] == pytest.approx(k * n * gemm_cost(specs["nvfp4"]).energy)
+    ar = module_costs(model, specs, Objective("area"), ["0"])
+    assert ar["mxfp8"]["0"] == pytest.approx(k * n * gemm_cost(specs["mxfp8"]).area)
+    t = module_costs(model, specs, Objective("time", "h200", batch=1), ["0"])
+    bw = get_accelerator("h200").bandwidth
+    assert t["nvfp4"]["0"] == pytest.approx((k * n * 4.5 / 8 + k * 4.5 / 8 + n * 2) / bw)
+    assert t["nvfp4"]["0"] < t["mxfp8"]["0"]
