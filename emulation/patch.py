@@ -197,6 +197,16 @@ class _Recorder:
         self.telemetry.add(module, role, counts)
 
 
+class _Static:
+    """Telemetry of a parameter's quantization: counted once (see :class:`Telemetry`)."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+        self.telemetry.add(module, role, counts, static=True)
+
+
 class EmulatedLinear(nn.Module):
     """A linear / Conv1D layer under a :class:`GemmSpec`; shares the original parameters."""
 
@@ -473,8 +483,9 @@ class Emulation:
         if hit is not None and hit[0] == key:
             return hit[1]
         wt = w.t() if transposed else w
+        tel = None if self.telemetry is None else _Static(self.telemetry)
         op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
-                              telemetry=self.telemetry, where=(name, "weight"))
+                              telemetry=tel, where=(name, "weight"))
         self._wcache[name] = (key, op)
         return op
 

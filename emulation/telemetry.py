@@ -166,13 +166,23 @@ def _scale_clamps(xf: torch.Tensor, parts: ScaledTensor, fmt: ScaledFormat
 
 @dataclass
 class Telemetry:
-    """Counters per (module, role); read them with :meth:`records` or :meth:`table`."""
+    """Counters per (module, role); read them with :meth:`records` or :meth:`table`.
+
+    A parameter's quantization (a weight, an embedding table) is *static*: it gives the same
+    counts every time, so it is counted once however often a cache drops and recomputes it,
+    and once when ranks of a distributed evaluation merge their counters."""
 
     _counts: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
     _calls: dict[tuple[str, str], int] = field(default_factory=dict)
+    _static: set[tuple[str, str]] = field(default_factory=set)
 
-    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor],
+            static: bool = False) -> None:
         key = (module, role)
+        if static:
+            if key in self._counts:
+                return
+            self._static.add(key)
         cur = self._counts.get(key)
         if cur is None:
             self._counts[key] = {k: v.detach().to("cpu", torch.int64) for k, v in counts.items()}
@@ -184,6 +194,30 @@ class Telemetry:
     def reset(self) -> None:
         self._counts.clear()
         self._calls.clear()
+        self._static.clear()
+
+    def state(self) -> dict[tuple[str, str], tuple[dict[str, int], int, bool]]:
+        """The counters as plain ints (picklable: what distributed evaluation gathers)."""
+        return {key: ({k: int(v) for k, v in c.items()}, self._calls[key],
+                      key in self._static) for key, c in self._counts.items()}
+
+    @classmethod
+    def merged(cls, states: list[dict[tuple[str, str], tuple[dict[str, int], int, bool]]
+                                 | None]) -> Telemetry:
+        """The sum of several :meth:`state` s (integer counts: the order does not matter; a
+        static key counted once); keys in first-seen order."""
+        out = cls()
+        for st in states:
+            for key, (counts, calls, static) in (st or {}).items():
+                if static and key in out._counts:
+                    continue
+                cur = out._counts.setdefault(key, {})
+                for k, v in counts.items():
+                    cur[k] = cur.get(k, torch.zeros((), dtype=torch.int64)) + v
+                out._calls[key] = out._calls.get(key, 0) + calls
+                if static:
+                    out._static.add(key)
+        return out
 
     def records(self) -> list[dict[str, object]]:
         """One dict per (module, role): the counts, ``calls`` and the rates (count / numel;

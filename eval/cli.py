@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``precisim`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
+    # a command run as a program may restart itself (reproducible mode); called from Python
+    # with an argv, it may not
+    args.argv = list(sys.argv[1:]) if argv is None else None
     return int(args.func(args) or 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", default=None,
                    help="re-run the evaluation recorded in a spec sheet and check its metrics")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--numerics", choices=("reproducible", "native"), default="reproducible",
+                   help="reproducible (default): pin the CPU code paths of ATen, MKL and oneDNN "
+                   "so the metrics are the same bits on every x86-64 machine with AVX2 (the "
+                   "command restarts itself with the pins); native: the machine's fastest "
+                   "code paths (docs/reproducibility.md)")
+    p.add_argument("--noise", type=int, default=0, metavar="N",
+                   help="also measure each metric's numerical-noise band: N more evaluations "
+                   "with the fp32 sums in permuted orders (shown beside the bootstrap CI)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="windows per step (each still its own forward: no number depends on it)")
     p.set_defaults(func=run_eval_cmd)
 
     s = sub.add_parser("sweep", help="run a YAML grid of models x recipes x datasets",
@@ -109,18 +120,65 @@ def summary_table(sheet: SpecSheet | Mapping[str, Any]) -> str:
                   if "summary" in d.get("tables", ()) and d.get("higher_is_better") is higher]
         if labels:
             legend.append(f"{word} is better: {', '.join(labels)}")
-    table = render_table(vendor_rows(sheet), cols, fmt="markdown", floatfmt=".4g")
+    rows = vendor_rows(sheet)
+    if sheet.noise:  # the numerical-noise band beside the bootstrap CI
+        cols.insert(next(i for i, c in enumerate(cols) if c[0] == "delta_ppl_ci") + 1,
+                    ("noise", "noise ±"))
+        for row in rows:
+            b = sheet.noise.get(row["recipe"], {}).get("delta_ppl")
+            row["noise"] = f"{b['half_range']:.2g}" if b else ""
+        legend.append(f"noise ±: half the range of Δppl over {sheet.noise['runs']} runs with "
+                      "the fp32 sums in permuted orders")
+    table = render_table(rows, cols, fmt="markdown", floatfmt=".4g")
     return head + "\n\n" + table + ("\n" + "; ".join(legend) + "\n" if legend else "")
+
+
+def _pin_or_restart(args: argparse.Namespace) -> int | None:
+    """In reproducible mode, restart this command in a pinned environment unless it runs in one
+    already (None: carry on here); an error exit status if the machine cannot be pinned."""
+    from .numerics import PINS, can_pin, pinned, pinned_env
+
+    if args.numerics != "reproducible" or pinned():
+        return None
+    why = can_pin()
+    if why is not None:
+        return _err(f"{why}; run with --numerics native (the metrics then depend on this "
+                    "machine's code paths)")
+    if os.environ.get("PRECISIM_PINNED_RESTART"):
+        return _err("the restart in reproducible mode did not take effect (is "
+                    f"{', '.join(PINS)} overridden?); run with --numerics native")
+    argv = getattr(args, "argv", None)
+    if argv is None:  # called from Python: no process to restart
+        print("warning: reproducible mode needs its pins set before Python starts ("
+              + " ".join(f"{k}={v}" for k, v in PINS.items()) + "); this run uses the "
+              "machine's own code paths, and its sheet says so", file=sys.stderr)
+        return None
+    env = pinned_env()
+    env["PRECISIM_PINNED_RESTART"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "precisim.eval.cli", *argv], env)
+    return None  # pragma: no cover - execve does not return
 
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
     from precisim.emulation import LoadError, RecipeError
 
     from .data import DataError, data_source
+    from .numerics import comparable
     from .sheet import SpecSheet
     from .spec import EvalConfig, compare_metrics, run_eval, write_outputs
     from .store import write_atomic
 
+    status = _pin_or_restart(args)
+    if status is not None:
+        return status
+    from .distributed import DistributedError, init_from_env
+
+    try:
+        grp = init_from_env()
+    except DistributedError as e:
+        return _err(str(e))
     old = None
     try:
         if args.spec:
@@ -130,21 +188,61 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
             cfg = EvalConfig(model=args.model, data=data_source(args.data),
                              recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
         t0 = time.perf_counter()
-        sheet = run_eval(cfg, progress=sys.stderr.isatty())
-    except (LoadError, RecipeError, DataError, FileNotFoundError, ValueError) as e:
+        sheet = run_eval(cfg, progress=sys.stderr.isatty() and grp.rank == 0,
+                         batch=args.batch, noise=args.noise)
+        if old is not None and sheet.noise is None and old.noise is None and compare_metrics(
+                old, sheet) and comparable(old.numerics, sheet.numerics) is not None:
+            # another environment, different bits, no band recorded: measure one to compare
+            sheet = run_eval(cfg, batch=args.batch, noise=2)
+    except (LoadError, RecipeError, DataError, FileNotFoundError, ValueError,
+            DistributedError) as e:
         return _err(str(e))
+    if grp.rank != 0:  # rank 0 reports and writes
+        return 0
     table = summary_table(sheet)
     print(f"evaluated in {time.perf_counter() - t0:.0f} s\n\n{table}")
     paths = write_outputs(sheet, args.out, plot=not args.no_plot)
     paths["summary"] = write_atomic(Path(args.out) / "summary.md", table + "\n")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     if old is not None:
-        diffs = compare_metrics(old, sheet)
-        if diffs:
-            print("NOT reproduced:\n  " + "\n  ".join(diffs))
-            return 1
-        print(f"reproduced exactly: content hash {sheet.content_hash[:16]}, every metric "
-              "identical")
+        return _check_reproduction(old, sheet)
+    return 0
+
+
+def _check_reproduction(old: SpecSheet, new: SpecSheet) -> int:
+    """Compare a re-run with its sheet: exactly where both ran pinned alike, else within the
+    numerical-noise band; say which. Exit status 0 reproduced, 1 not."""
+    from .noise import within_band
+    from .numerics import comparable
+    from .spec import compare_metrics
+
+    why = comparable(old.numerics, new.numerics)
+    diffs = compare_metrics(old, new)
+    if not diffs:
+        print(f"reproduced exactly: content hash {new.content_hash[:16]}, every metric "
+              "identical" + (" (both in reproducible mode with the same libraries)"
+                             if why is None else f"; exactness was not guaranteed: {why}"))
+        return 0
+    if why is None:
+        print("NOT reproduced (exact comparison: both ran in reproducible mode with the same "
+              "libraries):\n  " + "\n  ".join(diffs))
+        return 1
+    if old.content_hash != new.content_hash:
+        print(f"NOT reproduced: content hash {old.content_hash} != {new.content_hash} (not the "
+              "same inputs)")
+        return 1
+    band = old.noise or new.noise
+    if band is None:  # (measured by the re-run unless asked otherwise)
+        print(f"not compared: {why}, and neither sheet has a noise band (--noise N)")
+        return 1
+    diffs = within_band(old.metrics, new.metrics, band,
+                        (old.reference["ppl"], new.reference["ppl"]))
+    if diffs:
+        print(f"NOT reproduced within the numerical-noise band ({why}):\n  "
+              + "\n  ".join(diffs))
+        return 1
+    print(f"reproduced within the numerical-noise band ({why}; {band['runs']} runs with "
+          "permuted fp32 summation orders): every metric moved less than its band's width")
     return 0
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from precisim.emulation import Emulation, Recipe, get_recipe
+from precisim.emulation import Emulation, Recipe, Telemetry, get_recipe
 
+from .distributed import Group
+from .distributed import current as current_group
 from .metrics import (
     Metric,
     MetricInputs,
@@ -160,7 +162,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
              prefix_token: int | None = None, bootstrap: int = 1000, block: int = 32,
              seed: int = 0, telemetry: bool = True, progress: bool = False,
              weight_cache_bytes: int = 4 << 30,
-             metrics: Sequence[str | Metric] | None = None) -> EvalResult:
+             metrics: Sequence[str | Metric] | None = None, batch: int = 1,
+             group: Group | None = None) -> EvalResult:
     """Evaluate ``recipes`` on ``tokens`` against the unpatched ``model`` (see module doc).
 
     ``prefix_token``: the token prepended to the sequence (default: the model config's BOS,
@@ -172,7 +175,15 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     Each recipe's quantized weights are kept from one window to the next while all recipes'
     caches together hold at most ``weight_cache_bytes``; beyond that a recipe's weights are
     quantized again for every window (same numbers, less memory).
+
+    In a torch.distributed group (``group``, default the initialised one) the windows are
+    shared out between the ranks and gathered back in order (:mod:`.distributed`); ``batch``
+    windows are computed between progress updates, each by its own forward (stacking windows
+    into one forward would change BLAS shapes and per-tensor scales): no number depends on the
+    world size or the batch size.
     """
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch={batch!r} is not valid: accepted a positive integer")
     mets = resolve_metrics(metrics)
     fns, ref_fns = _series_functions(mets)
     if prefix_token is None:
@@ -185,54 +196,70 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     if n_tokens == 0:
         raise ValueError("no tokens to evaluate (empty text?)")
     wins = rolling_windows(n_tokens, window, stride)
+    grp = group or current_group()
+    if grp.world_size > len(wins):
+        raise ValueError(f"world size {grp.world_size} exceeds the {len(wins)} windows to "
+                         f"evaluate: use at most {len(wins)} ranks (or more tokens)")
     recs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]
     handles = [Emulation(model, r, telemetry=telemetry) for r in recs]
-    ref_parts: list[torch.Tensor] = []
-    ref_series: dict[str, list[torch.Tensor]] = {s: [] for s in ref_fns}
-    parts: list[dict[str, list[torch.Tensor]]] = [{s: [] for s in fns} for _ in recs]
+    mine = grp.shard(len(wins))
+    local: dict[int, tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]] = {}
     secs = [0.0] * len(recs)
     ref_secs = 0.0
-    it: Any = wins
+    steps = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+    it: Any = steps
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(wins, desc="windows", unit="win")
+        it = tqdm(steps, desc="windows", unit=f"x{batch} win" if batch > 1 else "win")
     with torch.no_grad():
-        for w in it:
-            ids = seq[w.start:w.end]
-            t0 = time.perf_counter()
-            ref_logits = logits_of(model, ids)
-            ref_secs += time.perf_counter() - t0
-            ref_lp, tgt = window_logprobs(ref_logits, seq, w)
-            ref_parts.append(token_nll(ref_lp, tgt))
-            ref = TokenBatch(ref_lp, ref_lp, tgt)
-            for s, fn in ref_fns.items():
-                ref_series[s].append(ref_parts[-1] if fn is nll_series else fn(ref))
-            for i, h in enumerate(handles):
+        for step in it:
+            for wi in step:
+                w = wins[wi]
+                ids = seq[w.start:w.end]
                 t0 = time.perf_counter()
-                with h:
-                    logits = logits_of(model, ids)
-                if sum(x.cache_bytes() for x in handles) > weight_cache_bytes:
-                    h.clear_cache()
-                secs[i] += time.perf_counter() - t0
-                lp, _ = window_logprobs(logits, seq, w)
-                b = TokenBatch(ref_lp, lp, tgt, ref.ref_p, ref.ref_top)
-                for s, fn in fns.items():
-                    parts[i][s].append(fn(b))
-    ref_nll = torch.cat(ref_parts).numpy()
-    ref_arrays = {s: torch.cat(v).numpy() for s, v in ref_series.items()}
+                ref_logits = logits_of(model, ids)
+                ref_secs += time.perf_counter() - t0
+                ref_lp, tgt = window_logprobs(ref_logits, seq, w)
+                ref = TokenBatch(ref_lp, ref_lp, tgt)
+                ref_nll_w = token_nll(ref_lp, tgt)
+                ref_out = {"nll": ref_nll_w.numpy()}
+                for s, fn in ref_fns.items():
+                    ref_out[s] = (ref_nll_w if fn is nll_series else fn(ref)).numpy()
+                outs = []
+                for i, h in enumerate(handles):
+                    t0 = time.perf_counter()
+                    with h:
+                        logits = logits_of(model, ids)
+                    if sum(x.cache_bytes() for x in handles) > weight_cache_bytes:
+                        h.clear_cache()
+                    secs[i] += time.perf_counter() - t0
+                    lp, _ = window_logprobs(logits, seq, w)
+                    b = TokenBatch(ref_lp, lp, tgt, ref.ref_p, ref.ref_top)
+                    outs.append({s: fn(b).numpy() for s, fn in fns.items()})
+                local[wi] = (ref_out, outs)
+    tel_local = [None if h.telemetry is None else h.telemetry.state() for h in handles]
+    gathered = grp.gather((local, secs, ref_secs, tel_local))
+    per_window: dict[int, Any] = {}
+    for part in gathered:
+        per_window.update(part[0])
+    order = range(len(wins))
+    ref_nll = np.concatenate([per_window[i][0]["nll"] for i in order])
+    ref_arrays = {s: np.concatenate([per_window[i][0][s] for i in order]) for s in ref_fns}
     results = []
     for i, (r, h) in enumerate(zip(recs, handles)):
-        rr = RecipeResult(r, {s: torch.cat(v).numpy() for s, v in parts[i].items()}, secs[i])
+        series = {s: np.concatenate([per_window[w][1][i][s] for w in order]) for s in fns}
+        rr = RecipeResult(r, series, sum(part[1][i] for part in gathered))
         if h.telemetry is not None:
-            rr.telemetry = h.telemetry.totals()
-            rr.telemetry_records = h.telemetry.records()
+            tel = Telemetry.merged([part[3][i] for part in gathered])
+            rr.telemetry = tel.totals()
+            rr.telemetry_records = tel.records()
         rr.metrics = summarize(ref_nll, rr, bootstrap=bootstrap, block=block, seed=seed,
                                metrics=mets, ref_series=ref_arrays)
         h.clear_cache()
         results.append(rr)
-    return EvalResult(ref_nll, results, n_tokens, window, stride or window, ref_secs, ref_arrays,
-                      mets)
+    return EvalResult(ref_nll, results, n_tokens, window, stride or window,
+                      sum(part[2] for part in gathered), ref_arrays, mets)
 
 
 def summarize(ref_nll: np.ndarray, rr: RecipeResult, *, bootstrap: int = 1000,

@@ -16,7 +16,10 @@ Schema versions (the JSON key ``precisim_spec_sheet``):
 * **2**: version 1 plus ``metric_definitions`` (per metric: description, formula, the per-token
   series it reads, ``higher_is_better``, the CI method and level, its keys, table label and
   number format) and optional ``notes`` (e.g. a conversion). Non-finite numbers are written as
-  the strings ``"nan"``, ``"inf"``, ``"-inf"`` and read back as floats.
+  the strings ``"nan"``, ``"inf"``, ``"-inf"`` and read back as floats. Optional since
+  precisim 0.2: ``numerics`` (the numeric environment: reproducible mode's pins, library
+  versions, CPU capability, threads, world size) and ``noise`` (each recipe's numerical-noise
+  band); neither enters the content hash.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ _SHAPE_V1: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("reference.ppl", (_NUM,)), ("metrics", (_OBJ,)), ("telemetry", (_OBJ,)),
 )
 _SHAPE = {1: _SHAPE_V1, 2: _SHAPE_V1 + (("metric_definitions", (_OBJ,)),)}
-_OPTIONAL = {1: (), 2: ("notes",)}
+_OPTIONAL = {1: (), 2: ("notes", "numerics", "noise")}
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -184,6 +187,12 @@ class SpecSheet(Mapping[str, Any]):
     telemetry: dict[str, dict[str, float]]
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = ()
+    #: the numeric environment of the run (:func:`precisim.eval.numerics.environment`, plus the
+    #: world size and batch); absent in sheets written before reproducible mode
+    numerics: dict[str, Any] | None = None
+    #: the numerical-noise band of each recipe's metrics (:mod:`precisim.eval.noise`), if
+    #: measured
+    noise: dict[str, Any] | None = None
     #: top-level keys this version does not define, kept as they are
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -195,7 +204,7 @@ class SpecSheet(Mapping[str, Any]):
                                  f"{self.schema_version!r}; read older sheets with "
                                  "SpecSheet.from_dict / SpecSheet.load, which convert them")
         object.__setattr__(self, "notes", tuple(self.notes))
-        clash = set(self.extra) & (set(_FIELDS) | {"notes"})
+        clash = set(self.extra) & (set(_FIELDS) | set(_OPTIONAL[SCHEMA_VERSION]))
         if clash:
             raise SpecSheetError(f"extra keys {sorted(clash)} are fields of the sheet")
 
@@ -204,6 +213,9 @@ class SpecSheet(Mapping[str, Any]):
         d = {k: getattr(self, a) for k, a in _FIELDS.items()}
         if self.notes:
             d["notes"] = list(self.notes)
+        for k in ("numerics", "noise"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         d.update(self.extra)
         return d
 
@@ -212,6 +224,8 @@ class SpecSheet(Mapping[str, Any]):
             return getattr(self, _FIELDS[key])
         if key == "notes" and self.notes:
             return list(self.notes)
+        if key in ("numerics", "noise") and getattr(self, key) is not None:
+            return getattr(self, key)
         if key in self.extra:
             return self.extra[key]
         raise KeyError(key)
@@ -275,6 +289,7 @@ class SpecSheet(Mapping[str, Any]):
             metrics={k: _numbers(x) for k, x in d["metrics"].items()},
             telemetry={k: _numbers(x) for k, x in d["telemetry"].items()},
             notes=tuple(d.get("notes", ())),
+            numerics=d.get("numerics"), noise=d.get("noise"),
             extra={k: x for k, x in d.items() if k not in known})
 
     @classmethod

@@ -34,7 +34,10 @@ from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
 
+from .distributed import current as current_group
 from .metrics import definitions, resolve_metrics, table_cells, table_columns
+from .noise import noise_band
+from .numerics import environment
 from .sheet import SCHEMA_VERSION, SpecSheet, as_sheet
 
 __all__ = ["EvalConfig", "SpecSheet", "compare_metrics", "content_hash", "run_eval",
@@ -172,12 +175,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: Any = None
-             ) -> SpecSheet:
+def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: Any = None,
+             batch: int = 1, noise: int = 0) -> SpecSheet:
     """Evaluate ``cfg`` and return its spec sheet (see the module docstring).
 
     Everything that can fail on bad input (model, data, recipes, settings) is checked before the
-    long part starts; nothing is written here (see :func:`write_outputs`).
+    long part starts; nothing is written here (see :func:`write_outputs`). In a
+    torch.distributed group the windows are shared out (:mod:`.distributed`; every rank returns
+    the same sheet). The sheet records the numeric environment (:mod:`.numerics`); ``noise``
+    > 0 also measures each metric's numerical-noise band with that many perturbed summation
+    orders (:mod:`.noise`; ``noise`` more evaluations).
     """
     from precisim.emulation import load_model
 
@@ -195,9 +202,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     model, tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
     ids = tokenize(tok, text.text, cfg.tokens)
     prefix = prefix_token(tok)
+    grp = current_group()
     res = evaluate(model, ids, recipes, window=cfg.window, stride=cfg.stride,
                    prefix_token=prefix, bootstrap=cfg.bootstrap, block=cfg.block,
-                   seed=cfg.seed, progress=progress, metrics=metrics)
+                   seed=cfg.seed, progress=progress, metrics=metrics, batch=batch, group=grp)
     inputs = {
         "model": _model_info(cfg.model, cfg.dtype),
         "data": {"source": cfg.data, "text_sha256": text.sha256,
@@ -205,7 +213,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
         "settings": {"tokens": cfg.tokens, "tokens_evaluated": len(ids), "window": cfg.window,
                      "stride": cfg.stride, "prefix_token": prefix, "dtype": cfg.dtype,
                      "bootstrap": cfg.bootstrap, "block": cfg.block, "seed": cfg.seed,
-                     "threads": torch.get_num_threads(),
+                     "threads": cfg.threads,  # (as asked: what ran is in the numerics)
                      "semantics": "rolling log-likelihood (lm-evaluation-harness)"},
         "recipes": [r.to_dict() for r in recipes],
     }
@@ -218,6 +226,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
         metric_definitions=definitions(res.metrics_used),
         metrics={r.recipe.name: r.metrics for r in res.results},
         telemetry={r.recipe.name: r.telemetry for r in res.results},
+        numerics={**environment(), "world_size": grp.world_size, "batch": batch},
+        noise=None if not noise else noise_band(
+            model, ids, recipes, seeds=noise, window=cfg.window, stride=cfg.stride,
+            prefix_token=prefix, baseline=res),
     )
 
 
