@@ -20,7 +20,7 @@ def _all_registries() -> dict[str, Registry]:
 
 def test_every_kind_is_registered() -> None:
     assert set(_all_registries()) == {"format", "scaled", "unit", "kernel", "op", "recipe",
-                                      "metric"}
+                                      "metric", "function"}
 
 
 def test_grammar_case_and_dashes() -> None:

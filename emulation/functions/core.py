@@ -33,7 +33,7 @@ from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
 
 __all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast", "div_ro",
-           "exact_fn", "grid_exact", "grid_fast", "parse_enum", "rq"]
+           "exact_fn", "grid_exact", "grid_fast", "inf_values", "parse_enum", "rq"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
 
@@ -130,6 +130,12 @@ class Rq:
             raise ValueError(f"overflow='nan' is not possible: {self.fmt.name} has no NaN")
         if self.overflow is Overflow.WRAP:
             raise ValueError("overflow='wrap' is for integer formats")
+        # plain numbers for the compiled kernels (read as attributes, never computed while
+        # tracing: Fraction arithmetic would be traced into symbolic integers)
+        object.__setattr__(self, "_sp", RoundSpec.of(self.fmt, self.rounding, self.overflow,
+                                                     self.flush))
+        object.__setattr__(self, "_max", float(self.fmt.max))
+        object.__setattr__(self, "_min_normal", float(self.fmt.min_normal))
 
     def describe(self) -> str:
         parts = [self.fmt.name]
@@ -149,7 +155,7 @@ class Rq:
     # -- fast --------------------------------------------------------------------------
     @property
     def spec(self) -> RoundSpec:
-        return _spec(self)
+        return self._sp  # type: ignore[attr-defined]
 
     def fast(self, v: torch.Tensor) -> torch.Tensor:
         """Round float64 ``v`` (exact or round-to-odd values) to the format; float64 result.
@@ -159,7 +165,7 @@ class Rq:
         neg = torch.signbit(v)
         res = round_scaled(ax, neg, sp)
         is_inf = ax == math.inf
-        mx = float(self.fmt.max)
+        mx = self._max  # type: ignore[attr-defined]
         ovf = (res > mx) | is_inf
         if self.overflow is Overflow.SATURATE:
             res = torch.where(ovf, mx, res)
@@ -170,14 +176,9 @@ class Rq:
             if self.fmt.has_inf:
                 res = torch.where(is_inf, math.inf, res)
         if self.flush:
-            res = torch.where(res < float(self.fmt.min_normal), 0.0, res)
+            res = torch.where(res < self._min_normal, 0.0, res)  # type: ignore[attr-defined]
         res = torch.where(neg, -res, res)
         return torch.where(torch.isnan(v), math.nan, res)
-
-
-@lru_cache(maxsize=256)
-def _spec(r: Rq) -> RoundSpec:
-    return RoundSpec.of(r.fmt, r.rounding, r.overflow, r.flush)
 
 
 def rq(fmt: object, rounding: object = "rne", overflow: object = None, flush: bool = False,
@@ -354,11 +355,16 @@ def _representative(fn: Fn, x: Fraction) -> Fraction | None:
     return None
 
 
-@lru_cache(maxsize=1 << 18)
 def cr_exact(fn: Fn, x: Value, r: Rq) -> Value:
     """``fn(x)`` rounded correctly by ``r`` (the exact value, or a 2^-p-accurate mpmath value
     whose whole error interval rounds one way: Ziv's strategy, p doubling from 96 bits).
     x is an exact value (Fraction) or nan / +-inf / -0.0."""
+    # the cache key tells -0.0 from 0 (equal, with equal hashes, for a plain lru_cache)
+    return _cr_exact(fn, x, r, isinstance(x, float))
+
+
+@lru_cache(maxsize=1 << 18)
+def _cr_exact(fn: Fn, x: Value, r: Rq, is_float: bool) -> Value:
     if isinstance(x, float):
         if math.isnan(x):
             return NAN
@@ -420,11 +426,13 @@ def _at_inf(fn: Fn, positive: bool) -> Value:
     return INF if positive else -0.0  # the activations: x or -0
 
 
-def cr_fast(fn: Fn, x: torch.Tensor, r: Rq) -> tuple[torch.Tensor, torch.Tensor]:
+def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[float, float]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(x)`` correctly rounded by ``r`` for float64 ``x`` (exact values): the float64
     approximation rounded, and a mask of the elements whose certified error interval (the
     :data:`FN_DEFS` guard) straddles a rounding boundary, to be recomputed exactly by
-    :func:`cr_exact`. Branch-free (compiled with the unit's kernel)."""
+    :func:`cr_exact`. ``infs``: :func:`inf_values` of ``(fn, r)``, looked up by the caller
+    before tracing. Branch-free (compiled with the unit's kernel)."""
     if fn is Fn.RCP:  # a division: round-to-odd quotient, no hard cases
         return r.fast(div_ro(torch.ones_like(x), x)), torch.zeros_like(x, dtype=torch.bool)
     d = FN_DEFS[fn]
@@ -444,11 +452,14 @@ def cr_fast(fn: Fn, x: torch.Tensor, r: Rq) -> tuple[torch.Tensor, torch.Tensor]
     hard = (r.fast(v * (1.0 - eps)) != r.fast(v * (1.0 + eps))) & ~exact & torch.isfinite(x)
     if fn is Fn.RSQRT:
         hard = hard & (x > 0)
-    for sign, val in ((1.0, _at_inf(fn, True)), (-1.0, _at_inf(fn, False))):
-        out = torch.where(x == sign * math.inf, _const(r, val), out)
+    at_pinf, at_ninf = infs
+    out = torch.where(x == math.inf, at_pinf, out)
+    out = torch.where(x == -math.inf, at_ninf, out)
     return out, hard
 
 
-def _const(r: Rq, v: Value) -> float:
-    """The rounded value of an exact constant, as a float."""
-    return float(r.exact(v))
+@lru_cache(maxsize=1024)
+def inf_values(fn: Fn, r: Rq) -> tuple[float, float]:
+    """``fn(+inf)`` and ``fn(-inf)`` rounded by ``r``, as floats: computed outside the
+    compiled kernels (a cached function is traced through, not looked up)."""
+    return float(r.exact(_at_inf(fn, True))), float(r.exact(_at_inf(fn, False)))

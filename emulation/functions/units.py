@@ -79,6 +79,7 @@ from .core import (
     cr_fast,
     grid_exact,
     grid_fast,
+    inf_values,
     parse_enum,
     rq,
 )
@@ -633,6 +634,10 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
     lo, hi = u.bounds
     w = (hi - lo) / N
     min_in = float(u.input_format.min_normal)
+    # constants from exact arithmetic, computed before tracing (Fraction code in a compiled
+    # kernel would be traced into symbolic integers)
+    inf_out = float(r["out"].exact(math.inf))
+    infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
     def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if fn is Fn.RSQRT:
@@ -691,19 +696,20 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
         no = torch.zeros_like(nan)
         if m is Method.BOUND or (m is Method.EXACT and not (fn is Fn.EXP
                                                             and u.log2e_format is not None)):
-            y, hard = cr_fast(Fn.EXP if m is Method.BOUND else fn, xq, r["out"])
+            f = Fn.EXP if m is Method.BOUND else fn
+            y, hard = cr_fast(f, xq, r["out"], infs[f])
             return y, xq, hard
         if fn in (Fn.EXP, Fn.EXP2):
             t = W(xq * c) if fn is Fn.EXP else W(xq)
             t = torch.where(torch.isnan(t), 0.0, t).clamp(tmin, tmax)
             if m is Method.EXACT:
-                y, hard = cr_fast(Fn.EXP2, t, r["out"])
+                y, hard = cr_fast(Fn.EXP2, t, r["out"], infs[Fn.EXP2])
             else:
                 T = grid_fast(t, F)
                 n = T.floor()
                 y = r["out"].fast(core(T - n, tabs) * pow2_64(n))
                 hard = no
-            y = torch.where(xq == math.inf, float(r["out"].exact(math.inf)), y)
+            y = torch.where(xq == math.inf, inf_out, y)
             y = torch.where(xq == -math.inf, 0.0, y)
             return torch.where(nan, math.nan, y), xq, hard
         if fn in (Fn.RCP, Fn.RSQRT):
@@ -718,7 +724,6 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
                 k = torch.div(e, 2, rounding_mode="floor")
                 y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
             y = r["out"].fast(y)
-            inf_out = float(r["out"].exact(math.inf))
             y = torch.where(ax == 0, torch.where(torch.signbit(xq), -inf_out, inf_out), y)
             if fn is Fn.RCP:
                 y = torch.where(ax == math.inf, torch.where(torch.signbit(xq), -0.0, 0.0), y)
