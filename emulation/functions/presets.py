@@ -18,8 +18,8 @@ from precisim.formats.registry import Registry, UnknownNameError
 
 from .units import FunctionUnit
 
-__all__ = ["FUNCTION_UNITS", "UnknownFunctionUnitError", "available_function_units",
-           "get_function_unit"]
+__all__ = ["ACTIVATION_UNITS", "FUNCTION_UNITS", "NORMS", "SOFTMAXES",
+           "UnknownFunctionUnitError", "available_function_units", "get_function_unit"]
 
 
 class UnknownFunctionUnitError(UnknownNameError):
@@ -30,6 +30,15 @@ class UnknownFunctionUnitError(UnknownNameError):
 FUNCTION_UNITS: Registry[FunctionUnit] = Registry(
     "function unit", prefix="function", error=UnknownFunctionUnitError,
     hint="or give a mapping of FunctionUnit fields (base: <preset> plus changes)")
+
+
+#: softmax, norm and activation units (filled by :mod:`.datapath`; qualified spellings
+#: ``softmax:<name>``, ``norm:<name>``, ``activation:<name>``)
+SOFTMAXES: Registry = Registry("softmax unit", prefix="softmax",
+                               hint="or give a mapping of Softmax fields")
+NORMS: Registry = Registry("norm unit", prefix="norm", hint="or give a mapping of Norm fields")
+ACTIVATION_UNITS: Registry = Registry("activation unit", prefix="activation",
+                                      hint="or give a mapping of Activation fields")
 
 
 def _function_presets() -> list[FunctionUnit]:
