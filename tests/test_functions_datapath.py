@@ -95,7 +95,7 @@ def test_softmax(sm: Softmax) -> None:
 
 def test_softmax_dim_and_exact_preset_vs_torch() -> None:
     x = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(3)) * 4
-    sm = SOFTMAXES.get("softmax")
+    sm = SOFTMAXES.get("softmax-exact")
     assert torch.equal(sm(x, dim=1), sm(x.transpose(1, 2), dim=-1).transpose(1, 2))
     torch.testing.assert_close(sm(x), torch.softmax(x, -1), rtol=2e-7, atol=1e-9)
 
@@ -168,7 +168,7 @@ def test_activation(act: Activation) -> None:
     (lambda: Activation("x", function="gelu", via="exp-rcp"), "via='exp-rcp'"),
     (lambda: Activation("x", function="exp"), "function='exp'"),
     (lambda: Activation("x", unit="gelu-lut64"), "unit='gelu-lut64'"),
-    (lambda: Softmax.parse({"base": "softmax", "sum_format": "bf16"}), "'sum_format'"),
+    (lambda: Softmax.parse({"base": "softmax-exact", "sum_format": "bf16"}), "'sum_format'"),
 ])
 def test_impossible_parameters(make, named: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError) as e:

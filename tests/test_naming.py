@@ -20,7 +20,8 @@ def _all_registries() -> dict[str, Registry]:
 
 def test_every_kind_is_registered() -> None:
     assert set(_all_registries()) == {"format", "scaled", "unit", "kernel", "op", "recipe",
-                                      "metric", "function"}
+                                      "metric", "function", "softmax", "norm",
+                                      "activation"}
 
 
 def test_grammar_case_and_dashes() -> None:

@@ -19,8 +19,9 @@ from precisim.formats import FloatFormat
 
 from . import exact as ex
 from .core import Fn, Rq, Value, add_ro, check_format, div_ro, parse_enum, rq
+from .exact import value as _value
 from .presets import get_function_unit
-from .reduction import Reduction, _value
+from .reduction import Reduction
 from .units import FunctionUnit, unit_from_dict
 
 __all__ = ["Activation", "Cast", "MaxOf", "Norm", "NormKind", "Softmax", "Via"]
@@ -138,7 +139,14 @@ class _Spec:
     def is_identity(self) -> bool:
         return False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any] | str:
+        """The preset's name for a registered preset, else every field that differs from its
+        default."""
+        try:
+            if self._registry().get(self.name) == self:  # type: ignore[attr-defined]
+                return self.name  # type: ignore[attr-defined]
+        except KeyError:
+            pass
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
@@ -501,7 +509,8 @@ def _datapath_presets() -> None:
 
     seq = {"order": "sequential"}
     for sm in (
-        Softmax("softmax", description="every step correctly rounded in fp32, pairwise sum"),
+        Softmax("softmax-exact", description="every step correctly rounded in fp32, "
+                "pairwise sum"),
         Softmax("softmax-bf16", input_format="bf16", sub_format="bf16", exp="exp-mx-bf16",
                 sum={"format": "bf16", **seq}, output_format="bf16",
                 description="every vector op in bfloat16 (microxcaling's softmax with "

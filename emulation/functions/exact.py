@@ -10,7 +10,7 @@ from fractions import Fraction
 
 from .core import Value
 
-__all__ = ["add", "div", "is_neg", "mul", "neg", "vmax"]
+__all__ = ["add", "div", "is_neg", "mul", "neg", "value", "vmax"]
 
 
 def is_neg(a: Value) -> bool:
@@ -75,3 +75,12 @@ def vmax(a: Value, b: Value) -> Value:
         return math.nan
     r = b if float(b) > float(a) else a
     return Fraction(0) if r == 0 else r
+
+
+def value(v: Value | float) -> Value:
+    """A Python float or an exact value as a reference-side Value."""
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v) or (v == 0 and math.copysign(1.0, v) < 0):
+            return v
+        return Fraction(v)
+    return v

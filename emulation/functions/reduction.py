@@ -24,6 +24,7 @@ from precisim.formats import FloatFormat, Rounding
 
 from . import exact as ex
 from .core import Rq, Value, add_ro, check_format, parse_enum, rq
+from .exact import value as _value
 
 __all__ = ["Order", "ReduceOp", "Reduction"]
 
@@ -181,11 +182,3 @@ class Reduction:
             vals = nxt
         return vals[0]
 
-
-def _value(v: Value | float) -> Value:
-    """A Python float or exact value as the reference side's Value."""
-    if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v) or (v == 0 and math.copysign(1.0, v) < 0):
-            return v
-        return Fraction(v)
-    return v
