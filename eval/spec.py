@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from precisim.emulation import Recipe, TensorSpec, get_recipe, get_unit
+from precisim.emulation import OP_KINDS, Recipe, TensorSpec, get_recipe, get_unit
 from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
@@ -134,6 +134,10 @@ def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
     return d
 
 
+#: the op kinds of the units beyond the GEMM that a spec sheet describes
+DATAPATH_KINDS = ("softmax", "normalization", "activation")
+
+
 def _recipe_info(r: Recipe) -> dict[str, Any]:
     lin = r.linear
     att = r.attention
@@ -149,6 +153,11 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
         info["kv_cache"] = _format_info(att.kv_cache)
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
+    # the units beyond the GEMM (docs/arithmetic.md section 7.8), where the recipe names them
+    dp = {k: r.spec(k).describe() for k in DATAPATH_KINDS
+          if k in OP_KINDS and r.spec(k) is not None}
+    if dp:
+        info["datapath"] = dp
     return info
 
 
@@ -271,7 +280,7 @@ DESIGN_COLUMNS: list[tuple[str, str]] = [
     ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
     ("unit", "matrix unit"), ("acc_bits", "accumulator"),
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
-    ("mem_kv", "KV mem vs bf16"),
+    ("mem_kv", "KV mem vs bf16"), ("datapath", "softmax / norm / activation"),
 ]
 
 
@@ -369,6 +378,7 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
             "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
             **table_cells(m, sheet.metric_definitions),
             "bits_per_element": bpe.get("weight") or 32.0,
+            "datapath": "; ".join((info.get("datapath") or {}).values()) or "model (torch)",
         })
     return rows
 
