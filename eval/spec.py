@@ -280,8 +280,10 @@ DESIGN_COLUMNS: list[tuple[str, str]] = [
     ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
     ("unit", "matrix unit"), ("acc_bits", "accumulator"),
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
-    ("mem_kv", "KV mem vs bf16"), ("datapath", "softmax / norm / activation"),
+    ("mem_kv", "KV mem vs bf16"),
 ]
+#: shown after :data:`DESIGN_COLUMNS` when a recipe of the sheet names the units beyond the GEMM
+DATAPATH_COLUMN = ("datapath", "softmax / norm / activation")
 
 
 def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
@@ -290,7 +292,8 @@ def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
     columns of the metrics the vendor table shows, as a sheet defines them (None: as the
     registered metrics do)."""
     defs = None if sheet is None else as_sheet(sheet).metric_definitions
-    return [*DESIGN_COLUMNS, *table_columns("vendor", defs)]
+    dp = sheet is not None and any(i.get("datapath") for i in as_sheet(sheet).recipes_resolved)
+    return [*DESIGN_COLUMNS, *([DATAPATH_COLUMN] if dp else []), *table_columns("vendor", defs)]
 
 
 class _VendorColumns(Sequence[tuple[str, ...]]):

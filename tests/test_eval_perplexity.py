@@ -234,5 +234,8 @@ def test_spec_sheet_with_softmax_norm_and_activation_units(model, textfile) -> N
     cell = rows["sfu"]["datapath"]
     assert "softmax-bf16" in cell and "sum bf16 pairwise" in cell and "silu-lut64" in cell
     assert rows["bf16"]["datapath"] == "model (torch)"
+    from precisim.eval.spec import DATAPATH_COLUMN, vendor_columns
+
+    assert DATAPATH_COLUMN in vendor_columns(sheet)  # (only for sheets with such recipes)
     again = EvalConfig.from_sheet(json.loads(sheet.to_json()))
     assert Recipe.from_dict(again.recipes[0]) == r
