@@ -163,3 +163,20 @@ def test_mismatched_specs_are_refused() -> None:
         emulate(model, Recipe("x", activation="gelu")).apply()
     with pytest.raises(ValueError, match="unknown softmax unit 'softmax-fast'"):
         Recipe("x", softmax="softmax-fast")
+
+
+def test_cli_refuses_an_unknown_unit_in_a_recipe_file(tmp_path) -> None:
+    """`precisim eval --recipe-file` reads the new keys; an unknown unit is one 'error:' line
+    naming it, exit status 2, before any model is loaded."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsoftmax: softmax-fast\n")
+    p = subprocess.run([sys.executable, "-m", "precisim.eval.cli", "eval", "--recipe-file",
+                        str(bad), "--data", str(bad), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'softmax-fast'" in lines[0]
+    assert not (tmp_path / "o").exists()
