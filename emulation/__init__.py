@@ -27,7 +27,15 @@ from .matrix_unit import (
     sequential_fma,
 )
 from .opkinds import OP_KINDS, Installer, OpKind
-from .patch import Emulation, EmulationError, Plan, PlanEntry, emulate, plan
+from .patch import (
+    Emulation,
+    EmulationError,
+    Plan,
+    PlanEntry,
+    active_emulation,
+    emulate,
+    plan,
+)
 from .presets import available_units, get_unit, unit_from_dict, unit_to_dict
 from .recipe import (
     AttentionSpec,
@@ -57,7 +65,7 @@ __all__ = [
     "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "Installer", "LoadError",
     "OP_KINDS", "OpKind", "Plan",
     "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",
-    "available_recipes", "emulate", "get_recipe", "load_model", "plan",
+    "active_emulation", "available_recipes", "emulate", "get_recipe", "load_model", "plan",
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_kernels", "available_units",
     "chunked", "divergence", "dot", "explain", "use_kernels",
     "exact_dot", "fast_divergence", "get_unit", "kulisch", "matmul", "per_add_rounding",

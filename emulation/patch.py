@@ -56,7 +56,8 @@ from .opkinds import (
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
 from .telemetry import LayerErrors, Telemetry
 
-__all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "emulate", "plan"]
+__all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "active_emulation", "emulate",
+           "plan"]
 
 ATTN_IMPL = "precisim"
 
@@ -145,10 +146,17 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
         raise RecipeError(f"recipe must be a Recipe or a name, got {type(recipe).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    active = active_emulation(model)
+    if active is not None:  # its wrappers would be planned instead of the model's own ops
+        raise EmulationError(
+            f"cannot plan recipe {recipe.name!r}: the model is under emulation "
+            f"{active.recipe.name!r} ({active!r}); plan or emulate it before applying that one "
+            "or after restoring it (emulations do not nest)")
     kinds = [k for k in OP_KINDS.kinds() if k.default_on or recipe.mentions(k.name)]
     used = [False] * len(recipe.rules)
     entries: list[PlanEntry] = []
     unsupported: list[tuple[str, str, str]] = []
+    modules = dict(model.named_modules())
     for found in find_ops(model, kinds):
         name, m, op = found.name, found.module, found.kind.name
         spec = recipe.spec(op)
@@ -156,9 +164,12 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
         for i, r in enumerate(recipe.rules):
             if r.overrides(op) and r.matches(name, type(m)):
                 spec, who, used[i] = r.get(op), r.pattern, True
-        if found.suspect is not None:  # looks like the kind but is not: report, skip
+        suspect = found.suspect
+        if suspect is None and found.kind.family == "module":
+            suspect = _read_by_parent(name, modules)
+        if suspect is not None:  # looks like the kind but is not: report, skip
             if spec is not None and not spec.is_identity:
-                unsupported.append((name, type(m).__name__, found.suspect))
+                unsupported.append((name, type(m).__name__, suspect))
             continue
         if spec is not None and found.kind.validate is not None:
             found.kind.validate(name, spec)
@@ -182,6 +193,26 @@ def plan(model: nn.Module, recipe: Recipe | str, *, warn: bool = True) -> Plan:
     return p
 
 
+#: parents whose forward reads a child's parameters directly instead of calling it: a module
+#: swapped in for the child would never run
+_READS_CHILDREN = (nn.MultiheadAttention,)
+
+
+def _read_by_parent(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """Why module ``name`` cannot be emulated by swapping it (its parent reads its weight
+    directly, as ``nn.MultiheadAttention`` does with ``out_proj.weight`` in
+    ``F.multi_head_attention_forward``), or None."""
+    if not name:
+        return None
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    if isinstance(parent, _READS_CHILDREN):
+        return (f"its parent {parent_name or 'the model'} ({type(parent).__name__}) reads its "
+                "weight directly instead of calling it, so a swapped-in emulation would never "
+                "run; left in high precision")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # wrappers
 
@@ -195,6 +226,30 @@ class _Recorder:
     def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
         self.counts = counts
         self.telemetry.add(module, role, counts)
+
+
+def _operand_bytes(op: Operand) -> int:
+    n = op.values.numel() * op.values.element_size()
+    if op.parts is not None:
+        n += sum(t.numel() * t.element_size() for t in (op.parts.codes, op.parts.scales))
+    return n
+
+
+def _hf_pre(hook: Any, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run an accelerate hook's ``pre_forward`` on the original module (a model placed with
+    ``device_map`` or offloaded: the hook puts the weights on the execution device, and the
+    input beside them) and return the input it moved; ``post_forward`` is run on the output."""
+    args, _ = hook.pre_forward(module, x)
+    return args[0]
+
+
+def _offloaded(hook: Any) -> bool:
+    """Whether an accelerate hook brings the module's weights in only for each forward (then
+    caching their quantized values would undo the offload)."""
+    if hook is None:
+        return False
+    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+    return any(getattr(k, "offload", False) for k in hooks)
 
 
 class _Static:
@@ -217,7 +272,9 @@ class EmulatedLinear(nn.Module):
         self.spec = spec
         self.transposed = linear_layout(orig) == "in_out"  # Conv1D stores (in, out)
         object.__setattr__(self, "_orig", orig)
-        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        # a strong reference: an applied handle lives as long as the model holds its wrappers
+        # (a collected handle must never leave the model broken)
+        object.__setattr__(self, "_handle", handle)
         self._name = name
 
     def extra_repr(self) -> str:
@@ -225,13 +282,19 @@ class EmulatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
-        w = h._weight(self._name, self.weight, self.spec, self.transposed)
+        o = self._orig
+        hook = getattr(o, "_hf_hook", None)  # accelerate (device_map, offload): see _hf_pre
+        if hook is not None:
+            x = _hf_pre(hook, o, x)
+        w = h._weight(self._name, o.weight, self.spec, self.transposed,
+                      cache=not _offloaded(hook))
         qx = h._input(self._name, x, self.spec)
-        y = gemm(qx, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name,
+        y = gemm(qx, w, self.spec, bias=o.bias, telemetry=h.telemetry, name=self._name,
                  out_dtype=x.dtype)
-        if h.errors is not None:
-            h.errors.add(self._name, self._orig(x), y)
-        return y
+        if h.errors is not None:  # (the original's own forward: its hooks fire on this one)
+            ref = (o._old_forward if hook is not None else o.forward)(x)
+            h.errors.add(self._name, ref, y)
+        return y if hook is None else hook.post_forward(o, y)
 
 
 class EmulatedEmbedding(nn.Module):
@@ -242,19 +305,24 @@ class EmulatedEmbedding(nn.Module):
         self.weight = orig.weight
         self.spec = spec
         object.__setattr__(self, "_orig", orig)
-        object.__setattr__(self, "_handle", weakref.proxy(handle))
+        object.__setattr__(self, "_handle", handle)  # strong: see EmulatedLinear
         self._name = name
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         o: nn.Embedding = self._orig
         h = self._handle
-        table = h._weight(self._name, self.weight, self.spec, False).values
+        hook = getattr(o, "_hf_hook", None)
+        if hook is not None:
+            ids = _hf_pre(hook, o, ids)
+        table = h._weight(self._name, o.weight, self.spec, False,
+                          cache=not _offloaded(hook)).values
         y = nn.functional.embedding(ids, table, o.padding_idx, o.max_norm, o.norm_type,
                                     o.scale_grad_by_freq, o.sparse)
         if self.spec.output is not None:
             y = quantize_operand(y, self.spec.output, telemetry=h.telemetry,
                                  where=(self._name, "output")).values
-        return y.to(self.weight.dtype)
+        y = y.to(o.weight.dtype)
+        return y if hook is None else hook.post_forward(o, y)
 
 
 def install_linear(installer: Installer, entries: Sequence[PlanEntry]) -> None:
@@ -446,6 +514,39 @@ def _unpatch_caches(caches: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# one emulation per model at a time
+
+#: the applied emulation each module belongs to: every module of an emulated model (wrappers
+#: included) while the emulation is applied
+_OWNER: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Emulation]] = \
+    weakref.WeakKeyDictionary()
+
+
+def active_emulation(model: nn.Module) -> Emulation | None:
+    """The applied :class:`Emulation` that covers ``model`` or any of its modules, or None.
+
+    Emulations do not nest: :meth:`Emulation.apply` refuses a model that one of them covers
+    (docs: README "Emulating a model"); this returns that one, e.g. to restore it."""
+    for m in model.modules():
+        ref = _OWNER.get(m)
+        em = ref() if ref is not None else None
+        if em is not None and em.active:
+            return em
+    return None
+
+
+def _claim(em: Emulation) -> None:
+    for m in em.model.modules():
+        _OWNER[m] = weakref.ref(em)
+
+
+def _release(em: Emulation) -> None:
+    for m, ref in list(_OWNER.items()):
+        if ref() is em or ref() is None:
+            _OWNER.pop(m, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # the handle
 
 class Emulation:
@@ -460,7 +561,15 @@ class Emulation:
 
     def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
                  errors: bool = False, only: Callable[[str], bool] | None = None,
-                 warn: bool = True):
+                 warn: bool = True, weight_cache_bytes: int | None = None):
+        if weight_cache_bytes is not None and (
+                isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int)
+                or weight_cache_bytes < 0):
+            raise ValueError(f"weight_cache_bytes={weight_cache_bytes!r} is not valid: accepted "
+                             "a number of bytes >= 0, or None (no limit)")
+        #: the quantized-weight cache's budget in bytes (None: no limit); see :meth:`_weight`
+        self.weight_cache_bytes = weight_cache_bytes
+        self._cache_total = 0
         self.model = model
         self.plan = plan(model, recipe, warn=warn)
         if only is not None:  # emulate a subset of the plan (sensitivity studies)
@@ -477,16 +586,39 @@ class Emulation:
         self.active = False
 
     # -- weight cache --------------------------------------------------------------------
-    def _weight(self, name: str, w: torch.Tensor, spec: GemmSpec, transposed: bool) -> Operand:
+    def _weight(self, name: str, w: torch.Tensor, spec: GemmSpec, transposed: bool, *,
+                cache: bool = True) -> Operand:
+        """The weight ``w`` quantized to ``spec.weight``, from the cache when it is unchanged.
+
+        The cache keeps a bf16/fp16 model's quantized weights in the model's dtype when every
+        value is exact in it (the dequantized values of MX and FP8 formats with power-of-two
+        scales are), so a large checkpoint gains no fp32 copy of its weights; it holds at most
+        :attr:`weight_cache_bytes` (weights past the budget are quantized again at each
+        forward: the same numbers, less memory). ``cache=False``: neither read nor stored (an
+        offloaded module's weights are brought in for each forward)."""
         key = (id(w), w._version, w.data_ptr())
-        hit = self._wcache.get(name)
+        hit = self._wcache.get(name) if cache else None
         if hit is not None and hit[0] == key:
-            return hit[1]
+            op = hit[1]
+            return op if op.values.dtype == torch.float32 else Operand(op.values.float(),
+                                                                        op.parts)
+        if hit is not None:
+            self._cache_total -= _operand_bytes(hit[1])
+            del self._wcache[name]
         wt = w.t() if transposed else w
         tel = None if self.telemetry is None else _Static(self.telemetry)
         op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
                               telemetry=tel, where=(name, "weight"))
-        self._wcache[name] = (key, op)
+        stored = op
+        if w.dtype in (torch.bfloat16, torch.float16):
+            compact = op.values.to(w.dtype)
+            if torch.equal(compact.float(), op.values):
+                stored = Operand(compact, op.parts)
+        size = _operand_bytes(stored)
+        budget = self.weight_cache_bytes
+        if cache and (budget is None or self._cache_total + size <= budget):
+            self._wcache[name] = (key, stored)
+            self._cache_total += size
         return op
 
     def _input(self, name: str, x: torch.Tensor, spec: GemmSpec) -> Operand:
@@ -513,44 +645,62 @@ class Emulation:
 
     def cache_bytes(self) -> int:
         """Bytes held by the quantized-weight cache (values, and codes and scales)."""
-        n = 0
-        for _, op in self._wcache.values():
-            n += op.values.numel() * op.values.element_size()
-            if op.parts is not None:
-                for t in (op.parts.codes, op.parts.scales):
-                    n += t.numel() * t.element_size()
-        return n
+        return sum(_operand_bytes(op) for _, op in self._wcache.values())
 
     def clear_cache(self) -> None:
         """Drop the quantized weights (they are recomputed at the next forward)."""
         self._wcache.clear()
+        self._cache_total = 0
         self._last_input = None
 
     # -- apply / restore -----------------------------------------------------------------
     def apply(self) -> Emulation:
+        """Install the plan on the model (see :func:`emulate`).
+
+        Emulations do not nest or overlap: if the model, a module of it or a model containing
+        it is under another applied emulation, this raises :class:`EmulationError` naming that
+        emulation and changes nothing (restore it first)."""
         if self.active:
             raise EmulationError("this emulation is already applied")
+        other = active_emulation(self.model)
+        if other is None:
+            other = next((em for m in self.model.modules()
+                          if isinstance(m, EmulatedLinear | EmulatedEmbedding)
+                          for em in (m._handle,)), None)
+        if other is not None:
+            raise EmulationError(
+                f"cannot apply recipe {self.recipe.name!r}: the model is under emulation "
+                f"{other.recipe.name!r} ({other!r}); emulations do not nest or overlap, so the "
+                f"result would be neither recipe. Restore {other.recipe.name!r} first (leave its "
+                "with-block or call .restore(); precisim.emulation.active_emulation(model) "
+                "returns it)")
         todo: dict[str, list[PlanEntry]] = {}
         for e in self.plan.entries:
             if e.emulated:
                 todo.setdefault(e.op, []).append(e)
         order = {n: i for i, n in enumerate(OP_KINDS.names())}
         installer = self._installer = Installer(self, dict(self.model.named_modules()))
+        self.active = True  # (claimed before installing: a failed install is released too)
+        _claim(self)
         try:
             for op in sorted(todo, key=lambda o: order.get(o, len(order))):
                 OP_KINDS.get(op).install(installer, todo[op])
+            _claim(self)  # the wrappers too
         except BaseException:
             self.restore()
             raise
-        self.active = True
         return self
 
     def restore(self) -> None:
-        """Put every module, config and hook back exactly as it was."""
+        """Put every module, config and hook back exactly as it was (a no-op when the
+        emulation is not applied)."""
         installer, self._installer = self._installer, None
         self.active = False
-        if installer is not None:
-            installer.undo()
+        try:
+            if installer is not None:
+                installer.undo()
+        finally:
+            _release(self)
 
     def __enter__(self) -> Emulation:
         return self.apply()
@@ -565,7 +715,7 @@ class Emulation:
 
 def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
             errors: bool = False, only: Callable[[str], bool] | None = None,
-            warn: bool = True) -> Emulation:
+            warn: bool = True, weight_cache_bytes: int | None = None) -> Emulation:
     """Run ``model`` under ``recipe``: ``with emulate(model, "mxfp4") as em: model(ids)``.
 
     Returns an :class:`Emulation` (a context manager; ``em.plan`` is the resolved plan,
@@ -575,5 +725,9 @@ def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
     ``errors=True`` also runs every emulated op in high precision on the same inputs and
     records its output error (``em.errors``: SQNR, relative RMS error per op); ``only``
     restricts the plan to the modules whose name it accepts (the rest stay high precision).
+    ``weight_cache_bytes`` bounds the cache of quantized weights (default: no bound; see
+    :meth:`Emulation._weight`): a large checkpoint's peak memory is then its own size, the
+    budget and one layer's temporaries.
     """
-    return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn)
+    return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn,
+                     weight_cache_bytes=weight_cache_bytes)

@@ -142,12 +142,15 @@ def unit_from_dict(spec: Mapping[str, Any], where: str = "unit") -> MatrixUnit:
         raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
                          f"{', '.join(allowed)}")
     fields = {k: v for k, v in spec.items() if k != "base"}
+    base = None
     try:
         if spec.get("base") is not None:
             base = get_unit(str(spec["base"]))
             fields.setdefault("name", f"{base.name}+custom")
             fields.setdefault("description", f"{base.name} with " + ", ".join(
                 f"{k}={v}" for k, v in spec.items() if k not in ("base", "name")))
+            # defaults derived from a changed field (acc_overflow from acc_format...) are
+            # derived again: MatrixUnit.with_
             return base.with_(**fields)
         if "name" not in fields:
             raise ValueError("a unit without 'base' needs a 'name'")
@@ -155,7 +158,22 @@ def unit_from_dict(spec: Mapping[str, Any], where: str = "unit") -> MatrixUnit:
     except KeyError as e:
         raise ValueError(f"{where}: {e.args[0]}") from None
     except (ValueError, TypeError, FormatError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        hint = ""
+        if base is not None:
+            kept = [f"{f.name}={_plain(getattr(base, f.name))}"
+                    for f in dataclasses.fields(MatrixUnit)
+                    if f.name not in fields and f.name != "description"
+                    and f.name in str(e) and getattr(base, f.name) is not None]
+            if kept:
+                hint = (f" ({', '.join(kept)} is taken from base {base.name!r}; give it in the "
+                        "mapping to change it, null for none)")
+        raise ValueError(f"{where}: {e}{hint}") from None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, FloatFormat | IntFormat):
+        return v.name
+    return v.value if isinstance(v, enum.Enum) else v
 
 
 def get_unit(name: str | MatrixUnit) -> MatrixUnit:

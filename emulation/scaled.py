@@ -78,7 +78,7 @@ from .matmul.registry import explain_call
 from .matrix_unit import MatrixUnit
 from .presets import get_unit
 
-__all__ = ["scaled_explain", "scaled_matmul"]
+__all__ = ["accepts_elements", "scaled_explain", "scaled_matmul"]
 
 E8M0 = get_format("e8m0")
 
@@ -95,7 +95,7 @@ class _Operand:
     e8m0: bool  # the K-block scales are E8M0 codes
 
 
-def _accepts(elem: FloatFormat | IntFormat, fmt: FloatFormat | IntFormat) -> bool:
+def accepts_elements(elem: FloatFormat | IntFormat, fmt: FloatFormat | IntFormat) -> bool:
     """Whether every value of ``elem`` is a value of the unit's input format ``fmt``."""
     if isinstance(fmt, FloatFormat):
         return is_subset(elem, fmt)
@@ -203,7 +203,7 @@ def _constant_over(block: int, window: int, K: int) -> bool:
 
 def _check_unit(op: _Operand, st: ScaledTensor, unit: MatrixUnit, fmt, what: str, K: int):
     elem = st.format.element
-    if not _accepts(elem, fmt):
+    if not accepts_elements(elem, fmt):
         raise ValueError(
             f"unit {unit.name!r} cannot take the elements of {what} ({st.format.name}: "
             f"{elem.name}): its input format {fmt.name} does not hold every {elem.name} "
@@ -253,8 +253,10 @@ def _build(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit):
     for d in batch:
         B *= d
 
-    sa = None if oa.k_scales is None else oa.k_scales.expand(*batch, M, -1).reshape(B, M, -1)
-    sb = None if ow.k_scales is None else ow.k_scales.expand(*batch, N, -1).reshape(B, N, -1)
+    sa = None if oa.k_scales is None else oa.k_scales.expand(*batch, M, -1).reshape(
+        B, M, oa.k_scales.shape[-1])
+    sb = None if ow.k_scales is None else ow.k_scales.expand(*batch, N, -1).reshape(
+        B, N, ow.k_scales.shape[-1])
     pa = None if oa.row_scales is None else oa.row_scales.expand(*batch, M).reshape(B, M)
     pb = None if ow.row_scales is None else ow.row_scales.expand(*batch, N).reshape(B, N)
     gs = [g for g in (oa.tensor_scale, ow.tensor_scale) if g is not None]
@@ -295,6 +297,12 @@ def scaled_matmul(a: ScaledTensor, w: ScaledTensor, unit: MatrixUnit | str, *,
     if fidelity not in FIDELITIES:
         raise ValueError(f"fidelity={fidelity!r} is not valid: accepted {FIDELITIES}")
     va, vw, sc, elems = _build(a, w, unit)
+    if va.shape[-1] == 0 or va.numel() == 0 or vw.numel() == 0:
+        # no products (K = 0: the accumulator stays +0, and +0 times any scale rounds to +0)
+        # or no outputs
+        shape = (*torch.broadcast_shapes(va.shape[:-2], vw.shape[:-2]), va.shape[-2],
+                 vw.shape[-2])
+        return torch.zeros(shape, dtype=torch.float32, device=va.device)
     return run_gemm(va, vw.transpose(-1, -2), unit, None, fidelity, seed=seed,
                     max_chunk_elements=max_chunk_elements, scales=sc, elem_formats=elems,
                     check=False, kernel=kernel)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from precisim.formats import FloatFormat, FormatError, IntFormat, Overflow, Rounding, get_format
+from precisim.formats.quantize import MAX_SR_BITS, check_overflow
 from precisim.formats.scaling import (
+    SCALED_FORMATS,
     Granularity,
     ScaledFormat,
     ScaleRule,
@@ -99,21 +101,63 @@ class TensorSpec:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        where = f"tensor spec {self.format!r}"
+        """Every field is checked here, types and combinations, so that a recipe fails when it
+        is parsed (naming the field and what is accepted), never at the first forward."""
         if not isinstance(self.format, str) or not self.format.strip():
             raise RecipeError(f"tensor spec: format must be a non-empty name, got "
                               f"{self.format!r}")
+        where = f"tensor spec {self.format!r}"
+        for name in ("rounding", "overflow"):
+            if not isinstance(getattr(self, name), str):
+                raise RecipeError(f"{where}: {name}={getattr(self, name)!r} is not valid: "
+                                  "accepted a name (e.g. rounding 'rne', overflow 'saturate')")
+        for name in ("scaling", "scale_rule", "scale_format"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise RecipeError(f"{where}: {name}={v!r} is not valid: accepted a name or "
+                                  "null")
+        if not isinstance(self.flush_subnormals, bool):
+            raise RecipeError(f"{where}: flush_subnormals={self.flush_subnormals!r} is not "
+                              "valid: accepted true or false (a YAML boolean, not a string)")
         try:
-            Rounding.parse(self.rounding)
-            Overflow.parse(self.overflow)
+            rnd = Rounding.parse(self.rounding)
+            ovf = Overflow.parse(self.overflow)
             if self.scale_rule is not None:
                 ScaleRule.parse(self.scale_rule)
         except (ValueError, KeyError) as e:
             raise RecipeError(f"{where}: {e}") from None
-        if self.sr_bits is not None and Rounding.parse(self.rounding) != Rounding.STOCHASTIC:
-            raise RecipeError(f"{where}: sr_bits={self.sr_bits} needs rounding='sr', "
-                              f"not {self.rounding!r}")
-        self.resolve()  # validates the format names now, not at the first forward
+        stochastic = rnd is Rounding.STOCHASTIC
+        if self.sr_bits is not None:
+            if not stochastic:
+                raise RecipeError(f"{where}: sr_bits={self.sr_bits!r} needs rounding='sr', "
+                                  f"not {self.rounding!r}")
+            if isinstance(self.sr_bits, bool) or not isinstance(self.sr_bits, int) \
+                    or not 1 <= self.sr_bits <= MAX_SR_BITS:
+                raise RecipeError(f"{where}: sr_bits={self.sr_bits!r} is not valid: accepted "
+                                  f"an integer in 1..{MAX_SR_BITS}")
+        if self.seed is not None:
+            if not stochastic:
+                raise RecipeError(f"{where}: seed={self.seed!r} needs rounding='sr' (only "
+                                  f"stochastic rounding draws random bits), not "
+                                  f"{self.rounding!r}")
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                    or not 0 <= self.seed < 2**63:
+                raise RecipeError(f"{where}: seed={self.seed!r} is not valid: accepted an "
+                                  "integer in 0..2^63-1")
+        if self.scale_format is not None and self.scaling is None:
+            raise RecipeError(f"{where}: scale_format={self.scale_format!r} needs 'scaling' "
+                              "(a named block-scaled format has its own scale format)")
+        fmt = self.resolve()  # validates the format names now, not at the first forward
+        if isinstance(fmt, ScaledFormat):
+            if ovf is not Overflow.SATURATE:
+                raise RecipeError(f"{where}: overflow={self.overflow!r} is not possible for "
+                                  f"the block-scaled {fmt.name}: its elements saturate at the "
+                                  "element format's max (OCP MX); accepted 'saturate'")
+        else:
+            try:
+                check_overflow(fmt, ovf)
+            except FormatError as e:
+                raise RecipeError(f"{where}: {e}") from None
 
     @classmethod
     def parse(cls, value: TensorSpec | str | Mapping[str, Any] | None, where: str = "spec"
@@ -147,13 +191,12 @@ class TensorSpec:
                 sfmt = self.scale_format or ("e8m0" if rule.power_of_two else "fp32")
                 return ScaledFormat(f"{self.format}/{self.scaling}", elem, gran,
                                     get_format(sfmt), rule)
-            try:
+            if self.format in SCALED_FORMATS:
                 return get_scaled_format(self.format, self.scale_rule, axis=axis)
-            except FormatError:
-                if self.scale_rule is not None:
-                    raise RecipeError(f"{where}: scale_rule={self.scale_rule!r} needs a "
-                                      "block-scaled format or a 'scaling'") from None
-                return get_format(self.format)
+            if self.scale_rule is not None:
+                raise RecipeError(f"{where}: scale_rule={self.scale_rule!r} needs a "
+                                  "block-scaled format or a 'scaling'")
+            return get_format(self.format)
         except FormatError as e:
             raise RecipeError(f"{where}: {e}") from None
 
@@ -217,9 +260,57 @@ class GemmSpec:
             from .presets import get_unit
 
             try:
-                get_unit(self.unit)
+                unit = get_unit(self.unit)
             except (KeyError, TypeError) as e:
                 raise RecipeError(f"gemm spec: {e.args[0]}") from None
+            self._check_unit_operands(unit)
+
+    def _check_unit_operands(self, unit: MatrixUnit) -> None:
+        """The operand formats a matrix unit can take, checked when the spec is built (not at
+        the first forward): every element value must be a value of the unit's input format,
+        block-scaled operands come in pairs, and their scale blocks along K must fit the
+        unit's block FMA (or promotion interval)."""
+        from .scaled import accepts_elements
+
+        scaled: dict[str, ScaledFormat] = {}
+        for role, container in (("input", unit.a_format), ("weight", unit.b_format)):
+            ts = getattr(self, role)
+            if ts is None:
+                continue
+            f = ts.resolve()
+            elem = f.element if isinstance(f, ScaledFormat) else f
+            if not accepts_elements(elem, container):
+                raise RecipeError(
+                    f"gemm spec: {role} format {ts.format!r} ({elem.name} values) cannot be fed "
+                    f"to matrix unit {unit.name!r}: its input format {container.name} does not "
+                    f"hold every {elem.name} value; accepted: an {role} format whose values "
+                    f"are all {container.name} values, or a unit whose input format contains "
+                    f"{elem.name} ('exact-fp32' takes every format)")
+            if isinstance(f, ScaledFormat):
+                scaled[role] = f
+        if len(scaled) == 1 and self.input is not None and self.weight is not None:
+            (role, f), = scaled.items()
+            other = "weight" if role == "input" else "input"
+            raise RecipeError(f"gemm spec: matrix unit {unit.name!r} takes block-scaled operands "
+                              f"in pairs: the {role} is {f.name} but the {other} "
+                              f"{getattr(self, other).format!r} is not block-scaled")
+        for role, f in scaled.items():
+            kb = next((size for axis, size in f.granularity.blocks
+                       if axis == -1 and size is not None), None)
+            if kb is None or f.granularity.keep_axis is not None:
+                continue  # one scale for all of K (per tensor / token / channel)
+            if unit.promotion_interval is not None:
+                n, what = unit.promotion_interval, "applies the scales at promotion every"
+            elif unit.alignment_bits is not None:
+                n, what = unit.block_size, "sums block FMAs (one scale each) of"
+            else:
+                continue  # exact block sums take any scale blocks
+            if kb % n:
+                raise RecipeError(
+                    f"gemm spec: the {role} format {f.name} has scale blocks of {kb} along K, "
+                    f"but matrix unit {unit.name!r} {what} {n} products: {n} must divide "
+                    f"{kb} (e.g. MX 32 with k = 16 or 32, NVFP4 16 with k = 16, 1x128 / "
+                    "128x128 with promotion every 128)")
 
     @property
     def unit_name(self) -> str | None:

@@ -234,6 +234,10 @@ def _default_k(unit: Any) -> int:
     return min(max(2 * unit.block_size, 16), DEFAULT_K_CAP)
 
 
+#: the most products (vectors x K) one :func:`unit_vectors` call computes
+MAX_PRODUCTS = 1 << 24
+
+
 def unit_vectors(unit: Any, n: int = 100, k_len: int | None = None, seed: int = 0) -> Vectors:
     """Dot-product vectors of a matrix unit: ``d = sum_i a_i*b_i + c`` for K-element a, b.
 
@@ -263,6 +267,10 @@ def unit_vectors(unit: Any, n: int = 100, k_len: int | None = None, seed: int = 
         k_len = _default_k(u)
     if isinstance(k_len, bool) or not isinstance(k_len, int) or not 1 <= k_len <= 1 << 16:
         raise ValueError(f"k_len={k_len!r} is not valid: accepted an integer in 1..65536")
+    if n * k_len > MAX_PRODUCTS:
+        raise ValueError(f"n={n} vectors of k_len={k_len} are {n * k_len:,} products: accepted "
+                         f"at most {MAX_PRODUCTS:,} per call (each is computed exactly; split "
+                         "larger sets by seed)")
     c_fmt = u.promotion_format if u.promotion_interval else u.acc_format
     out_fmt = u.out_format
     rng = np.random.default_rng(seed)

@@ -67,12 +67,15 @@ def load_text(source: str | Path | None = None, *, split: str = "test",
         if builder is None:
             raise DataError(f"data file {src!r}: unknown type {p.suffix!r}; accepted: "
                             f"{', '.join(sorted(_BUILDERS))}")
+        _check_file(p, src, builder)
         kw = {"keep_linebreaks": True} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kw)
         except Exception as e:  # datasets raises many types for unreadable files
-            raise DataError(f"could not read {src!r} as {builder}: {type(e).__name__}: {e}"
-                            ) from None
+            cause = e.__cause__ or e.__context__
+            why = f"{type(e).__name__}: {e}" + (
+                f" ({type(cause).__name__}: {str(cause)[:300]})" if cause is not None else "")
+            raise DataError(f"could not read {src!r} as {builder}: {why}") from None
         sep = "" if builder == "text" else "\n\n"
     else:
         name, _, config = src.partition(":")
@@ -90,6 +93,34 @@ def load_text(source: str | Path | None = None, *, split: str = "test",
     if not text.strip():
         raise DataError(f"{src!r} contains no text")
     return Text(text, src, hashlib.sha256(text.encode()).hexdigest())
+
+
+def _check_file(p: Path, src: str, builder: str) -> None:
+    """Refuse, naming the file and the reason, what ``datasets`` would fail on with an opaque
+    error: an empty file, and for plain text a binary file (a NUL byte) or one that is not
+    UTF-8 (e.g. Latin-1)."""
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read data file {src!r}: {e}") from None
+    if size == 0:
+        raise DataError(f"data file {src!r} is empty")
+    if builder != "text":
+        return
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {src!r}: {e}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"data file {src!r} is not text: it holds a NUL byte at offset {nul} "
+                        "(a binary file?); give a UTF-8 text file")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {src!r} is not UTF-8: byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start} is invalid (a Latin-1 / Windows-1252 file? convert it, e.g. "
+                        "iconv -f latin1 -t utf-8)") from None
 
 
 def tokenize(tokenizer: object, text: str, max_tokens: int | None = None) -> list[int]:

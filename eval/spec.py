@@ -55,6 +55,10 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: the bootstrap block length by default (at most a quarter of the tokens evaluated)
+DEFAULT_BLOCK = 32
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Everything that determines an evaluation's numbers."""
@@ -68,13 +72,56 @@ class EvalConfig:
     fidelity: str | None = None  # override every matrix unit's fidelity
     dtype: str = "float32"
     bootstrap: int = 1000
-    block: int = 32
+    block: int = 32  # DEFAULT_BLOCK
     seed: int = 0
     threads: int | None = None
     #: the metrics to compute (names in :data:`~precisim.eval.metrics.METRICS`; None: every
     #: registered one). Not part of the content hash: it selects what is reported, not how
     #: any number comes out.
     metrics: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Every setting is checked here (type and range, naming the bad one), so that a bad
+        configuration fails before a model is loaded or any window evaluated."""
+        for name in ("model", "data"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{name}={v!r} is not valid: accepted a non-empty string")
+        if isinstance(self.recipes, str | Recipe | dict) or not isinstance(
+                self.recipes, tuple | list):
+            raise ValueError(f"recipes={self.recipes!r} is not valid: accepted a tuple of "
+                             "recipe names, files, Recipe objects or dicts")
+        object.__setattr__(self, "recipes", tuple(self.recipes))
+        for r in self.recipes:
+            if not isinstance(r, str | Recipe | dict):
+                raise ValueError(f"recipes holds {r!r} ({type(r).__name__}): accepted recipe "
+                                 "names, files, Recipe objects or dicts")
+        _check_setting("tokens", self.tokens, 1, none_ok=True)
+        _check_setting("window", self.window, 1)
+        _check_setting("stride", self.stride, 1, hi=self.window, none_ok=True,
+                       hint=" (at most the window)")
+        if self.fidelity is not None and self.fidelity not in ("bit-exact", "fast"):
+            raise ValueError(f"fidelity={self.fidelity!r} is not valid: accepted 'bit-exact', "
+                             "'fast' or None")
+        if not isinstance(self.dtype, str):
+            raise ValueError(f"dtype={self.dtype!r} is not valid: accepted float32, bfloat16, "
+                             "float16")
+        from precisim.emulation.loader import LoadError, check_dtype
+
+        try:
+            check_dtype(self.dtype)
+        except LoadError as e:
+            raise ValueError(str(e)) from None
+        _check_setting("bootstrap", self.bootstrap, 0)
+        _check_setting("block", self.block, 1)
+        _check_setting("seed", self.seed, 0, hi=2**63 - 1)
+        _check_setting("threads", self.threads, 1, none_ok=True)
+        if self.metrics is not None:
+            if isinstance(self.metrics, str) or not all(isinstance(m, str)
+                                                        for m in self.metrics):
+                raise ValueError(f"metrics={self.metrics!r} is not valid: accepted a tuple of "
+                                 "metric names or None")
+            object.__setattr__(self, "metrics", tuple(self.metrics))
 
     def resolved_recipes(self) -> list[Recipe]:
         out = []
@@ -107,6 +154,62 @@ class EvalConfig:
                    fidelity=None, dtype=s["dtype"], bootstrap=s["bootstrap"],
                    block=s["block"], seed=s["seed"], threads=s["threads"],
                    metrics=tuple(sh.metric_definitions))
+
+
+def _check_setting(name: str, v: Any, lo: int, *, hi: int | None = None,
+                   none_ok: bool = False, hint: str = "") -> None:
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name}={v!r} is not valid: accepted an integer {rng}{hint}"
+                         + (" or null" if none_ok else ""))
+
+
+def effective_block(block: int, n_tokens: int) -> int:
+    """The bootstrap block length used for ``n_tokens`` tokens: ``block``, at most a quarter of
+    the tokens (and at least 1)."""
+    return max(1, min(block, n_tokens // 4 or 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints of the inputs (sweep cells are keyed by them)
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size and modification time)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = _sha256_file(p)
+    return _FILE_HASHES[key]
+
+
+def model_fingerprint(source: str) -> str:
+    """A hash of what ``source`` loads: the GGUF file's bytes, or every file of a model
+    directory (names and bytes); a hub id that is not a local path is its name (``hub:``).
+    Raises :class:`~precisim.emulation.LoadError` for a source that cannot be a model."""
+    from precisim.emulation.loader import resolve_model_path
+
+    path = resolve_model_path(source)
+    if path is None:
+        return f"hub:{source}"
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """sha256 of a recipe's full content (its canonical JSON), not of its name."""
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def content_hash(inputs: dict[str, Any]) -> str:
@@ -211,17 +314,25 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     model, tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype)
     ids = tokenize(tok, text.text, cfg.tokens)
     prefix = prefix_token(tok)
+    block = effective_block(cfg.block, len(ids))
+    if block != cfg.block and cfg.block != DEFAULT_BLOCK:  # (the default adapts quietly)
+        import warnings
+
+        warnings.warn(f"block={cfg.block} is longer than a quarter of the {len(ids)} tokens "
+                      f"evaluated: the bootstrap uses blocks of {block} tokens (the spec sheet "
+                      "records the block used)", UserWarning, stacklevel=2)
     grp = current_group()
     res = evaluate(model, ids, recipes, window=cfg.window, stride=cfg.stride,
-                   prefix_token=prefix, bootstrap=cfg.bootstrap, block=cfg.block,
-                   seed=cfg.seed, progress=progress, metrics=metrics, batch=batch, group=grp)
+                   prefix_token=prefix, bootstrap=cfg.bootstrap, block=block,
+                   seed=cfg.seed, progress=progress and grp.rank == 0, metrics=metrics,
+                   batch=batch, group=grp)
     inputs = {
         "model": _model_info(cfg.model, cfg.dtype),
         "data": {"source": cfg.data, "text_sha256": text.sha256,
                  "tokens_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()},
         "settings": {"tokens": cfg.tokens, "tokens_evaluated": len(ids), "window": cfg.window,
                      "stride": cfg.stride, "prefix_token": prefix, "dtype": cfg.dtype,
-                     "bootstrap": cfg.bootstrap, "block": cfg.block, "seed": cfg.seed,
+                     "bootstrap": cfg.bootstrap, "block": block, "seed": cfg.seed,
                      "threads": cfg.threads,  # (as asked: what ran is in the numerics)
                      "semantics": "rolling log-likelihood (lm-evaluation-harness)"},
         "recipes": [r.to_dict() for r in recipes],

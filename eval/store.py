@@ -3,7 +3,12 @@
 Each :meth:`RunStore.put` writes one whole record in its own transaction and commits it, so a
 process killed at any moment leaves every earlier cell intact and never a partial one (SQLite's
 journal rolls an interrupted transaction back on the next open). Several processes may share a
-store: writes wait up to ``timeout`` seconds for each other.
+store: writes wait up to ``timeout`` seconds for each other, and a worker takes a *lease* on a
+cell before it evaluates it (:meth:`RunStore.claim`), so workers sharing a sweep never evaluate
+a cell twice at once; the lease of a killed worker expires and another worker takes the cell
+(:func:`precisim.eval.sweep.run_sweep`). Lease times are wall-clock seconds: workers on other
+hosts must share the file system and a synchronised clock (SQLite over NFS is not reliable:
+prefer one host, or a local disk per host and one store per sweep part).
 
     with RunStore("precisim-runs.sqlite") as store:
         if not store.has(key):
@@ -21,6 +26,7 @@ import json
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +50,16 @@ CREATE TABLE IF NOT EXISTS runs (
     sweep   TEXT,
     created TEXT NOT NULL,
     record  TEXT NOT NULL
+)
+"""
+
+
+#: leases on cells being evaluated (created when first needed; an old store gains it then)
+_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    key     TEXT PRIMARY KEY,
+    owner   TEXT NOT NULL,
+    expires REAL NOT NULL
 )
 """
 
@@ -100,22 +116,63 @@ class RunStore:
         path: the SQLite file (created with its folder if missing); default
             :data:`DEFAULT_STORE` in the working directory.
         timeout: seconds a write waits for another process holding the file.
+        readonly: open an existing store for reading only (``precisim report``): nothing is
+            written to the file, not even the table.
+
+    A SQLite file that holds other tables (another program's database) is refused with a
+    ``ValueError`` and left unchanged, in either mode.
     """
 
-    def __init__(self, path: str | Path = DEFAULT_STORE, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | Path = DEFAULT_STORE, *, timeout: float = 30.0,
+                 readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         if self.path.is_dir():
             raise ValueError(f"run store path {str(self.path)!r} is a folder; give a file name "
                              f"such as {str(self.path / DEFAULT_STORE)!r}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly and not self.path.is_file():
+            raise ValueError(f"run store {str(self.path)!r} does not exist")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = None
         try:
-            # autocommit mode: every transaction below is explicit (BEGIN ... COMMIT)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None)
-            self._conn.execute(_SCHEMA)
+            if readonly:  # never writes: not even a journal or the runs table
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            else:
+                # autocommit mode: every transaction below is explicit (BEGIN ... COMMIT)
+                conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._conn = conn
+            self._check_schema()
         except sqlite3.DatabaseError as exc:
+            self.close()
             raise ValueError(f"{str(self.path)!r} is not a precisim run store (SQLite): "
                              f"{exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Create the ``runs`` table in a new (empty) file; refuse a SQLite database that holds
+        other tables, or a ``runs`` table of another shape (another program's database is
+        never modified)."""
+        conn = self.conn
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if "runs" in tables:
+            cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+            if cols != ["key", "sweep", "created", "record"]:
+                raise ValueError(f"{str(self.path)!r} is not a precisim run store: its 'runs' "
+                                 f"table has the columns {', '.join(cols)} (expected key, "
+                                 "sweep, created, record); it is left unchanged")
+            return
+        if tables or self.readonly:
+            what = f"the tables {', '.join(tables)}" if tables else "no tables"
+            # (a store holds 'runs' and, once a lease was taken, 'claims')
+            raise ValueError(f"{str(self.path)!r} is not a precisim run store: it is a SQLite "
+                             f"database with {what} and no 'runs' table; it is left unchanged")
+        conn.execute(_SCHEMA)
+        conn.execute(_CLAIMS)
 
     # -- connection ---------------------------------------------------------------------------
     @property
@@ -154,6 +211,10 @@ class RunStore:
 
     __contains__ = has
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ValueError(f"the run store {str(self.path)!r} was opened read-only")
+
     def put(self, key: str, record: Mapping[str, Any], *, sweep: str | None = None) -> None:
         """Store one finished record under ``key`` (replacing an earlier one), atomically.
 
@@ -166,6 +227,7 @@ class RunStore:
         in one transaction, so the store never holds a partial record.
         """
         self._check_key(key)
+        self._writable()
         if not isinstance(record, Mapping):
             raise ValueError(f"record for {key!r} must be a dict, got {type(record).__name__}")
         if sweep is None and isinstance(record.get("sweep"), str):
@@ -179,6 +241,8 @@ class RunStore:
         try:
             conn.execute("INSERT OR REPLACE INTO runs (key, sweep, created, record) "
                          "VALUES (?, ?, ?, ?)", (key, sweep, created, text))
+            conn.execute(_CLAIMS)
+            conn.execute("DELETE FROM claims WHERE key = ?", (key,))  # the lease ends with it
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -193,8 +257,73 @@ class RunStore:
     def delete(self, key: str) -> bool:
         """Remove the record under ``key``; True if there was one."""
         self._check_key(key)
+        self._writable()
         cur = self.conn.execute("DELETE FROM runs WHERE key = ?", (key,))
         return cur.rowcount > 0
+
+    # -- leases -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_lease(owner: object, lease: object) -> None:
+        if not isinstance(owner, str) or not owner:
+            raise ValueError(f"owner={owner!r} is not valid: accepted a non-empty string")
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+            raise ValueError(f"lease={lease!r} is not valid: accepted a positive number of "
+                             "seconds")
+
+    def claim(self, key: str, owner: str, *, lease: float) -> bool:
+        """Take the lease on ``key`` for ``owner`` for ``lease`` seconds, in one transaction:
+        False when the key is stored already or another owner holds an unexpired lease on it;
+        True otherwise (an expired lease of a killed worker is taken over; the owner's own
+        lease is extended). :meth:`put` of the key ends its lease."""
+        self._check_key(key)
+        self._check_lease(owner, lease)
+        self._writable()
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_CLAIMS)
+            now = time.time()
+            stored = conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT owner, expires FROM claims WHERE key = ?",
+                               (key,)).fetchone()
+            ok = stored is None and (row is None or row[0] == owner or row[1] <= now)
+            if ok:
+                conn.execute("INSERT OR REPLACE INTO claims (key, owner, expires) "
+                             "VALUES (?, ?, ?)", (key, owner, now + lease))
+            conn.execute("COMMIT")
+            return ok
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def renew(self, key: str, owner: str, *, lease: float) -> bool:
+        """Extend ``owner``'s lease on ``key`` to ``lease`` seconds from now; False when it holds
+        none (it expired and another owner took the key, or the key was stored)."""
+        self._check_key(key)
+        self._check_lease(owner, lease)
+        self._writable()
+        cur = self.conn.execute("UPDATE claims SET expires = ? WHERE key = ? AND owner = ?",
+                                (time.time() + lease, key, owner))
+        return cur.rowcount > 0
+
+    def release(self, key: str, owner: str) -> None:
+        """End ``owner``'s lease on ``key`` (if it holds one) without storing a record."""
+        self._check_key(key)
+        self._writable()
+        if self._has_claims():
+            self.conn.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def claims(self) -> dict[str, tuple[str, float]]:
+        """The current leases: key -> (owner, seconds until it expires; negative: expired)."""
+        if not self._has_claims():
+            return {}
+        now = time.time()
+        return {k: (o, e - now) for k, o, e in
+                self.conn.execute("SELECT key, owner, expires FROM claims ORDER BY key")}
+
+    def _has_claims(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                 "name = 'claims'").fetchone() is not None
 
     def _rows(self, sweep: str | None) -> Iterator[tuple[str, str | None, str, str]]:
         if sweep is None:

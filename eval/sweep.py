@@ -12,15 +12,23 @@ A sweep file::
       window: 512
       stride: 256
 
+Several workers may share a sweep and its store (``precisim sweep`` started more than once,
+on one host or on hosts sharing the file system): cells are claimed with expiring leases, so
+none is evaluated twice and a killed worker's cell is taken over (:func:`run_sweep`).
+
 The evaluation of one cell is injected (``evaluate_cell(cell) -> dict``), so this module knows
 nothing about models; :func:`run_sweep` only orders, skips, times and stores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +37,7 @@ from typing import Any
 
 from .store import RunStore
 
-__all__ = ["Cell", "SweepError", "SweepSpec", "load_sweep", "run_sweep"]
+__all__ = ["Cell", "SweepError", "SweepSpec", "latest_records", "load_sweep", "run_sweep"]
 
 #: the keys a sweep file accepts (``params`` is optional)
 SPEC_KEYS = ("name", "models", "recipes", "datasets", "params")
@@ -81,21 +89,35 @@ class Cell:
     recipe: str
     dataset: str
     params: tuple[tuple[str, Any], ...] = ()  #: sorted (name, value) pairs
+    #: sorted (input, hash) pairs: the content of what the names point to (the recipe's
+    #: definition, the data file, the model files); empty when the caller gives none
+    content: tuple[tuple[str, str], ...] = ()
 
     @property
     def param_dict(self) -> dict[str, Any]:
         """The params as a dict (tuples shown as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
 
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the cell, as a JSON-compatible dict."""
+    def names(self) -> dict[str, Any]:
+        """The fields a person names the cell by (no content hashes)."""
         return {"sweep": self.sweep, "model": self.model, "recipe": self.recipe,
                 "dataset": self.dataset, "params": self.param_dict}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the cell, as a JSON-compatible dict: its names and, when
+        known, the content hashes of its inputs."""
+        out = self.names()
+        if self.content:
+            out["content"] = dict(self.content)
+        return out
 
     @property
     def key(self) -> str:
         """A stable key: ``sweep/model/recipe/dataset/<hash>``, the hash (sha256, 12 hex digits)
-        of the canonical JSON of :meth:`identity`. Same cell, same key, in every run."""
+        of the canonical JSON of :meth:`identity`. Same cell, same key, in every run; a cell
+        whose recipe, data or model changed (same names, other content) gets another key, so a
+        stale result is never reused. Cells without content hashes keep the keys of stores
+        written before content was hashed."""
         canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canon.encode("utf-8")).hexdigest()[:12]
         return f"{self.sweep}/{self.model}/{self.recipe}/{self.dataset}/{digest}"
@@ -203,6 +225,10 @@ def run_sweep(
     *,
     progress: bool = True,
     on_error: str = "raise",
+    content: Callable[[Cell], Mapping[str, str]] | None = None,
+    worker: str | None = None,
+    lease: float = 120.0,
+    poll: float = 5.0,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` not yet in ``store``; return the records of all its cells.
 
@@ -223,6 +249,20 @@ def run_sweep(
             are kept); ``"skip"``: the cell is left out of the store (a re-run retries it) and
             the sweep goes on; the error is reported on the progress bar and in the returned
             list as ``{"key", "error"}``-only records at the end.
+        content: ``content(cell) -> {input: hash}``, the content hashes of a cell's inputs
+            (recipe definition, data, model files), made part of its key. It is called for
+            every cell before the first one runs, so it also validates the whole grid: an
+            exception there stops the sweep before any work (nothing is stored).
+        worker: this worker's name in the store's leases (default ``host:pid``).
+        lease: seconds a cell's lease lasts; renewed every ``lease / 3`` seconds while its cell
+            runs, so it expires only when the worker is killed (or hangs with the GIL held).
+        poll: seconds between looks at cells other workers hold.
+
+    **Several workers** (processes, on one host or sharing the store's file system) may run
+    the same sweep on the same store at once: each claims a cell before evaluating it
+    (:meth:`RunStore.claim`), so no cell is evaluated by two workers at once nor stored twice;
+    a worker that finds every remaining cell claimed waits for them, and takes over the cell
+    of a killed worker when its lease expires. Every worker returns every cell's record.
 
     Returns:
         The stored records of the spec's cells, in cells() order (plus error entries).
@@ -231,45 +271,126 @@ def run_sweep(
         raise ValueError(f"on_error={on_error!r} is not valid: accepted 'raise', 'skip'")
     if not callable(evaluate_cell):
         raise TypeError("evaluate_cell must be callable (cell) -> dict")
+    for name, v in (("lease", lease), ("poll", poll)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name}={v!r} is not valid: accepted a positive number of seconds")
+    if worker is not None and (not isinstance(worker, str) or not worker):
+        raise ValueError(f"worker={worker!r} is not valid: accepted a non-empty string")
     spec = load_sweep(spec)
+    cells = spec.cells()
+    if content is not None:
+        cells = [_with_content(c, content(c)) for c in cells]
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
-        return _run(spec, st, evaluate_cell, progress, on_error)
+        return _run(spec, cells, st, evaluate_cell, progress, on_error, worker, lease, poll)
     finally:
         if own_store:
             st.close()
 
 
-def _run(spec: SweepSpec, store: RunStore, evaluate_cell: Callable[[Cell], Mapping[str, Any]],
-         progress: bool, on_error: str) -> list[dict[str, Any]]:
+def _with_content(cell: Cell, hashes: Mapping[str, str]) -> Cell:
+    if not isinstance(hashes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise TypeError(f"content({cell}) must return a dict of str -> str, got {hashes!r}")
+    return dataclasses.replace(cell, content=tuple(sorted(hashes.items())))
+
+
+def _run(spec: SweepSpec, cells: list[Cell], store: RunStore,
+         evaluate_cell: Callable[[Cell], Mapping[str, Any]], progress: bool,
+         on_error: str, worker: str | None, lease: float, poll: float
+         ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    cells = spec.cells()
     todo = [c for c in cells if not store.has(c.key)]
+    if todo and any(c.content for c in todo):
+        named = {json.dumps(_names(r), sort_keys=True) for r in store.records(spec.name)}
+        stale = [c for c in todo if json.dumps(c.names(), sort_keys=True) in named]
+        if stale and progress:
+            import sys
+
+            print(f"{spec.name}: {len(stale)} stored cell(s) were computed from other inputs "
+                  "(recipe, data or model changed since); they are evaluated again",
+                  file=sys.stderr)
     errors: list[dict[str, Any]] = []
+    owner = worker or f"{socket.gethostname()}:{os.getpid()}"
+    pending = list(todo)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=spec.name, unit="cell",
               disable=not progress, dynamic_ncols=True) as bar:
-        for cell in todo:
-            bar.set_postfix_str(str(cell), refresh=True)
-            t0 = time.perf_counter()
-            try:
-                result = evaluate_cell(cell)
-                if not isinstance(result, Mapping):
-                    raise TypeError(f"evaluate_cell returned {type(result).__name__} for "
-                                    f"{cell.key}; expected a dict")
-            except Exception as exc:
-                if on_error == "raise":
-                    raise
-                errors.append({"key": cell.key, "error": f"{type(exc).__name__}: {exc}"})
-                bar.write(f"cell {cell.key} failed: {type(exc).__name__}: {exc}")
+        while pending:
+            waiting = []
+            for cell in pending:
+                if store.has(cell.key):  # finished by another worker
+                    bar.update(1)
+                    continue
+                if not store.claim(cell.key, owner, lease=lease):
+                    waiting.append(cell)  # another worker holds it
+                    continue
+                bar.set_postfix_str(str(cell), refresh=True)
+                t0 = time.perf_counter()
+                try:
+                    with _Heartbeat(store.path, cell.key, owner, lease):
+                        result = evaluate_cell(cell)
+                    if not isinstance(result, Mapping):
+                        raise TypeError(f"evaluate_cell returned {type(result).__name__} for "
+                                        f"{cell.key}; expected a dict")
+                except BaseException as exc:
+                    store.release(cell.key, owner)  # others may take it at once
+                    if on_error == "raise" or not isinstance(exc, Exception):
+                        raise
+                    errors.append({"key": cell.key, "error": f"{type(exc).__name__}: {exc}"})
+                    bar.write(f"cell {cell.key} failed: {type(exc).__name__}: {exc}")
+                    bar.update(1)
+                    continue
+                ident = cell.identity()
+                record = {**ident, "key": cell.key,
+                          **{k: v for k, v in result.items() if k not in ident and k != "key"}}
+                record.setdefault("elapsed_s", round(time.perf_counter() - t0, 6))
+                store.put(cell.key, record, sweep=spec.name)  # (ends the lease)
                 bar.update(1)
-                continue
-            ident = cell.identity()
-            record = {**ident, "key": cell.key,
-                      **{k: v for k, v in result.items() if k not in ident and k != "key"}}
-            record.setdefault("elapsed_s", round(time.perf_counter() - t0, 6))
-            store.put(cell.key, record, sweep=spec.name)
-            bar.update(1)
+            if waiting:  # until their workers store them or their leases expire
+                bar.set_postfix_str(f"waiting for {len(waiting)} cell(s) of other workers",
+                                    refresh=True)
+                time.sleep(min(poll, lease / 4))
+            pending = waiting
     records = [r for r in (store.get(c.key) for c in cells) if r is not None]
     return records + errors
+
+
+class _Heartbeat:
+    """Renews a cell's lease every ``lease / 3`` seconds from a thread (with its own SQLite
+    connection) while the cell is evaluated."""
+
+    def __init__(self, path: Path, key: str, owner: str, lease: float) -> None:
+        self.args = (path, key, owner, lease)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="precisim-lease", daemon=True)
+
+    def _beat(self) -> None:
+        path, key, owner, lease = self.args
+        with RunStore(path) as st:
+            while not self.stop.wait(lease / 3):
+                st.renew(key, owner, lease=lease)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _names(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The naming fields of a stored record (see :meth:`Cell.names`)."""
+    return {k: record.get(k) for k in ("sweep", "model", "recipe", "dataset", "params")}
+
+
+def latest_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The newest record of every cell name (sweep, model, recipe, dataset, params), in store
+    order, and how many older ones (computed from other inputs) were left out."""
+    last: dict[str, int] = {}
+    for i, r in enumerate(records):
+        last[json.dumps(_names(r), sort_keys=True, default=str)] = i
+    keep = sorted(last.values())
+    return [records[i] for i in keep], len(records) - len(keep)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from precisim.formats.cli import int_arg
+
 __all__ = ["add_parser", "run"]
 
 
@@ -29,11 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overflow", default=None,
                    help="format overflow: saturate, inf, nan, wrap (default: inf if the format "
                    "has one, else saturate)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=int_arg(0), default=None,
                    help="random vectors (default 1000 for a format, 100 for a unit)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--k", type=int, default=None, help="unit dot length K (default from the "
-                   "unit's block size)")
+    p.add_argument("--seed", type=int_arg(0), default=0, help="random seed (default 0)")
+    p.add_argument("--k", type=int_arg(1, 1 << 16), default=None,
+                   help="unit dot length K, 1..65536 (default from the unit's block size)")
     p.add_argument("--all-codes", action="store_true",
                    help="every code of a wide format (default only formats of <= 8 bits)")
     p.add_argument("--out", help="output file, .csv or .json (default: CSV on stdout)")
@@ -53,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         return fail("give either a FORMAT or --unit NAME (exactly one)")
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
         return fail(f"--out {args.out!r}: accepted suffixes .csv, .json")
+    if args.out:
+        from .commands import check_out_file
+
+        try:
+            check_out_file(args.out)
+        except ValueError as exc:
+            return fail(str(exc))
     try:
         if args.unit is not None:
             from precisim.emulation.vectors import unit_vectors

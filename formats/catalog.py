@@ -18,6 +18,7 @@ Accepted spellings (case-insensitive):
 from __future__ import annotations
 
 import contextlib
+import re
 
 from .descriptor import FloatFormat, FormatError, Inf, IntFormat, Nan
 from .registry import Registry, UnknownNameError
@@ -123,6 +124,34 @@ def _exmy(e: int, m: int, bias: int | None, suffix: str | None) -> FloatFormat:
                        subnormals=m > 0)
 
 
+def _small_int(text: str | None, what: str, name: str) -> int | None:
+    """A parameter of a parametric name as an int, refused with a FormatError when it has more
+    digits than any accepted value (Python's int() of a huge digit string is slow, and past
+    4300 digits raises a bare ValueError)."""
+    if text is None:
+        return None
+    if len(text) > 6:
+        short = name if len(name) <= 40 else name[:37] + "..."
+        raise FormatError(f"{short!r}: {what}={text[:12]}{'...' if len(text) > 12 else ''} "
+                          f"({len(text)} digits) is far outside the accepted range (an "
+                          "eXmY format has 1..8 exponent and 0..23 mantissa bits and a bias "
+                          "that keeps its values in float32; P3109 K is 2..16)")
+    return int(text)
+
+
+def _family_exmy(m: re.Match[str]) -> FloatFormat:
+    name = m.group(0)
+    return _exmy(_small_int(m.group(1), "exponent bits", name),
+                 _small_int(m.group(2), "mantissa bits", name),
+                 _small_int(m.group(3), "bias", name), m.group(4))
+
+
+def _family_p3109(m: re.Match[str]) -> FloatFormat:
+    name = m.group(0)
+    return p3109(_small_int(m.group(1), "K", name), _small_int(m.group(2), "P", name),
+                 m.group(3) == "s", m.group(4) == "e")
+
+
 #: every named element format (docs/naming.md); the P3109 and eXmY families are parsed
 FORMATS: Registry[FloatFormat | IntFormat] = Registry(
     "format", error=UnknownFormatError,
@@ -130,13 +159,10 @@ FORMATS: Registry[FloatFormat | IntFormat] = Registry(
     "precisim.formats.scaling.get_scaled_format")
 for _f in _BUILTIN:
     FORMATS.register(_f.name, _f, aliases=_f.aliases)
-FORMATS.register_family(r"(?:p3109_k|binary)(\d+)p(\d+)([su])([ef])",
-                        lambda m: p3109(int(m.group(1)), int(m.group(2)), m.group(3) == "s",
-                                        m.group(4) == "e"), "binary8p3se")
+FORMATS.register_family(r"(?:p3109_k|binary)(\d+)p(\d+)([su])([ef])", _family_p3109,
+                        "binary8p3se")
 FORMATS.register_family(r"(?:float\d+_|fp\d+_)?e(\d+)m(\d+)(?:b(\d+))?(fnuz|fnu|fn)?",
-                        lambda m: _exmy(int(m.group(1)), int(m.group(2)),
-                                        None if m.group(3) is None else int(m.group(3)),
-                                        m.group(4)), "e5m7[b15][fn|fnuz|fnu]")
+                        _family_exmy, "e5m7[b15][fn|fnuz|fnu]")
 
 
 def catalog() -> list[FloatFormat | IntFormat]:
@@ -146,6 +172,8 @@ def catalog() -> list[FloatFormat | IntFormat]:
 
 def p3109_family(k: int = 8) -> list[FloatFormat]:
     """All P3109 formats with K bits (signed and unsigned, extended and finite)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 16:
+        raise FormatError(f"P3109 K={k!r} is not supported: accepted 2..16")
     out = []
     for signed in (True, False):
         for p in range(1, k - int(signed) + 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Callable
 from fractions import Fraction
 
 from .catalog import catalog, get_format, p3109_family
@@ -45,6 +47,8 @@ def format_list_markdown(formats: list[FloatFormat | IntFormat]) -> str:
 def value_table_markdown(f: FloatFormat | IntFormat, columns: int = 8) -> str:
     """The value of every code of a format of at most 8 bits, as a Markdown grid
     (row = high bits of the code, column = low bits)."""
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns={columns!r} is not valid: accepted a positive integer")
     table = f.value_table()
     cols = min(columns, len(table))
     head = "| code | " + " | ".join(f"+{c:X}" for c in range(cols)) + " |"
@@ -55,13 +59,33 @@ def value_table_markdown(f: FloatFormat | IntFormat, columns: int = 8) -> str:
     return "\n".join(lines)
 
 
+def int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in ``lo..hi`` (``hi`` None: no upper bound); a
+    bad value exits with status 2 and a message naming it and the accepted range, before any
+    work starts."""
+    accepted = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; accepted "
+                                             f"{accepted}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range; accepted {accepted}")
+        return v
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("formats", help="list number formats, or show one format's value table",
                        description=__doc__)
     p.add_argument("name", nargs="?", help="a format name (e.g. e4m3, binary8p3se, e5m7)")
-    p.add_argument("--p3109", type=int, metavar="K",
-                   help="list the IEEE P3109 family with K bits instead of the catalog")
-    p.add_argument("--columns", type=int, default=8, help="value-table columns (default 8)")
+    p.add_argument("--p3109", type=int_arg(2, 16), metavar="K",
+                   help="list the IEEE P3109 family with K bits (2..16) instead of the catalog")
+    p.add_argument("--columns", type=int_arg(1, 256), default=8,
+                   help="value-table columns, 1..256 (default 8)")
     p.set_defaults(func=run)
 
 
@@ -70,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             f = get_format(args.name)
         except FormatError as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"## {f.name}" + (f" ({f.description})" if f.description else ""))
         print()
@@ -79,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
             print()
             print(value_table_markdown(f, args.columns))
         return 0
-    formats = p3109_family(args.p3109) if args.p3109 else catalog()
+    formats = p3109_family(args.p3109) if args.p3109 is not None else catalog()
     print(format_list_markdown(formats))
     return 0

@@ -84,15 +84,35 @@ class FloatFormat:
             raise FormatError(f"{self.name}: a format needs at least two finite values")
         if self.max_code_magnitude < self.min_positive_code:
             raise FormatError(f"{self.name}: the special values leave no finite positive value")
-        lo, hi = self.min_subnormal, self.max
-        if hi > Fraction(2**128 - 2**104) or lo < Fraction(1, 2**149) or (
-            self.emin - self.man_bits < -149
-        ):
+        # the bias range is checked on integers before any value is derived: a huge bias would
+        # otherwise build Fractions with 2^bias in them (unbounded time and memory)
+        if isinstance(self.bias, bool) or not isinstance(self.bias, int):
+            raise FormatError(f"{self.name}: bias={self.bias!r} is not valid: accepted an integer")
+        lo_b, hi_b = self.bias_range()
+        if not lo_b <= self.bias <= hi_b:
+            top = (self.max_code_magnitude >> self.man_bits) - self.bias
+            low = self.emin - (self.man_bits if self.subnormals else 0)
             raise FormatError(
-                f"{self.name}: bias={self.bias} puts values outside float32 "
-                f"(max {float(hi):g}, smallest {float(lo):g}); every value must be an exact "
-                "float32 for the fake-quantization to return it"
+                f"{self.name}: bias={self.bias} puts values outside float32 (largest value "
+                f"about 2^{top}, smallest 2^{low}; float32 holds 2^-149..2^127); accepted bias "
+                f"{lo_b}..{hi_b} for {self.exp_bits} exponent and {self.man_bits} mantissa bits "
+                "(every value must be an exact float32 for the fake-quantization to return it)"
             )
+        lo, hi = self.min_subnormal, self.max
+        if hi > Fraction(2**128 - 2**104) or lo < Fraction(1, 2**149):  # pragma: no cover
+            raise FormatError(  # (bias_range() excludes these; kept as the exact statement)
+                f"{self.name}: bias={self.bias} puts values outside float32 "
+                f"(max {float(hi):g}, smallest {float(lo):g})"
+            )
+
+    def bias_range(self) -> tuple[int, int]:
+        """The biases that keep every value of this structure (exponent and mantissa bits,
+        special values) an exact float32: the largest finite value's exponent at most 127 and
+        the smallest step (the smallest subnormal, or 2^(emin - m)) at least 2^-149."""
+        top_field = self.max_code_magnitude >> self.man_bits
+        lo = top_field - 127 if (top_field >= 1 or not self.subnormals) else -126
+        hi = 149 + int(self.subnormals) - self.man_bits
+        return lo, hi
 
     # -- basic geometry ---------------------------------------------------------------------
     @property

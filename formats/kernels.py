@@ -395,6 +395,16 @@ _BACKEND = os.environ.get("PRECISIM_BACKEND", "auto")
 COMPILE_MIN_NUMEL = int(os.environ.get("PRECISIM_COMPILE_MIN_NUMEL", str(1 << 18)))
 RECOMPILE_LIMIT = 64
 
+#: the first-use self-check of compiled kernels (see :func:`run`); ``PRECISIM_KERNEL_SELF_CHECK=0``
+#: switches it off (for measuring its cost; results may then depend on the compile cache)
+SELF_CHECK = os.environ.get("PRECISIM_KERNEL_SELF_CHECK", "1") != "0"
+#: the largest first batch the self-check compares whole; past it, a leading slice of every
+#: tensor argument that shares the batch's length (element-wise kernels) is compared, else the
+#: whole batch
+SELF_CHECK_MAX_NUMEL = 1 << 20
+_CHECKED: set[tuple] = set()
+_CHECK_STATS = {"checked": 0, "failed": 0, "seconds": 0.0}
+
 
 def set_backend(backend: str) -> None:
     """Choose how kernels run: ``"eager"``, ``"compile"`` (torch.compile, also for small tensors)
@@ -411,7 +421,16 @@ def get_backend() -> str:
 
 
 def run(fn, key: tuple, numel: int, *args):
-    """Run ``fn(*args)`` eagerly or through a cached torch.compile'd version."""
+    """Run ``fn(*args)`` eagerly or through a cached torch.compile'd version.
+
+    Every compiled kernel of precisim goes through here (element quantization, block scaling,
+    telemetry counters, the compiled matrix-unit chains). The first time a compiled kernel is
+    used in a process its result is checked bit for bit against its eager twin on that first
+    batch (:func:`self_check`): a kernel whose compiled code returns other bits (a compile
+    cache written under another CPU capability was seen to) is not used again in the process;
+    the eager kernel's result is returned, with a warning. Results therefore never depend on
+    the compile cache's hygiene.
+    """
     use = _BACKEND == "compile" or (_BACKEND == "auto" and numel >= COMPILE_MIN_NUMEL)
     if not use:
         return fn(*args)
@@ -421,15 +440,12 @@ def run(fn, key: tuple, numel: int, *args):
                  for a in args)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        # inductor otherwise keeps some values in a wider type across a narrowing cast (seen:
-        # x.to(float16).to(float32) compiled to x): precisim's kernels round through casts
-        compiled = torch.compile(_private_copy(fn), dynamic=True, fullgraph=True,
-                                 options={"emulate_precision_casts": True})
+        compiled = _compile(fn)
         _COMPILED[key] = compiled
     if compiled is False:
         return fn(*args)
     try:
-        return _call_compiled(compiled, args)
+        out = _call_compiled(compiled, args)
     except Exception as exc:  # pragma: no cover - depends on the machine's compiler
         if _BACKEND == "compile":
             raise
@@ -438,6 +454,108 @@ def run(fn, key: tuple, numel: int, *args):
         warnings.warn(f"torch.compile failed ({exc!r:.200}); using the eager kernel", stacklevel=3)
         _COMPILED[key] = False
         return fn(*args)
+    if SELF_CHECK and key not in _CHECKED:
+        out = self_check(fn, key, args, out)
+    return out
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile of a private copy of ``fn`` (see :func:`_private_copy`)."""
+    # inductor otherwise keeps some values in a wider type across a narrowing cast (seen:
+    # x.to(float16).to(float32) compiled to x): precisim's kernels round through casts
+    return torch.compile(_private_copy(fn), dynamic=True, fullgraph=True,
+                         options={"emulate_precision_casts": True})
+
+
+def self_check(fn: Callable[..., Any], key: tuple, args: tuple, out: Any) -> Any:
+    """The first-use check of a compiled kernel: ``out`` (the compiled kernel's result on
+    ``args``) against the eager ``fn`` on the same batch, whose result is the known answer.
+
+    Equal bits (NaN matching NaN): the kernel is trusted for the rest of the process and ``out``
+    returned. Different: a ``RuntimeWarning`` names the kernel and how many values differ, the
+    kernel runs eagerly from then on, and the eager result is returned. Batches larger than
+    :data:`SELF_CHECK_MAX_NUMEL` are checked on a leading slice where the kernel is element-wise
+    along the first axis (every tensor argument of the batch's length cut alike), so the check
+    costs at most one eager run of a small batch per kernel and process.
+    """
+    import time
+
+    _CHECKED.add(key)
+    t0 = time.perf_counter()
+    try:
+        probe, probe_out = _probe(args), None
+        compiled = _COMPILED.get(key)
+        if probe is not None and callable(compiled):
+            try:
+                probe_out = _call_compiled(compiled, probe)
+            except Exception:  # pragma: no cover - then the whole batch is compared
+                probe_out = None
+        if probe_out is not None:
+            ref, got = fn(*probe), probe_out
+        else:
+            ref, got = fn(*args), out
+        differ, total = _count_differences(got, ref)
+    finally:
+        _CHECK_STATS["checked"] += 1
+        _CHECK_STATS["seconds"] += time.perf_counter() - t0
+    if not differ:
+        return out
+    _CHECK_STATS["failed"] += 1
+    _COMPILED[key] = False
+    import warnings
+
+    warnings.warn(
+        f"the compiled kernel {key[0]!r} returned bits that differ from its eager twin on its "
+        f"first batch in this process ({differ} of {total} values); it runs eagerly from now on. "
+        "A torch.compile cache written by another machine or torch build (TORCHINDUCTOR_CACHE_DIR) "
+        "is the likely cause: clear it", RuntimeWarning, stacklevel=3)
+    return fn(*args) if probe_out is not None else ref
+
+
+def _probe(args: tuple) -> tuple | None:
+    """A leading slice of a large batch for the self-check, or None (check the whole batch):
+    only for kernels whose tensor arguments are all 1-D of one length (the element-wise
+    kernels work on flattened tensors), cut to :data:`SELF_CHECK_MAX_NUMEL` elements."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.dim() != 1 for t in tensors):
+        return None
+    n = tensors[0].shape[0]
+    if n <= SELF_CHECK_MAX_NUMEL or any(t.shape[0] != n for t in tensors):
+        return None
+    return tuple(a[:SELF_CHECK_MAX_NUMEL] if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _count_differences(got: Any, ref: Any) -> tuple[int, int]:
+    """(values that differ, values compared) between two kernel results: tensors bit for bit
+    (NaN equal to NaN whatever its payload), tuples and lists element-wise, anything else by
+    ``==``; a different type, dtype or shape counts every value as different."""
+    if isinstance(ref, tuple | list):
+        if not isinstance(got, tuple | list) or len(got) != len(ref):
+            return 1, 1
+        d = t = 0
+        for g, r in zip(got, ref):
+            dd, tt = _count_differences(g, r)
+            d, t = d + dd, t + tt
+        return d, t
+    if isinstance(ref, torch.Tensor):
+        n = max(ref.numel(), 1)
+        if not isinstance(got, torch.Tensor) or got.dtype != ref.dtype \
+                or got.shape != ref.shape:
+            return n, n
+        if ref.is_floating_point():
+            ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[ref.element_size()]
+            same = (got.contiguous().view(ints) == ref.contiguous().view(ints)) \
+                | (torch.isnan(got) & torch.isnan(ref))
+        else:
+            same = got == ref
+        return int((~same).sum()), ref.numel()
+    return (0 if got == ref else 1), 1
+
+
+def self_check_stats() -> dict[str, float]:
+    """The first-use self-checks of this process: ``checked`` kernels, ``failed`` ones (now
+    eager) and the ``seconds`` the checks took."""
+    return dict(_CHECK_STATS)
 
 
 def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:

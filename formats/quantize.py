@@ -67,6 +67,14 @@ def is_subset(fmt: FloatFormat | IntFormat, container: FloatFormat) -> bool:
     )
 
 
+def check_overflow(fmt: FloatFormat | IntFormat, overflow: Overflow | str) -> Overflow:
+    """``overflow`` parsed and checked against ``fmt`` (``inf`` needs an infinity, ``nan`` a NaN
+    code, ``wrap`` an integer format); raises :class:`FormatError` naming what is accepted."""
+    ovf = Overflow.parse(overflow)
+    _check_policy(fmt, ovf)
+    return ovf
+
+
 def _check_policy(fmt: FloatFormat | IntFormat, overflow: Overflow) -> None:
     if overflow is Overflow.INF and not fmt.has_inf:
         raise FormatError(f"overflow='inf' is not possible: {fmt.name} has no infinity; "

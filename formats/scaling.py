@@ -220,9 +220,16 @@ def _pow2_builder(name: str, elem: str) -> Callable[[ScaleRule | None, int], Sca
     return build
 
 
-def _amax_builder(name: str, elem: str, gran: Callable[[int], Granularity]
+def _amax_builder(name: str, elem: str, gran: Callable[[int], Granularity],
+                  axes: tuple[int, ...] | None = None
                   ) -> Callable[[ScaleRule | None, int], ScaledFormat]:
+    """``axes``: the block axes the format accepts (None: any; its granularity follows the
+    axis); a format whose granularity is fixed refuses the others rather than ignore them."""
     def build(rule: ScaleRule | None, axis: int) -> ScaledFormat:
+        if axes is not None and axis not in axes:
+            raise FormatError(f"{name}: axis={axis} is not possible: its scales are "
+                              f"{gran(-1).name}, which fixes the axes; accepted axis "
+                              f"{' or '.join(map(str, axes))}")
         return ScaledFormat(name, get_format(elem), gran(axis), FP32, rule or ScaleRule.AMAX)
     return build
 
@@ -240,15 +247,18 @@ for _name, _elem in (("mxfp8", "e4m3"), ("mxfp8_e4m3", "e4m3"), ("mxfp8_e5m2", "
                      ("mxfp4", "e2m1"), ("mxint8", "mxint8")):
     SCALED_FORMATS.register(_name, _pow2_builder(_name, _elem))
 SCALED_FORMATS.register("nvfp4", _nvfp4)
-for _name, _elem, _gran in (
-        ("fp8_tensor", "e4m3", lambda axis: Granularity.per_tensor()),
-        ("fp8_e5m2_tensor", "e5m2", lambda axis: Granularity.per_tensor()),
-        ("fp8_1x128", "e4m3", lambda axis: Granularity.per_group(128, axis)),
-        ("fp8_128x128", "e4m3", lambda axis: Granularity.tile(128, 128)),
-        ("int8_channel", "int8", lambda axis: Granularity.per_channel(0)),
-        ("int8_token", "int8", lambda axis: Granularity.per_token(axis)),
-        ("int4_group128", "int4", lambda axis: Granularity.per_group(128, axis))):
-    SCALED_FORMATS.register(_name, _amax_builder(_name, _elem, _gran))
+for _name, _elem, _gran, _axes in (
+        # per tensor: one scale whatever the axis
+        ("fp8_tensor", "e4m3", lambda axis: Granularity.per_tensor(), None),
+        ("fp8_e5m2_tensor", "e5m2", lambda axis: Granularity.per_tensor(), None),
+        ("fp8_1x128", "e4m3", lambda axis: Granularity.per_group(128, axis), None),
+        # square tiles over the last two axes: K may be either of them
+        ("fp8_128x128", "e4m3", lambda axis: Granularity.tile(128, 128), (-1, -2)),
+        # one scale per index of axis 0 (a weight's output channels), reducing the K axis -1
+        ("int8_channel", "int8", lambda axis: Granularity.per_channel(0), (-1,)),
+        ("int8_token", "int8", lambda axis: Granularity.per_token(axis), None),
+        ("int4_group128", "int4", lambda axis: Granularity.per_group(128, axis), None)):
+    SCALED_FORMATS.register(_name, _amax_builder(_name, _elem, _gran, _axes))
 
 
 def get_scaled_format(name: str | ScaledFormat, rule: ScaleRule | str | None = None,
@@ -256,9 +266,19 @@ def get_scaled_format(name: str | ScaledFormat, rule: ScaleRule | str | None = N
     """A named block-scaled format (:data:`SCALED_FORMATS`). ``rule`` overrides the scale rule
     (MX formats: FLOOR by default, as in the OCP spec; rules a format cannot take raise);
     ``axis`` is the axis the blocks run along (the GEMM's K)."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise FormatError(f"axis={axis!r} is not valid: accepted an integer (the block axis, "
+                          "-1 = the last)")
     if isinstance(name, ScaledFormat):
+        if axis != -1:
+            raise FormatError(f"{name.name}: axis={axis} is not applied to a ScaledFormat "
+                              "object (it carries its granularity); pass the format's name, "
+                              "or build the Granularity with the axis")
         return name if rule is None else name.with_rule(rule)
-    r = ScaleRule.parse(rule) if rule is not None else None
+    try:
+        r = ScaleRule.parse(rule) if rule is not None else None
+    except ValueError as e:
+        raise FormatError(str(e)) from None
     return SCALED_FORMATS.get(name)(r, axis)
 
 
@@ -390,10 +410,18 @@ def quantize_scaled(
         raise TypeError(f"fmt must be a ScaledFormat or a name, got {type(fmt).__name__}")
     rnd = Rounding.parse(rounding) if rounding is not None else f.rounding
     bits_sr = check_sr_bits(rnd, sr_bits)
+    if rnd is not Rounding.STOCHASTIC and (seed is not None or generator is not None):
+        raise ValueError(f"seed/generator are only used with rounding='sr' (got rounding="
+                         f"{rnd.value!r}, seed={seed!r})")
+    for what, v in (("flush_input", flush_input), ("return_parts", return_parts)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{what}={v!r} is not valid: accepted True or False")
     if x.dtype != torch.float32 and not is_subset(f.element, get_format(x.dtype)):
         raise FormatError(f"{f.element.name} values are not all representable in {x.dtype}; "
                           "quantize a float32 copy instead")
     bshape = f.granularity.block_shape(tuple(x.shape))
+    if x.numel() == 0:
+        return _empty_scaled(x, f, bshape, return_parts)
     xb, shape, padded = block_view(x.to(torch.float32).contiguous(), bshape)
     xb = _flat_blocks(xb, bshape)
     rand = None
@@ -459,6 +487,22 @@ def quantize_scaled(
     # codes are derived on first use (telemetry only needs the element values)
     return ScaledTensor(result, None, scales, tscale, bshape, f,
                         _crop(elem_vals.reshape(padded), shape))
+
+
+def _empty_scaled(x: torch.Tensor, f: ScaledFormat, bshape: tuple[int, ...],
+                  return_parts: bool) -> torch.Tensor | ScaledTensor:
+    """An empty tensor quantized: empty values, and (parts) no scales (a grid of
+    ceil(shape / block) blocks, 0 along the empty axes) and a tensor scale of 1 (the zero
+    tensor amax gives g = 1)."""
+    result = torch.empty_like(x)
+    if not return_parts:
+        return result
+    grid = tuple(-(-d // b) for d, b in zip(x.shape, bshape))
+    scales = torch.zeros(grid, dtype=torch.uint8 if f.scale.bits <= 8 else torch.float32,
+                         device=x.device)
+    tscale = torch.ones((), dtype=torch.float32, device=x.device) if f.tensor_scale else None
+    return ScaledTensor(result, None, scales, tscale, bshape, f,
+                        torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
 def _block_amax_bits(xf: torch.Tensor, red_dims: tuple[int, ...]) -> torch.Tensor:

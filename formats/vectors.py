@@ -57,6 +57,11 @@ _DAZ_BELOW = Fraction(1, 2**126)  # float32's smallest normal: DAZ reads smaller
 
 #: formats whose codes are all enumerated by default (wider formats use boundary codes)
 ALL_CODES_MAX_BITS = 8
+#: the widest format whose codes may be enumerated on request (``all_codes=True``): 2^16
+#: codes give about 400,000 rows; fp32's 2^32 would not fit in memory
+ALL_CODES_LIMIT_BITS = 16
+#: the most random inputs (``n_random``) one call accepts (each row is computed exactly)
+MAX_RANDOM = 1_000_000
 
 
 class Vectors(list):
@@ -309,10 +314,22 @@ def format_vectors(
     for what, v in (("n_random", n_random), ("seed", seed)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{what}={v!r} is not valid: accepted an integer >= 0")
+    if n_random > MAX_RANDOM:
+        raise ValueError(f"n_random={n_random} is not valid: accepted 0..{MAX_RANDOM} (every "
+                         "row is computed with exact arithmetic; split larger sets by seed)")
+    for what, v in (("all_codes", all_codes), ("flush_input", flush_input),
+                    ("flush_output", flush_output)):
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{what}={v!r} is not valid: accepted True or False")
     if isinstance(f, IntFormat) and (flush_input or flush_output):
         raise ValueError(f"flush_input / flush_output are for float formats, not {f.name}")
     if all_codes is None:
         all_codes = f.bits <= ALL_CODES_MAX_BITS
+    if all_codes and f.bits > ALL_CODES_LIMIT_BITS:
+        raise ValueError(f"all_codes=True for {f.name} would list its 2^{f.bits} codes "
+                         f"({1 << f.bits:,} values and their neighbours): accepted for formats "
+                         f"of up to {ALL_CODES_LIMIT_BITS} bits; wider formats get every "
+                         "binade's boundary codes and random inputs (all_codes=False)")
     rows = []
     skipped = 0
     for case, bits in _format_inputs(f, bool(all_codes), n_random, seed):

@@ -40,3 +40,33 @@ def smollm2():
     from precisim.emulation import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_text() -> str:
+    """A small repetitive English text, the corpus of :func:`tiny_checkpoint`'s tokenizer."""
+    return ("the quick brown fox jumps over the lazy dog . " * 40
+            + "a stitch in time saves nine . " * 30)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_text, tmp_path_factory) -> str:
+    """A randomly initialised 2-layer Llama saved as a Hugging Face directory with its own
+    word-level tokenizer: a real checkpoint the CLI loads through ``load_model``."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    words = sorted(set(tiny_text.split()))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64,
+                                   intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    fast.save_pretrained(d)
+    return str(d)

@@ -6,42 +6,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-TEXT = ("the quick brown fox jumps over the lazy dog . " * 40
-        + "a stitch in time saves nine . " * 30)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted(set(TEXT.split()))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64,
-                                   intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    fast.save_pretrained(d)
-    return str(d)
-
-
-def test_sweep_report_and_resume_on_a_local_checkpoint(checkpoint, tmp_path, capsys) -> None:
+def test_sweep_report_and_resume_on_a_local_checkpoint(
+    tiny_checkpoint, tiny_text, tmp_path, capsys
+) -> None:
     from precisim.eval.cli import main
 
     data = tmp_path / "text.txt"
-    data.write_text(TEXT)
+    data.write_text(tiny_text)
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(f"name: e2e\nmodels: [{checkpoint}]\nrecipes: [mxfp8, nvfp4, bf16]\n"
+    spec.write_text(f"name: e2e\nmodels: [{tiny_checkpoint}]\nrecipes: [mxfp8, nvfp4, bf16]\n"
                     f"datasets: [{data}]\nparams: {{tokens: 96, window: 48, bootstrap: 50}}\n")
     store = tmp_path / "runs.sqlite"
     assert main(["sweep", str(spec), "--store", str(store),
@@ -63,13 +37,15 @@ def test_sweep_report_and_resume_on_a_local_checkpoint(checkpoint, tmp_path, cap
     assert "nvfp4" in md and (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
 
 
-def test_eval_writes_summary_and_reproduces_its_sheet(checkpoint, tmp_path, capsys) -> None:
+def test_eval_writes_summary_and_reproduces_its_sheet(
+    tiny_checkpoint, tiny_text, tmp_path, capsys
+) -> None:
     from precisim.eval.cli import main
 
     data = tmp_path / "text.txt"
-    data.write_text(TEXT)
+    data.write_text(tiny_text)
     out = tmp_path / "out"
-    assert main(["eval", "--model", checkpoint, "--data", str(data), "--recipes",
+    assert main(["eval", "--model", tiny_checkpoint, "--data", str(data), "--recipes",
                  "mxfp4,deepseek-fp8", "--fidelity", "fast", "--tokens", "64", "--window", "32",
                  "--bootstrap", "50", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

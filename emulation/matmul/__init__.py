@@ -55,6 +55,7 @@ from collections.abc import Sequence
 import torch
 
 from ..matrix_unit import MatrixUnit
+from ..precision import ieee_fp32
 from ..presets import get_unit
 from . import (  # noqa: F401  (the kernels register themselves)
     exact_blocks,
@@ -113,6 +114,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
                     max_chunk_elements=max_chunk_elements, kernel=kernel)
 
 
+@ieee_fp32
 def run_gemm(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = None,
              max_chunk_elements: int = 1 << 21, scales: Scales | None = None,
              elem_formats: tuple | None = None, check: bool = True,
@@ -123,6 +125,8 @@ def run_gemm(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = Non
         call = prepare(a, b, unit, c, fidelity, seed=seed,
                        max_chunk_elements=max_chunk_elements, scales=scales,
                        elem_formats=elem_formats, check=check)
+        if call.a.numel() == 0 or call.b.numel() == 0:  # no outputs (B, M or N is 0)
+            return torch.zeros(call.out_shape, dtype=torch.float32, device=call.a.device)
         k = select(call, kernel)
         return call.finish(k.run(call))
 

@@ -332,8 +332,14 @@ def prepare(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = None
                          "positive integer")
     batch = _operands(a, b)
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    a = a.float().expand(*batch, M, K).reshape(-1, M, K)
-    b = b.float().expand(*batch, K, N).reshape(-1, K, N)
+    B = math.prod(batch)
+    a = a.float().expand(*batch, M, K).reshape(B, M, K)
+    b = b.float().expand(*batch, K, N).reshape(B, K, N)
+    if K == 0:
+        # no products: one zero product each, which takes no part in the alignment (docs/
+        # arithmetic.md section 4, padding), so D = c through the unit's roundings
+        a = a.new_zeros((B, M, 1))
+        b = b.new_zeros((B, 1, N))
     out_shape = (*batch, M, N)
     c_fmt = unit.promotion_format if unit.promotion_interval else unit.acc_format
     if c is not None:
@@ -345,7 +351,7 @@ def prepare(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = None
             raise ValueError(f"c of shape {tuple(c.shape)} does not broadcast to the output "
                              f"shape {out_shape}") from None
         check_values(c, c_fmt, "c")
-        c = c.reshape(-1, M, N).contiguous()
+        c = c.reshape(B, M, N).contiguous()
     finite = False
     if check:
         finite = check_values(a, unit.a_format, "a") & check_values(b, unit.b_format, "b")
