@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from precisim.emulation import Recipe, TensorSpec, get_recipe, get_unit
+from precisim.emulation import OP_KINDS, Recipe, TensorSpec, get_recipe, get_unit
 from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
@@ -237,6 +237,10 @@ def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
     return d
 
 
+#: the op kinds of the units beyond the GEMM that a spec sheet describes
+DATAPATH_KINDS = ("softmax", "normalization", "activation")
+
+
 def _recipe_info(r: Recipe) -> dict[str, Any]:
     lin = r.linear
     att = r.attention
@@ -253,6 +257,11 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
     info["cost"] = _cost_info(r)
+    # the units beyond the GEMM (docs/arithmetic.md section 7.8), where the recipe names them
+    dp = {k: r.spec(k).describe() for k in DATAPATH_KINDS
+          if k in OP_KINDS and r.spec(k) is not None}
+    if dp:
+        info["datapath"] = dp
     return info
 
 
@@ -408,6 +417,8 @@ DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
     ("mem_kv", "KV mem vs bf16"),
 ]
+#: shown after :data:`DESIGN_COLUMNS` when a recipe of the sheet names the units beyond the GEMM
+DATAPATH_COLUMN = ("datapath", "softmax / norm / activation")
 
 #: modelled, not measured (precisim.eval.cost, docs/cost-perf.md): the linear layers' GEMM
 #: datapath per product, relative to a bf16 multiply with fp32 accumulation. Shown for sheets
@@ -421,16 +432,17 @@ COST_COLUMNS: list[tuple[str, str, str]] = [
 
 def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
                    ) -> list[tuple[str, str] | tuple[str, str, str]]:
-    """The vendor table's columns: :data:`DESIGN_COLUMNS`, :data:`COST_COLUMNS` (when the sheet
-    records the modelled cost, or for None), then the ``(key, label, format)`` columns of the
-    metrics the vendor table shows, as a sheet defines them (None: as the registered metrics
-    do)."""
+    """The vendor table's columns: :data:`DESIGN_COLUMNS`, the datapath column (when a recipe of
+    the sheet names units beyond the GEMM), :data:`COST_COLUMNS` (when the sheet records the
+    modelled cost, or for None), then the ``(key, label, format)`` columns of the metrics the
+    vendor table shows, as a sheet defines them (None: as the registered metrics do)."""
     if sheet is None:
         return [*DESIGN_COLUMNS, *COST_COLUMNS, *table_columns("vendor", None)]
     sh = as_sheet(sheet)
     cost = any("cost" in info for info in sh.recipes_resolved)
-    return [*DESIGN_COLUMNS, *(COST_COLUMNS if cost else []),
-            *table_columns("vendor", sh.metric_definitions)]
+    dp = any(i.get("datapath") for i in sh.recipes_resolved)
+    return [*DESIGN_COLUMNS, *([DATAPATH_COLUMN] if dp else []),
+            *(COST_COLUMNS if cost else []), *table_columns("vendor", sh.metric_definitions)]
 
 
 class _VendorColumns(Sequence[tuple[str, ...]]):
@@ -520,6 +532,7 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
             "dp_energy": cost.get("energy"), "dp_area": cost.get("area"),
             **table_cells(m, sheet.metric_definitions),
             "bits_per_element": bpe.get("weight") or 32.0,
+            "datapath": "; ".join((info.get("datapath") or {}).values()) or "model (torch)",
         })
     return rows
 
