@@ -34,6 +34,7 @@ from precisim.formats import FloatFormat, IntFormat, Rounding
 from precisim.formats.scaling import ScaledFormat
 
 from .gemm import quantize_operand, resolved_format
+from .precision import ieee_fp32
 from .recipe import AttentionSpec, GemmSpec
 from .telemetry import Telemetry
 
@@ -144,6 +145,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+@ieee_fp32
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                       spec: AttentionSpec, align: int, *, name: str,

@@ -22,6 +22,7 @@ import torch
 from precisim.formats import FloatFormat, IntFormat, Overflow, Rounding, quantize
 from precisim.formats.scaling import ScaledFormat, ScaledTensor, quantize_scaled
 
+from .precision import ieee_fp32
 from .recipe import GemmSpec, TensorSpec
 from .telemetry import Telemetry, count_events
 
@@ -88,6 +89,7 @@ def _unit_product(a: Operand, b: Operand, spec: GemmSpec) -> torch.Tensor:
     return matmul(a.values, b.values.transpose(-1, -2), spec.unit, fidelity=spec.fidelity)
 
 
+@ieee_fp32
 def gemm(a: Operand | torch.Tensor, b_t: Operand | torch.Tensor, spec: GemmSpec, *,
          bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          telemetry: Telemetry | None = None, name: str = "") -> torch.Tensor:

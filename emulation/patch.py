@@ -228,6 +228,30 @@ class _Recorder:
         self.telemetry.add(module, role, counts)
 
 
+def _operand_bytes(op: Operand) -> int:
+    n = op.values.numel() * op.values.element_size()
+    if op.parts is not None:
+        n += sum(t.numel() * t.element_size() for t in (op.parts.codes, op.parts.scales))
+    return n
+
+
+def _hf_pre(hook: Any, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run an accelerate hook's ``pre_forward`` on the original module (a model placed with
+    ``device_map`` or offloaded: the hook puts the weights on the execution device, and the
+    input beside them) and return the input it moved; ``post_forward`` is run on the output."""
+    args, _ = hook.pre_forward(module, x)
+    return args[0]
+
+
+def _offloaded(hook: Any) -> bool:
+    """Whether an accelerate hook brings the module's weights in only for each forward (then
+    caching their quantized values would undo the offload)."""
+    if hook is None:
+        return False
+    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+    return any(getattr(k, "offload", False) for k in hooks)
+
+
 class _Static:
     """Telemetry of a parameter's quantization: counted once (see :class:`Telemetry`)."""
 
@@ -258,13 +282,19 @@ class EmulatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
-        w = h._weight(self._name, self.weight, self.spec, self.transposed)
+        o = self._orig
+        hook = getattr(o, "_hf_hook", None)  # accelerate (device_map, offload): see _hf_pre
+        if hook is not None:
+            x = _hf_pre(hook, o, x)
+        w = h._weight(self._name, o.weight, self.spec, self.transposed,
+                      cache=not _offloaded(hook))
         qx = h._input(self._name, x, self.spec)
-        y = gemm(qx, w, self.spec, bias=self.bias, telemetry=h.telemetry, name=self._name,
+        y = gemm(qx, w, self.spec, bias=o.bias, telemetry=h.telemetry, name=self._name,
                  out_dtype=x.dtype)
-        if h.errors is not None:  # (forward, not the module: its hooks fire on this one)
-            h.errors.add(self._name, self._orig.forward(x), y)
-        return y
+        if h.errors is not None:  # (the original's own forward: its hooks fire on this one)
+            ref = (o._old_forward if hook is not None else o.forward)(x)
+            h.errors.add(self._name, ref, y)
+        return y if hook is None else hook.post_forward(o, y)
 
 
 class EmulatedEmbedding(nn.Module):
@@ -281,13 +311,18 @@ class EmulatedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         o: nn.Embedding = self._orig
         h = self._handle
-        table = h._weight(self._name, self.weight, self.spec, False).values
+        hook = getattr(o, "_hf_hook", None)
+        if hook is not None:
+            ids = _hf_pre(hook, o, ids)
+        table = h._weight(self._name, o.weight, self.spec, False,
+                          cache=not _offloaded(hook)).values
         y = nn.functional.embedding(ids, table, o.padding_idx, o.max_norm, o.norm_type,
                                     o.scale_grad_by_freq, o.sparse)
         if self.spec.output is not None:
             y = quantize_operand(y, self.spec.output, telemetry=h.telemetry,
                                  where=(self._name, "output")).values
-        return y.to(self.weight.dtype)
+        y = y.to(o.weight.dtype)
+        return y if hook is None else hook.post_forward(o, y)
 
 
 def install_linear(installer: Installer, entries: Sequence[PlanEntry]) -> None:
@@ -526,7 +561,15 @@ class Emulation:
 
     def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
                  errors: bool = False, only: Callable[[str], bool] | None = None,
-                 warn: bool = True):
+                 warn: bool = True, weight_cache_bytes: int | None = None):
+        if weight_cache_bytes is not None and (
+                isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int)
+                or weight_cache_bytes < 0):
+            raise ValueError(f"weight_cache_bytes={weight_cache_bytes!r} is not valid: accepted "
+                             "a number of bytes >= 0, or None (no limit)")
+        #: the quantized-weight cache's budget in bytes (None: no limit); see :meth:`_weight`
+        self.weight_cache_bytes = weight_cache_bytes
+        self._cache_total = 0
         self.model = model
         self.plan = plan(model, recipe, warn=warn)
         if only is not None:  # emulate a subset of the plan (sensitivity studies)
@@ -543,16 +586,39 @@ class Emulation:
         self.active = False
 
     # -- weight cache --------------------------------------------------------------------
-    def _weight(self, name: str, w: torch.Tensor, spec: GemmSpec, transposed: bool) -> Operand:
+    def _weight(self, name: str, w: torch.Tensor, spec: GemmSpec, transposed: bool, *,
+                cache: bool = True) -> Operand:
+        """The weight ``w`` quantized to ``spec.weight``, from the cache when it is unchanged.
+
+        The cache keeps a bf16/fp16 model's quantized weights in the model's dtype when every
+        value is exact in it (the dequantized values of MX and FP8 formats with power-of-two
+        scales are), so a large checkpoint gains no fp32 copy of its weights; it holds at most
+        :attr:`weight_cache_bytes` (weights past the budget are quantized again at each
+        forward: the same numbers, less memory). ``cache=False``: neither read nor stored (an
+        offloaded module's weights are brought in for each forward)."""
         key = (id(w), w._version, w.data_ptr())
-        hit = self._wcache.get(name)
+        hit = self._wcache.get(name) if cache else None
         if hit is not None and hit[0] == key:
-            return hit[1]
+            op = hit[1]
+            return op if op.values.dtype == torch.float32 else Operand(op.values.float(),
+                                                                        op.parts)
+        if hit is not None:
+            self._cache_total -= _operand_bytes(hit[1])
+            del self._wcache[name]
         wt = w.t() if transposed else w
         tel = None if self.telemetry is None else _Static(self.telemetry)
         op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
                               telemetry=tel, where=(name, "weight"))
-        self._wcache[name] = (key, op)
+        stored = op
+        if w.dtype in (torch.bfloat16, torch.float16):
+            compact = op.values.to(w.dtype)
+            if torch.equal(compact.float(), op.values):
+                stored = Operand(compact, op.parts)
+        size = _operand_bytes(stored)
+        budget = self.weight_cache_bytes
+        if cache and (budget is None or self._cache_total + size <= budget):
+            self._wcache[name] = (key, stored)
+            self._cache_total += size
         return op
 
     def _input(self, name: str, x: torch.Tensor, spec: GemmSpec) -> Operand:
@@ -579,17 +645,12 @@ class Emulation:
 
     def cache_bytes(self) -> int:
         """Bytes held by the quantized-weight cache (values, and codes and scales)."""
-        n = 0
-        for _, op in self._wcache.values():
-            n += op.values.numel() * op.values.element_size()
-            if op.parts is not None:
-                for t in (op.parts.codes, op.parts.scales):
-                    n += t.numel() * t.element_size()
-        return n
+        return sum(_operand_bytes(op) for _, op in self._wcache.values())
 
     def clear_cache(self) -> None:
         """Drop the quantized weights (they are recomputed at the next forward)."""
         self._wcache.clear()
+        self._cache_total = 0
         self._last_input = None
 
     # -- apply / restore -----------------------------------------------------------------
@@ -654,7 +715,7 @@ class Emulation:
 
 def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
             errors: bool = False, only: Callable[[str], bool] | None = None,
-            warn: bool = True) -> Emulation:
+            warn: bool = True, weight_cache_bytes: int | None = None) -> Emulation:
     """Run ``model`` under ``recipe``: ``with emulate(model, "mxfp4") as em: model(ids)``.
 
     Returns an :class:`Emulation` (a context manager; ``em.plan`` is the resolved plan,
@@ -664,5 +725,9 @@ def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
     ``errors=True`` also runs every emulated op in high precision on the same inputs and
     records its output error (``em.errors``: SQNR, relative RMS error per op); ``only``
     restricts the plan to the modules whose name it accepts (the rest stay high precision).
+    ``weight_cache_bytes`` bounds the cache of quantized weights (default: no bound; see
+    :meth:`Emulation._weight`): a large checkpoint's peak memory is then its own size, the
+    budget and one layer's temporaries.
     """
-    return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn)
+    return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn,
+                     weight_cache_bytes=weight_cache_bytes)

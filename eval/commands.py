@@ -137,6 +137,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("spec", help="sweep YAML")
     s.add_argument("--store", default=None, help="SQLite run store (default precisim-runs.sqlite)")
     s.add_argument("--export", default=None, help="also export the sweep to .csv or .json")
+    s.add_argument("--lease", type=float, default=120.0, metavar="SECONDS",
+                   help="lease on the cell a worker evaluates (default 120; renewed while it "
+                   "runs): start the same command several times, on one store, to share a "
+                   "sweep between workers; a killed worker's cell is retried by another")
     _numerics(s)
     s.set_defaults(func=run_sweep_cmd)
 
@@ -145,6 +149,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sweep", default=None, help="only this sweep's records")
     r.add_argument("--sheet", default=None, help="a spec_sheet.json written by precisim eval")
     r.add_argument("--out", default="precisim-report", help="output directory")
+    r.add_argument("--cost-axis", choices=("bits_per_element", "dp_energy", "dp_area"),
+                   default="bits_per_element",
+                   help="the Pareto plot's cost axis: storage bits, or the modelled datapath "
+                   "energy / area per MAC (docs/cost-perf.md)")
     r.set_defaults(func=run_report_cmd)
 
     layer = sub.add_parser("layers", help="per-layer error and sensitivity of a recipe")
@@ -221,9 +229,7 @@ def _pin_or_restart(args: argparse.Namespace) -> int | None:
 
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
-    from precisim.emulation import LoadError, RecipeError
-
-    from .data import DataError, data_source
+    from .data import data_source
     from .numerics import comparable
     from .sheet import SpecSheet
     from .spec import EvalConfig, compare_metrics, run_eval
@@ -239,38 +245,37 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         return _err(str(e))
     old = None
     out = Path(args.out)
-    try:
-        if args.spec:
-            old = SpecSheet.load(args.spec)
-            cfg = EvalConfig.from_sheet(old)
-            target = out / "spec_sheet.json"
-            if target.exists() and target.resolve() == Path(args.spec).resolve():
-                out = out / "rerun"  # never overwrite the sheet being checked
+    if args.spec:
+        old = SpecSheet.load(args.spec)
+        cfg = EvalConfig.from_sheet(old)
+        target = out / "spec_sheet.json"
+        if target.exists() and target.resolve() == Path(args.spec).resolve():
+            out = out / "rerun"  # never overwrite the sheet being checked
+            if grp.rank == 0:
                 print(f"note: {args.spec} is the sheet being checked; this run's outputs go "
                       f"to {out}", file=sys.stderr)
-        else:
-            cfg = EvalConfig(model=args.model, data=data_source(args.data),
-                             recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
+    else:
+        cfg = EvalConfig(model=args.model, data=data_source(args.data),
+                         recipes=_recipes(args), **{k: getattr(args, k) for k in SETTINGS})
+    if grp.rank == 0:
         check_out_dir(out)  # before the work, not after it
-        t0 = time.perf_counter()
-        args.interrupt_hint = "nothing was written"
+    t0 = time.perf_counter()
+    args.interrupt_hint = "nothing was written"
+    try:
         sheet = run_eval(cfg, progress=grp.rank == 0, batch=args.batch, noise=args.noise)
         if old is not None and sheet.noise is None and old.noise is None and compare_metrics(
                 old, sheet) and comparable(old.numerics, sheet.numerics) is not None:
             # another environment, different bits, no band recorded: measure one to compare
             sheet = run_eval(cfg, batch=args.batch, noise=2)
-        args.interrupt_hint = None
-    except (LoadError, RecipeError, DataError, FileNotFoundError, ValueError,
-            DistributedError) as e:
+    except DistributedError as e:
         return _err(str(e))
+    args.interrupt_hint = None
     if grp.rank != 0:  # rank 0 reports and writes
         return 0
     table = summary_table(sheet)
     print(f"evaluated in {time.perf_counter() - t0:.0f} s\n\n{table}")
     # compare before writing (the verdict never depends on what the outputs replace)
-    status = _check_reproduction(old, sheet) if old is not None else 0
-    if status:
-        print(f"({args.spec} is unchanged)")
+    status = _check_reproduction(old, sheet, args.spec) if old is not None else 0
     paths = _write_eval_outputs(sheet, out, table, plot=not args.no_plot)
     if paths is None:
         return 2
@@ -278,9 +283,10 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     return status
 
 
-def _check_reproduction(old: SpecSheet, new: SpecSheet) -> int:
+def _check_reproduction(old: SpecSheet, new: SpecSheet, path: str = "the sheet") -> int:
     """Compare a re-run with its sheet: exactly where both ran pinned alike, else within the
-    numerical-noise band; say which. Exit status 0 reproduced, 1 not."""
+    numerical-noise band; say which. Exit status 0 reproduced, 1 not. The checked sheet is
+    never changed."""
     from .noise import within_band
     from .numerics import comparable
     from .spec import compare_metrics
@@ -293,12 +299,12 @@ def _check_reproduction(old: SpecSheet, new: SpecSheet) -> int:
                              if why is None else f"; exactness was not guaranteed: {why}"))
         return 0
     if why is None:
-        print("NOT reproduced (exact comparison: both ran in reproducible mode with the same "
-              "libraries):\n  " + "\n  ".join(diffs))
+        print(f"NOT reproduced ({path} is unchanged; exact comparison: both ran in "
+              "reproducible mode with the same libraries):\n  " + "\n  ".join(diffs))
         return 1
     if old.content_hash != new.content_hash:
-        print(f"NOT reproduced: content hash {old.content_hash} != {new.content_hash} (not the "
-              "same inputs)")
+        print(f"NOT reproduced ({path} is unchanged): content hash {old.content_hash} != "
+              f"{new.content_hash} (not the same inputs)")
         return 1
     band = old.noise or new.noise
     if band is None:  # (measured by the re-run unless asked otherwise)
@@ -307,8 +313,8 @@ def _check_reproduction(old: SpecSheet, new: SpecSheet) -> int:
     diffs = within_band(old.metrics, new.metrics, band,
                         (old.reference["ppl"], new.reference["ppl"]))
     if diffs:
-        print(f"NOT reproduced within the numerical-noise band ({why}):\n  "
-              + "\n  ".join(diffs))
+        print(f"NOT reproduced within the numerical-noise band ({path} is unchanged; {why}):"
+              "\n  " + "\n  ".join(diffs))
         return 1
     print(f"reproduced within the numerical-noise band ({why}; {band['runs']} runs with "
           "permuted fp32 summation orders): every metric moved less than its band's width")
@@ -402,14 +408,17 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         return {"recipe_name": name, "ppl_ref": sheet.reference["ppl"],
                 "content_hash": sheet.content_hash, **sheet.metrics[name],
                 "cost": {k: row[k] for k in ("bits_w", "bits_a", "mem_w", "mem_kv",
-                                             "acc_bits")},
-                "bits_per_element": row["bits_per_element"]}
+                                             "acc_bits", "dp_energy", "dp_area")},
+                "bits_per_element": row["bits_per_element"],
+                # modelled datapath cost (docs/cost-perf.md): a cost axis of the report
+                "dp_energy": row["dp_energy"], "dp_area": row["dp_area"]}
 
     path = args.store or DEFAULT_STORE
     args.interrupt_hint = (f"every finished cell is kept in {path}; run the same command again "
                            "to resume")
     with RunStore(path) as store:
-        recs = run_sweep(spec, store, evaluate_cell, progress=True, content=content)
+        recs = run_sweep(spec, store, evaluate_cell, progress=True, content=content,
+                         lease=args.lease)
         args.interrupt_hint = None
         if args.export:
             store.export(args.export, sweep=spec.name)
@@ -449,14 +458,25 @@ def run_report_cmd(args: argparse.Namespace) -> int:
         print(f"note: {older} older record(s) of the same cells (computed from other "
               "inputs) are not shown", file=sys.stderr)
     check_out_dir(out)
+    from .spec import COST_COLUMNS
+
+    cost_cols = COST_COLUMNS if any(r.get("dp_energy") is not None for r in recs) else []
     cols = [("model", "model"), ("dataset", "data"), ("recipe", "recipe"),
-            ("bits_per_element", "bits/W"), *table_columns("report")]
+            ("bits_per_element", "bits/W"), *cost_cols, *table_columns("report")]
     written = [write_table(recs, out / f"report.{s}", cols) for s in ("md", "csv", "tex",
                                                                        "html")]
-    pts = [r for r in recs if r.get("delta_ppl") is not None]
+    x = args.cost_axis
+    pts = [r for r in recs if r.get("delta_ppl") is not None and r.get(x) is not None]
+    if x != "bits_per_element" and not pts and any(r.get("delta_ppl") is not None
+                                                    for r in recs):
+        return _err(f"--cost-axis {x}: the records carry no {x} (sweeps run before the cost "
+                    "model): use bits_per_element or run the sweep again")
     if pts:
-        written.append(pareto_plot(pts, out / "pareto.png", x="bits_per_element",
-                                   y="delta_ppl", label="recipe"))
+        xlabel = {"bits_per_element": None,
+                  "dp_energy": "datapath energy per MAC (modelled, bf16 FMA = 1)",
+                  "dp_area": "datapath area per MAC (modelled, bf16 FMA = 1)"}[x]
+        written.append(pareto_plot(pts, out / "pareto.png", x=x, y="delta_ppl",
+                                   label="recipe", xlabel=xlabel))
     print("wrote " + ", ".join(str(x) for x in written))
     return 0
 

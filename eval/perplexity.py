@@ -183,8 +183,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     world size or the batch size.
 
     ``progress``: a progress bar on a terminal; when stderr is not a terminal (a batch job's
-    log) a line ``windows 3/16 (19%), 2.1 s/window, elapsed 6 s, ETA 27 s`` after a step, at
-    most one every ``progress_interval`` seconds (and after the first and the last step).
+    log) a line ``windows 3/16 (19%), 2.1 s/window, elapsed 6 s, ETA 27 s`` after a window, at
+    most one every ``progress_interval`` seconds (and after the first and the last window).
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch={batch!r} is not valid: accepted a positive integer")
@@ -205,7 +205,14 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
         raise ValueError(f"world size {grp.world_size} exceeds the {len(wins)} windows to "
                          f"evaluate: use at most {len(wins)} ranks (or more tokens)")
     recs = [get_recipe(r) if isinstance(r, str) else r for r in recipes]
-    handles = [Emulation(model, r, telemetry=telemetry) for r in recs]
+    if isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int) \
+            or weight_cache_bytes < 0:
+        raise ValueError(f"weight_cache_bytes={weight_cache_bytes!r} is not valid: accepted a "
+                         "number of bytes >= 0")
+    # the recipes' caches share the budget (each holds at most its part, at every moment)
+    handles = [Emulation(model, r, telemetry=telemetry,
+                         weight_cache_bytes=weight_cache_bytes // max(1, len(recs)))
+               for r in recs]
     mine = grp.shard(len(wins))
     local: dict[int, tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]] = {}
     secs = [0.0] * len(recs)
@@ -215,15 +222,13 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     if progress:
         import sys
 
-        unit = f"x{batch} win" if batch > 1 else "win"
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            it = tqdm(steps, desc="windows", unit=unit)
+            it = tqdm(steps, desc="windows", unit=f"x{batch} win" if batch > 1 else "win")
         else:  # a log (batch job, redirected stderr): plain lines at a bounded rate
-            it = LogProgress(steps, "windows" if batch == 1 else "steps",
-                             unit="window" if batch == 1 else f"step of {batch} windows",
-                             interval=progress_interval)
+            it = LogProgress(steps, "windows", unit=f"x{batch} windows" if batch > 1
+                             else "window", interval=progress_interval)
     with torch.no_grad():
         for step in it:
             for wi in step:
@@ -243,8 +248,6 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                     t0 = time.perf_counter()
                     with h:
                         logits = logits_of(model, ids)
-                    if sum(x.cache_bytes() for x in handles) > weight_cache_bytes:
-                        h.clear_cache()
                     secs[i] += time.perf_counter() - t0
                     lp, _ = window_logprobs(logits, seq, w)
                     b = TokenBatch(ref_lp, lp, tgt, ref.ref_p, ref.ref_top)

@@ -3,7 +3,12 @@
 Each :meth:`RunStore.put` writes one whole record in its own transaction and commits it, so a
 process killed at any moment leaves every earlier cell intact and never a partial one (SQLite's
 journal rolls an interrupted transaction back on the next open). Several processes may share a
-store: writes wait up to ``timeout`` seconds for each other.
+store: writes wait up to ``timeout`` seconds for each other, and a worker takes a *lease* on a
+cell before it evaluates it (:meth:`RunStore.claim`), so workers sharing a sweep never evaluate
+a cell twice at once; the lease of a killed worker expires and another worker takes the cell
+(:func:`precisim.eval.sweep.run_sweep`). Lease times are wall-clock seconds: workers on other
+hosts must share the file system and a synchronised clock (SQLite over NFS is not reliable:
+prefer one host, or a local disk per host and one store per sweep part).
 
     with RunStore("precisim-runs.sqlite") as store:
         if not store.has(key):
@@ -21,6 +26,7 @@ import json
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +50,16 @@ CREATE TABLE IF NOT EXISTS runs (
     sweep   TEXT,
     created TEXT NOT NULL,
     record  TEXT NOT NULL
+)
+"""
+
+
+#: leases on cells being evaluated (created when first needed; an old store gains it then)
+_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    key     TEXT PRIMARY KEY,
+    owner   TEXT NOT NULL,
+    expires REAL NOT NULL
 )
 """
 
@@ -152,9 +168,11 @@ class RunStore:
             return
         if tables or self.readonly:
             what = f"the tables {', '.join(tables)}" if tables else "no tables"
+            # (a store holds 'runs' and, once a lease was taken, 'claims')
             raise ValueError(f"{str(self.path)!r} is not a precisim run store: it is a SQLite "
                              f"database with {what} and no 'runs' table; it is left unchanged")
         conn.execute(_SCHEMA)
+        conn.execute(_CLAIMS)
 
     # -- connection ---------------------------------------------------------------------------
     @property
@@ -223,6 +241,8 @@ class RunStore:
         try:
             conn.execute("INSERT OR REPLACE INTO runs (key, sweep, created, record) "
                          "VALUES (?, ?, ?, ?)", (key, sweep, created, text))
+            conn.execute(_CLAIMS)
+            conn.execute("DELETE FROM claims WHERE key = ?", (key,))  # the lease ends with it
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -240,6 +260,71 @@ class RunStore:
         self._writable()
         cur = self.conn.execute("DELETE FROM runs WHERE key = ?", (key,))
         return cur.rowcount > 0
+
+    # -- leases -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_lease(owner: object, lease: object) -> None:
+        if not isinstance(owner, str) or not owner:
+            raise ValueError(f"owner={owner!r} is not valid: accepted a non-empty string")
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+            raise ValueError(f"lease={lease!r} is not valid: accepted a positive number of "
+                             "seconds")
+
+    def claim(self, key: str, owner: str, *, lease: float) -> bool:
+        """Take the lease on ``key`` for ``owner`` for ``lease`` seconds, in one transaction:
+        False when the key is stored already or another owner holds an unexpired lease on it;
+        True otherwise (an expired lease of a killed worker is taken over; the owner's own
+        lease is extended). :meth:`put` of the key ends its lease."""
+        self._check_key(key)
+        self._check_lease(owner, lease)
+        self._writable()
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_CLAIMS)
+            now = time.time()
+            stored = conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT owner, expires FROM claims WHERE key = ?",
+                               (key,)).fetchone()
+            ok = stored is None and (row is None or row[0] == owner or row[1] <= now
+                                     or _dead_local_worker(row[0]))
+            if ok:
+                conn.execute("INSERT OR REPLACE INTO claims (key, owner, expires) "
+                             "VALUES (?, ?, ?)", (key, owner, now + lease))
+            conn.execute("COMMIT")
+            return ok
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def renew(self, key: str, owner: str, *, lease: float) -> bool:
+        """Extend ``owner``'s lease on ``key`` to ``lease`` seconds from now; False when it holds
+        none (it expired and another owner took the key, or the key was stored)."""
+        self._check_key(key)
+        self._check_lease(owner, lease)
+        self._writable()
+        cur = self.conn.execute("UPDATE claims SET expires = ? WHERE key = ? AND owner = ?",
+                                (time.time() + lease, key, owner))
+        return cur.rowcount > 0
+
+    def release(self, key: str, owner: str) -> None:
+        """End ``owner``'s lease on ``key`` (if it holds one) without storing a record."""
+        self._check_key(key)
+        self._writable()
+        if self._has_claims():
+            self.conn.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def claims(self) -> dict[str, tuple[str, float]]:
+        """The current leases: key -> (owner, seconds until it expires; negative: expired)."""
+        if not self._has_claims():
+            return {}
+        now = time.time()
+        return {k: (o, e - now) for k, o, e in
+                self.conn.execute("SELECT key, owner, expires FROM claims ORDER BY key")}
+
+    def _has_claims(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                 "name = 'claims'").fetchone() is not None
 
     def _rows(self, sweep: str | None) -> Iterator[tuple[str, str | None, str, str]]:
         if sweep is None:
@@ -305,3 +390,21 @@ class RunStore:
         for row in flat_rows:
             writer.writerow({n: _csv_cell(row.get(n)) for n in columns})
         return write_atomic(path, buf.getvalue())
+
+
+def _dead_local_worker(owner: str) -> bool:
+    """True for a default worker name ``host:pid`` (:func:`precisim.eval.sweep.run_sweep`) of
+    this host whose process no longer exists: its lease is taken over at once (a killed sweep
+    resumes without waiting for the lease to expire). Other names: False (wait for expiry)."""
+    import socket
+
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists (another user's process)
+        return False
+    return False

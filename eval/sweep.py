@@ -12,6 +12,10 @@ A sweep file::
       window: 512
       stride: 256
 
+Several workers may share a sweep and its store (``precisim sweep`` started more than once,
+on one host or on hosts sharing the file system): cells are claimed with expiring leases, so
+none is evaluated twice and a killed worker's cell is taken over (:func:`run_sweep`).
+
 The evaluation of one cell is injected (``evaluate_cell(cell) -> dict``), so this module knows
 nothing about models; :func:`run_sweep` only orders, skips, times and stores.
 """
@@ -22,6 +26,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -219,6 +226,9 @@ def run_sweep(
     progress: bool = True,
     on_error: str = "raise",
     content: Callable[[Cell], Mapping[str, str]] | None = None,
+    worker: str | None = None,
+    lease: float = 120.0,
+    poll: float = 5.0,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` not yet in ``store``; return the records of all its cells.
 
@@ -243,6 +253,16 @@ def run_sweep(
             (recipe definition, data, model files), made part of its key. It is called for
             every cell before the first one runs, so it also validates the whole grid: an
             exception there stops the sweep before any work (nothing is stored).
+        worker: this worker's name in the store's leases (default ``host:pid``).
+        lease: seconds a cell's lease lasts; renewed every ``lease / 3`` seconds while its cell
+            runs, so it expires only when the worker is killed (or hangs with the GIL held).
+        poll: seconds between looks at cells other workers hold.
+
+    **Several workers** (processes, on one host or sharing the store's file system) may run
+    the same sweep on the same store at once: each claims a cell before evaluating it
+    (:meth:`RunStore.claim`), so no cell is evaluated by two workers at once nor stored twice;
+    a worker that finds every remaining cell claimed waits for them, and takes over the cell
+    of a killed worker when its lease expires. Every worker returns every cell's record.
 
     Returns:
         The stored records of the spec's cells, in cells() order (plus error entries).
@@ -251,6 +271,11 @@ def run_sweep(
         raise ValueError(f"on_error={on_error!r} is not valid: accepted 'raise', 'skip'")
     if not callable(evaluate_cell):
         raise TypeError("evaluate_cell must be callable (cell) -> dict")
+    for name, v in (("lease", lease), ("poll", poll)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name}={v!r} is not valid: accepted a positive number of seconds")
+    if worker is not None and (not isinstance(worker, str) or not worker):
+        raise ValueError(f"worker={worker!r} is not valid: accepted a non-empty string")
     spec = load_sweep(spec)
     cells = spec.cells()
     if content is not None:
@@ -258,7 +283,7 @@ def run_sweep(
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
-        return _run(spec, cells, st, evaluate_cell, progress, on_error)
+        return _run(spec, cells, st, evaluate_cell, progress, on_error, worker, lease, poll)
     finally:
         if own_store:
             st.close()
@@ -273,7 +298,8 @@ def _with_content(cell: Cell, hashes: Mapping[str, str]) -> Cell:
 
 def _run(spec: SweepSpec, cells: list[Cell], store: RunStore,
          evaluate_cell: Callable[[Cell], Mapping[str, Any]], progress: bool,
-         on_error: str) -> list[dict[str, Any]]:
+         on_error: str, worker: str | None, lease: float, poll: float
+         ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     todo = [c for c in cells if not store.has(c.key)]
@@ -287,31 +313,72 @@ def _run(spec: SweepSpec, cells: list[Cell], store: RunStore,
                   "(recipe, data or model changed since); they are evaluated again",
                   file=sys.stderr)
     errors: list[dict[str, Any]] = []
+    owner = worker or f"{socket.gethostname()}:{os.getpid()}"
+    pending = list(todo)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=spec.name, unit="cell",
               disable=not progress, dynamic_ncols=True) as bar:
-        for cell in todo:
-            bar.set_postfix_str(str(cell), refresh=True)
-            t0 = time.perf_counter()
-            try:
-                result = evaluate_cell(cell)
-                if not isinstance(result, Mapping):
-                    raise TypeError(f"evaluate_cell returned {type(result).__name__} for "
-                                    f"{cell.key}; expected a dict")
-            except Exception as exc:
-                if on_error == "raise":
-                    raise
-                errors.append({"key": cell.key, "error": f"{type(exc).__name__}: {exc}"})
-                bar.write(f"cell {cell.key} failed: {type(exc).__name__}: {exc}")
+        while pending:
+            waiting = []
+            for cell in pending:
+                if store.has(cell.key):  # finished by another worker
+                    bar.update(1)
+                    continue
+                if not store.claim(cell.key, owner, lease=lease):
+                    waiting.append(cell)  # another worker holds it
+                    continue
+                bar.set_postfix_str(str(cell), refresh=True)
+                t0 = time.perf_counter()
+                try:
+                    with _Heartbeat(store.path, cell.key, owner, lease):
+                        result = evaluate_cell(cell)
+                    if not isinstance(result, Mapping):
+                        raise TypeError(f"evaluate_cell returned {type(result).__name__} for "
+                                        f"{cell.key}; expected a dict")
+                except BaseException as exc:
+                    store.release(cell.key, owner)  # others may take it at once
+                    if on_error == "raise" or not isinstance(exc, Exception):
+                        raise
+                    errors.append({"key": cell.key, "error": f"{type(exc).__name__}: {exc}"})
+                    bar.write(f"cell {cell.key} failed: {type(exc).__name__}: {exc}")
+                    bar.update(1)
+                    continue
+                ident = cell.identity()
+                record = {**ident, "key": cell.key,
+                          **{k: v for k, v in result.items() if k not in ident and k != "key"}}
+                record.setdefault("elapsed_s", round(time.perf_counter() - t0, 6))
+                store.put(cell.key, record, sweep=spec.name)  # (ends the lease)
                 bar.update(1)
-                continue
-            ident = cell.identity()
-            record = {**ident, "key": cell.key,
-                      **{k: v for k, v in result.items() if k not in ident and k != "key"}}
-            record.setdefault("elapsed_s", round(time.perf_counter() - t0, 6))
-            store.put(cell.key, record, sweep=spec.name)
-            bar.update(1)
+            if waiting:  # until their workers store them or their leases expire
+                bar.set_postfix_str(f"waiting for {len(waiting)} cell(s) of other workers",
+                                    refresh=True)
+                time.sleep(min(poll, lease / 4))
+            pending = waiting
     records = [r for r in (store.get(c.key) for c in cells) if r is not None]
     return records + errors
+
+
+class _Heartbeat:
+    """Renews a cell's lease every ``lease / 3`` seconds from a thread (with its own SQLite
+    connection) while the cell is evaluated."""
+
+    def __init__(self, path: Path, key: str, owner: str, lease: float) -> None:
+        self.args = (path, key, owner, lease)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="precisim-lease", daemon=True)
+
+    def _beat(self) -> None:
+        path, key, owner, lease = self.args
+        with RunStore(path) as st:
+            while not self.stop.wait(lease / 3):
+                st.renew(key, owner, lease=lease)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _names(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -185,3 +185,73 @@ def test_native_metrics_do_depend_on_the_capability(tmp_path) -> None:
                                                                                   "AVX512")
     assert numerics.comparable(a["numerics"], b["numerics"]) is not None
     assert _metrics(a) != _metrics(b)
+
+
+# --- precisim's own fp32 matmuls ignore a process-wide TF32/bf16 setting -------------------
+
+@pytest.fixture
+def lowered_matmul_precision():
+    torch.set_float32_matmul_precision("medium")  # TF32 on CUDA, bf16 on oneDNN CPUs
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def _emulated_ops() -> list[torch.Tensor]:
+    """Outputs of precisim's own fp32 matmuls: fake-quant GEMMs (a linear layer under MXFP8,
+    its attention products) and matrix-unit kernels."""
+    from precisim.emulation import emulate, matmul
+    from precisim.formats import quantize
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(256, 96, generator=g)
+    torch.manual_seed(0)
+    model = _TinyLM(d=64)
+    ids = torch.randint(0, 64, (1, 24), generator=g)
+    outs: list[torch.Tensor] = []
+    hook = model.q.register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad(), emulate(model, "mxfp8"):
+        model(input_ids=ids)
+    hook.remove()
+    for unit, fmt in (("h100-e4m3", "float8_e4m3fn"), ("a100-tf32", "tf32"),
+                      ("h100-bf16", "bfloat16")):
+        for fidelity in ("fast", "bit-exact"):
+            outs.append(matmul(quantize(a, fmt), quantize(b, fmt), unit, fidelity=fidelity))
+    return outs
+
+
+def test_emulated_matmuls_are_ieee_fp32_whatever_the_process_setting(
+        lowered_matmul_precision) -> None:
+    from precisim.emulation.precision import ieee_matmuls
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(32, 512, generator=g), torch.randn(64, 512, generator=g)
+    lowered_plain = torch.nn.functional.linear(x, w)
+    lowered = _emulated_ops()
+    switches = [torch.backends.mkldnn.matmul.fp32_precision,
+                torch.backends.cuda.matmul.fp32_precision]
+    assert switches == ["bf16", "tf32"]  # restored after every emulated call
+    with ieee_matmuls():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        ieee = _emulated_ops()
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    torch.set_float32_matmul_precision("highest")
+    highest = _emulated_ops()
+    for lo, ie, hi in zip(lowered, ieee, highest):
+        assert torch.equal(lo, hi) and torch.equal(ie, hi)
+    # (on a CPU whose oneDNN has bf16 matmuls, the setting does change a plain fp32 matmul)
+    if not torch.equal(lowered_plain, torch.nn.functional.linear(x, w)):
+        assert (lowered_plain - torch.nn.functional.linear(x, w)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@needs_model
+def test_the_committed_main_job_sheet_reruns_exactly(tmp_path) -> None:
+    """docs/main-job/spec_sheet.json (the README's results) re-runs bit for bit here."""
+    sheet = Path(__file__).resolve().parents[1] / "docs/main-job/spec_sheet.json"
+    r = subprocess.run([sys.executable, "-m", "precisim.eval.cli", "eval", "--spec", str(sheet),
+                        "--no-plot", "--out", str(tmp_path / "rerun")], capture_output=True,
+                       text=True, timeout=7200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "reproduced exactly" in r.stdout and "both in reproducible mode" in r.stdout

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 import torch
 
 from ..matrix_unit import MatrixUnit
+from ..precision import ieee_fp32
 from ..presets import get_unit
 from . import (  # noqa: F401  (the kernels register themselves)
     exact_blocks,
@@ -113,6 +114,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, unit: MatrixUnit | str,
                     max_chunk_elements=max_chunk_elements, kernel=kernel)
 
 
+@ieee_fp32
 def run_gemm(a, b, unit: MatrixUnit, c, fidelity: str, *, seed: int | None = None,
              max_chunk_elements: int = 1 << 21, scales: Scales | None = None,
              elem_formats: tuple | None = None, check: bool = True,
