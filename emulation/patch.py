@@ -291,10 +291,19 @@ class EmulatedLinear(nn.Module):
         qx = h._input(self._name, x, self.spec)
         y = gemm(qx, w, self.spec, bias=o.bias, telemetry=h.telemetry, name=self._name,
                  out_dtype=x.dtype)
+        y = _attach_grad(y, x, self)  # backward under the layer's training roles
         if h.errors is not None:  # (the original's own forward: its hooks fire on this one)
             ref = (o._old_forward if hook is not None else o.forward)(x)
             h.errors.add(self._name, ref, y)
         return y if hook is None else hook.post_forward(o, y)
+
+
+def _attach_grad(y: torch.Tensor, x: torch.Tensor, layer: EmulatedLinear) -> torch.Tensor:
+    """``y`` with the layer's backward (docs/training.md section 1; high-precision backward
+    GEMMs unless the layer has training roles) when autograd needs one."""
+    from .training.autograd import attach_linear_grad
+
+    return attach_linear_grad(y, x, layer)
 
 
 class EmulatedEmbedding(nn.Module):
