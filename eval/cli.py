@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from precisim.eval import commands, vectors_cli
+from precisim.eval import commands, train_cli, vectors_cli
 from precisim.formats import cli as formats_cli
 from precisim.formats import demo
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     formats_cli.add_parser(sub)
     demo.add_parser(sub)
     vectors_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -60,3 +60,18 @@ def test_bad_config():
         TrainConfig(master="bf8")
     with pytest.raises(TrainError, match="hidden=60 is not a multiple of heads=8"):
         ModelConfig(hidden=60, heads=8)
+
+
+def test_cli_trains_recipes_and_prints_the_gap(setup, tiny_checkpoint, capsys):
+    from precisim.eval.cli import main
+
+    _, data, tmp = setup
+    rc = main(["train", "--recipe", "fp32", "--recipe", "nvfp4-train", "--steps", "2",
+               "--data", data, "--tokenizer", tiny_checkpoint, "--layers", "1", "--batch",
+               "2", "--seq", "16", "--val-every", "2", "--val-batches", "1",
+               "--out", str(tmp / "cli")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| nvfp4-train |" in out and "gap to fp32" in out
+    assert (tmp / "cli" / "nvfp4-train" / "seed0" / "ckpt.pt").exists()
+    rc = main(["train", "--recipe", "nope", "--out", str(tmp / "x")])
+    assert rc == 2 and "nope" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from .hadamard import random_hadamard, rht
 from .roles import TrainingSpec, check_blocks
 from .sr import SRSeedError, active_seed, element_bits, key_of
 
-__all__ = ["GradProbe", "LinearGrad", "attach_linear_grad"]
+__all__ = ["GradProbe", "LinearGrad", "attach_linear_grad", "check_layer", "plain_linear"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _quant(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.T
                             where=(module, role), rand=rand)
 
 
-def _plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   transposed: bool) -> torch.Tensor:
     """The layer's own forward on plain tensors (nn.Linear, or transformers' Conv1D)."""
     if not transposed:
@@ -178,7 +178,7 @@ class LinearGrad(torch.autograd.Function):
                 xd = x.detach().requires_grad_(need_x)
                 wd = weight.detach().requires_grad_(need_w)
                 bd = None if bias is None else bias.detach().requires_grad_(need_b)
-                y = _plain_linear(xd, wd, bd, tr)
+                y = plain_linear(xd, wd, bd, tr)
                 ins = [t for t, n in ((xd, need_x), (wd, need_w), (bd, need_b)) if n]
                 got = list(torch.autograd.grad(y, ins, gy))
             for i, n in enumerate((need_x, need_w, need_b)):

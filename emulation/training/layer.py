@@ -17,7 +17,7 @@ import torch
 from ..opkinds import OP_KINDS, Installer, OpKind, is_linear
 from ..patch import EmulatedLinear, PlanEntry
 from ..specs import GemmSpec
-from .autograd import _plain_linear, attach_linear_grad, check_layer
+from .autograd import attach_linear_grad, check_layer, plain_linear
 from .roles import TrainingSpec
 
 __all__ = ["TRAIN_LINEAR", "TrainableLinear"]
@@ -39,7 +39,7 @@ class TrainableLinear(EmulatedLinear):
             return super().forward(x)
         o = self._orig
         with torch.no_grad():
-            y = _plain_linear(x, o.weight, o.bias, self.transposed)
+            y = plain_linear(x, o.weight, o.bias, self.transposed)
         return attach_linear_grad(y, x, self)
 
 
