@@ -239,3 +239,34 @@ def test_wgrad_with_rht_without_quantization_equals_plain():
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert not all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(),
                                                                rhtm.parameters()))
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+def _preset_step(name: str) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    x = torch.randn(2, 64, 128)
+    with emulate(m, name, warn=False) as em, seed_scope(0, 0), GradProbe() as p:
+        m(x).square().mean().backward()
+    assert all(torch.isfinite(q.grad).all() for q in m.parameters())
+    return p.by_gemm(), em.telemetry.totals()
+
+
+@pytest.mark.parametrize("name, lo, hi", [
+    ("bf16-train", 45, 70), ("fp8-tensor-train", 20, 40), ("mxfp8-ceil-train", 25, 40),
+    ("nvfp4-train", 12, 25), ("nvfp4-train-nosr-norht", 12, 25),
+    pytest.param("deepseek-fp8-train", 25, 40, marks=pytest.mark.slow),
+])
+def test_presets_train_with_sqnr_in_band(name, lo, hi):
+    stats, _ = _preset_step(name)
+    for g in ("dgrad", "wgrad"):
+        assert lo < stats[g]["sqnr_db"] < hi, (g, stats[g])
+
+
+def test_mxfp8_floor_saturates_and_round_up_does_not():
+    """arXiv 2506.08027: with the OCP FLOOR scale the block max can exceed E4M3's 448 and
+    saturate; the round-up scale keeps amax / scale <= 448, so nothing saturates."""
+    _, floor = _preset_step("mxfp8-floor-train")
+    _, ceil = _preset_step("mxfp8-ceil-train")
+    assert floor["saturated"] > 0 and ceil["saturated"] == 0
