@@ -16,6 +16,10 @@ value is computed by the wrapper as in inference, so it is bit-identical to it):
   by (seed, step, module, role, element position of ``dy`` / ``x`` / ``W``);
 * the bias gradient is the high-precision sum of ``dy`` (a reduction, not a GEMM).
 
+:class:`AttentionGrad` gives the emulated attention (its QK^T and PV matmuls and KV-cache
+rounding) the high-precision backward of the model's own eager attention on the unquantized
+q, k, v (straight through); before it, no gradient reached the q/k/v projections.
+
 A :class:`GradProbe` (``with GradProbe() as p``) records, per module and backward GEMM, the
 emulated gradient's SQNR, relative bias and noise-to-gradient-norm ratio against the
 high-precision gradient of the same batch (docs/training.md section 6).
@@ -36,7 +40,8 @@ from .hadamard import random_hadamard, rht
 from .roles import TrainingSpec, check_blocks
 from .sr import SRSeedError, active_seed, element_bits, key_of
 
-__all__ = ["GradProbe", "LinearGrad", "attach_linear_grad", "check_layer", "plain_linear"]
+__all__ = ["AttentionGrad", "GradProbe", "LinearGrad", "attach_attention_grad",
+           "attach_linear_grad", "check_layer", "plain_linear", "straight_through"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,3 +258,56 @@ def check_layer(name: str, module: nn.Module, spec: TrainingSpec, transposed: bo
     if h is not None and "dgrad" in h.gemms and n % h.size:
         raise RecipeError(f"{name}: random Hadamard transform of size {h.size} on dgrad: the "
                           f"reduction axis N={n} is not a multiple of {h.size}")
+
+
+class AttentionGrad(torch.autograd.Function):
+    """``AttentionGrad.apply(out, q, k, v, fn)``: the emulated attention output ``out`` with
+    the high-precision backward of ``fn(q, k, v)`` (the model's own eager attention, recomputed
+    on the unquantized q, k, v: straight through the emulated matmuls and KV-cache rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                fn: Any) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.fn = fn
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:4]
+        with torch.enable_grad():
+            ins = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need)]
+            ref = ctx.fn(*ins)
+            wanted = [t for t, n in zip(ins, need) if n]
+            got = list(torch.autograd.grad(ref, wanted, gy)) if wanted else []
+        grads = [got.pop(0) if n else None for n in need]
+        return (None, *grads, None)
+
+
+def attach_attention_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, fn: Any) -> torch.Tensor:
+    """``out`` with :class:`AttentionGrad`'s backward when autograd needs one."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+        return out
+    return AttentionGrad.apply(out.detach(), q, k, v, fn)
+
+
+class StraightThrough(torch.autograd.Function):
+    """``StraightThrough.apply(q, x)``: the rounded ``q`` forward, the gradient passed to ``x``
+    unchanged (a quantizer's straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        return None, gy
+
+
+def straight_through(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q`` (``x`` rounded) with the gradient of ``x`` when autograd needs one."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return q
+    return StraightThrough.apply(q.detach(), x)
