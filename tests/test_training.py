@@ -265,6 +265,10 @@ def test_wgrad_with_rht_without_quantization_equals_plain():
 # -- presets ----------------------------------------------------------------------------------
 
 def _preset_step(name: str) -> tuple[dict, dict]:
+    return _preset_step_recipe(name)
+
+
+def _preset_step_recipe(name: str | Recipe) -> tuple[dict, dict]:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
     x = torch.randn(2, 64, 128)
@@ -291,3 +295,33 @@ def test_mxfp8_floor_saturates_and_round_up_does_not():
     _, floor = _preset_step("mxfp8-floor-train")
     _, ceil = _preset_step("mxfp8-ceil-train")
     assert floor["saturated"] > 0 and ceil["saturated"] == 0
+
+
+def test_training_recipes_round_trip_and_rules_keep_layers_high():
+    from precisim.emulation import get_recipe, plan
+
+    for name in ("nvfp4-train", "deepseek-fp8-train", "fp8-tensor-train"):
+        r = get_recipe(name)
+        assert Recipe.from_yaml(r.to_yaml()) == r and Recipe.from_json(r.to_json()) == r
+    assert get_recipe("deepseek-fp8-train").with_fidelity("fast").train_linear.wgrad.fidelity \
+        == "fast"
+    r = Recipe.from_yaml("name: x\ntrain_linear:\n  forward: mxfp8\n  dgrad: high\n"
+                         "  wgrad: {input: {format: e4m3, rounding: sr, sr_bits: 8}, "
+                         "weight: e4m3}\n  hadamard: {size: 16}\n"
+                         "rules:\n  - {match: '4', train_linear: null}\n")
+    assert r.train_linear.dgrad is None and r.train_linear.hadamard.size == 16
+    p = plan(_mlp(), r, warn=False)
+    assert [e.module for e in p.emulated()] == ["0", "2"]
+    with pytest.raises(RecipeError, match="hadamard: size=12"):
+        Recipe.from_yaml("name: x\ntrain_linear: {forward: high, dgrad: high, wgrad: high, "
+                         "hadamard: {size: 12}}")
+
+
+def test_deepseek_preset_at_fast_fidelity_trains():
+    """The DeepSeek recipe's three GEMMs on the unit's fast model (the bit-exact one is the
+    slow test above); SQNR in the same band."""
+    from precisim.emulation import get_recipe
+
+    stats, _ = _preset_step_recipe(get_recipe("deepseek-fp8-train").with_fidelity("fast"))
+    for g in ("dgrad", "wgrad"):
+        assert 25 < stats[g]["sqnr_db"] < 40
