@@ -117,7 +117,7 @@ def _is_sr(ts: TensorSpec | None) -> bool:
 
 
 def _bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str, *,
-          batch: bool) -> torch.Tensor:
+          batch: bool, device: torch.device) -> torch.Tensor:
     """Counter bits for an operand in its natural layout (``batch``: its first axis is the
     batch, offset by the seed source's ``row_offset``)."""
     src = active_seed()
@@ -132,7 +132,7 @@ def _bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str
     else:
         seed, step, off = src.seed, src.step, src.row_offset
     return element_bits(natural_shape, ts.sr_bits or 30, key_of(seed, step, module, role),
-                        row_offset=off if batch else 0)
+                        row_offset=off if batch else 0, device=device)
 
 
 def _quant(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.Tensor | None,
@@ -201,10 +201,10 @@ class LinearGrad(torch.autograd.Function):
             if "dgrad" in rht_on:
                 t = random_hadamard(spec.hadamard.size, spec.hadamard.seed, step, name)
                 a, b_t = rht(a, t), rht(b_t, t)
-            ra = _bits(g.input, tuple(gy.shape), name, "dgrad.input", batch=True
-                       ).reshape(a.shape) if _is_sr(g.input) else None
-            rb = _bits(g.weight, tuple(b_t.shape), name, "dgrad.weight", batch=False
-                       ) if _is_sr(g.weight) else None
+            ra = _bits(g.input, tuple(gy.shape), name, "dgrad.input", batch=True,
+                       device=gy.device).reshape(a.shape) if _is_sr(g.input) else None
+            rb = _bits(g.weight, tuple(b_t.shape), name, "dgrad.weight", batch=False,
+                       device=gy.device) if _is_sr(g.weight) else None
             qa = _quant(a, g.input, g, ra, handle, f"{name}.dgrad", "input")
             qb = _quant(b_t, g.weight, g, rb, handle, f"{name}.dgrad", "weight")
             out = gemm(qa, qb, g, out_dtype=gy.dtype).reshape(x.shape).to(x.dtype)
@@ -219,10 +219,10 @@ class LinearGrad(torch.autograd.Function):
             if "wgrad" in rht_on:
                 t = random_hadamard(spec.hadamard.size, spec.hadamard.seed, step, name)
                 a, b_t = rht(a, t), rht(b_t, t)
-            ra = _bits(g.input, tuple(gy.shape), name, "wgrad.input", batch=True
-                       ).reshape(-1, n_out).t() if _is_sr(g.input) else None
-            rb = _bits(g.weight, tuple(x.shape), name, "wgrad.weight", batch=True
-                       ).reshape(-1, k_in).t() if _is_sr(g.weight) else None
+            ra = _bits(g.input, tuple(gy.shape), name, "wgrad.input", batch=True,
+                       device=gy.device).reshape(-1, n_out).t() if _is_sr(g.input) else None
+            rb = _bits(g.weight, tuple(x.shape), name, "wgrad.weight", batch=True,
+                       device=gy.device).reshape(-1, k_in).t() if _is_sr(g.weight) else None
             qa = _quant(a, g.input, g, ra, handle, f"{name}.wgrad", "input")
             qb = _quant(b_t, g.weight, g, rb, handle, f"{name}.wgrad", "weight")
             out = gemm(qa, qb, g, out_dtype=torch.float32)  # (N, K)

@@ -68,4 +68,4 @@ def rht(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"random Hadamard transform of size {n}: the reduction axis has "
                          f"{k} elements, not a multiple of {n}")
     xb = x.float().reshape(*x.shape[:-1], k // n, n)
-    return (xb @ t).reshape(x.shape)
+    return (xb @ t.to(xb.device)).reshape(x.shape)

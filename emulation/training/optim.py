@@ -36,7 +36,8 @@ def round_weights(model: torch.nn.Module, mode: str, seed: int, step: int) -> No
                 raise ValueError(f"master weights {mode!r}: parameter {name!r} is {p.dtype}; "
                                  "the model must hold float32 parameters")
             if mode == "bf16-sr":
-                r = element_bits(tuple(p.shape) or (1,), 16, key_of(seed, step, name, "update"))
+                r = element_bits(tuple(p.shape) or (1,), 16, key_of(seed, step, name, "update"),
+                                 device=p.device)
                 q = quantize(p.reshape(r.shape), "bf16", "sr", sr_bits=16, rand=r)
             else:
                 q = quantize(p, "bf16")

@@ -64,17 +64,6 @@ class TrainingSpec:
         return self.hadamard is None and all(
             getattr(self, g) is None or getattr(self, g).is_identity for g in GEMMS)
 
-    def sr_roles(self) -> list[str]:
-        """``gemm.role`` of every stochastically rounded backward operand."""
-        out = []
-        for g in ("dgrad", "wgrad"):
-            gs = self.gemm(g)
-            for r in ("input", "weight", "output"):
-                ts = None if gs is None else getattr(gs, r)
-                if ts is not None and ts.rounding.lower() in ("sr", "stochastic"):
-                    out.append(f"{g}.{r}")
-        return out
-
     @classmethod
     def parse(cls, value: Any, where: str = "training") -> TrainingSpec | None:
         if value is None or isinstance(value, TrainingSpec):
