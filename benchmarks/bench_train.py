@@ -4,7 +4,8 @@
         [--layers 2] [--hidden 256] [--tokens 512] [--json out.json]
 
 Each configuration runs in its own process (one thread): a randomly initialised Llama
-(vocabulary 4096, so the high-precision lm_head does not hide the linear layers), one warm-up
+(vocabulary 4096, so the high-precision lm_head does not hide the linear layers; MLP width
+3 x hidden, a multiple of the 128x128 DeepSeek weight blocks), one warm-up
 step, then ``--repeat`` timed steps (forward, backward, AdamW) on ``--tokens`` tokens (batches
 of 128); the median step time and the peak resident memory (VmHWM after the model is built
 and warmed up, minus the resident size before the model) are reported, and each recipe's
@@ -44,7 +45,7 @@ def _worker(args: argparse.Namespace) -> None:
     base = _rss("VmRSS")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=args.hidden,
-                                   intermediate_size=args.hidden * 8 // 3 // 32 * 32,
+                                   intermediate_size=args.hidden * 3,
                                    num_hidden_layers=args.layers, num_attention_heads=4,
                                    max_position_embeddings=256)
     cfg._attn_implementation = "eager"
