@@ -18,10 +18,13 @@ __all__ = ["__version__", "lookup"]
 def lookup(name: str) -> Any:
     """Any named thing (docs/naming.md): ``kind:name`` (``format:mxint8``, ``scaled:mxint8``,
     ``unit:deepseek-fp8``, ``recipe:deepseek-fp8``, ``kernel:fused-chain``, ``op:linear``,
-    ``metric:kl``) or a bare name that only one kind uses. Imports every layer's registries
-    first (a bare name several kinds use raises, naming the qualified spellings)."""
+    ``metric:kl``, ``accelerator:h200``, ``model:llama-2-7b``) or a bare name that only one
+    kind uses. Imports every layer's registries first (a bare name several kinds use raises,
+    naming the qualified spellings)."""
     import precisim.emulation  # noqa: F401  (units, recipes, kernels, op kinds)
+    import precisim.eval.accelerators  # noqa: F401  (the roofline's accelerators)
     import precisim.eval.metrics  # noqa: F401
+    import precisim.eval.models  # noqa: F401  (the roofline's model shapes)
     import precisim.formats.scaling  # noqa: F401
     from precisim.formats.registry import lookup as _lookup
 

@@ -12,6 +12,7 @@
 See docs/arithmetic.md section 4 and :mod:`precisim.emulation.matrix_unit` for the model.
 """
 
+from . import functions
 from .divergence import divergence, fast_divergence, scaled_fast_divergence
 from .loader import LoadError, load_model
 from .matmul import available_kernels, explain, matmul, use_kernels
@@ -60,6 +61,7 @@ from .scaled import scaled_matmul
 from .telemetry import Telemetry
 
 __all__ = [
+    "functions",
     "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "Installer", "LoadError",
     "OP_KINDS", "OpKind", "Plan",
     "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",

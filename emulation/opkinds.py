@@ -434,3 +434,28 @@ for _kind in (
            description="the model's output embeddings (get_output_embeddings())"),
 ):
     OP_KINDS.register(_kind.name, _kind)
+
+
+def _register_datapath_kinds() -> None:
+    """The opt-in kinds of the units beyond the GEMM (docs/arithmetic.md section 7.8)."""
+    from . import datapath_ops as d
+    from .functions import Activation, Norm, Softmax
+
+    for kind in (
+        OpKind("softmax", Softmax, d.is_attention, d.install_softmax, ("output",),
+               family="softmax", default_on=False,
+               description="the softmax inside every attention function (emulated Softmax "
+               "unit: max, subtraction, exp unit, sum reduction, division or reciprocal)"),
+        OpKind("normalization", Norm, d.is_norm, d.install_normalization, ("output",),
+               family="normalization", default_on=False,
+               description="every RMSNorm / LayerNorm (recognised by behaviour): reduction "
+               "format and order, rsqrt unit, epsilon, cast order around the weight"),
+        OpKind("activation", Activation, d.is_activation, d.install_activation, ("output",),
+               family="activation", default_on=False,
+               description="every SiLU / GELU activation module (recognised by behaviour): "
+               "a function unit, or exp and rcp units"),
+    ):
+        OP_KINDS.register(kind.name, kind)
+
+
+_register_datapath_kinds()

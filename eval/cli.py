@@ -1,5 +1,5 @@
-"""The ``precisim`` command line: ``eval``, ``sweep``, ``report``, ``layers``, ``vectors``,
-``formats`` and ``demo``.
+"""The ``precisim`` command line: ``eval``, ``sweep``, ``report``, ``layers``, ``cost``,
+``perf``, ``search``, ``vectors``, ``formats`` and ``demo``.
 
 Building the parser imports only light modules (the standard library and
 :mod:`precisim.formats`); each command imports what it runs when it runs, so that
@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from precisim.eval import commands, train_cli, vectors_cli
+from precisim.eval import commands, cost_cli, train_cli, vectors_cli
 from precisim.formats import cli as formats_cli
 from precisim.formats import demo
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     commands.add_parsers(sub)
+    cost_cli.add_parsers(sub)
     formats_cli.add_parser(sub)
     demo.add_parser(sub)
     vectors_cli.add_parser(sub)

@@ -149,6 +149,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sweep", default=None, help="only this sweep's records")
     r.add_argument("--sheet", default=None, help="a spec_sheet.json written by precisim eval")
     r.add_argument("--out", default="precisim-report", help="output directory")
+    r.add_argument("--cost-axis", choices=("bits_per_element", "dp_energy", "dp_area"),
+                   default="bits_per_element",
+                   help="the Pareto plot's cost axis: storage bits, or the modelled datapath "
+                   "energy / area per MAC (docs/cost-perf.md)")
     r.set_defaults(func=run_report_cmd)
 
     layer = sub.add_parser("layers", help="per-layer error and sensitivity of a recipe")
@@ -404,8 +408,10 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         return {"recipe_name": name, "ppl_ref": sheet.reference["ppl"],
                 "content_hash": sheet.content_hash, **sheet.metrics[name],
                 "cost": {k: row[k] for k in ("bits_w", "bits_a", "mem_w", "mem_kv",
-                                             "acc_bits")},
-                "bits_per_element": row["bits_per_element"]}
+                                             "acc_bits", "dp_energy", "dp_area")},
+                "bits_per_element": row["bits_per_element"],
+                # modelled datapath cost (docs/cost-perf.md): a cost axis of the report
+                "dp_energy": row["dp_energy"], "dp_area": row["dp_area"]}
 
     path = args.store or DEFAULT_STORE
     args.interrupt_hint = (f"every finished cell is kept in {path}; run the same command again "
@@ -452,14 +458,25 @@ def run_report_cmd(args: argparse.Namespace) -> int:
         print(f"note: {older} older record(s) of the same cells (computed from other "
               "inputs) are not shown", file=sys.stderr)
     check_out_dir(out)
+    from .spec import COST_COLUMNS
+
+    cost_cols = COST_COLUMNS if any(r.get("dp_energy") is not None for r in recs) else []
     cols = [("model", "model"), ("dataset", "data"), ("recipe", "recipe"),
-            ("bits_per_element", "bits/W"), *table_columns("report")]
+            ("bits_per_element", "bits/W"), *cost_cols, *table_columns("report")]
     written = [write_table(recs, out / f"report.{s}", cols) for s in ("md", "csv", "tex",
                                                                        "html")]
-    pts = [r for r in recs if r.get("delta_ppl") is not None]
+    x = args.cost_axis
+    pts = [r for r in recs if r.get("delta_ppl") is not None and r.get(x) is not None]
+    if x != "bits_per_element" and not pts and any(r.get("delta_ppl") is not None
+                                                    for r in recs):
+        return _err(f"--cost-axis {x}: the records carry no {x} (sweeps run before the cost "
+                    "model): use bits_per_element or run the sweep again")
     if pts:
-        written.append(pareto_plot(pts, out / "pareto.png", x="bits_per_element",
-                                   y="delta_ppl", label="recipe"))
+        xlabel = {"bits_per_element": None,
+                  "dp_energy": "datapath energy per MAC (modelled, bf16 FMA = 1)",
+                  "dp_area": "datapath area per MAC (modelled, bf16 FMA = 1)"}[x]
+        written.append(pareto_plot(pts, out / "pareto.png", x=x, y="delta_ppl",
+                                   label="recipe", xlabel=xlabel))
     print("wrote " + ", ".join(str(x) for x in written))
     return 0
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from precisim.emulation import Emulation, Recipe, get_recipe, plan
+from precisim.emulation import Emulation, Recipe, Rule, get_recipe, plan
 
 from .perplexity import (
     logits_of,
@@ -87,13 +87,26 @@ def module_groups(model: torch.nn.Module, recipe: Recipe | str, by: str = "layer
     return groups
 
 
+def _with_group(base: Recipe, r: Recipe, members: list[str]) -> Recipe:
+    """``base`` with ``r``'s linear spec on the modules ``members`` (one rule each)."""
+    rules = tuple(Rule(re.escape(m), "regex", linear=r.spec("linear")) for m in members)
+    return base.with_(name=f"{base.name}+group", rules=base.rules + rules)
+
+
 def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                 recipe: Recipe | str, *, by: str = "layer", window: int = 512,
-                prefix_token: int = 0) -> list[dict[str, Any]]:
-    """Emulate one group at a time; rank groups by the perplexity delta they cause alone."""
+                prefix_token: int = 0, base: Recipe | str | None = None,
+                groups: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """Emulate one group at a time; rank groups by the perplexity delta they cause alone.
+
+    ``base``: the other groups run under this recipe instead of high precision, and the
+    group gets ``recipe``'s linear spec on top of it (the deltas are still against the
+    unpatched model); ``groups``: the groups to try (default :func:`module_groups`). Each row
+    also holds ``top1``, the agreement of the group's argmax with the reference's."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    b = get_recipe(base) if isinstance(base, str) else base
     seq, wins = _windows(tokens, window, prefix_token)
-    groups = module_groups(model, r, by)
+    groups = module_groups(model, r, by) if groups is None else groups
     ref: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for w in wins:
@@ -102,20 +115,25 @@ def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     rows = []
     for name, members in groups.items():
         keep = set(members)
-        em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False)
-        nll, kl = [], []
+        if b is None:
+            em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False)
+        else:
+            em = Emulation(model, _with_group(b, r, members), warn=False)
+        nll, kl, top1 = [], [], []
         with torch.no_grad():
             for w, (lp0, t) in zip(wins, ref):
                 with em:
                     lp, _ = window_logprobs(logits_of(model, seq[w.start:w.end]), seq, w)
                 nll.append(token_nll(lp, t))
                 kl.append(token_kl(lp0, lp))
+                top1.append((lp.argmax(-1) == lp0.argmax(-1)).double())
         d_nll = float(torch.cat(nll).mean() - ref_nll.mean())
         assert em.telemetry is not None
         rows.append({
             "group": name, "modules": len(members),
             "delta_ppl": math.exp(float(ref_nll.mean())) * (math.exp(d_nll) - 1),
             "delta_nll": d_nll, "kl": float(torch.cat(kl).mean()),
+            "top1": float(torch.cat(top1).mean()),
             **_rates(em.telemetry.records(), lambda m, keep=keep: m.split(".qk")[0]
                      .split(".pv")[0] in keep),
         })

@@ -70,7 +70,8 @@ RUN_KEYS = ("tokens", "seconds")
 RESERVED_KEYS = frozenset(RUN_KEYS + (
     "recipe", "recipe_name", "content_hash", "cost", "bits_per_element", "model", "dataset",
     "sweep", "key", "params", "elapsed_s", "weights", "activations", "attention", "kv_cache",
-    "scale", "rounding", "overflow", "unit", "acc_bits", "bits_w", "bits_a", "mem_w", "mem_kv"))
+    "scale", "rounding", "overflow", "unit", "acc_bits", "bits_w", "bits_a", "mem_w", "mem_kv",
+    "dp_energy", "dp_area"))
 
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

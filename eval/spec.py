@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from precisim.emulation import Recipe, TensorSpec, get_recipe, get_unit
+from precisim.emulation import OP_KINDS, Recipe, TensorSpec, get_recipe, get_unit
 from precisim.emulation.presets import unit_from_dict, unit_to_dict
 from precisim.formats import IntFormat
 from precisim.formats.scaling import ScaledFormat
@@ -237,6 +237,10 @@ def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
     return d
 
 
+#: the op kinds of the units beyond the GEMM that a spec sheet describes
+DATAPATH_KINDS = ("softmax", "normalization", "activation")
+
+
 def _recipe_info(r: Recipe) -> dict[str, Any]:
     lin = r.linear
     att = r.attention
@@ -252,7 +256,36 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
         info["kv_cache"] = _format_info(att.kv_cache)
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
+    info["cost"] = _cost_info(r)
+    # the units beyond the GEMM (docs/arithmetic.md section 7.8), where the recipe names them
+    dp = {k: r.spec(k).describe() for k in DATAPATH_KINDS
+          if k in OP_KINDS and r.spec(k) is not None}
+    if dp:
+        info["datapath"] = dp
     return info
+
+
+def _cost_info(r: Recipe) -> dict[str, Any] | None:
+    """The modelled datapath cost of a recipe's linear GEMM (precisim.eval.cost,
+    docs/cost-perf.md), or None when the linear layers stay in high precision."""
+    from .cost import MODEL_NOTE, recipe_cost
+
+    g = recipe_cost(r)
+    if g is None:
+        return None
+    return {"energy": g.energy, "area": g.area, "datapath": g.datapath.description,
+            "bits": g.bits, "coefficients": g.datapath.coefficients.name, "note": MODEL_NOTE}
+
+
+def _row_cost(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A recipe's cost from its sheet entry; sheets written before the cost model get it from
+    the recorded recipe (None when that cannot be rebuilt)."""
+    if "cost" in info:
+        return info["cost"]
+    try:
+        return _cost_info(Recipe.from_dict(info["recipe"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _model_info(source: str, dtype: str) -> dict[str, Any]:
@@ -376,7 +409,7 @@ def compare_metrics(a: SpecSheet | Mapping[str, Any], b: SpecSheet | Mapping[str
 # vendor table
 
 #: the vendor table's columns that describe a recipe (its metrics' columns follow)
-DESIGN_COLUMNS: list[tuple[str, str]] = [
+DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
     ("recipe", "recipe"), ("weights", "weights"), ("activations", "activations"),
     ("attention", "attention QK/PV"), ("kv_cache", "KV cache"), ("scale", "scale (rule)"),
     ("rounding", "rounding"), ("overflow", "overflow / subnormals"),
@@ -384,15 +417,32 @@ DESIGN_COLUMNS: list[tuple[str, str]] = [
     ("bits_w", "bits/elem W"), ("bits_a", "bits/elem A"), ("mem_w", "W mem vs bf16"),
     ("mem_kv", "KV mem vs bf16"),
 ]
+#: shown after :data:`DESIGN_COLUMNS` when a recipe of the sheet names the units beyond the GEMM
+DATAPATH_COLUMN = ("datapath", "softmax / norm / activation")
+
+#: modelled, not measured (precisim.eval.cost, docs/cost-perf.md): the linear layers' GEMM
+#: datapath per product, relative to a bf16 multiply with fp32 accumulation. Shown for sheets
+#: that record it (written since the cost model); the tables of older sheets stay as they were
+#: (their rows still carry ``dp_energy`` / ``dp_area``, computed from the recorded recipes).
+COST_COLUMNS: list[tuple[str, str, str]] = [
+    ("dp_energy", "datapath energy/MAC (model)", ".3g"),
+    ("dp_area", "datapath area/MAC (model)", ".3g"),
+]
 
 
 def vendor_columns(sheet: SpecSheet | Mapping[str, Any] | None = None
                    ) -> list[tuple[str, str] | tuple[str, str, str]]:
-    """The vendor table's columns: :data:`DESIGN_COLUMNS`, then the ``(key, label, format)``
-    columns of the metrics the vendor table shows, as a sheet defines them (None: as the
-    registered metrics do)."""
-    defs = None if sheet is None else as_sheet(sheet).metric_definitions
-    return [*DESIGN_COLUMNS, *table_columns("vendor", defs)]
+    """The vendor table's columns: :data:`DESIGN_COLUMNS`, the datapath column (when a recipe of
+    the sheet names units beyond the GEMM), :data:`COST_COLUMNS` (when the sheet records the
+    modelled cost, or for None), then the ``(key, label, format)`` columns of the metrics the
+    vendor table shows, as a sheet defines them (None: as the registered metrics do)."""
+    if sheet is None:
+        return [*DESIGN_COLUMNS, *COST_COLUMNS, *table_columns("vendor", None)]
+    sh = as_sheet(sheet)
+    cost = any("cost" in info for info in sh.recipes_resolved)
+    dp = any(i.get("datapath") for i in sh.recipes_resolved)
+    return [*DESIGN_COLUMNS, *([DATAPATH_COLUMN] if dp else []),
+            *(COST_COLUMNS if cost else []), *table_columns("vendor", sh.metric_definitions)]
 
 
 class _VendorColumns(Sequence[tuple[str, ...]]):
@@ -467,6 +517,7 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
         roundings = sorted({x["rounding"] for x in (w, a, qk) if x})
         ovf = sorted({f"{x['overflow']} / {x['subnormals']}" for x in (w, a, qk) if x})
         unit, acc = _unit_cell(info)
+        cost = _row_cost(info) or {}
         bpe = info["bits_per_element"]
         kv_bits = bpe.get("kv_cache")
         rows.append({
@@ -478,8 +529,10 @@ def vendor_rows(sheet: SpecSheet | Mapping[str, Any]) -> list[dict[str, Any]]:
             "overflow": ", ".join(ovf) or "-", "unit": unit, "acc_bits": acc,
             "bits_w": bpe.get("weight") or 32.0, "bits_a": bpe.get("input") or 32.0,
             "mem_w": (bpe.get("weight") or 32.0) / 16, "mem_kv": (kv_bits or 32.0) / 16,
+            "dp_energy": cost.get("energy"), "dp_area": cost.get("area"),
             **table_cells(m, sheet.metric_definitions),
             "bits_per_element": bpe.get("weight") or 32.0,
+            "datapath": "; ".join((info.get("datapath") or {}).values()) or "model (torch)",
         })
     return rows
 

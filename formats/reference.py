@@ -108,12 +108,8 @@ def round_to_float_format(
         if not fmt.has_zero:
             return NAN
         return signed(Fraction(0))
-    e = floor_log2(ax)
-    e_eff = max(e, fmt.emin)
-    ulp = Fraction(2) ** (e_eff - fmt.man_bits)
-    k = ax / ulp
-    lo = math.floor(k)
-    up = _round_up(lo, k - lo, negative, rounding, sr_rand, sr_bits)
+    lo, frac, ulp = _split_ulps(ax, fmt)
+    up = _round_up(lo, frac, negative, rounding, sr_rand, sr_bits)
     result = (lo + up) * ulp
     if result == 0 and not fmt.has_zero:
         result = fmt.min_subnormal
@@ -122,6 +118,27 @@ def round_to_float_format(
     if flush_output and 0 < result < fmt.min_normal:
         result = Fraction(0)
     return signed(result)
+
+
+def _split_ulps(ax: Fraction, fmt: FloatFormat) -> tuple[int, Fraction, Fraction]:
+    """``(lo, frac, ulp)`` with ``ax = (lo + frac) * ulp``, ``0 <= frac < 1`` and ``ulp`` the
+    spacing of ``fmt`` at ``ax > 0`` (section 1.6). Dyadic values (every value of a format and
+    every exact sum or product of such values) are split with integer shifts, others with
+    Fraction arithmetic; both give the same numbers."""
+    num, den = ax.numerator, ax.denominator
+    if den & (den - 1):  # not a power of two
+        e = floor_log2(ax)
+        ulp = Fraction(2) ** (max(e, fmt.emin) - fmt.man_bits)
+        k = ax / ulp
+        lo = math.floor(k)
+        return lo, k - lo, ulp
+    s = den.bit_length() - 1  # ax = num / 2^s
+    g = max(num.bit_length() - 1 - s, fmt.emin) - fmt.man_bits  # ulp = 2^g
+    ulp = Fraction(1 << g) if g >= 0 else Fraction(1, 1 << -g)
+    sh = s + g  # ax / ulp = num / 2^sh
+    if sh <= 0:
+        return num << -sh, Fraction(0), ulp
+    return num >> sh, Fraction(num & ((1 << sh) - 1), 1 << sh), ulp
 
 
 def _unsigned_negative(x: Value, fmt: FloatFormat, rounding: Rounding, sr_rand: int | None,

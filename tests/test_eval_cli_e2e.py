@@ -35,6 +35,16 @@ def test_sweep_report_and_resume_on_a_local_checkpoint(
     assert main(["report", "--store", str(store), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "nvfp4" in md and (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
+    # the modelled datapath cost is recorded per cell and is a cost axis of the report
+    from precisim.eval.cost import recipe_cost
+
+    assert by["nvfp4"]["dp_energy"] == by["nvfp4"]["cost"]["dp_energy"] == \
+        recipe_cost("nvfp4").energy
+    assert by["bf16"]["dp_area"] == recipe_cost("bf16").area
+    assert "datapath energy/MAC (model)" in md
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "rep2"),
+                 "--cost-axis", "dp_energy"]) == 0
+    assert (tmp_path / "rep2" / "pareto.png").stat().st_size > 1000
 
 
 def test_eval_writes_summary_and_reproduces_its_sheet(

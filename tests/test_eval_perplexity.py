@@ -217,3 +217,25 @@ def test_weight_cache_budget_changes_memory_not_numbers(model) -> None:
                      weight_cache_bytes=0)
     for a, b in zip(kept.results, tight.results):
         assert np.array_equal(a.nll, b.nll) and np.array_equal(a.kl, b.kl)
+
+
+def test_spec_sheet_with_softmax_norm_and_activation_units(model, textfile) -> None:
+    """A recipe with the op kinds beyond the GEMM (docs/arithmetic.md section 7.8) runs in
+    run_eval, the vendor table describes its units, and the sheet reproduces the recipe."""
+    from precisim.emulation import Recipe
+
+    r = Recipe.from_dict({"name": "sfu", "linear": "bf16", "softmax": "softmax-bf16",
+                          "normalization": {"base": "rmsnorm", "reduction": "bf16"},
+                          "activation": "silu-table64"})
+    cfg = EvalConfig(model="tiny", data=str(textfile), recipes=(r.to_dict(), "bf16"),
+                     tokens=64, window=64, bootstrap=0)
+    sheet = run_eval(cfg, model_and_tokenizer=(model, CharTokenizer()))
+    rows = {row["recipe"]: row for row in vendor_rows(sheet)}
+    cell = rows["sfu"]["datapath"]
+    assert "softmax-bf16" in cell and "sum bf16 pairwise" in cell and "silu-lut64" in cell
+    assert rows["bf16"]["datapath"] == "model (torch)"
+    from precisim.eval.spec import DATAPATH_COLUMN, vendor_columns
+
+    assert DATAPATH_COLUMN in vendor_columns(sheet)  # (only for sheets with such recipes)
+    again = EvalConfig.from_sheet(json.loads(sheet.to_json()))
+    assert Recipe.from_dict(again.recipes[0]) == r

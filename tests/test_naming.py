@@ -20,7 +20,10 @@ def _all_registries() -> dict[str, Registry]:
 
 def test_every_kind_is_registered() -> None:
     assert set(_all_registries()) == {"format", "scaled", "unit", "kernel", "op", "recipe",
-                                      "metric"}
+                                      "metric", "accelerator", "model", "function",
+                                      "softmax", "norm", "activation"}
+    assert precisim.lookup("accelerator:h200").bandwidth == 4.8e12
+    assert precisim.lookup("model:llama-2-7b").params == 6_738_415_616
 
 
 def test_grammar_case_and_dashes() -> None:

@@ -22,7 +22,8 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
 #: notebooks that take more than ~2 minutes on the 2-core machine (run with ``-m slow``)
-SLOW: set[str] = {"03_llm_under_arithmetic.ipynb", "04_vendor_spec_table.ipynb"}
+SLOW: set[str] = {"03_llm_under_arithmetic.ipynb", "04_vendor_spec_table.ipynb",
+                   "05_datapath_functions.ipynb", "07_cost_and_speed.ipynb"}
 
 #: per-cell timeout (seconds): generous, the machine is shared
 CELL_TIMEOUT = 1800
@@ -62,6 +63,8 @@ NEEDS: dict[str, tuple[Callable[[], str | None], ...]] = {
     "02_matrix_units.ipynb": (_recordings,),
     "03_llm_under_arithmetic.ipynb": (_smollm2, _wikitext),
     "04_vendor_spec_table.ipynb": (_smollm2, _wikitext),
+    "05_datapath_functions.ipynb": (_smollm2, _wikitext),
+    "07_cost_and_speed.ipynb": (_smollm2, _wikitext),
 }
 
 

@@ -58,3 +58,30 @@ def test_generate_on_smollm2(smollm2, recipe: str) -> None:
         out = model.generate(ids, max_new_tokens=5, do_sample=False,
                              pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids.shape[1] + 5
+
+
+def test_softmax_norm_activation_units_on_smollm2(smollm2) -> None:
+    """The op kinds beyond the GEMM (docs/arithmetic.md section 7.8) on the real model: every
+    attention softmax, RMSNorm and SiLU is planned; with exact units the logits agree with the
+    unpatched model within 2e-6 x max|logit| (fp32); bf16 units move them; restore is exact."""
+    from precisim.emulation import Recipe
+
+    model, tok = smollm2
+    ids = tok(WIKI_LIKE, return_tensors="pt").input_ids
+    n = model.config.num_hidden_layers
+    exact = Recipe("exact-units", softmax="softmax-exact", normalization="rmsnorm",
+                   activation="silu")
+    p = plan(model, exact)
+    assert (len(p.emulated("softmax")), len(p.emulated("normalization")),
+            len(p.emulated("activation"))) == (n, 2 * n + 1, n)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with emulate(model, exact):
+            y = model(ids).logits
+        assert (y - ref).abs().max() <= 2e-6 * ref.abs().max()
+        with emulate(model, Recipe("bf16-units", softmax="softmax-bf16",
+                                   normalization="rmsnorm-bf16-seq", activation="silu-table16")):
+            z = model(ids).logits
+        assert (z - ref).abs().max() > 1e-3
+        assert (z.argmax(-1) == ref.argmax(-1)).float().mean() > 0.5
+        assert torch.equal(model(ids).logits, ref)

@@ -1,0 +1,465 @@
+"""Shared machinery of the non-GEMM units (docs/arithmetic.md section 7): one rounding step
+``Rq`` with its exact and fast forms, exact float64 arithmetic helpers, and correctly rounded
+evaluation of the scalar functions (exact: mpmath with a Ziv loop; fast: float64 torch with a
+certified error bound and an exact fallback for the few values it cannot decide).
+
+Every rounding goes through the one decision table (:mod:`precisim.formats.rounding`): the
+exact side calls :func:`precisim.formats.reference.round_to_float_format`, the fast side
+rounds exact (or round-to-odd) float64 values with
+:func:`precisim.emulation.matmul.floatarith.round_scaled` (the table's ``FloatRemainder``
+representation). A float64 value that is round-to-odd at 53 bits rounds to any format of at
+most 51 significant bits exactly as the exact value does, under every deterministic mode
+(Boldo & Melquiond; docs/arithmetic.md section 3.1), so sums and quotients are made
+round-to-odd (:func:`add_ro`, :func:`div_ro`) before they are rounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+import torch
+from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_format
+from precisim.formats.quantize import is_subset
+from precisim.formats.reference import round_to_float_format
+from precisim.formats.rounding import ExactRemainder, FloatRemainder, round_up
+
+from ..matmul.floatarith import pow2_64, round_scaled
+from ..matmul.intarith import RoundSpec
+
+__all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast", "div_ro",
+           "exact_fn", "grid_exact", "grid_fast", "inf_values", "parse_enum", "rq"]
+
+Value = Fraction | float  # float only for nan, +-inf and -0.0
+
+FP32 = get_format("fp32")
+NAN = float("nan")
+INF = float("inf")
+
+
+class Fn(enum.Enum):
+    """The scalar functions the units compute."""
+
+    EXP = "exp"
+    EXP2 = "exp2"
+    RCP = "rcp"  #: 1 / x
+    RSQRT = "rsqrt"  #: 1 / sqrt(x)
+    SIGMOID = "sigmoid"  #: 1 / (1 + exp(-x))
+    TANH = "tanh"
+    ERF = "erf"
+    SILU = "silu"  #: x * sigmoid(x)
+    GELU = "gelu"  #: x * Phi(x) = x / 2 * (1 + erf(x / sqrt(2)))  (the erf form)
+    GELU_TANH = "gelu_tanh"  #: x / 2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    GELU_SIGMOID = "gelu_sigmoid"  #: x * sigmoid(1.702 x)
+
+    @property
+    def bounded(self) -> bool:
+        """True for the functions approximated on an interval (with asymptotes outside)."""
+        return self not in (Fn.EXP, Fn.EXP2, Fn.RCP, Fn.RSQRT)
+
+    @property
+    def activation(self) -> bool:
+        return self in ACTIVATIONS
+
+
+ACTIVATIONS = (Fn.SILU, Fn.GELU, Fn.GELU_TANH, Fn.GELU_SIGMOID)
+
+#: the exact constants of the GELU forms
+GELU_TANH_C = Fraction(44715, 10**6)
+GELU_SIGMOID_C = Fraction(1702, 1000)
+
+
+def parse_enum(cls: type[enum.Enum], value: object, what: str) -> Any:
+    """``value`` as a member of ``cls`` (by value or name), else ValueError naming it."""
+    if isinstance(value, cls):
+        return value
+    key = str(value).strip().lower().replace("-", "_")
+    for m in cls:
+        if key in (str(m.value).replace("-", "_"), m.name.lower()):
+            return m
+    accepted = ", ".join(repr(m.value) for m in cls)
+    raise ValueError(f"{what}={value!r} is not valid: accepted {accepted}")
+
+
+def check_format(value: object, what: str) -> FloatFormat:
+    """A format field: a signed floating-point format with zero and subnormals whose values
+    are float32 values (the units' datapaths); ValueError naming the field otherwise."""
+    try:
+        f = get_format(value)
+    except FormatError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if not isinstance(f, FloatFormat) or not f.signed or not f.subnormals \
+            or not is_subset(f, FP32):
+        raise ValueError(f"{what}={getattr(f, 'name', value)!r} is not valid: accepted a "
+                         "signed floating-point format with zero and subnormals whose values "
+                         "are float32 values (fp32, tf32, bf16, fp16, e4m3, e5m2, eXmY...)")
+    return f
+
+
+def default_overflow(fmt: FloatFormat) -> Overflow:
+    """INF where the format has infinities, else SATURATE (as the matrix units)."""
+    return Overflow.INF if fmt.has_inf else Overflow.SATURATE
+
+
+@dataclass(frozen=True)
+class Rq:
+    """One rounding step: a format, a rounding mode, an overflow policy and flush-to-zero of
+    results below the smallest normal. ``exact(v)`` rounds an exact value (docs/arithmetic.md
+    section 3, through :func:`~precisim.formats.reference.round_to_float_format`); ``fast(v)``
+    rounds a float64 tensor of exact or round-to-odd values bit-identically."""
+
+    fmt: FloatFormat
+    rounding: Rounding = Rounding.NEAREST_EVEN
+    overflow: Overflow = Overflow.SATURATE
+    flush: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.rounding.deterministic:
+            raise ValueError("stochastic rounding is not available in the function units: "
+                             "accepted rne, rna, rtz, ru, rd, rto")
+        if self.overflow is Overflow.INF and not self.fmt.has_inf:
+            raise ValueError(f"overflow='inf' is not possible: {self.fmt.name} has no "
+                             "infinity; accepted 'saturate'" + (" or 'nan'" if self.fmt.has_nan
+                                                                 else ""))
+        if self.overflow is Overflow.NAN and not self.fmt.has_nan:
+            raise ValueError(f"overflow='nan' is not possible: {self.fmt.name} has no NaN")
+        if self.overflow is Overflow.WRAP:
+            raise ValueError("overflow='wrap' is for integer formats")
+        # plain numbers for the compiled kernels (read as attributes, never computed while
+        # tracing: Fraction arithmetic would be traced into symbolic integers)
+        object.__setattr__(self, "_sp", RoundSpec.of(self.fmt, self.rounding, self.overflow,
+                                                     self.flush))
+        object.__setattr__(self, "_max", float(self.fmt.max))
+        object.__setattr__(self, "_min_normal", float(self.fmt.min_normal))
+
+    def describe(self) -> str:
+        parts = [self.fmt.name]
+        if self.rounding is not Rounding.NEAREST_EVEN:
+            parts.append(self.rounding.value)
+        if self.overflow is not default_overflow(self.fmt):
+            parts.append(f"ovf={self.overflow.value}")
+        if self.flush:
+            parts.append("ftz")
+        return " ".join(parts)
+
+    # -- exact -------------------------------------------------------------------------
+    def exact(self, v: Value) -> Value:
+        return round_to_float_format(v, self.fmt, self.rounding, self.overflow,
+                                     flush_output=self.flush)
+
+    # -- fast --------------------------------------------------------------------------
+    @property
+    def spec(self) -> RoundSpec:
+        return self._sp  # type: ignore[attr-defined]
+
+    def fast(self, v: torch.Tensor) -> torch.Tensor:
+        """Round float64 ``v`` (exact or round-to-odd values) to the format; float64 result.
+        Branch-free (torch.compile'd as part of a unit's kernel)."""
+        sp = self.spec
+        ax = v.abs()
+        neg = torch.signbit(v)
+        res = round_scaled(ax, neg, sp)
+        is_inf = ax == math.inf
+        mx = self._max  # type: ignore[attr-defined]
+        ovf = (res > mx) | is_inf
+        if self.overflow is Overflow.SATURATE:
+            res = torch.where(ovf, mx, res)
+        elif self.overflow is Overflow.INF:
+            res = torch.where(ovf, math.inf, res)
+        else:  # NAN: an infinite input stays infinite where the format has inf
+            res = torch.where(ovf, math.nan, res)
+            if self.fmt.has_inf:
+                res = torch.where(is_inf, math.inf, res)
+        if self.flush:
+            res = torch.where(res < self._min_normal, 0.0, res)  # type: ignore[attr-defined]
+        res = torch.where(neg, -res, res)
+        return torch.where(torch.isnan(v), math.nan, res)
+
+
+def rq(fmt: object, rounding: object = "rne", overflow: object = None, flush: bool = False,
+       what: str = "format") -> Rq:
+    """An :class:`Rq` from names (``overflow=None``: inf where the format has it)."""
+    f = fmt if isinstance(fmt, FloatFormat) else check_format(fmt, what)
+    r = parse_enum(Rounding, rounding, f"{what} rounding") if not isinstance(
+        rounding, Rounding) else rounding
+    o = default_overflow(f) if overflow is None else (
+        overflow if isinstance(overflow, Overflow) else parse_enum(Overflow, overflow,
+                                                                     f"{what} overflow"))
+    return Rq(f, r, o, bool(flush))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact float64 arithmetic (fast side)
+
+def add_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` of float64 values of at most 53 bits, round-to-odd at 53 bits: the float64
+    sum, with its last bit moved toward the exact sum when the sum was inexact and that bit
+    is even (the error comes from TwoSum, exactly). An exact zero sum is +0 unless both
+    addends are -0 (IEEE 754 round-to-nearest)."""
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    bits = s.view(torch.int64)
+    fix = (err != 0) & ((bits & 1) == 0) & torch.isfinite(err)
+    step = torch.where((err > 0) == (s > 0), 1, -1)
+    return torch.where(fix, bits + step, bits).view(torch.float64)
+
+
+_SPLIT = float(2**27 + 1)
+
+
+def div_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` of float32-range values with at most 24 significant bits, round-to-odd at 53
+    bits: the float64 quotient q, whose last bit is moved toward the exact quotient when the
+    remainder ``a - q*b`` (exact: q split in two 26-bit halves, Veltkamp) is not zero and the
+    bit is even. Special values as IEEE 754 division."""
+    q = a / b
+    c = q * _SPLIT
+    qh = c - (c - q)
+    ql = q - qh
+    r = (a - qh * b) - ql * b  # a - qh*b is exact (Sterbenz); the sign of r is exact
+    bits = q.view(torch.int64)
+    fix = (r != 0) & ((bits & 1) == 0) & torch.isfinite(q) & (q != 0)
+    step = torch.where((r > 0) == (b > 0), 1, -1) * torch.where(q > 0, 1, -1)
+    return torch.where(fix, bits + step, bits).view(torch.float64)
+
+
+def grid_fast(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``t`` (float64, finite) rounded to a multiple of ``2^-frac_bits``, ties to even (the
+    fixed-point reduced argument of a unit), through the decision table."""
+    v = t * float(2.0 ** frac_bits)
+    rem = FloatRemainder(v.abs(), torch.signbit(v))
+    up = round_up(Rounding.NEAREST_EVEN, rem)
+    q = rem.q + up.to(v.dtype)
+    return torch.where(torch.signbit(v), -q, q) * float(2.0 ** -frac_bits)
+
+
+def grid_exact(t: Fraction, frac_bits: int) -> Fraction:
+    """The exact twin of :func:`grid_fast`."""
+    v = abs(t) * (1 << frac_bits)
+    lo = math.floor(v)
+    up = int(bool(round_up(Rounding.NEAREST_EVEN, ExactRemainder(lo, v - lo, t < 0))))
+    q = Fraction(lo + up, 1 << frac_bits)
+    return -q if t < 0 else q
+
+
+# ---------------------------------------------------------------------------------------------
+# the scalar functions, exactly and in float64
+
+@dataclass(frozen=True)
+class _FnDef:
+    mp: Callable[[Any, Any], Any]  # (mpmath context, mpf x) -> mpf
+    fast: Callable[[torch.Tensor], torch.Tensor]  # float64 approximation
+    guard: Callable[[torch.Tensor], torch.Tensor]  # its relative error bound at x
+    # beyond these the value is rounding-equivalent to a representative (see _representative)
+    lo: float
+    hi: float
+
+
+def _sig64(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+_RS2 = 1.0 / math.sqrt(2.0)  # (float64; the guards cover the argument's error)
+_C_TANH = math.sqrt(2.0 / math.pi)
+_E = 2.0 ** -47
+
+
+def _g(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A guard ``2^-47 * (1 + c x^2)``: the float64 evaluation's error relative to the value,
+    with the argument's rounding error amplified by the function's condition number (at most
+    about ``c x^2``)."""
+    return lambda x: _E * (1.0 + c * x * x)
+
+
+def _g_lin(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A guard ``2^-47 * (4 + c min(|x|, 40))`` (condition number linear in x for x < 0,
+    vanishing for large positive x)."""
+    return lambda x: _E * (4.0 + c * x.abs().clamp(max=40.0))
+
+
+def _gelu_tanh64(x: torch.Tensor) -> torch.Tensor:
+    return x * _sig64((2.0 * _C_TANH) * (x + 0.044715 * (x * x * x)))
+
+
+def _gelu_tanh_guard(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs().clamp(max=20.0)
+    return _E * (8.0 + 6.4 * a * (1.0 + 0.045 * a * a))
+
+
+#: per function: mpmath form (numerically stable: no cancellation), float64 form, its error
+#: guard, and the clamp of x (output-invariant: beyond it the value is below every format's
+#: smallest step, beyond every format's range, or within 2^-100 of an asymptote)
+FN_DEFS: dict[Fn, _FnDef] = {
+    Fn.EXP: _FnDef(lambda m, x: m.exp(x), torch.exp, _g(0.0), -700.0, 90.0),
+    Fn.EXP2: _FnDef(lambda m, x: m.power(2, x), torch.exp2, _g(0.0), -1000.0, 130.0),
+    Fn.RCP: _FnDef(lambda m, x: 1 / x, lambda x: 1.0 / x, _g(0.0), -math.inf, math.inf),
+    Fn.RSQRT: _FnDef(lambda m, x: 1 / m.sqrt(x), torch.rsqrt, _g(0.0), -math.inf, math.inf),
+    Fn.SIGMOID: _FnDef(lambda m, x: 1 / (1 + m.exp(-x)), _sig64, _g(0.0), -700.0, 700.0),
+    Fn.TANH: _FnDef(lambda m, x: m.tanh(x), torch.tanh, _g(0.0), -700.0, 700.0),
+    Fn.ERF: _FnDef(lambda m, x: m.erf(x), torch.erf, _g(0.0), -700.0, 700.0),
+    Fn.SILU: _FnDef(lambda m, x: x / (1 + m.exp(-x)), lambda x: x * _sig64(x), _g(0.0),
+                    -700.0, math.inf),
+    Fn.GELU: _FnDef(lambda m, x: x / 2 * m.erfc(-x / m.sqrt(2)),
+                    lambda x: 0.5 * x * torch.special.erfc(x * -_RS2), _g(2.0), -37.0,
+                    math.inf),
+    Fn.GELU_TANH: _FnDef(
+        lambda m, x: x / (1 + m.exp(-2 * m.sqrt(2 / m.pi) * (x + m.mpf(44715) / 10**6 * x**3))),
+        _gelu_tanh64, _gelu_tanh_guard, -15.0, math.inf),
+    Fn.GELU_SIGMOID: _FnDef(lambda m, x: x / (1 + m.exp(-m.mpf(1702) / 1000 * x)),
+                            lambda x: x * _sig64(1.702 * x), _g_lin(4.0), -400.0, math.inf),
+}
+
+
+def exact_fn(fn: Fn, x: Fraction) -> Fraction | None:
+    """The exact value of ``fn(x)`` where it is rational (x = 0, exp2 of an integer,
+    reciprocals, reciprocal square roots of ratios of squares), else None."""
+    if fn is Fn.RCP:
+        return 1 / x
+    if fn is Fn.RSQRT:
+        p, q = x.numerator, x.denominator
+        rp, rq_ = math.isqrt(p), math.isqrt(q)
+        return Fraction(rq_, rp) if rp * rp == p and rq_ * rq_ == q else None
+    if fn is Fn.EXP2 and x.denominator == 1:
+        return Fraction(2) ** int(x)
+    if x == 0:
+        return Fraction(1) if fn in (Fn.EXP, Fn.EXP2) else (
+            Fraction(1, 2) if fn is Fn.SIGMOID else Fraction(0))
+    return None
+
+
+_TINY = Fraction(1, 2**300)  # below a quarter of every supported format's smallest value
+_ALMOST_ONE = 1 - Fraction(1, 2**200)
+
+
+def _representative(fn: Fn, x: Fraction) -> Fraction | None:
+    """A value that every supported rounding maps where it maps ``fn(x)``, for arguments so
+    large that the function is within 2^-100 (relative) of an asymptote or beyond every
+    format's range: saves the exact evaluation of exp(-10^30) and keeps 1 - e^-x away from 1
+    without thousands of bits."""
+    if fn is Fn.EXP and (x < -210 or x > 90):
+        return _TINY if x < 0 else Fraction(2) ** 130
+    if fn is Fn.EXP2 and (x < -300 or x > 130):
+        return _TINY if x < 0 else Fraction(2) ** 131
+    if fn in (Fn.SIGMOID, Fn.TANH, Fn.ERF) and abs(x) > 150:
+        if fn is Fn.SIGMOID:
+            return _ALMOST_ONE if x > 0 else _TINY
+        return _ALMOST_ONE if x > 0 else -_ALMOST_ONE
+    if fn.activation and abs(x) > 150:
+        return x * _ALMOST_ONE if x > 0 else -_TINY
+    return None
+
+
+def cr_exact(fn: Fn, x: Value, r: Rq) -> Value:
+    """``fn(x)`` rounded correctly by ``r`` (the exact value, or a 2^-p-accurate mpmath value
+    whose whole error interval rounds one way: Ziv's strategy, p doubling from 96 bits).
+    x is an exact value (Fraction) or nan / +-inf / -0.0."""
+    # the cache key tells -0.0 from 0 (equal, with equal hashes, for a plain lru_cache)
+    return _cr_exact(fn, x, r, isinstance(x, float))
+
+
+@lru_cache(maxsize=1 << 18)
+def _cr_exact(fn: Fn, x: Value, r: Rq, is_float: bool) -> Value:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return NAN
+        if x == 0:  # -0.0
+            x = Fraction(0)
+            if fn in (Fn.RCP, Fn.RSQRT):
+                return r.exact(-INF)
+            if fn in (Fn.TANH, Fn.ERF, *ACTIVATIONS):
+                return r.exact(-0.0)
+        else:
+            return r.exact(_at_inf(fn, x > 0))
+    if fn is Fn.RSQRT and x < 0:
+        return NAN
+    if fn in (Fn.RCP, Fn.RSQRT) and x == 0:
+        return r.exact(INF)
+    v = _representative(fn, x)
+    if v is None:
+        v = exact_fn(fn, x)
+    if v is not None:
+        return r.exact(v)
+    import mpmath
+
+    p = 96
+    while p <= 4096:
+        with mpmath.workprec(p):
+            y = FN_DEFS[fn].mp(mpmath.mp, mpmath.mpf(x.numerator) / x.denominator)
+            man, exp = (int(y.man), int(y.exp)) if y != 0 else (0, 0)
+            if y < 0:
+                man = -man
+        yf = Fraction(man << exp) if exp >= 0 else Fraction(man, 1 << -exp)
+        err = abs(yf) / (1 << (p - 24))  # mpmath's error (a few ulps at p bits), generously
+        a, b = r.exact(yf - err), r.exact(yf + err)
+        if _same(a, b):
+            return a
+        p *= 2
+    raise ArithmeticError(f"{fn.value}({x}) could not be rounded (Ziv loop)")  # pragma: no cover
+
+
+def _same(a: Value, b: Value) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, float) and isinstance(b, float)
+                and (math.isnan(a) and math.isnan(b) or a == b
+                     and math.copysign(1, a) == math.copysign(1, b)))
+    return a == b
+
+
+def _at_inf(fn: Fn, positive: bool) -> Value:
+    """``fn(+-inf)``."""
+    if fn in (Fn.EXP, Fn.EXP2):
+        return INF if positive else Fraction(0)
+    if fn is Fn.RCP:
+        return 0.0 if positive else -0.0
+    if fn is Fn.RSQRT:
+        return 0.0 if positive else NAN
+    if fn is Fn.SIGMOID:
+        return Fraction(1) if positive else Fraction(0)
+    if fn in (Fn.TANH, Fn.ERF):
+        return Fraction(1) if positive else Fraction(-1)
+    return INF if positive else -0.0  # the activations: x or -0
+
+
+def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[float, float]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x)`` correctly rounded by ``r`` for float64 ``x`` (exact values): the float64
+    approximation rounded, and a mask of the elements whose certified error interval (the
+    :data:`FN_DEFS` guard) straddles a rounding boundary, to be recomputed exactly by
+    :func:`cr_exact`. ``infs``: :func:`inf_values` of ``(fn, r)``, looked up by the caller
+    before tracing. Branch-free (compiled with the unit's kernel)."""
+    if fn is Fn.RCP:  # a division: round-to-odd quotient, no hard cases
+        return r.fast(div_ro(torch.ones_like(x), x)), torch.zeros_like(x, dtype=torch.bool)
+    d = FN_DEFS[fn]
+    xc = x.clamp(d.lo, d.hi)
+    v = d.fast(xc)
+    exact = xc == 0
+    if fn is Fn.EXP2:  # 2^n for integers n, exactly (from the bits)
+        n = xc.round()
+        exact = xc == n
+        v = torch.where(exact, pow2_64(n.clamp(-1000, 130)), v)
+    elif fn is Fn.EXP:
+        v = torch.where(exact, 1.0, v)
+    elif fn is Fn.RSQRT:
+        exact = torch.zeros_like(exact)  # (powers of 4: decided exactly by the fallback)
+    out = r.fast(v)
+    eps = d.guard(xc)
+    hard = (r.fast(v * (1.0 - eps)) != r.fast(v * (1.0 + eps))) & ~exact & torch.isfinite(x)
+    if fn is Fn.RSQRT:
+        hard = hard & (x > 0)
+    at_pinf, at_ninf = infs
+    out = torch.where(x == math.inf, at_pinf, out)
+    out = torch.where(x == -math.inf, at_ninf, out)
+    return out, hard
+
+
+@lru_cache(maxsize=1024)
+def inf_values(fn: Fn, r: Rq) -> tuple[float, float]:
+    """``fn(+inf)`` and ``fn(-inf)`` rounded by ``r``, as floats: computed outside the
+    compiled kernels (a cached function is traced through, not looked up)."""
+    return float(r.exact(_at_inf(fn, True))), float(r.exact(_at_inf(fn, False)))

@@ -1,0 +1,839 @@
+"""Elementwise function units: frozen, parametric descriptions of exp, exp2, reciprocal,
+reciprocal square root, sigmoid-type and activation units (docs/arithmetic.md section 7.1).
+
+A :class:`FunctionUnit` computes ``y = Q_out(f(Q_in(x)))`` through a datapath described field
+by field: the input, working and output formats and roundings, the range reduction, the core
+approximation and subnormal flushing. The pipeline (section 7.1 has it with formulas):
+
+1. **Input**: x is rounded to ``input_format`` (RNE; inputs below its smallest normal read as
+   zero with ``flush_input``).
+2. **Range reduction**, by function:
+
+   * ``exp``: ``t = Q_w(x * c)`` with ``c = log2(e)`` rounded to ``log2e_format`` (default: the
+     working format); ``exp2``: ``t = Q_w(x)``. The reduced argument is the fixed-point value
+     ``T = t`` rounded to a multiple of ``2^-arg_frac_bits`` (ties to even), split as
+     ``T = n + f``, ``n = floor(T)``, ``f`` in [0, 1); the core approximates ``2^f`` and the
+     result is ``2^n * core(f)`` (an exponent add, exact), rounded once to the output;
+   * ``rcp``: ``|x| = m * 2^e``, m in [1, 2); the core approximates ``1/m``; result
+     ``sign(x) * core(m) * 2^-e``;
+   * ``rsqrt``: ``x = u * 4^k``, u in [1, 4); the core approximates ``1/sqrt(u)``; result
+     ``core(u) * 2^-k``;
+   * bounded functions (sigmoid, tanh, erf, silu, the GELU forms): ``X`` = x rounded to a
+     multiple of ``2^-arg_frac_bits``; on ``interval`` = [lo, hi) the core approximates f, and
+     outside it the unit returns the asymptote (sigmoid 0 / 1, tanh and erf -1 / 1,
+     activations 0 / x).
+
+3. **Core** (``method``): ``exact`` (the function itself; with no range reduction for exp when
+   ``log2e_format`` is None, so the unit is correctly rounded); ``table``: 2^``table_bits``
+   uniform segments of the reduced domain, entries rounded to ``table_format``, either the
+   value at the segment's midpoint (``interpolation="none"``) or linear interpolation between
+   the values at its ends, ``y = Q_w(T0 + Q_w(T1 - T0) * r)`` (r in [0, 1) the position in the
+   segment; with ``fma=False`` the product is rounded too); ``polynomial``: per segment (one
+   segment when ``table_bits=0``) a polynomial of ``degree`` in r whose coefficients
+   interpolate f at the Chebyshev nodes (near-minimax) and are rounded to ``coef_format``,
+   evaluated by Horner's rule in the working format (one rounding per step with ``fma``, two
+   without); ``newton`` (rcp, rsqrt): a seed table of 2^``table_bits`` midpoint values in
+   ``table_format``, then ``newton_steps`` Newton-Raphson steps in the working format
+   (rcp: ``e = Q(1 - u y)``, ``y = Q(y + y e)``; rsqrt: ``a = Q(y y)``, ``e = Q(1 - u a)``,
+   ``y = Q(y + (y/2) e)``; without ``fma``: ``y = Q(y Q(2 - Q(u y)))`` and
+   ``y = Q(y Q(3 - Q(u Q(y y))) / 2)``); ``bound`` (exp only): a *bound model, not a bit
+   model* of CUDA's fast ``__expf``: the correctly rounded fp32 exp moved by a pseudo-random
+   number of ulps, uniform in ``[-B, B]``, ``B = 2 + floor(1.173 |x|)`` (the CUDA Programming
+   Guide's maximum error), drawn from a hash of the input's bits and ``bound_seed``.
+4. **Output**: rounded once to ``output_format`` with ``output_rounding`` and
+   ``output_overflow`` (None: inf where the format has it), flushed below its smallest normal
+   with ``flush_output``.
+
+Every unit has a slow exact reference (:meth:`FunctionUnit.reference`: Python fractions, mpmath
+with a Ziv loop for the transcendental values, every rounding by
+:func:`precisim.formats.reference.round_to_float_format`) and a fast torch path
+(:meth:`FunctionUnit.__call__`: exact float64 arithmetic with round-to-odd sums, rounding
+through the same decision table, one compiled kernel), bit-identical (tests/test_functions.py
+checks every preset on every fp16 and bf16 input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+import torch
+from precisim.formats import FloatFormat, Rounding, kernels
+from precisim.formats.quantize import check_tensor
+
+from ..matmul.floatarith import any_true, fexp64, pow2_64
+from .core import (
+    ACTIVATIONS,
+    Fn,
+    Rq,
+    Value,
+    add_ro,
+    check_format,
+    cr_exact,
+    cr_fast,
+    grid_exact,
+    grid_fast,
+    inf_values,
+    parse_enum,
+    rq,
+)
+
+__all__ = ["FunctionUnit", "Interp", "Method"]
+
+
+class Method(enum.Enum):
+    """The core approximation of a :class:`FunctionUnit`."""
+
+    EXACT = "exact"  #: the function itself (correctly rounded where nothing else rounds)
+    TABLE = "table"  #: 2^n-entry table, midpoint values or linear interpolation
+    POLYNOMIAL = "polynomial"  #: Horner evaluation of (piecewise) Chebyshev interpolants
+    NEWTON = "newton"  #: seed table + Newton-Raphson steps (rcp, rsqrt)
+    BOUND = "bound"  #: exp only: correctly rounded +- a hashed number of ulps (bound model)
+
+
+class Interp(enum.Enum):
+    """How a table is read."""
+
+    NONE = "none"  #: the segment's midpoint value
+    LINEAR = "linear"  #: linear interpolation between the segment's end values
+
+
+#: the default approximation interval of the bounded functions
+DEFAULT_INTERVAL = (-8.0, 8.0)
+MAX_TABLE_BITS = 16
+MAX_DEGREE = 8
+MAX_NEWTON = 4
+MAX_FRAC_BITS = 28
+
+
+def _check_int(value: object, what: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what}={value!r} is not valid: accepted {lo}..{hi}")
+
+
+def _pow2(e: int) -> Fraction:
+    return Fraction(1 << e) if e >= 0 else Fraction(1, 1 << -e)
+
+
+def _is_pow2(v: Fraction) -> bool:
+    return v > 0 and v.numerator & (v.numerator - 1) == 0 and \
+        v.denominator & (v.denominator - 1) == 0
+
+
+@dataclass(frozen=True)
+class FunctionUnit:
+    """An elementwise function unit (see the module docstring for the datapath).
+
+    Formats are names or :class:`~precisim.formats.FloatFormat` objects (signed floats with
+    subnormals whose values are float32 values), enums accept their values; every field is
+    validated with an error naming the value and what is accepted.
+    """
+
+    name: str
+    function: Fn | str
+    method: Method | str = Method.EXACT
+    input_format: FloatFormat | str = "fp32"
+    working_format: FloatFormat | str = "fp32"
+    working_rounding: Rounding | str = Rounding.NEAREST_EVEN
+    output_format: FloatFormat | str = "fp32"
+    output_rounding: Rounding | str = Rounding.NEAREST_EVEN
+    output_overflow: str | None = None  #: None: inf where the output format has it, else saturate
+    flush_input: bool = False  #: inputs below the input format's smallest normal read as 0
+    flush_output: bool = False  #: results below the output format's smallest normal become 0
+    log2e_format: FloatFormat | str | None = None  #: exp: log2(e) rounded to it (None: working)
+    arg_frac_bits: int = 24  #: fraction bits of the fixed-point reduced argument
+    table_bits: int = 0  #: 2^n table entries / polynomial pieces / seed entries
+    table_format: FloatFormat | str | None = None  #: table entries and seeds (None: working)
+    interpolation: Interp | str = Interp.LINEAR
+    degree: int = 3
+    coef_format: FloatFormat | str | None = None  #: polynomial coefficients (None: working)
+    newton_steps: int = 0
+    fma: bool = True  #: Horner / Newton steps fused (one rounding each)
+    interval: tuple[float, float] | None = None  #: bounded functions: [lo, hi) (None: -8, 8)
+    bound_seed: int = 0
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name={self.name!r} is not valid: accepted a non-empty string")
+        fn = parse_enum(Fn, self.function, "function")
+        s(self, "function", fn)
+        m = parse_enum(Method, self.method, "method")
+        s(self, "method", m)
+        for what in ("input_format", "working_format", "output_format"):
+            s(self, what, check_format(getattr(self, what), what))
+        for what in ("log2e_format", "table_format", "coef_format"):
+            if getattr(self, what) is not None:
+                s(self, what, check_format(getattr(self, what), what))
+        s(self, "working_rounding", parse_enum(Rounding, self.working_rounding,
+                                               "working_rounding"))
+        s(self, "output_rounding", parse_enum(Rounding, self.output_rounding,
+                                              "output_rounding"))
+        s(self, "interpolation", parse_enum(Interp, self.interpolation, "interpolation"))
+        for what in ("flush_input", "flush_output", "fma"):
+            if not isinstance(getattr(self, what), bool):
+                raise ValueError(f"{what}={getattr(self, what)!r} is not valid: accepted a bool")
+        _check_int(self.arg_frac_bits, "arg_frac_bits", 1, MAX_FRAC_BITS)
+        _check_int(self.bound_seed, "bound_seed", 0, 2**31 - 1)
+        if self.log2e_format is not None and fn is not Fn.EXP:
+            raise ValueError(f"log2e_format is for the exp function, not {fn.value!r}")
+        # the method, its parameters and the function
+        if m is Method.TABLE:
+            _check_int(self.table_bits, "table_bits", 1, MAX_TABLE_BITS)
+        elif m is Method.NEWTON:
+            if fn not in (Fn.RCP, Fn.RSQRT):
+                raise ValueError(f"method='newton' is for rcp and rsqrt, not {fn.value!r}")
+            _check_int(self.table_bits, "table_bits", 1, MAX_TABLE_BITS)
+            _check_int(self.newton_steps, "newton_steps", 0, MAX_NEWTON)
+        elif m is Method.POLYNOMIAL:
+            _check_int(self.degree, "degree", 0, MAX_DEGREE)
+            _check_int(self.table_bits, "table_bits", 1 if fn is Fn.RSQRT else 0, 12)
+        elif m is Method.BOUND:
+            if fn is not Fn.EXP:
+                raise ValueError(f"method='bound' models CUDA's __expf: function 'exp' only, "
+                                 f"not {fn.value!r}")
+            if self.output_format.name != "fp32":
+                raise ValueError(f"method='bound' counts ulps of fp32: output_format="
+                                 f"{self.output_format.name!r} is not valid: accepted fp32")
+        else:
+            _check_int(self.table_bits, "table_bits", 0, 0)
+        if m is Method.TABLE and fn is Fn.RSQRT and self.table_bits < 1:
+            raise ValueError("rsqrt tables are indexed by the exponent's parity and "
+                             "table_bits - 1 fraction bits: table_bits >= 1")
+        # output range: every function takes the value 1 (or +-1) somewhere
+        out = self.output_format
+        if out.max < 1:
+            raise ValueError(f"output_format={out.name!r} cannot hold the range of "
+                             f"{fn.value}: its largest value is {float(out.max):g} < 1")
+        if m not in (Method.EXACT, Method.BOUND) and self.working_format.max < 4:
+            raise ValueError(f"working_format={self.working_format.name!r} is not valid for "
+                             f"method {m.value!r}: it must hold 4 (its largest value is "
+                             f"{float(self.working_format.max):g})")
+        if self.working_format.man_bits > 23 or (
+                self.table_format is not None and self.table_format.man_bits > 23):
+            raise ValueError("working and table formats have at most 24 significant bits")
+        # the interval of the bounded functions
+        if self.interval is not None:
+            if not fn.bounded:
+                raise ValueError(f"interval is for the bounded functions (sigmoid, tanh, erf, "
+                                 f"activations), not {fn.value!r}")
+            iv = self.interval
+            if not isinstance(iv, tuple | list) or len(iv) != 2:
+                raise ValueError(f"interval={iv!r} is not valid: accepted (lo, hi)")
+            s(self, "interval", (float(iv[0]), float(iv[1])))
+        if fn.bounded and m not in (Method.EXACT,):
+            lo, hi = (Fraction(v) for v in self.bounds)
+            width = hi - lo
+            if not (-4096 <= lo < hi <= 4096) or not _is_pow2(width):
+                raise ValueError(f"interval={self.bounds!r} is not valid: accepted lo < hi in "
+                                 "-4096..4096 with hi - lo a power of two")
+            w = width / (1 << self.table_bits)
+            if w < _pow2(-self.arg_frac_bits) or (lo / w).denominator != 1:
+                raise ValueError(f"interval={self.bounds!r} with table_bits={self.table_bits} "
+                                 f"is not valid: its segments (width {float(w):g}) must be "
+                                 f"multiples of 2^-arg_frac_bits and lo a multiple of them")
+        self.rounders  # noqa: B018 - validates the overflow policy against the output format
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The approximation interval of a bounded function."""
+        return self.interval if self.interval is not None else DEFAULT_INTERVAL
+
+    @property
+    def rounders(self) -> dict[str, Rq]:
+        return _rounders(self)
+
+    def with_(self, **changes: Any) -> FunctionUnit:
+        return dataclasses.replace(self, **changes)
+
+    # -- description ---------------------------------------------------------------------
+    def describe(self) -> str:
+        fn, m = self.function, self.method
+        core = m.value
+        if m is Method.TABLE:
+            core = f"table 2^{self.table_bits}" + (
+                " + linear interp." if self.interpolation is Interp.LINEAR else " (midpoints)")
+            if self.table_format is not None:
+                core += f" ({self.table_format.name})"
+        elif m is Method.POLYNOMIAL:
+            core = f"poly deg {self.degree}" + (f" x 2^{self.table_bits} pieces"
+                                                if self.table_bits else "")
+            if self.coef_format is not None:
+                core += f" (coef {self.coef_format.name})"
+        elif m is Method.NEWTON:
+            core = f"seed 2^{self.table_bits} + {self.newton_steps} Newton"
+        elif m is Method.BOUND:
+            core = "bound model +-(2 + floor(1.173|x|)) ulp"
+        elif m is Method.EXACT and self.log2e_format is None:
+            core = "correctly rounded"
+        parts = [f"{fn.value}: {core}"]
+        if fn is Fn.EXP and (self.log2e_format is not None or m not in (Method.EXACT,
+                                                                       Method.BOUND)):
+            parts.append(f"via exp2, log2e {self.rounders['c'].fmt.name}")
+        r = self.rounders
+        parts.append(f"in {r['in'].describe()}")
+        if m not in (Method.EXACT, Method.BOUND) or self.log2e_format is not None:
+            parts.append(f"work {r['w'].describe()}" + ("" if self.fma or m is Method.TABLE
+                                                        else " no-fma"))
+        parts.append(f"out {r['out'].describe()}")
+        if self.flush_input:
+            parts.append("daz")
+        if fn.bounded and m is not Method.EXACT:
+            parts.append(f"on [{self.bounds[0]:g}, {self.bounds[1]:g})")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field that differs from its default (formats and enums by name)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "description" or v == _default(f):
+                continue
+            if isinstance(v, FloatFormat):
+                v = v.name
+            elif isinstance(v, enum.Enum):
+                v = v.value
+            elif isinstance(v, tuple):
+                v = list(v)
+            if f.name in ("input_format", "working_format", "output_format") and v == "fp32":
+                continue
+            out[f.name] = v
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit applied to every element of ``x`` (float32, bfloat16 or float16); a
+        float32 tensor of output-format values, bit-identical to :meth:`reference`."""
+        return self.evaluate(x)[0]
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, xq)``: the outputs (float32) and the inputs rounded to the input format
+        (float64), for telemetry."""
+        x = check_tensor(x)
+        flat = x.detach().reshape(-1).double()
+        tabs = _fast_tables(self, flat.device)
+        y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat,
+                                  *tabs)
+        if any_true(hard):
+            idx = hard.nonzero().reshape(-1)
+            y = y.clone()
+            if self.method is Method.BOUND:  # (displaced below)
+                vals = [cr_exact(Fn.EXP, Fraction(v), self.rounders["out"])
+                        for v in xq[idx].tolist()]
+            else:
+                vals = [self.reference(v) for v in x.detach().reshape(-1)[idx].tolist()]
+            y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
+                                  device=y.device)
+        if self.method is Method.BOUND:
+            y = _displace(y, xq, self.bound_seed)
+        return y.float().reshape(x.shape), xq.reshape(x.shape)
+
+    def reference(self, x: Value | float) -> Value:
+        """The exact result for one input value (a Python float or an exact Fraction):
+        a Fraction, or a float for -0.0, nan and +-inf."""
+        return _reference(self, x)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        d = f.default
+        return d.value if isinstance(d, enum.Enum) else d
+    return None
+
+
+def _as_float(v: Value) -> float:
+    return float(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# rounders, constants and tables (computed once per unit)
+
+@lru_cache(maxsize=512)
+def _rounders(u: FunctionUnit) -> dict[str, Rq]:
+    w = u.working_format
+    return {
+        "in": rq(u.input_format, what="input_format"),
+        "w": rq(w, u.working_rounding, what="working_format"),
+        "out": rq(u.output_format, u.output_rounding, u.output_overflow, u.flush_output,
+                  what="output_format"),
+        "t": rq(u.table_format or w, what="table_format"),
+        "k": rq(u.coef_format or w, what="coef_format"),
+        "c": rq(u.log2e_format or w, what="log2e_format"),
+    }
+
+
+def _log2e_rounded(r: Rq) -> Fraction:
+    import mpmath
+
+    with mpmath.workprec(200):
+        v = mpmath.log(mpmath.e, 2)  # log2(e)
+        man, exp = int(v.man), int(v.exp)
+    vf = Fraction(man, 1 << -exp)
+    lo, hi = r.exact(vf - vf / 2**180), r.exact(vf + vf / 2**180)
+    assert lo == hi
+    return Fraction(lo)
+
+
+def _core_fn(u: FunctionUnit) -> Fn:
+    return Fn.EXP2 if u.function in (Fn.EXP, Fn.EXP2) else u.function
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Exact tables of a unit: per segment its left end and width, the end values T0 / T1,
+    the midpoint value Tm, and the polynomial coefficients C (lowest degree first)."""
+
+    left: tuple[Fraction, ...]
+    width: tuple[Fraction, ...]
+    t0: tuple[Fraction, ...]
+    t1: tuple[Fraction, ...]
+    tm: tuple[Fraction, ...]
+    coef: tuple[tuple[Fraction, ...], ...]
+    c: Fraction  # log2(e) rounded (exp), else 1
+
+
+def _segments(u: FunctionUnit) -> tuple[list[Fraction], list[Fraction]]:
+    fn, n = u.function, u.table_bits
+    N = 1 << n
+    if fn in (Fn.EXP, Fn.EXP2):
+        return [Fraction(i, N) for i in range(N)], [Fraction(1, N)] * N
+    if fn is Fn.RCP:
+        return [1 + Fraction(i, N) for i in range(N)], [Fraction(1, N)] * N
+    if fn is Fn.RSQRT:
+        half = N // 2
+        left = [1 + Fraction(i, half) for i in range(half)] + \
+            [2 + Fraction(2 * i, half) for i in range(half)]
+        return left, [Fraction(1, half)] * half + [Fraction(2, half)] * half
+    lo, hi = (Fraction(v) for v in u.bounds)
+    w = (hi - lo) / N
+    return [lo + i * w for i in range(N)], [w] * N
+
+
+def _mp_value(fn: Fn, x: Any) -> Any:
+    import mpmath
+
+    from .core import FN_DEFS
+
+    return FN_DEFS[fn].mp(mpmath.mp, x)
+
+
+@lru_cache(maxsize=256)
+def _tables(u: FunctionUnit) -> _Tables:
+    import mpmath
+
+    r = u.rounders
+    cfn = _core_fn(u)
+    c = _log2e_rounded(r["c"]) if u.function is Fn.EXP else Fraction(1)
+    if u.method in (Method.EXACT, Method.BOUND):
+        return _Tables((), (), (), (), (), (), c)
+    left, width = _segments(u)
+    t0 = tuple(cr_exact(cfn, a, r["t"]) for a in left)
+    t1 = tuple(cr_exact(cfn, a + w, r["t"]) for a, w in zip(left, width))
+    tm = tuple(cr_exact(cfn, a + w / 2, r["t"]) for a, w in zip(left, width))
+    coef: list[tuple[Fraction, ...]] = []
+    if u.method is Method.POLYNOMIAL:
+        d = u.degree
+        with mpmath.workprec(256):
+            nodes = [(1 - mpmath.cos((2 * j + 1) * mpmath.pi / (2 * (d + 1)))) / 2
+                     for j in range(d + 1)]
+            for a, w in zip(left, width):
+                A = mpmath.matrix([[t**k for k in range(d + 1)] for t in nodes])
+                b = mpmath.matrix([_mp_value(cfn, mpmath.mpf(a.numerator) / a.denominator
+                                             + mpmath.mpf(w.numerator) / w.denominator * t)
+                                   for t in nodes])
+                sol = mpmath.lu_solve(A, b)
+                cs = []
+                for k in range(d + 1):
+                    v = sol[k]
+                    man, exp = (int(v.man) * (-1 if v < 0 else 1), int(v.exp)) if v != 0 \
+                        else (0, 0)
+                    vf = Fraction(man << exp) if exp >= 0 else Fraction(man, 1 << -exp)
+                    cs.append(Fraction(r["k"].exact(vf)))
+                coef.append(tuple(cs))
+    return _Tables(tuple(left), tuple(width), tuple(map(Fraction, t0)), tuple(map(Fraction, t1)),
+                   tuple(map(Fraction, tm)), tuple(coef), c)
+
+
+def _fast_tables(u: FunctionUnit, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in _fast_tables_cpu(u))
+
+
+@lru_cache(maxsize=256)
+def _fast_tables_cpu(u: FunctionUnit) -> tuple[torch.Tensor, ...]:
+    t = _tables(u)
+    if u.method in (Method.EXACT, Method.BOUND):
+        return ()
+    d = torch.float64
+    out = [torch.tensor([float(v) for v in t.t0], dtype=d),
+           torch.tensor([float(v) for v in t.t1], dtype=d),
+           torch.tensor([float(v) for v in t.tm], dtype=d)]
+    if u.method is Method.POLYNOMIAL:
+        out.append(torch.tensor([[float(v) for v in cs] for cs in t.coef], dtype=d))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the exact reference
+
+def _clamp_limits(u: FunctionUnit) -> tuple[int, int]:
+    """Clamp of the exp argument t (output-invariant: below, every result is under a
+    quarter of the output's smallest step; above, beyond its range)."""
+    o = u.output_format
+    return o.emin - o.man_bits - 3, o.emax + 3
+
+
+def _asymptote(fn: Fn, x: Value, high: bool) -> Value:
+    if fn is Fn.SIGMOID:
+        return Fraction(1) if high else Fraction(0)
+    if fn in (Fn.TANH, Fn.ERF):
+        return Fraction(1) if high else Fraction(-1)
+    return x if high else Fraction(0)  # activations: x, or 0
+
+
+def _reference(u: FunctionUnit, x: Value | float) -> Value:
+    r = u.rounders
+    fn, m = u.function, u.method
+    if isinstance(x, float) and math.isfinite(x) and not (x == 0 and math.copysign(1, x) < 0):
+        x = Fraction(x)
+    if isinstance(x, float) and math.isnan(x):
+        return math.nan
+    if u.flush_input and isinstance(x, Fraction) and 0 < abs(x) < u.input_format.min_normal:
+        x = -0.0 if x < 0 else Fraction(0)
+    x = r["in"].exact(x)
+    if isinstance(x, float) and math.isnan(x):
+        return math.nan
+    if m is Method.EXACT and not (fn is Fn.EXP and u.log2e_format is not None):
+        return cr_exact(fn, x, r["out"])
+    if m is Method.BOUND:
+        y = cr_exact(Fn.EXP, x, r["out"])
+        return _displace_exact(y, x, u.bound_seed)
+    zero = x == 0  # (Fraction 0 or -0.0)
+    xv = Fraction(0) if zero else x
+    if fn in (Fn.EXP, Fn.EXP2):
+        if isinstance(x, float) and math.isinf(x):
+            return r["out"].exact(math.inf if x > 0 else Fraction(0))
+        t = r["w"].exact(xv * _tables(u).c) if fn is Fn.EXP else r["w"].exact(xv)
+        t = Fraction(0) if t == 0 else t
+        tmin, tmax = _clamp_limits(u)
+        t = min(max(t, Fraction(tmin)), Fraction(tmax))
+        if m is Method.EXACT:
+            return cr_exact(Fn.EXP2, t, r["out"])
+        T = grid_exact(t, u.arg_frac_bits)
+        n = math.floor(T)
+        y = _core_exact(u, T - n)
+        return r["out"].exact(y * _pow2(n))
+    if fn in (Fn.RCP, Fn.RSQRT):
+        neg = isinstance(x, float) and math.copysign(1, x) < 0 or (not zero and x < 0)
+        if fn is Fn.RSQRT and neg and not zero:
+            return math.nan
+        if zero:
+            return r["out"].exact(-math.inf if neg else math.inf)
+        if isinstance(x, float):  # +-inf
+            return r["out"].exact(-0.0 if x < 0 else 0.0)
+        ax = abs(x)
+        e = ax.numerator.bit_length() - ax.denominator.bit_length()
+        if _pow2(e) > ax:
+            e -= 1
+        if fn is Fn.RCP:
+            y = _core_exact(u, ax / _pow2(e))
+            res = y / _pow2(e)
+            return r["out"].exact(-res if neg else res)
+        k = e // 2
+        y = _core_exact(u, ax / _pow2(2 * k))
+        return r["out"].exact(y / _pow2(k))
+    # bounded functions
+    lo, hi = (Fraction(v) for v in u.bounds)
+    w = (hi - lo) / (1 << u.table_bits)
+    if isinstance(x, float) and math.isinf(x):
+        xg = hi if x > 0 else lo - w
+    else:
+        xg = grid_exact(min(max(xv, lo - w), hi), u.arg_frac_bits)
+    if xg < lo or xg >= hi:
+        v = _asymptote(fn, x, xg >= hi)
+        return r["out"].exact(v)
+    return r["out"].exact(_core_exact(u, xg))
+
+
+def _locate(u: FunctionUnit, v: Fraction) -> tuple[int, Fraction]:
+    """(segment index, position r in [0, 1)) of the reduced argument v."""
+    t = _tables(u)
+    fn, N = u.function, 1 << u.table_bits
+    if fn is Fn.RSQRT:
+        half = N // 2
+        p = int(v >= 2)
+        s = (v / (1 + p) - 1) * half
+        j = math.floor(s)
+        return p * half + j, s - j
+    s = (v - t.left[0]) / t.width[0]
+    i = math.floor(s)
+    return i, s - i
+
+
+def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
+    r = u.rounders
+    W = r["w"].exact
+    t = _tables(u)
+    m = u.method
+    i, pos = _locate(u, v)
+
+    def Wf(z: Value) -> Fraction:
+        return Fraction(W(z))
+
+    if m is Method.TABLE:
+        if u.interpolation is Interp.NONE:
+            return t.tm[i]
+        d = Wf(t.t1[i] - t.t0[i])
+        return Wf(t.t0[i] + d * pos) if u.fma else Wf(t.t0[i] + Wf(d * pos))
+    if m is Method.POLYNOMIAL:
+        cs = t.coef[i]
+        y = cs[-1]
+        if len(cs) == 1:
+            return Wf(y)
+        for ck in reversed(cs[:-1]):
+            y = Wf(y * pos + ck) if u.fma else Wf(Wf(y * pos) + ck)
+        return y
+    # Newton-Raphson from the seed
+    y = t.tm[i]
+    for _ in range(u.newton_steps):
+        if u.function is Fn.RCP:
+            if u.fma:
+                e = Wf(1 - v * y)
+                y = Wf(y + y * e)
+            else:
+                y = Wf(y * Wf(2 - Wf(v * y)))
+        else:
+            a = Wf(y * y)
+            if u.fma:
+                e = Wf(1 - v * a)
+                y = Wf(y + y / 2 * e)
+            else:
+                y = Wf(y * Wf(3 - Wf(v * a)) / 2)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path (one compiled kernel per unit)
+
+@lru_cache(maxsize=512)
+def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's constants
+    r = u.rounders
+    fn, m = u.function, u.method
+    W = r["w"].fast
+    c = float(_tables(u).c)
+    tmin, tmax = (float(v) for v in _clamp_limits(u))
+    F = u.arg_frac_bits
+    N = 1 << u.table_bits
+    lo, hi = u.bounds
+    w = (hi - lo) / N
+    min_in = float(u.input_format.min_normal)
+    # constants from exact arithmetic, computed before tracing (Fraction code in a compiled
+    # kernel would be traced into symbolic integers)
+    inf_out = float(r["out"].exact(math.inf))
+    infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
+
+    def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if fn is Fn.RSQRT:
+            half = N // 2
+            p = v >= 2
+            s = (torch.where(p, v * 0.5, v) - 1.0) * half
+            j = s.floor()
+            return (j + torch.where(p, float(half), 0.0)).long(), s - j
+        if fn in (Fn.EXP, Fn.EXP2):
+            s = v * N
+        elif fn is Fn.RCP:
+            s = (v - 1.0) * N
+        else:
+            s = (v - lo) * (1.0 / w)
+        j = s.floor().clamp(0, N - 1)
+        return j.long(), s - j
+
+    def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        i, pos = locate(v)
+        if m is Method.TABLE:
+            t0, t1, tm = tabs[0][i], tabs[1][i], tabs[2][i]
+            if u.interpolation is Interp.NONE:
+                return tm
+            d = W(add_ro(t1, -t0))
+            return W(add_ro(t0, d * pos)) if u.fma else W(add_ro(t0, W(d * pos)))
+        if m is Method.POLYNOMIAL:
+            cs = tabs[3][i]
+            y = cs[:, u.degree]
+            if u.degree == 0:
+                return W(y)
+            for k in range(u.degree - 1, -1, -1):
+                y = W(add_ro(y * pos, cs[:, k])) if u.fma else W(add_ro(W(y * pos), cs[:, k]))
+            return y
+        y = tabs[2][i]
+        for _ in range(u.newton_steps):
+            if fn is Fn.RCP:
+                if u.fma:
+                    e = W(add_ro(torch.ones_like(y), -(v * y)))
+                    y = W(add_ro(y, y * e))
+                else:
+                    y = W(y * W(add_ro(torch.full_like(y, 2.0), -W(v * y))))
+            else:
+                a = W(y * y)
+                if u.fma:
+                    e = W(add_ro(torch.ones_like(y), -(v * a)))
+                    y = W(add_ro(y, (y * 0.5) * e))
+                else:
+                    y = W(y * W(add_ro(torch.full_like(y, 3.0), -W(v * a))) * 0.5)
+        return y
+
+    def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
+        if u.flush_input:
+            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        xq = r["in"].fast(x)
+        nan = torch.isnan(xq)
+        no = torch.zeros_like(nan)
+        if m is Method.BOUND or (m is Method.EXACT and not (fn is Fn.EXP
+                                                            and u.log2e_format is not None)):
+            f = Fn.EXP if m is Method.BOUND else fn
+            y, hard = cr_fast(f, xq, r["out"], infs[f])
+            return y, xq, hard
+        if fn in (Fn.EXP, Fn.EXP2):
+            t = W(xq * c) if fn is Fn.EXP else W(xq)
+            t = torch.where(torch.isnan(t), 0.0, t).clamp(tmin, tmax)
+            if m is Method.EXACT:
+                y, hard = cr_fast(Fn.EXP2, t, r["out"], infs[Fn.EXP2])
+            else:
+                T = grid_fast(t, F)
+                n = T.floor()
+                y = r["out"].fast(core(T - n, tabs) * pow2_64(n))
+                hard = no
+            y = torch.where(xq == math.inf, inf_out, y)
+            y = torch.where(xq == -math.inf, 0.0, y)
+            return torch.where(nan, math.nan, y), xq, hard
+        if fn in (Fn.RCP, Fn.RSQRT):
+            ax = xq.abs()
+            ok = (ax > 0) & (ax < math.inf)
+            axs = torch.where(ok, ax, 1.0)
+            e = fexp64(axs)
+            if fn is Fn.RCP:
+                y = core(axs * pow2_64(-e), tabs) * pow2_64(-e)
+                y = torch.where(torch.signbit(xq), -y, y)
+            else:
+                k = torch.div(e, 2, rounding_mode="floor")
+                y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
+            y = r["out"].fast(y)
+            y = torch.where(ax == 0, torch.where(torch.signbit(xq), -inf_out, inf_out), y)
+            if fn is Fn.RCP:
+                y = torch.where(ax == math.inf, torch.where(torch.signbit(xq), -0.0, 0.0), y)
+            else:
+                y = torch.where(xq == math.inf, 0.0, y)
+                y = torch.where((xq < 0) & (ax > 0), math.nan, y)
+            return torch.where(nan, math.nan, y), xq, no
+        # bounded functions
+        xg = grid_fast(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)
+        inside = (xg >= lo) & (xg < hi)
+        y = core(torch.where(inside, xg, lo), tabs)
+        if fn is Fn.SIGMOID:
+            a_lo, a_hi = torch.zeros_like(xg), torch.ones_like(xg)
+        elif fn in (Fn.TANH, Fn.ERF):
+            a_lo, a_hi = -torch.ones_like(xg), torch.ones_like(xg)
+        else:
+            a_lo, a_hi = torch.zeros_like(xg), xq
+        y = torch.where(xg < lo, a_lo, torch.where(xg >= hi, a_hi, y))
+        return torch.where(nan, math.nan, r["out"].fast(y)), xq, no
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# the bound model's displacement
+
+_HASH_A = 0x45D9F3B
+_M32 = 0xFFFFFFFF
+
+
+def _hash_py(b: int, seed: int) -> int:
+    h = (b + seed * 0x9E3779B1) & _M32
+    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
+    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
+    return h ^ (h >> 16)
+
+
+def _bound_py(x: Fraction | float) -> int:
+    ax = abs(Fraction(x))
+    return 2 + math.floor(ax * 1173 / 1000)
+
+
+def _displace_exact(y: Value, x: Value, seed: int) -> Value:
+    """The bound model: ``y`` (an fp32 value) moved by k ulps, k uniform in [-B, B] from the
+    hash of x's fp32 bits, B = 2 + floor(1.173 |x|), clamped to [0, max] in magnitude."""
+    from precisim.formats.reference import f32_bits_to_value, value_to_f32_bits
+
+    if isinstance(y, float) and (math.isnan(y) or math.isinf(y)) or y == 0:
+        return y
+    xb = value_to_f32_bits(x)
+    B = _bound_py(x)
+    k = _hash_py(xb, seed) % (2 * B + 1) - B
+    yb = value_to_f32_bits(y)
+    nb = min(max(yb + k, 0), 0x7F7FFFFF)
+    return f32_bits_to_value(nb)
+
+
+def _displace(y: torch.Tensor, xq: torch.Tensor, seed: int) -> torch.Tensor:
+    """:func:`_displace_exact` on tensors (y float64 of fp32 values, xq the inputs)."""
+    xb = xq.float().view(torch.int32).to(torch.int64) & _M32
+    B = 2 + torch.floor(torch.floor(xq.abs().clamp(max=1e6) * 1173.0) / 1000.0).long()
+    h = (xb + (seed * 0x9E3779B1 & _M32)) & _M32
+    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
+    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
+    h = h ^ (h >> 16)
+    k = torch.remainder(h, 2 * B + 1) - B
+    yb = y.float().view(torch.int32).to(torch.int64)
+    nb = (yb + k).clamp(0, 0x7F7FFFFF).to(torch.int32).view(torch.float32).double()
+    keep = torch.isnan(y) | torch.isinf(y) | (y == 0)
+    return torch.where(keep, y, nb)
+
+
+def unit_from_dict(spec: Mapping[str, Any], where: str = "function unit") -> FunctionUnit:
+    """A function unit from a mapping: ``base`` (a preset name) plus the fields to change, or
+    every field (``name`` and ``function`` required)."""
+    from .presets import FUNCTION_UNITS
+
+    return _from_dict(FunctionUnit, FUNCTION_UNITS, spec, where)
+
+
+def _from_dict(cls: type, registry: Any, spec: Mapping[str, Any], where: str) -> Any:
+    import difflib
+
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a preset name or a mapping of fields, got "
+                         f"{type(spec).__name__} {spec!r}")
+    allowed = ["base"] + [f.name for f in dataclasses.fields(cls)]
+    bad = [k for k in spec if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
+                         f"{', '.join(allowed)}")
+    fields = {k: v for k, v in spec.items() if k != "base"}
+    if isinstance(fields.get("interval"), list):
+        fields["interval"] = tuple(fields["interval"])
+    try:
+        if spec.get("base") is not None:
+            base = registry.get(str(spec["base"]))
+            fields.setdefault("name", f"{base.name}+custom")
+            return base.with_(**fields)
+        if "name" not in fields:
+            raise ValueError("a unit without 'base' needs a 'name'")
+        return cls(**fields)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{where}: {e.args[0] if e.args else e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+__all__ += ["unit_from_dict", "ACTIVATIONS"]

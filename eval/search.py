@@ -1,0 +1,568 @@
+"""Mixed-precision search: the cheapest per-layer assignment of candidate GEMM specs that meets
+an accuracy budget, verified by a full evaluation on held-out tokens.
+
+The problem (:class:`SearchProblem`): candidate specs for the linear layers (recipe or format
+names: ``("nvfp4", "mxfp8")``), an accuracy :class:`Budget` (``delta_ppl`` or ``kl`` at most a
+limit, or ``top1`` at least one; by default the bad end of the 95% confidence interval must
+meet it), a cost :class:`Objective` (``bits`` of the weights, modelled datapath ``energy`` or
+``area`` x time per token (:mod:`precisim.eval.cost`), or modelled decode ``time`` on an
+accelerator (:mod:`precisim.eval.perf`)), the grouping (one decoder layer per group by
+default) and the token budgets.
+
+The method (docs/cost-perf.md section 8), on SmolLM2-135M with 2048 search tokens a few
+minutes on a 2-core CPU:
+
+1. the text is split: the first ``heldout_tokens`` tokens are held out for the verification
+   (they are what ``precisim eval --tokens N`` evaluates), the next ``search_tokens`` are the
+   search set;
+2. sensitivities (:func:`precisim.eval.layers.sensitivity` with a base recipe): every group
+   alone in each cheaper candidate, the others in the most expensive one, on the search set;
+3. a greedy path from all-expensive to all-cheap: each step moves the group whose next cheaper
+   candidate saves the most cost per unit of predicted accuracy loss; the loss of a point is
+   predicted as the base's loss plus the sum of its groups' sensitivities;
+4. the points of the path around the predicted budget edge are evaluated for real on the
+   search set (:func:`precisim.eval.evaluate`, with bootstrap intervals); the cheapest that
+   meets the budget is chosen (earlier points are tried when none does);
+5. the chosen recipe, and the candidates applied uniformly, are evaluated on the held-out
+   tokens.
+
+Outputs (:meth:`SearchResult.save`): ``recipe.yaml`` (runs with ``precisim eval
+--recipe-file``), ``search.md`` / ``search.csv`` (the path and the verification), ``pareto.png``
+(cost against delta ppl of every evaluated point).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, get_recipe, plan
+
+__all__ = ["OBJECTIVES", "Budget", "Objective", "SearchError", "SearchProblem",
+           "SearchResult", "candidate_spec", "module_costs", "search"]
+
+#: the cost a search minimises
+OBJECTIVES = ("bits", "energy", "area", "time")
+_METRICS = {"delta_ppl": False, "kl": False, "top1": True}  # higher is better?
+
+
+class SearchError(ValueError):
+    """A search problem that cannot be run (the message names the value)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The accuracy a recipe must keep: ``metric`` (``delta_ppl`` or ``kl``: at most
+    ``limit``; ``top1``: at least ``limit``), judged on the ``upper`` (the bad) end of its
+    95% confidence interval or on the ``estimate``."""
+
+    metric: str = "delta_ppl"
+    limit: float = 1.0
+    use: str = "upper"
+
+    def __post_init__(self) -> None:
+        if self.metric not in _METRICS:
+            raise SearchError(f"budget metric={self.metric!r} is not valid: accepted "
+                              f"{', '.join(_METRICS)}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int | float) or \
+                not math.isfinite(self.limit):
+            raise SearchError(f"budget limit={self.limit!r} is not valid: accepted a number")
+        if self.use not in ("upper", "estimate"):
+            raise SearchError(f"budget use={self.use!r} is not valid: accepted 'upper' (the "
+                              "bad end of the 95% CI) or 'estimate'")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return _METRICS[self.metric]
+
+    def value(self, summary: Mapping[str, Any]) -> float:
+        """The number compared with the limit: the estimate, or the CI end on the bad side."""
+        m = self.metric
+        bad_end = f"{m}_low" if self.higher_is_better else f"{m}_high"
+        if self.use == "estimate" or summary.get(bad_end) is None:
+            return float(summary[m])
+        return float(summary[bad_end])
+
+    def ok(self, summary: Mapping[str, Any]) -> bool:
+        v = self.value(summary)
+        return v >= self.limit if self.higher_is_better else v <= self.limit
+
+    def describe(self) -> str:
+        rel = ">=" if self.higher_is_better else "<="
+        what = "upper end of the 95% CI of" if self.use == "upper" and not \
+            self.higher_is_better else "lower end of the 95% CI of" if self.use == "upper" \
+            else ""
+        return f"{what} {self.metric} {rel} {self.limit:g}".strip()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The cost to minimise: ``bits`` (weight storage bits, scales included), ``energy`` /
+    ``area`` (modelled datapath energy / area per product times the products per token, relative
+    to a bf16 multiply with fp32 accumulation), or ``time`` (modelled time of the linear layers
+    on ``accelerator`` for one step of ``batch`` sequences of ``tokens`` new tokens: decode by
+    default)."""
+
+    kind: str = "bits"
+    accelerator: str = "h200"
+    batch: int = 1
+    tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise SearchError(f"objective={self.kind!r} is not valid: accepted "
+                              f"{', '.join(OBJECTIVES)}")
+        for f in ("batch", "tokens"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SearchError(f"objective {f}={v!r} is not valid: accepted a positive "
+                                  "integer")
+        if self.kind == "time":
+            from .accelerators import get_accelerator
+
+            get_accelerator(self.accelerator)
+
+    @property
+    def unit(self) -> str:
+        return {"bits": "bits per weight", "energy": "energy per token (bf16-FMA = 1 per MAC)",
+                "area": "area x time per token (bf16-FMA = 1 per MAC)",
+                "time": f"s per step on {self.accelerator}"}[self.kind]
+
+
+def candidate_spec(c: str | GemmSpec | Mapping[str, Any]) -> GemmSpec:
+    """A candidate's linear GEMM spec: a recipe name (its ``linear`` spec), a format name (both
+    operands), a mapping as in recipes, or a spec."""
+    if isinstance(c, GemmSpec):
+        return c
+    if isinstance(c, str):
+        try:
+            r = get_recipe(c)
+        except RecipeError:
+            r = None
+        if r is not None and r.spec("linear") is not None:
+            return r.spec("linear")
+    try:
+        s = GemmSpec.parse(c, f"candidate {c!r}")
+    except RecipeError as e:
+        raise SearchError(str(e)) from None
+    if s is None:
+        raise SearchError(f"candidate {c!r} is high precision: give a format, a recipe or a spec")
+    return s
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    """What to search (see the module docstring). ``candidates``: names (or specs) of the linear
+    layers' candidate specs; ``template``: a recipe whose other op kinds (attention, KV cache)
+    every point keeps (None: high precision); ``by``: ``layer``, ``op`` or ``module``
+    groups."""
+
+    candidates: tuple[Any, ...] = ("nvfp4", "mxfp8")
+    budget: Budget = field(default_factory=Budget)
+    objective: Objective = field(default_factory=Objective)
+    by: str = "layer"
+    template: Any = None
+    search_tokens: int = 2048
+    heldout_tokens: int = 2048
+    window: int = 512
+    bootstrap: int = 1000
+    seed: int = 0
+    name: str = "searched"
+
+    def __post_init__(self) -> None:
+        cands = (self.candidates,) if isinstance(self.candidates, str) else \
+            tuple(self.candidates)
+        if len(cands) < 2:
+            raise SearchError(f"candidates={self.candidates!r}: give at least two")
+        object.__setattr__(self, "candidates", cands)
+        for c in cands:
+            candidate_spec(c)
+        if self.by not in ("layer", "op", "module"):
+            raise SearchError(f"by={self.by!r} is not valid: accepted layer, op, module")
+        for f in ("search_tokens", "heldout_tokens", "window"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SearchError(f"{f}={v!r} is not valid: accepted a positive integer")
+        if not isinstance(self.budget, Budget) or not isinstance(self.objective, Objective):
+            raise SearchError("budget and objective must be Budget and Objective objects")
+
+    def labels(self) -> list[str]:
+        return [c if isinstance(c, str) else candidate_spec(c).describe()
+                for c in self.candidates]
+
+
+# ---------------------------------------------------------------------------------------------
+# costs
+
+def module_costs(model: Any, specs: Mapping[str, GemmSpec], objective: Objective,
+                 modules: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{candidate: {module: cost}}`` of each linear module of ``model`` under each spec;
+    the objective of an assignment is the sum of its modules' costs (``bits``: then divided by
+    the weights, see :func:`_normalise`)."""
+    from .cost import gemm_cost
+    from .perf import GemmNumerics, gemm_time
+
+    shapes = {}
+    for name in modules:
+        w = model.get_submodule(name).weight
+        shapes[name] = (int(w.shape[1]), int(w.shape[0]))  # in, out
+    out: dict[str, dict[str, float]] = {}
+    acc = None
+    if objective.kind == "time":
+        from .accelerators import get_accelerator
+
+        acc = get_accelerator(objective.accelerator)
+    for label, spec in specs.items():
+        per: dict[str, float] = {}
+        gc = gemm_cost(spec) if objective.kind in ("energy", "area") else None
+        num = GemmNumerics.of(spec.input or "bf16", spec.weight or "bf16") \
+            if objective.kind == "time" else None
+        w_bits = spec.weight.bits_per_element() if spec.weight is not None else 16.0
+        for name, (k, n) in shapes.items():
+            if objective.kind == "bits":
+                per[name] = k * n * w_bits
+            elif objective.kind in ("energy", "area"):
+                assert gc is not None
+                per[name] = k * n * (gc.energy if objective.kind == "energy" else gc.area)
+            else:
+                assert num is not None and acc is not None
+                m = objective.batch * objective.tokens
+                flops = 2.0 * m * k * n
+                nbytes = k * n * num.w_bits / 8 + m * (k * num.a_bits / 8 + n * 2)
+                per[name] = gemm_time(flops, nbytes, acc, num.compute)[0]
+        out[label] = per
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What :func:`search` found (see the module docstring): the ``recipe``, its
+    ``assignment`` (group -> candidate), its ``cost`` under the objective, the greedy
+    ``path`` (predicted and, where evaluated, measured accuracy on the search set), the
+    held-out ``verification`` rows (the recipe and each candidate applied uniformly), whether
+    the recipe met the budget on the search set (``feasible``) and on the held-out tokens
+    (``verified``), and the wall time of each stage (``seconds``)."""
+
+    problem: SearchProblem
+    recipe: Recipe
+    assignment: dict[str, str]
+    cost: float
+    path: list[dict[str, Any]]
+    verification: list[dict[str, Any]]
+    sensitivities: list[dict[str, Any]]
+    feasible: bool
+    verified: bool
+    seconds: dict[str, float]
+    costs: dict[str, float] = field(default_factory=dict)
+    note: str = ("costs are modelled (docs/cost-perf.md), accuracies measured: search set for "
+                 "the path, held-out tokens for the verification")
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """The held-out verification row of the chosen recipe."""
+        return next(r for r in self.verification if r["recipe"] == self.recipe.name)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.assignment.values():
+            out[c] = out.get(c, 0) + 1
+        return out
+
+    def table(self) -> str:
+        from .tables import render_table
+
+        b = self.problem.budget
+        o = self.problem.objective
+        ch = self.chosen
+        m = b.metric
+        head = [
+            f"**{self.recipe.name}**: {', '.join(f'{n} x {c}' for c, n in self.counts().items())}"
+            f" ({self.problem.by} groups); cost {self.cost:.5g} {o.unit}",
+            f"budget: {b.describe()}; search set: "
+            + ("met" if self.feasible else "NOT met") + "; held-out: "
+            + ("met" if self.verified else "NOT met")
+            + f" ({m} {ch[m]:.4g} [{ch.get(f'{m}_low', math.nan):.4g}, "
+              f"{ch.get(f'{m}_high', math.nan):.4g}])",
+            "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()),
+            "", f"_{self.note}_", "", "held-out verification:", ""]
+        vcols = [("recipe", "recipe"), ("cost", "cost", ".5g"), ("ppl", "ppl", ".4g"),
+                 ("delta_ppl_ci", "Δppl [95% CI]"), ("kl", "KL", ".4g"),
+                 ("top1", "top-1", ".4f"), ("meets", "meets budget")]
+        pcols = [("step", "step"), ("moved", "moved"), ("cost", "cost", ".5g"),
+                 ("predicted", f"predicted {m}", ".4g"), ("measured", f"measured {m}", ".4g"),
+                 ("measured_ci", "95% CI"), ("meets", "meets budget")]
+        evaluated = [p for p in self.path if p.get("measured") is not None]
+        return ("\n".join(head) + render_table(self.verification, vcols) +
+                "\nevaluated points of the greedy path (search set):\n\n" +
+                render_table(evaluated, pcols))
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``recipe.yaml``, ``search.md``, ``search.csv`` (the whole path),
+        ``verification.csv``, ``sensitivity.csv`` and ``pareto.png``."""
+        from precisim.formats.files import write_atomic
+
+        from .plots import pareto_plot
+        from .tables import write_table
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"recipe": self.recipe.save(out / "recipe.yaml"),
+                 "table": write_atomic(out / "search.md", self.table()),
+                 "path": write_table(self.path, out / "search.csv"),
+                 "verification": write_table(self.verification, out / "verification.csv"),
+                 "sensitivity": write_table(self.sensitivities, out / "sensitivity.csv")}
+        m = self.problem.budget.metric
+        pts = [{"label": p["label"], "cost": p["cost"], "y": p["measured"],
+                "y_low": p.get("measured_low"), "y_high": p.get("measured_high")}
+               for p in self.path if p.get("measured") is not None]
+        if pts:
+            have_ci = all(p["y_low"] is not None for p in pts)
+            paths["pareto"] = pareto_plot(
+                pts, out / "pareto.png", x="cost", y="y", label="label",
+                yerr=("y_low", "y_high") if have_ci else None,
+                title=f"{self.recipe.name}: {m} (search set) vs modelled cost",
+                xlabel=f"{self.problem.objective.kind}: {self.problem.objective.unit} "
+                "(modelled)", ylabel=m)
+        return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+def _rule_pattern(group: str, by: str) -> tuple[str, str]:
+    if by == "layer":
+        return f"{group}.*", "glob"
+    if by == "op":
+        return group, "glob"
+    return re.escape(group), "regex"
+
+
+def _recipe(name: str, template: Recipe | None, default: GemmSpec,
+            assign: Mapping[str, GemmSpec], by: str) -> Recipe:
+    rules = []
+    for g, spec in assign.items():
+        if spec != default:
+            pat, kind = _rule_pattern(g, by)
+            rules.append(Rule(pat, kind, linear=spec))
+    ops = dict(template.ops) if template is not None else {}
+    ops["linear"] = default
+    return Recipe(name, ops=ops, rules=tuple(rules),
+                  description=f"mixed-precision search ({by} groups)")
+
+
+def _summary_cells(s: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    lo, hi = s.get(f"{metric}_low"), s.get(f"{metric}_high")
+    return {"measured": s[metric], "measured_low": lo, "measured_high": hi,
+            "measured_ci": "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"}
+
+
+def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None = None, *,
+           progress: bool = False) -> SearchResult:
+    """Run ``problem`` (default :class:`SearchProblem`) on a loaded ``model`` and its
+    ``tokenizer`` over ``data``: a path or dataset name (read by
+    :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids. See
+    the module docstring."""
+    from .data import load_text, prefix_token, tokenize
+    from .layers import module_groups, sensitivity
+    from .perplexity import evaluate
+
+    p = problem or SearchProblem()
+    t_start = time.perf_counter()
+    secs: dict[str, float] = {}
+    need = p.heldout_tokens + p.search_tokens
+    if isinstance(data, str | Path):
+        data = load_text(data)
+    if hasattr(data, "text"):
+        ids = tokenize(tokenizer, data.text, need)
+    elif isinstance(data, Sequence) and all(isinstance(t, int) for t in data[:8]):
+        ids = list(data)[:need]
+    else:
+        raise SearchError(f"data must be a path, a dataset name, a Text or token ids, got "
+                          f"{type(data).__name__}")
+    if len(ids) < need:
+        raise SearchError(f"the text has {len(ids)} tokens; the search needs heldout_tokens + "
+                          f"search_tokens = {need}")
+    held, srch = ids[:p.heldout_tokens], ids[p.heldout_tokens:]
+    prefix = prefix_token(tokenizer)
+    template = get_recipe(p.template) if p.template is not None else None
+    labels = p.labels()
+    specs = {lab: candidate_spec(c) for lab, c in zip(labels, p.candidates)}
+    probe = Recipe("probe", linear=specs[labels[0]])
+    entries = [e for e in plan(model, probe, warn=False).emulated() if e.op == "linear"]
+    modules = [e.module for e in entries]
+    groups = module_groups(model, probe, p.by)
+    costs = module_costs(model, specs, p.objective, modules)
+    total = {lab: sum(costs[lab].values()) for lab in labels}
+    order = sorted(labels, key=lambda lab: -total[lab])  # most expensive first
+    base = order[0]
+    n_weights = sum(model.get_submodule(m).weight.numel() for m in modules)
+
+    def cost_of(assign: Mapping[str, str]) -> float:
+        c = sum(costs[lab][m] for g, lab in assign.items() for m in groups[g])
+        return c / n_weights if p.objective.kind == "bits" else c
+
+    base_recipe = _recipe(f"{p.name}-base", template, specs[base], {}, p.by)
+    secs["setup"] = time.perf_counter() - t_start
+
+    # 1. sensitivities: each group alone in each cheaper candidate, the rest in the base
+    t0 = time.perf_counter()
+    sens: dict[str, dict[str, dict[str, float]]] = {lab: {} for lab in order[1:]}
+    sens_rows: list[dict[str, Any]] = []
+    base_only = sensitivity(model, srch, base_recipe, window=p.window, prefix_token=prefix,
+                            base=base_recipe, groups={"base": []})[0]
+    for lab in order[1:]:
+        r = Recipe(f"{p.name}-{lab}", linear=specs[lab])
+        rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
+                           base=base_recipe, groups=groups)
+        for row in rows:
+            sens[lab][row["group"]] = row
+            sens_rows.append({"candidate": lab, **row})
+    secs["sensitivity"] = time.perf_counter() - t0
+
+    metric = p.budget.metric
+    sign = -1.0 if p.budget.higher_is_better else 1.0
+
+    def loss(row: Mapping[str, Any]) -> float:  # larger is worse
+        return sign * float(row[metric])
+
+    base_loss = loss(base_only)
+
+    # 2. the greedy path
+    t0 = time.perf_counter()
+    assign = {g: base for g in groups}
+    level = {g: 0 for g in groups}
+    pred = base_loss
+    path: list[dict[str, Any]] = [{"step": 0, "moved": "", "assignment": dict(assign),
+                                   "cost": cost_of(assign), "predicted": sign * pred}]
+    while True:
+        best = None
+        for g in groups:
+            if level[g] + 1 >= len(order):
+                continue
+            cur, nxt = order[level[g]], order[level[g] + 1]
+            saving = sum(costs[cur][m] - costs[nxt][m] for m in groups[g])
+            d_cur = 0.0 if level[g] == 0 else loss(sens[cur][g]) - base_loss
+            penalty = loss(sens[nxt][g]) - base_loss - d_cur
+            score = saving / penalty if penalty > 1e-12 else math.inf
+            key = (score, saving)
+            if best is None or key > best[0]:
+                best = (key, g, nxt, penalty)
+        if best is None:
+            break
+        _, g, nxt, penalty = best
+        level[g] += 1
+        assign[g] = nxt
+        pred += penalty
+        path.append({"step": len(path), "moved": f"{g} -> {nxt}", "assignment": dict(assign),
+                     "cost": cost_of(assign), "predicted": sign * pred})
+
+    def meets_pred(i: int) -> bool:
+        v = path[i]["predicted"]
+        return v >= p.budget.limit if p.budget.higher_is_better else v <= p.budget.limit
+
+    edge = max([i for i in range(len(path)) if meets_pred(i)], default=0)
+    secs["greedy"] = time.perf_counter() - t0
+
+    # 3. real evaluations of the points around the edge (and both ends of the path)
+    t0 = time.perf_counter()
+    evaluated: dict[int, dict[str, Any]] = {}
+
+    def point_recipe(i: int) -> Recipe:
+        a = path[i]["assignment"]
+        counts = {lab: sum(1 for x in a.values() if x == lab) for lab in order}
+        default = max(order, key=lambda lab: counts[lab])
+        return _recipe(f"{p.name}-step{i}", template, specs[default],
+                       {g: specs[lab] for g, lab in a.items()}, p.by)
+
+    def run(points: list[int]) -> None:
+        todo = [i for i in dict.fromkeys(points) if i not in evaluated]
+        if not todo:
+            return
+        res = evaluate(model, srch, [point_recipe(i) for i in todo], window=p.window,
+                       prefix_token=prefix, bootstrap=p.bootstrap, seed=p.seed,
+                       telemetry=False, progress=progress,
+                       metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"])
+        for i, rr in zip(todo, res.results):
+            evaluated[i] = rr.metrics
+
+    last = len(path) - 1
+    near = [edge + 2, edge + 1, edge, edge - 1, edge - 3, edge - 6]
+    run([i for i in [0, last, *near] if 0 <= i <= last])
+    ok = [i for i, s in evaluated.items() if p.budget.ok(s)]
+    while not ok and min(evaluated) > 0:
+        lo = min(evaluated)
+        run(sorted({max(0, lo - k) for k in (1, 2, 4, 8, 16)}))
+        ok = [i for i, s in evaluated.items() if p.budget.ok(s)]
+    feasible = bool(ok)
+    chosen_i = min(ok, key=lambda i: path[i]["cost"]) if ok else 0
+    for i, s in evaluated.items():
+        path[i].update(_summary_cells(s, metric), meets=p.budget.ok(s))
+    for i, row in enumerate(path):
+        row["label"] = ("all " + row["assignment"][next(iter(groups))]
+                        if len(set(row["assignment"].values())) == 1 else f"step {i}")
+        row.setdefault("measured", None)
+    secs["evaluate"] = time.perf_counter() - t0
+
+    # 4. the verification on held-out tokens
+    t0 = time.perf_counter()
+    chosen = point_recipe(chosen_i).with_(name=p.name)
+    uniform = {lab: _recipe(f"all-{lab}", template, specs[lab], {}, p.by) for lab in order}
+    res = evaluate(model, held, [chosen, *uniform.values()], window=p.window,
+                   prefix_token=prefix, bootstrap=p.bootstrap, seed=p.seed, telemetry=False,
+                   progress=progress, metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"])
+    ver = []
+    for rr in res.results:
+        s = rr.metrics
+        lab = rr.recipe.name
+        c = path[chosen_i]["cost"] if lab == p.name else \
+            cost_of({g: lab[len("all-"):] for g in groups})
+        ver.append({"recipe": lab, "cost": c, **{k: v for k, v in s.items()},
+                    "delta_ppl_ci": f"{s['delta_ppl']:+.3f} [{s['delta_ppl_low']:+.3f}, "
+                    f"{s['delta_ppl_high']:+.3f}]" if "delta_ppl_low" in s else "",
+                    "meets": p.budget.ok(s)})
+    secs["verification"] = time.perf_counter() - t0
+    secs["total"] = time.perf_counter() - t_start
+    verified = next(r for r in ver if r["recipe"] == p.name)["meets"]
+    all_costs = _all_costs(model, chosen, modules)
+    def counts(a: Mapping[str, str]) -> str:
+        return ", ".join(f"{lab} {sum(1 for x in a.values() if x == lab)}" for lab in order)
+
+    path_rows = [{k: v for k, v in r.items() if k != "assignment"}
+                 | {"counts": counts(r["assignment"])} for r in path]
+    return SearchResult(p, chosen, dict(path[chosen_i]["assignment"]), path[chosen_i]["cost"],
+                        path_rows, ver, sens_rows, feasible, bool(verified), secs, all_costs)
+
+
+def _all_costs(model: Any, recipe: Recipe, modules: Sequence[str]) -> dict[str, float]:
+    """Bits per weight and MAC-weighted relative energy and area of a recipe's linear layers
+    (modelled)."""
+    from .cost import gemm_cost
+
+    p = plan(model, recipe, warn=False)
+    spec_of = {e.module: e.spec for e in p.entries if e.op == "linear"}
+    n = bits = energy = area = 0.0
+    cache: dict[Any, Any] = {}
+    for m in modules:
+        w = model.get_submodule(m).weight
+        spec = spec_of.get(m)
+        if spec is None:
+            continue
+        if spec not in cache:
+            cache[spec] = gemm_cost(spec)
+        gc = cache[spec]
+        k = w.numel()
+        n += k
+        bits += k * gc.bits["weight"]
+        energy += k * gc.energy
+        area += k * gc.area
+    return {"bits_per_weight": bits / n, "energy_per_mac": energy / n,
+            "area_per_mac": area / n} if n else {}
+

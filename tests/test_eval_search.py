@@ -1,0 +1,186 @@
+"""``precisim cost`` / ``perf`` / ``search`` and the mixed-precision search (precisim.eval.search,
+docs/cost-perf.md section 8).
+
+* the CLI commands print tables that say they are a model, JSON on request, and one ``error:``
+  line with exit status 2 for an unknown unit or accelerator, a config missing a field, or
+  parallel degrees that do not divide the model;
+* the search problem's inputs are checked (budget metric, objective, candidates, grouping);
+* on SmolLM2 (a tiny token budget) the greedy path gets cheaper at every step, the chosen
+  recipe is the cheapest evaluated point that meets the budget on the search set, its
+  held-out verification is what a separate evaluation of the saved recipe YAML on those
+  tokens measures (the numbers ``precisim eval --tokens N`` reports), and the outputs are
+  written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from precisim.eval.cli import main
+from precisim.eval.search import Budget, Objective, SearchError, SearchProblem, candidate_spec
+
+DATA = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+def test_cost_command(capsys) -> None:
+    assert main(["cost"]) == 0
+    out = capsys.readouterr().out
+    assert "not measured" in out and "fma" not in out.split("|")[0]
+    assert "| nvfp4 | recipe |" in out and "| h100-e4m3 | unit |" in out
+    assert main(["cost", "unit:fma-bf16-fp32", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "not measured" in d["note"] and d["rows"][0]["energy"] == pytest.approx(1.0)
+    assert main(["cost", "h100-e4m3", "--detail"]) == 0
+    assert "alignment" in capsys.readouterr().out
+    assert main(["cost", "h101-e4m3"]) == 2
+    assert "'h101-e4m3' is neither a matrix unit nor a recipe" in _error_line(capsys)
+
+
+def test_perf_command(tmp_path, capsys) -> None:
+    assert main(["perf", "--model", "llama-2-7b", "--accelerator", "h100-sxm,h200,b200",
+                 "--weights", "nvfp4", "--batch", "1", "--prefill", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| h200 |" in out and "| b200 |" in out and "measured systems reach" in out
+    assert main(["perf", "--accelerator", "h100", "--json", "--ops"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["results"][0]["decode_bound"] == "memory" and d["ops"]
+    assert main(["perf", "--accelerator", "h300"]) == 2
+    line = _error_line(capsys)
+    assert "unknown accelerator 'h300'; did you mean" in line and "h200" in line
+    assert main(["perf", "--model", "llama-2-70b", "--tp", "3"]) == 2
+    assert "tp=3 does not divide num_attention_heads=64" in _error_line(capsys)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4,
+                               "vocab_size": 100, "intermediate_size": 96}))
+    assert main(["perf", "--model", str(cfg)]) == 2
+    assert "missing 'num_hidden_layers'" in _error_line(capsys)
+    assert main(["perf", "--weights", "fp5"]) == 2
+    assert "fp5" in _error_line(capsys)
+
+
+def test_search_command_bad_input(capsys) -> None:
+    for argv, what in [(["--budget", "ppl:1"], "budget metric='ppl'"),
+                       (["--budget", "delta_ppl"], "give METRIC:LIMIT"),
+                       (["--budget", "kl:x"], "'x' is not a number"),
+                       (["--candidates", "nvfp4"], "give at least two"),
+                       (["--candidates", "nvfp4,fp5x"], "fp5x"),
+                       (["--objective", "time", "--accelerator", "tpu9"],
+                        "unknown accelerator 'tpu9'")]:
+        assert main(["search", "--data", DATA, *argv]) == 2, argv
+        assert what in _error_line(capsys), argv
+
+
+# ---------------------------------------------------------------------------------------------
+# the problem description
+
+def test_search_problem_checks_its_inputs() -> None:
+    b = Budget("top1", 0.9)
+    assert b.higher_is_better and b.ok({"top1": 0.95, "top1_low": 0.91})
+    assert not b.ok({"top1": 0.95, "top1_low": 0.89})
+    assert Budget("top1", 0.9, "estimate").ok({"top1": 0.95, "top1_low": 0.89})
+    assert Budget("delta_ppl", 1).ok({"delta_ppl": 0.5, "delta_ppl_high": 0.9})
+    assert not Budget("delta_ppl", 1).ok({"delta_ppl": 0.5, "delta_ppl_high": 1.1})
+    with pytest.raises(SearchError, match="budget metric='ppl'"):
+        Budget("ppl", 1)
+    with pytest.raises(SearchError, match="budget use='low'"):
+        Budget("kl", 1, "low")
+    with pytest.raises(SearchError, match="objective='speed'"):
+        Objective("speed")
+    with pytest.raises(SearchError, match="objective batch=0"):
+        Objective("time", batch=0)
+    with pytest.raises(SearchError, match="by='block'"):
+        SearchProblem(by="block")
+    with pytest.raises(SearchError, match="search_tokens=0"):
+        SearchProblem(search_tokens=0)
+    assert candidate_spec("nvfp4").weight is not None
+    assert candidate_spec("e4m3").input is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the search on SmolLM2
+
+@pytest.mark.slow
+def test_search_on_smollm2(smollm2, tmp_path) -> None:
+    import torch
+    from precisim.emulation import Recipe
+    from precisim.eval.data import load_text, prefix_token, tokenize
+    from precisim.eval.perplexity import evaluate
+
+    model, tok = smollm2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = SearchProblem(candidates=("nvfp4", "mxfp8"), budget=Budget("kl", 0.05, "estimate"),
+                          by="op", search_tokens=128, heldout_tokens=128, window=128,
+                          bootstrap=100)
+        from precisim.eval.search import search
+
+        r = search(model, tok, DATA, p)
+        costs = [row["cost"] for row in r.path]
+        assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+        assert costs[0] == pytest.approx(8.25) and costs[-1] == pytest.approx(4.5)
+        ok = [row for row in r.path if row["measured"] is not None and row["meets"]]
+        assert r.feasible == bool(ok)
+        if ok:
+            assert r.cost == min(row["cost"] for row in ok)
+        # the held-out verification is a full evaluation of the saved recipe on the first
+        # heldout_tokens tokens (what `precisim eval --tokens 128 --window 128` evaluates)
+        paths = r.save(tmp_path)
+        assert {"recipe", "table", "path", "verification", "pareto"} <= set(paths)
+        again = Recipe.load(paths["recipe"])
+        ids = tokenize(tok, load_text(DATA).text, 128)
+        res = evaluate(model, ids, [again], window=128, prefix_token=prefix_token(tok),
+                       bootstrap=100, telemetry=False,
+                       metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"])
+        m = res.results[0].metrics
+        assert m["kl"] == pytest.approx(r.chosen["kl"], rel=1e-9)
+        assert m["delta_ppl"] == pytest.approx(r.chosen["delta_ppl"], rel=1e-9)
+        assert r.verified == p.budget.ok(m)
+        assert "modelled" in paths["table"].read_text()
+        # and a separate `precisim eval` of the YAML on the same tokens (its own model load
+        # and thread count: equal to summation-order noise)
+        out = tmp_path / "eval"
+        assert main(["eval", "--data", DATA, "--recipes", "", "--recipe-file",
+                     str(paths["recipe"]), "--tokens", "128", "--window", "128",
+                     "--bootstrap", "100", "--numerics", "native", "--no-plot",
+                     "--out", str(out)]) == 0
+        sheet = json.loads((out / "spec_sheet.json").read_text())
+        e = sheet["metrics"][r.recipe.name]
+        assert e["kl"] == pytest.approx(r.chosen["kl"], rel=1e-4)
+        assert e["delta_ppl"] == pytest.approx(r.chosen["delta_ppl"], rel=1e-4, abs=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_module_costs_follow_the_objective() -> None:
+    """Each objective's per-module cost is its formula: bits = k n bits/weight; energy / area =
+    k n x the modelled cost per product; time = the roofline of the GEMM (memory bound at
+    batch 1: weight and activation bytes / bandwidth)."""
+    import torch
+    from precisim.eval.accelerators import get_accelerator
+    from precisim.eval.cost import gemm_cost
+    from precisim.eval.search import module_costs
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    specs = {c: candidate_spec(c) for c in ("nvfp4", "mxfp8")}
+    k, n = 64, 32
+    bits = module_costs(model, specs, Objective("bits"), ["0"])
+    assert bits["nvfp4"]["0"] == k * n * 4.5 and bits["mxfp8"]["0"] == k * n * 8.25
+    en = module_costs(model, specs, Objective("energy"), ["0"])
+    assert en["nvfp4"]["0"] == pytest.approx(k * n * gemm_cost(specs["nvfp4"]).energy)
+    ar = module_costs(model, specs, Objective("area"), ["0"])
+    assert ar["mxfp8"]["0"] == pytest.approx(k * n * gemm_cost(specs["mxfp8"]).area)
+    t = module_costs(model, specs, Objective("time", "h200", batch=1), ["0"])
+    bw = get_accelerator("h200").bandwidth
+    assert t["nvfp4"]["0"] == pytest.approx((k * n * 4.5 / 8 + k * 4.5 / 8 + n * 2) / bw)
+    assert t["nvfp4"]["0"] < t["mxfp8"]["0"]

@@ -1,0 +1,185 @@
+"""Elementwise function units (docs/arithmetic.md section 7.1): every preset's fast torch path
+equals its exact reference (Fractions, mpmath with a Ziv loop, every rounding by
+``round_to_float_format``) bit for bit, on every fp16 and every bf16 input (slow; the default
+run takes a strided subset plus every special value), on random fp32 inputs, and for variants
+that exercise each field (no FMA, midpoint tables, piecewise polynomials, coefficient formats,
+flushing, directed output rounding). Impossible parameters give an error naming the value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from precisim.emulation.functions import (
+    FUNCTION_UNITS,
+    FunctionUnit,
+    get_function_unit,
+    unit_from_dict,
+)
+
+
+def _all(dtype: torch.dtype, stride: int = 1) -> torch.Tensor:
+    bits = torch.arange(0, 1 << 16, stride, dtype=torch.int32).to(torch.int16)
+    return bits.view(dtype)
+
+
+def _specials(dtype: torch.dtype) -> torch.Tensor:
+    fi = torch.finfo(dtype)
+    v = [0.0, -0.0, math.inf, -math.inf, math.nan, fi.tiny, -fi.tiny, fi.max, -fi.max,
+         fi.smallest_normal / 4, -fi.smallest_normal / 4, 1.0, -1.0, 0.5, 2.0, 4.0, 8.0, -8.0,
+         7.99, -8.01, 88.5, -87.5, 11.0, -17.0]
+    return torch.tensor(v, dtype=dtype)
+
+
+def _same(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def _check(u: FunctionUnit, x: torch.Tensor) -> None:
+    y = u(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    bad = []
+    for xi, yi in zip(x.float().tolist(), y.tolist()):
+        ref = float(u.reference(xi))
+        if not _same(ref, yi):
+            bad.append((xi, yi, ref))
+    assert not bad, f"{u.name}: {len(bad)} mismatches, e.g. (x, fast, exact) {bad[:5]}"
+
+
+PRESETS = FUNCTION_UNITS.names()
+
+#: variants that exercise the fields the presets leave at their defaults
+VARIANTS = [
+    dict(base="exp-lut64", name="exp-lut-nofma-bf16", fma=False, table_format="bf16",
+         output_format="bf16"),
+    dict(base="exp-lut16", name="exp-lut-mid", interpolation="none"),
+    dict(base="exp-poly3", name="exp-poly2-pieces", degree=2, table_bits=3,
+         coef_format="bf16", fma=False),
+    dict(base="exp-poly3", name="exp2-poly4-fp16", function="exp2", degree=4,
+         output_format="fp16", flush_output=True),
+    dict(base="exp-mx-bf16", name="exp-mx-rtz", output_rounding="rtz", flush_input=True),
+    dict(base="exp-exact", name="exp-exact-fp16-out", output_format="fp16"),
+    dict(base="rcp-newton1", name="rcp-nofma", fma=False, output_format="bf16"),
+    dict(base="rsqrt-newton1", name="rsqrt-nofma-0", fma=False, newton_steps=0),
+    dict(base="rsqrt-newton2", name="rsqrt-poly", method="polynomial", degree=3,
+         table_bits=2),
+    dict(base="rcp-exact", name="rcp-fp16-ru", output_format="fp16", output_rounding="ru"),
+    dict(base="silu-lut64", name="silu-poly", method="polynomial", degree=3, table_bits=4),
+    dict(base="gelu-lut64", name="gelu-tanh-lut", function="gelu_tanh", interval=(-4, 4),
+         output_format="bf16"),
+    dict(base="sigmoid-lut64", name="sigmoid-mid", interpolation="none", table_bits=8,
+         arg_frac_bits=12),
+    dict(name="gelu-sigmoid-ex", function="gelu_sigmoid"),
+    dict(name="erf-ex", function="erf", output_format="bf16"),
+    dict(base="expf-fast-bound", name="expf-bound-seed", bound_seed=7),
+]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_preset_strided(name: str, dtype: torch.dtype) -> None:
+    """Every 61st input code of the format (1075 values) and its special values."""
+    u = get_function_unit(name)
+    _check(u, torch.cat([_all(dtype, 61), _specials(dtype)]))
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=[v["name"] for v in VARIANTS])
+def test_variant_strided(spec: dict) -> None:
+    u = unit_from_dict(spec)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(u, torch.cat([_all(dtype, 127), _specials(dtype)]))
+
+
+@pytest.mark.parametrize("name", ["exp-exact", "exp-lut64", "exp-poly5", "rcp-newton2",
+                                  "rsqrt-newton1", "silu-lut64", "gelu-exact",
+                                  "expf-fast-bound", "exp-mx-bf16"])
+def test_random_fp32(name: str) -> None:
+    """fp32 inputs (24-bit significands) over the ranges that matter."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.cat([torch.randn(600, generator=g) * 12,
+                   torch.randn(200, generator=g).exp() ** 8,
+                   -torch.rand(200, generator=g) * 120])
+    _check(get_function_unit(name), x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS + [v["name"] for v in VARIANTS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_exhaustive(name: str, dtype: torch.dtype) -> None:
+    """Every one of the 65536 codes of fp16 and of bf16."""
+    spec = next((v for v in VARIANTS if v["name"] == name), None)
+    u = unit_from_dict(spec) if spec else get_function_unit(name)
+    _check(u, _all(dtype))
+
+
+def test_compiled_equals_eager() -> None:
+    """The torch.compile'd kernel gives the eager kernel's bits."""
+    from precisim.formats import kernels
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 10
+    for name in ("exp-lut64", "rsqrt-newton1", "silu-lut64", "exp-poly3"):
+        u = get_function_unit(name)
+        old = kernels.get_backend()
+        try:
+            kernels.set_backend("eager")
+            a = u(x)
+            kernels.set_backend("compile")
+            b = u(x)
+        finally:
+            kernels.set_backend(old)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+
+
+def test_bound_model_stays_within_its_bound() -> None:
+    """expf-fast-bound differs from the correctly rounded fp32 exp by at most 2 +
+    floor(1.173|x|) ulp (and is labelled a bound model)."""
+    x = torch.linspace(-80, 80, 4001)
+    y = get_function_unit("expf-fast-bound")(x).view(torch.int32).long()
+    r = get_function_unit("exp-exact")(x).view(torch.int32).long()
+    bound = 2 + torch.floor(x.abs() * 1.173).long()
+    fin = torch.isfinite(get_function_unit("exp-exact")(x)) & (r > 0x00800000)
+    assert ((y - r).abs()[fin] <= bound[fin]).all()
+    assert ((y - r)[fin] != 0).float().mean() > 0.5
+    assert "bound model" in get_function_unit("expf-fast-bound").describe()
+
+
+def test_mx_bf16_constant() -> None:
+    """microxcaling's LOG2E_BF16 = 1.4453125 is log2(e) rounded to bf16."""
+    from precisim.emulation.functions.units import _tables
+
+    assert float(_tables(get_function_unit("exp-mx-bf16")).c) == 1.4453125
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(function="exp", method="table", table_bits=0), "table_bits=0"),
+    (dict(function="exp", method="polynomial", degree=-1), "degree=-1"),
+    (dict(function="exp", output_format="e3m2b10"), "output_format='e3m2b10'"),
+    (dict(function="rcp", method="newton", table_bits=3, newton_steps=-2), "newton_steps=-2"),
+    (dict(function="exp", method="newton", table_bits=3), "method='newton'"),
+    (dict(function="sigmoid", method="table", table_bits=4, interval=(-3, 3)), "interval="),
+    (dict(function="exp", input_format="ue8m0"), "input_format"),
+    (dict(function="exp", method="bound", output_format="bf16"), "output_format='bf16'"),
+    (dict(function="expo"), "function='expo'"),
+])
+def test_impossible_parameters(fields: dict, named: str) -> None:
+    with pytest.raises(ValueError, match="not valid|cannot|is for") as e:
+        FunctionUnit("bad", **fields)
+    assert named in str(e.value)
+
+
+def test_registry_and_dict_round_trip() -> None:
+    import precisim
+
+    assert precisim.lookup("function:exp-lut64") is get_function_unit("exp-lut64")
+    with pytest.raises(KeyError, match="did you mean 'exp-lut64'"):
+        get_function_unit("exp-lut65")
+    for name in PRESETS:
+        u = get_function_unit(name)
+        d = u.to_dict()
+        assert unit_from_dict(d) == u, name
+        assert u.describe()
+    with pytest.raises(ValueError, match="unknown key.*'degre' .did you mean 'degree'"):
+        unit_from_dict({"base": "exp-poly3", "degre": 4})
