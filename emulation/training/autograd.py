@@ -137,8 +137,10 @@ def _bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str
 
 def _quant(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.Tensor | None,
            handle: Any, module: str, role: str) -> Operand:
-    return quantize_operand(x, ts, axis=-1, need_parts=needs_parts(spec),
-                            telemetry=getattr(handle, "telemetry", None),
+    # saturation / underflow counts of backward operands only while a GradProbe is active
+    # (counting them costs about as much as quantizing them)
+    tel = getattr(handle, "telemetry", None) if _PROBES else None
+    return quantize_operand(x, ts, axis=-1, need_parts=needs_parts(spec), telemetry=tel,
                             where=(module, role), rand=rand)
 
 
