@@ -74,3 +74,6 @@ __all__ = [
     "RECORDED_CASES", "Recording", "RecordingCase", "RecordingError", "available_recordings",
     "load_recording", "recordings_dir",
 ]
+
+# training roles, the train_linear op kind and the training recipes (docs/training.md)
+from . import training  # noqa: E402,F401

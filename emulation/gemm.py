@@ -47,11 +47,14 @@ class Operand:
 
 def quantize_operand(x: torch.Tensor, spec: TensorSpec | None, *, axis: int = -1,
                      need_parts: bool = False, telemetry: Telemetry | None = None,
-                     where: tuple[str, str] = ("", "")) -> Operand:
+                     where: tuple[str, str] = ("", ""),
+                     rand: torch.Tensor | None = None) -> Operand:
     """Quantize ``x`` (any float dtype) to ``spec`` with blocks along ``axis``; float32 result.
 
     With ``telemetry`` the events of :mod:`precisim.emulation.telemetry` are counted under
-    ``where = (module name, role)``.
+    ``where = (module name, role)``. ``rand``: explicit random bits for a stochastic-rounding
+    spec (int32, x's shape; replayable gradient SR, :mod:`precisim.emulation.training.sr`),
+    used instead of the spec's seed.
     """
     xf = x.float()
     if spec is None:
@@ -61,7 +64,8 @@ def quantize_operand(x: torch.Tensor, spec: TensorSpec | None, *, axis: int = -1
     if isinstance(fmt, ScaledFormat):
         want = need_parts or telemetry is not None
         out = quantize_scaled(xf, fmt, rounding=rounding, flush_input=spec.flush_subnormals,
-                              return_parts=want, sr_bits=spec.sr_bits, seed=spec.seed)
+                              return_parts=want, sr_bits=spec.sr_bits,
+                              seed=None if rand is not None else spec.seed, rand=rand)
         if isinstance(out, ScaledTensor):
             if telemetry is not None:
                 telemetry.add(*where, count_events(xf, out.dequantized, fmt, out))
@@ -69,7 +73,8 @@ def quantize_operand(x: torch.Tensor, spec: TensorSpec | None, *, axis: int = -1
         return Operand(out)
     q = quantize(xf, fmt, rounding, Overflow.parse(spec.overflow),
                  flush_input=spec.flush_subnormals, flush_output=spec.flush_subnormals,
-                 sr_bits=spec.sr_bits, seed=spec.seed)
+                 sr_bits=spec.sr_bits, seed=None if rand is not None else spec.seed,
+                 rand=rand)
     if telemetry is not None:
         telemetry.add(*where, count_events(xf, q, fmt))
     return Operand(q)

@@ -291,10 +291,19 @@ class EmulatedLinear(nn.Module):
         qx = h._input(self._name, x, self.spec)
         y = gemm(qx, w, self.spec, bias=o.bias, telemetry=h.telemetry, name=self._name,
                  out_dtype=x.dtype)
+        y = _attach_grad(y, x, self)  # backward under the layer's training roles
         if h.errors is not None:  # (the original's own forward: its hooks fire on this one)
             ref = (o._old_forward if hook is not None else o.forward)(x)
             h.errors.add(self._name, ref, y)
         return y if hook is None else hook.post_forward(o, y)
+
+
+def _attach_grad(y: torch.Tensor, x: torch.Tensor, layer: EmulatedLinear) -> torch.Tensor:
+    """``y`` with the layer's backward (docs/training.md section 1; high-precision backward
+    GEMMs unless the layer has training roles) when autograd needs one."""
+    from .training.autograd import attach_linear_grad
+
+    return attach_linear_grad(y, x, layer)
 
 
 class EmulatedEmbedding(nn.Module):
@@ -316,6 +325,10 @@ class EmulatedEmbedding(nn.Module):
             ids = _hf_pre(hook, o, ids)
         table = h._weight(self._name, o.weight, self.spec, False,
                           cache=not _offloaded(hook)).values
+        if torch.is_grad_enabled() and o.weight.requires_grad:  # straight through to the table
+            from .training.autograd import straight_through
+
+            table = straight_through(table, o.weight)
         y = nn.functional.embedding(ids, table, o.padding_idx, o.max_norm, o.norm_type,
                                     o.scale_grad_by_freq, o.sparse)
         if self.spec.output is not None:
@@ -406,6 +419,24 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         impl = st.original_impl if st is not None else "eager"
         fn = eager if impl == "eager" or impl is None else ALL_ATTENTION_FUNCTIONS[impl]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
+    out = _emulated_attention(st, eager, module, query, key, value, attention_mask, *args,
+                              **kwargs)
+    if torch.is_grad_enabled() and isinstance(out, tuple) and out:
+        # the high-precision backward of the model's own attention (docs/training.md s. 1)
+        from .training.autograd import attach_attention_grad
+
+        def ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return eager(module, q, k, v, attention_mask, *args, **kwargs)[0]
+
+        out = (attach_attention_grad(out[0], query, key, value, ref), *out[1:])
+    return out
+
+
+def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
+                        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, *args: Any,
+                        **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The attention function under the module's :class:`AttentionSpec` (no backward)."""
     kv = st.spec.kv_cache
     if kv is not None and not st.kv_in_cache:
         tel = st.handle.telemetry
@@ -487,10 +518,14 @@ def _kv_pre_hook(st: _AttnState):  # noqa: ANN202
         tel = st.handle.telemetry
 
         def update(k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any):  # noqa: ANN202
-            k = quantize_operand(k, spec, telemetry=tel, where=(st.name, "k_cache")
-                                 ).values.to(k.dtype)
-            v = quantize_operand(v, spec, telemetry=tel, where=(st.name, "v_cache")
-                                 ).values.to(v.dtype)
+            from .training.autograd import straight_through  # (gradients pass unchanged)
+
+            k = straight_through(quantize_operand(k, spec, telemetry=tel,
+                                                  where=(st.name, "k_cache")).values.to(k.dtype),
+                                 k)
+            v = straight_through(quantize_operand(v, spec, telemetry=tel,
+                                                  where=(st.name, "v_cache")).values.to(v.dtype),
+                                 v)
             return inner(target, k, v, *a, **kw)
 
         target.update = update

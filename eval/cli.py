@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from precisim.eval import commands, cost_cli, vectors_cli
+from precisim.eval import commands, cost_cli, train_cli, vectors_cli
 from precisim.formats import cli as formats_cli
 from precisim.formats import demo
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     formats_cli.add_parser(sub)
     demo.add_parser(sub)
     vectors_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -125,6 +125,22 @@ def random_bits(shape: torch.Size, bits: int, device: torch.device, seed: int | 
                          device=device)
 
 
+def check_rand(rand: torch.Tensor, shape: tuple[int, ...], rounding: Rounding, bits: int,
+               seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Explicit random bits checked: stochastic rounding only, no seed/generator beside
+    them, int32 of ``shape`` with values in [0, 2^bits). Returns them contiguous."""
+    if rounding is not Rounding.STOCHASTIC:
+        raise ValueError(f"rand is only used with rounding='sr', not {rounding.value!r}")
+    if seed is not None or generator is not None:
+        raise ValueError("pass either rand or seed/generator, not both")
+    if not isinstance(rand, torch.Tensor) or rand.dtype != torch.int32 \
+            or tuple(rand.shape) != shape:
+        got = (f"{rand.dtype} {tuple(rand.shape)}" if isinstance(rand, torch.Tensor)
+               else type(rand).__name__)
+        raise ValueError(f"rand must be an int32 tensor of shape {shape}, got {got}")
+    return rand.contiguous()
+
+
 def flush_threshold_bits(dtype: torch.dtype) -> int:
     """float32 bits of the source dtype's smallest normal (inputs below it are flushed)."""
     return (127 + _DTYPE_FORMAT[dtype].emin) << 23
@@ -199,6 +215,7 @@ def quantize(
     sr_bits: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    rand: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to ``fmt``; returns a tensor of x's dtype holding format values.
 
@@ -212,6 +229,9 @@ def quantize(
             +-inf inputs; ``"inf"`` / ``"nan"`` need the format to have that value.
         flush_input: read inputs below x.dtype's smallest normal as zero (DAZ).
         flush_output: results below the format's smallest normal become zero (FTZ).
+        rand: explicit random bits for ``"sr"`` (int32 in [0, 2^sr_bits), x's shape), e.g.
+            counter-based bits that replay (:mod:`precisim.emulation.training.sr`); then
+            ``seed``/``generator`` must not be given.
 
     NaN inputs give NaN, also for formats without a NaN code (their codes cannot hold it:
     :func:`encode` then raises). Unsigned formats give NaN (or 0 without a NaN code) for negative
@@ -231,8 +251,9 @@ def quantize(
             f"{f.name} values are not all representable in {x.dtype}; quantize a float32 copy "
             "(x.float()) instead"
         )
-    rand = None
-    if rnd is Rounding.STOCHASTIC:
+    if rand is not None:
+        rand = check_rand(rand, tuple(x.shape), rnd, bits_sr, seed, generator)
+    elif rnd is Rounding.STOCHASTIC:
         rand = random_bits(x.shape, bits_sr, x.device, seed, generator)
     elif seed is not None or generator is not None:
         raise ValueError("seed/generator are only used with rounding='sr'")

@@ -395,14 +395,16 @@ def quantize_scaled(
     sr_bits: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    rand: torch.Tensor | None = None,
 ) -> torch.Tensor | ScaledTensor:
     """Quantize ``x`` to a block-scaled format; returns the dequantized tensor (x's dtype), or a
     :class:`ScaledTensor` with codes and scales when ``return_parts=True``.
 
     Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
-    rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``.
+    rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``, or
+    explicit bits ``rand`` (int32 of x's shape, as :func:`~precisim.formats.quantize.quantize`).
     """
-    from .quantize import check_flags, check_sr_bits, random_bits
+    from .quantize import check_flags, check_rand, check_sr_bits, random_bits
 
     x = check_tensor(x)
     f = get_scaled_format(fmt) if isinstance(fmt, str) else fmt
@@ -410,6 +412,8 @@ def quantize_scaled(
         raise TypeError(f"fmt must be a ScaledFormat or a name, got {type(fmt).__name__}")
     rnd = Rounding.parse(rounding) if rounding is not None else f.rounding
     bits_sr = check_sr_bits(rnd, sr_bits)
+    if rand is not None:
+        rand = check_rand(rand, tuple(x.shape), rnd, bits_sr, seed, generator)
     if rnd is not Rounding.STOCHASTIC and (seed is not None or generator is not None):
         raise ValueError(f"seed/generator are only used with rounding='sr' (got rounding="
                          f"{rnd.value!r}, seed={seed!r})")
@@ -422,8 +426,9 @@ def quantize_scaled(
         return _empty_scaled(x, f, bshape, return_parts)
     xb, shape, padded = block_view(x.to(torch.float32).contiguous(), bshape)
     xb = _flat_blocks(xb, bshape)
-    rand = None
-    if rnd is Rounding.STOCHASTIC:
+    if rand is not None:  # the explicit bits, blocked as the values are
+        rand = _flat_blocks(block_view(rand, bshape)[0], bshape)
+    elif rnd is Rounding.STOCHASTIC:
         rand = random_bits(xb.shape, bits_sr, x.device, seed, generator)
     flush_in = flush_threshold_bits(x.dtype) if flush_input else 0
     red_dims = tuple(range(1, xb.dim(), 2)) if xb.dim() != 2 else (1,)

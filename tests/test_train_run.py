@@ -1,0 +1,77 @@
+"""precisim.eval.train: a tiny run, its checkpoints and its run-store record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from precisim.eval.store import RunStore
+from precisim.eval.train import ModelConfig, TrainConfig, TrainError, load_tokenizer, train
+
+
+@pytest.fixture()
+def setup(tiny_checkpoint, tiny_text, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(tiny_text)
+    tok = load_tokenizer(tiny_checkpoint)
+    return tok, str(data), tmp_path
+
+
+def _cfg(data: str, **kw) -> TrainConfig:
+    base = dict(recipe="mxfp8-floor-train", seed=1, steps=6, data=data, batch=2, seq=16,
+                val_every=3, val_batches=1, checkpoint_every=3, probe_every=2,
+                model=ModelConfig(layers=1, hidden=64, heads=4, kv_heads=2, intermediate=96))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_killed_run_resumes_bit_for_bit(setup):
+    tok, data, tmp = setup
+    cfg = _cfg(data)
+    whole = train(cfg, out=tmp / "a", tokenizer=tok)
+    part = train(cfg, out=tmp / "b", tokenizer=tok, stop_after=4)  # killed after step 4
+    assert part["steps_done"] == 4
+    with RunStore(tmp / "runs.sqlite") as store:
+        resumed = train(cfg, out=tmp / "b", tokenizer=tok, store=store)  # resumes at 3
+        assert store.has("train/mxfp8-floor-train/seed1")
+    assert resumed["loss"] == whole["loss"] and resumed["val"] == whole["val"]
+    a = torch.load(Path(tmp / "a" / "ckpt.pt"), weights_only=False)["model"]
+    b = torch.load(Path(tmp / "b" / "ckpt.pt"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(whole["loss"]) == 6 and len(whole["val"]) == 2
+    probe = whole["probe"][0]
+    assert 5 < probe["wgrad.sqnr_db"] < 80 and 0 < probe["dgrad.noise_ratio"] < 1
+
+
+def test_bf16_sr_master_weights_hold_bf16_values(setup):
+    tok, data, tmp = setup
+    cfg = _cfg(data, recipe="fp32", steps=2, master="bf16-sr", probe_every=0)
+    train(cfg, out=tmp / "c", tokenizer=tok)
+    sd = torch.load(tmp / "c" / "ckpt.pt", weights_only=False)["model"]
+    for v in sd.values():
+        assert torch.equal(v.bfloat16().float(), v)
+
+
+def test_bad_config():
+    with pytest.raises(TrainError, match="steps=0"):
+        TrainConfig(steps=0)
+    with pytest.raises(TrainError, match="master='bf8'"):
+        TrainConfig(master="bf8")
+    with pytest.raises(TrainError, match="hidden=60 is not a multiple of heads=8"):
+        ModelConfig(hidden=60, heads=8)
+
+
+def test_cli_trains_recipes_and_prints_the_gap(setup, tiny_checkpoint, capsys):
+    from precisim.eval.cli import main
+
+    _, data, tmp = setup
+    rc = main(["train", "--recipe", "fp32", "--recipe", "nvfp4-train", "--steps", "2",
+               "--data", data, "--tokenizer", tiny_checkpoint, "--layers", "1", "--batch",
+               "2", "--seq", "16", "--val-every", "2", "--val-batches", "1",
+               "--out", str(tmp / "cli")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| nvfp4-train |" in out and "gap to fp32" in out
+    assert (tmp / "cli" / "nvfp4-train" / "seed0" / "ckpt.pt").exists()
+    rc = main(["train", "--recipe", "nope", "--out", str(tmp / "x")])
+    assert rc == 2 and "nope" in capsys.readouterr().err
