@@ -168,7 +168,7 @@ def test_monotone(base: str) -> None:
     # block result bits
     if u.block_result_bits is not None:
         prev = (0.0, 0.0)
-        for bits in range(0, 24):
+        for bits in range(1, 24):  # (0 fraction bits is refused on an fp32 accumulator)
             cur = _total(u.with_(block_result_bits=bits, acc_rounding="rne"))
             assert cur[0] >= prev[0] and cur[1] >= prev[1]
             prev = cur
