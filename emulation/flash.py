@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from precisim.formats import FloatFormat, FormatError, Overflow, get_format
+from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_format
 from precisim.formats.registry import Registry, UnknownNameError
 
 from .functions import exact as ex
@@ -380,6 +380,32 @@ def _cast_p_block(p: torch.Tensor, dp: AttentionDatapath) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # fast path
 
+def _fast(r: Rq):  # noqa: ANN202 - a rounding function on float64 tensors
+    """``r.fast``, or for fp32 with RNE, infinities and no flush the float64 -> float32
+    conversion (IEEE round to nearest even with gradual underflow): the same bits for the
+    exact or round-to-odd float64 values it is given (docs/arithmetic.md section 3.1)."""
+    if r.fmt.name == "fp32" and r.rounding is Rounding.NEAREST_EVEN \
+            and r.overflow is Overflow.INF and not r.flush:
+        def q32(v: torch.Tensor) -> torch.Tensor:
+            y = v.float().double()
+            return torch.where(y != y, math.nan, y)  # one NaN (as Rq.fast)
+
+        return q32
+    return r.fast
+
+
+def _tile_sum(x: torch.Tensor, r: Rq) -> torch.Tensor:
+    """The pairwise sum of the last axis, every partial sum rounded by ``r`` (as
+    :class:`Reduction` ``order=pairwise`` on values of the format)."""
+    Q = _fast(r)
+    v = Q(x)
+    while v.shape[-1] > 1:
+        n = v.shape[-1]
+        pair = Q(add_ro(v[..., 0:n - 1:2], v[..., 1:n:2]))
+        v = torch.cat([pair, v[..., n - 1:]], dim=-1) if n % 2 else pair
+    return v[..., 0] if v.shape[-1] else torch.zeros(v.shape[:-1], dtype=v.dtype)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None, scaling: float, dp: AttentionDatapath,
                     stats: FlashStats | None = None) -> torch.Tensor:
@@ -393,10 +419,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = _scale_const(scaling)
-    Q32 = rq("fp32").fast
-    R = {w: rq(getattr(dp, f"{w}_format"), what=f"{w}_format").fast
+    Q32 = _fast(rq("fp32"))
+    R = {w: _fast(rq(getattr(dp, f"{w}_format"), what=f"{w}_format"))
          for w in ("max", "sum", "alpha", "acc")}
-    red = Reduction("sum", dp.sum_format)
+    rsum = rq(dp.sum_format, what="sum_format")
     pel = dp.p_element
     cast = Rq(pel, overflow=Overflow.SATURATE).fast if pel is not None else None
     off = float(dp.max_offset)
@@ -435,7 +461,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             pq = _cast_p_block(p, dp).double()
         st.p_numel += int(live.sum())
         st.p_flushed += int(((p > 0) & (pq == 0)).sum())
-        tsum = red.fast(pq if dp.row_sum is RowSum.QUANTIZED else p)
+        tsum = _tile_sum(pq if dp.row_sum is RowSum.QUANTIZED else p, rsum)
         was_inf = torch.isinf(ell)
         ell = R["sum"](add_ro(alpha * ell, tsum))
         st.row_sum_overflow += int((torch.isinf(ell) & ~was_inf).sum())
