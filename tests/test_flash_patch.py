@@ -162,7 +162,6 @@ def test_smollm2_saturation_preset_clips_p_and_fix_does_not(smollm2) -> None:  #
         with emulate(model, r) as em, torch.no_grad():
             out = model(ids).logits.double().log_softmax(-1)
         st = em.telemetry.state()
-        print(name, {k: v for k, v in st.items() if k[0].endswith("layers.0.self_attn.softmax")})
         sat = sum(c[0]["saturated"] for k, c in st.items() if k[1] == "p")
         res[name] = (sat, (ref.exp() * (ref - out)).sum(-1).mean().item())
     assert res["fa4-fp8-saturating"][0] > 0
