@@ -75,5 +75,6 @@ __all__ = [
     "load_recording", "recordings_dir",
 ]
 
-# training roles, the train_linear op kind and the training recipes (docs/training.md)
-from . import training  # noqa: E402,F401
+# the attention datapaths (registry kind ``datapath``, docs/attention-datapath.md); training
+# roles, the train_linear op kind and the training recipes (docs/training.md)
+from . import flash, training  # noqa: E402,F401

@@ -422,7 +422,8 @@ for _kind in (
            GEMM_ROLES, priority=10, validate=_check_gemm,
            description="every nn.Linear and every module that behaves like Conv1D"),
     OpKind("attention", AttentionSpec, _is_attention, _installer("install_attention"),
-           tuple(f"{g}.{r}" for g in ("qk", "pv") for r in GEMM_ROLES) + ("k_cache", "v_cache"),
+           tuple(f"{g}.{r}" for g in ("qk", "pv") for r in GEMM_ROLES) + ("k_cache", "v_cache")
+           + ("softmax.p", "softmax.state"),
            priority=0, suspect=_looks_like_attention, validate=_check_attention,
            description="QK^T and PV of every module whose forward dispatches through "
            "transformers' attention interface, and its KV cache"),

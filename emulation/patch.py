@@ -444,6 +444,9 @@ def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
                                ).values.to(key.dtype)
         value = quantize_operand(value, kv, telemetry=tel, where=(st.name, "v_cache")
                                  ).values.to(value.dtype)
+    if st.spec.datapath is not None:  # an online-softmax datapath (docs/attention-datapath.md)
+        return _datapath_attention(st, module, query, key, value, attention_mask, *args,
+                                   **kwargs)
     # the standard eager function under fake quant: chunked, skipping the masked triangle
     align = chunkable(st.spec) if st.handle.errors is None else None
     scaling = kwargs.get("scaling", args[0] if args else None)
@@ -465,6 +468,51 @@ def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
                              f"{mode.calls} matmul(s); precisim expects exactly two (QK^T, PV), "
                              "so its attention matmuls cannot be emulated")
     return out
+
+
+def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
+                        key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, *args: Any,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The attention of ``module`` by the spec's :class:`~precisim.emulation.flash.
+    AttentionDatapath` (grouped-query heads repeated; the mask read as visible / masked, so
+    causal and sliding-window masks apply); output (b, q, h, d) in the query's dtype."""
+    from .attention import _repeat_kv
+    from .flash import FlashStats, flash_attention
+
+    scaling = kwargs.get("scaling", args[0] if args else None)
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    if scaling is None or query.dim() != 4:
+        raise EmulationError(f"{st.name}: the attention datapath needs 4-D (b, h, q, d) "
+                             "queries and the softmax scaling")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise EmulationError(f"{st.name}: the attention datapath does not model soft caps or "
+                             "attention sinks given as extra logits")
+    dp = st.spec.datapath
+    changes = {k: g for k, g in (("qk", st.spec.qk), ("pv", st.spec.pv)) if g is not None}
+    if changes:
+        dp = dp.with_(**changes)
+    groups = getattr(module, "num_key_value_groups", 1)
+    k = _repeat_kv(key, groups)
+    v = _repeat_kv(value, groups)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[..., :k.shape[-2]]
+    stats = FlashStats()
+    out = flash_attention(query, k, v, mask, float(scaling), dp, stats)
+    tel = st.handle.telemetry
+    if tel is not None:
+        z = torch.zeros((), dtype=torch.int64)
+        tel.add(f"{st.name}.softmax", "p", {
+            "numel": z + stats.p_numel, "saturated": z + stats.p_saturated,
+            "flushed": z + stats.p_flushed})
+        tel.add(f"{st.name}.softmax", "state", {
+            "numel": z + stats.p_numel,
+            "nonfinite": z + stats.row_sum_overflow + stats.acc_overflow,
+            "rescales": z + stats.rescales, "row_sum_overflow": z + stats.row_sum_overflow,
+            "acc_overflow": z + stats.acc_overflow})
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:

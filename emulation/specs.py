@@ -397,11 +397,15 @@ class GemmSpec:
 class AttentionSpec:
     """The attention block: ``qk`` (input = Q, weight = K), ``pv`` (input = P, the softmax
     probabilities; weight = V) and the ``kv_cache`` format (keys and values are stored in it
-    as they are written to the cache)."""
+    as they are written to the cache); ``datapath``: an online-softmax attention datapath
+    (:class:`~precisim.emulation.flash.AttentionDatapath`, docs/attention-datapath.md) that
+    computes the attention instead of the eager function (its ``qk`` / ``pv`` are replaced by
+    this spec's where this spec gives them)."""
 
     qk: GemmSpec | None = None
     pv: GemmSpec | None = None
     kv_cache: TensorSpec | None = None
+    datapath: Any = None  #: an AttentionDatapath (or None: the eager attention)
 
     @classmethod
     def parse(cls, value: AttentionSpec | Mapping[str, Any] | str | None, where: str
@@ -412,22 +416,33 @@ class AttentionSpec:
             g = GemmSpec.parse(value, where)
             return None if g is None else cls(qk=g, pv=g)
         if isinstance(value, Mapping):
-            check_keys(value, ("qk", "pv", "kv_cache"), where)
+            check_keys(value, ("qk", "pv", "kv_cache", "datapath"), where)
+            dp = value.get("datapath")
+            if dp is not None:
+                from .flash import AttentionDatapath
+
+                try:
+                    dp = AttentionDatapath.parse(dp, f"{where}.datapath")
+                except ValueError as e:  # an unknown name or a bad field
+                    raise RecipeError(f"{where}.datapath: {e}") from None
             return cls(GemmSpec.parse(value.get("qk"), f"{where}.qk"),
                        GemmSpec.parse(value.get("pv"), f"{where}.pv"),
-                       TensorSpec.parse(value.get("kv_cache"), f"{where}.kv_cache"))
+                       TensorSpec.parse(value.get("kv_cache"), f"{where}.kv_cache"), dp)
         raise RecipeError(f"{where}: expected a mapping or null, got {type(value).__name__}")
 
     @property
     def is_identity(self) -> bool:
         return ((self.qk is None or self.qk.is_identity)
-                and (self.pv is None or self.pv.is_identity) and self.kv_cache is None)
+                and (self.pv is None or self.pv.is_identity) and self.kv_cache is None
+                and self.datapath is None)
 
     def describe(self) -> str:
         parts = [f"{k}: " + ("high" if g is None or g.is_identity else g.describe())
                  for k, g in (("qk", self.qk), ("pv", self.pv))]
         if self.kv_cache is not None:
             parts.append(f"kv: {self.kv_cache.describe()}")
+        if self.datapath is not None:
+            parts.append(f"datapath: {self.datapath.name}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -438,4 +453,10 @@ class AttentionSpec:
             d["pv"] = self.pv.to_dict()
         if self.kv_cache is not None:
             d["kv_cache"] = self.kv_cache.to_dict()
+        if self.datapath is not None:
+            from .flash import DATAPATHS
+
+            dp = self.datapath
+            named = dp.name in DATAPATHS and DATAPATHS.get(dp.name) == dp
+            d["datapath"] = dp.name if named else dp.to_dict()
         return d

@@ -21,7 +21,7 @@ def _all_registries() -> dict[str, Registry]:
 def test_every_kind_is_registered() -> None:
     assert set(_all_registries()) == {"format", "scaled", "unit", "kernel", "op", "recipe",
                                       "metric", "accelerator", "model", "function",
-                                      "softmax", "norm", "activation"}
+                                      "softmax", "norm", "activation", "datapath"}
     assert precisim.lookup("accelerator:h200").bandwidth == 4.8e12
     assert precisim.lookup("model:llama-2-7b").params == 6_738_415_616
 

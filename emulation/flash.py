@@ -1,0 +1,610 @@
+"""The attention datapath: FlashAttention-style online softmax over KV tiles
+(docs/attention-datapath.md).
+
+:class:`AttentionDatapath` is a frozen description of one kernel's arithmetic. For every query
+row, the keys are visited tile by tile (``tile`` keys, ``order`` forward or reverse) and each
+tile runs these steps, every one rounded once (docs/attention-datapath.md section 2):
+
+1. ``S = Q K_j^T`` (the ``qk`` GEMM: a :class:`GemmSpec` with any matrix unit, or the fp32
+   product); ``t = fp32(S * c)`` with ``c = fp32(scaling * log2 e)``; masked keys are -inf.
+2. ``m' = max_format(max(m, max_j t))``; the rescale is *taken* when ``m = -inf`` or
+   ``fp32(m' - m) > rescale_threshold``; otherwise the stale ``m`` stays (FlashAttention-4's
+   conditional rescale). ``alpha = alpha_format(exp2(fp32(m - m')))`` when taken, else 1.
+3. ``x = fp32(t - fp32(m - max_offset))``; ``P = exp2(x)`` by the ``exp2`` function unit.
+4. ``Pq = cast(P)``: ``p_format`` (an element float format, saturating; or any
+   :class:`TensorSpec`: NVFP4 blocks of 16 along the keys, int8, ...); None keeps P.
+5. ``l = sum_format(alpha * l + reduce(P or Pq))`` (``row_sum``: unquantized or quantized P;
+   the tile sum is a :class:`Reduction` in ``sum_format``).
+6. ``O = acc_format(alpha * O + Pq V_j)`` (the ``pv`` GEMM, then one rounding of the
+   accumulator update).
+
+At the end ``out = fp32(O / l)`` (``normalize="divide"``) or ``fp32(O * fp32(1 / l))``
+(``"reciprocal"``); a row with ``l = 0`` (every key masked) gives 0.
+
+:func:`flash_attention` is the fast path (torch, vectorised over batch, heads and rows, a loop
+over tiles); :func:`flash_attention_reference` is the direct step-by-step reference (Python
+loops over rows, tiles and elements, exact Fractions with one rounding per step through
+:class:`~precisim.emulation.functions.core.Rq`); the two are bit-identical. Both call the
+same GEMMs and the same block quantizer of P on the same tile tensors (those components are
+checked against their own exact references elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_format
+from precisim.formats.registry import Registry, UnknownNameError
+
+from .functions import exact as ex
+from .functions.core import Fn, Rq, add_ro, check_format, div_ro, parse_enum, rq
+from .functions.presets import get_function_unit
+from .functions.reduction import Reduction
+from .functions.units import FunctionUnit
+from .gemm import quantize_operand
+from .specs import GemmSpec, TensorSpec
+
+__all__ = ["AttentionDatapath", "DATAPATHS", "FlashStats", "Normalize", "Order", "RowSum",
+           "UnknownDatapathError", "available_datapaths", "flash_attention",
+           "flash_attention_reference", "get_datapath"]
+
+LOG2E = 1.4426950408889634
+MAX_OFFSET = 126
+
+
+class Order(enum.Enum):
+    FORWARD = "forward"
+    REVERSE = "reverse"
+
+
+class RowSum(enum.Enum):
+    UNQUANTIZED = "unquantized"  #: the row sum adds P before its cast (FA2/3/4)
+    QUANTIZED = "quantized"  #: the row sum adds the cast P that the PV GEMM sees
+
+
+class Normalize(enum.Enum):
+    DIVIDE = "divide"
+    RECIPROCAL = "reciprocal"
+
+
+def _fp32_exact(v: float) -> bool:
+    return math.isfinite(v) and float(np.float32(v)) == v
+
+
+@dataclass(frozen=True)
+class AttentionDatapath:
+    """One online-softmax attention datapath (see the module docstring for the steps)."""
+
+    name: str
+    tile: int = 128  #: keys per KV tile
+    order: Order | str = Order.FORWARD
+    max_format: FloatFormat | str = "fp32"  #: running max
+    sum_format: FloatFormat | str = "fp32"  #: running row sum (and its tile reductions)
+    alpha_format: FloatFormat | str = "fp32"  #: the rescale factor exp2(m_old - m_new)
+    acc_format: FloatFormat | str = "fp32"  #: the PV accumulator O
+    rescale_threshold: float = 0.0  #: log2 units; 0: rescale whenever the max grows
+    max_offset: int = 0  #: P = exp2(x + max_offset) before the cast
+    p_format: str | TensorSpec | None = None  #: P's format for the PV GEMM (None: fp32)
+    row_sum: RowSum | str = RowSum.UNQUANTIZED
+    qk: GemmSpec | str | None = None  #: None: fp32 product of the operands
+    pv: GemmSpec | str | None = None
+    exp2: FunctionUnit | str = "exp2-exact"
+    normalize: Normalize | str = Normalize.DIVIDE
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name={self.name!r} is not valid: accepted a non-empty string")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"tile={self.tile!r} is not valid: accepted an integer >= 1 "
+                             "(keys per KV tile)")
+        s(self, "order", parse_enum(Order, self.order, "order"))
+        s(self, "row_sum", parse_enum(RowSum, self.row_sum, "row_sum"))
+        s(self, "normalize", parse_enum(Normalize, self.normalize, "normalize"))
+        for what in ("max_format", "sum_format", "alpha_format", "acc_format"):
+            s(self, what, check_format(getattr(self, what), what))
+        t = self.rescale_threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not _fp32_exact(float(t)) \
+                or t < 0:
+            raise ValueError(f"rescale_threshold={t!r} cannot be represented: accepted a "
+                             "finite value >= 0 that is a float32 value (the kernel compares "
+                             "fp32(m_new - m_old) with it), e.g. 0, 4.0, 8.0")
+        s(self, "rescale_threshold", float(t))
+        o = self.max_offset
+        if isinstance(o, float) and o.is_integer():
+            o = int(o)
+        if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= MAX_OFFSET:
+            raise ValueError(f"max_offset={self.max_offset!r} cannot be represented: accepted "
+                             f"an integer 0..{MAX_OFFSET} (2^max_offset must be an exact fp32 "
+                             "power of two)")
+        s(self, "max_offset", o)
+        s(self, "p_format", _p_spec(self.p_format))
+        for what in ("qk", "pv"):
+            g = getattr(self, what)
+            if g is not None and not isinstance(g, GemmSpec):
+                s(self, what, GemmSpec.parse(g, what))
+        u = self.exp2 if isinstance(self.exp2, FunctionUnit) else get_function_unit(self.exp2)
+        if u.function is not Fn.EXP2:
+            raise ValueError(f"exp2={u.name!r} is not valid: accepted a function unit of exp2 "
+                             f"(its function is {u.function.value!r})")
+        s(self, "exp2", u)
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def p_element(self) -> FloatFormat | None:
+        """P's element float format when P is cast element by element (saturating)."""
+        p = self.p_format
+        if p is None or p.scaling is not None or p.scale_rule is not None:
+            return None
+        try:
+            f = get_format(p.format)
+        except FormatError:
+            return None
+        return f if isinstance(f, FloatFormat) else None
+
+    @property
+    def p_max(self) -> float:
+        """The largest P the datapath can produce: 2^(max_offset + rescale_threshold)."""
+        return 2.0 ** (self.max_offset + self.rescale_threshold)
+
+    def with_(self, **changes: Any) -> AttentionDatapath:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        parts = [f"tile {self.tile} {self.order.value}",
+                 f"max {self.max_format.name}, sum {self.sum_format.name}, "
+                 f"alpha {self.alpha_format.name}, acc {self.acc_format.name}"]
+        if self.rescale_threshold:
+            parts.append(f"rescale if > {self.rescale_threshold:g}")
+        if self.max_offset:
+            parts.append(f"offset {self.max_offset}")
+        parts.append("P " + ("fp32" if self.p_format is None else self.p_format.describe())
+                     + f", row sum of {self.row_sum.value} P")
+        for k in ("qk", "pv"):
+            g = getattr(self, k)
+            if g is not None:
+                parts.append(f"{k} {g.describe()}")
+        parts.append(f"exp2 {self.exp2.name}, {self.normalize.value}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "description":
+                continue
+            d = f.default
+            if isinstance(v, FloatFormat):
+                v = v.name
+            elif isinstance(v, enum.Enum):
+                v = v.value
+            elif isinstance(v, FunctionUnit):
+                v = v.name
+            elif isinstance(v, GemmSpec | TensorSpec):
+                v = v.to_dict()
+            if isinstance(d, enum.Enum):
+                d = d.value
+            if v != d or f.name == "name":
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "datapath") -> AttentionDatapath:
+        """A datapath from itself, a preset name, or a mapping of fields (``base: <preset>``
+        plus changes)."""
+        if isinstance(value, AttentionDatapath):
+            return value
+        if isinstance(value, str):
+            return get_datapath(value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a datapath name or a mapping of fields, got "
+                             f"{value!r}")
+        d = dict(value)
+        names = [f.name for f in dataclasses.fields(cls)] + ["base"]
+        bad = [k for k in d if k not in names]
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}; accepted: "
+                             f"{', '.join(names)}")
+        base = d.pop("base", None)
+        try:
+            if base is not None:
+                b = get_datapath(base)
+                d.setdefault("name", f"{b.name}+")
+                return dataclasses.replace(b, **d)
+            d.setdefault("name", "custom")
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _p_spec(value: Any) -> TensorSpec | None:
+    if value is None or isinstance(value, TensorSpec):
+        return value
+    try:
+        spec = TensorSpec.parse(value, "p_format")
+    except ValueError as e:
+        raise ValueError(f"p_format={value!r} is not valid: {e}") from None
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+class UnknownDatapathError(UnknownNameError):
+    """An unknown attention-datapath name."""
+
+
+#: the named attention datapaths (qualified spelling ``datapath:<name>``)
+DATAPATHS: Registry[AttentionDatapath] = Registry(
+    "attention datapath", prefix="datapath", error=UnknownDatapathError,
+    hint="or give a mapping of AttentionDatapath fields (base: <preset> plus changes)")
+
+
+def available_datapaths() -> list[str]:
+    return DATAPATHS.names()
+
+
+def get_datapath(name: str | AttentionDatapath) -> AttentionDatapath:
+    if isinstance(name, AttentionDatapath):
+        return name
+    return DATAPATHS.get(name)
+
+
+def _presets() -> list[AttentionDatapath]:
+    D = AttentionDatapath
+    bf16 = GemmSpec.parse("bf16", "pv")
+    return [
+        D("exact-online", tile=128,
+          description="every knob at full precision: fp32 statistics, P and accumulator"),
+        D("fa2-bf16", tile=128, p_format="bf16", qk=bf16, pv=bf16,
+          description="FlashAttention-2 style: bf16 Q, K, V and P, fp32 running max, row sum "
+                      "and accumulator, rescale whenever the max grows (arXiv 2307.08691)"),
+        D("fa3-fp8", tile=128, max_offset=8, p_format="e4m3",
+          qk=GemmSpec.parse("e4m3", "qk"), pv=GemmSpec.parse("e4m3", "pv"),
+          description="FlashAttention-3 FP8 style: E4M3 Q, K, V and P, P scaled into (0, 256] "
+                      "by exp2(x + 8) before the cast, fp32 statistics (arXiv 2407.08608)"),
+        D("fa4-fp8-saturating", tile=128, max_offset=8, rescale_threshold=4.0,
+          p_format="e4m3", qk=GemmSpec.parse("e4m3", "qk"), pv=GemmSpec.parse("e4m3", "pv"),
+          description="Blackwell FP8 forward before Dao-AILab/flash-attention PR #2717: "
+                      "offset 8 and rescale threshold 4 let P reach 2^12, E4M3 saturates at "
+                      "448 while the row sum adds the unclipped fp32 P"),
+        D("fa4-fp8-fixed", tile=128, max_offset=4, rescale_threshold=4.0,
+          p_format="e4m3", qk=GemmSpec.parse("e4m3", "qk"), pv=GemmSpec.parse("e4m3", "pv"),
+          description="the fix of Dao-AILab/flash-attention PR #2717: max_offset + "
+                      "rescale_threshold <= log2(448), so P <= 256 never saturates"),
+        D("sage2-fp16-acc", tile=64, max_offset=7, p_format="e4m3", acc_format="fp16",
+          pv=GemmSpec.parse("e4m3", "pv"),
+          description="SageAttention2 style: E4M3 P and V, P within (0, 128], the PV "
+                      "accumulator rounded to fp16 after every tile (arXiv 2411.10958; "
+                      "thu-ml/SageAttention issues #93, #388)"),
+    ]
+
+
+for _d in _presets():
+    DATAPATHS.register(_d.name, _d)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces (the same calls on both sides)
+
+@dataclass
+class FlashStats:
+    """Telemetry of one datapath call: P values that exceeded P's largest value (clipped),
+    non-zero P flushed to zero by the cast, rescales taken (a finite running max replaced),
+    row sums that overflowed ``sum_format``, accumulator entries that overflowed
+    ``acc_format``; ``p_numel``: P values computed (visible keys)."""
+
+    p_numel: int = 0
+    p_saturated: int = 0
+    p_flushed: int = 0
+    rescales: int = 0
+    row_sum_overflow: int = 0
+    acc_overflow: int = 0
+
+    def add(self, other: FlashStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, g: GemmSpec | None) -> torch.Tensor:
+    """``a @ b^T`` (b: (..., N, K)) under ``g``, or the fp32 product (float64 accumulation
+    rounded once to fp32) when g is None; float32."""
+    if g is None or g.is_identity:
+        return torch.matmul(a.double(), b.double().transpose(-1, -2)).float()
+    from .gemm import gemm
+
+    return gemm(a.float(), b.float(), g, out_dtype=torch.float32).float()
+
+
+def _operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dp: AttentionDatapath
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V quantized once to the GEMMs' operand formats (float32)."""
+    qk, pv = dp.qk, dp.pv
+    qq = quantize_operand(q, qk.input if qk is not None else None).values
+    kq = quantize_operand(k, qk.weight if qk is not None else None).values
+    vq = quantize_operand(v.transpose(-1, -2), pv.weight if pv is not None else None
+                          ).values.transpose(-1, -2)
+    return qq, kq, vq
+
+
+def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
+    """``g`` with the Q/K/V operand formats removed (they are applied once up front); P keeps
+    its own cast (``p_format``), so the PV GEMM's input format is removed too."""
+    if g is None:
+        return None
+    return dataclasses.replace(g, input=None, weight=None)
+
+
+def _visible(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Boolean visibility from an additive or boolean mask (finite non-zero biases are not
+    modelled: an error)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.expand(shape)
+    lo = torch.finfo(mask.dtype).min / 2
+    vis = mask > lo
+    if bool(((mask != 0) & vis).any()):
+        raise ValueError("the attention datapath takes masks of 0 and -inf (or the dtype's "
+                         "minimum) only; additive biases (ALiBi, soft caps) are not modelled")
+    return vis.expand(shape)
+
+
+def _tiles(n_k: int, dp: AttentionDatapath) -> list[tuple[int, int]]:
+    t = [(j, min(n_k, j + dp.tile)) for j in range(0, n_k, dp.tile)]
+    return t[::-1] if dp.order is Order.REVERSE else t
+
+
+def _scale_const(scaling: float) -> float:
+    return float(np.float32(scaling * LOG2E))
+
+
+def _cast_p_block(p: torch.Tensor, dp: AttentionDatapath) -> torch.Tensor:
+    """P (float32 values) through a non-element ``p_format`` (block scales along the keys,
+    integer formats): the shared quantizer."""
+    return quantize_operand(p.float(), dp.p_format, axis=-1).values
+
+
+# ---------------------------------------------------------------------------------------------
+# fast path
+
+def _fast(r: Rq):  # noqa: ANN202 - a rounding function on float64 tensors
+    """``r.fast``, or for fp32 with RNE, infinities and no flush the float64 -> float32
+    conversion (IEEE round to nearest even with gradual underflow): the same bits for the
+    exact or round-to-odd float64 values it is given (docs/arithmetic.md section 3.1)."""
+    if r.fmt.name == "fp32" and r.rounding is Rounding.NEAREST_EVEN \
+            and r.overflow is Overflow.INF and not r.flush:
+        def q32(v: torch.Tensor) -> torch.Tensor:
+            y = v.float().double()
+            return torch.where(y != y, math.nan, y)  # one NaN (as Rq.fast)
+
+        return q32
+    return r.fast
+
+
+def _tile_sum(x: torch.Tensor, r: Rq) -> torch.Tensor:
+    """The pairwise sum of the last axis, every partial sum rounded by ``r`` (as
+    :class:`Reduction` ``order=pairwise`` on values of the format)."""
+    Q = _fast(r)
+    v = Q(x)
+    while v.shape[-1] > 1:
+        n = v.shape[-1]
+        pair = Q(add_ro(v[..., 0:n - 1:2], v[..., 1:n:2]))
+        v = torch.cat([pair, v[..., n - 1:]], dim=-1) if n % 2 else pair
+    return v[..., 0] if v.shape[-1] else torch.zeros(v.shape[:-1], dtype=v.dtype)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, scaling: float, dp: AttentionDatapath,
+                    stats: FlashStats | None = None) -> torch.Tensor:
+    """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h, n_k, d), ``v`` (b, h, n_k, dv)
+    (heads already repeated for grouped-query attention) with ``mask`` (broadcastable to
+    (b, h, n_q, n_k): additive 0 / -inf, or boolean visible) and the softmax ``scaling``;
+    float32 (b, h, n_q, dv). Counts go to ``stats`` when given."""
+    b, h, n_q, _ = q.shape
+    n_k, dv = k.shape[-2], v.shape[-1]
+    vis = _visible(mask, (b, h, n_q, n_k))
+    qq, kq, vq = _operands(q, k, v, dp)
+    gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
+    c = _scale_const(scaling)
+    Q32 = _fast(rq("fp32"))
+    R = {w: _fast(rq(getattr(dp, f"{w}_format"), what=f"{w}_format"))
+         for w in ("max", "sum", "alpha", "acc")}
+    rsum = rq(dp.sum_format, what="sum_format")
+    pel = dp.p_element
+    cast = Rq(pel, overflow=Overflow.SATURATE).fast if pel is not None else None
+    off = float(dp.max_offset)
+    thr = dp.rescale_threshold
+    dev = q.device
+    m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
+    ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
+    acc = torch.zeros((b, h, n_q, dv), dtype=torch.float64, device=dev)
+    st = FlashStats()
+    for j0, j1 in _tiles(n_k, dp):
+        s = _matmul(qq, kq[:, :, j0:j1], gqk).double()
+        t = Q32(s * c)
+        if vis is not None:
+            t = torch.where(vis[..., j0:j1], t, -math.inf)
+        live = t != -math.inf
+        cand = R["max"](torch.maximum(m, t.amax(-1)))
+        first = m == -math.inf
+        diff = Q32(add_ro(cand, -m))
+        take = first | (diff > thr)
+        m_new = torch.where(take, cand, m)
+        rescale = take & ~first & (m_new != m)
+        st.rescales += int(rescale.sum())
+        ax = Q32(add_ro(m, -m_new)).float()
+        alpha = R["alpha"](dp.exp2(torch.where(rescale, ax, 0.0)).double())
+        alpha = torch.where(rescale, alpha, 1.0)
+        mo = Q32(add_ro(m_new, torch.full_like(m_new, -off)))
+        x = Q32(add_ro(t, -mo[..., None]))
+        x = torch.where(live, x, -math.inf)
+        p = torch.where(live, dp.exp2(x.float()).double(), 0.0)
+        if dp.p_format is None:
+            pq = p
+        elif cast is not None:
+            pq = cast(p)
+            st.p_saturated += int((p > float(pel.max)).sum())
+        else:
+            pq = _cast_p_block(p, dp).double()
+        st.p_numel += int(live.sum())
+        st.p_flushed += int(((p > 0) & (pq == 0)).sum())
+        tsum = _tile_sum(pq if dp.row_sum is RowSum.QUANTIZED else p, rsum)
+        was_inf = torch.isinf(ell)
+        ell = R["sum"](add_ro(alpha * ell, tsum))
+        st.row_sum_overflow += int((torch.isinf(ell) & ~was_inf).sum())
+        pv = _matmul(pq.float(), vq[:, :, j0:j1].transpose(-1, -2), gpv).double()
+        acc_inf = torch.isinf(acc)
+        acc = R["acc"](add_ro(alpha[..., None] * acc, pv))
+        st.acc_overflow += int((torch.isinf(acc) & ~acc_inf).sum())
+        m = m_new
+    if dp.normalize is Normalize.DIVIDE:
+        out = Q32(div_ro(acc, ell[..., None]))
+    else:
+        r = Q32(div_ro(torch.ones_like(ell), ell))
+        out = Q32(acc * r[..., None])
+    out = torch.where((ell == 0)[..., None], 0.0, out)
+    if stats is not None:
+        stats.add(st)
+    return out.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# the direct reference
+
+def _f(v: ex.Value) -> float:
+    return float(v)
+
+
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              mask: torch.Tensor | None, scaling: float,
+                              dp: AttentionDatapath, stats: FlashStats | None = None
+                              ) -> torch.Tensor:
+    """The datapath step by step (see the module docstring): loops over rows, tiles and
+    elements; exact values (Fractions) with one rounding per step. Shares only the GEMMs and
+    the block quantizer of P with :func:`flash_attention`. Slow: small inputs only."""
+    b, h, n_q, _ = q.shape
+    n_k, dv = k.shape[-2], v.shape[-1]
+    vis = _visible(mask, (b, h, n_q, n_k))
+    qq, kq, vq = _operands(q, k, v, dp)
+    gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
+    c = Fraction(_scale_const(scaling))
+    r32: Rq = rq("fp32")
+    R = {w: rq(getattr(dp, f"{w}_format"), what=f"{w}_format")
+         for w in ("max", "sum", "alpha", "acc")}
+    red = Reduction("sum", dp.sum_format)
+    pel = dp.p_element
+    cast = Rq(pel, overflow=Overflow.SATURATE) if pel is not None else None
+    off = Fraction(dp.max_offset)
+    thr = Fraction(dp.rescale_threshold)
+    unit = dp.exp2
+    ninf = -math.inf
+    st = FlashStats()
+    # the GEMM tiles (shared calls, as on the fast side)
+    tiles = _tiles(n_k, dp)
+    S = {j0: _matmul(qq, kq[:, :, j0:j1], gqk) for j0, j1 in tiles}
+    m = [[[ninf] * n_q for _ in range(h)] for _ in range(b)]
+    ell: list = [[[Fraction(0)] * n_q for _ in range(h)] for _ in range(b)]
+    acc: list = [[[[Fraction(0)] * dv for _ in range(n_q)] for _ in range(h)] for _ in range(b)]
+    for j0, j1 in tiles:
+        P = torch.zeros(b, h, n_q, j1 - j0, dtype=torch.float32)
+        Pq = torch.zeros_like(P)
+        alphas: dict[tuple[int, int, int], ex.Value] = {}
+        for bi in range(b):
+            for hi in range(h):
+                for r in range(n_q):
+                    ts: list[ex.Value] = []
+                    for jj in range(j0, j1):
+                        if vis is not None and not bool(vis[bi, hi, r, jj]):
+                            ts.append(ninf)
+                        else:
+                            ts.append(r32.exact(Fraction(float(S[j0][bi, hi, r, jj - j0])) * c))
+                    mo = m[bi][hi][r]
+                    tmax: ex.Value = ninf
+                    for t in ts:
+                        tmax = ex.vmax(tmax, t)
+                    cand = R["max"].exact(ex.vmax(mo, tmax))
+                    first = mo == ninf
+                    take = first or (r32.exact(ex.add(cand, ex.neg(mo))) > thr)
+                    mn = cand if take else mo
+                    resc = take and not first and mn != mo
+                    if resc:
+                        st.rescales += 1
+                        a_in = r32.exact(ex.add(mo, ex.neg(mn)))
+                        alpha = R["alpha"].exact(unit.reference(_f(a_in)))
+                    else:
+                        alpha = Fraction(1)
+                    alphas[bi, hi, r] = alpha
+                    moff = r32.exact(ex.add(mn, -off)) if mn != ninf else ninf
+                    ps: list[ex.Value] = []
+                    for t in ts:
+                        if t == ninf:
+                            ps.append(Fraction(0))
+                            continue
+                        st.p_numel += 1
+                        x = r32.exact(ex.add(t, ex.neg(moff)))
+                        ps.append(ex.value(unit.reference(_f(x))))
+                    m[bi][hi][r] = mn
+                    for i, pv in enumerate(ps):
+                        P[bi, hi, r, i] = _f(pv)
+                    if cast is not None:
+                        for i, pv in enumerate(ps):
+                            if pv > Fraction(pel.max):
+                                st.p_saturated += 1
+                            Pq[bi, hi, r, i] = _f(cast.exact(pv))
+        if dp.p_format is None:
+            Pq = P.clone()
+        elif cast is None:
+            Pq = _cast_p_block(P, dp)
+        st.p_flushed += int(((P > 0) & (Pq == 0)).sum())
+        T = _matmul(Pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
+        src = Pq if dp.row_sum is RowSum.QUANTIZED else P
+        for bi in range(b):
+            for hi in range(h):
+                for r in range(n_q):
+                    alpha = alphas[bi, hi, r]
+                    tsum = red.reference([Fraction(x) for x in src[bi, hi, r].tolist()])
+                    old = ell[bi][hi][r]
+                    new = R["sum"].exact(ex.add(ex.mul(alpha, old), tsum))
+                    if isinstance(new, float) and math.isinf(new) and not (
+                            isinstance(old, float) and math.isinf(old)):
+                        st.row_sum_overflow += 1
+                    ell[bi][hi][r] = new
+                    row = acc[bi][hi][r]
+                    for e in range(dv):
+                        o = row[e]
+                        nv = R["acc"].exact(ex.add(ex.mul(alpha, o),
+                                                   ex.value(float(T[bi, hi, r, e]))))
+                        if isinstance(nv, float) and math.isinf(nv) and not (
+                                isinstance(o, float) and math.isinf(o)):
+                            st.acc_overflow += 1
+                        row[e] = nv
+    out = torch.zeros(b, h, n_q, dv, dtype=torch.float32)
+    for bi in range(b):
+        for hi in range(h):
+            for r in range(n_q):
+                lv = ell[bi][hi][r]
+                if lv == 0:
+                    continue
+                for e in range(dv):
+                    o = acc[bi][hi][r][e]
+                    if dp.normalize is Normalize.DIVIDE:
+                        y = r32.exact(ex.div(o, lv))
+                    else:
+                        y = r32.exact(ex.mul(o, r32.exact(ex.div(Fraction(1), lv))))
+                    out[bi, hi, r, e] = _f(y)
+    if stats is not None:
+        stats.add(st)
+    return out

@@ -1,0 +1,198 @@
+"""The attention datapath (precisim.emulation.flash, docs/attention-datapath.md): fast path vs
+the step-by-step exact reference bit for bit, agreement with standard attention at full
+precision, the saturation preset and its fix, telemetry counts and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from precisim.emulation.flash import (
+    AttentionDatapath,
+    FlashStats,
+    UnknownDatapathError,
+    available_datapaths,
+    flash_attention,
+    flash_attention_reference,
+    get_datapath,
+)
+from precisim.emulation.functions import FunctionUnit
+
+
+def _inputs(seed: int, b: int = 1, h: int = 2, n_q: int = 4, n_k: int = 37, d: int = 8,
+            spread: float = 3.0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g)
+    k = torch.randn(b, h, n_k, d, generator=g) * spread
+    v = torch.randn(b, h, n_k, d, generator=g)
+    return q, k, v
+
+
+def _causal(n_q: int, n_k: int) -> torch.Tensor:
+    pos = torch.arange(n_k - n_q, n_k)[:, None]
+    keys = torch.arange(n_k)[None, :]
+    return torch.where(keys <= pos, 0.0, -math.inf)[None, None]
+
+
+def _same(q, k, v, mask, dp, scaling=0.35):  # noqa: ANN001, ANN202
+    s1, s2 = FlashStats(), FlashStats()
+    a = flash_attention(q, k, v, mask, scaling, dp, s1)
+    r = flash_attention_reference(q, k, v, mask, scaling, dp, s2)
+    assert torch.equal(a.view(torch.int32), r.view(torch.int32)), dp.describe()
+    assert s1 == s2, (s1, s2)
+    return a, s1
+
+
+KNOBS = [
+    {},
+    {"order": "reverse"},
+    {"tile": 5},
+    {"max_format": "bf16", "alpha_format": "bf16"},
+    {"sum_format": "fp16"},
+    {"sum_format": "bf16", "row_sum": "quantized", "p_format": "e5m2"},
+    {"acc_format": "fp16"},
+    {"rescale_threshold": 8.0},
+    {"max_offset": 8, "p_format": "e4m3"},
+    {"max_offset": 8, "rescale_threshold": 4.0, "p_format": "e4m3"},
+    {"max_offset": 2, "p_format": "nvfp4"},
+    {"max_offset": 7, "p_format": "int8"},
+    {"normalize": "reciprocal"},
+    {"exp2": FunctionUnit("exp2-poly3", "exp2", method="polynomial", degree=3,
+                          flush_output=True)},
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda d: ",".join(f"{k}={v}" for k, v in
+                                                               d.items()) or "fp32")
+def test_each_knob_fast_equals_reference(knobs: dict) -> None:
+    dp = AttentionDatapath("t", **{"tile": 16, **knobs})
+    q, k, v = _inputs(1)
+    _same(q, k, v, None, dp)
+    _same(q, k, v, _causal(4, 37), dp)
+
+
+@pytest.mark.parametrize("name", available_datapaths())
+def test_presets_fast_equal_reference(name: str) -> None:
+    dp = get_datapath(name).with_(tile=16)
+    q, k, v = _inputs(2, n_k=48)
+    _same(q, k, v, _causal(4, 48), dp)
+
+
+def _sink_inputs() -> tuple[torch.Tensor, ...]:
+    """Key 0 is an attention sink: its score exceeds every other key's by ~20 (log2 units)."""
+    q, k, v = _inputs(3, n_k=64, spread=0.5)
+    k[:, :, 0] = q[:, :, 0].mean(0, keepdim=True) * 40 / q[:, :, 0].norm(dim=-1).mean()
+    return q, k, v
+
+
+ADVERSARIAL = {
+    "sink": _sink_inputs,
+    "all-equal": lambda: (torch.ones(1, 1, 3, 4), torch.ones(1, 1, 50, 4),
+                          torch.randn(1, 1, 50, 4, generator=torch.Generator().manual_seed(4))),
+    "long-row": lambda: _inputs(5, h=1, n_q=2, n_k=700, spread=2.0),
+    "huge-scores": lambda: _inputs(6, n_k=40, spread=60.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("name", ["fa4-fp8-saturating", "fa3-fp8", "sage2-fp16-acc",
+                                  "fa2-bf16"])
+def test_adversarial_fast_equals_reference(case: str, name: str) -> None:
+    q, k, v = ADVERSARIAL[case]()
+    dp = get_datapath(name).with_(tile=16)
+    _same(q, k, v, None, dp)
+    _same(q, k, v.flip(-2), None, dp.with_(order="reverse"))
+
+
+def test_masks_with_fully_masked_rows_and_tiles() -> None:
+    q, k, v = _inputs(7, n_q=4, n_k=40)
+    mask = _causal(4, 40).clone()
+    mask[..., 0, :] = -math.inf  # a fully masked row gives 0
+    mask[..., 1, :20] = torch.finfo(torch.float32).min  # whole tiles masked (dtype minimum)
+    for name in ("fa3-fp8", "exact-online"):
+        out, st = _same(q, k, v, mask, get_datapath(name).with_(tile=8))
+        assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+        assert st.p_numel == int((mask.expand(1, 2, 4, 40) == 0).sum())
+
+
+@pytest.mark.parametrize("tile", [1, 7, 128])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_full_precision_agrees_with_standard_attention(tile: int, order: str) -> None:
+    """Every knob at full precision: within 1e-5 of softmax(QK^T * scale) V in float64
+    (|V| < 5, up to 300 keys: the fp32 roundings of scores, exp2, row sums and up to 300
+    accumulator updates with tile 1; measured at most 2.7e-6)."""
+    q, k, v = _inputs(8, b=2, h=3, n_q=9, n_k=300, d=16)
+    mask = _causal(9, 300)
+    dp = get_datapath("exact-online").with_(tile=tile, order=order)
+    out = flash_attention(q, k, v, mask, 0.25, dp).double()
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + mask.double()
+    ref = torch.softmax(s, -1) @ v.double()
+    assert v.abs().max() < 5
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_saturation_preset_clips_and_fix_does_not() -> None:
+    """Scores rising along the keys keep the stale max (threshold 4): P reaches ~2^12 and E4M3
+    clips it at 448 while the row sum adds the unclipped P; the fix never saturates."""
+    n_k = 64
+    q = torch.ones(1, 1, 1, 1)
+    k = torch.linspace(0, 3.9, n_k).reshape(1, 1, n_k, 1)  # log2 units with scale 1/log2e
+    k[..., 32:, :] = 3.9
+    v = torch.ones(1, 1, n_k, 1)
+    sc = 1 / math.log2(math.e)
+    bad, sb = _same(q, k, v, None, get_datapath("fa4-fp8-saturating").with_(tile=16), sc)
+    good, sg = _same(q, k, v, None, get_datapath("fa4-fp8-fixed").with_(tile=16), sc)
+    assert sb.p_saturated > 0 and sg.p_saturated == 0
+    # V = 1: exact attention is 1; the clipped P with the unclipped row sum is below it
+    assert bad.item() < 0.9 and abs(good.item() - 1) < 0.07
+    assert get_datapath("fa4-fp8-saturating").p_max == 4096
+    assert get_datapath("fa4-fp8-fixed").p_max <= 448
+
+
+def test_reverse_iteration_keeps_the_sink_from_flushing_p() -> None:
+    """A sink at key 0 under forward iteration is seen first: the max is the sink's and the
+    other P values underflow E4M3 (flushed); in reverse order fewer are flushed (the
+    rescale multiplies an already accumulated, unflushed sum)."""
+    q, k, v = _sink_inputs()
+    dp = get_datapath("fa3-fp8").with_(tile=16, max_offset=0)
+    _, fwd = _same(q, k, v, None, dp)
+    _, rev = _same(q, k, v, None, dp.with_(order="reverse"))
+    assert fwd.p_flushed > rev.p_flushed
+
+
+def test_row_sum_and_accumulator_overflow_counted() -> None:
+    q, k, v = _inputs(9, h=1, n_q=2, n_k=600, spread=0.0)
+    _, st = _same(q, k, v * 400, None,
+                  AttentionDatapath("o", tile=64, max_offset=14, sum_format="fp16",
+                                    acc_format="fp16"))
+    assert st.row_sum_overflow == 2 and st.acc_overflow > 0
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("tile", 0, "tile=0"),
+    ("tile", -3, "tile=-3"),
+    ("max_offset", 0.5, "max_offset=0.5"),
+    ("max_offset", 200, "max_offset=200"),
+    ("rescale_threshold", 0.1, "rescale_threshold=0.1"),
+    ("rescale_threshold", math.inf, "rescale_threshold=inf"),
+    ("rescale_threshold", -1.0, "rescale_threshold=-1.0"),
+    ("order", "sideways", "order='sideways'"),
+    ("sum_format", "int8", "sum_format"),
+    ("exp2", "exp-exact", "exp2='exp-exact'"),
+    ("p_format", "nope", "p_format='nope'"),
+])
+def test_bad_input_names_the_value(field: str, value: object, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        AttentionDatapath("x", **{field: value})
+
+
+def test_lookup_style() -> None:
+    assert get_datapath("FA3_FP8") is get_datapath("fa3-fp8")
+    with pytest.raises(UnknownDatapathError, match="did you mean 'fa3-fp8'"):
+        get_datapath("fa3-fp9")
+    dp = AttentionDatapath.parse({"base": "fa3-fp8", "tile": 64})
+    assert dp.tile == 64 and dp.p_format == get_datapath("fa3-fp8").p_format
+    with pytest.raises(ValueError, match="unknown key"):
+        AttentionDatapath.parse({"tiles": 3})
+    assert AttentionDatapath.parse(dp.to_dict()) == dp
