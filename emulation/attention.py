@@ -138,7 +138,7 @@ class KeyEnds:
         self._mask, self._key, self._ends = None, None, []
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     b, h, n, d = x.shape
@@ -157,8 +157,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     assert qk is not None and pv is not None
     dtype = query.dtype
     groups = getattr(module, "num_key_value_groups", 1)
-    k = _repeat_kv(key, groups)
-    v = _repeat_kv(value, groups)
+    k = repeat_kv(key, groups)
+    v = repeat_kv(value, groups)
     qq = quantize_operand(query, qk.input, telemetry=telemetry, where=(f"{name}.qk", "input"))
     kq = quantize_operand(k, qk.weight, telemetry=telemetry, where=(f"{name}.qk", "weight"))
     vq = quantize_operand(v.transpose(-1, -2), pv.weight, telemetry=telemetry,

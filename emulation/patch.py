@@ -477,7 +477,7 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
     """The attention of ``module`` by the spec's :class:`~precisim.emulation.flash.
     AttentionDatapath` (grouped-query heads repeated; the mask read as visible / masked, so
     causal and sliding-window masks apply); output (b, q, h, d) in the query's dtype."""
-    from .attention import _repeat_kv
+    from .attention import repeat_kv
     from .flash import FlashStats, flash_attention
 
     scaling = kwargs.get("scaling", args[0] if args else None)
@@ -494,8 +494,8 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
     if changes:
         dp = dp.with_(**changes)
     groups = getattr(module, "num_key_value_groups", 1)
-    k = _repeat_kv(key, groups)
-    v = _repeat_kv(value, groups)
+    k = repeat_kv(key, groups)
+    v = repeat_kv(value, groups)
     mask = attention_mask
     if mask is not None:
         mask = mask[..., :k.shape[-2]]
