@@ -101,6 +101,15 @@ def pinned_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) with the pins of reproducible mode."""
     env = dict(os.environ if base is None else base)
     env.update(PINS)
+    if "TORCHINDUCTOR_CACHE_DIR" not in env:
+        # a compile cache of its own: kernels compiled under another ATen capability and loaded
+        # under the pinned one return wrong bits (caught by precisim's first-use self-check,
+        # which then falls back to slower eager kernels)
+        import getpass
+        import tempfile
+
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_precisim_avx2")
     return env
 
 

@@ -24,7 +24,9 @@ def test_pins_and_environment() -> None:
     assert numerics.PINS == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
                              "ONEDNN_MAX_CPU_ISA": "AVX2"}
     env = numerics.pinned_env({"PATH": "/bin", "ATEN_CPU_CAPABILITY": "avx512"})
-    assert env == {"PATH": "/bin", **numerics.PINS}
+    cache = env.pop("TORCHINDUCTOR_CACHE_DIR")  # its own compile cache (not the native one's)
+    assert cache.endswith("_precisim_avx2") and env == {"PATH": "/bin", **numerics.PINS}
+    assert numerics.pinned_env({"TORCHINDUCTOR_CACHE_DIR": "/c"})["TORCHINDUCTOR_CACHE_DIR"] == "/c"
     e = numerics.environment()
     assert {"reproducible", "pins", "torch", "mkl", "numpy", "python", "cpu_capability",
             "threads", "cpu", "platform"} <= set(e)
