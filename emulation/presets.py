@@ -32,7 +32,6 @@ format itself as input format.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 from collections.abc import Mapping
 from typing import Any
@@ -132,15 +131,10 @@ def unit_from_dict(spec: Mapping[str, Any], where: str = "unit") -> MatrixUnit:
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where}: expected a mapping of MatrixUnit fields (or a preset name), "
                          f"got {type(spec).__name__} {spec!r}")
+    from .specs import check_keys
+
     allowed = ["base"] + [f.name for f in dataclasses.fields(MatrixUnit)]
-    bad = [k for k in spec if k not in allowed]
-    if bad:
-        hints = []
-        for k in bad:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
-                         f"{', '.join(allowed)}")
+    check_keys(spec, allowed, where, error=ValueError)
     fields = {k: v for k, v in spec.items() if k != "base"}
     base = None
     try:

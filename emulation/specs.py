@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -42,8 +42,8 @@ class RecipeError(ValueError):
     """A recipe (or its YAML/JSON) is malformed; the message names the bad value."""
 
 
-def check_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str,
-               error: type[RecipeError] = RecipeError) -> None:
+def check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str,
+               error: type[ValueError] = RecipeError) -> None:
     """Raise ``error`` naming every key of ``d`` not in ``allowed`` (with the closest allowed
     name) and listing the allowed ones."""
     bad = [k for k in d if k not in allowed]

@@ -53,20 +53,9 @@ def tiny_text() -> str:
 def tiny_checkpoint(tiny_text, tmp_path_factory) -> str:
     """A randomly initialised 2-layer Llama saved as a Hugging Face directory with its own
     word-level tokenizer: a real checkpoint the CLI loads through ``load_model``."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted(set(tiny_text.split()))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64,
-                                   intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    fast.save_pretrained(d)
-    return str(d)
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from _tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), tiny_text, hidden=64,
+                                 intermediate=96, layers=2, heads=4, kv_heads=2)

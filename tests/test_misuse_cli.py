@@ -10,7 +10,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import torch
 from precisim.eval.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -22,21 +21,10 @@ TEXT = ("the quick brown fox jumps over the lazy dog . " * 40
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted(set(TEXT.split()))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32,
-                                   intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    fast.save_pretrained(d)
-    return str(d)
+    from _tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), TEXT, hidden=32,
+                                 intermediate=48, layers=1, heads=2, kv_heads=1)
 
 
 @pytest.fixture

@@ -805,20 +805,13 @@ def unit_from_dict(spec: Mapping[str, Any], where: str = "function unit") -> Fun
 
 
 def _from_dict(cls: type, registry: Any, spec: Mapping[str, Any], where: str) -> Any:
-    import difflib
+    from ..specs import check_keys
 
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where}: expected a preset name or a mapping of fields, got "
                          f"{type(spec).__name__} {spec!r}")
     allowed = ["base"] + [f.name for f in dataclasses.fields(cls)]
-    bad = [k for k in spec if k not in allowed]
-    if bad:
-        hints = []
-        for k in bad:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
-                         f"{', '.join(allowed)}")
+    check_keys(spec, allowed, where, error=ValueError)
     fields = {k: v for k, v in spec.items() if k != "base"}
     if isinstance(fields.get("interval"), list):
         fields["interval"] = tuple(fields["interval"])
