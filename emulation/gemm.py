@@ -62,14 +62,17 @@ def quantize_operand(x: torch.Tensor, spec: TensorSpec | None, *, axis: int = -1
     fmt = resolved_format(spec, axis)
     rounding = Rounding.parse(spec.rounding)
     if isinstance(fmt, ScaledFormat):
-        want = need_parts or telemetry is not None
+        # the events are counted inside the quantization kernel (one pass over x)
+        events: dict[str, torch.Tensor] | None = {} if telemetry is not None else None
         out = quantize_scaled(xf, fmt, rounding=rounding, flush_input=spec.flush_subnormals,
-                              return_parts=want, sr_bits=spec.sr_bits,
-                              seed=None if rand is not None else spec.seed, rand=rand)
+                              return_parts=need_parts, sr_bits=spec.sr_bits,
+                              seed=None if rand is not None else spec.seed, rand=rand,
+                              events=events)
+        if telemetry is not None and events is not None:
+            telemetry.add(*where, {"numel": torch.tensor(x.numel(), dtype=torch.int64),
+                                   **events})
         if isinstance(out, ScaledTensor):
-            if telemetry is not None:
-                telemetry.add(*where, count_events(xf, out.dequantized, fmt, out))
-            return Operand(out.dequantized, out if need_parts else None)
+            return Operand(out.dequantized, out)
         return Operand(out)
     q = quantize(xf, fmt, rounding, Overflow.parse(spec.overflow),
                  flush_input=spec.flush_subnormals, flush_output=spec.flush_subnormals,

@@ -23,29 +23,17 @@ from dataclasses import dataclass, field
 
 import torch
 from precisim.formats import FloatFormat, IntFormat
-from precisim.formats.scaling import ScaledFormat, ScaledTensor, block_view
+from precisim.formats.events import (
+    element_events,
+    overflow_ratio,
+    overflow_threshold,
+    plain_events,
+)
+from precisim.formats.scaling import ScaledFormat, ScaledTensor, scale_clamps
 
 __all__ = ["Telemetry", "count_events", "count_events_reference"]
 
 COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
-
-
-def _overflow_threshold(fmt: FloatFormat | IntFormat) -> tuple[float, bool]:
-    """``(t, tie)``: under RNE, magnitudes above ``t`` (the largest magnitude plus half an
-    ulp) overflow, and ``t`` itself overflows iff ``tie`` (the largest magnitude is odd, so
-    the tie goes to the next, unrepresentable, even value)."""
-    if isinstance(fmt, IntFormat):
-        return fmt.qmax + 0.5, fmt.qmax % 2 == 1
-    top = float(fmt.max)
-    ulp_exp = math.floor(math.log2(top)) - fmt.man_bits
-    odd = int(top / 2.0 ** ulp_exp) % 2 == 1
-    return top + 2.0 ** (ulp_exp - 1), odd
-
-
-def _overflow_ratio(fmt: FloatFormat | IntFormat) -> float:
-    """Overflow threshold / largest magnitude (relative to a block's scaled maximum)."""
-    t, _ = _overflow_threshold(fmt)
-    return t / float(fmt.qmax if isinstance(fmt, IntFormat) else fmt.max)
 
 
 def _beyond(ax: torch.Tensor, t: float, tie: bool) -> torch.Tensor:
@@ -69,7 +57,7 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     if isinstance(fmt, ScaledFormat):
         if parts is None:
             raise ValueError("scaled telemetry needs the quantization parts")
-        consts = torch.tensor([_overflow_ratio(fmt.element), float(fmt.element.max)],
+        consts = torch.tensor([overflow_ratio(fmt.element), float(fmt.element.max)],
                               dtype=torch.float32, device=xf.device)
         if parts.elements is not None:  # at the element format's largest magnitude?
             elems = parts.elements.detach().float().reshape(-1)
@@ -77,36 +65,20 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
             elems = decode(parts.codes.detach().reshape(-1), fmt.element)
         sums = kernels.run(_scaled_events, ("telemetry", "scaled"), xf.numel(), xf, qf, elems,
                            consts)
-        out["scale_clamped"], out["blocks"] = _scale_clamps(x.detach().float(), parts, fmt)
+        out["scale_clamped"], out["blocks"] = scale_clamps(x.detach().float(), parts)
     else:
-        thr, tie = _overflow_threshold(fmt)
+        thr, tie = overflow_threshold(fmt)
         consts = torch.tensor([thr, float(tie)], dtype=torch.float64, device=xf.device)
-        sums = kernels.run(_plain_events, ("telemetry", "plain"), xf.numel(), xf, qf, consts)
+        sums = kernels.run(plain_events, ("telemetry", "plain"), xf.numel(), xf, qf, consts)
         out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
         out["blocks"] = torch.zeros((), dtype=torch.int64)
     out["flushed"], out["nonfinite"], out["saturated"] = sums.unbind()
     return out
 
 
-def _plain_events(xf: torch.Tensor, qf: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(xf)
-    flushed = ((xf != 0) & (qf == 0) & finite).sum()
-    nonfinite = (finite & ~torch.isfinite(qf)).sum()
-    ax = xf.abs().double()  # the threshold (max + half an ulp) is exact in float64
-    beyond = (ax > consts[0]) | ((ax == consts[0]) & (consts[1] != 0))
-    sat = (finite & beyond).sum()
-    return torch.stack([flushed, nonfinite, sat])
-
-
 def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, elems: torch.Tensor,
                    consts: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(xf)
-    flushed = ((xf != 0) & (qf == 0) & finite).sum()
-    nonfinite = (finite & ~torch.isfinite(qf)).sum()
-    aq = qf.abs()
-    at_max = elems.abs() >= consts[1]
-    sat = (finite & at_max & (xf.abs() > aq * consts[0]) & (aq > 0)).sum()
-    return torch.stack([flushed, nonfinite, sat])
+    return element_events(xf, qf, elems.abs() >= consts[1], consts[0])
 
 
 def count_events_reference(x: torch.Tensor, q: torch.Tensor,
@@ -131,37 +103,15 @@ def count_events_reference(x: torch.Tensor, q: torch.Tensor,
 
         ev = decode(parts.codes, elem).float().abs()
         at_max = ev >= float(elem.max)
-        sat = finite & at_max & (ax > aq * _overflow_ratio(elem)) & (aq > 0)
+        sat = finite & at_max & (ax > aq * overflow_ratio(elem)) & (aq > 0)
         out["saturated"] = sat.sum()
-        out["scale_clamped"], out["blocks"] = _scale_clamps(xf, parts, fmt)
+        out["scale_clamped"], out["blocks"] = scale_clamps(xf, parts)
     else:
-        thr, tie = _overflow_threshold(fmt)
+        thr, tie = overflow_threshold(fmt)
         out["saturated"] = (finite & _beyond(ax, thr, tie)).sum()
         out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
         out["blocks"] = torch.zeros((), dtype=torch.int64)
     return out
-
-
-def _scale_clamps(xf: torch.Tensor, parts: ScaledTensor, fmt: ScaledFormat
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    s = parts.scales
-    nblocks = torch.tensor(s.numel(), dtype=torch.int64)
-    zero = torch.zeros((), dtype=torch.int64)
-    if s.dtype != torch.uint8:  # fp32 scales: no format limit short of fp32's own
-        return zero, nblocks
-    sc = fmt.scale
-    if sc.name.startswith("e8m0"):
-        bad = (s == 0) | (s == 0xFF)
-    else:
-        mag = s & 0x7F
-        bad = (mag == sc.max_code_magnitude) | (mag == 0)
-    if not bool(bad.any()):  # (the usual case: no pass over the operand)
-        return zero, nblocks
-    xb, _, _ = block_view(xf.abs(), parts.block_shape)
-    red = tuple(range(1, xb.dim(), 2))
-    amax = xb.amax(dim=red) if red else xb
-    nonzero = amax.reshape(s.shape) > 0
-    return (bad & nonzero).sum(), nblocks
 
 
 @dataclass
@@ -291,8 +241,6 @@ class LayerErrors:
         self._acc.clear()
 
     def records(self) -> list[dict[str, object]]:
-        import math
-
         rows: list[dict[str, object]] = []
         for name, (sig, err, mx, n, nonfinite) in self._acc.items():
             sqnr = math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)

@@ -49,6 +49,7 @@ import torch
 from . import kernels
 from .catalog import get_format
 from .descriptor import FloatFormat, FormatError, IntFormat
+from .events import ELEMENT_EVENTS, count, element_events, overflow_ratio
 from .kernels import F32_NAN, KernelParams, round_bits, round_bits_nearest, split_f32
 from .quantize import (
     check_tensor,
@@ -396,6 +397,7 @@ def quantize_scaled(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     rand: torch.Tensor | None = None,
+    events: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | ScaledTensor:
     """Quantize ``x`` to a block-scaled format; returns the dequantized tensor (x's dtype), or a
     :class:`ScaledTensor` with codes and scales when ``return_parts=True``.
@@ -403,6 +405,9 @@ def quantize_scaled(
     Elements saturate at +-elem_max (OCP MX section 6.3). ``rounding`` overrides the element
     rounding (default the format's, RNE); stochastic rounding takes ``sr_bits``/``seed``, or
     explicit bits ``rand`` (int32 of x's shape, as :func:`~precisim.formats.quantize.quantize`).
+    ``events``: a dict that receives the quantization's events (int64 0-d tensors named as in
+    :mod:`precisim.formats.events`: flushed, nonfinite, saturated, scale_clamped, blocks),
+    counted inside the quantization kernel (one pass over ``x``).
     """
     from .quantize import check_flags, check_rand, check_sr_bits, random_bits
 
@@ -423,8 +428,17 @@ def quantize_scaled(
                           "quantize a float32 copy instead")
     bshape = f.granularity.block_shape(tuple(x.shape))
     if x.numel() == 0:
+        if events is not None:
+            events.update(_no_events(x.device))
         return _empty_scaled(x, f, bshape, return_parts)
     xb, shape, padded = block_view(x.to(torch.float32).contiguous(), bshape)
+    if events is not None and padded != shape:  # (padding is not an operand's elements)
+        st = quantize_scaled(x, f, rounding=rnd, flush_input=flush_input, return_parts=True,
+                             sr_bits=sr_bits, seed=seed, generator=generator, rand=rand)
+        assert isinstance(st, ScaledTensor)
+        events.update(events_of_parts(x, st))
+        return st if return_parts else st.dequantized
+    counted = events is not None
     xb = _flat_blocks(xb, bshape)
     if rand is not None:  # the explicit bits, blocked as the values are
         rand = _flat_blocks(block_view(rand, bshape)[0], bshape)
@@ -446,22 +460,33 @@ def quantize_scaled(
                 nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
                 out = round_bits_nearest(b, torch.where(nan_block, 0, k), p.nearest_scaled,
                                          Overflow.SATURATE)
-                return torch.where(nan_block, F32_NAN, out), k
+                out = torch.where(nan_block, F32_NAN, out)
+                return (out, k, amax) if counted else (out, k)
 
-            key = ("mx_fused", p, consts, rule, red_dims)
-            out_bits, k = kernels.run(fused_fn, key, xb.numel(), _static_block(xb, f.granularity))
+            key = ("mx_fused", p, consts, rule, red_dims, counted)
+            xs = _static_block(xb, f.granularity)
+            outs = kernels.run(fused_fn, key, xb.numel(), xs)
+            if counted:  # (a kernel of its own: fused into the one above it runs slower)
+                ev = kernels.run(lambda xf, o, kk, a: _pow2_events(xf, o, kk, a, f),
+                                 ("mx_events", _events_key(f)), xb.numel(), xs, *outs)
+                outs = (outs[0], outs[1], ev)
         else:
-            out_bits, k = _pow2_two_pass(xb, red_dims, consts, rule, p, rnd, flush_in, bits_sr,
-                                         rand)
+            outs = _pow2_two_pass(xb, red_dims, consts, rule, p, rnd, flush_in, bits_sr, rand,
+                                  f if counted else None)
+        out_bits, k = outs[0], outs[1]
+        if counted:
+            events.update(_named_events(outs[2], k.numel()))
         deq = out_bits.view(torch.float32)
         scale_store = k
     else:
-        fused = _float_scaled_fn(f, red_dims, rnd, flush_in, bits_sr, p, return_parts)
+        fused = _float_scaled_fn(f, red_dims, rnd, flush_in, bits_sr, p, return_parts, counted)
         key = ("scaled", f.element, f.scale, f.tensor_scale, red_dims, p, rnd, flush_in,
-               bits_sr, rand is None, return_parts)
+               bits_sr, rand is None, return_parts, _events_key(f) if counted else None)
         outs = kernels.run(fused, key, xb.numel(), _static_block(xb, f.granularity), rand)
         g, bs = outs[0], outs[1]
         deq, q_elems = (outs[2], outs[3]) if return_parts else (outs[2], None)
+        if counted:
+            events.update(_named_events(outs[-1], bs.numel()))
         scale_store = (bs, g)
     deq_full = _crop(deq.reshape(padded), shape)
     result = deq_full if x.dtype == torch.float32 else deq_full.to(x.dtype)
@@ -550,9 +575,11 @@ def _flat_blocks(xb: torch.Tensor, bshape: tuple[int, ...]) -> torch.Tensor:
 
 def _pow2_two_pass(xb: torch.Tensor, red_dims: tuple[int, ...], consts: tuple, rule: ScaleRule,
                    p: KernelParams, rnd: Rounding, flush_in: int, bits_sr: int,
-                   rand: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   rand: torch.Tensor | None, counted: ScaledFormat | None = None
+                   ) -> tuple[torch.Tensor, ...]:
     """Power-of-two scales for the modes without a fused kernel (stochastic rounding, flushed
-    inputs, other roundings, integer elements): the scales in one pass, then the elements."""
+    inputs, other roundings, integer elements): the scales in one pass, then the elements
+    (and, for ``counted``, its events: :func:`_pow2_events`)."""
     kmin = -126 - (p.emin - p.m)  # k >= kmin: the element grid step stays a float32 normal
 
     def scale_fn(xf):
@@ -568,10 +595,109 @@ def _pow2_two_pass(xb: torch.Tensor, red_dims: tuple[int, ...], consts: tuple, r
         kk = torch.where(nan_block, 0, k)
         out = round_bits(xf.view(torch.int32), kk, p, rnd, Overflow.SATURATE, flush_in, False,
                          rr, bits_sr, unit_normal)
-        return torch.where(nan_block, F32_NAN, out)
+        out = torch.where(nan_block, F32_NAN, out)
+        if counted is None:
+            return out
+        return out, _pow2_events(xf, out, k, _block_amax_bits(xf, red_dims), counted)
 
-    key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal)
-    return kernels.run(fn, key, xb.numel(), xb, k, rand), k
+    key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal,
+           None if counted is None else _events_key(counted), red_dims)
+    outs = kernels.run(fn, key, xb.numel(), xb, k, rand)
+    return (outs, k) if counted is None else (outs[0], k, outs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization events (precisim.formats.events), counted inside the quantization kernels
+
+def _events_key(f: ScaledFormat) -> tuple:
+    """What the traced event counting depends on (part of a compiled kernel's cache key)."""
+    return (f.element, f.scale)
+
+
+def _pow2_events(xf: torch.Tensor, out_bits: torch.Tensor, k: torch.Tensor,
+                 amax_bits: torch.Tensor, f: ScaledFormat) -> torch.Tensor:
+    """``[flushed, nonfinite, saturated, scale_clamped]`` of a power-of-two-scaled block
+    quantization (traced into its kernel). An element is at the element format's largest
+    magnitude iff |q| * 2^-k >= elem_max (exact: scaling by a power of two); an E8M0 scale is
+    clamped at code 0 (k = -127) or 0xFF (NaN) in a block whose amax is non-zero and not NaN."""
+    q = out_bits.view(torch.float32)
+    kk = torch.where(k == 255, 0, k)
+    inv = torch.where(kk == 127, 0x400000, (127 - kk) << 23).view(torch.float32)  # 2^-k
+    at_max = (q.abs() * inv) >= float(f.element.max)
+    ev = element_events(xf, q, at_max, overflow_ratio(f.element))
+    if f.scale == E8M0:
+        nonzero = (amax_bits != 0) & (amax_bits <= kernels.F32_INF)
+        clamped = count(((k == -127) | (k == 255)) & nonzero)
+    else:  # fp32 scales: no format limit short of fp32's own
+        clamped = torch.zeros((), dtype=torch.int64, device=xf.device)
+    return torch.cat([ev, clamped.reshape(1)])
+
+
+def _float_events(xf: torch.Tensor, deq: torch.Tensor, q: torch.Tensor, bs: torch.Tensor,
+                  bamax: torch.Tensor, f: ScaledFormat) -> torch.Tensor:
+    """``[flushed, nonfinite, saturated, scale_clamped]`` of a float-scaled block quantization
+    (traced into its kernel): elements ``q`` at elem_max; an 8-bit scale clamped at its largest
+    value or at zero in a block whose amax is positive."""
+    at_max = q.abs() >= float(f.element.max)
+    ev = element_events(xf, deq, at_max, overflow_ratio(f.element))
+    if f.scale.bits <= 8:
+        clamped = count(((bs == float(f.scale.max)) | (bs == 0)) & (bamax > 0))
+    else:
+        clamped = torch.zeros((), dtype=torch.int64, device=xf.device)
+    return torch.cat([ev, clamped.reshape(1)])
+
+
+def _named_events(counts: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
+    names = (*ELEMENT_EVENTS, "scale_clamped")
+    out = {n: counts[i] for i, n in enumerate(names)}
+    out["blocks"] = torch.tensor(blocks, dtype=torch.int64)
+    return out
+
+
+def _no_events(device: torch.device) -> dict[str, torch.Tensor]:
+    return _named_events(torch.zeros(4, dtype=torch.int64, device=device), 0)
+
+
+def scale_clamps(xf: torch.Tensor, parts: ScaledTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale_clamped, blocks)`` of a block-scaled quantization of ``xf`` (the definition:
+    scale codes at the scale format's limit, in blocks holding a non-zero element; see
+    :mod:`precisim.formats.events`)."""
+    s = parts.scales
+    nblocks = torch.tensor(s.numel(), dtype=torch.int64)
+    zero = torch.zeros((), dtype=torch.int64)
+    if s.dtype != torch.uint8:  # fp32 scales: no format limit short of fp32's own
+        return zero, nblocks
+    sc = parts.format.scale
+    if sc == E8M0:
+        bad = (s == 0) | (s == 0xFF)
+    else:
+        mag = s & 0x7F
+        bad = (mag == sc.max_code_magnitude) | (mag == 0)
+    if not bool(bad.any()):  # (the usual case: no pass over the operand)
+        return zero, nblocks
+    xb, _, _ = block_view(xf.abs(), parts.block_shape)
+    red = tuple(range(1, xb.dim(), 2))
+    amax = xb.amax(dim=red) if red else xb
+    nonzero = amax.reshape(s.shape) > 0
+    return (bad & nonzero).sum(), nblocks
+
+
+def events_of_parts(x: torch.Tensor, parts: ScaledTensor) -> dict[str, torch.Tensor]:
+    """The events (:mod:`precisim.formats.events`) of ``parts = quantize_scaled(x, ...,
+    return_parts=True)``, in eager torch from the parts: what the counts traced into the
+    kernels (``quantize_scaled(..., events=...)``) are tested against."""
+    from .quantize import decode
+
+    f = parts.format
+    xf = x.detach().float()
+    elems = parts.elements if parts.elements is not None else decode(parts.codes, f.element)
+    at_max = elems.detach().float().abs() >= float(f.element.max)
+    ev = element_events(xf, parts.dequantized.detach().float(), at_max,
+                        overflow_ratio(f.element))
+    clamped, blocks = scale_clamps(xf, parts)
+    out = {n: ev[i] for i, n in enumerate(ELEMENT_EVENTS)}
+    out["scale_clamped"], out["blocks"] = clamped, blocks
+    return out
 
 
 def _element_values_pow2(deq: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -581,9 +707,10 @@ def _element_values_pow2(deq: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: KernelParams,
-                     want_elements: bool):
+                     want_elements: bool, counted: bool = False):
     """The float-scale quantizer as one function for torch.compile: block amaxes (and the
-    tensor amax), scales, then the elements. Returns (g, bs, dequantized[, elements])."""
+    tensor amax), scales, then the elements. Returns (g, bs, dequantized[, elements][, events
+    (:func:`_float_events`) when ``counted``])."""
     elem_max = float(f.element.max)
     scale_max = float(f.scale.max)
     ps = KernelParams.of(f.scale)
@@ -615,6 +742,7 @@ def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kerne
                        rr, bits_sr).view(torch.float32)
         q = torch.where(bs == 0, 0.0, q)
         deq = torch.where(bad, float("nan"), (q * bs) / g)
-        return (g, bs, deq, q) if want_elements else (g, bs, deq)
+        outs = (g, bs, deq, q) if want_elements else (g, bs, deq)
+        return (*outs, _float_events(xf, deq, q, bs, bamax, f)) if counted else outs
 
     return fused

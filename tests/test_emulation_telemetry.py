@@ -78,3 +78,71 @@ def test_fused_counts_equal_the_definition(fmt: str, backend: str) -> None:
                 assert int(ref["flushed"]) > 0
     finally:
         set_backend(old)
+
+
+def _counts(d: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {k: int(v) for k, v in d.items() if k != "numel"}
+
+
+# every format eagerly; the compiled kernels (slow to build) for one of each kernel family:
+# fused MX (rne), two-pass MX (rtz, sr), float scales with a tensor scale, 2-D tiles
+_COMPILED_FORMATS = ("mxfp8", "mxfp4", "nvfp4", "fp8_128x128")
+
+
+@pytest.mark.parametrize("backend,rounding", [("eager", "rne"), ("eager", "rtz"),
+                                              ("eager", "sr"), ("compile", "rne"),
+                                              ("compile", "sr")])
+def test_events_counted_in_the_quantization_kernel_equal_the_definition(
+        backend: str, rounding: str) -> None:
+    """quantize_scaled(..., events=...) counts inside its kernel (fused MX, two-pass MX, float
+    scales; padded operands through the parts) exactly what the eager definition counts, and
+    returns the same values as without counting."""
+    from precisim.formats.scaling import SCALED_FORMATS, events_of_parts
+
+    names = SCALED_FORMATS.names() if backend == "eager" else _COMPILED_FORMATS
+    old = get_backend()
+    set_backend(backend)
+    try:
+        xs = [_adversarial(1 << 14, 2), _adversarial(1 << 14, 3)[:, :200],  # padded blocks
+              torch.randn(64, 256) * torch.logspace(-40, 38, 256)]  # scales at both limits
+        for name in names:
+            f = get_scaled_format(name)
+            kw: dict = {"rounding": rounding}
+            if rounding == "sr":
+                kw.update(sr_bits=8, seed=5)
+            for x in xs:
+                st = quantize_scaled(x, f, return_parts=True, **kw)
+                ev: dict[str, torch.Tensor] = {}
+                deq = quantize_scaled(x, f, events=ev, **kw)
+                assert torch.equal(deq.view(torch.int32), st.dequantized.view(torch.int32)), name
+                ref = count_events_reference(x, st.dequantized, f, st)
+                assert _counts(ev) == _counts(ref), (name, tuple(x.shape))
+                assert _counts(ev) == _counts(events_of_parts(x, st)), name
+    finally:
+        set_backend(old)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_e8m0_scale_clamps_known_answers(backend: str) -> None:
+    """MXFP4 blocks: amax 12 (scale 2^1, E8M0 code 128: not clamped; an earlier version took
+    code 128 for a clamp), all 1e-40 (k clamps at -127: clamped), a NaN (code 0xFF; its block's
+    finite elements are counted as ``nonfinite``, not as a scale clamp), all zero (2^-127 but
+    nothing to represent: not clamped), an inf (code 0xFF: clamped)."""
+    old = get_backend()
+    set_backend(backend)
+    try:
+        x = torch.zeros(4, 32)
+        x[0] = 12.0
+        x[1] = 1e-40
+        x[2, 3] = math.nan
+        x = torch.cat([x, torch.full((1, 32), math.inf)]).repeat(1 << 12, 1)  # compiled size
+        f = get_scaled_format("mxfp4")
+        ev: dict[str, torch.Tensor] = {}
+        st = quantize_scaled(x, f, return_parts=True, events=ev)
+        n = 1 << 12
+        assert int(ev["scale_clamped"]) == 2 * n and int(ev["blocks"]) == 5 * n
+        assert int(ev["nonfinite"]) == 31 * n + 0
+        ref = count_events_reference(x, st.dequantized, f, st)
+        assert int(ref["scale_clamped"]) == 2 * n
+    finally:
+        set_backend(old)
