@@ -1,4 +1,4 @@
-"""Quantization events: what one quantization did to the values (docs/arithmetic.md section 3).
+"""Quantization events: what one quantization did to the values (docs/arithmetic.md section 3.6).
 
 For a quantization of ``x`` to ``q``:
 
