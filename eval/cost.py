@@ -48,7 +48,8 @@ from precisim.formats.scaling import ScaledFormat
 
 __all__ = ["BASELINE_UNIT", "COST_MODELS", "MODEL_NOTE", "CostCoefficients", "CostError",
            "CostTerm", "DatapathCost", "GemmCost", "HOROWITZ_2014", "SOURCES", "gemm_cost",
-           "implied_unit", "recipe_cost", "register_cost_model", "unit_cost"]
+           "RecipeCost", "implied_unit", "recipe_cost", "recipe_module_cost", "register_cost_model",
+           "unit_cost"]
 
 #: what every output of the cost model says about itself
 MODEL_NOTE = ("modelled by precisim's first-order datapath cost model (docs/cost-perf.md), "
@@ -627,8 +628,8 @@ def recipe_cost(recipe: Any, op: str = "linear",
                 ) -> GemmCost | None:
     """The modelled cost of a recipe's default GEMM spec of op kind ``op`` (``linear``;
     ``attention.qk`` / ``attention.pv`` for the attention matmuls); None when the recipe
-    leaves it in high precision. Rules are not costed here (per-module costs:
-    :func:`precisim.eval.search.module_costs`)."""
+    leaves it in high precision. Rules are not costed here: :func:`recipe_module_cost` prices
+    every module's own spec on a model."""
     from precisim.emulation import get_recipe
 
     r = get_recipe(recipe)
@@ -639,3 +640,55 @@ def recipe_cost(recipe: Any, op: str = "linear",
     if spec is None or not isinstance(spec, GemmSpec) or spec.is_identity:
         return None
     return gemm_cost(spec, coefficients)
+
+
+@dataclass(frozen=True)
+class RecipeCost:
+    """The modelled cost of a recipe's ``op`` GEMMs on a model, every module priced at the
+    spec the recipe's rules give it (high-precision modules as bf16 x bf16, see
+    :data:`HIGH_PRECISION`) and weighted by its products per token (``in x out`` for a linear
+    layer): ``energy`` / ``area`` per product and ``bits`` per element (``weight``: weighted by
+    the weights, ``input``: by the products), relative to the baseline; ``by_spec`` lists each
+    distinct spec with its products per token and its :class:`GemmCost` (docs/cost-perf.md
+    section 4)."""
+
+    recipe: str
+    energy: float
+    area: float
+    bits: dict[str, float]
+    macs: int
+    by_spec: tuple[tuple[str, int, GemmCost], ...]
+    note: str = MODEL_NOTE
+
+    def describe(self) -> str:
+        return "; ".join(f"{s}: {m / self.macs:.1%} of MACs" for s, m, _ in self.by_spec)
+
+
+def recipe_module_cost(recipe: Any, model: Any, op: str = "linear",
+                       coefficients: CostCoefficients | Mapping[str, Any] | None = None
+                       ) -> RecipeCost | None:
+    """:class:`RecipeCost` of ``recipe`` (a name or a :class:`~precisim.emulation.Recipe`) on
+    ``model`` (a ``torch.nn.Module``): the products-weighted mean over the modules of op kind
+    ``op`` of the cost of the spec each gets (its rules resolved by
+    :func:`precisim.emulation.plan`); None when the model has no such module."""
+    from precisim.emulation import get_recipe, plan
+
+    r = get_recipe(recipe)
+    macs: dict[Any, int] = {}
+    for e in plan(model, r, warn=False).entries:
+        if e.op != op:
+            continue
+        w = getattr(model.get_submodule(e.module), "weight", None)
+        if w is None:
+            raise CostError(f"module {e.module!r} has no weight to count its products")
+        spec = e.spec if e.emulated else GemmSpec()
+        macs[spec] = macs.get(spec, 0) + int(w.numel())
+    n = sum(macs.values())
+    if not n:
+        return None
+    rows = tuple((s.describe() if not s.is_identity else HIGH_PRECISION, m,
+                  gemm_cost(s, coefficients)) for s, m in macs.items())
+    return RecipeCost(r.name, sum(m * g.energy for _, m, g in rows) / n,
+                      sum(m * g.area for _, m, g in rows) / n,
+                      {role: sum(m * g.bits[role] for _, m, g in rows) / n
+                       for role in ("input", "weight")}, n, rows)

@@ -9,20 +9,27 @@ meet it), a cost :class:`Objective` (``bits`` of the weights, modelled datapath 
 accelerator (:mod:`precisim.eval.perf`)), the grouping (one decoder layer per group by
 default) and the token budgets.
 
-The method (docs/cost-perf.md section 8), on SmolLM2-135M with 2048 search tokens a few
-minutes on a 2-core CPU:
+The method (docs/cost-perf.md section 8):
 
 1. the text is split: the first ``heldout_tokens`` tokens are held out for the verification
    (they are what ``precisim eval --tokens N`` evaluates), the next ``search_tokens`` are the
    search set;
-2. sensitivities (:func:`precisim.eval.layers.sensitivity` with a base recipe): every group
-   alone in each cheaper candidate, the others in the most expensive one, on the search set;
+2. sensitivities (:func:`precisim.eval.layers.sensitivity`, the reference log-probabilities
+   computed once): every group alone in each cheaper candidate, the rest unquantized
+   (``against="reference"``: one group emulated per pass) or in the most expensive candidate
+   (``"base"``), measured by the mean KL divergence to the reference logits (``rank_by="kl"``:
+   a per-token sum over the vocabulary, far less noisy than one group's delta ppl) or by the
+   budget's metric (``"budget"``);
 3. a greedy path from all-expensive to all-cheap: each step moves the group whose next cheaper
-   candidate saves the most cost per unit of predicted accuracy loss; the loss of a point is
-   predicted as the base's loss plus the sum of its groups' sensitivities;
-4. the points of the path around the predicted budget edge are evaluated for real on the
-   search set (:func:`precisim.eval.evaluate`, with bootstrap intervals); the cheapest that
-   meets the budget is chosen (earlier points are tried when none does);
+   candidate saves the most cost per unit of sensitivity; a point's "load" is the sum of its
+   groups' sensitivities;
+4. both ends of the path are evaluated for real on the search set
+   (:func:`precisim.eval.evaluate`, with bootstrap intervals) and the budget value of every
+   point predicted by a line through them in the load; the target on the search set is the
+   limit tightened by ``margin``; the cheapest point predicted to meet it is evaluated and, if
+   it misses, :func:`backoff` promotes its most sensitive groups one level back until the
+   measured value meets the target (at most ``max_backoff`` rounds); the cheapest evaluated
+   point that meets the target is chosen (the all-expensive one when none does);
 5. the chosen recipe, and the candidates applied uniformly, are evaluated on the held-out
    tokens.
 
@@ -160,7 +167,10 @@ class SearchProblem:
     """What to search (see the module docstring). ``candidates``: names (or specs) of the linear
     layers' candidate specs; ``template``: a recipe whose other op kinds (attention, KV cache)
     every point keeps (None: high precision); ``by``: ``layer``, ``op`` or ``module``
-    groups."""
+    groups; ``rank_by``: the sensitivity measure (``kl`` or the ``budget`` metric);
+    ``against``: sensitivities with the other groups unquantized (``reference``) or in the most
+    expensive candidate (``base``); ``margin``: how much tighter than the budget the search set
+    must be (same unit as the limit); ``max_backoff``: back-off rounds at most."""
 
     candidates: tuple[Any, ...] = ("nvfp4", "mxfp8")
     budget: Budget = field(default_factory=Budget)
@@ -312,8 +322,9 @@ class SearchResult:
         vcols = [("recipe", "recipe"), ("cost", "cost", ".5g"), ("ppl", "ppl", ".4g"),
                  ("delta_ppl_ci", "Δppl [95% CI]"), ("kl", "KL", ".4g"),
                  ("top1", "top-1", ".4f"), ("meets", "meets budget")]
-        pcols = [("step", "step"), ("stage", "stage"), ("moved", "moved"), ("cost", "cost", ".5g"),
-                 ("predicted", f"predicted {b.use} {m}", ".4g"), ("measured", f"measured {m}", ".4g"),
+        pcols = [("step", "step"), ("stage", "stage"), ("moved", "moved"),
+                 ("cost", "cost", ".5g"), ("predicted", f"predicted {b.use} {m}", ".4g"),
+                 ("measured", f"measured {m}", ".4g"),
                  ("measured_ci", "95% CI"), ("meets", "meets budget")]
         evaluated = [p for p in self.path if p.get("measured") is not None]
         return ("\n".join(head) + render_table(self.verification, vcols) +
@@ -640,27 +651,11 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
 
 
 def _all_costs(model: Any, recipe: Recipe, modules: Sequence[str]) -> dict[str, float]:
-    """Bits per weight and MAC-weighted relative energy and area of a recipe's linear layers
-    (modelled)."""
-    from .cost import gemm_cost
+    """Bits per weight and MAC-weighted relative energy and area of a recipe's linear layers,
+    every module at the spec its rule gives it (modelled:
+    :func:`precisim.eval.cost.recipe_module_cost`)."""
+    from .cost import recipe_module_cost
 
-    p = plan(model, recipe, warn=False)
-    spec_of = {e.module: e.spec for e in p.entries if e.op == "linear"}
-    n = bits = energy = area = 0.0
-    cache: dict[Any, Any] = {}
-    for m in modules:
-        w = model.get_submodule(m).weight
-        spec = spec_of.get(m)
-        if spec is None:
-            continue
-        if spec not in cache:
-            cache[spec] = gemm_cost(spec)
-        gc = cache[spec]
-        k = w.numel()
-        n += k
-        bits += k * gc.bits["weight"]
-        energy += k * gc.energy
-        area += k * gc.area
-    return {"bits_per_weight": bits / n, "energy_per_mac": energy / n,
-            "area_per_mac": area / n} if n else {}
-
+    rc = recipe_module_cost(recipe, model)
+    return {} if rc is None else {"bits_per_weight": rc.bits["weight"],
+                                  "energy_per_mac": rc.energy, "area_per_mac": rc.area}

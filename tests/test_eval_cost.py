@@ -276,3 +276,39 @@ def test_implied_unit_and_recipe_cost() -> None:
     assert g.traffic("weight", "sram") > 0
     with pytest.raises(CostError, match="level='hbm'"):
         g.traffic("weight", "hbm")
+
+
+def test_a_recipe_with_rules_is_priced_per_module() -> None:
+    """recipe_module_cost prices every linear module at the spec its rule gives it, weighted by
+    its products per token (in x out): NVFP4 by default, MXFP8 on the second layer, the third
+    left in high precision (bf16 x bf16); the spec sheet's cost column uses it for a recipe with
+    rules given the model (the default spec alone for the same recipe without a model), and a
+    recipe without rules costs what its default spec does."""
+    import torch
+    from precisim.emulation import Recipe, Rule
+    from precisim.eval.cost import recipe_module_cost
+    from precisim.eval.spec import _cost_info
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False),
+                                torch.nn.Linear(32, 128, bias=False),
+                                torch.nn.Linear(128, 16, bias=False))
+    mx = {"input": "mxfp8", "weight": "mxfp8"}
+    r = Recipe("mix", linear={"input": "nvfp4", "weight": "nvfp4"},
+               rules=(Rule("1", "glob", linear=mx), Rule("2", "glob", linear=None)))
+    rc = recipe_module_cost(r, model)
+    assert rc is not None and rc.macs == 64 * 32 + 32 * 128 + 128 * 16
+    nv, m8, hp = gemm_cost("nvfp4"), gemm_cost(mx), gemm_cost(GemmSpec())
+    w = (64 * 32, 32 * 128, 128 * 16)
+    for attr in ("energy", "area"):
+        want = (w[0] * getattr(nv, attr) + w[1] * getattr(m8, attr)
+                + w[2] * getattr(hp, attr)) / sum(w)
+        assert getattr(rc, attr) == pytest.approx(want, rel=1e-12)
+    assert rc.bits["weight"] == pytest.approx((w[0] * 4.5 + w[1] * 8.25 + w[2] * 16) / sum(w))
+    assert rc.energy != pytest.approx(nv.energy)
+    assert "not measured" in rc.note
+    sheet = _cost_info(r, model)
+    assert sheet["energy"] == pytest.approx(rc.energy) and "per module" in sheet["priced"]
+    assert _cost_info(r)["energy"] == pytest.approx(nv.energy)  # no model: default spec
+    plain = recipe_module_cost("nvfp4", model)
+    assert plain.energy == pytest.approx(nv.energy) and plain.bits["weight"] == 4.5
+    assert recipe_module_cost("nvfp4", torch.nn.Sequential(torch.nn.ReLU())) is None
