@@ -63,6 +63,11 @@ SOURCES: dict[str, str] = {
     "horowitz2014": "M. Horowitz, \"1.1 Computing's energy problem (and what we can do about "
                     "it)\", IEEE ISSCC 2014, pp. 10-14, doi:10.1109/ISSCC.2014.6757323 (45 nm, "
                     "0.9 V energy and area table)",
+    "mistry2007": "K. Mistry et al., \"A 45nm logic technology with high-k+metal gate "
+                  "transistors, strained silicon, 9 Cu interconnect layers, 193nm dry patterning, "
+                  "and 100% Pb-free packaging\", IEEE IEDM 2007, pp. 247-250, "
+                  "doi:10.1109/IEDM.2007.4418914 (0.346 um^2 6T SRAM cell; the table bits of "
+                  "the non-GEMM units, docs/cost-perf.md section 4b)",
 }
 
 _KINDS = ("mul", "add", "shift")
@@ -91,6 +96,7 @@ class CostCoefficients:
     fp32_add_um2: float = 4184.0
     sram_64b_read_pj: float = 10.0  #: 64-bit read of an 8 KB SRAM
     dram_64b_read_pj: float = 1300.0  #: 64-bit DRAM read, low end of Horowitz's 1.3-2.6 nJ
+    sram_cell_um2: float = 0.346  #: one 6T SRAM bit cell at 45 nm (Mistry et al., IEDM 2007)
     source: str = "horowitz2014"
     technology: str = "45 nm, 0.9 V"
 
@@ -213,15 +219,19 @@ class CostTerm:
     mul: float = 0.0
     add: float = 0.0
     shift: float = 0.0
+    rom_bits: float = 0.0  #: table bits stored (area: one SRAM cell each; section 4b)
+    read_bits: float = 0.0  #: table bits read per operation (energy: SRAM read per bit)
 
     def cells(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in _KINDS}
 
     def energy_pj(self, c: CostCoefficients) -> float:
-        return sum(getattr(self, k) * c.energy_pj(k) for k in _KINDS)
+        return sum(getattr(self, k) * c.energy_pj(k) for k in _KINDS) + \
+            self.read_bits * c.sram_bit_pj
 
     def area_um2(self, c: CostCoefficients) -> float:
-        return sum(getattr(self, k) * c.area_um2(k) for k in _KINDS)
+        return sum(getattr(self, k) * c.area_um2(k) for k in _KINDS) + \
+            self.rom_bits * c.sram_cell_um2
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,7 @@ class DatapathCost:
         """One row per term: cells, absolute and relative energy and area, formula."""
         c = self.coefficients
         return [{"term": t.name, **{f"{k}_cells": v for k, v in t.cells().items()},
+                 "rom_bits": t.rom_bits, "read_bits": t.read_bits,
                  "energy": t.energy_pj(c) / self.baseline_energy_pj,
                  "area": t.area_um2(c) / self.baseline_area_um2,
                  "energy_pj": t.energy_pj(c), "area_um2": t.area_um2(c),
@@ -692,3 +703,7 @@ def recipe_module_cost(recipe: Any, model: Any, op: str = "linear",
                       sum(m * g.area for _, m, g in rows) / n,
                       {role: sum(m * g.bits[role] for _, m, g in rows) / n
                        for role in ("input", "weight")}, n, rows)
+
+
+# the non-GEMM units' cost models register themselves (docs/cost-perf.md section 4b)
+from . import cost_units as _cost_units  # noqa: E402,F401
