@@ -47,9 +47,9 @@ from precisim.formats import FloatFormat, IntFormat, Rounding, get_format
 from precisim.formats.scaling import ScaledFormat
 
 __all__ = ["BASELINE_UNIT", "COST_MODELS", "MODEL_NOTE", "CostCoefficients", "CostError",
-           "CostTerm", "DatapathCost", "GemmCost", "HOROWITZ_2014", "SOURCES", "gemm_cost",
-           "RecipeCost", "implied_unit", "recipe_cost", "recipe_module_cost", "register_cost_model",
-           "unit_cost"]
+           "CostTerm", "DatapathCost", "GemmCost", "HOROWITZ_2014", "SOURCES", "RecipeCost",
+           "cost_record", "gemm_cost", "implied_unit", "recipe_cost", "recipe_module_cost",
+           "register_cost_model", "resolve_coefficients", "unit_cost"]
 
 #: what every output of the cost model says about itself
 MODEL_NOTE = ("modelled by precisim's first-order datapath cost model (docs/cost-perf.md), "
@@ -703,6 +703,56 @@ def recipe_module_cost(recipe: Any, model: Any, op: str = "linear",
                       sum(m * g.area for _, m, g in rows) / n,
                       {role: sum(m * g.bits[role] for _, m, g in rows) / n
                        for role in ("input", "weight")}, n, rows)
+
+
+def resolve_coefficients(value: CostCoefficients | Mapping[str, Any] | str
+                         ) -> CostCoefficients:
+    """Coefficients from themselves, a mapping of fields, the default's name
+    (``horowitz-45nm``) or a YAML / JSON file of fields."""
+    if isinstance(value, str):
+        if value == HOROWITZ_2014.name:
+            return HOROWITZ_2014
+        if not Path(value).is_file():
+            raise CostError(f"cost coefficients {value!r}: neither {HOROWITZ_2014.name!r} nor "
+                            "a YAML / JSON file of CostCoefficients fields")
+        return CostCoefficients.load(value)
+    return _resolve_coeffs(value)
+
+
+def cost_record(recipe: Any, coefficients: Any = (HOROWITZ_2014,), model: Any = None
+                ) -> dict[str, Any]:
+    """The modelled cost keys of a recipe as a sweep records them (docs/cost-perf.md section
+    4c): ``bits_per_element`` (weights) and ``bits_a`` (activations), scales included, and
+    ``dp_energy`` / ``dp_area`` per MAC of the linear layers under the first coefficient set;
+    with several sets also ``dp_energy@NAME`` / ``dp_area@NAME`` for each. A recipe with
+    rules is priced per module when ``model`` is given (:func:`recipe_module_cost`); the
+    datapath keys are None when the linear layers stay in high precision."""
+    from precisim.emulation import get_recipe
+
+    r = get_recipe(recipe)
+    sets = [resolve_coefficients(c) for c in coefficients]
+    if not sets:
+        raise CostError("cost_record: give at least one coefficient set")
+    out: dict[str, Any] = {}
+    for i, c in enumerate(sets):
+        e = a = None
+        bits: dict[str, Any] = {}
+        rc = recipe_module_cost(r, model, coefficients=c) if r.rules and model is not None \
+            else None
+        if rc is not None:
+            e, a, bits = rc.energy, rc.area, rc.bits
+        else:
+            g = recipe_cost(r, coefficients=c)
+            if g is not None:
+                e, a = g.energy, g.area
+        if i == 0:
+            bpe = r.bits_per_element()
+            out["bits_per_element"] = bits.get("weight") or bpe.get("weight") or 32.0
+            out["bits_a"] = bits.get("input") or bpe.get("input") or 32.0
+            out["dp_energy"], out["dp_area"] = e, a
+        if len(sets) > 1:
+            out[f"dp_energy@{c.name}"], out[f"dp_area@{c.name}"] = e, a
+    return out
 
 
 # the non-GEMM units' cost models register themselves (docs/cost-perf.md section 4b)
