@@ -75,7 +75,8 @@ def test_search_command_bad_input(capsys) -> None:
                        (["--candidates", "nvfp4"], "give at least two"),
                        (["--candidates", "nvfp4,fp5x"], "fp5x"),
                        (["--objective", "time", "--accelerator", "tpu9"],
-                        "unknown accelerator 'tpu9'")]:
+                        "unknown accelerator 'tpu9'"),
+                       (["--margin", "-0.5"], "margin=-0.5")]:
         assert main(["search", "--data", DATA, *argv]) == 2, argv
         assert what in _error_line(capsys), argv
 
