@@ -149,10 +149,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sweep", default=None, help="only this sweep's records")
     r.add_argument("--sheet", default=None, help="a spec_sheet.json written by precisim eval")
     r.add_argument("--out", default="precisim-report", help="output directory")
-    r.add_argument("--cost-axis", choices=("bits_per_element", "dp_energy", "dp_area"),
-                   default="bits_per_element",
-                   help="the Pareto plot's cost axis: storage bits, or the modelled datapath "
-                   "energy / area per MAC (docs/cost-perf.md)")
+    r.add_argument("--cost-axis", default="bits_per_element",
+                   help="the Pareto plot's cost axis: bits_per_element (storage bits), or the "
+                   "modelled datapath dp_energy / dp_area per MAC, or dp_energy@NAME / "
+                   "dp_area@NAME under a sweep's coefficient set NAME (docs/cost-perf.md)")
     r.set_defaults(func=run_report_cmd)
 
     layer = sub.add_parser("layers", help="per-layer error and sensitivity of a recipe")
@@ -413,16 +413,45 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
                 # modelled datapath cost (docs/cost-perf.md): a cost axis of the report
                 "dp_energy": row["dp_energy"], "dp_area": row["dp_area"]}
 
+    cost_fn = None
+    if spec.cost:
+        from .cost import cost_record, resolve_coefficients
+
+        sets = [resolve_coefficients(c) for c in spec.cost.get("coefficients",
+                                                               ("horowitz-45nm",))]
+
+        def cost_fn(cell: Any) -> dict[str, Any]:
+            """The cell's modelled cost (docs/cost-perf.md section 4c): a recipe with rules
+            is priced per module on the model (loaded once, as for its evaluation)."""
+            from precisim.emulation import load_model
+
+            params = cell.param_dict
+            cfg = EvalConfig(model=cell.model, data=cell.dataset, recipes=(cell.recipe,),
+                             **params)
+            recipe = cfg.resolved_recipes()[0]
+            model = None
+            if recipe.rules:
+                dtype = params.get("dtype", "float32")
+                if (cell.model, dtype) not in models:
+                    models.clear()
+                    models[(cell.model, dtype)] = load_model(cell.model, dtype=dtype)
+                model = models[(cell.model, dtype)][0]
+            return cost_record(recipe, sets, model)
+
     path = args.store or DEFAULT_STORE
     args.interrupt_hint = (f"every finished cell is kept in {path}; run the same command again "
                            "to resume")
     with RunStore(path) as store:
         recs = run_sweep(spec, store, evaluate_cell, progress=True, content=content,
-                         lease=args.lease)
+                         lease=args.lease, cost=cost_fn)
         args.interrupt_hint = None
         if args.export:
             store.export(args.export, sweep=spec.name)
-    print(f"sweep {spec.name!r}: {len(recs)} cells in {path}")
+    skipped = [r for r in recs if "skipped" in r]
+    for r in skipped:
+        print(f"left out {r['key']}: {r['skipped']}")
+    print(f"sweep {spec.name!r}: {len(recs) - len(skipped)} cells in {path}"
+          + (f", {len(skipped)} left out by cost.max" if skipped else ""))
     return 0
 
 
@@ -466,6 +495,11 @@ def run_report_cmd(args: argparse.Namespace) -> int:
     written = [write_table(recs, out / f"report.{s}", cols) for s in ("md", "csv", "tex",
                                                                        "html")]
     x = args.cost_axis
+    base_axis = x.split("@", 1)[0]
+    if x != "bits_per_element" and (base_axis not in ("dp_energy", "dp_area")
+                                    or ("@" in x and not x.split("@", 1)[1])):
+        return _err(f"--cost-axis {x!r} is not valid: accepted bits_per_element, dp_energy, "
+                    "dp_area, dp_energy@NAME, dp_area@NAME")
     pts = [r for r in recs if r.get("delta_ppl") is not None and r.get(x) is not None]
     if x != "bits_per_element" and not pts and any(r.get("delta_ppl") is not None
                                                     for r in recs):
@@ -474,7 +508,9 @@ def run_report_cmd(args: argparse.Namespace) -> int:
     if pts:
         xlabel = {"bits_per_element": None,
                   "dp_energy": "datapath energy per MAC (modelled, bf16 FMA = 1)",
-                  "dp_area": "datapath area per MAC (modelled, bf16 FMA = 1)"}[x]
+                  "dp_area": "datapath area per MAC (modelled, bf16 FMA = 1)"}[base_axis]
+        if xlabel and "@" in x:
+            xlabel += f", coefficients {x.split('@', 1)[1]}"
         written.append(pareto_plot(pts, out / "pareto.png", x=x, y="delta_ppl",
                                    label="recipe", xlabel=xlabel))
     print("wrote " + ", ".join(str(x) for x in written))

@@ -47,8 +47,9 @@ from precisim.formats import FloatFormat, IntFormat, Rounding, get_format
 from precisim.formats.scaling import ScaledFormat
 
 __all__ = ["BASELINE_UNIT", "COST_MODELS", "MODEL_NOTE", "CostCoefficients", "CostError",
-           "CostTerm", "DatapathCost", "GemmCost", "HOROWITZ_2014", "SOURCES", "gemm_cost",
-           "implied_unit", "recipe_cost", "register_cost_model", "unit_cost"]
+           "CostTerm", "DatapathCost", "GemmCost", "HOROWITZ_2014", "SOURCES", "RecipeCost",
+           "cost_record", "gemm_cost", "implied_unit", "recipe_cost", "recipe_module_cost",
+           "register_cost_model", "resolve_coefficients", "unit_cost"]
 
 #: what every output of the cost model says about itself
 MODEL_NOTE = ("modelled by precisim's first-order datapath cost model (docs/cost-perf.md), "
@@ -62,6 +63,11 @@ SOURCES: dict[str, str] = {
     "horowitz2014": "M. Horowitz, \"1.1 Computing's energy problem (and what we can do about "
                     "it)\", IEEE ISSCC 2014, pp. 10-14, doi:10.1109/ISSCC.2014.6757323 (45 nm, "
                     "0.9 V energy and area table)",
+    "mistry2007": "K. Mistry et al., \"A 45nm logic technology with high-k+metal gate "
+                  "transistors, strained silicon, 9 Cu interconnect layers, 193nm dry patterning, "
+                  "and 100% Pb-free packaging\", IEEE IEDM 2007, pp. 247-250, "
+                  "doi:10.1109/IEDM.2007.4418914 (0.346 um^2 6T SRAM cell; the table bits of "
+                  "the non-GEMM units, docs/cost-perf.md section 4b)",
 }
 
 _KINDS = ("mul", "add", "shift")
@@ -90,6 +96,7 @@ class CostCoefficients:
     fp32_add_um2: float = 4184.0
     sram_64b_read_pj: float = 10.0  #: 64-bit read of an 8 KB SRAM
     dram_64b_read_pj: float = 1300.0  #: 64-bit DRAM read, low end of Horowitz's 1.3-2.6 nJ
+    sram_cell_um2: float = 0.346  #: one 6T SRAM bit cell at 45 nm (Mistry et al., IEDM 2007)
     source: str = "horowitz2014"
     technology: str = "45 nm, 0.9 V"
 
@@ -212,15 +219,19 @@ class CostTerm:
     mul: float = 0.0
     add: float = 0.0
     shift: float = 0.0
+    rom_bits: float = 0.0  #: table bits stored (area: one SRAM cell each; section 4b)
+    read_bits: float = 0.0  #: table bits read per operation (energy: SRAM read per bit)
 
     def cells(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in _KINDS}
 
     def energy_pj(self, c: CostCoefficients) -> float:
-        return sum(getattr(self, k) * c.energy_pj(k) for k in _KINDS)
+        return sum(getattr(self, k) * c.energy_pj(k) for k in _KINDS) + \
+            self.read_bits * c.sram_bit_pj
 
     def area_um2(self, c: CostCoefficients) -> float:
-        return sum(getattr(self, k) * c.area_um2(k) for k in _KINDS)
+        return sum(getattr(self, k) * c.area_um2(k) for k in _KINDS) + \
+            self.rom_bits * c.sram_cell_um2
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,7 @@ class DatapathCost:
         """One row per term: cells, absolute and relative energy and area, formula."""
         c = self.coefficients
         return [{"term": t.name, **{f"{k}_cells": v for k, v in t.cells().items()},
+                 "rom_bits": t.rom_bits, "read_bits": t.read_bits,
                  "energy": t.energy_pj(c) / self.baseline_energy_pj,
                  "area": t.area_um2(c) / self.baseline_area_um2,
                  "energy_pj": t.energy_pj(c), "area_um2": t.area_um2(c),
@@ -627,8 +639,8 @@ def recipe_cost(recipe: Any, op: str = "linear",
                 ) -> GemmCost | None:
     """The modelled cost of a recipe's default GEMM spec of op kind ``op`` (``linear``;
     ``attention.qk`` / ``attention.pv`` for the attention matmuls); None when the recipe
-    leaves it in high precision. Rules are not costed here (per-module costs:
-    :func:`precisim.eval.search.module_costs`)."""
+    leaves it in high precision. Rules are not costed here: :func:`recipe_module_cost` prices
+    every module's own spec on a model."""
     from precisim.emulation import get_recipe
 
     r = get_recipe(recipe)
@@ -639,3 +651,109 @@ def recipe_cost(recipe: Any, op: str = "linear",
     if spec is None or not isinstance(spec, GemmSpec) or spec.is_identity:
         return None
     return gemm_cost(spec, coefficients)
+
+
+@dataclass(frozen=True)
+class RecipeCost:
+    """The modelled cost of a recipe's ``op`` GEMMs on a model, every module priced at the
+    spec the recipe's rules give it (high-precision modules as bf16 x bf16, see
+    :data:`HIGH_PRECISION`) and weighted by its products per token (``in x out`` for a linear
+    layer): ``energy`` / ``area`` per product and ``bits`` per element (``weight``: weighted by
+    the weights, ``input``: by the products), relative to the baseline; ``by_spec`` lists each
+    distinct spec with its products per token and its :class:`GemmCost` (docs/cost-perf.md
+    section 4)."""
+
+    recipe: str
+    energy: float
+    area: float
+    bits: dict[str, float]
+    macs: int
+    by_spec: tuple[tuple[str, int, GemmCost], ...]
+    note: str = MODEL_NOTE
+
+    def describe(self) -> str:
+        return "; ".join(f"{s}: {m / self.macs:.1%} of MACs" for s, m, _ in self.by_spec)
+
+
+def recipe_module_cost(recipe: Any, model: Any, op: str = "linear",
+                       coefficients: CostCoefficients | Mapping[str, Any] | None = None
+                       ) -> RecipeCost | None:
+    """:class:`RecipeCost` of ``recipe`` (a name or a :class:`~precisim.emulation.Recipe`) on
+    ``model`` (a ``torch.nn.Module``): the products-weighted mean over the modules of op kind
+    ``op`` of the cost of the spec each gets (its rules resolved by
+    :func:`precisim.emulation.plan`); None when the model has no such module."""
+    from precisim.emulation import get_recipe, plan
+
+    r = get_recipe(recipe)
+    macs: dict[Any, int] = {}
+    for e in plan(model, r, warn=False).entries:
+        if e.op != op:
+            continue
+        w = getattr(model.get_submodule(e.module), "weight", None)
+        if w is None:
+            raise CostError(f"module {e.module!r} has no weight to count its products")
+        spec = e.spec if e.emulated else GemmSpec()
+        macs[spec] = macs.get(spec, 0) + int(w.numel())
+    n = sum(macs.values())
+    if not n:
+        return None
+    rows = tuple((s.describe() if not s.is_identity else HIGH_PRECISION, m,
+                  gemm_cost(s, coefficients)) for s, m in macs.items())
+    return RecipeCost(r.name, sum(m * g.energy for _, m, g in rows) / n,
+                      sum(m * g.area for _, m, g in rows) / n,
+                      {role: sum(m * g.bits[role] for _, m, g in rows) / n
+                       for role in ("input", "weight")}, n, rows)
+
+
+def resolve_coefficients(value: CostCoefficients | Mapping[str, Any] | str
+                         ) -> CostCoefficients:
+    """Coefficients from themselves, a mapping of fields, the default's name
+    (``horowitz-45nm``) or a YAML / JSON file of fields."""
+    if isinstance(value, str):
+        if value == HOROWITZ_2014.name:
+            return HOROWITZ_2014
+        if not Path(value).is_file():
+            raise CostError(f"cost coefficients {value!r}: neither {HOROWITZ_2014.name!r} nor "
+                            "a YAML / JSON file of CostCoefficients fields")
+        return CostCoefficients.load(value)
+    return _resolve_coeffs(value)
+
+
+def cost_record(recipe: Any, coefficients: Any = (HOROWITZ_2014,), model: Any = None
+                ) -> dict[str, Any]:
+    """The modelled cost keys of a recipe as a sweep records them (docs/cost-perf.md section
+    4c): ``bits_per_element`` (weights) and ``bits_a`` (activations), scales included, and
+    ``dp_energy`` / ``dp_area`` per MAC of the linear layers under the first coefficient set;
+    with several sets also ``dp_energy@NAME`` / ``dp_area@NAME`` for each. A recipe with
+    rules is priced per module when ``model`` is given (:func:`recipe_module_cost`); the
+    datapath keys are None when the linear layers stay in high precision."""
+    from precisim.emulation import get_recipe
+
+    r = get_recipe(recipe)
+    sets = [resolve_coefficients(c) for c in coefficients]
+    if not sets:
+        raise CostError("cost_record: give at least one coefficient set")
+    out: dict[str, Any] = {}
+    for i, c in enumerate(sets):
+        e = a = None
+        bits: dict[str, Any] = {}
+        rc = recipe_module_cost(r, model, coefficients=c) if r.rules and model is not None \
+            else None
+        if rc is not None:
+            e, a, bits = rc.energy, rc.area, rc.bits
+        else:
+            g = recipe_cost(r, coefficients=c)
+            if g is not None:
+                e, a = g.energy, g.area
+        if i == 0:
+            bpe = r.bits_per_element()
+            out["bits_per_element"] = bits.get("weight") or bpe.get("weight") or 32.0
+            out["bits_a"] = bits.get("input") or bpe.get("input") or 32.0
+            out["dp_energy"], out["dp_area"] = e, a
+        if len(sets) > 1:
+            out[f"dp_energy@{c.name}"], out[f"dp_area@{c.name}"] = e, a
+    return out
+
+
+# the non-GEMM units' cost models register themselves (docs/cost-perf.md section 4b)
+from . import cost_units as _cost_units  # noqa: E402,F401

@@ -74,9 +74,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser(
         "search", help="the cheapest per-layer mix of specs within an accuracy budget",
-        description="Mixed-precision search (docs/cost-perf.md): per-layer sensitivities on a "
-        "search set, a greedy cost-per-accuracy path, real evaluations around the budget edge, "
-        "and a verification on held-out tokens (the first --heldout-tokens of the text, what "
+        description="Mixed-precision search (docs/cost-perf.md section 8): per-layer KL "
+        "sensitivities on a search set, a greedy cost-per-KL path, real evaluations of its ends "
+        "and of the predicted budget edge, a back-off promoting the most sensitive layers until "
+        "the search set meets the budget minus --margin, and a verification on held-out tokens "
+        "(the first --heldout-tokens of the text, what "
         "`precisim eval --tokens N` evaluates). Writes recipe.yaml, search.md/csv and "
         "pareto.png.")
     s.add_argument("--model", default="smollm2")
@@ -91,6 +93,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--use", choices=("upper", "estimate"), default="upper",
                    help="judge the budget on the bad end of the 95%% CI (default) or the "
                    "estimate")
+    s.add_argument("--margin", type=float, default=0.0,
+                   help="the search set must meet the budget tightened by this much (same unit "
+                   "as the limit; default 0)")
+    s.add_argument("--rank-by", choices=("kl", "budget"), default="kl",
+                   help="per-layer sensitivity measure: KL to the reference (default) or the "
+                   "budget's metric")
+    s.add_argument("--against", choices=("reference", "base"), default="reference",
+                   help="sensitivities with the other layers unquantized (default) or in the "
+                   "most expensive candidate")
     s.add_argument("--objective", choices=("bits", "energy", "area", "time"), default="bits")
     s.add_argument("--accelerator", default="h200", help="for --objective time")
     s.add_argument("--batch", type=int, default=1, help="for --objective time (decode batch)")
@@ -267,7 +278,7 @@ def run_search_cmd(args: argparse.Namespace) -> int:
             objective=Objective(args.objective, args.accelerator, args.batch),
             by=args.by, template=args.template, search_tokens=args.search_tokens,
             heldout_tokens=args.heldout_tokens, window=args.window, bootstrap=args.bootstrap,
-            name=args.name)
+            name=args.name, margin=args.margin, rank_by=args.rank_by, against=args.against)
         data = data_source(args.data)
         if args.threads:
             import torch

@@ -29,7 +29,7 @@ from .perplexity import (
     window_logprobs,
 )
 
-__all__ = ["layer_errors", "sensitivity", "module_groups"]
+__all__ = ["layer_errors", "sensitivity", "module_groups", "reference_logprobs"]
 
 
 def _windows(tokens: Sequence[int] | torch.Tensor, window: int, prefix_token: int):
@@ -93,24 +93,39 @@ def _with_group(base: Recipe, r: Recipe, members: list[str]) -> Recipe:
     return base.with_(name=f"{base.name}+group", rules=base.rules + rules)
 
 
+def reference_logprobs(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor, *,
+                       window: int = 512, prefix_token: int = 0
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The unpatched model's log-probabilities and targets per window: computed once and
+    passed to :func:`sensitivity` (``reference=``) by callers that run it several times on
+    the same tokens."""
+    seq, wins = _windows(tokens, window, prefix_token)
+    with torch.no_grad():
+        return [window_logprobs(logits_of(model, seq[w.start:w.end]), seq, w) for w in wins]
+
+
 def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                 recipe: Recipe | str, *, by: str = "layer", window: int = 512,
                 prefix_token: int = 0, base: Recipe | str | None = None,
-                groups: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+                groups: dict[str, list[str]] | None = None,
+                reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> list[dict[str, Any]]:
     """Emulate one group at a time; rank groups by the perplexity delta they cause alone.
 
     ``base``: the other groups run under this recipe instead of high precision, and the
     group gets ``recipe``'s linear spec on top of it (the deltas are still against the
-    unpatched model); ``groups``: the groups to try (default :func:`module_groups`). Each row
-    also holds ``top1``, the agreement of the group's argmax with the reference's."""
+    unpatched model); ``groups``: the groups to try (default :func:`module_groups`);
+    ``reference``: :func:`reference_logprobs` of the same tokens, window and prefix (default:
+    computed here). Each row also holds ``top1``, the agreement of the group's argmax with
+    the reference's."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     b = get_recipe(base) if isinstance(base, str) else base
     seq, wins = _windows(tokens, window, prefix_token)
     groups = module_groups(model, r, by) if groups is None else groups
-    ref: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        for w in wins:
-            ref.append(window_logprobs(logits_of(model, seq[w.start:w.end]), seq, w))
+    ref = reference_logprobs(model, tokens, window=window, prefix_token=prefix_token) \
+        if reference is None else reference
+    if len(ref) != len(wins):
+        raise ValueError(f"reference has {len(ref)} windows; the tokens make {len(wins)}")
     ref_nll = torch.cat([token_nll(lp, t) for lp, t in ref])
     rows = []
     for name, members in groups.items():

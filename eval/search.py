@@ -9,20 +9,27 @@ meet it), a cost :class:`Objective` (``bits`` of the weights, modelled datapath 
 accelerator (:mod:`precisim.eval.perf`)), the grouping (one decoder layer per group by
 default) and the token budgets.
 
-The method (docs/cost-perf.md section 8), on SmolLM2-135M with 2048 search tokens a few
-minutes on a 2-core CPU:
+The method (docs/cost-perf.md section 8):
 
 1. the text is split: the first ``heldout_tokens`` tokens are held out for the verification
    (they are what ``precisim eval --tokens N`` evaluates), the next ``search_tokens`` are the
    search set;
-2. sensitivities (:func:`precisim.eval.layers.sensitivity` with a base recipe): every group
-   alone in each cheaper candidate, the others in the most expensive one, on the search set;
+2. sensitivities (:func:`precisim.eval.layers.sensitivity`, the reference log-probabilities
+   computed once): every group alone in each cheaper candidate, the rest unquantized
+   (``against="reference"``: one group emulated per pass) or in the most expensive candidate
+   (``"base"``), measured by the mean KL divergence to the reference logits (``rank_by="kl"``:
+   a per-token sum over the vocabulary, far less noisy than one group's delta ppl) or by the
+   budget's metric (``"budget"``);
 3. a greedy path from all-expensive to all-cheap: each step moves the group whose next cheaper
-   candidate saves the most cost per unit of predicted accuracy loss; the loss of a point is
-   predicted as the base's loss plus the sum of its groups' sensitivities;
-4. the points of the path around the predicted budget edge are evaluated for real on the
-   search set (:func:`precisim.eval.evaluate`, with bootstrap intervals); the cheapest that
-   meets the budget is chosen (earlier points are tried when none does);
+   candidate saves the most cost per unit of sensitivity; a point's "load" is the sum of its
+   groups' sensitivities;
+4. both ends of the path are evaluated for real on the search set
+   (:func:`precisim.eval.evaluate`, with bootstrap intervals) and the budget value of every
+   point predicted by a line through them in the load; the target on the search set is the
+   limit tightened by ``margin``; the cheapest point predicted to meet it is evaluated and, if
+   it misses, :func:`backoff` promotes its most sensitive groups one level back until the
+   measured value meets the target (at most ``max_backoff`` rounds); the cheapest evaluated
+   point that meets the target is chosen (the all-expensive one when none does);
 5. the chosen recipe, and the candidates applied uniformly, are evaluated on the held-out
    tokens.
 
@@ -36,14 +43,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, get_recipe, plan
 
-__all__ = ["OBJECTIVES", "Budget", "Objective", "SearchError", "SearchProblem",
+__all__ = ["OBJECTIVES", "Budget", "backoff", "Objective", "SearchError", "SearchProblem",
            "SearchResult", "candidate_spec", "module_costs", "search"]
 
 #: the cost a search minimises
@@ -160,7 +167,10 @@ class SearchProblem:
     """What to search (see the module docstring). ``candidates``: names (or specs) of the linear
     layers' candidate specs; ``template``: a recipe whose other op kinds (attention, KV cache)
     every point keeps (None: high precision); ``by``: ``layer``, ``op`` or ``module``
-    groups."""
+    groups; ``rank_by``: the sensitivity measure (``kl`` or the ``budget`` metric);
+    ``against``: sensitivities with the other groups unquantized (``reference``) or in the most
+    expensive candidate (``base``); ``margin``: how much tighter than the budget the search set
+    must be (same unit as the limit); ``max_backoff``: back-off rounds at most."""
 
     candidates: tuple[Any, ...] = ("nvfp4", "mxfp8")
     budget: Budget = field(default_factory=Budget)
@@ -173,6 +183,10 @@ class SearchProblem:
     bootstrap: int = 1000
     seed: int = 0
     name: str = "searched"
+    rank_by: str = "kl"
+    against: str = "reference"
+    margin: float = 0.0
+    max_backoff: int = 8
 
     def __post_init__(self) -> None:
         cands = (self.candidates,) if isinstance(self.candidates, str) else \
@@ -188,6 +202,18 @@ class SearchProblem:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SearchError(f"{f}={v!r} is not valid: accepted a positive integer")
+        if self.rank_by not in ("kl", "budget"):
+            raise SearchError(f"rank_by={self.rank_by!r} is not valid: accepted kl, budget")
+        if self.against not in ("reference", "base"):
+            raise SearchError(f"against={self.against!r} is not valid: accepted reference, "
+                              "base")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or \
+                not math.isfinite(self.margin) or self.margin < 0:
+            raise SearchError(f"margin={self.margin!r} is not valid: accepted a number >= 0")
+        if isinstance(self.max_backoff, bool) or not isinstance(self.max_backoff, int) or \
+                self.max_backoff < 0:
+            raise SearchError(f"max_backoff={self.max_backoff!r} is not valid: accepted an "
+                              "integer >= 0")
         if not isinstance(self.budget, Budget) or not isinstance(self.objective, Objective):
             raise SearchError("budget and objective must be Budget and Objective objects")
 
@@ -296,8 +322,9 @@ class SearchResult:
         vcols = [("recipe", "recipe"), ("cost", "cost", ".5g"), ("ppl", "ppl", ".4g"),
                  ("delta_ppl_ci", "Δppl [95% CI]"), ("kl", "KL", ".4g"),
                  ("top1", "top-1", ".4f"), ("meets", "meets budget")]
-        pcols = [("step", "step"), ("moved", "moved"), ("cost", "cost", ".5g"),
-                 ("predicted", f"predicted {m}", ".4g"), ("measured", f"measured {m}", ".4g"),
+        pcols = [("step", "step"), ("stage", "stage"), ("moved", "moved"),
+                 ("cost", "cost", ".5g"), ("predicted", f"predicted {b.use} {m}", ".4g"),
+                 ("measured", f"measured {m}", ".4g"),
                  ("measured_ci", "95% CI"), ("meets", "meets budget")]
         evaluated = [p for p in self.path if p.get("measured") is not None]
         return ("\n".join(head) + render_table(self.verification, vcols) +
@@ -364,6 +391,57 @@ def _summary_cells(s: Mapping[str, Any], metric: str) -> dict[str, Any]:
             "measured_ci": "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"}
 
 
+def backoff(assign: Mapping[str, str], order: Sequence[str],
+            weight: Callable[[str, str], float], measure: Callable[[dict[str, str]], float],
+            *, value: float, target: float, base_value: float, max_rounds: int = 8
+            ) -> list[dict[str, Any]]:
+    """Promote the most sensitive groups of ``assign`` (group -> candidate; ``order``: the
+    candidates from the most expensive) one level back towards the most expensive candidate
+    until ``measure(assignment)`` is at most ``target`` (values signed so that larger is
+    worse: the budget value, see :meth:`Budget.value`).
+
+    ``weight(candidate, group)``: the group's sensitivity alone in that candidate (0 in the
+    most expensive); ``value``: the measured value of ``assign``; ``base_value``: that of the
+    all-expensive assignment. Under the linear model ``value = base_value + slope x (sum of the
+    groups' sensitivities)`` the fraction ``(value - target) / (value - base_value)`` of the
+    sensitivity must go; each round promotes groups in order of the sensitivity their promotion
+    removes until at least that fraction is removed (at least one group), then measures again.
+    Returns one row per round (``assignment``, ``promoted``, ``value``, ``meets``); the last
+    meets the target, or no group can be promoted, or ``max_rounds`` were spent
+    (docs/cost-perf.md section 8)."""
+    level_of = {lab: i for i, lab in enumerate(order)}
+    cur = dict(assign)
+    rows: list[dict[str, Any]] = []
+
+    def w(lab: str, g: str) -> float:
+        return 0.0 if level_of[lab] == 0 else float(weight(lab, g))
+
+    for _ in range(max_rounds):
+        if value <= target:
+            break
+        movable = [g for g, lab in cur.items() if level_of[lab] > 0]
+        if not movable:
+            break
+        gain = {g: w(cur[g], g) - w(order[level_of[cur[g]] - 1], g) for g in movable}
+        total = sum(w(lab, g) for g, lab in cur.items())
+        frac = 1.0 if value - base_value <= 0 else \
+            min(1.0, (value - target) / (value - base_value))
+        need = frac * total
+        promoted: list[str] = []
+        removed = 0.0
+        for g in sorted(movable, key=lambda g: (-gain[g], g)):
+            if promoted and removed >= need:
+                break
+            promoted.append(g)
+            removed += gain[g]
+        for g in promoted:
+            cur[g] = order[level_of[cur[g]] - 1]
+        value = float(measure(dict(cur)))
+        rows.append({"assignment": dict(cur), "promoted": promoted, "value": value,
+                     "meets": value <= target})
+    return rows
+
+
 def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None = None, *,
            progress: bool = False) -> SearchResult:
     """Run ``problem`` (default :class:`SearchProblem`) on a loaded ``model`` and its
@@ -371,7 +449,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids. See
     the module docstring."""
     from .data import load_text, prefix_token, tokenize
-    from .layers import module_groups, sensitivity
+    from .layers import module_groups, reference_logprobs, sensitivity
     from .perplexity import evaluate
 
     p = problem or SearchProblem()
@@ -412,16 +490,17 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     base_recipe = _recipe(f"{p.name}-base", template, specs[base], {}, p.by)
     secs["setup"] = time.perf_counter() - t_start
 
-    # 1. sensitivities: each group alone in each cheaper candidate, the rest in the base
+    # 1. sensitivities: each group alone in each cheaper candidate, against the reference
+    # (only the group emulated) or on top of the base; the reference log-probs are computed once
     t0 = time.perf_counter()
+    ref = reference_logprobs(model, srch, window=p.window, prefix_token=prefix)
     sens: dict[str, dict[str, dict[str, float]]] = {lab: {} for lab in order[1:]}
     sens_rows: list[dict[str, Any]] = []
-    base_only = sensitivity(model, srch, base_recipe, window=p.window, prefix_token=prefix,
-                            base=base_recipe, groups={"base": []})[0]
     for lab in order[1:]:
         r = Recipe(f"{p.name}-{lab}", linear=specs[lab])
         rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
-                           base=base_recipe, groups=groups)
+                           base=base_recipe if p.against == "base" else None, groups=groups,
+                           reference=ref)
         for row in rows:
             sens[lab][row["group"]] = row
             sens_rows.append({"candidate": lab, **row})
@@ -429,19 +508,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
 
     metric = p.budget.metric
     sign = -1.0 if p.budget.higher_is_better else 1.0
+    rank_key = "kl" if p.rank_by == "kl" else metric
+    rank_sign = 1.0 if p.rank_by == "kl" else sign
 
-    def loss(row: Mapping[str, Any]) -> float:  # larger is worse
-        return sign * float(row[metric])
+    def weight(lab: str, g: str) -> float:  # the group's loss alone in lab (larger is worse)
+        return 0.0 if lab == base else rank_sign * float(sens[lab][g][rank_key])
 
-    base_loss = loss(base_only)
-
-    # 2. the greedy path
+    # 2. the greedy path, in sensitivity units (cumulative: "load")
     t0 = time.perf_counter()
     assign = {g: base for g in groups}
     level = {g: 0 for g in groups}
-    pred = base_loss
-    path: list[dict[str, Any]] = [{"step": 0, "moved": "", "assignment": dict(assign),
-                                   "cost": cost_of(assign), "predicted": sign * pred}]
+    load = 0.0
+    path: list[dict[str, Any]] = [{"step": 0, "stage": "greedy", "moved": "",
+                                   "assignment": dict(assign), "cost": cost_of(assign),
+                                   "load": 0.0}]
     while True:
         best = None
         for g in groups:
@@ -449,8 +529,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
                 continue
             cur, nxt = order[level[g]], order[level[g] + 1]
             saving = sum(costs[cur][m] - costs[nxt][m] for m in groups[g])
-            d_cur = 0.0 if level[g] == 0 else loss(sens[cur][g]) - base_loss
-            penalty = loss(sens[nxt][g]) - base_loss - d_cur
+            penalty = weight(nxt, g) - weight(cur, g)
             score = saving / penalty if penalty > 1e-12 else math.inf
             key = (score, saving)
             if best is None or key > best[0]:
@@ -460,27 +539,23 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         _, g, nxt, penalty = best
         level[g] += 1
         assign[g] = nxt
-        pred += penalty
-        path.append({"step": len(path), "moved": f"{g} -> {nxt}", "assignment": dict(assign),
-                     "cost": cost_of(assign), "predicted": sign * pred})
-
-    def meets_pred(i: int) -> bool:
-        v = path[i]["predicted"]
-        return v >= p.budget.limit if p.budget.higher_is_better else v <= p.budget.limit
-
-    edge = max([i for i in range(len(path)) if meets_pred(i)], default=0)
+        load += penalty
+        path.append({"step": len(path), "stage": "greedy", "moved": f"{g} -> {nxt}",
+                     "assignment": dict(assign), "cost": cost_of(assign), "load": load})
     secs["greedy"] = time.perf_counter() - t0
 
-    # 3. real evaluations of the points around the edge (and both ends of the path)
+    # 3. real evaluations on the search set: both ends, the predicted edge, then back-off
     t0 = time.perf_counter()
     evaluated: dict[int, dict[str, Any]] = {}
 
-    def point_recipe(i: int) -> Recipe:
-        a = path[i]["assignment"]
+    def assignment_recipe(a: Mapping[str, str], name: str) -> Recipe:
         counts = {lab: sum(1 for x in a.values() if x == lab) for lab in order}
         default = max(order, key=lambda lab: counts[lab])
-        return _recipe(f"{p.name}-step{i}", template, specs[default],
-                       {g: specs[lab] for g, lab in a.items()}, p.by)
+        return _recipe(name, template, specs[default], {g: specs[lab] for g, lab in a.items()},
+                       p.by)
+
+    def point_recipe(i: int) -> Recipe:
+        return assignment_recipe(path[i]["assignment"], f"{p.name}-step{i}")
 
     def run(points: list[int]) -> None:
         todo = [i for i in dict.fromkeys(points) if i not in evaluated]
@@ -493,18 +568,51 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         for i, rr in zip(todo, res.results):
             evaluated[i] = rr.metrics
 
+    def value(i: int) -> float:  # larger is worse
+        return sign * p.budget.value(evaluated[i])
+
+    target = sign * (p.budget.limit - sign * p.margin)  # the search-set target, larger = worse
+
+    def target_ok(v: float) -> bool:
+        return v <= target
     last = len(path) - 1
-    near = [edge + 2, edge + 1, edge, edge - 1, edge - 3, edge - 6]
-    run([i for i in [0, last, *near] if 0 <= i <= last])
-    ok = [i for i, s in evaluated.items() if p.budget.ok(s)]
-    while not ok and min(evaluated) > 0:
-        lo = min(evaluated)
-        run(sorted({max(0, lo - k) for k in (1, 2, 4, 8, 16)}))
-        ok = [i for i, s in evaluated.items() if p.budget.ok(s)]
-    feasible = bool(ok)
-    chosen_i = min(ok, key=lambda i: path[i]["cost"]) if ok else 0
+    run([0, last])
+    v0, v_last = value(0), value(last)
+    slope = (v_last - v0) / path[last]["load"] if path[last]["load"] > 1e-12 else 0.0
+    for row in path:  # the budget value each point is predicted to have, calibrated on the ends
+        row["predicted"] = sign * (v0 + slope * row["load"])
+    edge = max([i for i in range(len(path)) if target_ok(sign * path[i]["predicted"])],
+               default=0)
+    if target_ok(v_last):
+        chosen_i = last
+    elif not target_ok(v0):
+        chosen_i = 0
+    else:
+        run([edge])
+        chosen_i = edge
     for i, s in evaluated.items():
-        path[i].update(_summary_cells(s, metric), meets=p.budget.ok(s))
+        path[i].update(_summary_cells(s, metric), meets=target_ok(value(i)))
+    if chosen_i != 0 and not target_ok(value(chosen_i)):
+        def measure(a: dict[str, str]) -> float:
+            i = len(path)
+            path.append({"step": i, "stage": "backoff", "moved": "", "assignment": a,
+                         "cost": cost_of(a), "load": sum(weight(lab, g) for g, lab in a.items())})
+            path[i]["predicted"] = sign * (v0 + slope * path[i]["load"])
+            run([i])
+            path[i].update(_summary_cells(evaluated[i], metric), meets=target_ok(value(i)))
+            return value(i)
+
+        first = len(path)
+        rounds = backoff(path[chosen_i]["assignment"], order, weight, measure,
+                         value=value(chosen_i), target=target, base_value=v0,
+                         max_rounds=p.max_backoff)
+        for k, rd in enumerate(rounds):
+            path[first + k]["moved"] = "promoted " + ", ".join(rd["promoted"])
+        chosen_i = first + len(rounds) - 1 if rounds and rounds[-1]["meets"] else 0
+    ok = [i for i, s in evaluated.items() if target_ok(value(i))]
+    feasible = bool(ok)
+    if ok:
+        chosen_i = min(ok, key=lambda i: path[i]["cost"])
     for i, row in enumerate(path):
         row["label"] = ("all " + row["assignment"][next(iter(groups))]
                         if len(set(row["assignment"].values())) == 1 else f"step {i}")
@@ -532,6 +640,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     secs["total"] = time.perf_counter() - t_start
     verified = next(r for r in ver if r["recipe"] == p.name)["meets"]
     all_costs = _all_costs(model, chosen, modules)
+
     def counts(a: Mapping[str, str]) -> str:
         return ", ".join(f"{lab} {sum(1 for x in a.values() if x == lab)}" for lab in order)
 
@@ -542,27 +651,11 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
 
 
 def _all_costs(model: Any, recipe: Recipe, modules: Sequence[str]) -> dict[str, float]:
-    """Bits per weight and MAC-weighted relative energy and area of a recipe's linear layers
-    (modelled)."""
-    from .cost import gemm_cost
+    """Bits per weight and MAC-weighted relative energy and area of a recipe's linear layers,
+    every module at the spec its rule gives it (modelled:
+    :func:`precisim.eval.cost.recipe_module_cost`)."""
+    from .cost import recipe_module_cost
 
-    p = plan(model, recipe, warn=False)
-    spec_of = {e.module: e.spec for e in p.entries if e.op == "linear"}
-    n = bits = energy = area = 0.0
-    cache: dict[Any, Any] = {}
-    for m in modules:
-        w = model.get_submodule(m).weight
-        spec = spec_of.get(m)
-        if spec is None:
-            continue
-        if spec not in cache:
-            cache[spec] = gemm_cost(spec)
-        gc = cache[spec]
-        k = w.numel()
-        n += k
-        bits += k * gc.bits["weight"]
-        energy += k * gc.energy
-        area += k * gc.area
-    return {"bits_per_weight": bits / n, "energy_per_mac": energy / n,
-            "area_per_mac": area / n} if n else {}
-
+    rc = recipe_module_cost(recipe, model)
+    return {} if rc is None else {"bits_per_weight": rc.bits["weight"],
+                                  "energy_per_mac": rc.energy, "area_per_mac": rc.area}

@@ -241,7 +241,7 @@ def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
 DATAPATH_KINDS = ("softmax", "normalization", "activation")
 
 
-def _recipe_info(r: Recipe) -> dict[str, Any]:
+def _recipe_info(r: Recipe, model: torch.nn.Module | None = None) -> dict[str, Any]:
     lin = r.linear
     att = r.attention
     info: dict[str, Any] = {"name": r.name, "description": r.description,
@@ -256,7 +256,7 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
         info["kv_cache"] = _format_info(att.kv_cache)
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
-    info["cost"] = _cost_info(r)
+    info["cost"] = _cost_info(r, model)
     # the units beyond the GEMM (docs/arithmetic.md section 7.8), where the recipe names them
     dp = {k: r.spec(k).describe() for k in DATAPATH_KINDS
           if k in OP_KINDS and r.spec(k) is not None}
@@ -265,11 +265,21 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
     return info
 
 
-def _cost_info(r: Recipe) -> dict[str, Any] | None:
-    """The modelled datapath cost of a recipe's linear GEMM (precisim.eval.cost,
-    docs/cost-perf.md), or None when the linear layers stay in high precision."""
-    from .cost import MODEL_NOTE, recipe_cost
+def _cost_info(r: Recipe, model: torch.nn.Module | None = None) -> dict[str, Any] | None:
+    """The modelled datapath cost of a recipe's linear GEMMs (precisim.eval.cost,
+    docs/cost-perf.md section 4), or None when the linear layers stay in high precision. A
+    recipe with rules, given the model, is priced per module (each module's spec weighted by
+    its products per token, :func:`~precisim.eval.cost.recipe_module_cost`); otherwise its
+    default linear spec is."""
+    from .cost import MODEL_NOTE, recipe_cost, recipe_module_cost
 
+    if r.rules and model is not None:
+        rc = recipe_module_cost(r, model)
+        if rc is not None:
+            coeffs = rc.by_spec[0][2].datapath.coefficients.name
+            return {"energy": rc.energy, "area": rc.area, "datapath": rc.describe(),
+                    "bits": rc.bits, "coefficients": coeffs, "note": MODEL_NOTE,
+                    "priced": "per module (rules resolved, MAC-weighted)"}
     g = recipe_cost(r)
     if g is None:
         return None
@@ -364,7 +374,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = False, model_and_tokenizer: An
     return SpecSheet(
         content_hash=content_hash(inputs),
         inputs=inputs,
-        recipes_resolved=[_recipe_info(r) for r in recipes],
+        recipes_resolved=[_recipe_info(r, model) for r in recipes],
         versions=_versions(),
         reference={"ppl": res.ref_ppl, "seconds": res.ref_seconds},
         metric_definitions=definitions(res.metrics_used),

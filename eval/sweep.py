@@ -11,6 +11,15 @@ A sweep file::
       tokens: 4096
       window: 512
       stride: 256
+    cost:                            # optional: the modelled cost as a dimension
+      coefficients: [horowitz-45nm, my-7nm.yaml]  # every record carries the cost under each
+      max: {dp_energy: 0.35, bits_per_element: 8} # cells costing more are not evaluated
+
+The cost section (docs/cost-perf.md section 4c) needs a ``cost(cell) -> {key: value}``
+function (:func:`run_sweep`'s ``cost``; ``precisim sweep`` passes the datapath cost model's):
+every cell is costed before the first one runs, cells above a ``max`` are left out (returned as
+``{"key", "skipped", "cost"}`` records, never stored), and the others' records carry the cost
+keys.
 
 Several workers may share a sweep and its store (``precisim sweep`` started more than once,
 on one host or on hosts sharing the file system): cells are claimed with expiring leases, so
@@ -37,10 +46,14 @@ from typing import Any
 
 from .store import RunStore
 
-__all__ = ["Cell", "SweepError", "SweepSpec", "latest_records", "load_sweep", "run_sweep"]
+__all__ = ["COST_LIMITS", "Cell", "SweepError", "SweepSpec", "cost_filter", "latest_records",
+           "load_sweep", "run_sweep"]
 
 #: the keys a sweep file accepts (``params`` is optional)
-SPEC_KEYS = ("name", "models", "recipes", "datasets", "params")
+SPEC_KEYS = ("name", "models", "recipes", "datasets", "params", "cost")
+#: the keys of a sweep's ``cost`` section, and the costs ``max`` may bound
+COST_KEYS = ("coefficients", "max")
+COST_LIMITS = ("bits_per_element", "bits_a", "dp_energy", "dp_area")
 REQUIRED_KEYS = ("name", "models", "recipes", "datasets")
 AXES = ("models", "recipes", "datasets")
 
@@ -135,6 +148,7 @@ class SweepSpec:
     recipes: tuple[str, ...]
     datasets: tuple[str, ...]
     params: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -152,6 +166,7 @@ class SweepSpec:
             if not isinstance(k, str) or not k:
                 raise SweepError(f"params has the key {k!r}: accepted non-empty strings")
         object.__setattr__(self, "params", {k: _param_value(k, v) for k, v in params.items()})
+        object.__setattr__(self, "cost", _cost_section(self.cost))
 
     def cells(self) -> list[Cell]:
         """The grid in a deterministic order: model (slowest), then dataset, then recipe, so
@@ -176,7 +191,8 @@ class SweepSpec:
                              f"required {', '.join(REQUIRED_KEYS)}")
         try:
             return cls(name=d["name"], models=d["models"], recipes=d["recipes"],
-                       datasets=d["datasets"], params=d.get("params") or {})
+                       datasets=d["datasets"], params=d.get("params") or {},
+                       cost=d.get("cost") or {})
         except SweepError as exc:
             raise SweepError(f"{source}: {exc}") from None
 
@@ -203,10 +219,55 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a YAML/JSON-compatible dict (``from_dict`` reads it back)."""
-        return {"name": self.name, "models": list(self.models), "recipes": list(self.recipes),
-                "datasets": list(self.datasets),
-                "params": {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in self.params.items()}}
+        out = {"name": self.name, "models": list(self.models), "recipes": list(self.recipes),
+               "datasets": list(self.datasets),
+               "params": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in self.params.items()}}
+        if self.cost:
+            out["cost"] = {k: list(v) if isinstance(v, tuple) else dict(v)
+                           for k, v in self.cost.items()}
+        return out
+
+
+def _cost_section(c: Any) -> dict[str, Any]:
+    """The validated ``cost`` section: ``coefficients`` (names or files, a tuple) and ``max``
+    (cost key -> positive number)."""
+    if c is None:
+        return {}
+    if not isinstance(c, Mapping):
+        raise SweepError(f"cost must be a mapping with keys {', '.join(COST_KEYS)}, got "
+                         f"{type(c).__name__} {c!r}")
+    bad = [k for k in c if k not in COST_KEYS]
+    if bad:
+        raise SweepError(f"cost: unknown key(s) {', '.join(map(repr, bad))}; accepted "
+                         f"{', '.join(COST_KEYS)}")
+    out: dict[str, Any] = {}
+    if "coefficients" in c:
+        out["coefficients"] = _axis("cost.coefficients", c["coefficients"])
+    if "max" in c:
+        m = c["max"]
+        if not isinstance(m, Mapping) or not m:
+            raise SweepError(f"cost.max={m!r} is not valid: accepted a mapping of "
+                             f"{', '.join(COST_LIMITS)} to numbers")
+        for k, v in m.items():
+            if k not in COST_LIMITS:
+                raise SweepError(f"cost.max: unknown cost {k!r}; accepted "
+                                 f"{', '.join(COST_LIMITS)}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise SweepError(f"cost.max.{k}={v!r} is not valid: accepted a positive number")
+        out["max"] = {k: float(v) for k, v in m.items()}
+    return out
+
+
+def cost_filter(spec: SweepSpec, costs: Mapping[str, Any]) -> str | None:
+    """Why a cell of ``spec`` with modelled ``costs`` is left out (its first cost above the
+    spec's ``cost.max``), or None when it is evaluated. A bounded cost the cell lacks (e.g. no
+    datapath cost for a high-precision recipe) does not exclude it."""
+    for k, limit in spec.cost.get("max", {}).items():
+        v = costs.get(k)
+        if v is not None and v > limit:
+            return f"modelled {k} {v:.4g} > cost.max {limit:g}"
+    return None
 
 
 def load_sweep(spec: SweepSpec | Mapping[str, Any] | str | Path) -> SweepSpec:
@@ -229,6 +290,7 @@ def run_sweep(
     worker: str | None = None,
     lease: float = 120.0,
     poll: float = 5.0,
+    cost: Callable[[Cell], Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` not yet in ``store``; return the records of all its cells.
 
@@ -257,6 +319,10 @@ def run_sweep(
         lease: seconds a cell's lease lasts; renewed every ``lease / 3`` seconds while its cell
             runs, so it expires only when the worker is killed (or hangs with the GIL held).
         poll: seconds between looks at cells other workers hold.
+        cost: ``cost(cell) -> {key: value}``, the cell's modelled cost (cheap: no evaluation),
+            called for every cell before the first one runs; its keys are added to the cell's
+            record, and cells above the spec's ``cost.max`` (:func:`cost_filter`) are left out
+            (returned as ``{"key", "skipped", "cost"}`` records, never stored).
 
     **Several workers** (processes, on one host or sharing the store's file system) may run
     the same sweep on the same store at once: each claims a cell before evaluating it
@@ -280,10 +346,31 @@ def run_sweep(
     cells = spec.cells()
     if content is not None:
         cells = [_with_content(c, content(c)) for c in cells]
+    if spec.cost and cost is None:
+        raise ValueError(f"sweep {spec.name!r} has a cost section: run_sweep needs cost=")
+    costs: dict[str, dict[str, Any]] = {}
+    skipped: list[dict[str, Any]] = []
+    if cost is not None:
+        kept = []
+        for c in cells:
+            cc = dict(cost(c))
+            why = cost_filter(spec, cc)
+            if why is None:
+                costs[c.key] = cc
+                kept.append(c)
+            else:
+                skipped.append({"key": c.key, "skipped": why, "cost": cc})
+        cells = kept
+    if costs:
+        inner = evaluate_cell
+
+        def evaluate_cell(cell: Cell) -> Mapping[str, Any]:
+            return {**inner(cell), **costs[cell.key]}
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
-        return _run(spec, cells, st, evaluate_cell, progress, on_error, worker, lease, poll)
+        return _run(spec, cells, st, evaluate_cell, progress, on_error, worker, lease,
+                    poll) + skipped
     finally:
         if own_store:
             st.close()

@@ -65,3 +65,41 @@ def test_eval_writes_summary_and_reproduces_its_sheet(
     assert main(["eval", "--spec", str(out / "spec_sheet.json"), "--out",
                  str(tmp_path / "again")]) == 0
     assert "reproduced exactly" in capsys.readouterr().out
+
+
+def test_sweep_with_a_cost_section(tiny_checkpoint, tiny_text, tmp_path, capsys) -> None:
+    """precisim sweep with cost.coefficients and cost.max: NVFP4 (modelled energy per MAC
+    0.325 > 0.32) is left out without being evaluated, MXFP8 runs and its record carries the
+    cost under both coefficient sets; the report plots either (--cost-axis dp_energy@hot) and
+    rejects an unknown axis with one error line."""
+    from precisim.eval.cli import main
+    from precisim.eval.cost import recipe_cost, resolve_coefficients
+
+    data = tmp_path / "text.txt"
+    data.write_text(tiny_text)
+    hot = tmp_path / "hot.yaml"
+    hot.write_text("name: hot\nfp32_add_pj: 1.8\n")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"name: costed\nmodels: [{tiny_checkpoint}]\nrecipes: [mxfp8, nvfp4]\n"
+                    f"datasets: [{data}]\nparams: {{tokens: 64, window: 32, bootstrap: 20}}\n"
+                    f"cost: {{coefficients: [horowitz-45nm, {hot}], max: {{dp_energy: 0.32}}}}\n")
+    store = tmp_path / "runs.sqlite"
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--store", str(store), "--export",
+                 str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "left out" in out and "dp_energy 0.3247 > cost.max 0.32" in out
+    assert "1 cells" in out and "1 left out by cost.max" in out
+    recs = [e["record"] for e in json.loads((tmp_path / "c.json").read_text())]
+    assert [r["recipe"] for r in recs] == ["mxfp8"]
+    r = recs[0]
+    assert r["dp_energy"] == recipe_cost("mxfp8").energy and r["ppl"] > 1
+    want = recipe_cost("mxfp8", coefficients=resolve_coefficients(str(hot))).energy
+    assert r["dp_energy@hot"] == want != r["dp_energy"]
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "rep"),
+                 "--cost-axis", "dp_energy@hot"]) == 0
+    assert (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "rep2"),
+                 "--cost-axis", "dp_speed"]) == 2
+    assert "--cost-axis 'dp_speed' is not valid" in capsys.readouterr().err

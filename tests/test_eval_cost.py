@@ -276,3 +276,155 @@ def test_implied_unit_and_recipe_cost() -> None:
     assert g.traffic("weight", "sram") > 0
     with pytest.raises(CostError, match="level='hbm'"):
         g.traffic("weight", "hbm")
+
+
+def test_a_recipe_with_rules_is_priced_per_module() -> None:
+    """recipe_module_cost prices every linear module at the spec its rule gives it, weighted by
+    its products per token (in x out): NVFP4 by default, MXFP8 on the second layer, the third
+    left in high precision (bf16 x bf16); the spec sheet's cost column uses it for a recipe with
+    rules given the model (the default spec alone for the same recipe without a model), and a
+    recipe without rules costs what its default spec does."""
+    import torch
+    from precisim.emulation import Recipe, Rule
+    from precisim.eval.cost import recipe_module_cost
+    from precisim.eval.spec import _cost_info
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False),
+                                torch.nn.Linear(32, 128, bias=False),
+                                torch.nn.Linear(128, 16, bias=False))
+    mx = {"input": "mxfp8", "weight": "mxfp8"}
+    r = Recipe("mix", linear={"input": "nvfp4", "weight": "nvfp4"},
+               rules=(Rule("1", "glob", linear=mx), Rule("2", "glob", linear=None)))
+    rc = recipe_module_cost(r, model)
+    assert rc is not None and rc.macs == 64 * 32 + 32 * 128 + 128 * 16
+    nv, m8, hp = gemm_cost("nvfp4"), gemm_cost(mx), gemm_cost(GemmSpec())
+    w = (64 * 32, 32 * 128, 128 * 16)
+    for attr in ("energy", "area"):
+        want = (w[0] * getattr(nv, attr) + w[1] * getattr(m8, attr)
+                + w[2] * getattr(hp, attr)) / sum(w)
+        assert getattr(rc, attr) == pytest.approx(want, rel=1e-12)
+    assert rc.bits["weight"] == pytest.approx((w[0] * 4.5 + w[1] * 8.25 + w[2] * 16) / sum(w))
+    assert rc.energy != pytest.approx(nv.energy)
+    assert "not measured" in rc.note
+    sheet = _cost_info(r, model)
+    assert sheet["energy"] == pytest.approx(rc.energy) and "per module" in sheet["priced"]
+    assert _cost_info(r)["energy"] == pytest.approx(nv.energy)  # no model: default spec
+    plain = recipe_module_cost("nvfp4", model)
+    assert plain.energy == pytest.approx(nv.energy) and plain.bits["weight"] == 4.5
+    assert recipe_module_cost("nvfp4", torch.nn.Sequential(torch.nn.ReLU())) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the non-GEMM units (precisim.eval.cost_units, docs/cost-perf.md section 4b)
+
+def _fu(**kw):
+    from precisim.emulation.functions import FunctionUnit
+
+    return FunctionUnit(**{"name": "t", "function": "exp2", **kw})
+
+
+def test_function_unit_terms_follow_their_formulas() -> None:
+    """Table, polynomial and Newton units: every term's cells are its stated formula, and the
+    total is the cells priced by the coefficients (table bits at one SRAM cell of area and one
+    SRAM bit read each)."""
+    from precisim.eval.cost_units import fma_cells, fp_add_cells
+
+    fma = fma_cells(24, 8)
+    assert fma == {"mul": 576.0, "add": 48 + 8 + 8.0, "shift": 2 * 48 * 6.0}
+    assert fp_add_cells(24, 8) == {"add": 32.0, "shift": 240.0}  # Horowitz's fp32 adder
+    assert 32 * C.add_bit_pj + 240 * C.shift_cell_pj == pytest.approx(0.9)
+    t = unit_cost(_fu(method="table", table_bits=6, table_format="bf16"))
+    tab = t.term("table")
+    assert tab.rom_bits == (64 + 1) * 16 and tab.read_bits == 2 * 16  # linear: 2 entries read
+    assert t.term("interpolate").mul == 576
+    assert t.term("range_reduction").add == 24 + 8 and t.term("output_round").add == 24 + 8
+    near = unit_cost(_fu(method="table", table_bits=6, interpolation="none"))
+    assert near.term("table").rom_bits == 64 * 32 and near.term("table").read_bits == 32
+    with pytest.raises(KeyError):
+        near.term("interpolate")
+    p = unit_cost(_fu(method="polynomial", degree=5, table_bits=2))
+    assert p.term("coefficients").rom_bits == 4 * 6 * 32
+    assert p.term("coefficients").read_bits == 6 * 32
+    assert p.term("horner").mul == 5 * 576
+    n = unit_cost(_fu(function="rsqrt", method="newton", table_bits=7, newton_steps=2,
+                      table_format="bf16"))
+    assert n.term("seed_table").rom_bits == 128 * 16 and n.term("newton").mul == 2 * 3 * 576
+    r = unit_cost(_fu(function="rcp", method="newton", table_bits=7, newton_steps=1))
+    assert r.term("newton").mul == 2 * 576
+    ex = unit_cost(_fu())  # exact: priced as the cubic reaching fp32 (2^7 pieces)
+    assert ex.term("coefficients").rom_bits == 128 * 4 * 32 and ex.term("horner").mul == 1728
+    for d in (t, p, n):
+        e = sum(x.mul * C.mul_cell_pj + x.add * C.add_bit_pj + x.shift * C.shift_cell_pj
+                + x.read_bits * C.sram_bit_pj for x in d.terms)
+        a = sum(x.mul * C.mul_cell_um2 + x.add * C.add_bit_um2 + x.shift * C.shift_cell_um2
+                + x.rom_bits * C.sram_cell_um2 for x in d.terms)
+        assert d.energy_pj == pytest.approx(e) and d.area_um2 == pytest.approx(a)
+        assert "not measured" in d.note
+
+
+def test_function_unit_cost_is_monotone() -> None:
+    """More table entries, a higher degree, more Newton steps, wider table / coefficient /
+    working formats never cost less (area and energy)."""
+    def le(a, b):
+        ca, cb = unit_cost(a), unit_cost(b)
+        return ca.area <= cb.area and ca.energy <= cb.energy
+
+    assert le(_fu(method="table", table_bits=4), _fu(method="table", table_bits=6))
+    assert unit_cost(_fu(method="table", table_bits=4)).area < \
+        unit_cost(_fu(method="table", table_bits=8)).area
+    assert le(_fu(method="table", table_bits=6, table_format="bf16"),
+              _fu(method="table", table_bits=6, table_format="fp32"))
+    assert le(_fu(method="table", table_bits=6, interpolation="none"),
+              _fu(method="table", table_bits=6))
+    for d in range(0, 5):
+        assert le(_fu(method="polynomial", degree=d), _fu(method="polynomial", degree=d + 1))
+    assert le(_fu(method="polynomial", degree=3, table_bits=2),
+              _fu(method="polynomial", degree=3, table_bits=4))
+    assert le(_fu(method="polynomial", degree=3, coef_format="bf16"),
+              _fu(method="polynomial", degree=3))
+    for s in range(0, 3):
+        assert le(_fu(function="rcp", method="newton", table_bits=7, newton_steps=s),
+                  _fu(function="rcp", method="newton", table_bits=7, newton_steps=s + 1))
+    assert le(_fu(function="rcp", method="newton", table_bits=5, newton_steps=1),
+              _fu(function="rcp", method="newton", table_bits=8, newton_steps=1))
+    assert le(_fu(method="polynomial", working_format="bf16"), _fu(method="polynomial"))
+
+
+def test_reduction_and_attention_datapath_costs() -> None:
+    """A sum costs one adder per element in its format (p + e add bits, 2 p ceil(log2 p)
+    shift cells), a max one comparator; wider formats never cost less. The attention datapath's
+    terms follow their formulas; a wider P format, a wider accumulator or a longer head never
+    cost less, a longer tile never more."""
+    import dataclasses
+
+    from precisim.emulation.flash import get_datapath
+    from precisim.emulation.functions import Reduction
+    from precisim.eval.cost_units import attention_datapath_cost
+
+    s = unit_cost(Reduction("sum", "bf16"))
+    assert s.terms[0].add == 8 + 8 and s.terms[0].shift == 2 * 8 * 3
+    assert unit_cost(Reduction("max", "fp32")).terms[0].add == 32
+    sums = [unit_cost(Reduction("sum", f)) for f in ("bf16", "fp16", "fp32")]
+    assert [x.energy for x in sums] == sorted(x.energy for x in sums)
+    assert unit_cost(Reduction("sum", "fp32", order="sequential")).energy == \
+        pytest.approx(unit_cost(Reduction("sum", "fp32")).energy)
+    fa3 = get_datapath("fa3-fp8")
+    c = attention_datapath_cost(fa3, head_dim=64)
+    assert c.term("pv_multiply").mul == 64 * 4 * 4  # e4m3 P x e4m3 V significands
+    assert c.term("p_cast").add == 4 + 4 and c.term("running_max").add == 32
+    assert c.term("rescale").mul == pytest.approx((576 + 64 * 576) / 128)
+    assert unit_cost(fa3).energy == pytest.approx(attention_datapath_cost(fa3).energy)
+
+    def le(a, b, **kw):
+        ca, cb = attention_datapath_cost(a, **kw), attention_datapath_cost(b, **kw)
+        return ca.energy <= cb.energy and ca.area <= cb.area
+
+    assert le(fa3, dataclasses.replace(fa3, p_format="bf16"))
+    assert le(dataclasses.replace(fa3, p_format="bf16"), dataclasses.replace(fa3, p_format=None))
+    assert le(dataclasses.replace(fa3, acc_format="fp16"), fa3)
+    assert le(dataclasses.replace(fa3, sum_format="bf16"), fa3)
+    assert le(dataclasses.replace(fa3, tile=256), fa3)
+    assert attention_datapath_cost(fa3, head_dim=64).energy < \
+        attention_datapath_cost(fa3, head_dim=128).energy
+    with pytest.raises(ValueError, match="head_dim=0"):
+        attention_datapath_cost(fa3, head_dim=0)

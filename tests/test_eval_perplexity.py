@@ -190,6 +190,13 @@ def test_layer_errors_and_sensitivity(model) -> None:
     assert [r["group"] for r in rows] and len(rows) == 2
     assert rows[0]["delta_ppl"] >= rows[1]["delta_ppl"]
     assert all(r["kl"] > 0 and r["modules"] == 8 for r in rows)
+    # reference log-probs computed once and passed in: the same rows, bit for bit
+    from precisim.eval.layers import reference_logprobs
+
+    ref = reference_logprobs(model, toks, window=64)
+    assert sensitivity(model, toks, "mxfp4", window=64, reference=ref) == rows
+    with pytest.raises(ValueError, match="reference has 1 windows"):
+        sensitivity(model, toks, "mxfp4", window=64, reference=ref[:1])
 
 
 def test_spec_sheet_with_a_custom_matrix_unit(model, textfile) -> None:

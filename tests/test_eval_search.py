@@ -9,7 +9,10 @@ docs/cost-perf.md section 8).
   recipe is the cheapest evaluated point that meets the budget on the search set, its
   held-out verification is what a separate evaluation of the saved recipe YAML on those
   tokens measures (the numbers ``precisim eval --tokens N`` reports), and the outputs are
-  written.
+  written;
+* the back-off loop (exact synthetic measures, and a search on the tiny checkpoint whose
+  predicted edge misses): it promotes the most sensitive groups one level at a time until the
+  measured value meets the target.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def test_search_command_bad_input(capsys) -> None:
                        (["--candidates", "nvfp4"], "give at least two"),
                        (["--candidates", "nvfp4,fp5x"], "fp5x"),
                        (["--objective", "time", "--accelerator", "tpu9"],
-                        "unknown accelerator 'tpu9'")]:
+                        "unknown accelerator 'tpu9'"),
+                       (["--margin", "-0.5"], "margin=-0.5")]:
         assert main(["search", "--data", DATA, *argv]) == 2, argv
         assert what in _error_line(capsys), argv
 
@@ -126,7 +130,7 @@ def test_search_on_smollm2(smollm2, tmp_path) -> None:
         from precisim.eval.search import search
 
         r = search(model, tok, DATA, p)
-        costs = [row["cost"] for row in r.path]
+        costs = [row["cost"] for row in r.path if row["stage"] == "greedy"]
         assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
         assert costs[0] == pytest.approx(8.25) and costs[-1] == pytest.approx(4.5)
         ok = [row for row in r.path if row["measured"] is not None and row["meets"]]
@@ -184,3 +188,113 @@ def test_module_costs_follow_the_objective() -> None:
     bw = get_accelerator("h200").bandwidth
     assert t["nvfp4"]["0"] == pytest.approx((k * n * 4.5 / 8 + k * 4.5 / 8 + n * 2) / bw)
     assert t["nvfp4"]["0"] < t["mxfp8"]["0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the back-off loop (docs/cost-perf.md section 8)
+
+ORDER = ["bf16", "mxfp8", "nvfp4"]
+SENS = {("mxfp8", "g0"): 1.0, ("nvfp4", "g0"): 5.0, ("mxfp8", "g1"): 0.5,
+        ("nvfp4", "g1"): 4.0, ("mxfp8", "g2"): 0.1, ("nvfp4", "g2"): 0.3,
+        ("mxfp8", "g3"): 0.2, ("nvfp4", "g3"): 2.0}
+
+
+def _weight(lab: str, g: str) -> float:
+    return 0.0 if lab == "bf16" else SENS[(lab, g)]
+
+
+def test_backoff_promotes_the_most_sensitive_groups_until_it_fits() -> None:
+    """With an exactly additive measure (value = base + load) one round promotes the groups
+    whose promotion removes the most sensitivity until the fraction (value - target) /
+    (value - base) of the load is gone, and the result meets the target."""
+    from precisim.eval.search import backoff
+
+    seen = []
+
+    def additive(a: dict[str, str]) -> float:
+        seen.append(dict(a))
+        return 0.1 + sum(_weight(lab, g) for g, lab in a.items())
+
+    start = {g: "nvfp4" for g in ("g0", "g1", "g2", "g3")}
+    v = additive(start)  # 0.1 + 11.3
+    rows = backoff(start, ORDER, _weight, additive, value=v, target=5.0, base_value=0.1)
+    # need (11.4 - 5) / (11.4 - 0.1) x 11.3 = 6.4 of load removed: g1 (gain 3.5), g0 (4.0)
+    assert len(rows) == 1 and rows[0]["meets"] and rows[0]["value"] <= 5.0
+    assert rows[0]["promoted"] == ["g0", "g1"]
+    assert rows[0]["assignment"] == {"g0": "mxfp8", "g1": "mxfp8", "g2": "nvfp4",
+                                     "g3": "nvfp4"}
+    assert rows[0]["value"] == pytest.approx(0.1 + 1.0 + 0.5 + 0.3 + 2.0)
+    # already within the target: nothing to do
+    assert backoff(start, ORDER, _weight, additive, value=v, target=20.0,
+                   base_value=0.1) == []
+
+
+def test_backoff_takes_more_rounds_when_the_measure_is_worse_than_additive() -> None:
+    """A measure twice the additive prediction needs several rounds; every round promotes at
+    least one group by exactly one level and never makes the load larger; when even the
+    all-expensive assignment misses, the loop stops with every group promoted (no row meets)."""
+    from precisim.eval.search import backoff
+
+    def doubled(a: dict[str, str]) -> float:
+        return 2.0 * sum(_weight(lab, g) for g, lab in a.items())
+
+    start = {g: "nvfp4" for g in ("g0", "g1", "g2", "g3")}
+    rows = backoff(start, ORDER, _weight, doubled, value=doubled(start), target=2.0,
+                   base_value=0.0)
+    assert len(rows) >= 2 and rows[-1]["meets"] and not any(r["meets"] for r in rows[:-1])
+    prev = start
+    for r in rows:
+        moved = [g for g in prev if prev[g] != r["assignment"][g]]
+        assert moved == sorted(r["promoted"]) or set(moved) == set(r["promoted"])
+        for g in moved:
+            assert ORDER.index(r["assignment"][g]) == ORDER.index(prev[g]) - 1
+        assert doubled(r["assignment"]) <= doubled(prev)
+        prev = r["assignment"]
+    never = backoff(start, ORDER, _weight, lambda a: 1.0 + doubled(a), value=99.0, target=0.5,
+                    base_value=1.0, max_rounds=50)
+    assert never and not any(r["meets"] for r in never)
+    assert set(never[-1]["assignment"].values()) == {"bf16"}
+    assert len(backoff(start, ORDER, _weight, doubled, value=99.0, target=0.0, base_value=0.0,
+                       max_rounds=2)) == 2
+
+
+def test_search_backs_off_on_the_tiny_checkpoint(tiny_checkpoint, tiny_text) -> None:
+    """On the tiny Llama (KL budget 8e-5 on the estimate, per-module groups) the predicted edge
+    misses the target on the search set, the back-off promotes modules until a measured point
+    meets it, and the chosen recipe is the cheapest evaluated point that meets it; each
+    back-off row is the previous assignment with the promoted modules one level back."""
+    from precisim.emulation import load_model
+    from precisim.eval.search import search
+
+    model, tok = load_model(tiny_checkpoint)
+    ids = tok(tiny_text)["input_ids"]
+    p = SearchProblem(candidates=("nvfp4", "mxfp8", "bf16"), budget=Budget("kl", 8e-5,
+                                                                           "estimate"),
+                      by="module", search_tokens=128, heldout_tokens=128, window=64,
+                      bootstrap=50)
+    r = search(model, tok, ids, p)
+    greedy = [row for row in r.path if row["stage"] == "greedy"]
+    back = [row for row in r.path if row["stage"] == "backoff"]
+    assert back, "the budget was chosen so that the predicted edge misses"
+    assert all(row["measured"] is not None for row in back)
+    assert back[-1]["meets"] and not any(row["meets"] for row in back[:-1])
+    assert all(row["moved"].startswith("promoted ") for row in back)
+    ok = [row for row in r.path if row["measured"] is not None and row["meets"]]
+    assert r.feasible and r.cost == min(row["cost"] for row in ok)
+    assert r.chosen["kl"] is not None
+    costs = [row["cost"] for row in greedy]
+    assert costs == sorted(costs, reverse=True)
+    # the chosen point measured on the search set meets the target
+    chosen_row = next(row for row in ok if row["cost"] == r.cost)
+    assert chosen_row["measured"] <= 8e-5
+
+
+def test_search_problem_checks_the_new_knobs() -> None:
+    with pytest.raises(SearchError, match="rank_by='ppl'"):
+        SearchProblem(rank_by="ppl")
+    with pytest.raises(SearchError, match="against='all'"):
+        SearchProblem(against="all")
+    with pytest.raises(SearchError, match="margin=-0.1"):
+        SearchProblem(margin=-0.1)
+    with pytest.raises(SearchError, match="max_backoff=-1"):
+        SearchProblem(max_backoff=-1)

@@ -196,3 +196,54 @@ def test_killed_sweep_resumes_and_loses_no_cell(tmp_path):
     assert sorted(rerun) == sorted(set(all_keys) - set(before))
     started_first = [line.split(" ", 1)[1] for line in log1.read_text().splitlines()]
     assert set(before) <= set(started_first)
+
+
+def test_cost_is_a_sweep_dimension(tmp_path):
+    """A sweep's cost section: every cell is costed before any runs; cells whose modelled cost
+    exceeds cost.max are left out (not evaluated, not stored, returned as "skipped"), the
+    others' records carry the cost keys, under each coefficient set when several are given
+    (the other set gives other relative numbers); a bad section is rejected, naming the
+    value. precisim sweep's cost function is precisim.eval.cost.cost_record."""
+    from precisim.eval.cost import HOROWITZ_2014, cost_record, recipe_cost
+
+    coeffs = tmp_path / "hot.yaml"
+    coeffs.write_text("name: hot\nint8_mult_pj: 0.4\n")
+    d = {**SPEC, "recipes": ["mxfp8", "nvfp4", "bf16"],
+         "cost": {"coefficients": ["horowitz-45nm", str(coeffs)],
+                  "max": {"bits_per_element": 8.5, "dp_energy": 0.32}}}
+    spec = SweepSpec.from_dict(d)
+    assert spec.cost["max"] == {"bits_per_element": 8.5, "dp_energy": 0.32}
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    sets = spec.cost["coefficients"]
+    calls: list[str] = []
+
+    def evaluate(cell: Cell) -> dict:
+        calls.append(cell.recipe)
+        return {"ppl": 1.0}
+
+    store = RunStore(tmp_path / "r.sqlite")
+    recs = run_sweep(spec, store, evaluate, progress=False,
+                     cost=lambda c: cost_record(c.recipe, sets))
+    skipped = [r for r in recs if "skipped" in r]
+    # nvfp4: 4.5 bits but 0.325 energy per MAC > 0.32; bf16 stays in high precision (16-bit
+    # weights of the recipe > 8.5 bits): both left out; mxfp8 (8.25 bits, 0.316) runs
+    assert set(calls) == {"mxfp8"} and len(skipped) == 2 * 2
+    assert all("> cost.max" in r["skipped"] for r in skipped)
+    assert {r["key"] for r in skipped}.isdisjoint(r["key"] for r in store.records("s"))
+    done = [r for r in recs if "skipped" not in r]
+    assert len(done) == 2 and len(store.records("s")) == 2
+    g = recipe_cost("mxfp8")
+    for r in done:
+        assert r["dp_energy"] == pytest.approx(g.energy) and r["bits_per_element"] == 8.25
+        assert r["dp_energy@horowitz-45nm"] == pytest.approx(g.energy)
+        hot = recipe_cost("mxfp8", coefficients=HOROWITZ_2014.with_(int8_mult_pj=0.4))
+        assert r["dp_energy@hot"] == pytest.approx(hot.energy)
+        assert hot.energy != pytest.approx(g.energy)  # relative to a baseline that changed too
+    with pytest.raises(ValueError, match="needs cost="):
+        run_sweep(spec, store, evaluate, progress=False)
+    store.close()
+    for bad, match in [({"max": {"flops": 1}}, "unknown cost 'flops'"),
+                       ({"max": {"dp_energy": -1}}, "cost.max.dp_energy=-1"),
+                       ({"speed": 1}, "unknown key"), ({"coefficients": []}, "empty")]:
+        with pytest.raises(SweepError, match=match):
+            SweepSpec.from_dict({**SPEC, "cost": bad})
