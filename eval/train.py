@@ -12,6 +12,11 @@ fine-tune, for ``steps`` AdamW steps on windows of a text file read with ``datas
   seeded with (seed, s), so a step's batch depends on nothing else (resumable). Validation
   loss is the mean over the first ``val_batches * batch`` non-overlapping windows of the
   validation split.
+* **Vocabulary** (``vocab``, optional): keep the ``vocab`` most frequent token ids of the
+  *training* split (ties broken by the smaller id), renumbered 0..vocab-1 in that order, and
+  map every other id, in both splits, to one extra id ``vocab``: the embedding and the
+  high-precision ``lm_head`` then shrink from the tokenizer's 49,152 rows to ``vocab + 1``,
+  so a CPU-scale study spends its time in the emulated layers (docs/training.md section 8).
 * **Checkpoints** (``ckpt.pt`` in the run directory, written atomically every
   ``checkpoint_every`` steps): model and optimizer state, the step and the log so far. A
   killed run resumes from its last checkpoint and continues bit for bit (the emulation
@@ -34,8 +39,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelConfig", "TrainConfig", "TrainError", "build_model", "run_key", "train",
-           "token_splits"]
+__all__ = ["ModelConfig", "TrainConfig", "TrainError", "build_model", "model_vocab", "run_key",
+           "seed_gap", "token_splits", "train", "vocab_table"]
 
 VAL_FRACTION = 0.1
 
@@ -96,6 +101,7 @@ class TrainConfig:
     master: str = "fp32"
     loss_scale: float = 1.0
     max_tokens: int | None = None
+    vocab: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq", "val_every", "val_batches", "checkpoint_every"):
@@ -106,6 +112,13 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TrainError(f"train: {name}={v!r} is not valid: accepted an integer >= 0")
+        if self.vocab is not None and (isinstance(self.vocab, bool)
+                                       or not isinstance(self.vocab, int) or self.vocab < 1):
+            raise TrainError(f"train: vocab={self.vocab!r} is not valid: accepted an integer "
+                             ">= 1 or None (the tokenizer's vocabulary)")
+        if self.vocab is not None and self.init is not None:
+            raise TrainError(f"train: vocab={self.vocab} with init={self.init!r}: a loaded "
+                             "checkpoint keeps its own vocabulary; accepted: vocab=None")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"train: lr={self.lr!r} is not valid: accepted a number > 0")
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
@@ -150,7 +163,29 @@ def token_splits(cfg: TrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.
         raise TrainError(f"data {cfg.data!r}: {len(ids)} tokens are too few for seq="
                          f"{cfg.seq}, batch={cfg.batch}, val_batches={cfg.val_batches} (the "
                          "validation split is the last 10%)")
-    return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    tr, va = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    if cfg.vocab is not None:
+        table = vocab_table(tr, cfg.vocab, len(tokenizer))
+        tr, va = table[tr], table[va]
+    return tr, va
+
+
+def vocab_table(train_ids: torch.Tensor, vocab: int, size: int) -> torch.Tensor:
+    """The id map of ``TrainConfig.vocab``: a tensor of ``size`` new ids, the ``vocab`` most
+    frequent ids of ``train_ids`` (ties: smaller id first) -> 0..vocab-1 by rank, any other
+    id -> ``vocab``."""
+    counts = torch.bincount(train_ids, minlength=size)
+    # stable sort of the negated counts: equal counts keep ascending id order
+    order = torch.sort(-counts, stable=True).indices[:vocab]
+    table = torch.full((size,), vocab, dtype=torch.int64)
+    table[order] = torch.arange(len(order), dtype=torch.int64)
+    return table
+
+
+def model_vocab(cfg: TrainConfig, tokenizer: Any) -> int:
+    """The model's vocabulary: ``cfg.vocab + 1`` (the kept ids and "other") or the
+    tokenizer's."""
+    return len(tokenizer) if cfg.vocab is None else cfg.vocab + 1
 
 
 def build_model(cfg: TrainConfig, vocab: int) -> torch.nn.Module:
@@ -216,7 +251,7 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     recipe = get_recipe(cfg.recipe)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     train_ids, val_ids = token_splits(cfg, tok)
-    model = build_model(cfg, len(tok))
+    model = build_model(cfg, model_vocab(cfg, tok))
     round_weights(model, cfg.master, cfg.seed, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log: dict[str, Any] = {"loss": [], "val": [], "probe": []}
@@ -271,6 +306,33 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     if store is not None and start + done == cfg.steps:
         store.put(run_key(cfg), record, sweep="train")
     return record
+
+
+def seed_gap(base: dict[int, float], other: dict[int, float], *,
+             level: float = 0.95) -> Any:
+    """The loss gap of a recipe to a baseline across seeds: the mean over the seeds both have
+    of ``other[s] - base[s]`` (paired: a seed fixes the initialisation and the batches of
+    every recipe) with a Student-t interval at ``level`` (n - 1 degrees of freedom), as a
+    :class:`~precisim.eval.stats.Interval`; with one seed the interval is unbounded."""
+    import statistics
+
+    from scipy.stats import t as student_t
+
+    from .stats import Interval
+
+    seeds = sorted(set(base) & set(other))
+    if not seeds:
+        raise TrainError(f"seed_gap: no common seeds (baseline {sorted(base)}, other "
+                         f"{sorted(other)})")
+    if not 0 < level < 1:
+        raise TrainError(f"seed_gap: level={level!r} is not valid: accepted 0 < level < 1")
+    d = [other[s] - base[s] for s in seeds]
+    m = statistics.fmean(d)
+    if len(d) == 1:
+        return Interval(m, -math.inf, math.inf, level, 1)
+    half = float(student_t.ppf(0.5 + level / 2, len(d) - 1)) * statistics.stdev(d) \
+        / math.sqrt(len(d))
+    return Interval(m, m - half, m + half, level, len(d))
 
 
 class _Null:

@@ -51,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master", default="fp32", help="weights: fp32 (default), bf16-sr, bf16-rne")
     p.add_argument("--loss-scale", type=float, default=1.0, help="static loss scale (1)")
     p.add_argument("--max-tokens", type=int_arg(1), default=None, help="token budget of the text")
+    p.add_argument("--vocab", type=int_arg(1), default=None,
+                   help="keep the N most frequent training tokens (others -> one id)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--store", default=None, help="run store file")
     p.set_defaults(func=run)
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                         val_batches=args.val_batches,
                         probe_every=args.probe_every, checkpoint_every=args.checkpoint_every,
                         master=args.master, loss_scale=args.loss_scale,
-                        max_tokens=args.max_tokens)
+                        max_tokens=args.max_tokens, vocab=args.vocab)
             for r in args.recipe for s in range(args.seeds)]
     tok = load_tokenizer(args.tokenizer)
     vals: dict[str, list[float]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,53 @@ def test_cli_trains_recipes_and_prints_the_gap(setup, tiny_checkpoint, capsys):
     assert (tmp / "cli" / "nvfp4-train" / "seed0" / "ckpt.pt").exists()
     rc = main(["train", "--recipe", "nope", "--out", str(tmp / "x")])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_vocab_table_keeps_the_most_frequent_training_ids():
+    from precisim.eval.train import vocab_table
+
+    ids = torch.tensor([5, 5, 5, 2, 2, 9, 9, 7, 1])
+    t = vocab_table(ids, 3, 12)
+    # counts: 5->3, 2->2, 9->2 (tie with 2: smaller id first), 7->1, 1->1 (cut)
+    assert t[5] == 0 and t[2] == 1 and t[9] == 2
+    assert all(int(t[i]) == 3 for i in range(12) if i not in (5, 2, 9))
+
+
+def test_vocab_option_maps_both_splits_with_training_frequencies(setup):
+    from precisim.eval.train import model_vocab, token_splits, vocab_table
+
+    tok, data, tmp = setup
+    full_tr, full_va = token_splits(_cfg(data), tok)
+    cfg = _cfg(data, vocab=20)
+    tr, va = token_splits(cfg, tok)
+    table = vocab_table(full_tr, 20, len(tok))
+    assert torch.equal(tr, table[full_tr]) and torch.equal(va, table[full_va])
+    assert int(tr.max()) <= 20 and model_vocab(cfg, tok) == 21
+    rec = train(dataclasses.replace(cfg, steps=2, probe_every=0), out=tmp / "v", tokenizer=tok)
+    assert math.isfinite(rec["final_val"])
+    with pytest.raises(TrainError, match="vocab=0"):
+        TrainConfig(vocab=0)
+    with pytest.raises(TrainError, match="vocab=8 with init"):
+        TrainConfig(vocab=8, init="x")
+
+
+def test_seed_gap_is_the_paired_t_interval():
+    from fractions import Fraction
+
+    from precisim.eval.train import seed_gap
+
+    base = {0: 3.0, 1: 3.5, 2: 2.5}
+    other = {0: 3.25, 1: 3.5, 2: 3.0, 7: 9.0}  # seed 7 has no pair: ignored
+    g = seed_gap(base, other)
+    d = [Fraction(1, 4), Fraction(0), Fraction(1, 2)]
+    mean = sum(d) / 3
+    var = sum((x - mean) ** 2 for x in d) / 2  # 1/16
+    t975_2 = 4.302652729749464  # Student t, 2 degrees of freedom, 97.5%
+    half = t975_2 * math.sqrt(var) / math.sqrt(3)
+    assert g.n == 3 and g.estimate == float(mean)
+    assert math.isclose(g.low, float(mean) - half, rel_tol=1e-12)
+    assert math.isclose(g.high, float(mean) + half, rel_tol=1e-12)
+    one = seed_gap({0: 1.0}, {0: 2.0})
+    assert one.estimate == 1.0 and one.low == -math.inf and one.high == math.inf
+    with pytest.raises(TrainError, match="no common seeds"):
+        seed_gap({0: 1.0}, {1: 1.0})
