@@ -25,6 +25,12 @@ fine-tune, for ``steps`` AdamW steps on windows of a text file read with ``datas
   steps the per-GEMM gradient SQNR, relative bias and noise-to-gradient-norm ratio against the
   high-precision gradient of the same GEMM inputs (:class:`GradProbe`), and saturation /
   underflow counts of the emulated operands (:class:`~precisim.emulation.Telemetry`).
+* **Optimizer numerics** (docs/training.md section 7): ``master`` weights, AdamW moments
+  stored in ``optimizer_states`` (fp32, bf16, bf16-sr, fp8, fp8-sr), a static
+  ``loss_scale`` or, with ``dynamic_loss_scale``, dynamic loss scaling starting at
+  ``loss_scale`` (non-finite gradients skip the step and halve the scale; it doubles after
+  ``loss_scale_interval`` finite steps; per-step scale in the log, the scaler in the
+  checkpoint).
 * **Results**: one record per run in the :class:`~precisim.eval.store.RunStore`.
 """
 
@@ -100,11 +106,15 @@ class TrainConfig:
     checkpoint_every: int = 10
     master: str = "fp32"
     loss_scale: float = 1.0
+    dynamic_loss_scale: bool = False
+    loss_scale_interval: int = 100
+    optimizer_states: str = "fp32"
     max_tokens: int | None = None
     vocab: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "seq", "val_every", "val_batches", "checkpoint_every"):
+        for name in ("steps", "batch", "seq", "val_every", "val_batches", "checkpoint_every",
+                     "loss_scale_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainError(f"train: {name}={v!r} is not valid: accepted an integer >= 1")
@@ -124,7 +134,15 @@ class TrainConfig:
         if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
             raise TrainError(f"train: loss_scale={self.loss_scale!r} is not valid: accepted "
                              "a number > 0")
+        from precisim.emulation.training.lowp_optim import STATE_FORMATS
         from precisim.emulation.training.optim import MASTER_MODES
+
+        if self.optimizer_states not in STATE_FORMATS:
+            raise TrainError(f"train: optimizer_states={self.optimizer_states!r} is not valid; "
+                             f"accepted: {', '.join(STATE_FORMATS)}")
+        if not isinstance(self.dynamic_loss_scale, bool):
+            raise TrainError(f"train: dynamic_loss_scale={self.dynamic_loss_scale!r} is not "
+                             "valid: accepted True or False")
 
         if self.master not in MASTER_MODES:
             raise TrainError(f"train: master={self.master!r} is not valid; accepted: "
@@ -244,6 +262,7 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     ``stop_after``: return after that many steps of this call, as a killed run would (tests)."""
     from precisim.emulation import emulate, get_recipe
     from precisim.emulation.training import GradProbe, seed_scope
+    from precisim.emulation.training.lowp_optim import LossScaler, LossScaling, LowPrecisionAdamW
     from precisim.emulation.training.optim import round_weights
 
     run_dir = Path(out)
@@ -253,8 +272,16 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     train_ids, val_ids = token_splits(cfg, tok)
     model = build_model(cfg, model_vocab(cfg, tok))
     round_weights(model, cfg.master, cfg.seed, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log: dict[str, Any] = {"loss": [], "val": [], "probe": []}
+    if cfg.optimizer_states == "fp32":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = LowPrecisionAdamW(model.named_parameters(), lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, states=cfg.optimizer_states,
+                                seed=cfg.seed)
+    scaler = LossScaler(LossScaling(scale=cfg.loss_scale, interval=cfg.loss_scale_interval,
+                                    min_scale=min(1.0, cfg.loss_scale))) \
+        if cfg.dynamic_loss_scale else None
+    log: dict[str, Any] = {"loss": [], "val": [], "probe": [], "scale": []}
     start = 0
     ckpt = run_dir / "ckpt.pt"
     if ckpt.exists():
@@ -265,6 +292,8 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
     em = emulate(model, recipe, warn=False)
     done = 0
     with em:
@@ -274,12 +303,20 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
             probe = cfg.probe_every and step % cfg.probe_every == 0
             with seed_scope(cfg.seed, step), (GradProbe() if probe else _Null()) as p:
                 loss = _loss(model, win)
-                (loss * cfg.loss_scale).backward()
-            if cfg.loss_scale != 1.0:
-                for prm in model.parameters():
-                    if prm.grad is not None:
-                        prm.grad.div_(cfg.loss_scale)
-            opt.step()
+                scale = cfg.loss_scale if scaler is None else scaler.scale
+                (loss * scale).backward()
+            if scaler is not None:  # dynamic: unscale, skip the step on inf/nan
+                finite = scaler.unscale(model.parameters())
+                scaler.update(finite)
+                log["scale"].append(scale)
+                if finite:
+                    opt.step()
+            else:
+                if cfg.loss_scale != 1.0:
+                    for prm in model.parameters():
+                        if prm.grad is not None:
+                            prm.grad.div_(cfg.loss_scale)
+                opt.step()
             opt.zero_grad(set_to_none=True)
             round_weights(model, cfg.master, cfg.seed, step + 1)
             log["loss"].append(float(loss.detach()))
@@ -295,14 +332,16 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 # (the wrappers hold the same Parameters under the same names)
                 _save(ckpt, {"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                             "optimizer": opt.state_dict(), "step": step + 1, "log": log})
+                             "optimizer": opt.state_dict(), "step": step + 1, "log": log,
+                             "scaler": None if scaler is None else scaler.state_dict()})
             if stop_after is not None and done >= stop_after:
                 break
         tel = em.telemetry.totals() if em.telemetry is not None else {}
     record = {"config": dataclasses.asdict(cfg), "steps_done": start + done,
               "final_loss": log["loss"][-1] if log["loss"] else None,
               "final_val": log["val"][-1]["loss"] if log["val"] else None,
-              "telemetry": tel, **log}
+              "telemetry": tel, "skipped_steps": scaler.skipped if scaler is not None else 0,
+              **log}
     if store is not None and start + done == cfg.steps:
         store.put(run_key(cfg), record, sweep="train")
     return record

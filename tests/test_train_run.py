@@ -127,3 +127,39 @@ def test_seed_gap_is_the_paired_t_interval():
     assert one.estimate == 1.0 and one.low == -math.inf and one.high == math.inf
     with pytest.raises(TrainError, match="no common seeds"):
         seed_gap({0: 1.0}, {1: 1.0})
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps_and_resumes(setup):
+    """A scale of 2^127 overflows the scaled loss's gradients to inf/nan: those steps are
+    skipped (weights unchanged) and the scale halves until the gradients are finite; with
+    bf16 optimizer states and a kill after 3 steps the run resumes bit for bit."""
+    tok, data, tmp = setup
+    cfg = _cfg(data, recipe="bf16-train", steps=9, probe_every=0, loss_scale=2.0 ** 127,
+               dynamic_loss_scale=True, loss_scale_interval=2, optimizer_states="bf16")
+    whole = train(cfg, out=tmp / "d", tokenizer=tok)
+    sc = whole["scale"]
+    assert sc[0] == 2.0 ** 127 and whole["skipped_steps"] >= 1
+    # replay the rule on the logged scales: a drop is a skipped (non-finite) step and halves
+    # the scale; every 2 finite steps in a row double it
+    good, skips = 0, 0
+    for a, b in zip(sc, sc[1:]):
+        if b < a:
+            assert b == a / 2
+            good, skips = 0, skips + 1
+        else:
+            good += 1
+            assert b == (2 * a if good == 2 else a)
+            good %= 2
+    assert sc[1] == sc[0] / 2 and skips in (whole["skipped_steps"], whole["skipped_steps"] - 1)
+    assert all(math.isfinite(x) for x in whole["loss"]) and math.isfinite(whole["final_val"])
+    part = train(cfg, out=tmp / "e", tokenizer=tok, stop_after=4)
+    assert part["steps_done"] == 4
+    resumed = train(cfg, out=tmp / "e", tokenizer=tok)  # resumes from the step-3 checkpoint
+    assert resumed["loss"] == whole["loss"] and resumed["scale"] == sc
+    a = torch.load(tmp / "d" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp / "e" / "ckpt.pt", weights_only=False)
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+    m = next(iter(a["optimizer"]["state"].values()))["exp_avg"]
+    assert torch.equal(m, m.bfloat16().float())  # the moments are stored in bf16
+    with pytest.raises(TrainError, match="optimizer_states='bf8'"):
+        TrainConfig(optimizer_states="bf8")
