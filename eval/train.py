@@ -36,9 +36,11 @@ fine-tune, for ``steps`` AdamW steps on windows of a text file read with ``datas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +48,16 @@ from typing import Any
 import torch
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainError", "build_model", "model_vocab", "run_key",
-           "seed_gap", "token_splits", "train", "vocab_table"]
+           "seed_gap", "token_splits", "train", "train_kernels", "vocab_table"]
 
 VAL_FRACTION = 0.1
+
+#: during training, kernels of at least this many elements run compiled (the inference
+#: default, :data:`precisim.formats.kernels.COMPILE_MIN_NUMEL`, is 2^18): a training step runs
+#: every kernel shape again at each step, so compiling the smaller ones pays for itself (one
+#: bench_train.py step of NVFP4: about 2x faster). Every compiled kernel is checked bit for
+#: bit against its eager twin at first use, so results do not change.
+TRAIN_COMPILE_MIN_NUMEL = 1 << 16
 
 
 class TrainError(ValueError):
@@ -227,6 +236,21 @@ def build_model(cfg: TrainConfig, vocab: int) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(lc)
 
 
+@contextlib.contextmanager
+def train_kernels(min_numel: int = TRAIN_COMPILE_MIN_NUMEL) -> Iterator[None]:
+    """Compile kernels from ``min_numel`` elements inside the block (unless
+    ``$PRECISIM_COMPILE_MIN_NUMEL`` sets the threshold explicitly, or it is already lower)."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    if "PRECISIM_COMPILE_MIN_NUMEL" not in os.environ:
+        kernels.COMPILE_MIN_NUMEL = min(old, min_numel)
+    try:
+        yield
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+
+
 def _batch(train_ids: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, len(train_ids) - cfg.seq - 1, (cfg.batch,), generator=g)
@@ -296,7 +320,7 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
             scaler.load_state_dict(state["scaler"])
     em = emulate(model, recipe, warn=False)
     done = 0
-    with em:
+    with em, train_kernels():
         model.train()
         for step in range(start, cfg.steps):
             win = _batch(train_ids, cfg, step)

@@ -163,3 +163,18 @@ def test_dynamic_loss_scale_skips_overflowing_steps_and_resumes(setup):
     assert torch.equal(m, m.bfloat16().float())  # the moments are stored in bf16
     with pytest.raises(TrainError, match="optimizer_states='bf8'"):
         TrainConfig(optimizer_states="bf8")
+
+
+def test_train_kernels_lowers_the_compile_threshold_and_restores_it(monkeypatch):
+    from precisim.eval.train import TRAIN_COMPILE_MIN_NUMEL, train_kernels
+    from precisim.formats import kernels
+
+    monkeypatch.delenv("PRECISIM_COMPILE_MIN_NUMEL", raising=False)
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 << 18)
+    with train_kernels():
+        assert kernels.COMPILE_MIN_NUMEL == TRAIN_COMPILE_MIN_NUMEL
+    assert kernels.COMPILE_MIN_NUMEL == 1 << 18
+    monkeypatch.setenv("PRECISIM_COMPILE_MIN_NUMEL", str(1 << 20))  # explicit: kept
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 << 20)
+    with train_kernels():
+        assert kernels.COMPILE_MIN_NUMEL == 1 << 20
