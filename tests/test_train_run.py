@@ -178,3 +178,12 @@ def test_train_kernels_lowers_the_compile_threshold_and_restores_it(monkeypatch)
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 << 20)
     with train_kernels():
         assert kernels.COMPILE_MIN_NUMEL == 1 << 20
+
+
+def test_cli_rejects_an_unknown_optimizer_state_format(tmp_path, capsys):
+    from precisim.eval.cli import main
+
+    rc = main(["train", "--recipe", "bf16-train", "--optimizer-states", "bf8", "--out",
+               str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "optimizer_states='bf8'" in err and "bf16-sr" in err
