@@ -20,7 +20,8 @@ summed over each key/value head's group in fp32. ``None`` (``high``) is the fp32
 unquantized operands. Stochastic rounding draws replayable counter bits keyed by (seed, step,
 module, ``<gemm>.<role>``, element position in the operand's natural (b, h, rows, cols)
 layout). A :class:`AttentionTrainingSpec` is the spec of the opt-in ``train_attention`` op
-kind; a recipe without it keeps the high-precision eager backward bit for bit.
+kind (registered by :mod:`.layer`, after ``train_linear``); a recipe without it keeps the
+high-precision eager backward bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..opkinds import OP_KINDS, EmulationError, Installer, OpKind
+from ..opkinds import EmulationError, Installer, OpKind
 from ..specs import AttentionSpec, GemmSpec, RecipeError, check_keys
 from .autograd import _PROBES, _bits, _is_sr, _quant
 from .roles import check_blocks
@@ -274,8 +275,5 @@ TRAIN_ATTENTION = OpKind(
     priority=5, default_on=False, validate=_validate,
     description="attention in training: its forward (an attention spec) and the backward "
     "GEMMs dq, dk, dp, dv each under its own spec (docs/training.md)")
-
-if "train_attention" not in OP_KINDS.names():
-    OP_KINDS.register("train_attention", TRAIN_ATTENTION)
 
 
