@@ -212,3 +212,29 @@ def test_yaml_round_trip():
     assert s.dk is None and s.dq is not None and s.forward is not None
     assert AttentionTrainingSpec.parse(s.to_dict()) == s
     assert "dq[" in s.describe()
+
+
+def test_train_attention_outranks_attention_and_rules_select_layers():
+    """A recipe naming train_attention plans it on every attention module (the attention
+    spec no longer applies there); a rule ``train_attention: null`` keeps a layer in high
+    precision, and that layer keeps the eager backward (bit-identical q/k/v grads)."""
+    from precisim.emulation.patch import plan
+
+    r = Recipe.from_dict({"name": "mix", "attention": "mxfp8",
+                          "train_attention": {"dq": "mxfp8", "dk": "high", "dp": "high",
+                                              "dv": "high"},
+                          "rules": [{"match": "model.layers.1.*", "train_attention": None}]})
+    model = _tiny_llama(head_dim=32)
+    ops = {e.module: e for e in plan(model, r, warn=False).entries if "self_attn" in e.module
+           and not e.module.endswith("proj")}
+    assert {e.op for e in ops.values()} == {"train_attention"}
+    assert ops["model.layers.0.self_attn"].emulated
+    assert not ops["model.layers.1.self_attn"].emulated
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref = _grads(model, None, ids)
+    got = _grads(model, r, ids)
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           ref["model.layers.0.self_attn.q_proj.weight"])
+    for n in ref:  # the layer above backpropagates first, through the eager backward
+        if n.startswith("model.layers.1."):
+            assert torch.equal(got[n], ref[n]), n
