@@ -18,7 +18,9 @@ value is computed by the wrapper as in inference, so it is bit-identical to it):
 
 :class:`AttentionGrad` gives the emulated attention (its QK^T and PV matmuls and KV-cache
 rounding) the high-precision backward of the model's own eager attention on the unquantized
-q, k, v (straight through); before it, no gradient reached the q/k/v projections.
+q, k, v (straight through); before it, no gradient reached the q/k/v projections. The
+``train_attention`` op kind replaces it by backward GEMMs under their own specs
+(:mod:`.attention`, docs/training.md section 1b).
 
 A :class:`GradProbe` (``with GradProbe() as p``) records, per module and backward GEMM, the
 emulated gradient's SQNR, relative bias and noise-to-gradient-norm ratio against the
