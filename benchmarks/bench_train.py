@@ -9,9 +9,10 @@ Each configuration runs in its own process (one thread): a randomly initialised 
 step, then ``--repeat`` timed steps (forward, backward, AdamW) on ``--tokens`` tokens (batches
 of 128); the median step time and the peak resident memory (VmHWM after the model is built
 and warmed up, minus the resident size before the model) are reported, and each recipe's
-ratio to the unpatched step of the same run. Targets (the issue): fake-quant recipes <= 3x,
-bit-exact accumulator recipes (``deepseek-fp8-train``) <= 25x. Do not time while other heavy
-jobs share the machine.
+ratio to the unpatched step of the same run. Kernels of at least ``--compile-min-numel``
+elements run compiled (default 2^16, what ``precisim.eval.train`` uses in training).
+Targets (the issue): fake-quant recipes <= 3x, bit-exact accumulator recipes
+(``deepseek-fp8-train``) <= 25x. Do not time while other heavy jobs share the machine.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def _worker(args: argparse.Namespace) -> None:
     import transformers
     from precisim.emulation import emulate
     from precisim.emulation.training import seed_scope
+    from precisim.formats import kernels
 
     torch.set_num_threads(1)
+    kernels.COMPILE_MIN_NUMEL = args.compile_min_numel
     base = _rss("VmRSS")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=args.hidden,
@@ -76,6 +79,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--json", default=None)
+    p.add_argument("--compile-min-numel", type=int, default=1 << 16,
+                   help="compile kernels from this many elements (default 65536, as "
+                   "precisim.eval.train.TRAIN_COMPILE_MIN_NUMEL; the inference default is 262144)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -85,7 +91,7 @@ def main() -> None:
     for r in ["unpatched", *args.recipes.split(",")]:
         cmd = [sys.executable, __file__, "--worker", r, "--repeat", str(args.repeat),
                "--layers", str(args.layers), "--hidden", str(args.hidden), "--tokens",
-               str(args.tokens)]
+               str(args.tokens), "--compile-min-numel", str(args.compile_min_numel)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]

@@ -370,6 +370,7 @@ class _AttnState:
     key_ends: KeyEnds  # visible key range of the current attention mask (shared by layers)
     caches: list[Any]  # cache objects whose update is wrapped for the current call
     kv_in_cache: bool = False
+    training: Any = None  # an AttentionTrainingSpec (the train_attention op kind) or None
 
 
 _ACTIVE_ATTENTION: weakref.WeakKeyDictionary[nn.Module, _AttnState] = \
@@ -421,6 +422,14 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
     out = _emulated_attention(st, eager, module, query, key, value, attention_mask, *args,
                               **kwargs)
+    if torch.is_grad_enabled() and isinstance(out, tuple) and out and st.training is not None:
+        # backward GEMMs under their own formats (docs/training.md section 1)
+        from .training.attention import attach_attention_train_grad
+
+        grad_out = attach_attention_train_grad(out[0], query, key, value, module,
+                                               attention_mask, args, kwargs, st.training,
+                                               st.name, st.handle)
+        return (grad_out, *out[1:])
     if torch.is_grad_enabled() and isinstance(out, tuple) and out:
         # the high-precision backward of the model's own attention (docs/training.md s. 1)
         from .training.autograd import attach_attention_grad

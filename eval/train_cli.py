@@ -49,8 +49,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gradient SQNR probe interval (0: off)")
     p.add_argument("--checkpoint-every", type=int_arg(1), default=10, help="checkpoint interval")
     p.add_argument("--master", default="fp32", help="weights: fp32 (default), bf16-sr, bf16-rne")
-    p.add_argument("--loss-scale", type=float, default=1.0, help="static loss scale (1)")
+    p.add_argument("--loss-scale", type=float, default=1.0,
+                   help="loss scale (1): static, or the initial one with --dynamic-loss-scale")
+    p.add_argument("--dynamic-loss-scale", action="store_true",
+                   help="dynamic loss scaling: skip and halve on inf/nan, double after "
+                   "--loss-scale-interval finite steps")
+    p.add_argument("--loss-scale-interval", type=int_arg(1), default=100,
+                   help="finite steps before the dynamic scale grows (100)")
+    p.add_argument("--optimizer-states", default="fp32",
+                   help="AdamW moments: fp32 (default), bf16, bf16-sr, fp8, fp8-sr")
     p.add_argument("--max-tokens", type=int_arg(1), default=None, help="token budget of the text")
+    p.add_argument("--vocab", type=int_arg(1), default=None,
+                   help="keep the N most frequent training tokens (others -> one id)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--store", default=None, help="run store file")
     p.set_defaults(func=run)
@@ -75,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
                         val_batches=args.val_batches,
                         probe_every=args.probe_every, checkpoint_every=args.checkpoint_every,
                         master=args.master, loss_scale=args.loss_scale,
-                        max_tokens=args.max_tokens)
+                        max_tokens=args.max_tokens, vocab=args.vocab,
+                        dynamic_loss_scale=args.dynamic_loss_scale,
+                        loss_scale_interval=args.loss_scale_interval,
+                        optimizer_states=args.optimizer_states)
             for r in args.recipe for s in range(args.seeds)]
     tok = load_tokenizer(args.tokenizer)
     vals: dict[str, list[float]] = {}

@@ -197,6 +197,50 @@ def test_bits_independent_of_batch_split_and_threads():
                                                    "dgrad.input")))
 
 
+@pytest.mark.parametrize("shape,offset", [((6, 5, 4), 0), ((3, 7), 11), ((1000,), 5),
+                                          ((2, 129, 33), 3)])
+def test_element_bits_equal_the_reference_hash(shape, offset):
+    from precisim.emulation.training.sr import reference_bits
+
+    key = key_of(3, 9, "model.layers.1.self_attn.q_proj", "wgrad.input")
+    for bits in (1, 12, 30):
+        assert torch.equal(element_bits(shape, bits, key, row_offset=offset),
+                           reference_bits(shape, bits, key, row_offset=offset))
+
+
+@pytest.mark.slow
+def test_compiled_element_bits_equal_the_reference_hash():
+    from precisim.emulation.training.sr import reference_bits
+    from precisim.formats import set_backend
+
+    key = key_of(5, 2, "m", "dgrad.input")
+    set_backend("compile")  # the autouse fixture restores eager
+    for shape, offset in (((4, 128, 768), 2), ((3, 100, 7), 0)):
+        assert torch.equal(element_bits(shape, 30, key, row_offset=offset),
+                           reference_bits(shape, 30, key, row_offset=offset))
+
+
+@pytest.mark.parametrize("name", ["bf16-train", "fp8-tensor-train", "nvfp4-train-nosr-norht",
+                                  "mxfp8-ceil-train"])
+def test_reused_transposed_operands_give_the_same_gradients(name):
+    """The backward reuses the forward's quantized W as dgrad's W^T and dgrad's quantized dy
+    as wgrad's dy^T where quantization commutes with transposition (element formats,
+    per-tensor scales, square tiles); a GradProbe switches the reuse off, so the gradients
+    with and without it are compared bit for bit."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for probe in (False, True):
+        model = _tiny_llama(3)
+        with emulate(model, name, warn=False), seed_scope(1, 0):
+            if probe:
+                with GradProbe():
+                    model(ids, labels=ids).loss.backward()
+            else:
+                model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_sr_gradients_replay_and_split_batch():
     """dgrad with SR dy in MXFP4 (row-local 1x32 blocks, no tensor scale) of a batch = the
     two halves' dgrads, bit for bit; the same step replays, another step differs."""

@@ -18,7 +18,9 @@ value is computed by the wrapper as in inference, so it is bit-identical to it):
 
 :class:`AttentionGrad` gives the emulated attention (its QK^T and PV matmuls and KV-cache
 rounding) the high-precision backward of the model's own eager attention on the unquantized
-q, k, v (straight through); before it, no gradient reached the q/k/v projections.
+q, k, v (straight through); before it, no gradient reached the q/k/v projections. The
+``train_attention`` op kind replaces it by backward GEMMs under their own specs
+(:mod:`.attention`, docs/training.md section 1b).
 
 A :class:`GradProbe` (``with GradProbe() as p``) records, per module and backward GEMM, the
 emulated gradient's SQNR, relative bias and noise-to-gradient-norm ratio against the
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from precisim.formats.scaling import ScaledFormat
 from torch import nn
 
 from ..gemm import Operand, gemm, needs_parts, quantize_operand
@@ -144,6 +147,34 @@ def _quant(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.T
                             where=(module, role), rand=rand)
 
 
+def _transpose_invariant(ts: TensorSpec | None) -> bool:
+    """True when quantizing an operand to ``ts`` commutes with transposing it: an element
+    format, a per-tensor scale, or square 2-D tiles, with deterministic rounding (so the
+    forward's quantized W serves as dgrad's W^T, and dgrad's quantized dy as wgrad's dy^T,
+    bit for bit: tests/test_training.py)."""
+    if ts is None or _is_sr(ts):
+        return False
+    fmt = ts.resolve(-1)
+    if not isinstance(fmt, ScaledFormat):
+        return True
+    g = fmt.granularity
+    if g.keep_axis is not None:
+        return False
+    sizes = [size for _, size in g.blocks]
+    return not sizes or (len(sizes) == 2 and sizes[0] == sizes[1] and sizes[0] is not None)
+
+
+def _forward_weight(layer: Any, weight: torch.Tensor, g: GemmSpec) -> Operand | None:
+    """The forward's quantized weight (N, K) from the emulation's weight cache, when dgrad's
+    weight role has the same transposition-invariant spec and no block-scaled unit (else
+    None: dgrad quantizes W^T itself)."""
+    fwd = getattr(layer, "spec", None)
+    if (fwd is None or fwd.weight != g.weight or not _transpose_invariant(g.weight)
+            or needs_parts(g) or needs_parts(fwd) or _PROBES):
+        return None
+    return layer._handle._weight(layer._name, weight, fwd, layer.transposed)
+
+
 def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   transposed: bool) -> torch.Tensor:
     """The layer's own forward on plain tensors (nn.Linear, or transformers' Conv1D)."""
@@ -197,6 +228,7 @@ class LinearGrad(torch.autograd.Function):
         gy2 = gy.reshape(-1, n_out)
         step_src = active_seed()
         step = step_src.step if step_src is not None else 0
+        shared_dy: Operand | None = None
         if emu_d:
             g = spec.dgrad or GemmSpec()
             a, b_t = gy2, w_nk.t()  # (M, N), (K, N): reduction over N
@@ -208,7 +240,13 @@ class LinearGrad(torch.autograd.Function):
             rb = _bits(g.weight, tuple(b_t.shape), name, "dgrad.weight", batch=False,
                        device=gy.device) if _is_sr(g.weight) else None
             qa = _quant(a, g.input, g, ra, handle, f"{name}.dgrad", "input")
-            qb = _quant(b_t, g.weight, g, rb, handle, f"{name}.dgrad", "weight")
+            fw = None if "dgrad" in rht_on else _forward_weight(layer, weight, g)
+            qb = Operand(fw.values.t()) if fw is not None else _quant(
+                b_t, g.weight, g, rb, handle, f"{name}.dgrad", "weight")
+            if (emu_w and spec.wgrad is not None and spec.wgrad.input == g.input
+                    and not rht_on and _transpose_invariant(g.input) and not needs_parts(g)
+                    and not needs_parts(spec.wgrad) and not _PROBES):
+                shared_dy = qa  # wgrad's dy^T is this quantized dy, transposed
             out = gemm(qa, qb, g, out_dtype=gy.dtype).reshape(x.shape).to(x.dtype)
             for p in _PROBES:
                 p.add(name, "dgrad", out, gx)
@@ -225,7 +263,8 @@ class LinearGrad(torch.autograd.Function):
                        device=gy.device).reshape(-1, n_out).t() if _is_sr(g.input) else None
             rb = _bits(g.weight, tuple(x.shape), name, "wgrad.weight", batch=True,
                        device=gy.device).reshape(-1, k_in).t() if _is_sr(g.weight) else None
-            qa = _quant(a, g.input, g, ra, handle, f"{name}.wgrad", "input")
+            qa = Operand(shared_dy.values.t()) if shared_dy is not None else _quant(
+                a, g.input, g, ra, handle, f"{name}.wgrad", "input")
             qb = _quant(b_t, g.weight, g, rb, handle, f"{name}.wgrad", "weight")
             out = gemm(qa, qb, g, out_dtype=torch.float32)  # (N, K)
             out = (out.t() if tr else out).to(weight.dtype)

@@ -17,6 +17,7 @@ import torch
 from ..opkinds import OP_KINDS, Installer, OpKind, is_linear
 from ..patch import EmulatedLinear, PlanEntry
 from ..specs import GemmSpec
+from .attention import TRAIN_ATTENTION
 from .autograd import attach_linear_grad, check_layer, plain_linear
 from .roles import TrainingSpec
 
@@ -67,3 +68,5 @@ TRAIN_LINEAR = OpKind(
 
 if "train_linear" not in OP_KINDS.names():
     OP_KINDS.register("train_linear", TRAIN_LINEAR)
+if "train_attention" not in OP_KINDS.names():  # (docs/training.md section 1b)
+    OP_KINDS.register("train_attention", TRAIN_ATTENTION)

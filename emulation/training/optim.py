@@ -3,12 +3,12 @@
 * fp32 master weights (the default): the optimizer updates fp32 parameters, nothing else;
 * ``bf16-sr``: the weights are bf16 (no fp32 master copy): after each optimizer step every
   parameter is rounded to bf16 with stochastic rounding, its bits from the counter hash of
-  :mod:`.sr` keyed by (seed, step, parameter name), so the run replays; the optimizer states
-  stay fp32 (documented limitation);
+  :mod:`.sr` keyed by (seed, step, parameter name), so the run replays (AdamW's states in a
+  low-precision format: :mod:`.lowp_optim`);
 * ``bf16-rne``: the same with round-to-nearest-even (updates smaller than half an ulp are
   lost: the classic stagnation SR avoids);
 * static loss scaling (fp16 gradients): the loss is multiplied by ``loss_scale`` before the
-  backward and the gradients divided by it before the step.
+  backward and the gradients divided by it before the step (dynamic: :mod:`.lowp_optim`).
 """
 
 from __future__ import annotations

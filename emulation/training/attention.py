@@ -1,0 +1,279 @@
+"""Training roles of the attention matmuls' backward GEMMs (docs/training.md section 1b).
+
+The attention ``O = P V`` with ``P = softmax(S)``, ``S = scaling * Q K^T + mask`` runs four
+backward GEMMs, each a :class:`~precisim.emulation.specs.GemmSpec` whose operands are blocked
+along that GEMM's own reduction axis (the last axis of the operand as listed):
+
+* ``dp``: ``dP = dO V^T``, reduction over the head dimension d; ``input`` = dO (q, d),
+  ``weight`` = V (k, d);
+* ``dv``: ``dV = P^T dO``, reduction over the queries; ``input`` = P^T (k, q), ``weight`` =
+  dO^T (d, q);
+* ``dq``: ``dQ = scaling * dS K``, reduction over the keys; ``input`` = dS (q, k),
+  ``weight`` = K^T (d, k);
+* ``dk``: ``dK = scaling * dS^T Q``, reduction over the queries; ``input`` = dS^T (k, q),
+  ``weight`` = Q^T (d, q).
+
+P is recomputed from the unquantized q and k in fp32 (as FlashAttention's backward recomputes
+it), the softmax backward ``dS = P * (dP - rowsum(dP * P))`` runs in fp32, ``scaling`` is
+applied to the GEMM outputs, and with grouped-query attention the per-head dK and dV are
+summed over each key/value head's group in fp32. ``None`` (``high``) is the fp32 GEMM on the
+unquantized operands. Stochastic rounding draws replayable counter bits keyed by (seed, step,
+module, ``<gemm>.<role>``, element position in the operand's natural (b, h, rows, cols)
+layout). A :class:`AttentionTrainingSpec` is the spec of the opt-in ``train_attention`` op
+kind (registered by :mod:`.layer`, after ``train_linear``); a recipe without it keeps the
+high-precision eager backward bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..opkinds import EmulationError, Installer, OpKind
+from ..specs import AttentionSpec, GemmSpec, RecipeError, check_keys
+from .autograd import _PROBES, _bits, _is_sr, _quant
+from .roles import check_blocks
+
+__all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionTrainGrad", "AttentionTrainingSpec",
+           "attach_attention_train_grad", "attention_backward"]
+
+ATTN_GEMMS = ("dq", "dk", "dp", "dv")
+_UNSET: Any = object()
+#: attention-function arguments that change the numerics and are not modelled here
+_UNMODELLED = ("sliding_window", "softcap", "s_aux", "sinks")
+#: stands for a sequence axis in install-time block checks (its partial last block is padded)
+_ANY = 1 << 20
+
+
+@dataclass(frozen=True)
+class AttentionTrainingSpec:
+    """The attention's forward (an :class:`AttentionSpec`, None = high precision) and its four
+    backward GEMMs (see the module docstring); every backward GEMM must be given (None =
+    high precision)."""
+
+    forward: AttentionSpec | None = None
+    dq: GemmSpec | None = _UNSET
+    dk: GemmSpec | None = _UNSET
+    dp: GemmSpec | None = _UNSET
+    dv: GemmSpec | None = _UNSET
+
+    def __post_init__(self) -> None:
+        if self.forward is not None and not isinstance(self.forward, AttentionSpec):
+            raise RecipeError(f"attention training spec: forward={self.forward!r} is not an "
+                              "AttentionSpec or None")
+        for g in ATTN_GEMMS:
+            v = getattr(self, g)
+            if v is _UNSET:
+                raise RecipeError(f"attention training spec: the {g!r} GEMM has no spec; every "
+                                  f"backward GEMM ({', '.join(ATTN_GEMMS)}) must be given: a "
+                                  "format, a mapping of roles, or None / 'high'")
+            if v is not None and not isinstance(v, GemmSpec):
+                raise RecipeError(f"attention training spec: {g}={v!r} is not a GemmSpec or "
+                                  "None")
+
+    @property
+    def is_identity(self) -> bool:
+        # never identity: even all-high roles replace the eager backward by the GEMM-level one
+        return False
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "train_attention") -> AttentionTrainingSpec | None:
+        if value is None or isinstance(value, AttentionTrainingSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: expected a mapping with {', '.join(ATTN_GEMMS)} (and "
+                              f"optionally forward), got {type(value).__name__} {value!r}")
+        check_keys(value, ("forward", *ATTN_GEMMS), where)
+        missing = [g for g in ATTN_GEMMS if g not in value]
+        if missing:
+            raise RecipeError(f"{where}: the {missing[0]!r} GEMM has no spec; every backward "
+                              f"GEMM ({', '.join(ATTN_GEMMS)}) must be given: a format, a "
+                              "mapping of roles, or 'high' / null for high precision")
+        kw: dict[str, Any] = {}
+        for g in ATTN_GEMMS:
+            v = value[g]
+            kw[g] = None if isinstance(v, str) and v.lower() in ("high", "none") \
+                else GemmSpec.parse(v, f"{where}.{g}")
+        f = value.get("forward")
+        kw["forward"] = None if isinstance(f, str) and f.lower() in ("high", "none") \
+            else AttentionSpec.parse(f, f"{where}.forward")
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"forward": "high" if self.forward is None
+                             else self.forward.to_dict()}
+        d.update({g: "high" if getattr(self, g) is None else getattr(self, g).to_dict()
+                  for g in ATTN_GEMMS})
+        return d
+
+    def describe(self) -> str:
+        fwd = "high" if self.forward is None else self.forward.describe()
+        return f"forward[{fwd}] " + " ".join(
+            f"{g}[{'high' if getattr(self, g) is None else getattr(self, g).describe()}]"
+            for g in ATTN_GEMMS)
+
+
+def _role_gemm(spec: GemmSpec | None, a: torch.Tensor, b: torch.Tensor, nat_a: torch.Tensor,
+               nat_b: torch.Tensor, tr_a: bool, tr_b: bool, name: str, which: str,
+               handle: Any) -> torch.Tensor:
+    """``a @ b^T`` (batched, reduction over the last axis) under ``spec`` (None: fp32 on the
+    unquantized operands); SR bits are drawn on the natural tensors ``nat_*`` and transposed
+    like the operand when ``tr_*``."""
+    from ..gemm import gemm
+
+    g = spec or GemmSpec()
+    rand = []
+    for ts, nat, tr, role in ((g.input, nat_a, tr_a, "input"), (g.weight, nat_b, tr_b,
+                                                                   "weight")):
+        r = None
+        if _is_sr(ts):
+            r = _bits(ts, tuple(nat.shape), name, f"{which}.{role}", batch=True,
+                      device=nat.device)
+            r = r.transpose(-1, -2) if tr else r
+        rand.append(r)
+    qa = _quant(a.contiguous(), g.input, g, rand[0], handle, f"{name}.{which}", "input")
+    qb = _quant(b.contiguous(), g.weight, g, rand[1], handle, f"{name}.{which}", "weight")
+    out = gemm(qa, qb, g, out_dtype=torch.float32)
+    if _PROBES and spec is not None:
+        ref = torch.matmul(a.float(), b.float().transpose(-1, -2))
+        for p in _PROBES:
+            p.add(name, which, out, ref)
+    return out
+
+
+def attention_backward(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                       d_out: torch.Tensor, *, name: str, handle: Any = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV of the standard eager attention (q: (b, h, q, d); k, v: (b, h_kv, k, d);
+    ``d_out``: (b, q, h, d), the gradient of its transposed output) under ``spec``'s backward
+    GEMMs (module docstring)."""
+    from ..attention import repeat_kv
+
+    b, h, n_q, d = q.shape
+    groups = h // k.shape[1]
+    qf = q.float()
+    kr, vr = repeat_kv(k.float(), groups), repeat_kv(v.float(), groups)
+    s = torch.matmul(qf, kr.transpose(-1, -2)) * scaling
+    if mask is not None:
+        s = s + mask[..., :kr.shape[-2]].float()
+    p = torch.softmax(s, dim=-1)  # (b, h, q, k), fp32
+    do = d_out.float().transpose(1, 2)  # (b, h, q, d)
+    dv_r = _role_gemm(spec.dv, p.transpose(-1, -2), do.transpose(-1, -2), p, do, True, True,
+                      name, "dv", handle)
+    dp = _role_gemm(spec.dp, do, vr, do, vr, False, False, name, "dp", handle)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # the softmax backward, fp32
+    dq = _role_gemm(spec.dq, ds, kr.transpose(-1, -2), ds, kr, False, True, name, "dq",
+                    handle) * scaling
+    dk_r = _role_gemm(spec.dk, ds.transpose(-1, -2), qf.transpose(-1, -2), ds, qf, True, True,
+                      name, "dk", handle) * scaling
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # GQA: sum each kv head's group
+        return t.reshape(b, h // groups, groups, *t.shape[-2:]).sum(2)
+
+    return dq.to(q.dtype), fold(dk_r).to(k.dtype), fold(dv_r).to(v.dtype)
+
+
+class AttentionTrainGrad(torch.autograd.Function):
+    """``AttentionTrainGrad.apply(out, q, k, v, ctxinfo)``: the emulated attention output with
+    :func:`attention_backward`'s gradients; ``ctxinfo`` = (spec, mask, scaling, name,
+    handle)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, info: tuple) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.info = info
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v = ctx.saved_tensors
+        spec, mask, scaling, name, handle = ctx.info
+        dq, dk, dv = attention_backward(spec, q, k, v, mask, scaling, gy, name=name,
+                                        handle=handle)
+        need = ctx.needs_input_grad[1:4]
+        return (None, *(g if n else None for g, n in zip((dq, dk, dv), need)), None)
+
+
+def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor, module: torch.nn.Module,
+                                mask: torch.Tensor | None, args: tuple, kwargs: dict,
+                                spec: AttentionTrainingSpec, name: str, handle: Any
+                                ) -> torch.Tensor:
+    """``out`` with :class:`AttentionTrainGrad`'s backward when autograd needs one; raises
+    :class:`EmulationError` for an attention call the GEMM-level backward does not model."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+        return out
+    scaling = kwargs.get("scaling", args[0] if args else None)
+    dropout = kwargs.get("dropout", args[1] if len(args) > 1 else 0.0)
+    extra = sorted(k for k in _UNMODELLED if kwargs.get(k) is not None)
+    if scaling is None or q.dim() != 4 or (module.training and dropout) or extra or (
+            mask is not None and (not mask.is_floating_point() or mask.dim() != 4)):
+        raise EmulationError(
+            f"{name}: train_attention models the standard eager attention (4-D q/k/v, a float "
+            f"additive mask, a scaling, no dropout); this call has q of {q.dim()} dims, "
+            f"scaling={scaling!r}, dropout={dropout if module.training else 0!r}, extra "
+            f"arguments {extra}: use the 'attention' op kind (high-precision backward) here")
+    info = (spec, mask, float(scaling), name, handle)
+    return AttentionTrainGrad.apply(out.detach(), q, k, v, info)
+
+
+def check_attention_module(name: str, module: torch.nn.Module, spec: AttentionTrainingSpec
+                           ) -> None:
+    """Install-time checks: blocks along the head dimension must divide it (dp's operands,
+    and the transposed dq / dk / dv weights); sequence axes are padded."""
+    d = getattr(module, "head_dim", None)
+    if d is None:
+        return
+    shapes = {"dp": ((_ANY, d), (_ANY, d)), "dq": ((_ANY, _ANY), (d, _ANY)),
+              "dk": ((_ANY, _ANY), (d, _ANY)), "dv": ((_ANY, _ANY), (d, _ANY))}
+    for g in ATTN_GEMMS:
+        gs = getattr(spec, g)
+        if gs is None:
+            continue
+        for role, shape in zip(("input", "weight"), shapes[g]):
+            check_blocks(getattr(gs, role), shape, f"{name}: {g} {role}")
+
+
+def _validate(module: str, spec: AttentionTrainingSpec) -> None:
+    from ..opkinds import _check_attention, _check_gemm
+
+    if spec.forward is not None:
+        _check_attention(module, spec.forward)
+    for g in ATTN_GEMMS:
+        _check_gemm(f"{module}.{g}", getattr(spec, g))
+
+
+def install_train_attention(installer: Installer, entries: Sequence[Any]) -> None:
+    """The ``train_attention`` op kind: the ``attention`` installer with each entry's forward
+    spec, then the training spec on each module's attention state."""
+    from ..patch import _ACTIVE_ATTENTION, install_attention
+
+    for e in entries:
+        check_attention_module(e.module, installer.modules[e.module], e.spec)
+    install_attention(installer, [replace(e, spec=e.spec.forward or AttentionSpec())
+                                  for e in entries])
+    for e in entries:
+        _ACTIVE_ATTENTION[installer.modules[e.module]].training = e.spec
+
+
+def _is_attention(name: str, m: torch.nn.Module, model: torch.nn.Module) -> bool:
+    from ..opkinds import dispatches_attention
+
+    return dispatches_attention(m)
+
+
+TRAIN_ATTENTION = OpKind(
+    "train_attention", AttentionTrainingSpec, _is_attention, install_train_attention,
+    tuple(f"{g}.{r}" for g in ("qk", "pv") for r in ("input", "weight", "output"))
+    + ("k_cache", "v_cache") + tuple(f"{g}.{r}" for g in ATTN_GEMMS for r in ("input",
+                                                                                "weight")),
+    priority=5, default_on=False, validate=_validate,
+    description="attention in training: its forward (an attention spec) and the backward "
+    "GEMMs dq, dk, dp, dv each under its own spec (docs/training.md)")
+
+
