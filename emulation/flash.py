@@ -424,8 +424,15 @@ def _tile_sum(x: torch.Tensor, r: Rq) -> torch.Tensor:
 
 
 #: P formats whose saturating RNE cast is torch's own conversion after a clamp to +-max
-_TORCH_CASTS = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2", "bf16": "bfloat16",
-                "fp16": "float16"}
+_TORCH_CASTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
+                "fp16": torch.float16}
+
+
+def _torch_dtype(f: FloatFormat) -> torch.dtype | None:
+    for name, dt in _TORCH_CASTS.items():
+        if get_format(name) == f and float(torch.finfo(dt).max) == float(f.max):
+            return dt
+    return None
 
 
 def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast function
@@ -434,8 +441,8 @@ def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast funct
     (checked bit for bit against :class:`Rq` in tests/test_flash_datapath.py), else
     :meth:`Rq.fast` through float64."""
     r = Rq(pel, overflow=Overflow.SATURATE)
-    dt = getattr(torch, _TORCH_CASTS.get(pel.name, ""), None)
-    if dt is not None and float(torch.finfo(dt).max) == float(pel.max):
+    dt = _torch_dtype(pel)
+    if dt is not None:
         mx = float(pel.max)
 
         def cast(p: torch.Tensor) -> torch.Tensor:
@@ -513,40 +520,44 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         take = first | (diff > thr)
         m_new = torch.where(take, cand, m_old)
         rescale = take & ~first & (m_new != m_old)
-        n_resc = int(rescale.sum())
+        n_resc = int(torch.count_nonzero(rescale))
         st.rescales += n_resc
-        if n_resc:
-            ax = Q32(add_ro(m_old, -m_new)).float()
-            alpha = R["alpha"](dp.exp2(torch.where(rescale, ax, 0.0)).double())
-            alpha = torch.where(rescale, alpha, 1.0)
-        else:
-            alpha = torch.ones_like(m_new)
         mo = Q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
         x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
         if live is not None:
             x = torch.where(live, x, -math.inf)
-        p = dp.exp2(x)
+        if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
+            ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+            both = dp.exp2(torch.cat([x.reshape(-1), ax.reshape(-1)]))
+            p = both[:x.numel()].reshape(x.shape)
+            alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
+            alpha = torch.where(rescale, alpha, 1.0)
+        else:
+            p = dp.exp2(x)
+            alpha = torch.ones_like(m_new)
         if live is not None:
             p = torch.where(live, p, 0.0)
         if dp.p_format is None:
             pq = p
         elif cast is not None:
             pq = cast(p)
-            st.p_saturated += int((p > float(pel.max)).sum())
+            st.p_saturated += int(torch.count_nonzero(p > float(pel.max)))
         else:
             pq = _cast_p_block(p, dp)
-        st.p_numel += int(live.sum()) if live is not None else p.numel()
+        st.p_numel += int(torch.count_nonzero(live)) if live is not None else p.numel()
         if dp.p_format is not None:
-            st.p_flushed += int(((p > 0) & (pq == 0)).sum())
+            st.p_flushed += int(torch.count_nonzero((pq == 0) & (p > 0)))
         tsum = _tile_sum(pq if quant_sum else p, rsum)
         ell_old = ell[:, :, rows]
         ell_new = R["sum"](add_ro(alpha * ell_old, tsum))
-        st.row_sum_overflow += int((torch.isinf(ell_new) & ~torch.isinf(ell_old)).sum())
+        st.row_sum_overflow += int(torch.count_nonzero(torch.isinf(ell_new)
+                                                       & ~torch.isinf(ell_old)))
         ell[:, :, rows] = ell_new
         pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv).double()
         acc_old = acc[:, :, rows]
         acc_new = R["acc"](add_ro(alpha[..., None] * acc_old, pv))
-        st.acc_overflow += int((torch.isinf(acc_new) & ~torch.isinf(acc_old)).sum())
+        st.acc_overflow += int(torch.count_nonzero(torch.isinf(acc_new)
+                                                   & ~torch.isinf(acc_old)))
         acc[:, :, rows] = acc_new
         m[:, :, rows] = m_new
     if dp.normalize is Normalize.DIVIDE:

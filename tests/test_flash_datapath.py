@@ -203,11 +203,12 @@ def test_p_cast_is_the_saturating_rounding(fmt: str) -> None:
     """The fast path casts P with torch's conversion after a clamp: bit for bit the
     saturating RNE rounding of the format (Rq) on every fp32 exponent, ties, subnormals of
     the target, values just below and far above its maximum."""
-    from precisim.emulation.flash import _p_caster
+    from precisim.emulation.flash import _p_caster, _torch_dtype
     from precisim.emulation.functions.core import Rq
     from precisim.formats import Overflow, get_format
 
     f = get_format(fmt)
+    assert _torch_dtype(f) is not None  # the torch conversion is what is tested
     g = torch.Generator().manual_seed(7)
     bits = torch.randint(0, 2**31 - 2**23, (200_000,), generator=g, dtype=torch.int64)
     rnd = bits.to(torch.int32).view(torch.float32)  # positive finite fp32 of every exponent
