@@ -456,6 +456,21 @@ def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast funct
     return slow
 
 
+def _exp2(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
+    """``unit(x)`` with its kernel compiled from 2^12 elements on (the global threshold of
+    :func:`precisim.formats.kernels.run` is 2^18): the datapath calls the unit once per tile,
+    on tensors of rows x tile elements, where the eager kernel is ~50x slower per element. The
+    compiled kernel is self-checked bit for bit against the eager one on its first call."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        return unit(x)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+
+
 def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[int, int]:
     """The rows (queries) that see at least one key of the tile ``j0:j1``: a tile is a no-op
     for the other rows (running max, sum and accumulator unchanged), so they are skipped
@@ -528,12 +543,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             x = torch.where(live, x, -math.inf)
         if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
             ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
-            both = dp.exp2(torch.cat([x.reshape(-1), ax.reshape(-1)]))
+            both = _exp2(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
             p = both[:x.numel()].reshape(x.shape)
             alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
             alpha = torch.where(rescale, alpha, 1.0)
         else:
-            p = dp.exp2(x)
+            p = _exp2(dp.exp2, x)
             alpha = torch.ones_like(m_new)
         if live is not None:
             p = torch.where(live, p, 0.0)
