@@ -493,8 +493,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Per score the steps run in float32, where each torch operation is the exact result
     rounded once to fp32 (the steps' own rounding); the per-row state (max, sum, alpha,
-    accumulator) runs in float64 with round-to-odd and one rounding to its format. Rows that
-    see no key of a tile skip it (a no-op for them)."""
+    accumulator) runs in float64 with round-to-odd and one rounding to its format (an fp32
+    accumulator in float32, except in the rows being rescaled). Rows that see no key of a tile
+    skip it (a no-op for them)."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
     vis = _visible(mask, (b, h, n_q, n_k))
@@ -514,7 +515,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dev = q.device
     m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
     ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
-    acc = torch.zeros((b, h, n_q, dv), dtype=torch.float64, device=dev)
+    acc32 = _is_fp32_rne(rq(dp.acc_format, what="acc_format"))
+    acc = torch.zeros((b, h, n_q, dv), dtype=torch.float32 if acc32 else torch.float64,
+                      device=dev)
     st = FlashStats()
     for j0, j1 in _tiles(n_k, dp):
         r0, r1 = _row_range(vis, j0, j1, n_q)
@@ -568,13 +571,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         st.row_sum_overflow += int(torch.count_nonzero(torch.isinf(ell_new)
                                                        & ~torch.isinf(ell_old)))
         ell[:, :, rows] = ell_new
-        pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv).double()
+        pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
         acc_old = acc[:, :, rows]
-        acc_new = R["acc"](add_ro(alpha[..., None] * acc_old, pv))
+        if acc32:  # float32: acc + PV is the exact sum rounded once where alpha = 1
+            acc_new = acc_old + pv
+            if n_resc:  # rescaled rows: alpha * acc exact in float64, one rounding
+                a = alpha[rescale][:, None]
+                acc_new[rescale] = Q32(add_ro(a * acc_old[rescale].double(),
+                                              pv[rescale].double())).float()
+        else:
+            acc_new = R["acc"](add_ro(alpha[..., None] * acc_old, pv.double()))
         st.acc_overflow += int(torch.count_nonzero(torch.isinf(acc_new)
                                                    & ~torch.isinf(acc_old)))
         acc[:, :, rows] = acc_new
         m[:, :, rows] = m_new
+    acc = acc.double()
     if dp.normalize is Normalize.DIVIDE:
         out = Q32(div_ro(acc, ell[..., None]))
     else:
