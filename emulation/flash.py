@@ -394,16 +394,93 @@ def _fast(r: Rq):  # noqa: ANN202 - a rounding function on float64 tensors
     return r.fast
 
 
+def _is_fp32_rne(r: Rq) -> bool:
+    """True when ``r`` is IEEE fp32 rounding (RNE, infinities, gradual underflow): what a
+    float32 torch operation does to its exact result (docs/arithmetic.md section 3.1)."""
+    return r.fmt.name == "fp32" and r.rounding is Rounding.NEAREST_EVEN \
+        and r.overflow is Overflow.INF and not r.flush
+
+
 def _tile_sum(x: torch.Tensor, r: Rq) -> torch.Tensor:
     """The pairwise sum of the last axis, every partial sum rounded by ``r`` (as
-    :class:`Reduction` ``order=pairwise`` on values of the format)."""
-    Q = _fast(r)
-    v = Q(x)
+    :class:`Reduction` ``order=pairwise`` on values of the format); float64. In fp32 the
+    partial sums are float32 additions (each the exact sum rounded once)."""
+    if _is_fp32_rne(r):
+        v = x.float()
+        add = torch.add
+    else:
+        Q = _fast(r)
+        v = Q(x.double())
+
+        def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return Q(add_ro(a.double(), b.double()))
     while v.shape[-1] > 1:
         n = v.shape[-1]
-        pair = Q(add_ro(v[..., 0:n - 1:2], v[..., 1:n:2]))
+        pair = add(v[..., 0:n - 1:2], v[..., 1:n:2])
         v = torch.cat([pair, v[..., n - 1:]], dim=-1) if n % 2 else pair
-    return v[..., 0] if v.shape[-1] else torch.zeros(v.shape[:-1], dtype=v.dtype)
+    out = v[..., 0] if v.shape[-1] else torch.zeros(v.shape[:-1], dtype=v.dtype,
+                                                    device=v.device)
+    return out.double()
+
+
+#: P formats whose saturating RNE cast is torch's own conversion after a clamp to +-max
+_TORCH_CASTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
+                "fp16": torch.float16}
+
+
+def _torch_dtype(f: FloatFormat) -> torch.dtype | None:
+    for name, dt in _TORCH_CASTS.items():
+        if get_format(name) == f and float(torch.finfo(dt).max) == float(f.max):
+            return dt
+    return None
+
+
+def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast function
+    """The saturating RNE cast of float32 P to ``pel`` on float32 tensors: torch's conversion
+    (RNE with subnormals) after clamping to the largest value where torch has the format
+    (checked bit for bit against :class:`Rq` in tests/test_flash_datapath.py), else
+    :meth:`Rq.fast` through float64."""
+    r = Rq(pel, overflow=Overflow.SATURATE)
+    dt = _torch_dtype(pel)
+    if dt is not None:
+        mx = float(pel.max)
+
+        def cast(p: torch.Tensor) -> torch.Tensor:
+            return p.clamp(-mx, mx).to(dt).float()
+
+        return cast
+
+    def slow(p: torch.Tensor) -> torch.Tensor:
+        return r.fast(p.double()).float()
+
+    return slow
+
+
+def _exp2(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
+    """``unit(x)`` with its kernel compiled from 2^12 elements on (the global threshold of
+    :func:`precisim.formats.kernels.run` is 2^18): the datapath calls the unit once per tile,
+    on tensors of rows x tile elements, where the eager kernel is ~50x slower per element. The
+    compiled kernel is self-checked bit for bit against the eager one on its first call."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        return unit(x)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+
+
+def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[int, int]:
+    """The rows (queries) that see at least one key of the tile ``j0:j1``: a tile is a no-op
+    for the other rows (running max, sum and accumulator unchanged), so they are skipped
+    (the causal triangle)."""
+    if vis is None:
+        return 0, n_q
+    rows = vis[..., j0:j1].any(-1).reshape(-1, n_q).any(0).nonzero()
+    if rows.numel() == 0:
+        return 0, 0
+    return int(rows[0]), int(rows[-1]) + 1
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -412,64 +489,103 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h, n_k, d), ``v`` (b, h, n_k, dv)
     (heads already repeated for grouped-query attention) with ``mask`` (broadcastable to
     (b, h, n_q, n_k): additive 0 / -inf, or boolean visible) and the softmax ``scaling``;
-    float32 (b, h, n_q, dv). Counts go to ``stats`` when given."""
+    float32 (b, h, n_q, dv). Counts go to ``stats`` when given.
+
+    Per score the steps run in float32, where each torch operation is the exact result
+    rounded once to fp32 (the steps' own rounding); the per-row state (max, sum, alpha,
+    accumulator) runs in float64 with round-to-odd and one rounding to its format (an fp32
+    accumulator in float32, except in the rows being rescaled). Rows that see no key of a tile
+    skip it (a no-op for them)."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
     vis = _visible(mask, (b, h, n_q, n_k))
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = _scale_const(scaling)
+    c32 = torch.tensor(c, dtype=torch.float32, device=q.device)
     Q32 = _fast(rq("fp32"))
     R = {w: _fast(rq(getattr(dp, f"{w}_format"), what=f"{w}_format"))
          for w in ("max", "sum", "alpha", "acc")}
     rsum = rq(dp.sum_format, what="sum_format")
     pel = dp.p_element
-    cast = Rq(pel, overflow=Overflow.SATURATE).fast if pel is not None else None
+    cast = _p_caster(pel) if pel is not None else None
     off = float(dp.max_offset)
     thr = dp.rescale_threshold
+    quant_sum = dp.row_sum is RowSum.QUANTIZED
     dev = q.device
     m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
     ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
-    acc = torch.zeros((b, h, n_q, dv), dtype=torch.float64, device=dev)
+    acc32 = _is_fp32_rne(rq(dp.acc_format, what="acc_format"))
+    acc = torch.zeros((b, h, n_q, dv), dtype=torch.float32 if acc32 else torch.float64,
+                      device=dev)
     st = FlashStats()
     for j0, j1 in _tiles(n_k, dp):
-        s = _matmul(qq, kq[:, :, j0:j1], gqk).double()
-        t = Q32(s * c)
+        r0, r1 = _row_range(vis, j0, j1, n_q)
+        if r0 == r1:
+            continue
+        rows = slice(r0, r1)
+        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
+        t = s * c32  # float32: fp32(S * c)
         if vis is not None:
-            t = torch.where(vis[..., j0:j1], t, -math.inf)
+            t = torch.where(vis[:, :, rows, j0:j1], t, -math.inf)
         live = t != -math.inf
-        cand = R["max"](torch.maximum(m, t.amax(-1)))
-        first = m == -math.inf
-        diff = Q32(add_ro(cand, -m))
+        if bool(live.all()):
+            live = None
+        m_old = m[:, :, rows]
+        cand = R["max"](torch.maximum(m_old, t.amax(-1).double()))
+        first = m_old == -math.inf
+        diff = Q32(add_ro(cand, -m_old))
         take = first | (diff > thr)
-        m_new = torch.where(take, cand, m)
-        rescale = take & ~first & (m_new != m)
-        st.rescales += int(rescale.sum())
-        ax = Q32(add_ro(m, -m_new)).float()
-        alpha = R["alpha"](dp.exp2(torch.where(rescale, ax, 0.0)).double())
-        alpha = torch.where(rescale, alpha, 1.0)
-        mo = Q32(add_ro(m_new, torch.full_like(m_new, -off)))
-        x = Q32(add_ro(t, -mo[..., None]))
-        x = torch.where(live, x, -math.inf)
-        p = torch.where(live, dp.exp2(x.float()).double(), 0.0)
+        m_new = torch.where(take, cand, m_old)
+        rescale = take & ~first & (m_new != m_old)
+        n_resc = int(torch.count_nonzero(rescale))
+        st.rescales += n_resc
+        mo = Q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
+        x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
+        if live is not None:
+            x = torch.where(live, x, -math.inf)
+        if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
+            ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+            both = _exp2(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
+            p = both[:x.numel()].reshape(x.shape)
+            alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
+            alpha = torch.where(rescale, alpha, 1.0)
+        else:
+            p = _exp2(dp.exp2, x)
+            alpha = torch.ones_like(m_new)
+        if live is not None:
+            p = torch.where(live, p, 0.0)
         if dp.p_format is None:
             pq = p
         elif cast is not None:
             pq = cast(p)
-            st.p_saturated += int((p > float(pel.max)).sum())
+            st.p_saturated += int(torch.count_nonzero(p > float(pel.max)))
         else:
-            pq = _cast_p_block(p, dp).double()
-        st.p_numel += int(live.sum())
-        st.p_flushed += int(((p > 0) & (pq == 0)).sum())
-        tsum = _tile_sum(pq if dp.row_sum is RowSum.QUANTIZED else p, rsum)
-        was_inf = torch.isinf(ell)
-        ell = R["sum"](add_ro(alpha * ell, tsum))
-        st.row_sum_overflow += int((torch.isinf(ell) & ~was_inf).sum())
-        pv = _matmul(pq.float(), vq[:, :, j0:j1].transpose(-1, -2), gpv).double()
-        acc_inf = torch.isinf(acc)
-        acc = R["acc"](add_ro(alpha[..., None] * acc, pv))
-        st.acc_overflow += int((torch.isinf(acc) & ~acc_inf).sum())
-        m = m_new
+            pq = _cast_p_block(p, dp)
+        st.p_numel += int(torch.count_nonzero(live)) if live is not None else p.numel()
+        if dp.p_format is not None:
+            st.p_flushed += int(torch.count_nonzero((pq == 0) & (p > 0)))
+        tsum = _tile_sum(pq if quant_sum else p, rsum)
+        ell_old = ell[:, :, rows]
+        ell_new = R["sum"](add_ro(alpha * ell_old, tsum))
+        st.row_sum_overflow += int(torch.count_nonzero(torch.isinf(ell_new)
+                                                       & ~torch.isinf(ell_old)))
+        ell[:, :, rows] = ell_new
+        pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
+        acc_old = acc[:, :, rows]
+        if acc32:  # float32: acc + PV is the exact sum rounded once where alpha = 1
+            acc_new = acc_old + pv
+            if n_resc:  # rescaled rows: alpha * acc exact in float64, one rounding
+                a = alpha[rescale][:, None]
+                acc_new[rescale] = Q32(add_ro(a * acc_old[rescale].double(),
+                                              pv[rescale].double())).float()
+        else:
+            acc_new = R["acc"](add_ro(alpha[..., None] * acc_old, pv.double()))
+        st.acc_overflow += int(torch.count_nonzero(torch.isinf(acc_new)
+                                                   & ~torch.isinf(acc_old)))
+        acc[:, :, rows] = acc_new
+        m[:, :, rows] = m_new
+    acc = acc.double()
     if dp.normalize is Normalize.DIVIDE:
         out = Q32(div_ro(acc, ell[..., None]))
     else:
@@ -513,8 +629,11 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ninf = -math.inf
     st = FlashStats()
     # the GEMM tiles (shared calls, as on the fast side)
+    # (rows that see no key of a tile take the tile's steps with T = 0: the fast path skips
+    # them, and these steps check that skipping them is a no-op)
     tiles = _tiles(n_k, dp)
-    S = {j0: _matmul(qq, kq[:, :, j0:j1], gqk) for j0, j1 in tiles}
+    rr = {j0: _row_range(vis, j0, j1, n_q) for j0, j1 in tiles}
+    S = {j0: _matmul(qq[:, :, rr[j0][0]:rr[j0][1]], kq[:, :, j0:j1], gqk) for j0, j1 in tiles}
     m = [[[ninf] * n_q for _ in range(h)] for _ in range(b)]
     ell: list = [[[Fraction(0)] * n_q for _ in range(h)] for _ in range(b)]
     acc: list = [[[[Fraction(0)] * dv for _ in range(n_q)] for _ in range(h)] for _ in range(b)]
@@ -530,7 +649,8 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         if vis is not None and not bool(vis[bi, hi, r, jj]):
                             ts.append(ninf)
                         else:
-                            ts.append(r32.exact(Fraction(float(S[j0][bi, hi, r, jj - j0])) * c))
+                            s = S[j0][bi, hi, r - rr[j0][0], jj - j0]
+                            ts.append(r32.exact(Fraction(float(s)) * c))
                     mo = m[bi][hi][r]
                     tmax: ex.Value = ninf
                     for t in ts:
@@ -569,7 +689,10 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         elif cast is None:
             Pq = _cast_p_block(P, dp)
         st.p_flushed += int(((P > 0) & (Pq == 0)).sum())
-        T = _matmul(Pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
+        r0, r1 = rr[j0]
+        T = torch.zeros(b, h, n_q, dv, dtype=torch.float32)
+        if r1 > r0:
+            T[:, :, r0:r1] = _matmul(Pq[:, :, r0:r1], vq[:, :, j0:j1].transpose(-1, -2), gpv)
         src = Pq if dp.row_sum is RowSum.QUANTIZED else P
         for bi in range(b):
             for hi in range(h):

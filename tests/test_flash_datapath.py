@@ -196,3 +196,27 @@ def test_lookup_style() -> None:
     with pytest.raises(ValueError, match="unknown key"):
         AttentionDatapath.parse({"tiles": 3})
     assert AttentionDatapath.parse(dp.to_dict()) == dp
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "bf16", "fp16"])
+def test_p_cast_is_the_saturating_rounding(fmt: str) -> None:
+    """The fast path casts P with torch's conversion after a clamp: bit for bit the
+    saturating RNE rounding of the format (Rq) on every fp32 exponent, ties, subnormals of
+    the target, values just below and far above its maximum."""
+    from precisim.emulation.flash import _p_caster, _torch_dtype
+    from precisim.emulation.functions.core import Rq
+    from precisim.formats import Overflow, get_format
+
+    f = get_format(fmt)
+    assert _torch_dtype(f) is not None  # the torch conversion is what is tested
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(0, 2**31 - 2**23, (200_000,), generator=g, dtype=torch.int64)
+    rnd = bits.to(torch.int32).view(torch.float32)  # positive finite fp32 of every exponent
+    mx, tiny = float(f.max), float(f.min_normal) * 2.0 ** -f.man_bits
+    grid = torch.arange(0, 4096, dtype=torch.float64)
+    special = torch.cat([grid * tiny / 2, mx * (1 + grid / 8192), mx / (1 + grid / 4096),
+                         torch.tensor([0.0, mx, 2 * mx, 1e30, 3.0e38])]).float()
+    p = torch.cat([rnd, special, -special])
+    want = Rq(f, overflow=Overflow.SATURATE).fast(p.double()).float()
+    got = _p_caster(f)(p)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -23,7 +23,8 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
 #: notebooks that take more than ~2 minutes on the 2-core machine (run with ``-m slow``)
 SLOW: set[str] = {"03_llm_under_arithmetic.ipynb", "04_vendor_spec_table.ipynb",
-                   "05_datapath_functions.ipynb", "06_does_it_train.ipynb",
+                   "05_datapath_functions.ipynb", "05b_attention_datapath.ipynb",
+                   "06_does_it_train.ipynb",
                    "07_cost_and_speed.ipynb"}
 
 #: per-cell timeout (seconds): generous, the machine is shared
@@ -65,6 +66,7 @@ NEEDS: dict[str, tuple[Callable[[], str | None], ...]] = {
     "03_llm_under_arithmetic.ipynb": (_smollm2, _wikitext),
     "04_vendor_spec_table.ipynb": (_smollm2, _wikitext),
     "05_datapath_functions.ipynb": (_smollm2, _wikitext),
+    "05b_attention_datapath.ipynb": (_smollm2, _wikitext),
     "06_does_it_train.ipynb": (_smollm2, _wikitext),
     "07_cost_and_speed.ipynb": (_smollm2, _wikitext),
 }
