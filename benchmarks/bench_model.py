@@ -3,9 +3,9 @@
 SmolLM2-135M (the test model) on one 1024-token WikiText-2 sequence: the unpatched forward
 (the model's own attention, sdpa) against the same forward under ``mxfp8``, ``mxfp4``,
 ``nvfp4`` (fake-quant GEMMs) and ``deepseek-fp8`` with its accumulator model in both
-fidelities. Targets (issue 4): fake-quant recipes <= 1.5x the unpatched forward, bit-exact
-accumulator recipes <= 20x. ``attn:NAME`` rows run every attention call through the attention
-datapath NAME (docs/attention-datapath.md; its QK/PV GEMMs fake-quant, P quantized):
+fidelities. Targets (issues 4 and 12): fake-quant recipes <= 1.5x the unpatched forward,
+telemetry on or off; bit-exact accumulator recipes <= 10x (issue 4 asked <= 20x). ``attn:NAME``
+rows run every attention call through the attention datapath NAME (docs/attention-datapath.md; its QK/PV GEMMs fake-quant, P quantized):
 target <= 3x; ``attn:NAME@exact`` puts both GEMMs on the bit-exact ``h100-e4m3`` matrix unit:
 target <= 25x (issue 16).
 
@@ -201,13 +201,14 @@ def main() -> None:
         f"| unpatched ({model.config._attn_implementation}) | {statistics.median(base):.2f} | "
         f"1.00 | | {mem['unpatched']:.0f} | |"]
     for label, _, exact in cases:
-        # issue 4: fake quant <= 1.5x, bit-exact units <= 20x (a unit's fast model: no target);
+        # issue 12: fake quant <= 1.5x (telemetry on or off), bit-exact units <= 10x (issue 4
+        # had 20x; a unit's fast model: no target);
         # issue 15: fake quant plus the emulated softmax / norm / activation units <= 2x
         # issue 16: attention datapath with fake-quant QK/PV <= 3x, bit-exact QK/PV <= 25x
         if label.startswith("attention datapath"):
             target = 25.0 if exact else 3.0
         else:
-            target = 20.0 if exact else None if "(fast)" in label else \
+            target = 10.0 if exact else None if "(fast)" in label else \
                 2.0 if "units" in label else 1.5
         r = statistics.median(ratios[label])
         goal = "" if target is None else f"<= {target:g} {'ok' if r <= target else 'MISSED'}"
