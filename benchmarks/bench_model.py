@@ -6,7 +6,8 @@ SmolLM2-135M (the test model) on one 1024-token WikiText-2 sequence: the unpatch
 fidelities. Targets (issues 4 and 12): fake-quant recipes <= 1.5x the unpatched forward,
 telemetry on or off; bit-exact accumulator recipes <= 10x (issue 4 asked <= 20x). ``attn:NAME``
 rows run every attention call through the attention datapath NAME
-(docs/attention-datapath.md; its QK/PV GEMMs fake-quant, P quantized): target <= 3x; ``attn:NAME@exact`` puts both GEMMs on the bit-exact ``h100-e4m3`` matrix unit:
+(docs/attention-datapath.md; its QK/PV GEMMs fake-quant, P quantized): target <= 3x;
+``attn:NAME@exact`` puts both GEMMs on the bit-exact ``h100-e4m3`` matrix unit:
 target <= 25x (issue 16).
 
 Each repetition runs the unpatched forward and then every recipe back to back; a recipe's
