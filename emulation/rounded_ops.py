@@ -30,10 +30,11 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
-from precisim.formats import FloatFormat, Overflow, Rounding
+from precisim.formats import FloatFormat, Overflow, Rounding, kernels
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -123,12 +124,15 @@ class Rounded:
 
     # -- the arithmetic ------------------------------------------------------------------
     def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``Q(a + b)`` of two float tensors of at most 53-bit values (float64 result)."""
-        return self.rq.fast(add_ro(a.detach().double(), b.detach().double()))
+        """``Q(a + b)`` of two float tensors of at most 53-bit values (float64 result; one
+        compiled kernel for large operands, :func:`precisim.formats.kernels.run`)."""
+        a, b = torch.broadcast_tensors(a.detach(), b.detach())
+        return kernels.run(_add_kernel(self.rq), ("rounded-add", self.rq), a.numel(), a, b)
 
     def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``Q(a b)`` of two float tensors of at most 26-bit values (float64 result)."""
-        return self.rq.fast(a.detach().double() * b.detach().double())
+        a, b = torch.broadcast_tensors(a.detach(), b.detach())
+        return kernels.run(_mul_kernel(self.rq), ("rounded-mul", self.rq), a.numel(), a, b)
 
     def add_reference(self, a: float, b: float) -> Value:
         """The exact ``Q(a + b)`` of two floats (Fractions; signed zeros and infinities as
@@ -139,6 +143,20 @@ class Rounded:
         """The exact ``Q(a b)`` of two floats (Fractions; signed zeros and infinities as
         IEEE 754)."""
         return self.rq.exact(ex.mul(ex.value(a), ex.value(b)))
+
+
+@lru_cache(maxsize=64)
+def _add_kernel(r: Rq):  # noqa: ANN202 - a closure over the rounding
+    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return r.fast(add_ro(a.double(), b.double()))
+    return add
+
+
+@lru_cache(maxsize=64)
+def _mul_kernel(r: Rq):  # noqa: ANN202 - a closure over the rounding
+    def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return r.fast(a.double() * b.double())
+    return mul
 
 
 def _count(installer: Installer, name: str, own: torch.Tensor, y: torch.Tensor,

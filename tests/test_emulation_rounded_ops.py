@@ -213,3 +213,21 @@ def test_a_layer_without_residual_adds_is_refused() -> None:
         del layer.forward
     assert _state(model) == before
     assert torch.equal(_logits(model), ref)
+
+
+def test_compiled_equals_eager() -> None:
+    """The torch.compile'd kernels of the sum and the product give the eager kernels' bits
+    (benchmarks/bench_functions.py times them)."""
+    from precisim.formats import kernels
+
+    a, b = _operands()
+    for spec, op in ((Rounded("bf16"), "add"), (Rounded("e4m3", rounding="rtz"), "mul")):
+        old = kernels.get_backend()
+        try:
+            kernels.set_backend("eager")
+            want = getattr(spec, op)(a, b)
+            kernels.set_backend("compile")
+            got = getattr(spec, op)(a, b)
+        finally:
+            kernels.set_backend(old)
+        assert torch.equal(want.view(torch.int64), got.view(torch.int64)), (spec, op)
