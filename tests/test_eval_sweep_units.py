@@ -42,6 +42,12 @@ def test_sweep_over_unit_recipes(tiny_checkpoint, tiny_text, tmp_path, capsys) -
     for name in ("sm-lut16", "silu-lut16", "stream-e4m3"):
         assert by[name]["kl"] > by["exact-units"]["kl"], name
     assert len({r["content_hash"] for r in recs}) == len(RECIPES)
+    # the vendor table describes the units (sheet field recipes_resolved[].datapath)
+    from precisim.emulation import Recipe
+    from precisim.eval.spec import _recipe_info
+
+    dp = _recipe_info(Recipe.load(files[-1]))["datapath"]
+    assert dp == {"glu": "glu bf16", "residual": "residual float8_e4m3fn"}
     capsys.readouterr()  # a re-run finds every cell stored
     assert main(["sweep", str(spec), "--store", str(store)]) == 0
     assert f"{len(RECIPES)} cells" in capsys.readouterr().out
