@@ -124,15 +124,31 @@ class Rounded:
 
     # -- the arithmetic ------------------------------------------------------------------
     def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``Q(a + b)`` of two float tensors of at most 53-bit values (float64 result; one
-        compiled kernel for large operands, :func:`precisim.formats.kernels.run`)."""
-        a, b = torch.broadcast_tensors(a.detach(), b.detach())
-        return kernels.run(_add_kernel(self.rq), ("rounded-add", self.rq), a.numel(), a, b)
+        """``Q(a + b)`` of two float tensors of at most 24-bit values (float32 result)."""
+        return self._run("add", a, b)
 
     def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``Q(a b)`` of two float tensors of at most 26-bit values (float64 result)."""
+        """``Q(a b)`` of two float tensors of at most 24-bit values (float32 result)."""
+        return self._run("mul", a, b)
+
+    def _run(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The exact result rounded to odd in float64 (one compiled kernel for large operands,
+        :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
+        most 22 bits of precision whose smallest subnormal is at least 2^-147, the float64
+        value is first rounded to odd at float32 (two or more bits finer than the format
+        everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last rounding
+        is :func:`precisim.formats.quantize` of that float32 tensor; otherwise
+        :meth:`Rq.fast` rounds the float64 value."""
         a, b = torch.broadcast_tensors(a.detach(), b.detach())
-        return kernels.run(_mul_kernel(self.rq), ("rounded-mul", self.rq), a.numel(), a, b)
+        f = self.format
+        if f.man_bits + 1 <= 22 and f.min_subnormal >= 2.0 ** -147:  # type: ignore[union-attr]
+            from precisim.formats import quantize
+
+            s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), a.numel(), a, b)
+            return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
+                            flush_output=self.flush)
+        return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
+                           b).float()
 
     def add_reference(self, a: float, b: float) -> Value:
         """The exact ``Q(a + b)`` of two floats (Fractions; signed zeros and infinities as
@@ -145,18 +161,42 @@ class Rounded:
         return self.rq.exact(ex.mul(ex.value(a), ex.value(b)))
 
 
-@lru_cache(maxsize=64)
-def _add_kernel(r: Rq):  # noqa: ANN202 - a closure over the rounding
-    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return r.fast(add_ro(a.double(), b.double()))
-    return add
+def _exact(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` rounded to odd at 53 bits, or the exact ``a b``, in float64."""
+    a, b = a.double(), b.double()
+    return add_ro(a, b) if op == "add" else a * b
+
+
+def _rto32(v: torch.Tensor) -> torch.Tensor:
+    """float64 ``v`` rounded to odd at float32 (finite values stay finite: beyond float32's
+    range, its largest value, whose last bit is odd)."""
+    f = v.float()
+    f = torch.where(torch.isinf(f) & torch.isfinite(v), torch.copysign(
+        torch.full_like(f, torch.finfo(torch.float32).max), f), f)
+    back = f.double()
+    mag = f.abs().view(torch.int32)
+    fix = (back != v) & ((mag & 1) == 0) & ~torch.isnan(v)
+    step = torch.where(back.abs() < v.abs(), 1, -1).to(torch.int32)
+    mag = torch.where(fix, mag + step, mag)
+    return torch.copysign(mag.view(torch.float32), v.float())
+
+
+def _add_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _rto32(_exact("add", a, b))
+
+
+def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _rto32(_exact("mul", a, b))
+
+
+_RTO32 = {"add": _add_rto32, "mul": _mul_rto32}
 
 
 @lru_cache(maxsize=64)
-def _mul_kernel(r: Rq):  # noqa: ANN202 - a closure over the rounding
-    def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return r.fast(a.double() * b.double())
-    return mul
+def _kernel(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return r.fast(_exact(op, a, b))
+    return run
 
 
 def _count(installer: Installer, name: str, own: torch.Tensor, y: torch.Tensor,
@@ -286,7 +326,7 @@ def install_glu(installer: Installer, entries: Sequence[PlanEntry]) -> None:
                                      "this call; the glu op kind cannot emulate it")
             y = spec.mul(a, u)
             if installer.emulation.telemetry is not None:
-                _count(installer, name, a.double() * u.double(), y, spec)
+                _count(installer, name, _exact("mul", a, u), y, spec)
             return (y.to(p.dtype), *args[1:])
 
         for key, child in (("a", roles.act), ("u", roles.up)):
@@ -340,8 +380,8 @@ class _ResidualMode(TorchFunctionMode):
             return func(*args, **kwargs)
         y = self.spec.add(a, b)
         if self.installer.emulation.telemetry is not None:
-            own = add_ro(a.detach().double(), b.detach().double())
-            _count(self.installer, self.name, own, y, self.spec)
+            _count(self.installer, self.name, _exact("add", a.detach(), b.detach()), y,
+                   self.spec)
         if func in _IN_PLACE:  # r += h: the sum is written into r (a stream tensor already)
             with torch.no_grad():
                 out = a.copy_(y)
