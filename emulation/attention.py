@@ -22,6 +22,13 @@ function under :class:`~precisim.emulation.patch` 's matmul routing), checked by
 row-local along the keys (an element format with deterministic rounding, or blocks / a whole
 row along the keys, no tensor-level scale). Anything else (per-tensor FP8 scaling of P,
 stochastic rounding, a bit-exact unit, a different attention function) runs the generic path.
+
+With an emulated softmax (the ``softmax`` op kind, docs/arithmetic.md section 7.8) the
+``torch.softmax`` call below goes through the op kind's function mode like the generic path's,
+and no keys are skipped (``skip_keys=False``): the softmax unit sees every row exactly as the
+generic path gives it (the skipped keys' masked scores, not -inf padding, whose image under an
+arbitrary exp unit need not be the same), so both paths agree bit for bit
+(tests/test_emulation_datapath.py).
 """
 
 from __future__ import annotations
@@ -149,10 +156,11 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                       spec: AttentionSpec, align: int, *, name: str,
-                      telemetry: Telemetry | None, key_ends: KeyEnds
+                      telemetry: Telemetry | None, key_ends: KeyEnds, skip_keys: bool = True
                       ) -> tuple[torch.Tensor, None]:
     """The standard eager attention under ``spec`` (see module doc); returns
-    ``(output (b, q, h, d) in the query's dtype, None)``."""
+    ``(output (b, q, h, d) in the query's dtype, None)``. ``skip_keys=False``: every key of
+    every row chunk is computed (an emulated softmax, see module doc)."""
     qk, pv = spec.qk, spec.pv
     assert qk is not None and pv is not None
     dtype = query.dtype
@@ -170,7 +178,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     b, h, n_q, d = q.shape
     n_k = kq.values.shape[-2]
     rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
-    ends = key_ends.get(mask, n_q, n_k, rows, align)
+    ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [n_k] * len(
+        range(0, n_q, rows))
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.values.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):

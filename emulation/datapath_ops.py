@@ -15,6 +15,7 @@ module's own output: ``saturated`` (the own value beyond the output format's ran
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
     from .opkinds import Installer
     from .patch import PlanEntry
 
-__all__ = ["activation_of", "install_activation", "install_normalization", "install_softmax",
-           "is_activation", "is_norm", "norm_kind_of"]
+__all__ = ["activation_of", "emulated_softmax", "install_activation", "install_normalization",
+           "install_softmax", "is_activation", "is_norm", "norm_kind_of"]
 
 _PROBE = torch.linspace(-6.0, 6.0, 97)
 
@@ -173,6 +174,15 @@ def install_activation(installer: Installer, entries: Sequence[PlanEntry]) -> No
 
 _SOFTMAXES = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax}
 
+#: attention modules whose softmax an applied emulation replaces, and the unit
+_EMULATED: weakref.WeakKeyDictionary[nn.Module, Softmax] = weakref.WeakKeyDictionary()
+
+
+def emulated_softmax(module: nn.Module) -> Softmax | None:
+    """The :class:`Softmax` that an applied emulation runs inside ``module``'s attention
+    function, or None (the chunked attention path, emulation/attention.py, reads it)."""
+    return _EMULATED.get(module)
+
 
 class _SoftmaxMode(TorchFunctionMode):
     """Replaces the softmax calls of one attention forward by an emulated :class:`Softmax`."""
@@ -210,6 +220,8 @@ def install_softmax(installer: Installer, entries: Sequence[PlanEntry]) -> None:
     for e in entries:
         m = installer.modules[e.module]
         modes: list[_SoftmaxMode] = []
+        _EMULATED[m] = e.spec
+        installer.on_restore(lambda m=m: _EMULATED.pop(m, None))
 
         def pre(module: nn.Module, args: tuple, name: str = e.module, spec: Softmax = e.spec,
                 modes: list[_SoftmaxMode] = modes) -> None:

@@ -438,8 +438,9 @@ for _kind in (
 
 
 def _register_datapath_kinds() -> None:
-    """The opt-in kinds of the units beyond the GEMM (docs/arithmetic.md section 7.8)."""
+    """The opt-in kinds of the units beyond the GEMM (docs/arithmetic.md sections 7.8 and 7.9)."""
     from . import datapath_ops as d
+    from . import rounded_ops as r
     from .functions import Activation, Norm, Softmax
 
     for kind in (
@@ -455,6 +456,14 @@ def _register_datapath_kinds() -> None:
                family="activation", default_on=False,
                description="every SiLU / GELU activation module (recognised by behaviour): "
                "a function unit, or exp and rcp units"),
+        OpKind("glu", r.Rounded, r.is_glu, r.install_glu, ("output",), family="glu",
+               default_on=False,
+               description="the gated product act(gate) * up of every gated MLP (recognised "
+               "on a probe input), computed exactly and rounded once"),
+        OpKind("residual", r.Rounded, r.is_residual_block, r.install_residual, ("output",),
+               family="residual", default_on=False,
+               description="the residual adds of every decoder layer (input plus a "
+               "sub-module's output), computed exactly and rounded once"),
     ):
         OP_KINDS.register(kind.name, kind)
 

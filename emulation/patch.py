@@ -466,9 +466,12 @@ def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
                                             and attention_mask.dim() == 4
                                             and attention_mask.shape[-2:] == (query.shape[-2],
                                                                               key.shape[-2]))):
+        from .datapath_ops import emulated_softmax
+
         return chunked_attention(module, query, key, value, attention_mask, float(scaling),
                                  st.spec, align, name=st.name, telemetry=st.handle.telemetry,
-                                 key_ends=st.key_ends)
+                                 key_ends=st.key_ends,
+                                 skip_keys=emulated_softmax(module) is None)
     mode = _AttentionMatmuls(st)
     with mode:
         out = eager(module, query, key, value, attention_mask, *args, **kwargs)

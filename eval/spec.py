@@ -238,7 +238,7 @@ def _format_info(spec: TensorSpec | None) -> dict[str, Any] | None:
 
 
 #: the op kinds of the units beyond the GEMM that a spec sheet describes
-DATAPATH_KINDS = ("softmax", "normalization", "activation")
+DATAPATH_KINDS = ("softmax", "normalization", "activation", "glu", "residual")
 
 
 def _recipe_info(r: Recipe, model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -257,8 +257,10 @@ def _recipe_info(r: Recipe, model: torch.nn.Module | None = None) -> dict[str, A
     info["units"] = {u.name: {"summary": u.summary(), "description": u.description,
                               "params": unit_to_dict(u)} for u in r.matrix_units()}
     info["cost"] = _cost_info(r, model)
-    # the units beyond the GEMM (docs/arithmetic.md section 7.8), where the recipe names them
-    dp = {k: r.spec(k).describe() for k in DATAPATH_KINDS
+    # the units beyond the GEMM (docs/arithmetic.md sections 7.8, 7.9), where the recipe names
+    # them (the one-rounding kinds glu / residual are labelled, their spec is a bare format)
+    dp = {k: (f"{k} {r.spec(k).describe()}" if k in ("glu", "residual")
+              else r.spec(k).describe()) for k in DATAPATH_KINDS
           if k in OP_KINDS and r.spec(k) is not None}
     if dp:
         info["datapath"] = dp
@@ -428,7 +430,7 @@ DESIGN_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
     ("mem_kv", "KV mem vs bf16"),
 ]
 #: shown after :data:`DESIGN_COLUMNS` when a recipe of the sheet names the units beyond the GEMM
-DATAPATH_COLUMN = ("datapath", "softmax / norm / activation")
+DATAPATH_COLUMN = ("datapath", "softmax / norm / activation / glu / residual")
 
 #: modelled, not measured (precisim.eval.cost, docs/cost-perf.md): the linear layers' GEMM
 #: datapath per product, relative to a bf16 multiply with fp32 accumulation. Shown for sheets

@@ -185,3 +185,45 @@ def test_cli_refuses_an_unknown_unit_in_a_recipe_file(tmp_path) -> None:
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "'softmax-fast'" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+CHUNK_SOFTMAXES = ["softmax-bf16", "softmax-poly3-rcp", "softmax-lut16",
+                   {"base": "softmax-exact", "exp": "expf-fast-bound"},
+                   {"base": "softmax-bf16", "input_format": "e4m3", "sub_format": "e4m3",
+                    "max_of": "input", "output_format": "e4m3"}]
+
+
+@pytest.mark.parametrize("sm", CHUNK_SOFTMAXES, ids=str)
+def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  # noqa: ANN001
+    """The chunked fake-quant attention path (emulation/attention.py; forced into 16-row
+    chunks so that row chunks and the masked triangle arise) runs the emulated softmax and
+    gives the generic path's logits and softmax telemetry bit for bit."""
+    from precisim.emulation import attention, patch
+
+    model = _llama()
+    bf16 = Recipe.from_yaml("name: b\nattention: bf16\nlinear: bf16")
+    r = Recipe("x", attention=bf16.attention, linear=bf16.linear, softmax=sm)
+    with emulate(model, bf16):
+        plain = _logits(model)
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
+    calls = []
+    own = patch.chunked_attention
+    monkeypatch.setattr(patch, "chunked_attention",
+                        lambda *a, **k: calls.append(k["skip_keys"]) or own(*a, **k))
+
+    def run():  # noqa: ANN202
+        with emulate(model, r) as em:
+            y = _logits(model)
+            tel = {t["module"]: (t["numel"], t["saturated"], t["flushed"])
+                   for t in em.telemetry.records() if t["role"] == "output"}
+        return y, tel
+
+    chunked, tel_chunked = run()
+    assert calls == [False, False]  # both layers chunked, every key computed
+    monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
+    generic, tel_generic = run()
+    assert len(calls) == 2
+    assert torch.equal(chunked, generic)
+    assert tel_chunked == tel_generic and len(tel_chunked) == 2
+    if "exp" not in sm:  # the emulated softmax ran (the bound model's few ulps of fp32 exp
+        assert not torch.equal(chunked, plain)  # vanish when P is rounded to bf16)

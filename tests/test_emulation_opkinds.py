@@ -259,8 +259,8 @@ def test_op_kind_descriptions_are_checked() -> None:
     with pytest.raises(ValueError, match="registered already"):
         OP_KINDS.register("linear", OP_KINDS.get("linear"))
     assert OP_KINDS.names() == ["linear", "attention", "embedding", "lm_head", "softmax",
-                                "normalization", "activation", "train_linear",
-                                "train_attention"]
+                                "normalization", "activation", "glu", "residual",
+                                "train_linear", "train_attention"]
     assert OP_KINDS.get("op:LM-head").name == "lm_head"
     assert OP_KINDS.get("attention").telemetry_keys("a")[:2] == [("a.qk", "input"),
                                                                   ("a.qk", "weight")]
@@ -419,8 +419,8 @@ def test_renamed_attention_in_a_model_is_emulated() -> None:
 
 @pytest.mark.parametrize("text, needle", [
     ("name: x\nnorm: e4m3", "unknown key(s) 'norm'; accepted: name, description, linear, "
-     "attention, embedding, lm_head, softmax, normalization, activation, train_linear, "
-     "train_attention, rules"),
+     "attention, embedding, lm_head, softmax, normalization, activation, glu, residual, "
+     "train_linear, train_attention, rules"),
     ("name: x\nlm-haed: bf16", "'lm-haed' (did you mean 'lm_head'?)"),
     ("rules: [{match: 'a.*', atention: null}]", "'atention' (did you mean 'attention'?); "
      "accepted: match, kind, linear, attention, embedding, lm_head, softmax, normalization, "
@@ -435,8 +435,8 @@ def test_unknown_op_kinds_in_recipes_and_rules(text: str, needle: str) -> None:
 
 def test_unknown_op_kinds_in_code() -> None:
     msg = ("unknown op kind 'linera'; did you mean 'linear', 'train_linear'?; available: "
-           "linear, attention, embedding, lm_head, softmax, normalization, activation, "
-           "train_linear, train_attention")
+           "linear, attention, embedding, lm_head, softmax, normalization, activation, glu, "
+           "residual, train_linear, train_attention")
     with pytest.raises(UnknownOpKindError, match=msg.replace("?", r"\?")):
         Recipe("x", linera="mxfp8")
     with pytest.raises(UnknownOpKindError, match="rule 'a.\\*': unknown op kind 'lm_haed'"):
@@ -452,7 +452,7 @@ def test_unknown_op_kinds_in_code() -> None:
 def test_registered_kinds_are_accepted_and_unregistered_ones_rejected(norm_kind) -> None:
     with pytest.raises(UnknownOpKindError, match="accepted: name, description, linear, "
                        "attention, embedding, lm_head, softmax, normalization, activation, "
-                       "train_linear, train_attention, norm, rules"):
+                       "glu, residual, train_linear, train_attention, norm, rules"):
         Recipe.from_yaml("name: x\nnrom: e4m3")
     assert Recipe.from_yaml("name: x\nnorm: e4m3").norm == TensorSpec("e4m3")
     OP_KINDS.unregister("norm")

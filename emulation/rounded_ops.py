@@ -1,0 +1,429 @@
+"""The op kinds ``glu`` and ``residual`` (docs/arithmetic.md section 7.9): the gated product
+``act(gate) * up`` of every gated MLP and the residual adds of every decoder layer, each
+computed exactly and rounded once by a :class:`Rounded` spec (a format, a rounding, an
+overflow policy, flush-to-zero), as hardware that rounds these results does.
+
+Both are opt-in (planned only where a recipe or a rule names them), so a recipe without these
+keys plans and runs exactly as before. Modules are recognised by behaviour, never by class
+name:
+
+* ``glu``: a module with one activation child (:func:`~precisim.emulation.datapath_ops.
+  activation_of`) and linear children whose forward, on a probe input, feeds the activation
+  with one linear's output and another linear (the down projection) with the product of the
+  activation's output and a third linear's output (the up projection), bit for bit;
+* ``residual``: a module with a child that dispatches through transformers' attention
+  interface and a norm child (a decoder layer); at run time, an add made by the module's own
+  forward whose operands are its input (or an earlier emulated residual sum) and the output
+  of one of its children is a residual add.
+
+The product is ``Q(a u)`` with ``a`` the activation module's output (emulated if the recipe
+also sets ``activation``) and ``u`` the up projection's output; the residual add is
+``Q(r + h)``. Both are exact in float64 before the one rounding (the product of two values of
+at most 24 bits is exact; the sum is rounded to odd, :func:`~precisim.emulation.functions.
+core.add_ro`), so the result is correctly rounded; it is held in the model's dtype afterwards.
+Telemetry (role ``output``) compares the exact result with the rounded one: ``saturated``
+(beyond the format's range) and ``flushed`` (non-zero, became zero).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+from precisim.formats import FloatFormat, Overflow, Rounding, kernels
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .functions import exact as ex
+from .functions.core import Rq, Value, add_ro, check_format, default_overflow, parse_enum
+from .opkinds import EmulationError, dispatches_attention, is_linear
+from .specs import RecipeError, check_keys
+from .telemetry import count_events
+
+if TYPE_CHECKING:
+    from .opkinds import Installer
+    from .patch import PlanEntry
+
+__all__ = ["GluRoles", "Rounded", "glu_roles", "install_glu", "install_residual", "is_glu",
+           "is_residual_block"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec
+
+@dataclass(frozen=True)
+class Rounded:
+    """One rounding of an exact result (docs/arithmetic.md section 7.9): ``format`` (a float
+    format name), ``rounding`` (rne, rna, rtz, ru, rd, rto), ``overflow`` (None: inf where the
+    format has it, else saturate; ``saturate``; ``nan``) and ``flush`` (results below the
+    smallest normal become zero). In a recipe: a format name or a mapping of these fields."""
+
+    format: FloatFormat | str
+    rounding: Rounding | str = Rounding.NEAREST_EVEN
+    overflow: Overflow | str | None = None
+    flush: bool = False
+    rq: Rq = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        try:
+            fmt = check_format(self.format, "format")
+            rnd = parse_enum(Rounding, self.rounding, "rounding")
+            ovf = default_overflow(fmt) if self.overflow is None else parse_enum(
+                Overflow, self.overflow, "overflow")
+            if not isinstance(self.flush, bool):
+                raise ValueError(f"flush={self.flush!r} is not valid: accepted true or false")
+            s(self, "rq", Rq(fmt, rnd, ovf, self.flush))
+        except (ValueError, KeyError) as e:
+            raise RecipeError(f"rounded result {self.format!r}: {e}") from None
+        s(self, "format", fmt)
+        s(self, "rounding", rnd)
+        s(self, "overflow", ovf)
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "spec") -> Rounded | None:
+        """A spec from a format name, a mapping of fields, a spec or None (not emulated)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value)
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        if isinstance(value, Mapping):
+            check_keys(value, ("format", "rounding", "overflow", "flush"), where)
+            if "format" not in value:
+                raise RecipeError(f"{where}: a rounded result needs a 'format'")
+            try:
+                return cls(**dict(value))
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        raise RecipeError(f"{where}: expected a format name, a mapping (format, rounding, "
+                          f"overflow, flush) or null, got {type(value).__name__} {value!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any] | str:
+        d: dict[str, Any] = {"format": self.format.name}  # type: ignore[union-attr]
+        if self.rounding is not Rounding.NEAREST_EVEN:
+            d["rounding"] = self.rounding.value  # type: ignore[union-attr]
+        if self.overflow is not default_overflow(self.format):  # type: ignore[arg-type]
+            d["overflow"] = self.overflow.value  # type: ignore[union-attr]
+        if self.flush:
+            d["flush"] = True
+        return d["format"] if len(d) == 1 else d
+
+    def describe(self) -> str:
+        return self.rq.describe()
+
+    # -- the arithmetic ------------------------------------------------------------------
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``Q(a + b)`` of two float tensors of at most 24-bit values (float32 result)."""
+        return self._run("add", a, b)
+
+    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``Q(a b)`` of two float tensors of at most 24-bit values (float32 result)."""
+        return self._run("mul", a, b)
+
+    def _run(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The exact result rounded to odd in float64 (one compiled kernel for large operands,
+        :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
+        most 22 bits of precision whose smallest subnormal is at least 2^-147, the float64
+        value is first rounded to odd at float32 (two or more bits finer than the format
+        everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last rounding
+        is :func:`precisim.formats.quantize` of that float32 tensor; otherwise
+        :meth:`Rq.fast` rounds the float64 value."""
+        a, b = torch.broadcast_tensors(a.detach(), b.detach())
+        f = self.format
+        if f.man_bits + 1 <= 22 and f.min_subnormal >= 2.0 ** -147:  # type: ignore[union-attr]
+            from precisim.formats import quantize
+
+            s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), a.numel(), a, b)
+            return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
+                            flush_output=self.flush)
+        return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
+                           b).float()
+
+    def add_reference(self, a: float, b: float) -> Value:
+        """The exact ``Q(a + b)`` of two floats (Fractions; signed zeros and infinities as
+        IEEE 754)."""
+        return self.rq.exact(ex.add(ex.value(a), ex.value(b)))
+
+    def mul_reference(self, a: float, b: float) -> Value:
+        """The exact ``Q(a b)`` of two floats (Fractions; signed zeros and infinities as
+        IEEE 754)."""
+        return self.rq.exact(ex.mul(ex.value(a), ex.value(b)))
+
+
+def _exact(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` rounded to odd at 53 bits, or the exact ``a b``, in float64."""
+    a, b = a.double(), b.double()
+    return add_ro(a, b) if op == "add" else a * b
+
+
+def _rto32(v: torch.Tensor) -> torch.Tensor:
+    """float64 ``v`` rounded to odd at float32 (finite values stay finite: beyond float32's
+    range, its largest value, whose last bit is odd)."""
+    f = v.float()
+    f = torch.where(torch.isinf(f) & torch.isfinite(v), torch.copysign(
+        torch.full_like(f, torch.finfo(torch.float32).max), f), f)
+    back = f.double()
+    mag = f.abs().view(torch.int32)
+    fix = (back != v) & ((mag & 1) == 0) & ~torch.isnan(v)
+    step = torch.where(back.abs() < v.abs(), 1, -1).to(torch.int32)
+    mag = torch.where(fix, mag + step, mag)
+    return torch.copysign(mag.view(torch.float32), v.float())
+
+
+def _add_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _rto32(_exact("add", a, b))
+
+
+def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _rto32(_exact("mul", a, b))
+
+
+_RTO32 = {"add": _add_rto32, "mul": _mul_rto32}
+
+
+@lru_cache(maxsize=64)
+def _kernel(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return r.fast(_exact(op, a, b))
+    return run
+
+
+def _count(installer: Installer, name: str, own: torch.Tensor, y: torch.Tensor,
+           spec: Rounded) -> None:
+    tel = installer.emulation.telemetry
+    if tel is not None:
+        tel.add(name, "output", count_events(own, y, spec.format))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# glu: recognition
+
+@dataclass(frozen=True)
+class GluRoles:
+    """The children of a gated MLP: ``act`` (the activation), ``gate``, ``up``, ``down``."""
+
+    act: str
+    gate: str
+    up: str
+    down: str
+
+
+_ROLES: weakref.WeakKeyDictionary[nn.Module, GluRoles | None] = weakref.WeakKeyDictionary()
+
+
+def _in_features(m: nn.Module) -> int:
+    w = m.weight
+    return int(w.shape[1] if isinstance(m, nn.Linear) else w.shape[0])
+
+
+def glu_roles(m: nn.Module) -> GluRoles | None:
+    """The roles of ``m``'s children if ``m`` computes ``down(act(gate(x)) * up(x))`` on a
+    probe input (bit for bit), else None (cached per module)."""
+    if m in _ROLES:
+        return _ROLES[m]
+    _ROLES[m] = roles = _probe_glu(m)
+    return roles
+
+
+def _probe_glu(m: nn.Module) -> GluRoles | None:
+    from .datapath_ops import activation_of
+
+    if m._parameters or next(m.children(), None) is None:
+        return None
+    kids = dict(m.named_children())
+    acts = [n for n, c in kids.items() if activation_of(c) is not None]
+    lins = {n: c for n, c in kids.items() if is_linear(c)}
+    if len(acts) != 1 or len(lins) < 3:
+        return None
+    w0 = next(iter(lins.values())).weight
+    if w0.device.type == "meta" or not w0.is_floating_point():
+        return None
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for n in [acts[0], *lins]:
+        def hook(mod: nn.Module, args: tuple, out: Any, n: str = n) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen[n] = (args[0], out)
+        handles.append(kids[n].register_forward_hook(hook))
+    try:
+        for d in sorted({_in_features(c) for c in lins.values()}):
+            seen.clear()
+            x = torch.randn(3, d, generator=torch.Generator().manual_seed(0)).to(w0)
+            try:
+                with torch.no_grad():
+                    type(m).forward(m, x)
+            except Exception:  # noqa: BLE001 - not this input width (or not an MLP)
+                continue
+            roles = _roles_from(seen, acts[0], list(lins))
+            if roles is not None:
+                return roles
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def _roles_from(seen: dict[str, tuple[torch.Tensor, torch.Tensor]], act: str,
+                lins: list[str]) -> GluRoles | None:
+    if act not in seen:
+        return None
+    a_in, a_out = seen[act]
+    gate = next((n for n in lins if n in seen and seen[n][1] is a_in), None)
+    if gate is None:
+        return None
+    for down in lins:
+        for up in lins:
+            if len({gate, up, down}) < 3 or down not in seen or up not in seen:
+                continue
+            d_in, u_out = seen[down][0], seen[up][1]
+            if d_in.shape == a_out.shape == u_out.shape and torch.equal(d_in, a_out * u_out):
+                return GluRoles(act, gate, up, down)
+    return None
+
+
+def is_glu(name: str, m: nn.Module, model: nn.Module) -> bool:
+    return glu_roles(m) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# glu: install
+
+def install_glu(installer: Installer, entries: Sequence[PlanEntry]) -> None:
+    """Forward hooks keep the activation's and the up projection's outputs of each gated MLP;
+    a pre-hook on its down projection replaces the model's product by ``Q(a u)``."""
+    for e in entries:
+        m = installer.modules[e.module]
+        roles = glu_roles(m)
+        if roles is None:  # pragma: no cover - the plan matched it
+            raise EmulationError(f"{e.module}: not a gated MLP (down(act(gate(x)) * up(x)))")
+        kids = dict(m.named_children())
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(key: str, kept: dict[str, torch.Tensor]):  # noqa: ANN202
+            def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+                kept[key] = out
+            return hook
+
+        def pre(mod: nn.Module, args: tuple, spec: Rounded = e.spec, name: str = e.module,
+                kept: dict[str, torch.Tensor] = kept) -> tuple | None:
+            a, u = kept.pop("a", None), kept.pop("u", None)
+            p = args[0] if args else None
+            if a is None or u is None or not isinstance(p, torch.Tensor) \
+                    or p.shape != torch.broadcast_shapes(a.shape, u.shape):
+                raise EmulationError(f"{name}: the down projection's input is not the product "
+                                     "of the activation's and the up projection's outputs of "
+                                     "this call; the glu op kind cannot emulate it")
+            y = spec.mul(a, u)
+            if installer.emulation.telemetry is not None:
+                _count(installer, name, _exact("mul", a, u), y, spec)
+            return (y.to(p.dtype), *args[1:])
+
+        for key, child in (("a", roles.act), ("u", roles.up)):
+            installer.on_restore(kids[child].register_forward_hook(keep(key, kept)).remove)
+        installer.on_restore(kids[roles.down].register_forward_pre_hook(pre).remove)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual
+
+def is_residual_block(name: str, m: nn.Module, model: nn.Module) -> bool:
+    """A module with a child that dispatches through transformers' attention interface and a
+    norm child (a decoder layer)."""
+    from .datapath_ops import norm_kind_of
+
+    kids = list(m.children())
+    return any(dispatches_attention(c) for c in kids) \
+        and any(norm_kind_of(c) is not None for c in kids)
+
+
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_IN_PLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
+
+
+class _ResidualMode(TorchFunctionMode):
+    """Active during one forward of a decoder layer: emulates the adds of a stream tensor
+    (the layer's input or an emulated residual sum) and a child's output."""
+
+    def __init__(self, installer: Installer, name: str, spec: Rounded, x: Any):
+        super().__init__()
+        self.installer, self.name, self.spec = installer, name, spec
+        self.stream: list[torch.Tensor] = [x] if isinstance(x, torch.Tensor) else []
+        self.outs: list[torch.Tensor] = []
+        self.adds = 0
+
+    def child_output(self, out: Any) -> None:
+        t = out[0] if isinstance(out, tuple | list) and out else out
+        if isinstance(t, torch.Tensor):
+            self.outs.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if (func not in _ADDS and func not in _IN_PLACE) or len(args) != 2 or kwargs:
+            return func(*args, **kwargs)
+        a, b = args
+        is_s = [any(t is s for s in self.stream) for t in (a, b)]
+        is_o = [any(t is o for o in self.outs) for t in (a, b)]
+        if not ((is_s[0] and is_o[1]) or (is_o[0] and is_s[1])) \
+                or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
+                or not a.is_floating_point() or a.dtype != b.dtype or a.shape != b.shape:
+            return func(*args, **kwargs)
+        y = self.spec.add(a, b)
+        if self.installer.emulation.telemetry is not None:
+            _count(self.installer, self.name, _exact("add", a.detach(), b.detach()), y,
+                   self.spec)
+        if func in _IN_PLACE:  # r += h: the sum is written into r (a stream tensor already)
+            with torch.no_grad():
+                out = a.copy_(y)
+        else:
+            out = y.to(a.dtype)
+        self.stream.append(out)
+        self.adds += 1
+        return out
+
+
+def install_residual(installer: Installer, entries: Sequence[PlanEntry]) -> None:
+    """Each decoder layer's forward runs under a :class:`_ResidualMode` (entered by a forward
+    pre-hook, left by a forward hook); hooks on its children record their outputs. A layer
+    whose forward makes no residual add raises :class:`EmulationError`."""
+    for e in entries:
+        m = installer.modules[e.module]
+        modes: list[_ResidualMode] = []
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict, name: str = e.module,
+                spec: Rounded = e.spec, modes: list[_ResidualMode] = modes) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")
+            mode = _ResidualMode(installer, name, spec, x)
+            mode.__enter__()
+            modes.append(mode)
+
+        def post(mod: nn.Module, args: tuple, out: Any, name: str = e.module,
+                 modes: list[_ResidualMode] = modes) -> None:
+            if not modes:
+                return
+            mode = modes.pop()
+            mode.__exit__(None, None, None)
+            if mode.adds == 0:
+                raise EmulationError(f"{name}: its forward made no residual add (its input "
+                                     "plus a sub-module's output); the residual op kind "
+                                     "cannot emulate it")
+
+        def child_post(mod: nn.Module, args: tuple, out: Any,
+                       modes: list[_ResidualMode] = modes) -> None:
+            if modes:
+                modes[-1].child_output(out)
+
+        for child in m.children():
+            installer.on_restore(child.register_forward_hook(child_post).remove)
+        installer.on_restore(m.register_forward_pre_hook(pre, with_kwargs=True).remove)
+        installer.on_restore(m.register_forward_hook(post, always_call=True).remove)
