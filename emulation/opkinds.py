@@ -382,15 +382,15 @@ def _installer(attr: str) -> Install:
     return install
 
 
-def _check_gemm(module: str, g: GemmSpec | None) -> None:
+def check_gemm(module: str, g: GemmSpec | None) -> None:
     if g is not None and g.unit is not None and (g.input is None or g.weight is None):
         raise RecipeError(f"{module}: matrix unit {g.unit!r} needs an input and a weight "
                           "format (its inputs must be values of the unit's formats)")
 
 
-def _check_attention(module: str, s: AttentionSpec) -> None:
-    _check_gemm(module, s.qk)
-    _check_gemm(module, s.pv)
+def check_attention(module: str, s: AttentionSpec) -> None:
+    check_gemm(module, s.qk)
+    check_gemm(module, s.pv)
 
 
 def _is_head(name: str, m: nn.Module, model: nn.Module) -> bool:
@@ -419,19 +419,19 @@ GEMM_ROLES = ("input", "weight", "output")
 
 for _kind in (
     OpKind("linear", GemmSpec, lambda n, m, model: is_linear(m), _installer("install_linear"),
-           GEMM_ROLES, priority=10, validate=_check_gemm,
+           GEMM_ROLES, priority=10, validate=check_gemm,
            description="every nn.Linear and every module that behaves like Conv1D"),
     OpKind("attention", AttentionSpec, _is_attention, _installer("install_attention"),
            tuple(f"{g}.{r}" for g in ("qk", "pv") for r in GEMM_ROLES) + ("k_cache", "v_cache")
            + ("softmax.p", "softmax.state"),
-           priority=0, suspect=_looks_like_attention, validate=_check_attention,
+           priority=0, suspect=_looks_like_attention, validate=check_attention,
            description="QK^T and PV of every module whose forward dispatches through "
            "transformers' attention interface, and its KV cache"),
     OpKind("embedding", GemmSpec, _is_embedding, _installer("install_embedding"),
-           ("weight", "output"), priority=20, validate=_check_gemm,
+           ("weight", "output"), priority=20, validate=check_gemm,
            description="the table of every nn.Embedding (weight role) and its output"),
     OpKind("lm_head", GemmSpec, _is_head, _installer("install_linear"), GEMM_ROLES,
-           priority=30, validate=_check_gemm,
+           priority=30, validate=check_gemm,
            description="the model's output embeddings (get_output_embeddings())"),
 ):
     OP_KINDS.register(_kind.name, _kind)

@@ -373,7 +373,7 @@ class _AttnState:
     training: Any = None  # an AttentionTrainingSpec (the train_attention op kind) or None
 
 
-_ACTIVE_ATTENTION: weakref.WeakKeyDictionary[nn.Module, _AttnState] = \
+ACTIVE_ATTENTION: weakref.WeakKeyDictionary[nn.Module, _AttnState] = \
     weakref.WeakKeyDictionary()
 
 
@@ -414,7 +414,7 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     """The ``"precisim"`` entry of transformers' AttentionInterface."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    st = _ACTIVE_ATTENTION.get(module)
+    st = ACTIVE_ATTENTION.get(module)
     eager = eager_attention_of(module)
     if st is None or eager is None:  # a module this emulation does not cover
         impl = st.original_impl if st is not None else "eager"
@@ -557,8 +557,8 @@ def install_attention(installer: Installer, entries: Sequence[PlanEntry]) -> Non
     for e in entries:
         m = installer.modules[e.module]
         st = _AttnState(e.module, e.spec, em, original or "eager", key_ends, caches)
-        _ACTIVE_ATTENTION[m] = st
-        installer.on_restore(lambda m=m: _ACTIVE_ATTENTION.pop(m, None))
+        ACTIVE_ATTENTION[m] = st
+        installer.on_restore(lambda m=m: ACTIVE_ATTENTION.pop(m, None))
         if e.spec.kv_cache is not None:
             installer.on_restore(m.register_forward_pre_hook(
                 _kv_pre_hook(st), with_kwargs=True).remove)

@@ -319,13 +319,13 @@ def _e(f: FloatFormat | IntFormat) -> int:
     return f.exp_bits if isinstance(f, FloatFormat) else 0
 
 
-def _clog2(n: float) -> int:
+def ceil_log2(n: float) -> int:
     return max(0, math.ceil(math.log2(n))) if n > 1 else 0
 
 
 def _shifter(width: float) -> float:
     """Cells of a barrel shifter over ``width`` bits: width x ceil(log2 width)."""
-    return width * _clog2(width)
+    return width * ceil_log2(width)
 
 
 def _span(f: FloatFormat | IntFormat) -> int:
@@ -389,7 +389,7 @@ def _unit_terms(u: MatrixUnit, sa: _Scale | None = None, sb: _Scale | None = Non
     t: list[CostTerm] = [CostTerm("multiplier", "p_a * p_b mul cells", mul=pa * pb)]
     if not floats:
         # integer dot product: an adder tree of the k products, then the accumulator add
-        width = p_prod + _clog2(k)
+        width = p_prod + ceil_log2(k)
         t.append(CostTerm("adder_tree", "(k - 1) * (p_a + p_b + ceil(log2 k)) / k add bits",
                           add=(k - 1) * width / k))
         acc_bits = acc.bits if isinstance(acc, IntFormat) else p_acc + _e(acc)
@@ -422,7 +422,7 @@ def _unit_terms(u: MatrixUnit, sa: _Scale | None = None, sb: _Scale | None = Non
         pf = u.product_format
         t.append(CostTerm("product_rounding", "p_a + p_b shift cells + rounding add bits",
                           shift=p_prod, add=_rounding_bits(u.product_rounding, _p(pf))))
-    w_sum = w + _clog2(n)
+    w_sum = w + ceil_log2(n)
     t.append(CostTerm("adder_tree", "(n - 1) * (W + ceil(log2 n)) / k add bits",
                       add=(n - 1) * w_sum / k))
     if u.alignment_bits is not None and u.drop is not Drop.TRUNCATE:
@@ -478,7 +478,7 @@ def _scale_term(u: MatrixUnit, sa: _Scale | None, sb: _Scale | None, p_sum: int
 
 
 @cache
-def _baseline(coeffs: CostCoefficients) -> tuple[float, float]:
+def baseline_cost(coeffs: CostCoefficients) -> tuple[float, float]:
     base = DatapathCost(BASELINE_UNIT, tuple(_unit_terms(get_unit(BASELINE_UNIT))), coeffs)
     return base.energy_pj, base.area_um2
 
@@ -511,7 +511,7 @@ def _resolve_coeffs(coefficients: CostCoefficients | Mapping[str, Any] | None
 def _matrix_unit_cost(unit: MatrixUnit, *, coefficients: CostCoefficients = HOROWITZ_2014,
                       a_scale: _Scale | None = None, b_scale: _Scale | None = None
                       ) -> DatapathCost:
-    e0, a0 = _baseline(coefficients)
+    e0, a0 = baseline_cost(coefficients)
     return DatapathCost(unit.name, tuple(_unit_terms(unit, a_scale, b_scale)), coefficients,
                         e0, a0, unit.summary())
 
@@ -538,7 +538,7 @@ def unit_cost(unit: Any, coefficients: CostCoefficients | Mapping[str, Any] | No
 # ---------------------------------------------------------------------------------------------
 # GEMM specs and recipes
 
-def _element(fmt: Any) -> FloatFormat | IntFormat:
+def element_format(fmt: Any) -> FloatFormat | IntFormat:
     return fmt.element if isinstance(fmt, ScaledFormat) else fmt
 
 
@@ -555,8 +555,9 @@ def implied_unit(spec: GemmSpec) -> MatrixUnit:
     u = spec.matrix_unit()
     if u is not None:
         return u
-    fa = _element(spec.input.resolve()) if spec.input is not None else get_format(HIGH_PRECISION)
-    fb = _element(spec.weight.resolve(-1)) if spec.weight is not None \
+    fa = element_format(spec.input.resolve()) if spec.input is not None \
+        else get_format(HIGH_PRECISION)
+    fb = element_format(spec.weight.resolve(-1)) if spec.weight is not None \
         else get_format(HIGH_PRECISION)
     lengths = [s.length for s in (_scale_of(_fmt(spec.input)), _scale_of(_fmt(spec.weight)))
                if s is not None and s.length]

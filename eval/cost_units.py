@@ -39,9 +39,9 @@ from .cost import (
     CostCoefficients,
     CostTerm,
     DatapathCost,
-    _baseline,
-    _clog2,
-    _element,
+    baseline_cost,
+    ceil_log2,
+    element_format,
     register_cost_model,
 )
 
@@ -65,7 +65,7 @@ def fp_add_cells(p: int, e: int) -> dict[str, float]:
     bits and two ``p``-bit, ceil(log2 p)-level shifters (align, normalise): the structure the
     shift cell is calibrated on (an fp32 adder = Horowitz's 0.9 pJ, docs/cost-perf.md
     section 2)."""
-    return {"add": float(p + e), "shift": float(2 * p * _clog2(p))}
+    return {"add": float(p + e), "shift": float(2 * p * ceil_log2(p))}
 
 
 def fma_cells(p: int, e: int, fused: bool = True) -> dict[str, float]:
@@ -91,7 +91,7 @@ def _spec_pe(ts: Any) -> tuple[int, int]:
     """Significand and exponent bits of a tensor spec's element format (None: fp32)."""
     if ts is None:
         return 24, 8
-    return _pe(_element(ts.resolve(-1)))
+    return _pe(element_format(ts.resolve(-1)))
 
 
 def _bits(f: Any) -> int:
@@ -105,7 +105,7 @@ def function_unit_terms(u: FunctionUnit) -> list[CostTerm]:
     terms = []
     fn, m = u.function, u.method
     red: dict[str, float] = {"add": float(u.arg_frac_bits + ew),
-                             "shift": float(u.arg_frac_bits * _clog2(u.arg_frac_bits))}
+                             "shift": float(u.arg_frac_bits * ceil_log2(u.arg_frac_bits))}
     if fn is Fn.EXP:  # x * log2(e) first
         red = {k: red.get(k, 0.0) + v for k, v in fma_cells(pw, ew, u.fma).items()}
     terms.append(_term("range_reduction", "fixed-point split: a_f + e_w add bits, a_f x "
@@ -153,7 +153,7 @@ def function_unit_cost(u: FunctionUnit | str, *,
     from precisim.emulation.functions import get_function_unit
 
     unit = get_function_unit(u) if isinstance(u, str) else u
-    e0, a0 = _baseline(coefficients)
+    e0, a0 = baseline_cost(coefficients)
     return DatapathCost(unit.name, tuple(function_unit_terms(unit)), coefficients, e0, a0,
                         unit.describe())
 
@@ -169,7 +169,7 @@ def reduction_cost(r: Reduction, *, coefficients: CostCoefficients = HOROWITZ_20
     else:
         t = _term("compare", "one comparator per element: p + e add bits",
                   {"add": float(p + e)})
-    e0, a0 = _baseline(coefficients)
+    e0, a0 = baseline_cost(coefficients)
     return DatapathCost(f"reduce-{r.describe()}", (t,), coefficients, e0, a0, r.describe())
 
 
@@ -219,7 +219,7 @@ def attention_datapath_cost(dp: AttentionDatapath | str, *, head_dim: int = HEAD
     from precisim.emulation.flash import get_datapath
 
     d = get_datapath(dp) if isinstance(dp, str) else dp
-    e0, a0 = _baseline(coefficients)
+    e0, a0 = baseline_cost(coefficients)
     return DatapathCost(d.name, tuple(attention_datapath_terms(d, head_dim)), coefficients, e0,
                         a0, d.describe())
 

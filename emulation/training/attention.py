@@ -34,7 +34,7 @@ import torch
 
 from ..opkinds import EmulationError, Installer, OpKind
 from ..specs import AttentionSpec, GemmSpec, RecipeError, check_keys
-from .autograd import _PROBES, _bits, _is_sr, _quant
+from .autograd import GRAD_PROBES, is_sr, quantize_role, role_bits
 from .roles import check_blocks
 
 __all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionTrainGrad", "AttentionTrainingSpec",
@@ -129,17 +129,17 @@ def _role_gemm(spec: GemmSpec | None, a: torch.Tensor, b: torch.Tensor, nat_a: t
     for ts, nat, tr, role in ((g.input, nat_a, tr_a, "input"), (g.weight, nat_b, tr_b,
                                                                    "weight")):
         r = None
-        if _is_sr(ts):
-            r = _bits(ts, tuple(nat.shape), name, f"{which}.{role}", batch=True,
+        if is_sr(ts):
+            r = role_bits(ts, tuple(nat.shape), name, f"{which}.{role}", batch=True,
                       device=nat.device)
             r = r.transpose(-1, -2) if tr else r
         rand.append(r)
-    qa = _quant(a.contiguous(), g.input, g, rand[0], handle, f"{name}.{which}", "input")
-    qb = _quant(b.contiguous(), g.weight, g, rand[1], handle, f"{name}.{which}", "weight")
+    qa = quantize_role(a.contiguous(), g.input, g, rand[0], handle, f"{name}.{which}", "input")
+    qb = quantize_role(b.contiguous(), g.weight, g, rand[1], handle, f"{name}.{which}", "weight")
     out = gemm(qa, qb, g, out_dtype=torch.float32)
-    if _PROBES and spec is not None:
+    if GRAD_PROBES and spec is not None:
         ref = torch.matmul(a.float(), b.float().transpose(-1, -2))
-        for p in _PROBES:
+        for p in GRAD_PROBES:
             p.add(name, which, out, ref)
     return out
 
@@ -240,25 +240,25 @@ def check_attention_module(name: str, module: torch.nn.Module, spec: AttentionTr
 
 
 def _validate(module: str, spec: AttentionTrainingSpec) -> None:
-    from ..opkinds import _check_attention, _check_gemm
+    from ..opkinds import check_attention, check_gemm
 
     if spec.forward is not None:
-        _check_attention(module, spec.forward)
+        check_attention(module, spec.forward)
     for g in ATTN_GEMMS:
-        _check_gemm(f"{module}.{g}", getattr(spec, g))
+        check_gemm(f"{module}.{g}", getattr(spec, g))
 
 
 def install_train_attention(installer: Installer, entries: Sequence[Any]) -> None:
     """The ``train_attention`` op kind: the ``attention`` installer with each entry's forward
     spec, then the training spec on each module's attention state."""
-    from ..patch import _ACTIVE_ATTENTION, install_attention
+    from ..patch import ACTIVE_ATTENTION, install_attention
 
     for e in entries:
         check_attention_module(e.module, installer.modules[e.module], e.spec)
     install_attention(installer, [replace(e, spec=e.spec.forward or AttentionSpec())
                                   for e in entries])
     for e in entries:
-        _ACTIVE_ATTENTION[installer.modules[e.module]].training = e.spec
+        ACTIVE_ATTENTION[installer.modules[e.module]].training = e.spec
 
 
 def _is_attention(name: str, m: torch.nn.Module, model: torch.nn.Module) -> bool:

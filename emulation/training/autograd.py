@@ -83,11 +83,11 @@ class GradProbe:
     stats: dict[tuple[str, str], GradStat] = field(default_factory=dict)
 
     def __enter__(self) -> GradProbe:
-        _PROBES.append(self)
+        GRAD_PROBES.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _PROBES.remove(self)
+        GRAD_PROBES.remove(self)
 
     def add(self, module: str, gemm_name: str, q: torch.Tensor, g: torch.Tensor) -> None:
         self.stats.setdefault((module, gemm_name), GradStat()).add(q, g)
@@ -105,7 +105,7 @@ class GradProbe:
         return {g: s.summary() for g, s in sorted(pooled.items())}
 
 
-_PROBES: list[GradProbe] = []
+GRAD_PROBES: list[GradProbe] = []
 
 #: the backward of an inference-recipe layer (the ``linear`` op kind): both backward GEMMs in
 #: high precision on the unquantized operands (straight-through the forward quantization)
@@ -115,11 +115,11 @@ _HIGH = TrainingSpec(None, None, None)
 # ---------------------------------------------------------------------------------------------
 # the autograd function
 
-def _is_sr(ts: TensorSpec | None) -> bool:
+def is_sr(ts: TensorSpec | None) -> bool:
     return ts is not None and ts.rounding.lower() in ("sr", "stochastic")
 
 
-def _bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str, *,
+def role_bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str, *,
           batch: bool, device: torch.device) -> torch.Tensor:
     """Counter bits for an operand in its natural layout (``batch``: its first axis is the
     batch, offset by the seed source's ``row_offset``)."""
@@ -138,11 +138,11 @@ def _bits(ts: TensorSpec, natural_shape: tuple[int, ...], module: str, role: str
                         row_offset=off if batch else 0, device=device)
 
 
-def _quant(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.Tensor | None,
+def quantize_role(x: torch.Tensor, ts: TensorSpec | None, spec: GemmSpec, rand: torch.Tensor | None,
            handle: Any, module: str, role: str) -> Operand:
     # saturation / underflow counts of backward operands only while a GradProbe is active
     # (counting them costs about as much as quantizing them)
-    tel = getattr(handle, "telemetry", None) if _PROBES else None
+    tel = getattr(handle, "telemetry", None) if GRAD_PROBES else None
     return quantize_operand(x, ts, axis=-1, need_parts=needs_parts(spec), telemetry=tel,
                             where=(module, role), rand=rand)
 
@@ -152,7 +152,7 @@ def _transpose_invariant(ts: TensorSpec | None) -> bool:
     format, a per-tensor scale, or square 2-D tiles, with deterministic rounding (so the
     forward's quantized W serves as dgrad's W^T, and dgrad's quantized dy as wgrad's dy^T,
     bit for bit: tests/test_training.py)."""
-    if ts is None or _is_sr(ts):
+    if ts is None or is_sr(ts):
         return False
     fmt = ts.resolve(-1)
     if not isinstance(fmt, ScaledFormat):
@@ -170,7 +170,7 @@ def _forward_weight(layer: Any, weight: torch.Tensor, g: GemmSpec) -> Operand | 
     None: dgrad quantizes W^T itself)."""
     fwd = getattr(layer, "spec", None)
     if (fwd is None or fwd.weight != g.weight or not _transpose_invariant(g.weight)
-            or needs_parts(g) or needs_parts(fwd) or _PROBES):
+            or needs_parts(g) or needs_parts(fwd) or GRAD_PROBES):
         return None
     return layer._handle._weight(layer._name, weight, fwd, layer.transposed)
 
@@ -208,7 +208,7 @@ class LinearGrad(torch.autograd.Function):
         rht_on = set(spec.hadamard.gemms) if spec.hadamard is not None else set()
         emu_d = need_x and (spec.dgrad is not None or "dgrad" in rht_on)
         emu_w = need_w and (spec.wgrad is not None or "wgrad" in rht_on)
-        probing = bool(_PROBES)
+        probing = bool(GRAD_PROBES)
         ref = [None, None, None]
         if (need_x and not emu_d) or (need_w and not emu_w) or need_b or (
                 probing and (emu_d or emu_w)):
@@ -235,20 +235,20 @@ class LinearGrad(torch.autograd.Function):
             if "dgrad" in rht_on:
                 t = random_hadamard(spec.hadamard.size, spec.hadamard.seed, step, name)
                 a, b_t = rht(a, t), rht(b_t, t)
-            ra = _bits(g.input, tuple(gy.shape), name, "dgrad.input", batch=True,
-                       device=gy.device).reshape(a.shape) if _is_sr(g.input) else None
-            rb = _bits(g.weight, tuple(b_t.shape), name, "dgrad.weight", batch=False,
-                       device=gy.device) if _is_sr(g.weight) else None
-            qa = _quant(a, g.input, g, ra, handle, f"{name}.dgrad", "input")
+            ra = role_bits(g.input, tuple(gy.shape), name, "dgrad.input", batch=True,
+                       device=gy.device).reshape(a.shape) if is_sr(g.input) else None
+            rb = role_bits(g.weight, tuple(b_t.shape), name, "dgrad.weight", batch=False,
+                       device=gy.device) if is_sr(g.weight) else None
+            qa = quantize_role(a, g.input, g, ra, handle, f"{name}.dgrad", "input")
             fw = None if "dgrad" in rht_on else _forward_weight(layer, weight, g)
-            qb = Operand(fw.values.t()) if fw is not None else _quant(
+            qb = Operand(fw.values.t()) if fw is not None else quantize_role(
                 b_t, g.weight, g, rb, handle, f"{name}.dgrad", "weight")
             if (emu_w and spec.wgrad is not None and spec.wgrad.input == g.input
                     and not rht_on and _transpose_invariant(g.input) and not needs_parts(g)
-                    and not needs_parts(spec.wgrad) and not _PROBES):
+                    and not needs_parts(spec.wgrad) and not GRAD_PROBES):
                 shared_dy = qa  # wgrad's dy^T is this quantized dy, transposed
             out = gemm(qa, qb, g, out_dtype=gy.dtype).reshape(x.shape).to(x.dtype)
-            for p in _PROBES:
+            for p in GRAD_PROBES:
                 p.add(name, "dgrad", out, gx)
             gx = out
         if emu_w:
@@ -259,16 +259,16 @@ class LinearGrad(torch.autograd.Function):
             if "wgrad" in rht_on:
                 t = random_hadamard(spec.hadamard.size, spec.hadamard.seed, step, name)
                 a, b_t = rht(a, t), rht(b_t, t)
-            ra = _bits(g.input, tuple(gy.shape), name, "wgrad.input", batch=True,
-                       device=gy.device).reshape(-1, n_out).t() if _is_sr(g.input) else None
-            rb = _bits(g.weight, tuple(x.shape), name, "wgrad.weight", batch=True,
-                       device=gy.device).reshape(-1, k_in).t() if _is_sr(g.weight) else None
-            qa = Operand(shared_dy.values.t()) if shared_dy is not None else _quant(
+            ra = role_bits(g.input, tuple(gy.shape), name, "wgrad.input", batch=True,
+                       device=gy.device).reshape(-1, n_out).t() if is_sr(g.input) else None
+            rb = role_bits(g.weight, tuple(x.shape), name, "wgrad.weight", batch=True,
+                       device=gy.device).reshape(-1, k_in).t() if is_sr(g.weight) else None
+            qa = Operand(shared_dy.values.t()) if shared_dy is not None else quantize_role(
                 a, g.input, g, ra, handle, f"{name}.wgrad", "input")
-            qb = _quant(b_t, g.weight, g, rb, handle, f"{name}.wgrad", "weight")
+            qb = quantize_role(b_t, g.weight, g, rb, handle, f"{name}.wgrad", "weight")
             out = gemm(qa, qb, g, out_dtype=torch.float32)  # (N, K)
             out = (out.t() if tr else out).to(weight.dtype)
-            for p in _PROBES:
+            for p in GRAD_PROBES:
                 p.add(name, "wgrad", out, gw)
             gw = out
         return None, gx, gw, gb, None
