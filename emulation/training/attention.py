@@ -26,16 +26,16 @@ high-precision eager backward bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..opkinds import EmulationError, Installer, OpKind
-from ..specs import AttentionSpec, GemmSpec, RecipeError, check_keys
+from ..specs import AttentionSpec, GemmSpec, RecipeError
 from .autograd import GRAD_PROBES, is_sr, quantize_role, role_bits
-from .roles import check_blocks
+from .roles import check_blocks, is_high, parse_gemm_roles
 
 __all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionTrainGrad", "AttentionTrainingSpec",
            "attach_attention_train_grad", "attention_backward"]
@@ -83,23 +83,10 @@ class AttentionTrainingSpec:
     def parse(cls, value: Any, where: str = "train_attention") -> AttentionTrainingSpec | None:
         if value is None or isinstance(value, AttentionTrainingSpec):
             return value
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping with {', '.join(ATTN_GEMMS)} (and "
-                              f"optionally forward), got {type(value).__name__} {value!r}")
-        check_keys(value, ("forward", *ATTN_GEMMS), where)
-        missing = [g for g in ATTN_GEMMS if g not in value]
-        if missing:
-            raise RecipeError(f"{where}: the {missing[0]!r} GEMM has no spec; every backward "
-                              f"GEMM ({', '.join(ATTN_GEMMS)}) must be given: a format, a "
-                              "mapping of roles, or 'high' / null for high precision")
-        kw: dict[str, Any] = {}
-        for g in ATTN_GEMMS:
-            v = value[g]
-            kw[g] = None if isinstance(v, str) and v.lower() in ("high", "none") \
-                else GemmSpec.parse(v, f"{where}.{g}")
+        kw: dict[str, Any] = parse_gemm_roles(value, ATTN_GEMMS, "forward", where,
+                                              "backward GEMM")
         f = value.get("forward")
-        kw["forward"] = None if isinstance(f, str) and f.lower() in ("high", "none") \
-            else AttentionSpec.parse(f, f"{where}.forward")
+        kw["forward"] = None if is_high(f) else AttentionSpec.parse(f, f"{where}.forward")
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:

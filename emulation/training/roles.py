@@ -33,6 +33,29 @@ GEMMS = ("forward", "dgrad", "wgrad")
 _UNSET: Any = object()
 
 
+def is_high(value: Any) -> bool:
+    """True for the spellings of "high precision" a role accepts ('high', 'none')."""
+    return isinstance(value, str) and value.lower() in ("high", "none")
+
+
+def parse_gemm_roles(value: Any, gemms: tuple[str, ...], optional: str, where: str,
+                     what: str = "GEMM") -> dict[str, GemmSpec | None]:
+    """The GemmSpec of each of ``gemms`` in the recipe mapping ``value`` (every one must be
+    given: a format, a mapping of roles, or 'high' / null for high precision); ``optional``:
+    the one other key the mapping may hold (parsed by the caller)."""
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where}: expected a mapping with {', '.join(gemms)} (and "
+                          f"optionally {optional}), got {type(value).__name__} {value!r}")
+    check_keys(value, (*gemms, optional), where)
+    missing = [g for g in gemms if g not in value]
+    if missing:
+        raise RecipeError(f"{where}: the {missing[0]!r} GEMM has no spec; every {what} "
+                          f"({', '.join(gemms)}) must be given: a format, a mapping of "
+                          "roles, or 'high' / null for high precision")
+    return {g: None if is_high(value[g]) else GemmSpec.parse(value[g], f"{where}.{g}")
+            for g in gemms}
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """The three GEMMs of a trained linear layer (see the module docstring) and an optional
@@ -68,20 +91,7 @@ class TrainingSpec:
     def parse(cls, value: Any, where: str = "training") -> TrainingSpec | None:
         if value is None or isinstance(value, TrainingSpec):
             return value
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping with {', '.join(GEMMS)} (and "
-                              f"optionally hadamard), got {type(value).__name__} {value!r}")
-        check_keys(value, (*GEMMS, "hadamard"), where)
-        missing = [g for g in GEMMS if g not in value]
-        if missing:
-            raise RecipeError(f"{where}: the {missing[0]!r} GEMM has no spec; every GEMM "
-                              f"({', '.join(GEMMS)}) must be given: a format, a mapping of "
-                              "roles, or 'high' / null for high precision")
-        kw: dict[str, Any] = {}
-        for g in GEMMS:
-            v = value[g]
-            kw[g] = None if isinstance(v, str) and v.lower() in ("high", "none") \
-                else GemmSpec.parse(v, f"{where}.{g}")
+        kw = parse_gemm_roles(value, GEMMS, "hadamard", where)
         h = value.get("hadamard")
         if h is not None:
             if not isinstance(h, Mapping):
