@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from precisim.emulation import OP_KINDS, EmulationError, Recipe, emulate, plan
+from _op_kinds import unregistered
+from precisim.emulation import EmulationError, Recipe, emulate, plan
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 KINDS = ("softmax", "normalization", "activation")
@@ -96,22 +97,11 @@ def test_recipe_without_the_keys_is_bit_identical() -> None:
         with emulate(model, n):
             y = _logits(model)
         now[n] = (y, plan(model, n).records())
-    order = OP_KINDS.names()  # restored as it was (other tests read the registry's order)
-    saved = [OP_KINDS.get(k) for k in order]
-    for k in KINDS:
-        OP_KINDS.unregister(k)
-    try:
+    with unregistered(KINDS):  # the registry is restored in its order afterwards
         for n in names:
             with emulate(model, n):
                 y = _logits(model)
             assert torch.equal(y, now[n][0]) and plan(model, n).records() == now[n][1], n
-    finally:
-        for k in order:
-            if k not in KINDS:
-                OP_KINDS.unregister(k)
-        for k in saved:
-            OP_KINDS.register(k.name, k)
-        assert OP_KINDS.names() == order
 
 
 def test_approximate_units_change_logits_and_telemetry_counts() -> None:

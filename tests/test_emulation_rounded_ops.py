@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from precisim.emulation import OP_KINDS, EmulationError, Recipe, emulate, plan
+from _op_kinds import unregistered
+from precisim.emulation import EmulationError, Recipe, emulate, plan
 from precisim.emulation.rounded_ops import Rounded, glu_roles
 from precisim.emulation.specs import RecipeError
 from test_emulation_datapath import MODELS, TOL, _llama, _logits, _state
@@ -107,23 +108,12 @@ def test_recipe_without_the_keys_is_bit_identical() -> None:
         with emulate(model, n):
             y = _logits(model)
         now[str(n)] = (y, plan(model, n).records())
-    order = OP_KINDS.names()
-    saved = [OP_KINDS.get(k) for k in order]
-    for k in KINDS:
-        OP_KINDS.unregister(k)
-    try:
+    with unregistered(KINDS):
         for n in [*names, extra]:
             with emulate(model, n):
                 y = _logits(model)
             assert torch.equal(y, now[str(n)][0]), n
             assert plan(model, n).records() == now[str(n)][1], n
-    finally:
-        for k in order:
-            if k not in KINDS:
-                OP_KINDS.unregister(k)
-        for k in saved:
-            OP_KINDS.register(k.name, k)
-        assert OP_KINDS.names() == order
 
 
 def test_approximate_settings_change_logits_and_count_events() -> None:
