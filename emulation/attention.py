@@ -8,13 +8,13 @@ Mixtral, ...) share one eager attention function::
 :func:`chunked_attention` computes exactly that with both matmuls under their
 :class:`~precisim.emulation.recipe.GemmSpec` (fake quant: operands quantized, fp32 products),
 but row chunk by row chunk, and for each chunk only over the keys the mask leaves visible
-(rounded up to whole scale blocks of P; the softmax itself still runs over the full row, with
-the skipped scores at -inf, so that its reductions add the same values in the same order as the
-generic path's). Entries it skips are the ones the mask sends to an
-exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block of P that is
-computed unchanged (the blocks run along the keys, docs/arithmetic.md section 2). Under a causal
-mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in cache-sized
-pieces.
+(rounded up to whole scale blocks of P; the softmax runs over those keys rounded up to whole
+vectors, :func:`softmax_row_length`, with the padding at -inf, so that its reductions add the
+same values in the same order as the generic path's). Entries it skips are the ones the mask
+sends to an exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block
+of P that is computed unchanged (the blocks run along the keys, docs/arithmetic.md section 2).
+Under a causal mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in
+cache-sized pieces.
 
 It applies only when the result is the same computation as the generic path (the model's own
 function under :class:`~precisim.emulation.patch` 's matmul routing), checked by
@@ -45,7 +45,7 @@ from .precision import ieee_fp32
 from .recipe import AttentionSpec, GemmSpec
 from .telemetry import Telemetry
 
-__all__ = ["chunkable", "chunked_attention", "is_standard_eager"]
+__all__ = ["chunkable", "chunked_attention", "is_standard_eager", "softmax_row_length"]
 
 #: target size in bytes of one chunk of the score matrix (all heads)
 CHUNK_BYTES = 1 << 22
@@ -145,6 +145,23 @@ class KeyEnds:
         self._mask, self._key, self._ends = None, None, []
 
 
+#: rows are padded with -inf to a multiple of this many keys before the softmax (see
+#: :func:`softmax_row_length`)
+SOFTMAX_ROW_ALIGN = 64
+
+
+def softmax_row_length(ke: int, n_k: int) -> int:
+    """How many keys of a row the softmax runs over when only the first ``ke`` of ``n_k`` can
+    be visible: ``ke`` rounded up to :data:`SOFTMAX_ROW_ALIGN` (at most ``n_k``), the others
+    at -inf. torch's CPU softmax reduces a row with vector accumulators indexed by position
+    and handles a row shorter than one vector by another route; appended exact zeros
+    (exp(-inf)) leave every accumulator, and so every probability, unchanged once the row holds
+    whole vectors. tests/test_emulation_attention.py checks that ``softmax`` over this length
+    equals the softmax over the full row bit for bit, so a torch whose kernel breaks it fails
+    there, not silently."""
+    return min(n_k, -(-ke // SOFTMAX_ROW_ALIGN) * SOFTMAX_ROW_ALIGN)
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
@@ -189,12 +206,11 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             s = s * scaling
         if mask is not None:
             s = s + mask[:, :, r0:r1, :ke]
-        if ke < n_k:
-            # softmax over the full row with the skipped keys at -inf: the vectorised max and
-            # sum reductions group elements by their position in the row, so a shorter row
-            # would sum the same exponentials in another order (other bits)
-            s = torch.nn.functional.pad(s, (0, n_k - ke), value=-math.inf)
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)[..., :ke]
+        kp = softmax_row_length(ke, n_k)
+        if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
+            s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+        p = p if kp == ke else p[..., :ke]
         pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
         out[:, :, r0:r1] = torch.matmul(pq.values, vq[:, :, :ke])
     return out.to(dtype).transpose(1, 2).contiguous(), None

@@ -393,6 +393,11 @@ def _py_ldexp_bits(sig: int, exp: int) -> int:
 _COMPILED: dict[tuple, object] = {}
 _BACKEND = os.environ.get("PRECISIM_BACKEND", "auto")
 COMPILE_MIN_NUMEL = int(os.environ.get("PRECISIM_COMPILE_MIN_NUMEL", str(1 << 18)))
+#: under ``"auto"``, a kernel already compiled (for a tensor of at least COMPILE_MIN_NUMEL
+#: elements) also runs compiled for tensors down to this size: below COMPILE_MIN_NUMEL only
+#: the one-off compilation is not worth it (the eager kernel is ~5x slower per element, and a
+#: compiled call costs tens of microseconds)
+REUSE_MIN_NUMEL = 1 << 13
 RECOMPILE_LIMIT = 64
 
 #: the first-use self-check of compiled kernels (see :func:`run`); ``PRECISIM_KERNEL_SELF_CHECK=0``
@@ -408,8 +413,9 @@ _CHECK_STATS = {"checked": 0, "failed": 0, "seconds": 0.0}
 
 def set_backend(backend: str) -> None:
     """Choose how kernels run: ``"eager"``, ``"compile"`` (torch.compile, also for small tensors)
-    or ``"auto"`` (compile for tensors of at least ``COMPILE_MIN_NUMEL`` elements, falling back
-    to eager if compilation fails). Results are bit-identical in every mode."""
+    or ``"auto"`` (compile for tensors of at least ``COMPILE_MIN_NUMEL`` elements, and for
+    those of at least ``REUSE_MIN_NUMEL`` once the kernel is compiled; falling back to eager
+    if compilation fails). Results are bit-identical in every mode."""
     global _BACKEND
     if backend not in ("eager", "compile", "auto"):
         raise ValueError(f"unknown backend {backend!r}: accepted 'eager', 'compile', 'auto'")
@@ -431,7 +437,9 @@ def run(fn, key: tuple, numel: int, *args):
     the eager kernel's result is returned, with a warning. Results therefore never depend on
     the compile cache's hygiene.
     """
-    use = _BACKEND == "compile" or (_BACKEND == "auto" and numel >= COMPILE_MIN_NUMEL)
+    use = _BACKEND == "compile" or (_BACKEND == "auto" and (
+        numel >= COMPILE_MIN_NUMEL
+        or (numel >= REUSE_MIN_NUMEL and _COMPILED.get(key) not in (None, False))))
     if not use:
         return fn(*args)
     # a view's base is guarded too (its shape would be specialised: a recompile per shape);

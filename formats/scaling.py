@@ -453,8 +453,9 @@ def quantize_scaled(
         if (rnd is Rounding.NEAREST_EVEN and not flush_in and rand is None
                 and p.nearest_scaled is not None):
             # one pass: block amax, scale and elements in one compiled kernel
-            def fused_fn(xf):
-                b = xf.view(torch.int32)  # float32 in: see quantize.round_f32_bits
+            def fused_fn(xf, b):
+                # the values twice, as float32 (the block maxima) and as their int32 bits
+                # (the rounding): compiled CPU code bitcasts a vector through the stack
                 amax = _block_amax_bits(xf, red_dims)
                 k = pow2_scale_exponent(amax, consts, rule)
                 nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
@@ -465,10 +466,13 @@ def quantize_scaled(
 
             key = ("mx_fused", p, consts, rule, red_dims, counted)
             xs = _static_block(xb, f.granularity)
-            outs = kernels.run(fused_fn, key, xb.numel(), xs)
+            xi = _static_block(xs.view(torch.int32), f.granularity)
+            outs = kernels.run(fused_fn, key, xb.numel(), xs, xi)
             if counted:  # (a kernel of its own: fused into the one above it runs slower)
-                ev = kernels.run(lambda xf, o, kk, a: _pow2_events(xf, o, kk, a, f),
-                                 ("mx_events", _events_key(f)), xb.numel(), xs, *outs)
+                q = _static_block(outs[0].view(torch.float32), f.granularity)
+                ec = _event_consts(f)
+                ev = kernels.run(lambda xf, qf, kk, a: _pow2_events(xf, qf, kk, a, f, ec),
+                                 ("mx_events", _events_key(f)), xb.numel(), xs, q, *outs[1:])
                 outs = (outs[0], outs[1], ev)
         else:
             outs = _pow2_two_pass(xb, red_dims, consts, rule, p, rnd, flush_in, bits_sr, rand,
@@ -589,20 +593,22 @@ def _pow2_two_pass(xb: torch.Tensor, red_dims: tuple[int, ...], consts: tuple, r
 
     k, tiny = kernels.run(scale_fn, ("mx_scale", consts, rule, red_dims), xb.numel(), xb)
     unit_normal = not bool(tiny)
+    ec = _event_consts(counted) if counted is not None else None
 
-    def fn(xf, k, rr):
+    def fn(xf, b, k, rr):  # (xf as float32 and as int32 bits: see the fused kernel)
         nan_block = k == 255
         kk = torch.where(nan_block, 0, k)
-        out = round_bits(xf.view(torch.int32), kk, p, rnd, Overflow.SATURATE, flush_in, False,
+        out = round_bits(b, kk, p, rnd, Overflow.SATURATE, flush_in, False,
                          rr, bits_sr, unit_normal)
         out = torch.where(nan_block, F32_NAN, out)
         if counted is None:
             return out
-        return out, _pow2_events(xf, out, k, _block_amax_bits(xf, red_dims), counted)
+        return out, _pow2_events(xf, out.view(torch.float32), k,
+                                 _block_amax_bits(xf, red_dims), counted, ec)
 
     key = ("mx", p, rnd, flush_in, bits_sr, rand is None, unit_normal,
            None if counted is None else _events_key(counted), red_dims)
-    outs = kernels.run(fn, key, xb.numel(), xb, k, rand)
+    outs = kernels.run(fn, key, xb.numel(), xb, xb.view(torch.int32), k, rand)
     return (outs, k) if counted is None else (outs[0], k, outs[1])
 
 
@@ -614,17 +620,25 @@ def _events_key(f: ScaledFormat) -> tuple:
     return (f.element, f.scale)
 
 
-def _pow2_events(xf: torch.Tensor, out_bits: torch.Tensor, k: torch.Tensor,
-                 amax_bits: torch.Tensor, f: ScaledFormat) -> torch.Tensor:
+def _event_consts(f: ScaledFormat) -> tuple[float, float, float]:
+    """``(element max, overflow ratio, scale max)`` of ``f`` as Python floats, computed outside
+    the traced kernels: traced from the formats' integer fields (symbolic under
+    ``dynamic=True``), they were recomputed with pow/log2 for every vector of elements."""
+    return float(f.element.max), overflow_ratio(f.element), float(f.scale.max)
+
+
+def _pow2_events(xf: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 amax_bits: torch.Tensor, f: ScaledFormat,
+                 consts: tuple[float, float, float]) -> torch.Tensor:
     """``[flushed, nonfinite, saturated, scale_clamped]`` of a power-of-two-scaled block
     quantization (traced into its kernel). An element is at the element format's largest
     magnitude iff |q| * 2^-k >= elem_max (exact: scaling by a power of two); an E8M0 scale is
-    clamped at code 0 (k = -127) or 0xFF (NaN) in a block whose amax is non-zero and not NaN."""
-    q = out_bits.view(torch.float32)
+    clamped at code 0 (k = -127) or 0xFF (NaN) in a block whose amax is non-zero and not NaN.
+    ``q``: the dequantized values (float32)."""
     kk = torch.where(k == 255, 0, k)
     inv = torch.where(kk == 127, 0x400000, (127 - kk) << 23).view(torch.float32)  # 2^-k
-    at_max = (q.abs() * inv) >= float(f.element.max)
-    ev = element_events(xf, q, at_max, overflow_ratio(f.element))
+    at_max = (q.abs() * inv) >= consts[0]
+    ev = element_events(xf, q, at_max, consts[1])
     if f.scale == E8M0:
         nonzero = (amax_bits != 0) & (amax_bits <= kernels.F32_INF)
         clamped = count(((k == -127) | (k == 255)) & nonzero)
@@ -634,14 +648,15 @@ def _pow2_events(xf: torch.Tensor, out_bits: torch.Tensor, k: torch.Tensor,
 
 
 def _float_events(xf: torch.Tensor, deq: torch.Tensor, q: torch.Tensor, bs: torch.Tensor,
-                  bamax: torch.Tensor, f: ScaledFormat) -> torch.Tensor:
+                  bamax: torch.Tensor, f: ScaledFormat,
+                  consts: tuple[float, float, float]) -> torch.Tensor:
     """``[flushed, nonfinite, saturated, scale_clamped]`` of a float-scaled block quantization
     (traced into its kernel): elements ``q`` at elem_max; an 8-bit scale clamped at its largest
     value or at zero in a block whose amax is positive."""
-    at_max = q.abs() >= float(f.element.max)
-    ev = element_events(xf, deq, at_max, overflow_ratio(f.element))
+    at_max = q.abs() >= consts[0]
+    ev = element_events(xf, deq, at_max, consts[1])
     if f.scale.bits <= 8:
-        clamped = count(((bs == float(f.scale.max)) | (bs == 0)) & (bamax > 0))
+        clamped = count(((bs == consts[2]) | (bs == 0)) & (bamax > 0))
     else:
         clamped = torch.zeros((), dtype=torch.int64, device=xf.device)
     return torch.cat([ev, clamped.reshape(1)])
@@ -713,6 +728,7 @@ def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kerne
     (:func:`_float_events`) when ``counted``])."""
     elem_max = float(f.element.max)
     scale_max = float(f.scale.max)
+    ec = _event_consts(f)
     ps = KernelParams.of(f.scale)
     fp32_scale = f.scale == FP32
     tensor_scale = f.tensor_scale
@@ -743,6 +759,6 @@ def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kerne
         q = torch.where(bs == 0, 0.0, q)
         deq = torch.where(bad, float("nan"), (q * bs) / g)
         outs = (g, bs, deq, q) if want_elements else (g, bs, deq)
-        return (*outs, _float_events(xf, deq, q, bs, bamax, f)) if counted else outs
+        return (*outs, _float_events(xf, deq, q, bs, bamax, f, ec)) if counted else outs
 
     return fused

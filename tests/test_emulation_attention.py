@@ -3,6 +3,8 @@ model's own eager attention function with its two matmuls routed through the emu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from precisim.emulation import Recipe, emulate, get_recipe
@@ -133,9 +135,9 @@ def test_chunked_attention_equals_the_generic_path(arch: str, name: str,
 
 
 def test_chunked_softmax_rows_of_any_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of 23 rows see 23, 46, ... keys: the softmax still runs over whole rows (the
-    vectorised reductions of a shorter row would add the exponentials in another order), so
-    P is bit-identical to the generic path's."""
+    """Chunks of 23 rows see 23, 46, ... of 150 keys: the softmax runs over them padded with
+    -inf to whole vectors (64, 64, 128, ...; attention.softmax_row_length), so P is
+    bit-identical to the generic path's full-row softmax."""
     model = _model("llama")
     recs: list[dict] = [{}, {}]
     for rec, generic in zip(recs, (False, True)):
@@ -150,10 +152,33 @@ def test_chunked_softmax_rows_of_any_length(monkeypatch: pytest.MonkeyPatch) -> 
         r0 += p.shape[-2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_row_length_keeps_every_probability(dtype: torch.dtype) -> None:
+    """The property the chunked path relies on (attention.softmax_row_length): torch's softmax
+    over the visible keys padded with -inf to whole vectors equals, bit for bit, its softmax
+    over the full row, for visible lengths below one vector, at vector boundaries and in
+    between, and rows of every length up to 4096 keys. A torch whose CPU softmax reduces in
+    another order fails here."""
+    from precisim.emulation.attention import softmax_row_length
+
+    torch.manual_seed(0)
+    for n_k in (64, 150, 1024, 4096):
+        for ke in (*range(1, 40), 63, 64, 65, 127, 128, 129, 500, 1000, 2049, n_k - 1):
+            if ke > n_k:
+                continue
+            s = (torch.randn(3, 5, ke) * 6).to(dtype)
+            full = torch.nn.functional.pad(s, (0, n_k - ke), value=-math.inf)
+            kp = softmax_row_length(ke, n_k)
+            assert ke <= kp <= n_k and (kp == n_k or kp % 64 == 0)
+            want = torch.softmax(full, dim=-1, dtype=torch.float32)[..., :ke]
+            got = torch.softmax(full[..., :kp], dim=-1, dtype=torch.float32)[..., :ke]
+            assert torch.equal(got, want), (n_k, ke, dtype)
+
+
 def test_chunked_softmax_of_short_visible_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows whose visible keys end before 16 (a mask hiding every later key): ATen reduces
     rows shorter than 16 in another order than the same values in a longer row, so the
-    chunked path takes its softmax over the whole row (skipped keys at -inf) and gets the
+    chunked path pads them with -inf to whole vectors (here the whole row) and gets the
     generic path's P bit for bit."""
     from precisim.emulation.attention import KeyEnds, chunked_attention
 
