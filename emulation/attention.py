@@ -42,7 +42,7 @@ from precisim.formats.scaling import ScaledFormat
 
 from .gemm import quantize_operand, resolved_format
 from .precision import ieee_fp32
-from .recipe import AttentionSpec, GemmSpec
+from .recipe import AttentionSpec, GemmSpec, TensorSpec
 from .telemetry import Telemetry
 
 __all__ = ["chunkable", "chunked_attention", "is_standard_eager", "softmax_row_length"]
@@ -169,6 +169,46 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+def _head_local(spec: TensorSpec | None) -> bool:
+    """True if quantizing a (b, h, n, d) operand to ``spec`` treats every head alike whatever
+    the other heads hold: deterministic rounding, and no finite block across the batch or
+    head axes (a scale over a whole axis or the whole tensor sees the same maximum in a
+    repeated tensor as in the original)."""
+    if spec is None:
+        return True
+    if Rounding.parse(spec.rounding) is Rounding.STOCHASTIC:
+        return False
+    fmt = resolved_format(spec, -1)
+    if not isinstance(fmt, ScaledFormat):
+        return True
+    return all(size is None or size == 1 or axis in (-1, -2, 2, 3)
+               for axis, size in fmt.granularity.blocks)
+
+
+class _Repeated:
+    """Telemetry of a GQA operand quantized before its heads are repeated: every count is
+    that of the repeated tensor (each kv head's events happen ``groups`` times)."""
+
+    def __init__(self, telemetry: Telemetry, groups: int) -> None:
+        self.telemetry, self.groups = telemetry, groups
+
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+        self.telemetry.add(module, role, {k: v * self.groups for k, v in counts.items()})
+
+
+def _repeated_operand(x: torch.Tensor, groups: int, spec: TensorSpec | None,
+                      telemetry: Telemetry | None, where: tuple[str, str]) -> torch.Tensor:
+    """``repeat_kv(x, groups)`` quantized to ``spec`` (float32 values): the kv heads are
+    quantized once and then repeated where that is the same (:func:`_head_local`), with the
+    repeated tensor's telemetry counts."""
+    if groups == 1 or not _head_local(spec):
+        return quantize_operand(repeat_kv(x, groups), spec, telemetry=telemetry,
+                                where=where).values
+    tel = None if telemetry is None else _Repeated(telemetry, groups)
+    return repeat_kv(quantize_operand(x, spec, telemetry=tel,  # type: ignore[arg-type]
+                                      where=where).values, groups)
+
+
 @ieee_fp32
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -182,30 +222,29 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     assert qk is not None and pv is not None
     dtype = query.dtype
     groups = getattr(module, "num_key_value_groups", 1)
-    k = repeat_kv(key, groups)
-    v = repeat_kv(value, groups)
     qq = quantize_operand(query, qk.input, telemetry=telemetry, where=(f"{name}.qk", "input"))
-    kq = quantize_operand(k, qk.weight, telemetry=telemetry, where=(f"{name}.qk", "weight"))
-    vq = quantize_operand(v.transpose(-1, -2), pv.weight, telemetry=telemetry,
-                          where=(f"{name}.pv", "weight")).values.transpose(-1, -2)
+    kq = _repeated_operand(key, groups, qk.weight, telemetry, (f"{name}.qk", "weight"))
+    vq = _repeated_operand(value.transpose(-1, -2), groups, pv.weight, telemetry,
+                           (f"{name}.pv", "weight")).transpose(-1, -2)
     q = qq.values
     pow2 = scaling > 0 and math.frexp(scaling)[0] == 0.5
     if pow2:  # exact: scaling the fp32 operand by 2^n scales every partial sum by 2^n
         q = q * scaling
     b, h, n_q, d = q.shape
-    n_k = kq.values.shape[-2]
+    n_k = kq.shape[-2]
     rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
     ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [n_k] * len(
         range(0, n_q, rows))
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
-    kt = kq.values.transpose(-1, -2)
+    kt = kq.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):
         r1, ke = min(n_q, r0 + rows), ends[i]
         s = torch.matmul(q[:, :, r0:r1], kt[..., :ke]).to(dtype)
         if not pow2:
             s = s * scaling
-        if mask is not None:
-            s = s + mask[:, :, r0:r1, :ke]
+        if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
+            m = mask[:, :, r0:r1, :ke]
+            s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
             s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)

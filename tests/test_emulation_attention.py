@@ -105,6 +105,9 @@ def test_chunked_attention_equals_the_generic_path(arch: str, name: str,
     for role in (("qk", "input"), ("qk", "weight"), ("pv", "weight")):
         where = (f"{first}.{role[0]}", role[1])
         a, b = rec_fast[where][0], rec_slow[where][0]
+        if a.shape[1] != b.shape[1]:  # GQA: k and v quantized once per kv head, then repeated
+            assert role[1] == "weight" and b.shape[1] % a.shape[1] == 0
+            a = attn_mod.repeat_kv(a, b.shape[1] // a.shape[1])
         assert torch.equal(a.reshape(-1), b.reshape(-1)), where
     # P: every chunk's quantized block equals the same block of the generic path's P
     p_full = rec_slow[(f"{first}.pv", "input")][0]
@@ -300,3 +303,36 @@ def test_generate_with_a_kv_cache_chunked_equals_generic(monkeypatch: pytest.Mon
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits):
         assert torch.equal(a, b)
+
+
+def test_gqa_operands_quantized_before_repeating_only_when_that_is_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """k and v are quantized once per kv head and then repeated only where the quantization
+    treats every head alike (attention._head_local); a stochastic rounding or a block across
+    the head axis quantizes the repeated tensor, as the generic path does. Either way the
+    values equal quantizing the repeated tensor, and the telemetry counts are the repeated
+    tensor's."""
+    import dataclasses
+
+    from precisim.emulation.gemm import quantize_operand
+    from precisim.emulation.recipe import TensorSpec
+    from precisim.emulation.telemetry import Telemetry
+    from precisim.formats.scaling import Granularity, get_scaled_format
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 64) * 4
+    x[0, 1, 3, 5] = 1e30  # saturates in e4m3: an event to count
+    for spec, local in ((TensorSpec("mxfp8"), True), (TensorSpec("e4m3"), True),
+                        (TensorSpec("e4m3", rounding="sr", seed=3), False)):
+        assert attn_mod._head_local(spec) is local
+        tel_a, tel_b = Telemetry(), Telemetry()
+        got = attn_mod._repeated_operand(x, 3, spec, tel_a, ("m", "weight"))
+        want = quantize_operand(attn_mod.repeat_kv(x, 3), spec, telemetry=tel_b,
+                                where=("m", "weight")).values
+        if local:
+            assert torch.equal(got, want)
+        assert tel_a.records() == tel_b.records()
+    across = dataclasses.replace(get_scaled_format("mxfp8"),
+                                 granularity=Granularity(((1, 2), (-1, 32))))
+    monkeypatch.setattr(attn_mod, "resolved_format", lambda spec, axis: across)
+    assert not attn_mod._head_local(TensorSpec("mxfp8"))
