@@ -31,6 +31,10 @@ fine-tune, for ``steps`` AdamW steps on windows of a text file read with ``datas
   ``loss_scale`` (non-finite gradients skip the step and halve the scale; it doubles after
   ``loss_scale_interval`` finite steps; per-step scale in the log, the scaler in the
   checkpoint).
+* **Attention backward** (``attention_backward``, optional): a format name, or ``high``, for
+  every operand of the attention matmuls' four backward GEMMs (the ``train_attention`` op
+  kind, docs/training.md section 1b; forward in high precision), replacing the recipe's own
+  ``train_attention``; the run is named ``<recipe>+attn-<format>`` (:attr:`TrainConfig.name`).
 * **Results**: one record per run in the :class:`~precisim.eval.store.RunStore`.
 """
 
@@ -47,8 +51,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelConfig", "TrainConfig", "TrainError", "build_model", "model_vocab", "run_key",
-           "seed_gap", "token_splits", "train", "train_kernels", "vocab_table"]
+__all__ = ["ModelConfig", "TrainConfig", "TrainError", "attention_backward_spec", "build_model",
+           "model_vocab", "run_key", "seed_gap", "token_splits", "train", "train_kernels",
+           "vocab_table"]
 
 VAL_FRACTION = 0.1
 
@@ -120,6 +125,7 @@ class TrainConfig:
     optimizer_states: str = "fp32"
     max_tokens: int | None = None
     vocab: int | None = None
+    attention_backward: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq", "val_every", "val_batches", "checkpoint_every",
@@ -156,11 +162,45 @@ class TrainConfig:
         if self.master not in MASTER_MODES:
             raise TrainError(f"train: master={self.master!r} is not valid; accepted: "
                              f"{', '.join(MASTER_MODES)}")
+        if self.attention_backward is not None:
+            attention_backward_spec(self.attention_backward)  # raises on a bad value
+
+    @property
+    def name(self) -> str:
+        """The run's name: the recipe, with ``+attn-<format>`` under ``attention_backward``."""
+        if self.attention_backward is None:
+            return self.recipe
+        return f"{self.recipe}+attn-{self.attention_backward}"
+
+
+def attention_backward_spec(fmt: str) -> Any:
+    """The ``train_attention`` spec with ``fmt`` (a format name or ``high``) in every operand
+    of the four backward GEMMs and a high-precision forward; :class:`TrainError` naming the
+    value when it is not a format."""
+    from precisim.emulation.specs import GemmSpec, RecipeError
+    from precisim.emulation.training.attention import AttentionTrainingSpec
+
+    try:
+        if not isinstance(fmt, str) or not fmt:
+            raise RecipeError("expected a format name")
+        g = GemmSpec.parse(fmt, "attention_backward")
+    except RecipeError as e:
+        raise TrainError(f"train: attention_backward={fmt!r} is not valid: accepted 'high' or "
+                         f"a format name (e.g. bf16, fp8_tensor, mxfp8, nvfp4) ({e})") from None
+    return AttentionTrainingSpec(None, dq=g, dk=g, dp=g, dv=g)
+
+
+def _same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """A checkpoint's config equals ``cfg``'s; a field the checkpoint predates counts as its
+    default (so checkpoints written before a field was added still resume)."""
+    now = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: saved.get(k, defaults[k]) for k in now} == now and set(saved) <= set(now)
 
 
 def run_key(cfg: TrainConfig) -> str:
     """The run store key of a run."""
-    return f"train/{cfg.recipe}/seed{cfg.seed}"
+    return f"train/{cfg.name}/seed{cfg.seed}"
 
 
 def load_tokenizer(source: str) -> Any:
@@ -292,6 +332,9 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = get_recipe(cfg.recipe)
+    if cfg.attention_backward is not None:
+        recipe = recipe.with_(name=cfg.name,
+                              train_attention=attention_backward_spec(cfg.attention_backward))
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     train_ids, val_ids = token_splits(cfg, tok)
     model = build_model(cfg, model_vocab(cfg, tok))
@@ -310,7 +353,7 @@ def train(cfg: TrainConfig, *, out: str | Path, store: Any = None,
     ckpt = run_dir / "ckpt.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
+        if not _same_config(state["config"], cfg):
             raise TrainError(f"{ckpt}: the checkpoint is of another configuration; use "
                              "another --out or delete it")
         model.load_state_dict(state["model"])

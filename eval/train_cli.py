@@ -58,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="finite steps before the dynamic scale grows (100)")
     p.add_argument("--optimizer-states", default="fp32",
                    help="AdamW moments: fp32 (default), bf16, bf16-sr, fp8, fp8-sr")
+    p.add_argument("--attention-backward", default=None, metavar="FORMAT",
+                   help="the attention matmuls' four backward GEMMs (dq, dk, dp, dv) with every "
+                   "operand in FORMAT (e.g. fp8_tensor, mxfp8; 'high': their fp32 GEMMs), for "
+                   "every recipe; runs named <recipe>+attn-FORMAT (default: the recipe's own)")
     p.add_argument("--max-tokens", type=int_arg(1), default=None, help="token budget of the text")
     p.add_argument("--vocab", type=int_arg(1), default=None,
                    help="keep the N most frequent training tokens (others -> one id)")
@@ -88,18 +92,20 @@ def run(args: argparse.Namespace) -> int:
                         max_tokens=args.max_tokens, vocab=args.vocab,
                         dynamic_loss_scale=args.dynamic_loss_scale,
                         loss_scale_interval=args.loss_scale_interval,
-                        optimizer_states=args.optimizer_states)
+                        optimizer_states=args.optimizer_states,
+                        attention_backward=args.attention_backward)
             for r in args.recipe for s in range(args.seeds)]
     tok = load_tokenizer(args.tokenizer)
     vals: dict[str, list[float]] = {}
     with RunStore(Path(args.store) if args.store else out / "precisim-runs.sqlite") as store:
         for c in cfgs:
-            rec = train(c, out=out / c.recipe / f"seed{c.seed}", store=store, tokenizer=tok)
-            vals.setdefault(c.recipe, []).append(rec["final_val"])
-            print(f"{c.recipe} seed {c.seed}: loss {rec['final_loss']:.4f} val "
+            rec = train(c, out=out / c.name / f"seed{c.seed}", store=store, tokenizer=tok)
+            vals.setdefault(c.name, []).append(rec["final_val"])
+            print(f"{c.name} seed {c.seed}: loss {rec['final_loss']:.4f} val "
                   f"{rec['final_val']:.4f}")
-    base = statistics.fmean(vals[args.recipe[0]])
-    print(f"\n| recipe | mean val loss | gap to {args.recipe[0]} |\n|---|---|---|")
+    first = cfgs[0].name
+    base = statistics.fmean(vals[first])
+    print(f"\n| recipe | mean val loss | gap to {first} |\n|---|---|---|")
     for r, v in vals.items():
         m = statistics.fmean(v)
         print(f"| {r} | {m:.4f} | {100 * (m - base) / base:+.2f}% |")

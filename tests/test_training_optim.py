@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from precisim.emulation.training.lowp_optim import (
+    STATE_FORMATS,
     LossScaler,
     LossScaling,
     LowPrecisionAdamW,
     StateFormat,
 )
+from precisim.emulation.training.sr import element_bits, key_of
+from precisim.formats import quantize
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.1
 
@@ -68,13 +73,13 @@ def test_low_precision_states_are_the_hand_computation(name, store):
     p_ref, m_ref, v_ref = _hand(store)
     got, opt = _run(lambda p: LowPrecisionAdamW([("w", p)], lr=LR, betas=(B1, B2), eps=EPS,
                                                 weight_decay=WD, states=name), steps=3)
-    st = next(iter(opt.state.values()))
+    m, v = opt.moments(next(iter(opt.state)))
     assert torch.allclose(got, p_ref, rtol=0, atol=1e-6)  # addcdiv vs written-out: 1 ulp
     # the stored moments are exactly the rounded ones (format values)
-    assert torch.equal(st["exp_avg_sq"], store(st["exp_avg_sq"]))
-    assert torch.equal(st["exp_avg"], store(st["exp_avg"]))
-    assert torch.allclose(st["exp_avg"], m_ref, rtol=2 ** -7, atol=0)
-    assert torch.allclose(st["exp_avg_sq"], v_ref, rtol=2 ** -7, atol=0)
+    assert torch.equal(v, store(v))
+    assert torch.equal(m, store(m))
+    assert torch.allclose(m, m_ref, rtol=2 ** -7, atol=0)
+    assert torch.allclose(v, v_ref, rtol=2 ** -7, atol=0)
 
 
 def test_low_precision_states_store_exactly_the_rounded_fp32_update():
@@ -87,10 +92,9 @@ def test_low_precision_states_store_exactly_the_rounded_fp32_update():
                                 states=name)
         p.grad = g.clone()
         opt.step()
-        st = opt.state[p]
-        assert torch.equal(st["exp_avg"], store(torch.zeros(3, 5).lerp_(g, 1 - B1)))
-        assert torch.equal(st["exp_avg_sq"], store(torch.zeros(3, 5).addcmul_(g, g,
-                                                                               value=1 - B2)))
+        m, v = opt.moments(p)
+        assert torch.equal(m, store(torch.zeros(3, 5).lerp_(g, 1 - B1)))
+        assert torch.equal(v, store(torch.zeros(3, 5).addcmul_(g, g, value=1 - B2)))
 
 
 def test_sr_states_round_to_a_neighbour_and_replay():
@@ -100,7 +104,7 @@ def test_sr_states_round_to_a_neighbour_and_replay():
                                 seed=seed)
         p.grad = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
         opt.step()
-        return opt.state[p]["exp_avg"].clone(), p.grad
+        return opt.moments(p)[0].clone(), p.grad
 
     m, g = run(0)
     exact = torch.zeros(64, 64).lerp_(g, 1 - 0.9)
@@ -111,6 +115,127 @@ def test_sr_states_round_to_a_neighbour_and_replay():
     assert bool(((m == trunc) | (m == away)).all())
     assert torch.equal(m, run(0)[0]) and not torch.equal(m, run(1)[0])
     assert int((m != _bf16(exact)).sum()) > 100  # SR departs from nearest for many values
+
+
+def _old_store(fmt: StateFormat, x: torch.Tensor, seed: int, step: int, name: str,
+               moment: str) -> torch.Tensor:
+    """The rounding of the moments as the optimizer did it before they were stored compactly
+    (float32 tensors holding the format values), written out."""
+    if fmt.name == "fp32":
+        return x
+    scale = 1.0
+    if fmt.scaled:
+        amax = float(x.abs().max())
+        scale = amax / 448.0 if amax > 0 and math.isfinite(amax) else 1.0
+    y = x / scale if scale != 1.0 else x
+    if fmt.stochastic:
+        r = element_bits((y.numel(),), fmt.sr_bits, key_of(seed, step, name, moment))
+        q = quantize(y.reshape(-1), fmt.element, "sr", sr_bits=fmt.sr_bits,
+                     rand=r).reshape(y.shape)
+    else:
+        q = quantize(y, fmt.element)
+    return q * scale if scale != 1.0 else q
+
+
+def _fp32_held(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]],
+               fmt: StateFormat, seed: int) -> tuple[dict, dict, dict]:
+    """AdamW with the moments held in float32 and rounded by ``_old_store`` after each step
+    (the optimizer's step op for op, before compact storage)."""
+    p = {n: t.clone() for n, t in params.items()}
+    m = {n: torch.zeros_like(t) for n, t in p.items()}
+    v = {n: torch.zeros_like(t) for n, t in p.items()}
+    for k, gs in enumerate(grads, start=1):
+        for n, g in gs.items():
+            p[n].mul_(1 - LR * WD)
+            m[n].lerp_(g, 1 - B1)
+            v[n].mul_(B2).addcmul_(g, g, value=1 - B2)
+            denom = (v[n].sqrt() / (1 - B2 ** float(k)) ** 0.5).add_(EPS)
+            p[n].addcdiv_(m[n], denom, value=-(LR / (1 - B1 ** float(k))))
+            m[n] = _old_store(fmt, m[n], seed, k, n, "exp_avg")
+            v[n] = _old_store(fmt, v[n], seed, k, n, "exp_avg_sq")
+    return p, m, v
+
+
+def _problem(steps: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(7)
+    params = {f"w{i}": torch.randn(16, 24, generator=gen) for i in range(3)}
+    # gradients of three magnitudes: 1, 1e-3 and 1e-6 (bf16 / E4M3 subnormal moments)
+    grads = [{f"w{i}": torch.randn(16, 24, generator=gen) * 10.0 ** (-3 * i) for i in range(3)}
+             for _ in range(steps)]
+    return params, grads
+
+
+def _compact_run(params, grads, fmt: str, seed: int = 11, stop: int | None = None,
+                 opt: LowPrecisionAdamW | None = None, ps: dict | None = None):
+    ps = ps if ps is not None else {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = opt or LowPrecisionAdamW(list(ps.items()), lr=LR, betas=(B1, B2), eps=EPS,
+                                   weight_decay=WD, states=fmt, seed=seed)
+    for gs in grads[:stop]:
+        for n, g in gs.items():
+            ps[n].grad = g.clone()
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("fmt", list(STATE_FORMATS))
+def test_compact_states_follow_the_fp32_held_trajectory_bit_for_bit(fmt):
+    """Moments stored compactly (bf16 tensors; E4M3 codes + a per-tensor scale) give every
+    parameter and moment of the fp32-held rounded moments bit for bit, over 6 steps of three
+    parameters whose gradients span 1 to 1e-6, in every state format (SR ones included)."""
+    params, grads = _problem(6)
+    ref_p, ref_m, ref_v = _fp32_held(params, grads, StateFormat(fmt), seed=11)
+    ps, opt = _compact_run(params, grads, fmt)
+    for n, p in ps.items():
+        assert torch.equal(p.detach(), ref_p[n]), n
+        m, v = opt.moments(p)
+        assert torch.equal(m, ref_m[n]) and torch.equal(v, ref_v[n]), n
+        assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype \
+            == {"fp32": torch.float32, "bf16": torch.bfloat16,
+                "e4m3": torch.float8_e4m3fn}[StateFormat(fmt).element]
+
+
+def test_state_bytes_drop_with_the_format():
+    """Bytes held by the moments' storage (untyped storages, so no hidden larger buffer) for
+    a 384 x 1024 parameter: fp32 8 bytes an element, bf16 4, FP8 2 (two moments) plus the
+    4-byte step counter; the FP8 scales are two Python floats."""
+    n = 384 * 1024
+    got = {}
+    for fmt in STATE_FORMATS:
+        p = torch.nn.Parameter(torch.zeros(384, 1024))
+        opt = LowPrecisionAdamW([("w", p)], states=fmt)
+        p.grad = torch.randn(384, 1024, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        st = opt.state[p]
+        got[fmt] = sum(t.untyped_storage().nbytes() for t in st.values()
+                       if isinstance(t, torch.Tensor))
+        assert got[fmt] == opt.state_bytes()
+    assert got["fp32"] == 8 * n + 4
+    assert got["bf16"] == got["bf16-sr"] == 4 * n + 4
+    assert got["fp8"] == got["fp8-sr"] == 2 * n + 4
+
+
+@pytest.mark.parametrize("fmt", ["bf16-sr", "fp8"])
+def test_compact_states_survive_a_state_dict_round_trip(fmt):
+    """Saved after 3 steps (torch.save), loaded into a new optimizer (torch's loader casts the
+    moments to fp32; they come back compact), 3 more steps: bit for bit the 6-step run."""
+    import io
+
+    params, grads = _problem(6)
+    whole, wopt = _compact_run(params, grads, fmt)
+    part, popt = _compact_run(params, grads, fmt, stop=3)
+    buf = io.BytesIO()
+    torch.save(popt.state_dict(), buf)
+    buf.seek(0)
+    ps = {n: torch.nn.Parameter(p.detach().clone()) for n, p in part.items()}
+    opt = LowPrecisionAdamW(list(ps.items()), lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD,
+                            states=fmt, seed=11)
+    opt.load_state_dict(torch.load(buf, weights_only=False))
+    assert all(opt.state[p]["exp_avg"].dtype == StateFormat(fmt).dtype for p in ps.values())
+    _compact_run(params, grads[3:], fmt, opt=opt, ps=ps)
+    for n in ps:
+        assert torch.equal(ps[n].detach(), whole[n].detach()), n
+        assert all(torch.equal(a, b) for a, b in zip(opt.moments(ps[n]),
+                                                     wopt.moments(whole[n])))
 
 
 def test_unknown_state_format():

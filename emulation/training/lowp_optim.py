@@ -8,7 +8,12 @@ section 7).
   updates them in fp32 exactly as ``torch.optim.AdamW`` does (single-tensor path), uses the
   fp32 values for this step's update, then rounds them for storage. With ``fp32`` states the
   optimizer is ``torch.optim.AdamW`` bit for bit (tests/test_training_optim.py). The stored
-  values are kept in float32 tensors holding format values (an emulation: no memory saved).
+  moments are compact: bf16 states are ``torch.bfloat16`` tensors (2 bytes an element), FP8
+  states ``torch.float8_e4m3fn`` codes (1 byte) with their per-tensor scale a Python float in
+  the state (``exp_avg_scale``, ``exp_avg_sq_scale``); both hold the rounded values exactly,
+  so decoding (``codes.float() * scale``) gives back the very fp32 values the step rounded
+  and the trajectory is that of fp32-held rounded moments, bit for bit. :meth:`moments`
+  returns them decoded.
 * :class:`LossScaler`: dynamic loss scaling for low-precision gradients: the loss is
   multiplied by ``scale`` before the backward; before the step the gradients are divided by
   it and checked; a non-finite gradient skips the step and multiplies the scale by
@@ -39,6 +44,9 @@ STATE_FORMATS: dict[str, tuple[str, bool, bool]] = {
     "fp8-sr": ("e4m3", True, True),
 }
 _FP8_MAX = 448.0
+#: the storage dtype of each element format (holds its values exactly)
+_STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -74,12 +82,18 @@ class StateFormat:
     def stochastic(self) -> bool:
         return STATE_FORMATS[self.name][2]
 
-    def store(self, x: torch.Tensor, *, seed: int, step: int, name: str,
-              moment: str) -> torch.Tensor:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the moments are stored in (it holds the format's values exactly)."""
+        return _STORAGE[self.element]
+
+    def encode(self, x: torch.Tensor, *, seed: int, step: int, name: str,
+               moment: str) -> tuple[torch.Tensor, float]:
         """``x`` (float32) rounded to this format (with its per-tensor scale when ``scaled``:
-        ``scale = amax / 448``, 1 for an all-zero tensor)."""
+        ``scale = amax / 448``, 1 for an all-zero tensor), as (codes in :attr:`dtype`,
+        scale); ``decode`` of them is the rounded value."""
         if self.name == "fp32":
-            return x
+            return x, 1.0
         scale = 1.0
         if self.scaled:
             amax = float(x.abs().max()) if x.numel() else 0.0
@@ -92,7 +106,20 @@ class StateFormat:
                          rand=r).reshape(y.shape)
         else:
             q = quantize(y, self.element)
+        return q.to(self.dtype), scale
+
+    @staticmethod
+    def decode(codes: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 values of stored ``codes`` with their per-tensor ``scale``."""
+        q = codes.float()
         return q * scale if scale != 1.0 else q
+
+    def store(self, x: torch.Tensor, *, seed: int, step: int, name: str,
+              moment: str) -> torch.Tensor:
+        """``x`` (float32) rounded to this format, as float32 (``decode(encode(x))``)."""
+        if self.name == "fp32":
+            return x
+        return self.decode(*self.encode(x, seed=seed, step=step, name=name, moment=moment))
 
 
 class LowPrecisionAdamW(torch.optim.Optimizer):
@@ -126,9 +153,13 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grad, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
+                    for k in _MOMENTS:
+                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                 dtype=self.states.dtype)
+                        st[f"{k}_scale"] = 1.0
+                grad = p.grad
+                # fp32 states are updated in place; the others are decoded to fp32 copies
+                m, v = (self.states.decode(st[k], st.get(f"{k}_scale", 1.0)) for k in _MOMENTS)
                 st["step"] += 1
                 step = float(st["step"])
                 if wd != 0:
@@ -141,13 +172,35 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 step_size = lr / bias_correction1
                 denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)
                 p.addcdiv_(m, denom, value=-step_size)
+                if self.states.name == "fp32":
+                    continue
                 name = self._names.get(id(p), "")
-                k = int(step)
-                m.copy_(self.states.store(m, seed=self.seed, step=k, name=name,
-                                          moment="exp_avg"))
-                v.copy_(self.states.store(v, seed=self.seed, step=k, name=name,
-                                          moment="exp_avg_sq"))
+                for k, x in zip(_MOMENTS, (m, v)):
+                    st[k], st[f"{k}_scale"] = self.states.encode(
+                        x, seed=self.seed, step=int(step), name=name, moment=k)
         return loss
+
+    def moments(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored moments (m, v) of ``p`` decoded to float32."""
+        st = self.state[p]
+        return tuple(self.states.decode(st[k], st.get(f"{k}_scale", 1.0))  # type: ignore
+                     for k in _MOMENTS)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer's state tensors (moments and step counters)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values()
+                   for t in st.values() if isinstance(t, torch.Tensor))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``'s (which casts the moments to the parameter's dtype),
+        then the moments back to their compact dtype (exact: they hold format values). A
+        state saved before the moments were compact (no ``<moment>_scale``: fp32 tensors of
+        the scaled values) is kept as it is, and compacted by the next step."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in _MOMENTS:
+                if k in st and f"{k}_scale" in st and st[k].dtype != self.states.dtype:
+                    st[k] = st[k].to(self.states.dtype)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Training recipes with citations (docs/training.md section 5).
 
 Every preset gives the ``train_linear`` op kind a :class:`~.roles.TrainingSpec`; embeddings,
-the lm_head, attention matmuls and norms stay in high precision (as the cited recipes do):
+the lm_head and norms stay in high precision (as the cited recipes do), and so do the attention
+matmuls except in ``fp8-attention-train`` (the ``train_attention`` op kind, section 1b):
 
 * ``bf16-train``: bf16 operands in all three GEMMs, fp32 accumulation (the usual baseline);
 * ``fp8-tensor-train``: FP8 with per-tensor current scaling (amax / max, fp32 scale), E4M3 for
@@ -17,7 +18,13 @@ the lm_head, attention matmuls and norms stay in high precision (as the cited re
   high precision through rules (:func:`nvfp4_recipe` with ``hp_last``);
 * ``deepseek-fp8-train``: DeepSeek-V3 FP8 (arXiv 2412.19437, section 3.3): E4M3 everywhere,
   activations and gradients in 1x128 tiles along each reduction axis, weights in 128x128
-  blocks, on the H100 FP8 unit with promotion to fp32 every 128 products.
+  blocks, on the H100 FP8 unit with promotion to fp32 every 128 products;
+* ``fp8-attention-train``: ``fp8-tensor-train`` plus the attention matmuls in FP8 with
+  per-tensor current scaling (:func:`fp8_attention_recipe`): the forward QK^T and PV with E4M3
+  operands (FP8 attention forward as in FlashAttention-3, arXiv 2407.08608) and the four
+  backward GEMMs (dq, dk, dp, dv) with the hybrid formats of arXiv 2209.05433 applied to them:
+  E4M3 for Q, K, V and P, E5M2 for the gradients dO and dS. Not a published recipe: an
+  extension of the per-tensor FP8 recipe to the attention, to ask whether it still trains.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from precisim.formats.scaling import (
 )
 
 from ..recipe import RECIPES, Recipe, Rule
-from ..specs import GemmSpec, TensorSpec
+from ..specs import AttentionSpec, GemmSpec, TensorSpec
+from .attention import AttentionTrainingSpec
 from .hadamard import HadamardSpec
 from .roles import TrainingSpec
 
-__all__ = ["mxfp8_recipe", "nvfp4_recipe", "training_recipes"]
+__all__ = ["fp8_attention_spec", "fp8_attention_recipe", "mxfp8_recipe", "nvfp4_recipe",
+           "training_recipes"]
 
 
 def _nvfp4_16x16(rule: ScaleRule | None, axis: int) -> ScaledFormat:
@@ -86,6 +95,28 @@ def nvfp4_recipe(*, sr: bool = True, rht: bool = True, hp_last: int = 0,
                                                   if hp_last else ""))
 
 
+def fp8_attention_spec() -> AttentionTrainingSpec:
+    """FP8 attention with per-tensor current scaling: E4M3 forward operands; in the backward
+    GEMMs (docs/training.md section 1b) E4M3 for Q, K, V and P, E5M2 for dO and dS."""
+    e4, e5 = TensorSpec("fp8_tensor"), TensorSpec("fp8_e5m2_tensor")
+    return AttentionTrainingSpec(AttentionSpec(qk=_g(e4, e4), pv=_g(e4, e4)),
+                                 dq=_g(e5, e4),   # dS (q, k) x K^T (d, k)
+                                 dk=_g(e5, e4),   # dS^T (k, q) x Q^T (d, q)
+                                 dp=_g(e5, e4),   # dO (q, d) x V (k, d)
+                                 dv=_g(e4, e5))   # P^T (k, q) x dO^T (d, q)
+
+
+def fp8_attention_recipe() -> Recipe:
+    """``fp8-tensor-train`` with the attention matmuls (forward and backward) in FP8."""
+    e4, e5 = TensorSpec("fp8_tensor"), TensorSpec("fp8_e5m2_tensor")
+    return Recipe("fp8-attention-train",
+                  train_linear=TrainingSpec(_g(e4, e4), _g(e5, e4), _g(e5, e4)),
+                  train_attention=fp8_attention_spec(),
+                  description="FP8 per-tensor current scaling in the linear layers and the "
+                  "attention matmuls, forward and backward: E4M3 for activations, weights, "
+                  "Q, K, V, P; E5M2 for gradients (arXiv 2209.05433, 2407.08608)")
+
+
 def training_recipes() -> list[Recipe]:
     """The preset training recipes (registered in the recipe registry)."""
     bf = TensorSpec("bf16")
@@ -107,6 +138,7 @@ def training_recipes() -> list[Recipe]:
                                          _g(a128, a128, ds)),
                description="DeepSeek-V3 FP8 training (arXiv 2412.19437 section 3.3): 1x128 "
                            "activations/gradients, 128x128 weights, promotion every 128"),
+        fp8_attention_recipe(),
     ]
 
 
