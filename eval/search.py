@@ -57,7 +57,7 @@ from typing import Any
 
 from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, WeightCache, get_recipe, plan
 
-from .search_fit import MonotoneFit
+from .search_fit import MonotoneFit, locate
 
 __all__ = ["OBJECTIVES", "Budget", "backoff", "Objective", "SearchError", "SearchProblem",
            "SearchResult", "candidate_spec", "module_costs", "search"]
@@ -635,34 +635,18 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         path[i].update(_summary_cells(evaluated[i], metric), meets=target_ok(value(i)))
         return value(i)
 
-    def predicted_edge(lo: int, hi: int) -> int | None:  # cheapest point in (lo, hi) to meet
-        f = fit()
-        return max((i for i in range(lo + 1, hi) if target_ok(f(path[i]["load"]))),
-                   default=None)
+    def measure_path_point(i: int) -> float:
+        run([i])
+        return value(i)
 
-    refine_rounds = 0
-    if target_ok(value(last)):
-        chosen_i = last
-    elif not target_ok(v0):
-        chosen_i = 0
-    else:
-        chosen_i = predicted_edge(0, last + 1) or 0
-        if chosen_i:
-            measure_point(chosen_i)
-        # refinement: while the measured edge meets the target, refit on every measured point
-        # and try the cheapest point predicted to meet between it and the first that misses
-        lo = chosen_i
-        while refine_rounds < p.refine and lo and target_ok(value(lo)):
-            hi = min(i for i in evaluated if i > lo and not target_ok(value(i)))
-            nxt = predicted_edge(lo, hi)
-            if nxt is None:
-                break
-            refine_rounds += 1
-            measure_point(nxt)
-            path[nxt]["stage"] = "refine"
-            if target_ok(value(nxt)):
-                lo = nxt
-        chosen_i = lo
+    loc = locate([row["load"] for row in path], {0: v0, last: value(last)},
+                 measure_path_point, target, p.refine)
+    for i, before in loc.predicted.items():
+        path[i]["predicted_before"] = sign * before
+        path[i]["prediction_error"] = sign * (value(i) - before)
+    for i in loc.refined:
+        path[i]["stage"] = "refine"
+    chosen_i, refine_rounds = loc.chosen, len(loc.refined)
     for i, s in evaluated.items():
         path[i].update(_summary_cells(s, metric), meets=target_ok(value(i)))
     if chosen_i != 0 and not target_ok(value(chosen_i)):

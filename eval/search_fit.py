@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MonotoneFit", "isotonic"]
+__all__ = ["Located", "MonotoneFit", "isotonic", "locate"]
 
 
 def isotonic(ys: Sequence[float], ws: Sequence[float] | None = None) -> list[float]:
@@ -90,3 +90,75 @@ class MonotoneFit:
         j = bisect.bisect_right(xs, load)
         x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
         return y0 + (y1 - y0) * (load - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Located:
+    """What :func:`locate` found: the ``chosen`` index (the cheapest measured point that meets
+    the target; else the predicted edge that missed it, for the back-off; 0 when neither end
+    helps), the ``values`` measured per index, the value each point was ``predicted`` to have
+    just before it was measured (the ends excluded: they start the fit), the points measured
+    by refinement (``refined``) and the final ``fit``."""
+
+    chosen: int
+    values: dict[int, float]
+    predicted: dict[int, float]
+    refined: tuple[int, ...]
+    fit: MonotoneFit
+
+    @property
+    def errors(self) -> dict[int, float]:
+        """Measured minus predicted-before-measuring, per predicted point."""
+        return {i: self.values[i] - p for i, p in self.predicted.items()}
+
+
+def locate(loads: Sequence[float], ends: Mapping[int, float], measure: Callable[[int], float],
+           target: float, refine: int = 2) -> Located:
+    """The cheapest point of a path (index i is cheaper than i - 1; ``loads[i]`` its load)
+    whose measured value (larger is worse) is at most ``target``, found by measuring as few
+    points as the fit allows (docs/cost-perf.md section 8).
+
+    ``ends``: the measured values of the first and last points; ``measure(i)``: measures one
+    more. If the last point meets the target it is chosen; if the first misses, the first.
+    Otherwise the cheapest point the fit of the ends predicts to meet (the edge) is measured;
+    while the latest chosen point meets the target, the fit is redone on every measured point
+    and the cheapest point predicted to meet between it and the first measured point after it
+    that misses is measured (at most ``refine`` such rounds)."""
+    last = len(loads) - 1
+    if set(ends) != {0, last}:
+        raise ValueError(f"ends must hold the values of points 0 and {last}, got {sorted(ends)}")
+    values = {int(i): float(v) for i, v in ends.items()}
+    predicted: dict[int, float] = {}
+    refined: list[int] = []
+
+    def fit() -> MonotoneFit:
+        return MonotoneFit.of([(loads[i], v) for i, v in values.items()])
+
+    def take(i: int) -> bool:
+        predicted[i] = fit()(loads[i])
+        values[i] = float(measure(i))
+        return values[i] <= target
+
+    def edge(lo: int, hi: int) -> int | None:
+        f = fit()
+        return max((i for i in range(lo + 1, hi) if f(loads[i]) <= target), default=None)
+
+    if values[last] <= target:
+        return Located(last, values, predicted, (), fit())
+    if values[0] > target:
+        return Located(0, values, predicted, (), fit())
+    first = edge(0, last)
+    if first is None:
+        return Located(0, values, predicted, (), fit())
+    if not take(first):
+        return Located(first, values, predicted, (), fit())
+    lo = first
+    while len(refined) < refine:
+        hi = min(i for i, v in values.items() if i > lo and v > target)
+        nxt = edge(lo, hi)
+        if nxt is None:
+            break
+        refined.append(nxt)
+        if take(nxt):
+            lo = nxt
+    return Located(lo, values, predicted, tuple(refined), fit())
