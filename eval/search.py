@@ -343,7 +343,8 @@ class SearchResult:
         vcols = [("recipe", "recipe"), ("cost", "cost", ".5g"), ("ppl", "ppl", ".4g"),
                  ("delta_ppl_ci", "Δppl [95% CI]"), ("kl", "KL", ".4g"),
                  ("top1", "top-1", ".4f"), ("meets", "meets budget")]
-        pcols = [("step", "step"), ("stage", "stage"), ("moved", "moved"),
+        pcols = [("step", "step"), ("stage", "stage"), ("measured_as", "measured as"),
+                 ("moved", "moved"),
                  ("cost", "cost", ".5g"),
                  ("predicted_before", f"predicted {b.use} {m} (before measuring)", ".4g"),
                  ("measured", f"measured {m}", ".4g"),
@@ -644,8 +645,9 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     for i, before in loc.predicted.items():
         path[i]["predicted_before"] = sign * before
         path[i]["prediction_error"] = sign * (value(i) - before)
-    for i in loc.refined:
-        path[i]["stage"] = "refine"
+    for i in loc.values:  # why each point of the greedy path was measured
+        path[i]["measured_as"] = "end" if i in (0, last) else \
+            "refine" if i in loc.refined else "edge"
     chosen_i, refine_rounds = loc.chosen, len(loc.refined)
     for i, s in evaluated.items():
         path[i].update(_summary_cells(s, metric), meets=target_ok(value(i)))
@@ -675,6 +677,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
                         if len(set(row["assignment"].values())) == 1 else f"step {i}")
         row.setdefault("measured", None)
         row.setdefault("predicted_before", None)
+        row.setdefault("measured_as", "backoff" if row["stage"] == "backoff" else "")
         row.setdefault("prediction_error", None)
     secs["evaluate"] = time.perf_counter() - t0
 

@@ -143,6 +143,10 @@ def test_search_reports_calibration_and_cache(tiny_checkpoint, tiny_text) -> Non
     c = r.calibration
     assert c["measured_points"] == len(measured) and c["predicted_points"] == len(predicted)
     assert len(predicted) == len(measured) - 2  # every point but the two ends
+    assert sorted(row["measured_as"] for row in measured if row["measured_as"] == "end") == \
+        ["end", "end"]
+    assert {row["measured_as"] for row in measured} <= {"end", "edge", "refine", "backoff"}
+    assert all(row["stage"] in ("greedy", "backoff") for row in r.path)
     for row in predicted:
         assert row["prediction_error"] == pytest.approx(row["measured"] -
                                                         row["predicted_before"])
