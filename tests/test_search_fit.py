@@ -156,3 +156,13 @@ def test_search_reports_calibration_and_cache(tiny_checkpoint, tiny_text) -> Non
     n_mod = sum(1 for n, _ in model.named_modules() if n.endswith("_proj"))
     assert r.cache["max_quantizations"] == 1  # each (module, format) quantized once
     assert r.cache["misses"] == 3 * n_mod and r.cache["hits"] > r.cache["misses"]
+
+
+def test_search_problem_checks_refine_and_cache_budget() -> None:
+    from precisim.eval.search import SearchError, SearchProblem
+
+    for f, bad in (("refine", -1), ("refine", 1.5), ("weight_cache_bytes", -5),
+                   ("weight_cache_bytes", True)):
+        with pytest.raises(SearchError, match=f"{f}={bad!r} is not valid"):
+            SearchProblem(**{f: bad})
+    assert SearchProblem(refine=0, weight_cache_bytes=None).refine == 0
