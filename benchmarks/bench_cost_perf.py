@@ -16,7 +16,9 @@ a 2-core CPU.
 What keeps the search fast (docs/cost-perf.md section 8): the sensitivities emulate one group
 at a time with the rest unquantized (only that group's weights are quantized, once per pass
 over the windows), against reference log-probabilities computed once for all of them; the
-search set then sees only the path's two ends, the predicted edge and the back-off rounds.
+search set then sees only the path's two ends, the predicted edge, the refinement and the
+back-off rounds; every evaluation shares one quantized-weight cache (each (layer, format)
+quantized once for the whole search; the table reports the counts).
 
     python benchmarks/bench_cost_perf.py [--repeats 50] [--search] [--search-tokens 2048]
                                          [--heldout-tokens N] [--candidates bf16,mxfp8,nvfp4]

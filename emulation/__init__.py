@@ -59,12 +59,13 @@ from .recordings import (
 from .reference import dot, exact_dot, scaled_dot
 from .scaled import scaled_matmul
 from .telemetry import Telemetry
+from .weight_cache import WeightCache
 
 __all__ = [
     "functions",
     "AttentionSpec", "Emulation", "EmulationError", "GemmSpec", "Installer", "LoadError",
     "OP_KINDS", "OpKind", "Plan",
-    "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec",
+    "PlanEntry", "Recipe", "RecipeError", "Rule", "Telemetry", "TensorSpec", "WeightCache",
     "active_emulation", "available_recipes", "emulate", "get_recipe", "load_model", "plan",
     "Alignment", "CMode", "Drop", "MatrixUnit", "available_kernels", "available_units",
     "chunked", "divergence", "dot", "explain", "use_kernels",

@@ -55,6 +55,7 @@ from .opkinds import (
 )
 from .recipe import AttentionSpec, GemmSpec, Recipe, RecipeError, Rule, get_recipe
 from .telemetry import LayerErrors, Telemetry
+from .weight_cache import WeightCache, operand_bytes
 
 __all__ = ["Emulation", "EmulationError", "Plan", "PlanEntry", "active_emulation", "emulate",
            "plan"]
@@ -228,11 +229,21 @@ class _Recorder:
         self.telemetry.add(module, role, counts)
 
 
-def _operand_bytes(op: Operand) -> int:
-    n = op.values.numel() * op.values.element_size()
-    if op.parts is not None:
-        n += sum(t.numel() * t.element_size() for t in (op.parts.codes, op.parts.scales))
-    return n
+_operand_bytes = operand_bytes
+
+
+class _Capture:
+    """Keeps the counts of a weight's quantization (for a shared cache, which counts them into
+    every emulation that reads the weight) and forwards them to ``telemetry`` if any."""
+
+    def __init__(self, telemetry: Any) -> None:
+        self.telemetry = telemetry
+        self.counts: dict[str, torch.Tensor] | None = None
+
+    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
+        self.counts = counts
+        if self.telemetry is not None:
+            self.telemetry.add(module, role, counts)
 
 
 def _hf_pre(hook: Any, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -656,7 +667,13 @@ class Emulation:
 
     def __init__(self, model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
                  errors: bool = False, only: Callable[[str], bool] | None = None,
-                 warn: bool = True, weight_cache_bytes: int | None = None):
+                 warn: bool = True, weight_cache_bytes: int | None = None,
+                 weight_cache: WeightCache | None = None):
+        if weight_cache is not None and not isinstance(weight_cache, WeightCache):
+            raise ValueError(f"weight_cache={weight_cache!r} is not valid: accepted a "
+                             "WeightCache or None")
+        #: quantized weights shared with other emulations (None: this handle's own only)
+        self.weight_cache = weight_cache
         if weight_cache_bytes is not None and (
                 isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int)
                 or weight_cache_bytes < 0):
@@ -700,15 +717,30 @@ class Emulation:
         if hit is not None:
             self._cache_total -= _operand_bytes(hit[1])
             del self._wcache[name]
-        wt = w.t() if transposed else w
-        tel = None if self.telemetry is None else _Static(self.telemetry)
-        op = quantize_operand(wt, spec.weight, axis=-1, need_parts=needs_parts(spec),
-                              telemetry=tel, where=(name, "weight"))
-        stored = op
-        if w.dtype in (torch.bfloat16, torch.float16):
-            compact = op.values.to(w.dtype)
-            if torch.equal(compact.float(), op.values):
-                stored = Operand(compact, op.parts)
+        need = needs_parts(spec)
+        shared = self.weight_cache if cache and spec.weight is not None and \
+            WeightCache.shareable(spec.weight) else None
+        got = None if shared is None else shared.get(name, w, spec.weight, need, transposed)
+        if got is not None:  # quantized by an earlier emulation: same bits, same counts
+            stored, counts = got
+            if counts is not None and self.telemetry is not None:
+                self.telemetry.add(name, "weight", counts, static=True)
+            op = stored if stored.values.dtype == torch.float32 else \
+                Operand(stored.values.float(), stored.parts)
+        else:
+            wt = w.t() if transposed else w
+            tel = None if self.telemetry is None else _Static(self.telemetry)
+            rec = _Capture(tel) if shared is not None else tel
+            op = quantize_operand(wt, spec.weight, axis=-1, need_parts=need,
+                                  telemetry=rec, where=(name, "weight"))
+            stored = op
+            if w.dtype in (torch.bfloat16, torch.float16):
+                compact = op.values.to(w.dtype)
+                if torch.equal(compact.float(), op.values):
+                    stored = Operand(compact, op.parts)
+            if shared is not None:
+                shared.put(name, w, spec.weight, need, transposed, stored,
+                           rec.counts if isinstance(rec, _Capture) else None)
         size = _operand_bytes(stored)
         budget = self.weight_cache_bytes
         if cache and (budget is None or self._cache_total + size <= budget):
@@ -810,7 +842,8 @@ class Emulation:
 
 def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
             errors: bool = False, only: Callable[[str], bool] | None = None,
-            warn: bool = True, weight_cache_bytes: int | None = None) -> Emulation:
+            warn: bool = True, weight_cache_bytes: int | None = None,
+            weight_cache: WeightCache | None = None) -> Emulation:
     """Run ``model`` under ``recipe``: ``with emulate(model, "mxfp4") as em: model(ids)``.
 
     Returns an :class:`Emulation` (a context manager; ``em.plan`` is the resolved plan,
@@ -822,7 +855,9 @@ def emulate(model: nn.Module, recipe: Recipe | str, *, telemetry: bool = True,
     restricts the plan to the modules whose name it accepts (the rest stay high precision).
     ``weight_cache_bytes`` bounds the cache of quantized weights (default: no bound; see
     :meth:`Emulation._weight`): a large checkpoint's peak memory is then its own size, the
-    budget and one layer's temporaries.
+    budget and one layer's temporaries. ``weight_cache``: a
+    :class:`~precisim.emulation.WeightCache` shared with other emulations of the model (their
+    quantized weights are reused when the layer, its weight and its spec are the same).
     """
     return Emulation(model, recipe, telemetry=telemetry, errors=errors, only=only, warn=warn,
-                     weight_cache_bytes=weight_cache_bytes)
+                     weight_cache_bytes=weight_cache_bytes, weight_cache=weight_cache)

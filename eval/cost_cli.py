@@ -17,7 +17,8 @@ from typing import Any
 
 __all__ = ["add_parsers"]
 
-DEFAULT_COST = "bf16,fp8-e4m3,mxfp8,mxfp6,mxfp4,nvfp4,deepseek-fp8,h100-bf16,h100-e4m3"
+DEFAULT_COST = ("bf16,fp8-e4m3,mxfp8,mxfp6,mxfp4,nvfp4,deepseek-fp8,h100-bf16,h100-e4m3,"
+                "fn:exp-lut64,fn:rcp-newton1,fn:rsqrt-newton1")
 
 
 def _err(msg: str) -> int:
@@ -30,10 +31,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "cost", help="modelled datapath area and energy of matrix units and recipes",
         description="A first-order datapath cost model (docs/cost-perf.md): relative area and "
         "energy per product of matrix units (and of recipes' GEMMs: block-scale application, "
-        "storage bits), a bf16 multiply with fp32 accumulation = 1. A model, not a "
-        "measurement.")
-    c.add_argument("names", nargs="*", help=f"units or recipes (unit:NAME / recipe:NAME when "
-                   f"a name is both; .yaml recipe files too); default {DEFAULT_COST}")
+        "storage bits) and per evaluated element of function units (exp, rcp, rsqrt...: "
+        "tables and FMAs, docs/cost-perf.md section 4b), a bf16 multiply with fp32 "
+        "accumulation = 1. A model, not a measurement.")
+    c.add_argument("names", nargs="*", help=f"units, recipes or function units (unit:NAME / "
+                   f"recipe:NAME / fn:NAME when a name is several; .yaml recipe files too); "
+                   f"default {DEFAULT_COST}")
     c.add_argument("--detail", action="store_true", help="print every term of each datapath")
     c.add_argument("--coefficients", default=None,
                    help="YAML/JSON file of cost coefficients (default Horowitz ISSCC 2014)")
@@ -119,12 +122,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _cost_subject(name: str) -> tuple[str, Any]:
-    """``("unit", MatrixUnit)`` or ``("recipe", Recipe)`` for a name."""
+    """``("unit", MatrixUnit)``, ``("recipe", Recipe)`` or ``("function", FunctionUnit)`` for
+    a name."""
     from precisim.emulation import get_recipe, get_unit
+    from precisim.emulation.functions import get_function_unit
     from precisim.formats.registry import UnknownNameError
 
     kind, sep, rest = name.partition(":")
-    if sep and kind in ("unit", "recipe"):
+    if sep and kind in ("unit", "recipe", "fn"):
+        if kind == "fn":
+            return "function", get_function_unit(rest)
         return (kind, get_unit(rest) if kind == "unit" else get_recipe(rest))
     if Path(name).suffix.lower() in (".yaml", ".yml", ".json"):
         return "recipe", get_recipe(name)
@@ -140,8 +147,11 @@ def _cost_subject(name: str) -> tuple[str, Any]:
         return "unit", unit
     if recipe is not None:
         return "recipe", recipe
-    raise ValueError(f"{name!r} is neither a matrix unit nor a recipe (precisim cost takes "
-                     "unit and recipe names, or recipe files)")
+    with contextlib.suppress(UnknownNameError):
+        return "function", get_function_unit(name)
+    raise ValueError(f"{name!r} is neither a matrix unit nor a recipe nor a function unit "
+                     "(precisim cost takes unit, recipe and function-unit names, or recipe "
+                     "files)")
 
 
 def run_cost_cmd(args: argparse.Namespace) -> int:
@@ -157,6 +167,15 @@ def run_cost_cmd(args: argparse.Namespace) -> int:
         rows, details = [], []
         for n in names:
             kind, obj = _cost_subject(n)
+            if kind == "function":
+                from .cost_units import TableGeometry
+
+                dp = unit_cost(obj, coeffs)
+                rows.append({"name": n, "kind": "function",
+                             "datapath": f"{dp.description}; {TableGeometry.of(obj).describe()}",
+                             "energy": dp.energy, "area": dp.area, "energy_pj": dp.energy_pj})
+                details.append(dp)
+                continue
             if kind == "unit":
                 dp = unit_cost(obj, coeffs)
                 bits = {"input": float(obj.a_format.bits), "weight": float(obj.b_format.bits)}
@@ -178,9 +197,10 @@ def run_cost_cmd(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     cols = [("name", "name"), ("kind", "kind"), ("datapath", "datapath"),
-            ("energy", "energy/product", ".3g"), ("area", "area/product", ".3g"),
+            ("energy", "energy/op", ".3g"), ("area", "area/op", ".3g"),
             ("energy_pj", "pJ (45 nm)", ".3g"), ("bits_a", "bits A"), ("bits_w", "bits W")]
     print(f"_{MODEL_NOTE}_\n")
+    print("op: one product (units, recipes) or one evaluated element (function units)\n")
     print(render_table(rows, cols))
     if args.detail:
         for d in details:

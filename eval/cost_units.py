@@ -25,6 +25,7 @@ relative to the same baseline (a bf16 multiply with fp32 accumulation = 1):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from precisim.emulation.flash import AttentionDatapath
@@ -45,7 +46,7 @@ from .cost import (
     register_cost_model,
 )
 
-__all__ = ["HEAD_DIM", "attention_datapath_cost", "fma_cells", "fp_add_cells",
+__all__ = ["HEAD_DIM", "TableGeometry", "attention_datapath_cost", "fma_cells", "fp_add_cells",
            "function_unit_cost", "reduction_cost"]
 
 #: the head dimension the attention datapath is priced at unless told (SmolLM2, Llama: 64-128)
@@ -99,9 +100,78 @@ def _bits(f: Any) -> int:
     return int(f.bits)
 
 
+@dataclass(frozen=True)
+class TableGeometry:
+    """The storage and the multipliers of a function unit's core, every number derived from
+    the unit's fields (docs/cost-perf.md section 4b): ``entries`` stored words of
+    ``entry_bits`` each (table entries, Newton seeds, or polynomial pieces x coefficients),
+    ``read_entries`` of them read per evaluation, and ``fmas`` multiply-adds per evaluation on
+    ``multiplier`` = (significand bits x significand bits) arrays.
+
+    Assumptions (first order, stated, not measured): the table is a ROM priced as SRAM cells
+    (section 4b); linear interpolation reads two adjacent entries and does one FMA in the
+    working format, t0 + f (t1 - t0), so one extra entry closes the table; a Newton step is 2
+    (rcp: e = 1 - d y, y + y e) or 3 (rsqrt) FMAs; all multipliers are full working-format
+    arrays, an upper bound: dedicated interpolators truncate the remainder and slope operands
+    (J.-M. Muller, "Elementary Functions: Algorithms and Implementation", 3rd ed., Birkhauser
+    2016, chapters on table-based methods; J.-A. Pineiro, S. F. Oberman, J.-M. Muller,
+    J. D. Bruguera, "High-speed function approximation using a minimax quadratic
+    interpolator", IEEE Trans. Computers 54(3), 2005)."""
+
+    method: str
+    entries: int
+    entry_bits: int
+    read_entries: int
+    fmas: int
+    multiplier: tuple[int, int]
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits held by the ROM: entries x entry width."""
+        return self.entries * self.entry_bits
+
+    @property
+    def read_bits(self) -> int:
+        """Bits read per evaluation: entries read x entry width."""
+        return self.read_entries * self.entry_bits
+
+    @property
+    def multiplier_cells(self) -> int:
+        """Multiplier cells per evaluation: FMAs x the product of the operand widths."""
+        return self.fmas * self.multiplier[0] * self.multiplier[1]
+
+    @classmethod
+    def of(cls, u: FunctionUnit) -> TableGeometry:
+        """The geometry of ``u``'s core (exact and bound units: the cubic they are priced
+        as)."""
+        pw, _ = _pe(u.working_format)
+        tw = _bits(u.table_format or u.working_format)
+        cw = _bits(u.coef_format or u.working_format)
+        n, m = u.table_bits, u.method
+        if m is Method.TABLE:
+            linear = u.interpolation is Interp.LINEAR
+            return cls("table", (1 << n) + (1 if linear else 0), tw, 2 if linear else 1,
+                       1 if linear else 0, (pw, pw))
+        if m is Method.POLYNOMIAL:
+            return cls("polynomial", (1 << n) * (u.degree + 1), cw, u.degree + 1, u.degree,
+                       (pw, pw))
+        if m is Method.NEWTON:
+            per_step = 2 if u.function is Fn.RCP else 3
+            return cls("newton", 1 << n, tw, 1, per_step * u.newton_steps, (pw, pw))
+        pieces = 1 << math.ceil((pw + 1) / 4)
+        return cls("cubic", pieces * 4, cw, 4, 3, (pw, pw))
+
+    def describe(self) -> str:
+        return (f"{self.method}: {self.entries} x {self.entry_bits} bits stored "
+                f"({self.stored_bits}), {self.read_entries} read, {self.fmas} FMA(s) of "
+                f"{self.multiplier[0]} x {self.multiplier[1]} bits")
+
+
 def function_unit_terms(u: FunctionUnit) -> list[CostTerm]:
-    """The terms of one evaluation of a function unit (module docstring)."""
+    """The terms of one evaluation of a function unit (module docstring); the storage and
+    multiplier counts are :class:`TableGeometry`'s."""
     pw, ew = _pe(u.working_format)
+    geo = TableGeometry.of(u)
     terms = []
     fn, m = u.function, u.method
     red: dict[str, float] = {"add": float(u.arg_frac_bits + ew),
@@ -110,36 +180,32 @@ def function_unit_terms(u: FunctionUnit) -> list[CostTerm]:
         red = {k: red.get(k, 0.0) + v for k, v in fma_cells(pw, ew, u.fma).items()}
     terms.append(_term("range_reduction", "fixed-point split: a_f + e_w add bits, a_f x "
                        "ceil(log2 a_f) shift cells (+ one FMA for exp's x log2 e)", red))
-    tw = _bits(u.table_format or u.working_format)
-    cw = _bits(u.coef_format or u.working_format)
+    fma = fma_cells(pw, ew, u.fma if m is not Method.EXACT and m is not Method.BOUND
+                    else True)
     if m is Method.TABLE:
-        reads = 2 if u.interpolation is Interp.LINEAR else 1
-        entries = (1 << u.table_bits) + (1 if reads == 2 else 0)
         terms.append(_term("table", "(2^n [+1 if linear]) entries x w_t bits stored; 1 or 2 "
-                           "entries read", rom_bits=entries * tw, read_bits=reads * tw))
-        if reads == 2:
+                           "entries read", rom_bits=geo.stored_bits, read_bits=geo.read_bits))
+        if geo.fmas:
             terms.append(_term("interpolate", "one FMA in the working format",
-                               fma_cells(pw, ew, u.fma)))
+                               _scaled(fma, geo.fmas)))
     elif m is Method.POLYNOMIAL:
-        n_coef = u.degree + 1
         terms.append(_term("coefficients", "2^n pieces x (degree + 1) x w_c bits stored; "
-                           "degree + 1 coefficients read", rom_bits=(1 << u.table_bits) * n_coef
-                           * cw, read_bits=n_coef * cw))
+                           "degree + 1 coefficients read", rom_bits=geo.stored_bits,
+                           read_bits=geo.read_bits))
         terms.append(_term("horner", "degree FMAs in the working format",
-                           _scaled(fma_cells(pw, ew, u.fma), u.degree)))
+                           _scaled(fma, geo.fmas)))
     elif m is Method.NEWTON:
         terms.append(_term("seed_table", "2^n entries x w_t bits stored, one read",
-                           rom_bits=(1 << u.table_bits) * tw, read_bits=tw))
+                           rom_bits=geo.stored_bits, read_bits=geo.read_bits))
         per_step = 2 if fn is Fn.RCP else 3
         terms.append(_term("newton", f"steps x {per_step} FMAs in the working format",
-                           _scaled(fma_cells(pw, ew, u.fma), per_step * u.newton_steps)))
+                           _scaled(fma, geo.fmas)))
     else:  # exact, bound: the cubic piecewise polynomial that reaches the working precision
-        pieces = 1 << math.ceil((pw + 1) / 4)
         terms.append(_term("coefficients", "exact/bound priced as a cubic: 2^ceil((p_w+1)/4) "
                            "pieces x 4 x w_c bits stored, 4 read",
-                           rom_bits=pieces * 4 * cw, read_bits=4 * cw))
+                           rom_bits=geo.stored_bits, read_bits=geo.read_bits))
         terms.append(_term("horner", "exact/bound priced as a cubic: 3 FMAs",
-                           _scaled(fma_cells(pw, ew, True), 3)))
+                           _scaled(fma, geo.fmas)))
     po, eo = _pe(u.output_format)
     terms.append(_term("output_round", "p_out + e_out add bits (round, exponent adjust)",
                        {"add": float(po + eo)}))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from precisim.emulation import Emulation, Recipe, Rule, get_recipe, plan
+from precisim.emulation import Emulation, Recipe, Rule, WeightCache, get_recipe, plan
 
 from .perplexity import (
     logits_of,
@@ -108,16 +108,17 @@ def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                 recipe: Recipe | str, *, by: str = "layer", window: int = 512,
                 prefix_token: int = 0, base: Recipe | str | None = None,
                 groups: dict[str, list[str]] | None = None,
-                reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                ) -> list[dict[str, Any]]:
+                reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                weight_cache: WeightCache | None = None) -> list[dict[str, Any]]:
     """Emulate one group at a time; rank groups by the perplexity delta they cause alone.
 
     ``base``: the other groups run under this recipe instead of high precision, and the
     group gets ``recipe``'s linear spec on top of it (the deltas are still against the
     unpatched model); ``groups``: the groups to try (default :func:`module_groups`);
     ``reference``: :func:`reference_logprobs` of the same tokens, window and prefix (default:
-    computed here). Each row also holds ``top1``, the agreement of the group's argmax with
-    the reference's."""
+    computed here); ``weight_cache``: quantized weights shared with other emulations
+    (:class:`~precisim.emulation.WeightCache`). Each row also holds ``top1``, the agreement of
+    the group's argmax with the reference's."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     b = get_recipe(base) if isinstance(base, str) else base
     seq, wins = _windows(tokens, window, prefix_token)
@@ -131,9 +132,11 @@ def sensitivity(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
     for name, members in groups.items():
         keep = set(members)
         if b is None:
-            em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False)
+            em = Emulation(model, r, only=lambda m, keep=keep: m in keep, warn=False,
+                           weight_cache=weight_cache)
         else:
-            em = Emulation(model, _with_group(b, r, members), warn=False)
+            em = Emulation(model, _with_group(b, r, members), warn=False,
+                           weight_cache=weight_cache)
         nll, kl, top1 = [], [], []
         with torch.no_grad():
             for w, (lp0, t) in zip(wins, ref):

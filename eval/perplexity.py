@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from precisim.emulation import Emulation, Recipe, Telemetry, get_recipe
+from precisim.emulation import Emulation, Recipe, Telemetry, WeightCache, get_recipe
 
 from .distributed import Group
 from .distributed import current as current_group
@@ -163,7 +163,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
              seed: int = 0, telemetry: bool = True, progress: bool = False,
              weight_cache_bytes: int = 4 << 30,
              metrics: Sequence[str | Metric] | None = None, batch: int = 1,
-             group: Group | None = None, progress_interval: float = 30.0) -> EvalResult:
+             group: Group | None = None, progress_interval: float = 30.0,
+             weight_cache: WeightCache | None = None) -> EvalResult:
     """Evaluate ``recipes`` on ``tokens`` against the unpatched ``model`` (see module doc).
 
     ``prefix_token``: the token prepended to the sequence (default: the model config's BOS,
@@ -174,7 +175,9 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
 
     Each recipe's quantized weights are kept from one window to the next while all recipes'
     caches together hold at most ``weight_cache_bytes``; beyond that a recipe's weights are
-    quantized again for every window (same numbers, less memory).
+    quantized again for every window (same numbers, less memory). ``weight_cache``: a
+    :class:`~precisim.emulation.WeightCache` shared with other evaluations of the model (a
+    search's points reuse the weights quantized for the earlier ones; same numbers).
 
     In a torch.distributed group (``group``, default the initialised one) the windows are
     shared out between the ranks and gathered back in order (:mod:`.distributed`); ``batch``
@@ -211,7 +214,8 @@ def evaluate(model: torch.nn.Module, tokens: Sequence[int] | torch.Tensor,
                          "number of bytes >= 0")
     # the recipes' caches share the budget (each holds at most its part, at every moment)
     handles = [Emulation(model, r, telemetry=telemetry,
-                         weight_cache_bytes=weight_cache_bytes // max(1, len(recs)))
+                         weight_cache_bytes=weight_cache_bytes // max(1, len(recs)),
+                         weight_cache=weight_cache)
                for r in recs]
     mine = grp.shard(len(wins))
     local: dict[int, tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]] = {}

@@ -25,11 +25,18 @@ The method (docs/cost-perf.md section 8):
    groups' sensitivities;
 4. both ends of the path are evaluated for real on the search set
    (:func:`precisim.eval.evaluate`, with bootstrap intervals) and the budget value of every
-   point predicted by a line through them in the load; the target on the search set is the
-   limit tightened by ``margin``; the cheapest point predicted to meet it is evaluated and, if
-   it misses, :func:`backoff` promotes its most sensitive groups one level back until the
-   measured value meets the target (at most ``max_backoff`` rounds); the cheapest evaluated
-   point that meets the target is chosen (the all-expensive one when none does);
+   point predicted in the load by a monotone piecewise-linear fit of every point measured so
+   far (:class:`~precisim.eval.search_fit.MonotoneFit`; with the two ends, the line through
+   them); the target on the search set is the limit tightened by ``margin``; the cheapest
+   point predicted to meet it is evaluated; while it meets the target, the fit is redone with
+   it and the cheapest point predicted to meet between it and the first measured point that
+   misses is evaluated (at most ``refine`` rounds); if the edge misses, :func:`backoff`
+   promotes its most sensitive groups one level back until the measured value meets the
+   target (at most ``max_backoff`` rounds); the cheapest evaluated point that meets the target
+   is chosen (the all-expensive one when none does). Every point is predicted before it is
+   measured, and the errors of those predictions are reported (``SearchResult.calibration``);
+   all evaluations share one :class:`~precisim.emulation.WeightCache`, so each (module,
+   format) is quantized once for the whole search (``SearchResult.cache``);
 5. the chosen recipe, and the candidates applied uniformly, are evaluated on the held-out
    tokens.
 
@@ -48,7 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, get_recipe, plan
+from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, WeightCache, get_recipe, plan
+
+from .search_fit import MonotoneFit, locate
 
 __all__ = ["OBJECTIVES", "Budget", "backoff", "Objective", "SearchError", "SearchProblem",
            "SearchResult", "candidate_spec", "module_costs", "search"]
@@ -170,7 +179,10 @@ class SearchProblem:
     groups; ``rank_by``: the sensitivity measure (``kl`` or the ``budget`` metric);
     ``against``: sensitivities with the other groups unquantized (``reference``) or in the most
     expensive candidate (``base``); ``margin``: how much tighter than the budget the search set
-    must be (same unit as the limit); ``max_backoff``: back-off rounds at most."""
+    must be (same unit as the limit); ``max_backoff``: back-off rounds at most; ``refine``:
+    refinement rounds at most (a cheaper path point tried after the edge met the target);
+    ``weight_cache_bytes``: the budget of the quantized weights shared by all the search's
+    evaluations (None: no limit)."""
 
     candidates: tuple[Any, ...] = ("nvfp4", "mxfp8")
     budget: Budget = field(default_factory=Budget)
@@ -187,6 +199,8 @@ class SearchProblem:
     against: str = "reference"
     margin: float = 0.0
     max_backoff: int = 8
+    refine: int = 2
+    weight_cache_bytes: int | None = 2 << 30
 
     def __post_init__(self) -> None:
         cands = (self.candidates,) if isinstance(self.candidates, str) else \
@@ -210,10 +224,14 @@ class SearchProblem:
         if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or \
                 not math.isfinite(self.margin) or self.margin < 0:
             raise SearchError(f"margin={self.margin!r} is not valid: accepted a number >= 0")
-        if isinstance(self.max_backoff, bool) or not isinstance(self.max_backoff, int) or \
-                self.max_backoff < 0:
-            raise SearchError(f"max_backoff={self.max_backoff!r} is not valid: accepted an "
-                              "integer >= 0")
+        for f in ("max_backoff", "refine"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SearchError(f"{f}={v!r} is not valid: accepted an integer >= 0")
+        c = self.weight_cache_bytes
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise SearchError(f"weight_cache_bytes={c!r} is not valid: accepted a number of "
+                              "bytes >= 0, or None (no limit)")
         if not isinstance(self.budget, Budget) or not isinstance(self.objective, Objective):
             raise SearchError("budget and objective must be Budget and Objective objects")
 
@@ -288,6 +306,8 @@ class SearchResult:
     verified: bool
     seconds: dict[str, float]
     costs: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
     note: str = ("costs are modelled (docs/cost-perf.md), accuracies measured: search set for "
                  "the path, held-out tokens for the verification")
 
@@ -318,18 +338,40 @@ class SearchResult:
             + f" ({m} {ch[m]:.4g} [{ch.get(f'{m}_low', math.nan):.4g}, "
               f"{ch.get(f'{m}_high', math.nan):.4g}])",
             "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()),
+            self._calibration_line(), self._cache_line(),
             "", f"_{self.note}_", "", "held-out verification:", ""]
         vcols = [("recipe", "recipe"), ("cost", "cost", ".5g"), ("ppl", "ppl", ".4g"),
                  ("delta_ppl_ci", "Δppl [95% CI]"), ("kl", "KL", ".4g"),
                  ("top1", "top-1", ".4f"), ("meets", "meets budget")]
-        pcols = [("step", "step"), ("stage", "stage"), ("moved", "moved"),
-                 ("cost", "cost", ".5g"), ("predicted", f"predicted {b.use} {m}", ".4g"),
+        pcols = [("step", "step"), ("stage", "stage"), ("measured_as", "measured as"),
+                 ("moved", "moved"),
+                 ("cost", "cost", ".5g"),
+                 ("predicted_before", f"predicted {b.use} {m} (before measuring)", ".4g"),
                  ("measured", f"measured {m}", ".4g"),
                  ("measured_ci", "95% CI"), ("meets", "meets budget")]
         evaluated = [p for p in self.path if p.get("measured") is not None]
         return ("\n".join(head) + render_table(self.verification, vcols) +
                 "\nevaluated points of the greedy path (search set):\n\n" +
                 render_table(evaluated, pcols))
+
+    def _calibration_line(self) -> str:
+        c = self.calibration
+        if not c:
+            return ""
+        err = "no point predicted before it was measured" if not c["predicted_points"] else (
+            f"prediction error on the {c['predicted_points']} points predicted before they were "
+            f"measured: mean |e| {c['mean_abs_error']:.4g}, max |e| {c['max_abs_error']:.4g}")
+        return (f"accuracy prediction: monotone piecewise-linear fit in the load on "
+                f"{c['measured_points']} measured points ({c['refine_rounds']} refinement "
+                f"rounds); {err}")
+
+    def _cache_line(self) -> str:
+        c = self.cache
+        if not c:
+            return ""
+        return (f"quantized-weight cache: {c['misses']} quantizations, {c['hits']} reuses, "
+                f"at most {c['max_quantizations']} per (module, format), "
+                f"{c['bytes'] / 2**20:.0f} MiB held, {c['evictions']} evicted")
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``recipe.yaml``, ``search.md``, ``search.csv`` (the whole path),
@@ -488,6 +530,9 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         return c / n_weights if p.objective.kind == "bits" else c
 
     base_recipe = _recipe(f"{p.name}-base", template, specs[base], {}, p.by)
+    # each (module, spec) quantized once for the whole search (bit-identical: the cache keys
+    # on the weight's identity, version and spec; bounded by weight_cache_bytes)
+    wcache = WeightCache(p.weight_cache_bytes)
     secs["setup"] = time.perf_counter() - t_start
 
     # 1. sensitivities: each group alone in each cheaper candidate, against the reference
@@ -500,7 +545,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         r = Recipe(f"{p.name}-{lab}", linear=specs[lab])
         rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
                            base=base_recipe if p.against == "base" else None, groups=groups,
-                           reference=ref)
+                           reference=ref, weight_cache=wcache)
         for row in rows:
             sens[lab][row["group"]] = row
             sens_rows.append({"candidate": lab, **row})
@@ -563,7 +608,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
             return
         res = evaluate(model, srch, [point_recipe(i) for i in todo], window=p.window,
                        prefix_token=prefix, bootstrap=p.bootstrap, seed=p.seed,
-                       telemetry=False, progress=progress,
+                       telemetry=False, progress=progress, weight_cache=wcache,
                        metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"])
         for i, rr in zip(todo, res.results):
             evaluated[i] = rr.metrics
@@ -577,19 +622,33 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         return v <= target
     last = len(path) - 1
     run([0, last])
-    v0, v_last = value(0), value(last)
-    slope = (v_last - v0) / path[last]["load"] if path[last]["load"] > 1e-12 else 0.0
-    for row in path:  # the budget value each point is predicted to have, calibrated on the ends
-        row["predicted"] = sign * (v0 + slope * row["load"])
-    edge = max([i for i in range(len(path)) if target_ok(sign * path[i]["predicted"])],
-               default=0)
-    if target_ok(v_last):
-        chosen_i = last
-    elif not target_ok(v0):
-        chosen_i = 0
-    else:
-        run([edge])
-        chosen_i = edge
+    v0 = value(0)
+
+    def fit() -> MonotoneFit:  # calibrated on every point measured so far
+        return MonotoneFit.of([(path[i]["load"], value(i)) for i in evaluated])
+
+    def measure_point(i: int) -> float:  # predicted first (out of sample), then measured
+        if i not in evaluated:
+            before = fit()(path[i]["load"])
+            run([i])
+            path[i]["predicted_before"] = sign * before
+            path[i]["prediction_error"] = sign * (value(i) - before)
+        path[i].update(_summary_cells(evaluated[i], metric), meets=target_ok(value(i)))
+        return value(i)
+
+    def measure_path_point(i: int) -> float:
+        run([i])
+        return value(i)
+
+    loc = locate([row["load"] for row in path], {0: v0, last: value(last)},
+                 measure_path_point, target, p.refine)
+    for i, before in loc.predicted.items():
+        path[i]["predicted_before"] = sign * before
+        path[i]["prediction_error"] = sign * (value(i) - before)
+    for i in loc.values:  # why each point of the greedy path was measured
+        path[i]["measured_as"] = "end" if i in (0, last) else \
+            "refine" if i in loc.refined else "edge"
+    chosen_i, refine_rounds = loc.chosen, len(loc.refined)
     for i, s in evaluated.items():
         path[i].update(_summary_cells(s, metric), meets=target_ok(value(i)))
     if chosen_i != 0 and not target_ok(value(chosen_i)):
@@ -597,10 +656,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
             i = len(path)
             path.append({"step": i, "stage": "backoff", "moved": "", "assignment": a,
                          "cost": cost_of(a), "load": sum(weight(lab, g) for g, lab in a.items())})
-            path[i]["predicted"] = sign * (v0 + slope * path[i]["load"])
-            run([i])
-            path[i].update(_summary_cells(evaluated[i], metric), meets=target_ok(value(i)))
-            return value(i)
+            return measure_point(i)
 
         first = len(path)
         rounds = backoff(path[chosen_i]["assignment"], order, weight, measure,
@@ -609,6 +665,9 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         for k, rd in enumerate(rounds):
             path[first + k]["moved"] = "promoted " + ", ".join(rd["promoted"])
         chosen_i = first + len(rounds) - 1 if rounds and rounds[-1]["meets"] else 0
+    final = fit()
+    for row in path:  # the budget value predicted by the fit on every measured point
+        row["predicted"] = sign * final(row["load"])
     ok = [i for i, s in evaluated.items() if target_ok(value(i))]
     feasible = bool(ok)
     if ok:
@@ -617,6 +676,9 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         row["label"] = ("all " + row["assignment"][next(iter(groups))]
                         if len(set(row["assignment"].values())) == 1 else f"step {i}")
         row.setdefault("measured", None)
+        row.setdefault("predicted_before", None)
+        row.setdefault("measured_as", "backoff" if row["stage"] == "backoff" else "")
+        row.setdefault("prediction_error", None)
     secs["evaluate"] = time.perf_counter() - t0
 
     # 4. the verification on held-out tokens
@@ -625,7 +687,8 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     uniform = {lab: _recipe(f"all-{lab}", template, specs[lab], {}, p.by) for lab in order}
     res = evaluate(model, held, [chosen, *uniform.values()], window=p.window,
                    prefix_token=prefix, bootstrap=p.bootstrap, seed=p.seed, telemetry=False,
-                   progress=progress, metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"])
+                   progress=progress, metrics=["ppl_ref", "ppl", "delta_ppl", "kl", "top1"],
+                   weight_cache=wcache)
     ver = []
     for rr in res.results:
         s = rr.metrics
@@ -646,8 +709,14 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
 
     path_rows = [{k: v for k, v in r.items() if k != "assignment"}
                  | {"counts": counts(r["assignment"])} for r in path]
+    errs = [r["prediction_error"] for r in path if r["prediction_error"] is not None]
+    calib = {"measured_points": len(evaluated), "knots": len(final.loads),
+             "predicted_points": len(errs), "refine_rounds": refine_rounds,
+             "mean_abs_error": sum(abs(e) for e in errs) / len(errs) if errs else None,
+             "max_abs_error": max((abs(e) for e in errs), default=None)}
     return SearchResult(p, chosen, dict(path[chosen_i]["assignment"]), path[chosen_i]["cost"],
-                        path_rows, ver, sens_rows, feasible, bool(verified), secs, all_costs)
+                        path_rows, ver, sens_rows, feasible, bool(verified), secs, all_costs,
+                        calibration=calib, cache=wcache.stats())
 
 
 def _all_costs(model: Any, recipe: Recipe, modules: Sequence[str]) -> dict[str, float]:
