@@ -220,3 +220,79 @@ def test_p_cast_is_the_saturating_rounding(fmt: str) -> None:
     want = Rq(f, overflow=Overflow.SATURATE).fast(p.double()).float()
     got = _p_caster(f)(p)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def _exp2_inputs() -> torch.Tensor:
+    """float32 exp2 arguments of every kind: random in the range that gives normal, subnormal
+    and overflowing fp32 results, integers, values next to integers, +-inf and NaN."""
+    g = torch.Generator().manual_seed(11)
+    rnd = (torch.rand(300_000, generator=g, dtype=torch.float64) * 320 - 180).float()
+    small = (torch.randn(100_000, generator=g) * 4).float()
+    ints = torch.arange(-160, 140, dtype=torch.float32)
+    near = torch.cat([torch.nextafter(ints, ints + 1), torch.nextafter(ints, ints - 1)])
+    special = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 127.99999, 128.0,
+                            -149.0, -149.5, -150.0, -126.0])
+    return torch.cat([rnd, small, ints, near, special])
+
+
+def test_fast_exp2_is_the_unit_bit_for_bit() -> None:
+    """The datapath's exp2 kernel for correctly rounded fp32 units returns the unit's bits on
+    every kind of input (NaN: a NaN), eager and compiled, and so does its exact fallback for
+    hard cases (forced here on every element)."""
+    from precisim.emulation import flash
+    from precisim.emulation.functions import get_function_unit
+    from precisim.formats import kernels
+
+    u = get_function_unit("exp2-exact")
+    assert flash._is_cr_fp32_exp2(u)
+    assert not flash._is_cr_fp32_exp2(KNOBS[-1]["exp2"])
+    x = _exp2_inputs()
+    want = u(x)
+    for backend in ("eager", "compile"):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            got = flash._exp2(u, x)
+        finally:
+            kernels.set_backend(old)
+        nan = torch.isnan(want)  # NaN stays NaN (its sign bit is not specified)
+        assert torch.equal(torch.isnan(got), nan), backend
+        assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), backend
+    xs = x[::997]
+    real = flash._exp2_kernel
+
+    def all_hard(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _ = real(v)
+        return y * 0, torch.ones_like(v, dtype=torch.bool) & torch.isfinite(v)
+
+    old = kernels.get_backend()
+    kernels.set_backend("eager")
+    try:
+        flash._exp2_kernel = all_hard
+        got = flash._exp2_fp32(u, xs)
+    finally:
+        flash._exp2_kernel = real
+        kernels.set_backend(old)
+    assert torch.equal(got.view(torch.int32), u(xs).view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating", "exact-online"])
+def test_fused_paths_equal_the_unit_path(name: str) -> None:
+    """The fast path with the datapath's own exp2 kernel equals the same path through the
+    generic exp2 unit (the pre-fusion eager path), bit for bit, with equal telemetry, on a
+    causal 300-key input with a sink."""
+    from precisim.emulation import flash
+
+    q, k, v = _inputs(12, h=3, n_q=40, n_k=300, spread=2.0)
+    k[:, :, 0] *= 20
+    mask = _causal(40, 300)
+    dp = get_datapath(name).with_(tile=64)
+    s1, s2 = FlashStats(), FlashStats()
+    a = flash_attention(q, k, v, mask, 0.35, dp, s1)
+    flash.FAST_EXP2 = False
+    try:
+        b = flash_attention(q, k, v, mask, 0.35, dp, s2)
+    finally:
+        flash.FAST_EXP2 = True
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert s1 == s2
