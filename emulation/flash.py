@@ -57,6 +57,7 @@ __all__ = ["AttentionDatapath", "DATAPATHS", "FlashStats", "Normalize", "Order",
            "flash_attention_reference", "get_datapath"]
 
 LOG2E = 1.4426950408889634
+LOG2E32 = float(np.float32(LOG2E))  #: fp32(log2 e): scales a soft-capped or biased score
 MAX_OFFSET = 126
 
 
@@ -97,6 +98,7 @@ class AttentionDatapath:
     qk: GemmSpec | str | None = None  #: None: fp32 product of the operands
     pv: GemmSpec | str | None = None
     exp2: FunctionUnit | str = "exp2-exact"
+    tanh: FunctionUnit | str = "tanh-exact"  #: the soft cap's tanh (when a model has one)
     normalize: Normalize | str = Normalize.DIVIDE
     description: str = field(default="", compare=False)
 
@@ -137,6 +139,11 @@ class AttentionDatapath:
             raise ValueError(f"exp2={u.name!r} is not valid: accepted a function unit of exp2 "
                              f"(its function is {u.function.value!r})")
         s(self, "exp2", u)
+        u = self.tanh if isinstance(self.tanh, FunctionUnit) else get_function_unit(self.tanh)
+        if u.function is not Fn.TANH:
+            raise ValueError(f"tanh={u.name!r} is not valid: accepted a function unit of tanh "
+                             f"(its function is {u.function.value!r})")
+        s(self, "tanh", u)
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -173,7 +180,7 @@ class AttentionDatapath:
             g = getattr(self, k)
             if g is not None:
                 parts.append(f"{k} {g.describe()}")
-        parts.append(f"exp2 {self.exp2.name}, {self.normalize.value}")
+        parts.append(f"exp2 {self.exp2.name}, tanh {self.tanh.name}, {self.normalize.value}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,19 +354,56 @@ def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
     return dataclasses.replace(g, input=None, weight=None)
 
 
-def _visible(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Boolean visibility from an additive or boolean mask (finite non-zero biases are not
-    modelled: an error)."""
+def _mask_parts(mask: torch.Tensor | None, shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(visible, bias)`` from an additive or boolean mask: a key is masked where the mask is
+    False, -inf or at most half the dtype's minimum; the finite values elsewhere are an
+    additive bias (ALiBi), as float32 (None when every visible value is 0)."""
     if mask is None:
-        return None
+        return None, None
     if mask.dtype == torch.bool:
-        return mask.expand(shape)
+        return mask.expand(shape), None
     lo = torch.finfo(mask.dtype).min / 2
     vis = mask > lo
+    bias = None
     if bool(((mask != 0) & vis).any()):
-        raise ValueError("the attention datapath takes masks of 0 and -inf (or the dtype's "
-                         "minimum) only; additive biases (ALiBi, soft caps) are not modelled")
-    return vis.expand(shape)
+        bias = torch.where(vis, mask, 0).float().expand(shape)
+    return vis.expand(shape), bias
+
+
+def _scores(s: torch.Tensor, c32: torch.Tensor, bias: torch.Tensor | None,
+            softcap: float | None, scaling: float, tanh: FunctionUnit) -> torch.Tensor:
+    """The scores in log2 units, float32 (each torch op the exact result rounded once to
+    fp32): ``fp32(S * c)`` without a soft cap or bias; else ``u = fp32(S * fp32(scaling))``,
+    with a cap ``u = fp32(cap * tanh(fp32(u / cap)))`` (tanh: the datapath's unit), with a
+    bias ``u = fp32(u + bias)``, and ``t = fp32(u * fp32(log2 e))``."""
+    if softcap is None and bias is None:
+        return s * c32
+    u = s * torch.tensor(float(np.float32(scaling)), dtype=torch.float32, device=s.device)
+    if softcap is not None:
+        cap = torch.tensor(softcap, dtype=torch.float32, device=s.device)
+        u = _unit32(tanh, u / cap) * cap
+    if bias is not None:
+        u = u + bias
+    return u * torch.tensor(LOG2E32, dtype=torch.float32, device=s.device)
+
+
+def _check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
+                  ) -> tuple[float | None, torch.Tensor | None]:
+    """The soft cap as an fp32 value > 0 and the sinks as float32 (h,) logits."""
+    if softcap is not None:
+        c = float(np.float32(softcap))
+        if not math.isfinite(c) or c <= 0:
+            raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
+                             "(or None)")
+        softcap = c
+    if sinks is not None:
+        sk = sinks.detach().reshape(-1).float()
+        if sk.numel() != h or not bool(torch.isfinite(sk).all()):
+            raise ValueError(f"sinks of shape {tuple(sinks.shape)} are not valid: accepted "
+                             f"{h} finite logits, one per head")
+        sinks = sk
+    return softcap, sinks
 
 
 def _tiles(n_k: int, dp: AttentionDatapath) -> list[tuple[int, int]]:
@@ -456,13 +500,14 @@ def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast funct
     return slow
 
 
-def _exp2(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
+def _unit32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     """``unit(x)`` on float32 ``x``. For a correctly rounded fp32 exp2 unit (the default
-    ``exp2-exact``) :func:`_exp2_fp32`; otherwise the unit, with its kernel compiled from 2^12
-    elements on (the global threshold of :func:`precisim.formats.kernels.run` is 2^18): the
-    datapath calls the unit once per tile, on tensors of rows x tile elements, where the eager
-    kernel is ~50x slower per element. Compiled kernels are self-checked bit for bit against
-    the eager ones on their first call."""
+    ``exp2-exact``) :func:`_exp2_fp32`; otherwise the unit (exp2, or the soft cap's tanh),
+    with its kernel compiled from 2^12 elements on (the global threshold of
+    :func:`precisim.formats.kernels.run` is 2^18): the datapath calls the unit once per tile,
+    on tensors of rows x tile elements, where the eager kernel is ~50x slower per element.
+    Compiled kernels are self-checked bit for bit against the eager ones on their first
+    call."""
     from precisim.formats import kernels
 
     old = kernels.COMPILE_MIN_NUMEL
@@ -525,6 +570,19 @@ def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def _sink_state(sinks: torch.Tensor, dp: AttentionDatapath, shape: tuple[int, int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running max and row sum (float64) after the sinks, a key visited before the first
+    tile whose V is 0: ``t = fp32(sink * fp32(log2 e))``, ``m = max_format(t)``,
+    ``l = sum_format(exp2(fp32(t - fp32(m - max_offset))))`` (not cast: it is not in PV)."""
+    b, h, n_q = shape
+    t = (sinks * LOG2E32).reshape(1, h, 1).expand(b, h, n_q)
+    m = _fast(rq(dp.max_format))(t.double()).contiguous()
+    mo = _fast(rq("fp32"))(add_ro(m, torch.full_like(m, -float(dp.max_offset)))).float()
+    p = _unit32(dp.exp2, t - mo)
+    return m, _fast(rq(dp.sum_format))(p.double()).contiguous()
+
+
 def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[int, int]:
     """The rows (queries) that see at least one key of the tile ``j0:j1``: a tile is a no-op
     for the other rows (running max, sum and accumulator unchanged), so they are skipped
@@ -539,11 +597,15 @@ def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[in
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None, scaling: float, dp: AttentionDatapath,
-                    stats: FlashStats | None = None) -> torch.Tensor:
+                    stats: FlashStats | None = None, *, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h, n_k, d), ``v`` (b, h, n_k, dv)
     (heads already repeated for grouped-query attention) with ``mask`` (broadcastable to
-    (b, h, n_q, n_k): additive 0 / -inf, or boolean visible) and the softmax ``scaling``;
-    float32 (b, h, n_q, dv). Counts go to ``stats`` when given.
+    (b, h, n_q, n_k): additive (-inf or the dtype's minimum: masked; other values: a bias such
+    as ALiBi), or boolean visible) and the softmax ``scaling``; float32 (b, h, n_q, dv).
+    ``softcap``: Gemma-2's ``cap * tanh(scores / cap)``; ``sinks``: one logit per head in the
+    softmax denominator (gpt-oss), see :func:`_scores` and :func:`_sink_state`. Counts go to
+    ``stats`` when given.
 
     Per score the steps run in float32, where each torch operation is the exact result
     rounded once to fp32 (the steps' own rounding); the per-row state (max, sum, alpha,
@@ -552,7 +614,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     skip it (a no-op for them)."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
-    vis = _visible(mask, (b, h, n_q, n_k))
+    vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
+    softcap, sinks = _check_extras(softcap, sinks, h)
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = _scale_const(scaling)
@@ -569,6 +632,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dev = q.device
     m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
     ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
+    if sinks is not None:
+        m, ell = _sink_state(sinks, dp, (b, h, n_q))
     acc32 = _is_fp32_rne(rq(dp.acc_format, what="acc_format"))
     acc = torch.zeros((b, h, n_q, dv), dtype=torch.float32 if acc32 else torch.float64,
                       device=dev)
@@ -579,7 +644,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         rows = slice(r0, r1)
         s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
-        t = s * c32  # float32: fp32(S * c)
+        t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
+                    scaling, dp.tanh)
         if vis is not None:
             t = torch.where(vis[:, :, rows, j0:j1], t, -math.inf)
         live = t != -math.inf
@@ -600,12 +666,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             x = torch.where(live, x, -math.inf)
         if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
             ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
-            both = _exp2(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
+            both = _unit32(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
             p = both[:x.numel()].reshape(x.shape)
             alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
             alpha = torch.where(rescale, alpha, 1.0)
         else:
-            p = _exp2(dp.exp2, x)
+            p = _unit32(dp.exp2, x)
             alpha = torch.ones_like(m_new)
         if live is not None:
             p = torch.where(live, p, 0.0)
@@ -660,14 +726,16 @@ def _f(v: ex.Value) -> float:
 
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               mask: torch.Tensor | None, scaling: float,
-                              dp: AttentionDatapath, stats: FlashStats | None = None
-                              ) -> torch.Tensor:
+                              dp: AttentionDatapath, stats: FlashStats | None = None, *,
+                              softcap: float | None = None,
+                              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The datapath step by step (see the module docstring): loops over rows, tiles and
     elements; exact values (Fractions) with one rounding per step. Shares only the GEMMs and
     the block quantizer of P with :func:`flash_attention`. Slow: small inputs only."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
-    vis = _visible(mask, (b, h, n_q, n_k))
+    vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
+    softcap, sinks = _check_extras(softcap, sinks, h)
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = Fraction(_scale_const(scaling))
@@ -688,8 +756,31 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tiles = _tiles(n_k, dp)
     rr = {j0: _row_range(vis, j0, j1, n_q) for j0, j1 in tiles}
     S = {j0: _matmul(qq[:, :, rr[j0][0]:rr[j0][1]], kq[:, :, j0:j1], gqk) for j0, j1 in tiles}
+    lg = Fraction(LOG2E32)
+    sc32 = Fraction(float(np.float32(scaling)))
+
+    def score(sv: float, bi: int, hi: int, r: int, jj: int) -> ex.Value:
+        if softcap is None and bias is None:
+            return r32.exact(Fraction(sv) * c)
+        u = r32.exact(Fraction(sv) * sc32)
+        if softcap is not None:
+            cap = Fraction(softcap)
+            u = r32.exact(ex.mul(dp.tanh.reference(_f(r32.exact(ex.div(u, cap)))), cap))
+        if bias is not None:
+            u = r32.exact(ex.add(u, Fraction(float(bias[bi, hi, r, jj]))))
+        return r32.exact(ex.mul(u, lg))
+
     m = [[[ninf] * n_q for _ in range(h)] for _ in range(b)]
     ell: list = [[[Fraction(0)] * n_q for _ in range(h)] for _ in range(b)]
+    if sinks is not None:  # the sink: a key before the first tile, V = 0, P not cast
+        for hi in range(h):
+            ts = r32.exact(Fraction(float(sinks[hi])) * lg)
+            mn = R["max"].exact(ts)
+            x = r32.exact(ex.add(ts, ex.neg(r32.exact(ex.add(mn, -Fraction(dp.max_offset))))))
+            lv = R["sum"].exact(unit.reference(_f(x)))
+            for bi in range(b):
+                m[bi][hi] = [mn] * n_q
+                ell[bi][hi] = [lv] * n_q
     acc: list = [[[[Fraction(0)] * dv for _ in range(n_q)] for _ in range(h)] for _ in range(b)]
     for j0, j1 in tiles:
         P = torch.zeros(b, h, n_q, j1 - j0, dtype=torch.float32)
@@ -704,7 +795,7 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             ts.append(ninf)
                         else:
                             s = S[j0][bi, hi, r - rr[j0][0], jj - j0]
-                            ts.append(r32.exact(Fraction(float(s)) * c))
+                            ts.append(score(float(s), bi, hi, r, jj))
                     mo = m[bi][hi][r]
                     tmax: ex.Value = ninf
                     for t in ts:

@@ -252,7 +252,7 @@ def test_fast_exp2_is_the_unit_bit_for_bit() -> None:
         old = kernels.get_backend()
         kernels.set_backend(backend)
         try:
-            got = flash._exp2(u, x)
+            got = flash._unit32(u, x)
         finally:
             kernels.set_backend(old)
         nan = torch.isnan(want)  # NaN stays NaN (its sign bit is not specified)
@@ -296,3 +296,86 @@ def test_fused_paths_equal_the_unit_path(name: str) -> None:
         flash.FAST_EXP2 = True
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert s1 == s2
+
+
+def _alibi(h: int, n_q: int, n_k: int) -> torch.Tensor:
+    """A causal mask plus ALiBi biases: -slope_h * (query position - key position)."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, h + 1) / h)
+    pos = torch.arange(n_k - n_q, n_k)[:, None] - torch.arange(n_k)[None, :]
+    bias = -slopes[:, None, None] * pos.clamp(min=0)
+    return (bias + _causal(n_q, n_k)[0]).float()[None]
+
+
+EXTRAS = {
+    "softcap": {"softcap": 2.5},
+    "sinks": {"sinks": torch.tensor([3.0, -1.5])},
+    "alibi": {"alibi": True},
+    "all": {"softcap": 4.0, "sinks": torch.tensor([9.0, 0.25]), "alibi": True},
+}
+
+
+def _extras(name: str, n_q: int, n_k: int) -> tuple[torch.Tensor, dict]:
+    kw = dict(EXTRAS[name])
+    mask = _alibi(2, n_q, n_k) if kw.pop("alibi", False) else _causal(n_q, n_k)
+    return mask, kw
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+@pytest.mark.parametrize("name", ["exact-online", "fa3-fp8", "fa4-fp8-saturating",
+                                  "sage2-fp16-acc"])
+def test_softcap_sinks_alibi_fast_equal_reference(extra: str, name: str) -> None:
+    q, k, v = _inputs(13, n_q=5, n_k=40)
+    mask, kw = _extras(extra, 5, 40)
+    dp = get_datapath(name).with_(tile=16)
+    for d in (dp, dp.with_(order="reverse")):
+        s1, s2 = FlashStats(), FlashStats()
+        a = flash_attention(q, k, v, mask, 0.35, d, s1, **kw)
+        r = flash_attention_reference(q, k, v, mask, 0.35, d, s2, **kw)
+        assert torch.equal(a.view(torch.int32), r.view(torch.int32)), (extra, d.describe())
+        assert s1 == s2
+
+
+def _plain_attention(q, k, v, mask, scaling, softcap=None, sinks=None):  # noqa: ANN001, ANN202
+    """Eager attention as Hugging Face writes it (Gemma-2 soft cap, gpt-oss sinks), float64."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s + mask.double()
+    if sinks is not None:
+        sk = sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sk], -1)
+    p = torch.softmax(s, -1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v.double()
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+@pytest.mark.parametrize("tile,order", [(1, "forward"), (7, "reverse"), (128, "forward")])
+def test_softcap_sinks_alibi_agree_with_plain_attention(extra: str, tile: int,
+                                                        order: str) -> None:
+    """Every knob at full precision: within 1e-5 of plain float64 attention with the same
+    soft cap, sinks and ALiBi bias (|V| < 5, 300 keys; fp32 roundings only)."""
+    q, k, v = _inputs(14, b=2, n_q=9, n_k=300, d=16)
+    mask, kw = _extras(extra, 9, 300)
+    dp = get_datapath("exact-online").with_(tile=tile, order=order)
+    out = flash_attention(q, k, v, mask, 0.25, dp, **kw).double()
+    ref = _plain_attention(q, k, v, mask, 0.25, **kw)
+    assert v.abs().max() < 5
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_sink_takes_the_mass_of_a_fully_masked_row_and_bad_extras() -> None:
+    q, k, v = _inputs(15, n_q=2, n_k=8)
+    mask = _causal(2, 8).clone()
+    mask[..., 0, :] = -math.inf
+    out = flash_attention(q, k, v, mask, 0.35, get_datapath("exact-online"),
+                          sinks=torch.tensor([1.0, 2.0]))
+    assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    with pytest.raises(ValueError, match="softcap=0"):
+        flash_attention(q, k, v, None, 0.35, get_datapath("exact-online"), softcap=0)
+    with pytest.raises(ValueError, match=r"sinks of shape \(3,\)"):
+        flash_attention(q, k, v, None, 0.35, get_datapath("exact-online"),
+                        sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="tanh='exp2-exact'"):
+        AttentionDatapath("x", tanh="exp2-exact")
