@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -46,7 +45,7 @@ from precisim.formats.registry import Registry, UnknownNameError
 
 from .functions import exact as ex
 from .functions.core import FN_DEFS, Fn, Rq, add_ro, check_format, div_ro, parse_enum, pow2_64, rq
-from .functions.presets import get_function_unit
+from .functions.datapath import SpecBase, function_unit
 from .functions.reduction import Reduction
 from .functions.units import FunctionUnit
 from .gemm import quantize_operand
@@ -81,7 +80,7 @@ def _fp32_exact(v: float) -> bool:
 
 
 @dataclass(frozen=True)
-class AttentionDatapath:
+class AttentionDatapath(SpecBase):
     """One online-softmax attention datapath (see the module docstring for the steps)."""
 
     name: str
@@ -134,12 +133,12 @@ class AttentionDatapath:
             g = getattr(self, what)
             if g is not None and not isinstance(g, GemmSpec):
                 s(self, what, GemmSpec.parse(g, what))
-        u = self.exp2 if isinstance(self.exp2, FunctionUnit) else get_function_unit(self.exp2)
+        u = function_unit(self.exp2, "exp2")
         if u.function is not Fn.EXP2:
             raise ValueError(f"exp2={u.name!r} is not valid: accepted a function unit of exp2 "
                              f"(its function is {u.function.value!r})")
         s(self, "exp2", u)
-        u = self.tanh if isinstance(self.tanh, FunctionUnit) else get_function_unit(self.tanh)
+        u = function_unit(self.tanh, "tanh")
         if u.function is not Fn.TANH:
             raise ValueError(f"tanh={u.name!r} is not valid: accepted a function unit of tanh "
                              f"(its function is {u.function.value!r})")
@@ -183,54 +182,11 @@ class AttentionDatapath:
         parts.append(f"exp2 {self.exp2.name}, tanh {self.tanh.name}, {self.normalize.value}")
         return "; ".join(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "description":
-                continue
-            d = f.default
-            if isinstance(v, FloatFormat):
-                v = v.name
-            elif isinstance(v, enum.Enum):
-                v = v.value
-            elif isinstance(v, FunctionUnit):
-                v = v.name
-            elif isinstance(v, GemmSpec | TensorSpec):
-                v = v.to_dict()
-            if isinstance(d, enum.Enum):
-                d = d.value
-            if v != d or f.name == "name":
-                out[f.name] = v
-        return out
-
     @classmethod
-    def parse(cls, value: Any, where: str = "datapath") -> AttentionDatapath:
-        """A datapath from itself, a preset name, or a mapping of fields (``base: <preset>``
-        plus changes)."""
-        if isinstance(value, AttentionDatapath):
-            return value
-        if isinstance(value, str):
-            return get_datapath(value)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a datapath name or a mapping of fields, got "
-                             f"{value!r}")
-        d = dict(value)
-        names = [f.name for f in dataclasses.fields(cls)] + ["base"]
-        bad = [k for k in d if k not in names]
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}; accepted: "
-                             f"{', '.join(names)}")
-        base = d.pop("base", None)
-        try:
-            if base is not None:
-                b = get_datapath(base)
-                d.setdefault("name", f"{b.name}+")
-                return dataclasses.replace(b, **d)
-            d.setdefault("name", "custom")
-            return cls(**d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from None
+    def _registry(cls) -> Registry[AttentionDatapath]:
+        """``parse`` and ``to_dict`` (:class:`~precisim.emulation.functions.datapath.SpecBase`):
+        a preset name or a mapping of fields (``base: <preset>`` plus changes)."""
+        return DATAPATHS
 
 
 def _p_spec(value: Any) -> TensorSpec | None:

@@ -379,3 +379,22 @@ def test_sink_takes_the_mass_of_a_fully_masked_row_and_bad_extras() -> None:
                         sinks=torch.zeros(3))
     with pytest.raises(ValueError, match="tanh='exp2-exact'"):
         AttentionDatapath("x", tanh="exp2-exact")
+
+
+def test_shared_parse_and_to_dict() -> None:
+    """AttentionDatapath parses and serialises through the same code as the softmax, norm and
+    activation units (functions.datapath.SpecBase): a preset serialises as its name, a
+    derived one as its changed fields (a custom exp2 unit with its fields), and both parse
+    back to equal datapaths; the unknown-key error suggests the near name."""
+    from precisim.emulation.functions.datapath import SpecBase
+
+    assert issubclass(AttentionDatapath, SpecBase)
+    assert get_datapath("fa3-fp8").to_dict() == "fa3-fp8"
+    dp = AttentionDatapath.parse({"base": "fa3-fp8", "tile": 32, "exp2": KNOBS[-1]["exp2"]})
+    assert dp.name == "fa3-fp8+custom"
+    d = dp.to_dict()
+    assert d["tile"] == 32 and d["exp2"]["name"] == "exp2-poly3" and "max_offset" in d
+    assert AttentionDatapath.parse(d) == dp
+    assert AttentionDatapath.parse({"tile": 8}).name == "custom"
+    with pytest.raises(ValueError, match="did you mean 'tile'"):
+        AttentionDatapath.parse({"tiles": 3})
