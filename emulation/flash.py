@@ -492,7 +492,7 @@ def _is_cr_fp32_exp2(unit: FunctionUnit) -> bool:
 
 
 def _exp2_kernel(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp2 of float32 ``x32`` (1-D) rounded to fp32 as the unit's exact kernel does it
+    """exp2 of float32 ``x32`` (any shape) rounded to fp32 as the unit's exact kernel does it
     (:func:`~precisim.emulation.functions.core.cr_fast`): the float64 ``exp2`` (2^n exactly
     for integers n) rounded by the float64 -> float32 conversion, which is the fp32 RNE
     rounding with gradual underflow and overflow to inf (docs/arithmetic.md section 3.1), and
@@ -506,6 +506,34 @@ def _exp2_kernel(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eps = d.guard(xc)
     hard = ((v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()) & ~exact & torch.isfinite(x)
     return v.float(), hard
+
+
+def _p_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_exp2_kernel` of ``x = fp32(t - mo)`` (``t`` (..., keys), ``mo`` (...), float32;
+    -inf scores give x = -inf, so P = 0): the step's subtraction and the exp2 in one pass."""
+    x = torch.where(t == -math.inf, -math.inf, t - mo[..., None])
+    return _exp2_kernel(x)
+
+
+def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
+    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_kernel` compiled (from
+    2^12 elements on, self-checked), hard cases by the unit's exact reference. Bit for bit
+    the unit applied to ``where(live, t - mo, -inf)``."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        y, hard = kernels.run(_p_kernel, ("flash-p-fp32",), t.numel(), t, mo)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+    if bool(hard.any()):
+        idx = hard.nonzero(as_tuple=True)
+        x = (t - mo[..., None])[idx]
+        y = y.clone()
+        y[idx] = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
+                              dtype=torch.float32, device=y.device)
+    return y
 
 
 def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
@@ -585,6 +613,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     off = float(dp.max_offset)
     thr = dp.rescale_threshold
     quant_sum = dp.row_sum is RowSum.QUANTIZED
+    fused = FAST_EXP2 and _is_cr_fp32_exp2(dp.exp2)
     dev = q.device
     m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
     ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
@@ -617,20 +646,27 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         n_resc = int(torch.count_nonzero(rescale))
         st.rescales += n_resc
         mo = Q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
-        x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
-        if live is not None:
-            x = torch.where(live, x, -math.inf)
-        if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
-            ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
-            both = _unit32(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
-            p = both[:x.numel()].reshape(x.shape)
-            alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
-            alpha = torch.where(rescale, alpha, 1.0)
-        else:
-            p = _unit32(dp.exp2, x)
+        if fused:  # x = fp32(t - mo) and its exp2 in one compiled kernel, alpha on its own
+            p = _p_fused(dp.exp2, t, mo)
             alpha = torch.ones_like(m_new)
-        if live is not None:
-            p = torch.where(live, p, 0.0)
+            if n_resc:
+                ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+                alpha = torch.where(rescale, R["alpha"](_unit32(dp.exp2, ax).double()), 1.0)
+        else:
+            x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
+            if live is not None:
+                x = torch.where(live, x, -math.inf)
+            if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
+                ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+                both = _unit32(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
+                p = both[:x.numel()].reshape(x.shape)
+                alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
+                alpha = torch.where(rescale, alpha, 1.0)
+            else:
+                p = _unit32(dp.exp2, x)
+                alpha = torch.ones_like(m_new)
+            if live is not None:
+                p = torch.where(live, p, 0.0)
         if dp.p_format is None:
             pq = p
         elif cast is not None:

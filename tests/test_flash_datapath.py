@@ -238,7 +238,7 @@ def _exp2_inputs() -> torch.Tensor:
 def test_fast_exp2_is_the_unit_bit_for_bit() -> None:
     """The datapath's exp2 kernel for correctly rounded fp32 units returns the unit's bits on
     every kind of input (NaN: a NaN), eager and compiled, and so does its exact fallback for
-    hard cases (forced here on every element)."""
+    hard cases (forced here on every element); likewise the fused P kernel (x = t - mo, exp2)."""
     from precisim.emulation import flash
     from precisim.emulation.functions import get_function_unit
     from precisim.formats import kernels
@@ -270,10 +270,16 @@ def test_fast_exp2_is_the_unit_bit_for_bit() -> None:
     try:
         flash._exp2_kernel = all_hard
         got = flash._exp2_fp32(u, xs)
+        t = torch.where(torch.isnan(xs), -math.inf, xs)[:400].reshape(-1, 10)[:, :9] * 0.5
+        mo = t.amax(-1).clamp(min=-100) - 3
+        fused = flash._p_fused(u, t, mo)
     finally:
         flash._exp2_kernel = real
         kernels.set_backend(old)
     assert torch.equal(got.view(torch.int32), u(xs).view(torch.int32))
+    want = u(torch.where(t == -math.inf, -math.inf, t - mo[:, None]))
+    assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(flash._p_fused(u, t, mo).view(torch.int32), want.view(torch.int32))
 
 
 @pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating", "exact-online"])
