@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -45,8 +44,8 @@ from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_f
 from precisim.formats.registry import Registry, UnknownNameError
 
 from .functions import exact as ex
-from .functions.core import Fn, Rq, add_ro, check_format, div_ro, parse_enum, rq
-from .functions.presets import get_function_unit
+from .functions.core import FN_DEFS, Fn, Rq, add_ro, check_format, div_ro, parse_enum, pow2_64, rq
+from .functions.datapath import SpecBase, function_unit
 from .functions.reduction import Reduction
 from .functions.units import FunctionUnit
 from .gemm import quantize_operand
@@ -57,6 +56,7 @@ __all__ = ["AttentionDatapath", "DATAPATHS", "FlashStats", "Normalize", "Order",
            "flash_attention_reference", "get_datapath"]
 
 LOG2E = 1.4426950408889634
+LOG2E32 = float(np.float32(LOG2E))  #: fp32(log2 e): scales a soft-capped or biased score
 MAX_OFFSET = 126
 
 
@@ -80,7 +80,7 @@ def _fp32_exact(v: float) -> bool:
 
 
 @dataclass(frozen=True)
-class AttentionDatapath:
+class AttentionDatapath(SpecBase):
     """One online-softmax attention datapath (see the module docstring for the steps)."""
 
     name: str
@@ -97,6 +97,7 @@ class AttentionDatapath:
     qk: GemmSpec | str | None = None  #: None: fp32 product of the operands
     pv: GemmSpec | str | None = None
     exp2: FunctionUnit | str = "exp2-exact"
+    tanh: FunctionUnit | str = "tanh-exact"  #: the soft cap's tanh (when a model has one)
     normalize: Normalize | str = Normalize.DIVIDE
     description: str = field(default="", compare=False)
 
@@ -132,11 +133,16 @@ class AttentionDatapath:
             g = getattr(self, what)
             if g is not None and not isinstance(g, GemmSpec):
                 s(self, what, GemmSpec.parse(g, what))
-        u = self.exp2 if isinstance(self.exp2, FunctionUnit) else get_function_unit(self.exp2)
+        u = function_unit(self.exp2, "exp2")
         if u.function is not Fn.EXP2:
             raise ValueError(f"exp2={u.name!r} is not valid: accepted a function unit of exp2 "
                              f"(its function is {u.function.value!r})")
         s(self, "exp2", u)
+        u = function_unit(self.tanh, "tanh")
+        if u.function is not Fn.TANH:
+            raise ValueError(f"tanh={u.name!r} is not valid: accepted a function unit of tanh "
+                             f"(its function is {u.function.value!r})")
+        s(self, "tanh", u)
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -173,57 +179,14 @@ class AttentionDatapath:
             g = getattr(self, k)
             if g is not None:
                 parts.append(f"{k} {g.describe()}")
-        parts.append(f"exp2 {self.exp2.name}, {self.normalize.value}")
+        parts.append(f"exp2 {self.exp2.name}, tanh {self.tanh.name}, {self.normalize.value}")
         return "; ".join(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "description":
-                continue
-            d = f.default
-            if isinstance(v, FloatFormat):
-                v = v.name
-            elif isinstance(v, enum.Enum):
-                v = v.value
-            elif isinstance(v, FunctionUnit):
-                v = v.name
-            elif isinstance(v, GemmSpec | TensorSpec):
-                v = v.to_dict()
-            if isinstance(d, enum.Enum):
-                d = d.value
-            if v != d or f.name == "name":
-                out[f.name] = v
-        return out
-
     @classmethod
-    def parse(cls, value: Any, where: str = "datapath") -> AttentionDatapath:
-        """A datapath from itself, a preset name, or a mapping of fields (``base: <preset>``
-        plus changes)."""
-        if isinstance(value, AttentionDatapath):
-            return value
-        if isinstance(value, str):
-            return get_datapath(value)
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a datapath name or a mapping of fields, got "
-                             f"{value!r}")
-        d = dict(value)
-        names = [f.name for f in dataclasses.fields(cls)] + ["base"]
-        bad = [k for k in d if k not in names]
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}; accepted: "
-                             f"{', '.join(names)}")
-        base = d.pop("base", None)
-        try:
-            if base is not None:
-                b = get_datapath(base)
-                d.setdefault("name", f"{b.name}+")
-                return dataclasses.replace(b, **d)
-            d.setdefault("name", "custom")
-            return cls(**d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from None
+    def _registry(cls) -> Registry[AttentionDatapath]:
+        """``parse`` and ``to_dict`` (:class:`~precisim.emulation.functions.datapath.SpecBase`):
+        a preset name or a mapping of fields (``base: <preset>`` plus changes)."""
+        return DATAPATHS
 
 
 def _p_spec(value: Any) -> TensorSpec | None:
@@ -347,19 +310,56 @@ def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
     return dataclasses.replace(g, input=None, weight=None)
 
 
-def _visible(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Boolean visibility from an additive or boolean mask (finite non-zero biases are not
-    modelled: an error)."""
+def _mask_parts(mask: torch.Tensor | None, shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(visible, bias)`` from an additive or boolean mask: a key is masked where the mask is
+    False, -inf or at most half the dtype's minimum; the finite values elsewhere are an
+    additive bias (ALiBi), as float32 (None when every visible value is 0)."""
     if mask is None:
-        return None
+        return None, None
     if mask.dtype == torch.bool:
-        return mask.expand(shape)
+        return mask.expand(shape), None
     lo = torch.finfo(mask.dtype).min / 2
     vis = mask > lo
+    bias = None
     if bool(((mask != 0) & vis).any()):
-        raise ValueError("the attention datapath takes masks of 0 and -inf (or the dtype's "
-                         "minimum) only; additive biases (ALiBi, soft caps) are not modelled")
-    return vis.expand(shape)
+        bias = torch.where(vis, mask, 0).float().expand(shape)
+    return vis.expand(shape), bias
+
+
+def _scores(s: torch.Tensor, c32: torch.Tensor, bias: torch.Tensor | None,
+            softcap: float | None, scaling: float, tanh: FunctionUnit) -> torch.Tensor:
+    """The scores in log2 units, float32 (each torch op the exact result rounded once to
+    fp32): ``fp32(S * c)`` without a soft cap or bias; else ``u = fp32(S * fp32(scaling))``,
+    with a cap ``u = fp32(cap * tanh(fp32(u / cap)))`` (tanh: the datapath's unit), with a
+    bias ``u = fp32(u + bias)``, and ``t = fp32(u * fp32(log2 e))``."""
+    if softcap is None and bias is None:
+        return s * c32
+    u = s * torch.tensor(float(np.float32(scaling)), dtype=torch.float32, device=s.device)
+    if softcap is not None:
+        cap = torch.tensor(softcap, dtype=torch.float32, device=s.device)
+        u = _unit32(tanh, u / cap) * cap
+    if bias is not None:
+        u = u + bias
+    return u * torch.tensor(LOG2E32, dtype=torch.float32, device=s.device)
+
+
+def _check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
+                  ) -> tuple[float | None, torch.Tensor | None]:
+    """The soft cap as an fp32 value > 0 and the sinks as float32 (h,) logits."""
+    if softcap is not None:
+        c = float(np.float32(softcap))
+        if not math.isfinite(c) or c <= 0:
+            raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
+                             "(or None)")
+        softcap = c
+    if sinks is not None:
+        sk = sinks.detach().reshape(-1).float()
+        if sk.numel() != h or not bool(torch.isfinite(sk).all()):
+            raise ValueError(f"sinks of shape {tuple(sinks.shape)} are not valid: accepted "
+                             f"{h} finite logits, one per head")
+        sinks = sk
+    return softcap, sinks
 
 
 def _tiles(n_k: int, dp: AttentionDatapath) -> list[tuple[int, int]]:
@@ -456,19 +456,115 @@ def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast funct
     return slow
 
 
-def _exp2(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
-    """``unit(x)`` with its kernel compiled from 2^12 elements on (the global threshold of
+def _unit32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
+    """``unit(x)`` on float32 ``x``. For a correctly rounded fp32 exp2 unit (the default
+    ``exp2-exact``) :func:`_exp2_fp32`; otherwise the unit (exp2, or the soft cap's tanh),
+    with its kernel compiled from 2^12 elements on (the global threshold of
     :func:`precisim.formats.kernels.run` is 2^18): the datapath calls the unit once per tile,
-    on tensors of rows x tile elements, where the eager kernel is ~50x slower per element. The
-    compiled kernel is self-checked bit for bit against the eager one on its first call."""
+    on tensors of rows x tile elements, where the eager kernel is ~50x slower per element.
+    Compiled kernels are self-checked bit for bit against the eager ones on their first
+    call."""
     from precisim.formats import kernels
 
     old = kernels.COMPILE_MIN_NUMEL
     kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
     try:
+        if FAST_EXP2 and _is_cr_fp32_exp2(unit):
+            return _exp2_fp32(unit, x)
         return unit(x)
     finally:
         kernels.COMPILE_MIN_NUMEL = old
+
+
+#: use :func:`_exp2_fp32` for correctly rounded fp32 exp2 units (False: always the unit's own
+#: kernel; tests/test_flash_datapath.py compares the two bit for bit)
+FAST_EXP2 = True
+
+
+def _is_cr_fp32_exp2(unit: FunctionUnit) -> bool:
+    """True for an exact (correctly rounded) exp2 unit whose input and output are IEEE fp32
+    (RNE, infinities, gradual underflow) and that flushes no input."""
+    from .functions.units import Method
+
+    r = unit.rounders
+    return unit.function is Fn.EXP2 and unit.method is Method.EXACT and not unit.flush_input \
+        and _is_fp32_rne(r["in"]) and _is_fp32_rne(r["out"])
+
+
+def _exp2_kernel(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp2 of float32 ``x32`` (any shape) rounded to fp32 as the unit's exact kernel does it
+    (:func:`~precisim.emulation.functions.core.cr_fast`): the float64 ``exp2`` (2^n exactly
+    for integers n) rounded by the float64 -> float32 conversion, which is the fp32 RNE
+    rounding with gradual underflow and overflow to inf (docs/arithmetic.md section 3.1), and
+    the mask of elements whose certified error interval straddles a rounding boundary."""
+    d = FN_DEFS[Fn.EXP2]
+    x = x32.double()
+    xc = x.clamp(d.lo, d.hi)
+    n = xc.round()
+    exact = xc == n
+    v = torch.where(exact, pow2_64(n.clamp(-1000, 130)), torch.exp2(xc))
+    eps = d.guard(xc)
+    hard = ((v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()) & ~exact & torch.isfinite(x)
+    return v.float(), hard
+
+
+def _p_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_exp2_kernel` of ``x = fp32(t - mo)`` (``t`` (..., keys), ``mo`` (...), float32;
+    -inf scores give x = -inf, so P = 0): the step's subtraction and the exp2 in one pass."""
+    x = torch.where(t == -math.inf, -math.inf, t - mo[..., None])
+    return _exp2_kernel(x)
+
+
+def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
+    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_kernel` compiled (from
+    2^12 elements on, self-checked), hard cases by the unit's exact reference. Bit for bit
+    the unit applied to ``where(live, t - mo, -inf)``."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        y, hard = kernels.run(_p_kernel, ("flash-p-fp32",), t.numel(), t, mo)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+    if bool(hard.any()):
+        idx = hard.nonzero(as_tuple=True)
+        x = (t - mo[..., None])[idx]
+        y = y.clone()
+        y[idx] = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
+                              dtype=torch.float32, device=y.device)
+    return y
+
+
+def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
+    """``unit(x)`` bit for bit for a unit of :func:`_is_cr_fp32_exp2` (the float32 inputs
+    are its fp32 input values; +inf gives inf (2^130 overflows), -inf gives 0 (2^-1000
+    underflows), NaN stays NaN): one compiled elementwise kernel, ~10x faster than the generic
+    unit kernel, whose rounding steps are general formats; the rare hard cases by the unit's
+    exact reference."""
+    from precisim.formats import kernels
+
+    flat = x.detach().reshape(-1).float()
+    y, hard = kernels.run(_exp2_kernel, ("flash-exp2-fp32",), flat.numel(), flat)
+    if bool(hard.any()):
+        idx = hard.nonzero().reshape(-1)
+        y = y.clone()
+        y[idx] = torch.tensor([float(unit.reference(v)) for v in flat[idx].tolist()],
+                              dtype=torch.float32, device=y.device)
+    return y.reshape(x.shape)
+
+
+def _sink_state(sinks: torch.Tensor, dp: AttentionDatapath, shape: tuple[int, int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running max and row sum (float64) after the sinks, a key visited before the first
+    tile whose V is 0: ``t = fp32(sink * fp32(log2 e))``, ``m = max_format(t)``,
+    ``l = sum_format(exp2(fp32(t - fp32(m - max_offset))))`` (not cast: it is not in PV)."""
+    b, h, n_q = shape
+    t = (sinks * LOG2E32).reshape(1, h, 1).expand(b, h, n_q)
+    m = _fast(rq(dp.max_format))(t.double()).contiguous()
+    mo = _fast(rq("fp32"))(add_ro(m, torch.full_like(m, -float(dp.max_offset)))).float()
+    p = _unit32(dp.exp2, t - mo)
+    return m, _fast(rq(dp.sum_format))(p.double()).contiguous()
 
 
 def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[int, int]:
@@ -485,11 +581,15 @@ def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[in
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None, scaling: float, dp: AttentionDatapath,
-                    stats: FlashStats | None = None) -> torch.Tensor:
+                    stats: FlashStats | None = None, *, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h, n_k, d), ``v`` (b, h, n_k, dv)
     (heads already repeated for grouped-query attention) with ``mask`` (broadcastable to
-    (b, h, n_q, n_k): additive 0 / -inf, or boolean visible) and the softmax ``scaling``;
-    float32 (b, h, n_q, dv). Counts go to ``stats`` when given.
+    (b, h, n_q, n_k): additive (-inf or the dtype's minimum: masked; other values: a bias such
+    as ALiBi), or boolean visible) and the softmax ``scaling``; float32 (b, h, n_q, dv).
+    ``softcap``: Gemma-2's ``cap * tanh(scores / cap)``; ``sinks``: one logit per head in the
+    softmax denominator (gpt-oss), see :func:`_scores` and :func:`_sink_state`. Counts go to
+    ``stats`` when given.
 
     Per score the steps run in float32, where each torch operation is the exact result
     rounded once to fp32 (the steps' own rounding); the per-row state (max, sum, alpha,
@@ -498,7 +598,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     skip it (a no-op for them)."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
-    vis = _visible(mask, (b, h, n_q, n_k))
+    vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
+    softcap, sinks = _check_extras(softcap, sinks, h)
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = _scale_const(scaling)
@@ -512,9 +613,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     off = float(dp.max_offset)
     thr = dp.rescale_threshold
     quant_sum = dp.row_sum is RowSum.QUANTIZED
+    fused = FAST_EXP2 and _is_cr_fp32_exp2(dp.exp2)
     dev = q.device
     m = torch.full((b, h, n_q), -math.inf, dtype=torch.float64, device=dev)
     ell = torch.zeros((b, h, n_q), dtype=torch.float64, device=dev)
+    if sinks is not None:
+        m, ell = _sink_state(sinks, dp, (b, h, n_q))
     acc32 = _is_fp32_rne(rq(dp.acc_format, what="acc_format"))
     acc = torch.zeros((b, h, n_q, dv), dtype=torch.float32 if acc32 else torch.float64,
                       device=dev)
@@ -525,7 +629,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         rows = slice(r0, r1)
         s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
-        t = s * c32  # float32: fp32(S * c)
+        t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
+                    scaling, dp.tanh)
         if vis is not None:
             t = torch.where(vis[:, :, rows, j0:j1], t, -math.inf)
         live = t != -math.inf
@@ -541,20 +646,27 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         n_resc = int(torch.count_nonzero(rescale))
         st.rescales += n_resc
         mo = Q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
-        x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
-        if live is not None:
-            x = torch.where(live, x, -math.inf)
-        if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
-            ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
-            both = _exp2(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
-            p = both[:x.numel()].reshape(x.shape)
-            alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
-            alpha = torch.where(rescale, alpha, 1.0)
-        else:
-            p = _exp2(dp.exp2, x)
+        if fused:  # x = fp32(t - mo) and its exp2 in one compiled kernel, alpha on its own
+            p = _p_fused(dp.exp2, t, mo)
             alpha = torch.ones_like(m_new)
-        if live is not None:
-            p = torch.where(live, p, 0.0)
+            if n_resc:
+                ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+                alpha = torch.where(rescale, R["alpha"](_unit32(dp.exp2, ax).double()), 1.0)
+        else:
+            x = t - mo[..., None]  # float32: fp32(t - fp32(m - offset))
+            if live is not None:
+                x = torch.where(live, x, -math.inf)
+            if n_resc:  # P and the rescale factors through one call of the (elementwise) unit
+                ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
+                both = _unit32(dp.exp2, torch.cat([x.reshape(-1), ax.reshape(-1)]))
+                p = both[:x.numel()].reshape(x.shape)
+                alpha = R["alpha"](both[x.numel():].reshape(ax.shape).double())
+                alpha = torch.where(rescale, alpha, 1.0)
+            else:
+                p = _unit32(dp.exp2, x)
+                alpha = torch.ones_like(m_new)
+            if live is not None:
+                p = torch.where(live, p, 0.0)
         if dp.p_format is None:
             pq = p
         elif cast is not None:
@@ -606,14 +718,16 @@ def _f(v: ex.Value) -> float:
 
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               mask: torch.Tensor | None, scaling: float,
-                              dp: AttentionDatapath, stats: FlashStats | None = None
-                              ) -> torch.Tensor:
+                              dp: AttentionDatapath, stats: FlashStats | None = None, *,
+                              softcap: float | None = None,
+                              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The datapath step by step (see the module docstring): loops over rows, tiles and
     elements; exact values (Fractions) with one rounding per step. Shares only the GEMMs and
     the block quantizer of P with :func:`flash_attention`. Slow: small inputs only."""
     b, h, n_q, _ = q.shape
     n_k, dv = k.shape[-2], v.shape[-1]
-    vis = _visible(mask, (b, h, n_q, n_k))
+    vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
+    softcap, sinks = _check_extras(softcap, sinks, h)
     qq, kq, vq = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = Fraction(_scale_const(scaling))
@@ -634,8 +748,31 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tiles = _tiles(n_k, dp)
     rr = {j0: _row_range(vis, j0, j1, n_q) for j0, j1 in tiles}
     S = {j0: _matmul(qq[:, :, rr[j0][0]:rr[j0][1]], kq[:, :, j0:j1], gqk) for j0, j1 in tiles}
+    lg = Fraction(LOG2E32)
+    sc32 = Fraction(float(np.float32(scaling)))
+
+    def score(sv: float, bi: int, hi: int, r: int, jj: int) -> ex.Value:
+        if softcap is None and bias is None:
+            return r32.exact(Fraction(sv) * c)
+        u = r32.exact(Fraction(sv) * sc32)
+        if softcap is not None:
+            cap = Fraction(softcap)
+            u = r32.exact(ex.mul(dp.tanh.reference(_f(r32.exact(ex.div(u, cap)))), cap))
+        if bias is not None:
+            u = r32.exact(ex.add(u, Fraction(float(bias[bi, hi, r, jj]))))
+        return r32.exact(ex.mul(u, lg))
+
     m = [[[ninf] * n_q for _ in range(h)] for _ in range(b)]
     ell: list = [[[Fraction(0)] * n_q for _ in range(h)] for _ in range(b)]
+    if sinks is not None:  # the sink: a key before the first tile, V = 0, P not cast
+        for hi in range(h):
+            ts = r32.exact(Fraction(float(sinks[hi])) * lg)
+            mn = R["max"].exact(ts)
+            x = r32.exact(ex.add(ts, ex.neg(r32.exact(ex.add(mn, -Fraction(dp.max_offset))))))
+            lv = R["sum"].exact(unit.reference(_f(x)))
+            for bi in range(b):
+                m[bi][hi] = [mn] * n_q
+                ell[bi][hi] = [lv] * n_q
     acc: list = [[[[Fraction(0)] * dv for _ in range(n_q)] for _ in range(h)] for _ in range(b)]
     for j0, j1 in tiles:
         P = torch.zeros(b, h, n_q, j1 - j0, dtype=torch.float32)
@@ -650,7 +787,7 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             ts.append(ninf)
                         else:
                             s = S[j0][bi, hi, r - rr[j0][0], jj - j0]
-                            ts.append(r32.exact(Fraction(float(s)) * c))
+                            ts.append(score(float(s), bi, hi, r, jj))
                     mo = m[bi][hi][r]
                     tmax: ex.Value = ninf
                     for t in ts:

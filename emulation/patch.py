@@ -499,7 +499,9 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The attention of ``module`` by the spec's :class:`~precisim.emulation.flash.
     AttentionDatapath` (grouped-query heads repeated; the mask read as visible / masked, so
-    causal and sliding-window masks apply); output (b, q, h, d) in the query's dtype."""
+    causal and sliding-window masks apply, its finite values as a bias; a ``softcap`` and
+    sink logits ``s_aux`` from the model, docs/attention-datapath.md section 1); output
+    (b, q, h, d) in the query's dtype."""
     from .attention import repeat_kv
     from .flash import FlashStats, flash_attention
 
@@ -509,9 +511,6 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
     if scaling is None or query.dim() != 4:
         raise EmulationError(f"{st.name}: the attention datapath needs 4-D (b, h, q, d) "
                              "queries and the softmax scaling")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise EmulationError(f"{st.name}: the attention datapath does not model soft caps or "
-                             "attention sinks given as extra logits")
     dp = st.spec.datapath
     changes = {k: g for k, g in (("qk", st.spec.qk), ("pv", st.spec.pv)) if g is not None}
     if changes:
@@ -523,7 +522,11 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
     if mask is not None:
         mask = mask[..., :k.shape[-2]]
     stats = FlashStats()
-    out = flash_attention(query, k, v, mask, float(scaling), dp, stats)
+    try:  # Gemma-2's soft cap, gpt-oss's sink logits (s_aux); ALiBi arrives in the mask
+        out = flash_attention(query, k, v, mask, float(scaling), dp, stats,
+                              softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    except ValueError as e:
+        raise EmulationError(f"{st.name}: {e}") from None
     tel = st.handle.telemetry
     if tel is not None:
         z = torch.zeros((), dtype=torch.int64)

@@ -220,3 +220,187 @@ def test_p_cast_is_the_saturating_rounding(fmt: str) -> None:
     want = Rq(f, overflow=Overflow.SATURATE).fast(p.double()).float()
     got = _p_caster(f)(p)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def _exp2_inputs() -> torch.Tensor:
+    """float32 exp2 arguments of every kind: random in the range that gives normal, subnormal
+    and overflowing fp32 results, integers, values next to integers, +-inf and NaN."""
+    g = torch.Generator().manual_seed(11)
+    rnd = (torch.rand(300_000, generator=g, dtype=torch.float64) * 320 - 180).float()
+    small = (torch.randn(100_000, generator=g) * 4).float()
+    ints = torch.arange(-160, 140, dtype=torch.float32)
+    near = torch.cat([torch.nextafter(ints, ints + 1), torch.nextafter(ints, ints - 1)])
+    special = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 127.99999, 128.0,
+                            -149.0, -149.5, -150.0, -126.0])
+    return torch.cat([rnd, small, ints, near, special])
+
+
+def test_fast_exp2_is_the_unit_bit_for_bit() -> None:
+    """The datapath's exp2 kernel for correctly rounded fp32 units returns the unit's bits on
+    every kind of input (NaN: a NaN), eager and compiled, and so does its exact fallback for
+    hard cases (forced here on every element); likewise the fused P kernel (x = t - mo, exp2)."""
+    from precisim.emulation import flash
+    from precisim.emulation.functions import get_function_unit
+    from precisim.formats import kernels
+
+    u = get_function_unit("exp2-exact")
+    assert flash._is_cr_fp32_exp2(u)
+    assert not flash._is_cr_fp32_exp2(KNOBS[-1]["exp2"])
+    x = _exp2_inputs()
+    want = u(x)
+    for backend in ("eager", "compile"):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            got = flash._unit32(u, x)
+        finally:
+            kernels.set_backend(old)
+        nan = torch.isnan(want)  # NaN stays NaN (its sign bit is not specified)
+        assert torch.equal(torch.isnan(got), nan), backend
+        assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), backend
+    xs = x[::997]
+    real = flash._exp2_kernel
+
+    def all_hard(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _ = real(v)
+        return y * 0, torch.ones_like(v, dtype=torch.bool) & torch.isfinite(v)
+
+    old = kernels.get_backend()
+    kernels.set_backend("eager")
+    try:
+        flash._exp2_kernel = all_hard
+        got = flash._exp2_fp32(u, xs)
+        t = torch.where(torch.isnan(xs), -math.inf, xs)[:400].reshape(-1, 10)[:, :9] * 0.5
+        mo = t.amax(-1).clamp(min=-100) - 3
+        fused = flash._p_fused(u, t, mo)
+    finally:
+        flash._exp2_kernel = real
+        kernels.set_backend(old)
+    assert torch.equal(got.view(torch.int32), u(xs).view(torch.int32))
+    want = u(torch.where(t == -math.inf, -math.inf, t - mo[:, None]))
+    assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(flash._p_fused(u, t, mo).view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating", "exact-online"])
+def test_fused_paths_equal_the_unit_path(name: str) -> None:
+    """The fast path with the datapath's own exp2 kernel equals the same path through the
+    generic exp2 unit (the pre-fusion eager path), bit for bit, with equal telemetry, on a
+    causal 300-key input with a sink."""
+    from precisim.emulation import flash
+
+    q, k, v = _inputs(12, h=3, n_q=40, n_k=300, spread=2.0)
+    k[:, :, 0] *= 20
+    mask = _causal(40, 300)
+    dp = get_datapath(name).with_(tile=64)
+    s1, s2 = FlashStats(), FlashStats()
+    a = flash_attention(q, k, v, mask, 0.35, dp, s1)
+    flash.FAST_EXP2 = False
+    try:
+        b = flash_attention(q, k, v, mask, 0.35, dp, s2)
+    finally:
+        flash.FAST_EXP2 = True
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert s1 == s2
+
+
+def _alibi(h: int, n_q: int, n_k: int) -> torch.Tensor:
+    """A causal mask plus ALiBi biases: -slope_h * (query position - key position)."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, h + 1) / h)
+    pos = torch.arange(n_k - n_q, n_k)[:, None] - torch.arange(n_k)[None, :]
+    bias = -slopes[:, None, None] * pos.clamp(min=0)
+    return (bias + _causal(n_q, n_k)[0]).float()[None]
+
+
+EXTRAS = {
+    "softcap": {"softcap": 2.5},
+    "sinks": {"sinks": torch.tensor([3.0, -1.5])},
+    "alibi": {"alibi": True},
+    "all": {"softcap": 4.0, "sinks": torch.tensor([9.0, 0.25]), "alibi": True},
+}
+
+
+def _extras(name: str, n_q: int, n_k: int) -> tuple[torch.Tensor, dict]:
+    kw = dict(EXTRAS[name])
+    mask = _alibi(2, n_q, n_k) if kw.pop("alibi", False) else _causal(n_q, n_k)
+    return mask, kw
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+@pytest.mark.parametrize("name", ["exact-online", "fa3-fp8", "fa4-fp8-saturating",
+                                  "sage2-fp16-acc"])
+def test_softcap_sinks_alibi_fast_equal_reference(extra: str, name: str) -> None:
+    q, k, v = _inputs(13, n_q=5, n_k=40)
+    mask, kw = _extras(extra, 5, 40)
+    dp = get_datapath(name).with_(tile=16)
+    for d in (dp, dp.with_(order="reverse")):
+        s1, s2 = FlashStats(), FlashStats()
+        a = flash_attention(q, k, v, mask, 0.35, d, s1, **kw)
+        r = flash_attention_reference(q, k, v, mask, 0.35, d, s2, **kw)
+        assert torch.equal(a.view(torch.int32), r.view(torch.int32)), (extra, d.describe())
+        assert s1 == s2
+
+
+def _plain_attention(q, k, v, mask, scaling, softcap=None, sinks=None):  # noqa: ANN001, ANN202
+    """Eager attention as Hugging Face writes it (Gemma-2 soft cap, gpt-oss sinks), float64."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s + mask.double()
+    if sinks is not None:
+        sk = sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sk], -1)
+    p = torch.softmax(s, -1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v.double()
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+@pytest.mark.parametrize("tile,order", [(1, "forward"), (7, "reverse"), (128, "forward")])
+def test_softcap_sinks_alibi_agree_with_plain_attention(extra: str, tile: int,
+                                                        order: str) -> None:
+    """Every knob at full precision: within 1e-5 of plain float64 attention with the same
+    soft cap, sinks and ALiBi bias (|V| < 5, 300 keys; fp32 roundings only)."""
+    q, k, v = _inputs(14, b=2, n_q=9, n_k=300, d=16)
+    mask, kw = _extras(extra, 9, 300)
+    dp = get_datapath("exact-online").with_(tile=tile, order=order)
+    out = flash_attention(q, k, v, mask, 0.25, dp, **kw).double()
+    ref = _plain_attention(q, k, v, mask, 0.25, **kw)
+    assert v.abs().max() < 5
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_sink_takes_the_mass_of_a_fully_masked_row_and_bad_extras() -> None:
+    q, k, v = _inputs(15, n_q=2, n_k=8)
+    mask = _causal(2, 8).clone()
+    mask[..., 0, :] = -math.inf
+    out = flash_attention(q, k, v, mask, 0.35, get_datapath("exact-online"),
+                          sinks=torch.tensor([1.0, 2.0]))
+    assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    with pytest.raises(ValueError, match="softcap=0"):
+        flash_attention(q, k, v, None, 0.35, get_datapath("exact-online"), softcap=0)
+    with pytest.raises(ValueError, match=r"sinks of shape \(3,\)"):
+        flash_attention(q, k, v, None, 0.35, get_datapath("exact-online"),
+                        sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="tanh='exp2-exact'"):
+        AttentionDatapath("x", tanh="exp2-exact")
+
+
+def test_shared_parse_and_to_dict() -> None:
+    """AttentionDatapath parses and serialises through the same code as the softmax, norm and
+    activation units (functions.datapath.SpecBase): a preset serialises as its name, a
+    derived one as its changed fields (a custom exp2 unit with its fields), and both parse
+    back to equal datapaths; the unknown-key error suggests the near name."""
+    from precisim.emulation.functions.datapath import SpecBase
+
+    assert issubclass(AttentionDatapath, SpecBase)
+    assert get_datapath("fa3-fp8").to_dict() == "fa3-fp8"
+    dp = AttentionDatapath.parse({"base": "fa3-fp8", "tile": 32, "exp2": KNOBS[-1]["exp2"]})
+    assert dp.name == "fa3-fp8+custom"
+    d = dp.to_dict()
+    assert d["tile"] == 32 and d["exp2"]["name"] == "exp2-poly3" and "max_offset" in d
+    assert AttentionDatapath.parse(d) == dp
+    assert AttentionDatapath.parse({"tile": 8}).name == "custom"
+    with pytest.raises(ValueError, match="did you mean 'tile'"):
+        AttentionDatapath.parse({"tiles": 3})

@@ -229,3 +229,47 @@ def test_smollm2_reverse_kv_order_reduces_sink_underflow(smollm2) -> None:  # no
     assert abs(flushed["reverse"] - 3712912) <= 0.001 * 3712912
     assert flushed["reverse"] < 0.85 * flushed["forward"]
     assert sum(r < f for f, r in zip(layers["forward"], layers["reverse"])) >= 24
+
+
+def _extra_model(arch: str):  # noqa: ANN202
+    """Tiny random Gemma-2 (attention logit soft cap 2, queries scaled so that it bites) and
+    gpt-oss (per-head sink logits) models: without the cap the logits move by 3e-3, without
+    the sinks by 0.4 (measured when this test was written; the tests' tolerance is 1e-4)."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256)
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(attn_logit_softcapping=2.0, sliding_window=16, **kw)
+        m = transformers.Gemma2ForCausalLM(cfg)
+        with torch.no_grad():  # scores of several units, so that the cap bites
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+    else:
+        cfg = transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2,
+                                        sliding_window=16, **kw)
+        m = transformers.GptOssForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.self_attn.sinks.normal_(0, 2)
+    m = m.eval()
+    m.config._attn_implementation = "eager"
+    return m
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt-oss"])
+def test_softcap_and_sinks_models_match_eager(arch: str) -> None:
+    """Gemma-2's soft cap and gpt-oss's sinks go through the datapath: exact-online logits
+    within 1e-4 of the eager model (sliding-window and full layers), and a saturating FP8
+    datapath runs and differs."""
+    model = _extra_model(arch)
+    ids = IDS[:, :24]
+    ref = _logits(model, ids)
+    r = Recipe.from_dict({"name": "x", "attention": {"datapath": "exact-online"}})
+    with emulate(model, r):
+        out = _logits(model, ids)
+    assert (out - ref).abs().max().item() < 1e-4
+    r = Recipe.from_dict({"name": "y", "attention": {"datapath": "fa3-fp8"}})
+    with emulate(model, r):
+        low = _logits(model, ids)
+    assert torch.isfinite(low).all() and not torch.equal(low, ref)

@@ -24,7 +24,8 @@ from .presets import get_function_unit
 from .reduction import Reduction
 from .units import FunctionUnit, unit_from_dict
 
-__all__ = ["Activation", "Cast", "MaxOf", "Norm", "NormKind", "Softmax", "Via"]
+__all__ = ["Activation", "Cast", "MaxOf", "Norm", "NormKind", "Softmax", "SpecBase", "Via",
+           "function_unit"]
 
 
 class MaxOf(enum.Enum):
@@ -52,7 +53,9 @@ class Via(enum.Enum):
     EXP_RCP = "exp-rcp"  #: x * rcp(1 + exp(-z)) from an exp and an rcp unit
 
 
-def _unit(value: Any, what: str) -> FunctionUnit:
+def function_unit(value: Any, what: str) -> FunctionUnit:
+    """A function unit from itself, a preset name or a mapping (``unit_from_dict``); errors
+    name ``what``."""
     if isinstance(value, FunctionUnit):
         return value
     if isinstance(value, str):
@@ -95,10 +98,11 @@ def _const(expr: str, r: Rq) -> Fraction:
     return Fraction(lo)
 
 
-class _Spec:
-    """Shared parse / to_dict / describe of the datapath specs (registry lookups by name)."""
-
-    _REGISTRY: Any = None
+class SpecBase:
+    """Shared ``parse`` / ``to_dict`` of the frozen datapath descriptions (Softmax, Norm,
+    Activation here; :class:`~precisim.emulation.flash.AttentionDatapath`): a preset name
+    (looked up in the class's :meth:`_registry`) or a mapping of fields, ``base: <preset>``
+    plus changes (docs/naming.md); a registered preset serialises as its name."""
 
     @classmethod
     def parse(cls, value: Any, where: str = "spec") -> Any:
@@ -119,6 +123,9 @@ class _Spec:
             raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; accepted: "
                              f"{', '.join(names)}")
         fields = {k: v for k, v in value.items() if k != "base"}
+        name_f = next(f for f in dataclasses.fields(cls) if f.name == "name")  # type: ignore[arg-type]
+        if name_f.default is dataclasses.MISSING and value.get("base") is None:
+            fields.setdefault("name", "custom")
         try:
             if value.get("base") is not None:
                 base = reg.get(str(value["base"]))
@@ -130,10 +137,9 @@ class _Spec:
 
     @classmethod
     def _registry(cls) -> Any:
-        from . import presets
-
-        return {"Softmax": presets.SOFTMAXES, "Norm": presets.NORMS,
-                "Activation": presets.ACTIVATION_UNITS}[cls.__name__]
+        """The registry of the class's presets (a :class:`~precisim.formats.registry.
+        Registry`)."""
+        raise NotImplementedError
 
     @property
     def is_identity(self) -> bool:
@@ -163,14 +169,23 @@ class _Spec:
                 v = v.value
             elif isinstance(v, FunctionUnit):
                 v = v.name if _is_preset(v) else {"name": v.name, **v.to_dict()}
-            elif isinstance(v, Reduction):
+            elif hasattr(v, "to_dict"):  # Reduction, GemmSpec, TensorSpec
                 v = v.to_dict()
-                d = d.to_dict() if isinstance(d, Reduction) else d
+                d = d.to_dict() if hasattr(d, "to_dict") else d
             if f.name != "name" and (v == d or (isinstance(d, str) and isinstance(v, str)
                                                 and v == d)):
                 continue
             out[f.name] = v
         return out
+
+
+class _Spec(SpecBase):
+    @classmethod
+    def _registry(cls) -> Any:
+        from . import presets
+
+        return {"Softmax": presets.SOFTMAXES, "Norm": presets.NORMS,
+                "Activation": presets.ACTIVATION_UNITS}[cls.__name__]
 
 
 def _is_preset(u: FunctionUnit) -> bool:
@@ -210,8 +225,8 @@ class Softmax(_Spec):
         s(self, "output_format", _fmt_or_none(self.output_format, "output_format"))
         s(self, "max_of", parse_enum(MaxOf, self.max_of, "max_of"))
         s(self, "division", parse_enum(Division, self.division, "division"))
-        s(self, "exp", _unit(self.exp, "exp"))
-        s(self, "rcp", _unit(self.rcp, "rcp"))
+        s(self, "exp", function_unit(self.exp, "exp"))
+        s(self, "rcp", function_unit(self.rcp, "rcp"))
         s(self, "sum", Reduction.parse(self.sum, "sum"))
         if self.exp.function not in (Fn.EXP,):
             raise ValueError(f"exp={self.exp.name!r} is not valid: its function is "
@@ -291,7 +306,7 @@ class Norm(_Spec):
         s(self, "kind", parse_enum(NormKind, self.kind, "kind"))
         s(self, "working_format", check_format(self.working_format, "working_format"))
         s(self, "reduction", Reduction.parse(self.reduction, "reduction"))
-        s(self, "rsqrt", _unit(self.rsqrt, "rsqrt"))
+        s(self, "rsqrt", function_unit(self.rsqrt, "rsqrt"))
         s(self, "cast", parse_enum(Cast, self.cast, "cast"))
         s(self, "output_format", _fmt_or_none(self.output_format, "output_format"))
         if self.rsqrt.function is not Fn.RSQRT:
@@ -422,12 +437,12 @@ class Activation(_Spec):
         s(self, "via", parse_enum(Via, self.via, "via"))
         s(self, "working_format", check_format(self.working_format, "working_format"))
         s(self, "output_format", _fmt_or_none(self.output_format, "output_format"))
-        s(self, "exp", _unit(self.exp, "exp"))
-        s(self, "rcp", _unit(self.rcp, "rcp"))
+        s(self, "exp", function_unit(self.exp, "exp"))
+        s(self, "rcp", function_unit(self.rcp, "rcp"))
         if self.via is Via.UNIT:
             u = self.unit if self.unit is not None else FunctionUnit(
                 f"{fn.value.replace('_', '-')}-exact", fn)
-            u = _unit(u, "unit")
+            u = function_unit(u, "unit")
             if u.function is not fn:
                 raise ValueError(f"unit={u.name!r} is not valid: it computes "
                                  f"{u.function.value!r}, not {fn.value!r}")
