@@ -147,7 +147,7 @@ class KeyEnds:
 
 #: rows are padded with -inf to a multiple of this many keys before the softmax (see
 #: :func:`softmax_row_length`)
-SOFTMAX_ROW_ALIGN = 64
+SOFTMAX_ROW_ALIGN = 32
 
 
 def softmax_row_length(ke: int, n_k: int) -> int:

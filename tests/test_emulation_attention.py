@@ -139,7 +139,7 @@ def test_chunked_attention_equals_the_generic_path(arch: str, name: str,
 
 def test_chunked_softmax_rows_of_any_length(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 23 rows see 23, 46, ... of 150 keys: the softmax runs over them padded with
-    -inf to whole vectors (64, 64, 128, ...; attention.softmax_row_length), so P is
+    -inf to whole vectors (32, 64, 96, ...; attention.softmax_row_length), so P is
     bit-identical to the generic path's full-row softmax."""
     model = _model("llama")
     recs: list[dict] = [{}, {}]
@@ -162,7 +162,7 @@ def test_softmax_row_length_keeps_every_probability(dtype: torch.dtype) -> None:
     over the full row, for visible lengths below one vector, at vector boundaries and in
     between, and rows of every length up to 4096 keys. A torch whose CPU softmax reduces in
     another order fails here."""
-    from precisim.emulation.attention import softmax_row_length
+    from precisim.emulation.attention import SOFTMAX_ROW_ALIGN, softmax_row_length
 
     torch.manual_seed(0)
     for n_k in (64, 150, 1024, 4096):
@@ -172,7 +172,7 @@ def test_softmax_row_length_keeps_every_probability(dtype: torch.dtype) -> None:
             s = (torch.randn(3, 5, ke) * 6).to(dtype)
             full = torch.nn.functional.pad(s, (0, n_k - ke), value=-math.inf)
             kp = softmax_row_length(ke, n_k)
-            assert ke <= kp <= n_k and (kp == n_k or kp % 64 == 0)
+            assert ke <= kp <= n_k and (kp == n_k or kp % SOFTMAX_ROW_ALIGN == 0)
             want = torch.softmax(full, dim=-1, dtype=torch.float32)[..., :ke]
             got = torch.softmax(full[..., :kp], dim=-1, dtype=torch.float32)[..., :ke]
             assert torch.equal(got, want), (n_k, ke, dtype)
