@@ -254,3 +254,44 @@ def test_more_kernel_variants_than_dynamo_default_limit():
     for name, rounding, overflow in variants:
         a, b = _backend_pair(lambda name=name, r=rounding, o=overflow: quantize(x, name, r, o))
         assert _same(a, b), (name, rounding, overflow)
+
+
+def test_auto_backend_reuses_a_compiled_kernel_for_smaller_tensors(monkeypatch) -> None:
+    """Under "auto" a kernel is compiled for a tensor of COMPILE_MIN_NUMEL elements or more;
+    once compiled it also serves tensors down to REUSE_MIN_NUMEL (no new compilation: the
+    one-off cost is paid), and smaller ones and never-compiled kernels run eagerly."""
+    from precisim.formats import kernels
+
+    calls: list[str] = []
+
+    def fake_compile(fn):
+        calls.append("compile")
+
+        def compiled(*args):
+            calls.append("compiled")
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(kernels, "_compile", fake_compile)
+    monkeypatch.setattr(kernels, "_call_compiled", lambda c, args: c(*args))
+    monkeypatch.setattr(kernels, "SELF_CHECK", False)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    old = kernels.get_backend()
+    kernels.set_backend("auto")
+    try:
+        key = ("test-reuse",)
+        fn = lambda x: x + 1  # noqa: E731
+        small = torch.zeros(kernels.REUSE_MIN_NUMEL)
+        kernels.run(fn, key, small.numel(), small)
+        assert calls == []  # not compiled yet: eager
+        big = torch.zeros(kernels.COMPILE_MIN_NUMEL)
+        kernels.run(fn, key, big.numel(), big)
+        assert calls == ["compile", "compiled"]
+        kernels.run(fn, key, small.numel(), small)
+        assert calls == ["compile", "compiled", "compiled"]  # reused, not recompiled
+        tiny = torch.zeros(kernels.REUSE_MIN_NUMEL - 1)
+        kernels.run(fn, key, tiny.numel(), tiny)
+        kernels.run(fn, ("other",), small.numel(), small)
+        assert calls == ["compile", "compiled", "compiled"]
+    finally:
+        kernels.set_backend(old)
