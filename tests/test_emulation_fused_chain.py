@@ -323,3 +323,32 @@ def test_fused_compiled_reproduces_the_recordings(case):
     for out in [ref, *outs]:
         got = out.reshape(-1).view(torch.int32)
         assert torch.equal(got, want), f"{int((got != want).sum())} of {len(d)} differ"
+
+
+def test_promotion_register_that_overflowed_stays_infinite():
+    """DeepSeek 1x128 / 128x128 with huge activations: the fp32 promotion register overflows
+    in some outputs, and an infinite register stays infinite when a later partial sum would
+    overflow the other way (docs/arithmetic.md section 4.10; the float chains gave NaN there).
+    The compiled chain, the eager float chain and the exact reference agree bit for bit
+    (+inf, -inf and NaN outputs included)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 300, generator=gen) * torch.exp2(torch.randn(6, 300, generator=gen))
+    x[:3] *= 3e37  # rows whose dot products overflow fp32 (+inf, -inf and, mixed, NaN)
+    w = torch.randn(5, 300, generator=gen)
+    w[0] = w[0].abs() + 1
+    xa = quantize_scaled(x, "fp8_1x128", return_parts=True)
+    wb = quantize_scaled(w, "fp8_128x128", return_parts=True)
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend("compile")
+        with use_kernels("fused-chain"):
+            got = scaled_matmul(xa, wb, "deepseek-fp8")
+    finally:
+        kernels.set_backend(old)
+    assert not bool(torch.isfinite(got[:3]).all())  # the overflow happened
+    with use_kernels("float-chain"):
+        chain = scaled_matmul(xa, wb, "deepseek-fp8")
+    with use_kernels("reference"):
+        ref = scaled_matmul(xa, wb, "deepseek-fp8")
+    for other in (chain, ref):
+        assert same_bits(got, other)

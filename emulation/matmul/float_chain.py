@@ -201,8 +201,11 @@ def promote(reg, part, s, part_pos, part_neg, inf_pos, inf_neg, nan, new=None):
         nan |= (part_pos | part_neg) & z  # inf * 0
         part_pos = part_pos & ~z
         part_neg = part_neg & ~z
-    np_ = part_pos | (new == math.inf)
-    nn_ = part_neg | (new == -math.inf)
+    # where the register is already infinite (carried as 0) it stays so: inf + a finite
+    # s*part is inf (docs/arithmetic.md section 4.10), even where 0 + s*part overflows
+    held = inf_pos | inf_neg
+    np_ = part_pos | ((new == math.inf) & ~held)
+    nn_ = part_neg | ((new == -math.inf) & ~held)
     nan |= (inf_pos & nn_) | (inf_neg & np_) | (np_ & nn_)
     inf_pos |= np_
     inf_neg |= nn_
