@@ -315,10 +315,10 @@ class FunctionUnit:
         return self.evaluate(x)[0]
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, xq)``: the outputs (float32) and the inputs rounded to the input format
-        (float64), for telemetry."""
+        """``(y, xq)``: the outputs and the inputs rounded to the input format (both float32,
+        whose values they are), for telemetry."""
         x = check_tensor(x)
-        flat = x.detach().reshape(-1).double()
+        flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat,
                                   *tabs)
@@ -331,10 +331,10 @@ class FunctionUnit:
             else:
                 vals = [self.reference(v) for v in x.detach().reshape(-1)[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
-                                  device=y.device)
+                                  device=y.device).float()
         if self.method is Method.BOUND:
-            y = _displace(y, xq, self.bound_seed)
-        return y.float().reshape(x.shape), xq.reshape(x.shape)
+            y = _displace(y.double(), xq.double(), self.bound_seed).float()
+        return y.reshape(x.shape), xq.reshape(x.shape)
 
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
@@ -744,7 +744,13 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
         y = torch.where(xg < lo, a_lo, torch.where(xg >= hi, a_hi, y))
         return torch.where(nan, math.nan, r["out"].fast(y)), xq, no
 
-    return kernel
+    def kernel32(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
+        # float32 in and out (every value involved is a float32 value): compiled, the float64
+        # arithmetic stays in registers, no full-size float64 tensor is written
+        y, xq, hard = kernel(x.double(), *tabs)
+        return y.float(), xq.float(), hard
+
+    return kernel32
 
 
 # ---------------------------------------------------------------------------------------------
