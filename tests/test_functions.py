@@ -8,6 +8,7 @@ flushing, directed output rounding). Impossible parameters give an error naming 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -239,3 +240,20 @@ def test_registry_and_dict_round_trip() -> None:
         assert u.describe()
     with pytest.raises(ValueError, match="unknown key.*'degre' .did you mean 'degree'"):
         unit_from_dict({"base": "exp-poly3", "degre": 4})
+
+
+@pytest.mark.parametrize("name", ["exp-mx-rtz", "expf-bound-seed", "gelu-sigmoid-ex"])
+def test_evaluate_returns_rounded_inputs(name: str) -> None:
+    """``evaluate`` gives the outputs of ``__call__`` and the inputs rounded to the input
+    format (flushed with ``flush_input``), exactly."""
+    u = unit_from_dict(next(v for v in VARIANTS if v["name"] == name))
+    x = torch.cat([adversarial_fp32(u.function.value)[:200], torch.tensor([1e-39, -1e-39])])
+    y, xq = u.evaluate(x)
+    assert torch.equal(y.view(torch.int32), u(x).view(torch.int32))
+    r = u.rounders["in"]
+    for xi, qi in zip(x.tolist(), xq.tolist()):
+        v = xi
+        if u.flush_input and 0 < abs(v) < float(u.input_format.min_normal):
+            v = math.copysign(0.0, v)
+        exact = r.exact(v if not math.isfinite(v) or v == 0 else Fraction(v))
+        assert _same(float(exact), qi), (xi, qi)

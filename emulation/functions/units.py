@@ -312,16 +312,26 @@ class FunctionUnit:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The unit applied to every element of ``x`` (float32, bfloat16 or float16); a
         float32 tensor of output-format values, bit-identical to :meth:`reference`."""
-        return self.evaluate(x)[0]
+        return self._apply(x)[0]
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, xq)``: the outputs and the inputs rounded to the input format (both float32,
         whose values they are), for telemetry."""
+        y, xq = self._apply(x)
+        if xq is None:
+            xf = x.detach().float()
+            if self.flush_input:
+                xf = torch.where(xf.abs() < float(self.input_format.min_normal), xf * 0.0, xf)
+            xq = self.rounders["in"].fast32(xf.double())
+        return y, xq
+
+    def _apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(y, xq)``, xq only where the kernel computes it anyway (the bound model)."""
         x = check_tensor(x)
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
-        y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat,
-                                  *tabs)
+        out = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat, *tabs)
+        y, xq, hard = out if self.method is Method.BOUND else (out[0], None, out[1])
         if any_true(hard):
             idx = hard.nonzero().reshape(-1)
             y = y.clone()
@@ -332,9 +342,10 @@ class FunctionUnit:
                 vals = [self.reference(v) for v in x.detach().reshape(-1)[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
                                   device=y.device).float()
-        if self.method is Method.BOUND:
+        if xq is not None:
             y = _displace(y.double(), xq.double(), self.bound_seed).float()
-        return y.reshape(x.shape), xq.reshape(x.shape)
+            xq = xq.reshape(x.shape)
+        return y.reshape(x.shape), xq
 
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
@@ -748,7 +759,9 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
         # float32 in and out (every value involved is a float32 value): compiled, the float64
         # arithmetic stays in registers, no full-size float64 tensor is written
         y, xq, hard = kernel(x.double(), *tabs)
-        return y.float(), xq.float(), hard
+        if m is Method.BOUND:  # (the displacement reads the rounded inputs)
+            return y.float(), xq.float(), hard
+        return y.float(), hard
 
     return kernel32
 
