@@ -257,3 +257,36 @@ def test_evaluate_returns_rounded_inputs(name: str) -> None:
             v = math.copysign(0.0, v)
         exact = r.exact(v if not math.isfinite(v) or v == 0 else Fraction(v))
         assert _same(float(exact), qi), (xi, qi)
+
+
+@pytest.mark.parametrize("spec", [dict(base="exp-mx-bf16", name="mx"),
+                                  next(v for v in VARIANTS if v["name"] == "exp-mx-rtz"),
+                                  dict(base="silu-lut64", name="silu-fp16-in",
+                                       input_format="fp16")], ids=lambda s: s["name"])
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_code_table_path(spec: dict, backend: str) -> None:
+    """Units with a bf16 / fp16 input read large tensors from the table of their 65536
+    results (indexed by the input's code after torch's cast): equal bit for bit to the direct
+    kernel (itself equal to the exact reference) on fp32 inputs at, just below and just above
+    every rounding tie of the input format, and on every code."""
+    from precisim.formats import kernels
+
+    u = unit_from_dict(spec)
+    dt = torch.bfloat16 if u.input_format.name == "bf16" else torch.float16
+    codes = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).float()
+    bits = codes.view(torch.int32)
+    if dt is torch.bfloat16:
+        ties = [(bits | off).view(torch.float32) for off in (0x8000, 0x7FFF, 0x8001)]
+    else:  # fp16 -> fp32 values with 13 extra bits: the half-ulp is bit 12
+        ties = [(bits + off).view(torch.float32) for off in (0x1000, 0xFFF, 0x1001)]
+    x = torch.cat([codes, *ties, adversarial_fp32(u.function.value)])
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        y = u(x)
+    finally:
+        kernels.set_backend(old)
+    ref = u._direct(x)[0]
+    same = (y.view(torch.int32) == ref.view(torch.int32)) | (y.isnan() & ref.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} elements differ"
+    _check(u, x[::997])  # and a sample against the exact reference

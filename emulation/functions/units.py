@@ -329,6 +329,17 @@ class FunctionUnit:
         """``(y, xq)``, xq only where the kernel computes it anyway (the bound model)."""
         x = check_tensor(x)
         flat = x.detach().reshape(-1).float()
+        dt = _LUT_DTYPES.get(self.input_format.name)
+        if dt is not None and flat.numel() >= _LUT_MIN_NUMEL:
+            lut = _code_table(self).to(flat.device)
+            y = kernels.run(_lut_kernel(self, dt), ("function-unit-lut", self), flat.numel(),
+                            flat, lut)
+            return y.reshape(x.shape), None
+        return self._direct(x)
+
+    def _direct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel."""
+        flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         out = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat, *tabs)
         y, xq, hard = out if self.method is Method.BOUND else (out[0], None, out[1])
@@ -487,7 +498,10 @@ def _fast_tables_cpu(u: FunctionUnit) -> tuple[torch.Tensor, ...]:
            torch.tensor([float(v) for v in t.t1], dtype=d),
            torch.tensor([float(v) for v in t.tm], dtype=d)]
     if u.method is Method.POLYNOMIAL:
-        out.append(torch.tensor([[float(v) for v in cs] for cs in t.coef], dtype=d))
+        # one table per coefficient: a gather from each (a gather of whole rows made the
+        # compiled kernel write an (n, degree + 1) float64 tensor)
+        out += [torch.tensor([float(cs[k]) for cs in t.coef], dtype=d)
+                for k in range(u.degree + 1)]
     return tuple(out)
 
 
@@ -675,12 +689,12 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
             d = W(add_ro(t1, -t0))
             return W(add_ro(t0, d * pos)) if u.fma else W(add_ro(t0, W(d * pos)))
         if m is Method.POLYNOMIAL:
-            cs = tabs[3][i]
-            y = cs[:, u.degree]
+            y = tabs[3 + u.degree][i]
             if u.degree == 0:
                 return W(y)
             for k in range(u.degree - 1, -1, -1):
-                y = W(add_ro(y * pos, cs[:, k])) if u.fma else W(add_ro(W(y * pos), cs[:, k]))
+                ck = tabs[3 + k][i]
+                y = W(add_ro(y * pos, ck)) if u.fma else W(add_ro(W(y * pos), ck))
             return y
         y = tabs[2][i]
         for _ in range(u.newton_steps):
@@ -764,6 +778,38 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
         return y.float(), hard
 
     return kernel32
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit inputs: the whole unit as a table of its 65536 results
+
+#: input formats whose rounding is torch's own cast (RNE, overflow to inf, NaN kept)
+_LUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: below this many elements the direct kernel is cheaper than building the table once
+_LUT_MIN_NUMEL = 1 << 16
+
+
+@lru_cache(maxsize=64)
+def _code_table(u: FunctionUnit) -> torch.Tensor:
+    """The unit's float32 result for every 16-bit code of its input format (computed by the
+    direct path, which equals the exact reference on every code: tests/test_functions.py)."""
+    dt = _LUT_DTYPES[u.input_format.name]
+    codes = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).float()
+    return u._direct(codes)[0]
+
+
+def _lut_kernel(u: FunctionUnit, dt: torch.dtype):  # noqa: ANN202 - closes over the unit
+    """``y = T[code(Q_in(x))]``: the input rounded by torch's cast (the input format's RNE,
+    overflow to inf, NaN kept), flushed first with ``flush_input``, its bits index the table."""
+    min_in = float(u.input_format.min_normal)
+
+    def kernel(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        if u.flush_input:
+            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        code = x.to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+        return lut[code]
+
+    return kernel
 
 
 # ---------------------------------------------------------------------------------------------
