@@ -15,7 +15,12 @@ differing elements).
 Inputs: ``randn * 4`` (rsqrt: its absolute value), so exp and the activations see their
 whole interesting range.
 
+``--clock process`` times with ``time.process_time`` (CPU time of this process, all its threads):
+on a loaded machine it follows the work done rather than the share of the cores obtained; use it
+with ``--threads 1``.
+
     python benchmarks/bench_functions.py [--size 4096] [--repeats 5] [--only NAME ...]
+        [--threads N] [--clock wall|process]
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from precisim.emulation.functions import FUNCTION_UNITS
 from precisim.emulation.rounded_ops import Rounded
 from precisim.formats import kernels
 
+CLOCK = time.perf_counter
+
 
 def once(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def cases(x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor]]]:
@@ -61,12 +68,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="names of the cases to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = ap.parse_args()
+    global CLOCK
+    if args.clock == "process":
+        CLOCK = time.process_time
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.size, args.size, generator=g) * 4
     y = torch.randn(args.size, args.size, generator=g) * 4
     print(f"{args.size}x{args.size} float32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.clock} clock")
     print(f"{'unit':22} {'warm-up s':>9} {'ms':>8} {'clone ms':>9} {'ratio':>7} {'bits':>6}")
     worst = 0.0
     for name, fn in cases(x, y):

@@ -202,11 +202,16 @@ class FloatRemainder:
 
     @property
     def odd(self) -> Any:
-        return (self.q % 2) == 1
+        # q is a non-negative integer value: halving it is exact and leaves a fraction of 0
+        # (even) or 1/2 (odd); nan and inf give nan there, neither odd nor even, as q % 2 did
+        # (a floor and a subtraction: the float modulo is a slow scalar loop once compiled)
+        h = self.q * 0.5
+        return (h - h.floor()) == 0.5
 
     @property
     def even(self) -> Any:
-        return (self.q % 2) == 0
+        h = self.q * 0.5
+        return (h - h.floor()) == 0
 
     @property
     def positive(self) -> Any:

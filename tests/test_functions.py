@@ -8,6 +8,7 @@ flushing, directed output rounding). Impossible parameters give an error naming 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -115,6 +116,62 @@ def test_exhaustive(name: str, dtype: torch.dtype) -> None:
     _check(u, _all(dtype))
 
 
+def _next(v: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 values ``k`` codes above |v| (same sign): neighbours of edges."""
+    b = v.abs().view(torch.int32) + k
+    return torch.copysign(b.clamp(0, 0x7F800000).view(torch.float32), v)
+
+
+def adversarial_fp32(fn: str) -> torch.Tensor:
+    """fp32 inputs where a fast path for function ``fn`` is most likely to go wrong, each with
+    its fp32 neighbours and both signs: signed zeros, infinities, NaN, subnormals, the normal
+    range's ends; for exp / exp2 the overflow and underflow edges (normal, subnormal and zero
+    results) and the reduced argument's table boundaries k/64 (and their exp preimages); for
+    rcp / rsqrt the seed-table boundaries and powers of two and four; for the bounded
+    functions the segment ends on [-8, 8) (2^7 segments) and the asymptotes' region."""
+    f = torch.finfo(torch.float32)
+    d = torch.float64
+    vals = [torch.tensor([0.0, 1.0, 0.5, 2.0, 3.0, f.max, f.tiny, f.tiny / 2, 2.0 ** -149,
+                          2.0 ** -140, 1e-8, 1e-30, 1e30, 1e38, 8.0, 40.0, 700.0, 1e6])]
+    if fn in ("exp", "exp2"):
+        k64 = torch.arange(-64, 129, dtype=d) / 64
+        vals += [torch.tensor([88.72283, 88.7, 89.0, 87.33654, 103.27893, 103.97208, 104.0,
+                               128.0, 127.99, 126.0, 149.0, 150.0, 151.0, 80.0, 150.0]),
+                 k64, k64 / math.log2(math.e)]
+    elif fn in ("rcp", "rsqrt"):
+        vals += [1 + torch.arange(0, 129, dtype=d) / 128, 2 + torch.arange(0, 129, dtype=d) / 64,
+                 torch.tensor([4.0 ** e for e in range(-60, 60, 3)])]
+    else:
+        vals += [torch.arange(-64, 65, dtype=d) / 8, torch.tensor([15.0, 16.0, 37.0, 150.0])]
+    v = torch.cat([t.float() for t in vals])
+    v = torch.cat([v, _next(v, 1), _next(v, -1)])
+    return torch.cat([v, -v, torch.tensor([math.inf, -math.inf, math.nan, -0.0])])
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_adversarial_fp32(name: str) -> None:
+    """Every preset's fast path (float32 bit patterns in and out) on :func:`adversarial_fp32`
+    equals the exact reference bit for bit."""
+    u = get_function_unit(name)
+    _check(u, adversarial_fp32(u.function.value))
+
+
+@pytest.mark.parametrize("name", ["exp-exact", "silu-exact", "rsqrt-exact", "rcp-exact",
+                                  "exp-lut64", "exp-mx-bf16"])
+def test_adversarial_fp32_compiled(name: str) -> None:
+    """The same inputs through the torch.compile'd kernel (forced for small tensors): equal
+    to the exact reference, hence to the eager kernel, bit for bit."""
+    from precisim.formats import kernels
+
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend("compile")
+        u = get_function_unit(name)
+        _check(u, adversarial_fp32(u.function.value))
+    finally:
+        kernels.set_backend(old)
+
+
 def test_compiled_equals_eager() -> None:
     """The torch.compile'd kernel gives the eager kernel's bits."""
     from precisim.formats import kernels
@@ -183,3 +240,53 @@ def test_registry_and_dict_round_trip() -> None:
         assert u.describe()
     with pytest.raises(ValueError, match="unknown key.*'degre' .did you mean 'degree'"):
         unit_from_dict({"base": "exp-poly3", "degre": 4})
+
+
+@pytest.mark.parametrize("name", ["exp-mx-rtz", "expf-bound-seed", "gelu-sigmoid-ex"])
+def test_evaluate_returns_rounded_inputs(name: str) -> None:
+    """``evaluate`` gives the outputs of ``__call__`` and the inputs rounded to the input
+    format (flushed with ``flush_input``), exactly."""
+    u = unit_from_dict(next(v for v in VARIANTS if v["name"] == name))
+    x = torch.cat([adversarial_fp32(u.function.value)[:200], torch.tensor([1e-39, -1e-39])])
+    y, xq = u.evaluate(x)
+    assert torch.equal(y.view(torch.int32), u(x).view(torch.int32))
+    r = u.rounders["in"]
+    for xi, qi in zip(x.tolist(), xq.tolist()):
+        v = xi
+        if u.flush_input and 0 < abs(v) < float(u.input_format.min_normal):
+            v = math.copysign(0.0, v)
+        exact = r.exact(v if not math.isfinite(v) or v == 0 else Fraction(v))
+        assert _same(float(exact), qi), (xi, qi)
+
+
+@pytest.mark.parametrize("spec", [dict(base="exp-mx-bf16", name="mx"),
+                                  next(v for v in VARIANTS if v["name"] == "exp-mx-rtz"),
+                                  dict(base="silu-lut64", name="silu-fp16-in",
+                                       input_format="fp16")], ids=lambda s: s["name"])
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_code_table_path(spec: dict, backend: str) -> None:
+    """Units with a bf16 / fp16 input read large tensors from the table of their 65536
+    results (indexed by the input's code after torch's cast): equal bit for bit to the direct
+    kernel (itself equal to the exact reference) on fp32 inputs at, just below and just above
+    every rounding tie of the input format, and on every code."""
+    from precisim.formats import kernels
+
+    u = unit_from_dict(spec)
+    dt = torch.bfloat16 if u.input_format.name == "bf16" else torch.float16
+    codes = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).float()
+    bits = codes.view(torch.int32)
+    if dt is torch.bfloat16:
+        ties = [(bits | off).view(torch.float32) for off in (0x8000, 0x7FFF, 0x8001)]
+    else:  # fp16 -> fp32 values with 13 extra bits: the half-ulp is bit 12
+        ties = [(bits + off).view(torch.float32) for off in (0x1000, 0xFFF, 0x1001)]
+    x = torch.cat([codes, *ties, adversarial_fp32(u.function.value)])
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        y = u(x)
+    finally:
+        kernels.set_backend(old)
+    ref = u._direct(x)[0]
+    same = (y.view(torch.int32) == ref.view(torch.int32)) | (y.isnan() & ref.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} elements differ"
+    _check(u, x[::997])  # and a sample against the exact reference

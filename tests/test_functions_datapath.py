@@ -60,6 +60,38 @@ def test_reduction(red: Reduction) -> None:
     _check_rows(y[:, None], [[red.reference(r)] for r in x.tolist()])
 
 
+@pytest.mark.parametrize("red", REDUCTIONS, ids=lambda r: r.describe().replace(" ", "-"))
+def test_reduction_fast32(red: Reduction) -> None:
+    """The float32 path (IEEE float32 additions where the format rounds like float32, else
+    the float64 one) equals the exact reference too."""
+    x = torch.cat([_rows(40), _rows(40, seed=1)[:, :33].repeat(1, 2)[:, :40]])
+    y = red.fast32(x)
+    assert y.dtype == torch.float32
+    _check_rows(y[:, None], [[red.reference(r)] for r in x.tolist()])
+
+
+def test_float32_paths_on_model_widths() -> None:
+    """The float32 paths of the fp32 presets (softmax-exact, rmsnorm, layernorm, silu and its
+    SwiGLU product) on rows as wide as SmolLM2's (576: the mean divides by a number whose
+    reciprocal is inexact) equal the exact reference bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.cat([torch.randn(3, 576, generator=g) * 3,
+                   torch.randn(1, 576, generator=g) * torch.exp(torch.randn(576, generator=g) * 6)])
+    w = torch.randn(576, generator=g).to(torch.bfloat16)
+    for nm in (NORMS.get("rmsnorm"), NORMS.get("rmsnorm-te"), NORMS.get("layernorm")):
+        b = w if nm.kind.value == "layer" else None
+        y = nm(x, w, b, eps=1e-5)
+        _check_rows(y, [nm.reference(r, w.float().tolist(),
+                                     None if b is None else b.float().tolist(), eps=1e-5)
+                        for r in x.tolist()])
+    sm = SOFTMAXES.get("softmax-exact")
+    _check_rows(sm(x), [sm.reference(r) for r in x.tolist()])
+    act = ACTIVATION_UNITS.get("silu")
+    u = torch.randn(576, generator=g)
+    _check_rows(act.glu(x[0], u)[None], [[act.glu_reference(a, b)
+                                          for a, b in zip(x[0].tolist(), u.tolist())]])
+
+
 def test_reduction_order_matters() -> None:
     """Sequential, pairwise and chunked bf16 sums of the same row differ (and each matches
     its reference above): the order is modelled, not only the format."""

@@ -136,6 +136,10 @@ class Rq:
                                                      self.flush))
         object.__setattr__(self, "_max", float(self.fmt.max))
         object.__setattr__(self, "_min_normal", float(self.fmt.min_normal))
+        # fp32, RNE, overflow to inf, no flush: the rounding is IEEE 754's float64 -> float32
+        # conversion (correctly rounded, subnormals and overflow included), one cast
+        object.__setattr__(self, "_is_f32", self.fmt == FP32 and self.overflow is Overflow.INF
+                           and self.rounding is Rounding.NEAREST_EVEN and not self.flush)
 
     def describe(self) -> str:
         parts = [self.fmt.name]
@@ -157,9 +161,21 @@ class Rq:
     def spec(self) -> RoundSpec:
         return self._sp  # type: ignore[attr-defined]
 
+    @property
+    def is_f32(self) -> bool:
+        """True when the rounding is the float64 -> float32 conversion (fp32, RNE, overflow
+        to inf, no flush): :meth:`fast32` is then one cast."""
+        return self._is_f32  # type: ignore[attr-defined]
+
+    def fast32(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`fast` with a float32 result (for formats whose values are float32 values)."""
+        return v.float() if self._is_f32 else self.fast(v).float()  # type: ignore[attr-defined]
+
     def fast(self, v: torch.Tensor) -> torch.Tensor:
         """Round float64 ``v`` (exact or round-to-odd values) to the format; float64 result.
         Branch-free (torch.compile'd as part of a unit's kernel)."""
+        if self._is_f32:  # type: ignore[attr-defined]
+            return v.float().double()
         sp = self.spec
         ax = v.abs()
         neg = torch.signbit(v)

@@ -200,6 +200,8 @@ def _is_preset(u: FunctionUnit) -> bool:
 # ---------------------------------------------------------------------------------------------
 # softmax
 
+_MAX32 = Reduction(op="max")
+
 @dataclass(frozen=True)
 class Softmax(_Spec):
     """Softmax along the last axis (docs/arithmetic.md section 7.4): ``xq = Q_in(x)``;
@@ -245,6 +247,8 @@ class Softmax(_Spec):
         """Softmax of ``x`` along ``dim``, as a float32 tensor of output-format values."""
         xt = x.detach().movedim(dim, -1)
         Qo = _rq_of(self.output_format, x.dtype)
+        if self._f32(x.dtype, Qo):
+            return self._call32(xt.float()).movedim(-1, dim)
         x64 = xt.double()
         xq = rq(self.input_format).fast(x64)
         m = torch.amax(x64 if self.max_of is MaxOf.INPUT else xq, dim=-1, keepdim=True)
@@ -257,6 +261,21 @@ class Softmax(_Spec):
         else:
             y = Qo.fast(e * self.rcp(s.float()).double())
         return y.float().movedim(-1, dim)
+
+    def _f32(self, dtype: torch.dtype, Qo: Rq) -> bool:
+        """Whether every rounding outside the units is float32's own (:attr:`Rq.is_f32`):
+        then each step is one IEEE 754 float32 operation, which is that rounding of the
+        exact result, and :meth:`_call32` computes the softmax in float32 bit for bit."""
+        return (dtype in (torch.float32, torch.bfloat16, torch.float16) and Qo.is_f32
+                and rq(self.input_format).is_f32 and rq(self.sub_format).is_f32
+                and self.division is Division.DIVIDE)
+
+    def _call32(self, x: torch.Tensor) -> torch.Tensor:
+        m = _MAX32.fast32(x)[..., None]  # max of x = max of xq (fp32 values)
+        d = x - m  # Q_sub(xq - m): one float32 subtraction
+        e = self.exp(d)
+        s = self.sum.fast32(e)[..., None]
+        return e / s  # Q_out(e / s): one float32 division
 
     def reference(self, row: Sequence[float]) -> list[Value]:
         """The exact softmax of one row (Python floats)."""
@@ -328,8 +347,10 @@ class Norm(_Spec):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
         """The norm of ``x`` over its last axis; a float32 tensor of output-format values."""
-        W = rq(self.working_format).fast
         Qo = _rq_of(self.output_format, x.dtype)
+        if self._f32(x, weight, bias, Qo):
+            return self._call32(x, weight, bias, eps)
+        W = rq(self.working_format).fast
         x64 = x.detach().double()
         n = float(x64.shape[-1])
         e = float(W(torch.tensor(self.eps if self.eps is not None else eps,
@@ -360,6 +381,36 @@ class Norm(_Spec):
                 y = W(add_ro(y, b.expand_as(y)))
             y = Qo.fast(y)
         return y.float()
+
+    def _f32(self, *args: Any) -> bool:
+        """Whether the working and output roundings are float32's own (:attr:`Rq.is_f32`)
+        and every tensor holds float32 values: each step of :meth:`__call__` is then one IEEE
+        754 float32 operation, which is that rounding of its exact result, and
+        :meth:`_call32` computes the norm in float32 bit for bit."""
+        *ts, Qo = args
+        return (Qo.is_f32 and rq(self.working_format).is_f32 and all(
+            t is None or t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in ts))
+
+    def _call32(self, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        x32 = x.detach().float()
+        n = float(x32.shape[-1])  # (exact in float32: rows shorter than 2^24)
+        e = float(torch.tensor(self.eps if self.eps is not None else eps,
+                               dtype=torch.float64).float())
+        R = self.reduction.fast32
+
+        def mean(t: torch.Tensor) -> torch.Tensor:  # a true division (a scalar divisor may
+            s = R(t)  # be applied as a product with its reciprocal)
+            return s / torch.full_like(s, n)
+
+        d = x32 if self.kind is NormKind.RMS else x32 - mean(x32)[..., None]
+        v = mean(d * d) + e
+        h = d * self.rsqrt(v)[..., None]
+        if weight is not None:
+            h = h * weight.detach().float()
+        if bias is not None:
+            h = h + bias.detach().float()
+        return h  # (hf and te agree when both roundings are float32's)
 
     def reference(self, row: Sequence[float], weight: Sequence[float] | None = None,
                   bias: Sequence[float] | None = None, eps: float = 1e-6) -> list[Value]:
@@ -470,7 +521,8 @@ class Activation(_Spec):
         Qo = _rq_of(self.output_format, x.dtype)
         xd = x.detach()
         if self.via is Via.UNIT:
-            return Qo.fast(self.unit(xd).double()).float()  # type: ignore[misc]
+            y = self.unit(xd)  # type: ignore[misc]
+            return y if Qo.is_f32 else Qo.fast(y.double()).float()
         W = rq(self.working_format).fast
         x64 = xd.double()
         c1, c2, k = self._consts()
@@ -489,6 +541,8 @@ class Activation(_Spec):
     def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``Q_o(Q_o(act(g)) * u)`` (SwiGLU with SiLU)."""
         Qo = _rq_of(self.output_format, g.dtype)
+        if Qo.is_f32 and u.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return self(g) * u.detach().float()  # one float32 product: Q_o of the exact one
         return Qo.fast(self(g).double() * u.detach().double()).float()
 
     def reference(self, x: float) -> Value:

@@ -124,18 +124,51 @@ class Reduction:
             parts.append(self._seq(v[..., k * c:])[..., None])
         return self._tree(torch.cat(parts, dim=-1))
 
-    def _seq(self, v: torch.Tensor) -> torch.Tensor:
+    def fast32(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`fast` for a float32 ``x``, with a float32 result. When the format rounds like
+        float32 (fp32, RNE, overflow to inf, no flush: :attr:`Rq.is_f32`), every partial sum
+        is an IEEE 754 float32 addition, which is that rounding of the exact sum (signed
+        zeros, infinities and NaN included), so the reduction runs in float32 directly."""
+        if not self.rq.is_f32:
+            return self.fast(x.double()).float()
+        if self.op is ReduceOp.MAX:
+            if x.shape[-1] == 0:
+                return torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+            m = torch.amax(x, dim=-1)
+            return torch.where(m == 0, 0.0, m)
+        if x.shape[-1] == 0:
+            return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+        if self.order is Order.SEQUENTIAL:
+            return self._seq(x, f32=True)
+        if self.order is Order.PAIRWISE:
+            return self._tree(x, f32=True)
+        n, c = x.shape[-1], self.chunk
+        k = n // c
+        parts = []
+        if k:
+            parts.append(self._seq(x[..., :k * c].reshape(*x.shape[:-1], k, c), f32=True))
+        if n - k * c:
+            parts.append(self._seq(x[..., k * c:], f32=True)[..., None])
+        return self._tree(torch.cat(parts, dim=-1), f32=True)
+
+    def _seq(self, v: torch.Tensor, f32: bool = False) -> torch.Tensor:
+        if f32:
+            acc = v[..., 0]
+            for i in range(1, v.shape[-1]):
+                acc = acc + v[..., i]
+            return acc
         Q = self.rq.fast
         acc = v[..., 0]
         for i in range(1, v.shape[-1]):
             acc = Q(add_ro(acc, v[..., i]))
         return acc
 
-    def _tree(self, v: torch.Tensor) -> torch.Tensor:
+    def _tree(self, v: torch.Tensor, f32: bool = False) -> torch.Tensor:
         Q = self.rq.fast
         while v.shape[-1] > 1:
             n = v.shape[-1]
-            pair = Q(add_ro(v[..., 0:n - 1:2], v[..., 1:n:2]))
+            a, b = v[..., 0:n - 1:2], v[..., 1:n:2]
+            pair = a + b if f32 else Q(add_ro(a, b))
             v = torch.cat([pair, v[..., n - 1:]], dim=-1) if n % 2 else pair
         return v[..., 0]
 

@@ -312,16 +312,37 @@ class FunctionUnit:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The unit applied to every element of ``x`` (float32, bfloat16 or float16); a
         float32 tensor of output-format values, bit-identical to :meth:`reference`."""
-        return self.evaluate(x)[0]
+        return self._apply(x)[0]
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, xq)``: the outputs (float32) and the inputs rounded to the input format
-        (float64), for telemetry."""
+        """``(y, xq)``: the outputs and the inputs rounded to the input format (both float32,
+        whose values they are), for telemetry."""
+        y, xq = self._apply(x)
+        if xq is None:
+            xf = x.detach().float()
+            if self.flush_input:
+                xf = torch.where(xf.abs() < float(self.input_format.min_normal), xf * 0.0, xf)
+            xq = self.rounders["in"].fast32(xf.double())
+        return y, xq
+
+    def _apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(y, xq)``, xq only where the kernel computes it anyway (the bound model)."""
         x = check_tensor(x)
-        flat = x.detach().reshape(-1).double()
+        flat = x.detach().reshape(-1).float()
+        dt = _LUT_DTYPES.get(self.input_format.name)
+        if dt is not None and flat.numel() >= _LUT_MIN_NUMEL:
+            lut = _code_table(self).to(flat.device)
+            y = kernels.run(_lut_kernel(self, dt), ("function-unit-lut", self), flat.numel(),
+                            flat, lut)
+            return y.reshape(x.shape), None
+        return self._direct(x)
+
+    def _direct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel."""
+        flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
-        y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat,
-                                  *tabs)
+        out = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat, *tabs)
+        y, xq, hard = out if self.method is Method.BOUND else (out[0], None, out[1])
         if any_true(hard):
             idx = hard.nonzero().reshape(-1)
             y = y.clone()
@@ -331,10 +352,11 @@ class FunctionUnit:
             else:
                 vals = [self.reference(v) for v in x.detach().reshape(-1)[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
-                                  device=y.device)
-        if self.method is Method.BOUND:
-            y = _displace(y, xq, self.bound_seed)
-        return y.float().reshape(x.shape), xq.reshape(x.shape)
+                                  device=y.device).float()
+        if xq is not None:
+            y = _displace(y.double(), xq.double(), self.bound_seed).float()
+            xq = xq.reshape(x.shape)
+        return y.reshape(x.shape), xq
 
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
@@ -476,7 +498,10 @@ def _fast_tables_cpu(u: FunctionUnit) -> tuple[torch.Tensor, ...]:
            torch.tensor([float(v) for v in t.t1], dtype=d),
            torch.tensor([float(v) for v in t.tm], dtype=d)]
     if u.method is Method.POLYNOMIAL:
-        out.append(torch.tensor([[float(v) for v in cs] for cs in t.coef], dtype=d))
+        # one table per coefficient: a gather from each (a gather of whole rows made the
+        # compiled kernel write an (n, degree + 1) float64 tensor)
+        out += [torch.tensor([float(cs[k]) for cs in t.coef], dtype=d)
+                for k in range(u.degree + 1)]
     return tuple(out)
 
 
@@ -664,12 +689,12 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
             d = W(add_ro(t1, -t0))
             return W(add_ro(t0, d * pos)) if u.fma else W(add_ro(t0, W(d * pos)))
         if m is Method.POLYNOMIAL:
-            cs = tabs[3][i]
-            y = cs[:, u.degree]
+            y = tabs[3 + u.degree][i]
             if u.degree == 0:
                 return W(y)
             for k in range(u.degree - 1, -1, -1):
-                y = W(add_ro(y * pos, cs[:, k])) if u.fma else W(add_ro(W(y * pos), cs[:, k]))
+                ck = tabs[3 + k][i]
+                y = W(add_ro(y * pos, ck)) if u.fma else W(add_ro(W(y * pos), ck))
             return y
         y = tabs[2][i]
         for _ in range(u.newton_steps):
@@ -743,6 +768,46 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
             a_lo, a_hi = torch.zeros_like(xg), xq
         y = torch.where(xg < lo, a_lo, torch.where(xg >= hi, a_hi, y))
         return torch.where(nan, math.nan, r["out"].fast(y)), xq, no
+
+    def kernel32(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
+        # float32 in and out (every value involved is a float32 value): compiled, the float64
+        # arithmetic stays in registers, no full-size float64 tensor is written
+        y, xq, hard = kernel(x.double(), *tabs)
+        if m is Method.BOUND:  # (the displacement reads the rounded inputs)
+            return y.float(), xq.float(), hard
+        return y.float(), hard
+
+    return kernel32
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit inputs: the whole unit as a table of its 65536 results
+
+#: input formats whose rounding is torch's own cast (RNE, overflow to inf, NaN kept)
+_LUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: below this many elements the direct kernel is cheaper than building the table once
+_LUT_MIN_NUMEL = 1 << 16
+
+
+@lru_cache(maxsize=64)
+def _code_table(u: FunctionUnit) -> torch.Tensor:
+    """The unit's float32 result for every 16-bit code of its input format (computed by the
+    direct path, which equals the exact reference on every code: tests/test_functions.py)."""
+    dt = _LUT_DTYPES[u.input_format.name]
+    codes = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).float()
+    return u._direct(codes)[0]
+
+
+def _lut_kernel(u: FunctionUnit, dt: torch.dtype):  # noqa: ANN202 - closes over the unit
+    """``y = T[code(Q_in(x))]``: the input rounded by torch's cast (the input format's RNE,
+    overflow to inf, NaN kept), flushed first with ``flush_input``, its bits index the table."""
+    min_in = float(u.input_format.min_normal)
+
+    def kernel(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        if u.flush_input:
+            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        code = x.to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+        return lut[code]
 
     return kernel
 
