@@ -59,3 +59,20 @@ def tiny_checkpoint(tiny_text, tmp_path_factory) -> str:
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), tiny_text, hidden=64,
                                  intermediate=96, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tiny_checkpoint, tiny_text):
+    """``(model, result)`` of one search on the tiny Llama (candidates nvfp4 / mxfp8 / bf16, KL
+    budget 8e-5 on the estimate, per-module groups: a budget whose predicted edge misses, so
+    the back-off runs), shared by the tests that inspect it."""
+    from precisim.emulation import load_model
+    from precisim.eval.search import Budget, SearchProblem, search
+
+    model, tok = load_model(tiny_checkpoint)
+    ids = tok(tiny_text)["input_ids"]
+    p = SearchProblem(candidates=("nvfp4", "mxfp8", "bf16"), budget=Budget("kl", 8e-5,
+                                                                           "estimate"),
+                      by="module", search_tokens=128, heldout_tokens=128, window=64,
+                      bootstrap=50)
+    return model, search(model, tok, ids, p)

@@ -258,21 +258,12 @@ def test_backoff_takes_more_rounds_when_the_measure_is_worse_than_additive() -> 
                        max_rounds=2)) == 2
 
 
-def test_search_backs_off_on_the_tiny_checkpoint(tiny_checkpoint, tiny_text) -> None:
+def test_search_backs_off_on_the_tiny_checkpoint(tiny_search) -> None:
     """On the tiny Llama (KL budget 8e-5 on the estimate, per-module groups) the predicted edge
     misses the target on the search set, the back-off promotes modules until a measured point
     meets it, and the chosen recipe is the cheapest evaluated point that meets it; each
     back-off row is the previous assignment with the promoted modules one level back."""
-    from precisim.emulation import load_model
-    from precisim.eval.search import search
-
-    model, tok = load_model(tiny_checkpoint)
-    ids = tok(tiny_text)["input_ids"]
-    p = SearchProblem(candidates=("nvfp4", "mxfp8", "bf16"), budget=Budget("kl", 8e-5,
-                                                                           "estimate"),
-                      by="module", search_tokens=128, heldout_tokens=128, window=64,
-                      bootstrap=50)
-    r = search(model, tok, ids, p)
+    model, r = tiny_search
     greedy = [row for row in r.path if row["stage"] == "greedy"]
     back = [row for row in r.path if row["stage"] == "backoff"]
     assert back, "the budget was chosen so that the predicted edge misses"

@@ -127,17 +127,8 @@ def test_locate_ends_and_misses() -> None:
         locate(loads, {0: 0.0}, measure, 1.0)
 
 
-def test_search_reports_calibration_and_cache(tiny_checkpoint, tiny_text) -> None:
-    from precisim.emulation import load_model
-    from precisim.eval.search import Budget, SearchProblem, search
-
-    model, tok = load_model(tiny_checkpoint)
-    ids = tok(tiny_text)["input_ids"]
-    p = SearchProblem(candidates=("nvfp4", "mxfp8", "bf16"), budget=Budget("kl", 8e-5,
-                                                                           "estimate"),
-                      by="module", search_tokens=128, heldout_tokens=128, window=64,
-                      bootstrap=50)
-    r = search(model, tok, ids, p)
+def test_search_reports_calibration_and_cache(tiny_search) -> None:
+    model, r = tiny_search
     measured = [row for row in r.path if row["measured"] is not None]
     predicted = [row for row in measured if row["predicted_before"] is not None]
     c = r.calibration
