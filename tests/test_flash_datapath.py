@@ -459,3 +459,63 @@ def test_fused_p_cast_kernel_is_the_separate_steps(fmt: str) -> None:
         assert torch.equal(p.view(torch.int32), want_p.view(torch.int32)), backend
         assert torch.equal(q.view(torch.int32), want_q.view(torch.int32)), backend
         assert c == want_c, backend
+
+
+def test_scores_max_kernel_compiled_equals_eager() -> None:
+    """The compiled score kernel (t = fp32(S * c), masked keys -inf, row maxima) returns the
+    bits of the eager steps of the datapath (:func:`_scores`, the mask, amax), with and without
+    a mask, on rows that are fully masked, hold NaN, +-inf or only equal scores."""
+    from precisim.emulation import flash
+    from precisim.formats import kernels
+
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(2, 3, 40, 128, generator=g) * 30).float()
+    s[0, 0, 0] = 4.0
+    s[0, 1, 1, 7] = math.nan
+    s[1, 2, 3, :5] = math.inf
+    s[1, 0, 2, 9] = -math.inf
+    vis = torch.rand(2, 3, 40, 128, generator=g) > 0.3
+    vis[0, 2, 5] = False
+    c = flash._scale_const(0.125)
+    c32 = torch.tensor(c, dtype=torch.float32)
+    for v in (None, vis[:, :, 3:40, 5:100]):
+        sv = s[:, :, 3:40, 5:100]
+        want = flash._scores(sv, c32, None, None, 0.125, None)  # type: ignore[arg-type]
+        if v is not None:
+            want = torch.where(v, want, -math.inf)
+        wmax = want.amax(-1)
+        for backend in ("eager", "compile"):
+            old = kernels.get_backend()
+            kernels.set_backend(backend)
+            try:
+                t, tmax = flash._scores_max(sv, c, v)
+            finally:
+                kernels.set_backend(old)
+            for a, b in ((t, want), (tmax, wmax)):
+                assert torch.equal(torch.isnan(a), torch.isnan(b)), backend
+                assert torch.equal(a.nan_to_num(0.5).view(torch.int32),
+                                   b.nan_to_num(0.5).view(torch.int32)), backend
+
+
+@pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating"])
+def test_datapath_compiled_equals_eager(name: str) -> None:
+    """The whole datapath with its compiled kernels (scores and max, P with its cast and
+    counts) returns the eager bits and the same telemetry, on a causal input with a sink."""
+    from precisim.formats import kernels
+
+    q, k, v = _inputs(21, h=3, n_q=40, n_k=200, spread=2.0)
+    k[:, :, 0] *= 20
+    mask = _causal(40, 200)
+    dp = get_datapath(name).with_(tile=64)
+    res = {}
+    for backend in ("eager", "compile"):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            st = FlashStats()
+            res[backend] = (flash_attention(q, k, v, mask, 0.35, dp, st), st.as_dict())
+        finally:
+            kernels.set_backend(old)
+    (a, sa), (b, sb) = res["eager"], res["compile"]
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert sa == sb and sa["p_numel"] > 0
