@@ -536,6 +536,101 @@ def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Ten
     return y
 
 
+def _p_cast_kernel_for(dt: torch.dtype, mx: float):  # noqa: ANN202 - a kernel function
+    """The kernel of :func:`_p_fused_cast` for P's torch dtype ``dt`` with largest value ``mx``
+    (plain Python constants captured by the closure, not traced): :func:`_p_kernel`, then P's
+    saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry counts
+    (visible scores, P above ``mx``, P > 0 cast to 0) in the same compiled pass."""
+    inf = math.inf
+
+    def kernel(t: torch.Tensor, mo: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, hard = _p_kernel(t, mo)
+        pq = y.clamp(-mx, mx).to(dt).float()
+        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum()])
+        return y, hard, pq, counts
+
+    return kernel
+
+
+_P_CAST_KERNELS: dict[torch.dtype, Any] = {}
+
+
+def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """``(p, pq, (visible, saturated, flushed))`` of a tile for a unit of
+    :func:`_is_cr_fp32_exp2` and a P format with a torch dtype (:func:`_torch_dtype`): P as
+    :func:`_p_fused`, its cast as :func:`_p_caster` and the counts in one compiled kernel (from
+    2^12 elements on, self-checked bit for bit against its eager twin); hard exp2 cases by the
+    unit's exact reference, their cast and counts redone eagerly. One host sync for the counts
+    and one for the hard cases."""
+    from precisim.formats import kernels
+
+    dt = _torch_dtype(pel)
+    assert dt is not None
+    mx = float(pel.max)
+    fn = _P_CAST_KERNELS.get(dt)
+    if fn is None:
+        fn = _P_CAST_KERNELS[dt] = _p_cast_kernel_for(dt, mx)
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        y, hard, pq, counts = kernels.run(fn, ("flash-p-cast", str(dt)), t.numel(), t, mo)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+    n_vis, n_sat, n_fl = (int(c) for c in counts.tolist())
+    if bool(hard.any()):
+        idx = hard.nonzero(as_tuple=True)
+        x = (t - mo[..., None])[idx]
+        y0 = y[idx]
+        y1 = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
+                          dtype=torch.float32, device=y.device)
+        q0, q1 = pq[idx], y1.clamp(-mx, mx).to(dt).float()
+        y, pq = y.clone(), pq.clone()
+        y[idx], pq[idx] = y1, q1
+        n_sat += int((y1 > mx).sum()) - int((y0 > mx).sum())
+        n_fl += int(((q1 == 0) & (y1 > 0)).sum()) - int(((q0 == 0) & (y0 > 0)).sum())
+    return y, pq, (n_vis, n_sat, n_fl)
+
+
+def _t_kernel_for(c: float, masked: bool):  # noqa: ANN202 - a kernel function
+    """The kernel of :func:`_scores_max`: ``t = fp32(S * c)`` (``c`` the fp32 constant of
+    :func:`_scale_const`, captured as a plain Python float), -inf where the key is masked, and
+    the row maxima of ``t``."""
+    inf = math.inf
+
+    def kernel(s: torch.Tensor, *vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = s * c
+        if masked:
+            t = torch.where(vis[0], t, -inf)
+        return t, t.amax(-1)
+
+    return kernel
+
+
+_T_KERNELS: dict[tuple[float, bool], Any] = {}
+
+
+def _scores_max(s: torch.Tensor, c: float, vis: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, t.amax(-1))`` for scores without soft cap or bias: :func:`_scores` and the mask
+    of the datapath's loop in one compiled pass (from 2^12 elements on, self-checked bit for
+    bit against its eager twin)."""
+    from precisim.formats import kernels
+
+    key = (c, vis is not None)
+    fn = _T_KERNELS.get(key)
+    if fn is None:
+        fn = _T_KERNELS[key] = _t_kernel_for(*key)
+    args = (s,) if vis is None else (s, vis)
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        return kernels.run(fn, ("flash-t", *key), s.numel(), *args)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+
+
 def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     """``unit(x)`` bit for bit for a unit of :func:`_is_cr_fp32_exp2` (the float32 inputs
     are its fp32 input values; +inf gives inf (2^130 overflows), -inf gives 0 (2^-1000
@@ -629,15 +724,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         rows = slice(r0, r1)
         s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
-        t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
-                    scaling, dp.tanh)
-        if vis is not None:
-            t = torch.where(vis[:, :, rows, j0:j1], t, -math.inf)
-        live = t != -math.inf
-        if bool(live.all()):
-            live = None
+        vt = None if vis is None else vis[:, :, rows, j0:j1]
+        if softcap is None and bias is None:
+            t, tmax = _scores_max(s, c, vt)
+        else:
+            t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
+                        scaling, dp.tanh)
+            if vt is not None:
+                t = torch.where(vt, t, -math.inf)
+            tmax = t.amax(-1)
+        # P, its cast and the counts in one compiled kernel (fp32 CR exp2, torch-castable P)
+        fcast = fused and cast is not None and dp.p_format is not None
+        live = None
+        if not fcast:
+            live = t != -math.inf
+            if bool(live.all()):
+                live = None
         m_old = m[:, :, rows]
-        cand = R["max"](torch.maximum(m_old, t.amax(-1).double()))
+        cand = R["max"](torch.maximum(m_old, tmax.double()))
         first = m_old == -math.inf
         diff = Q32(add_ro(cand, -m_old))
         take = first | (diff > thr)
@@ -647,7 +751,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         st.rescales += n_resc
         mo = Q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
         if fused:  # x = fp32(t - mo) and its exp2 in one compiled kernel, alpha on its own
-            p = _p_fused(dp.exp2, t, mo)
+            if fcast:
+                p, pq, (n_vis, n_sat, n_fl) = _p_fused_cast(dp.exp2, pel, t, mo)
+            else:
+                p = _p_fused(dp.exp2, t, mo)
             alpha = torch.ones_like(m_new)
             if n_resc:
                 ax = torch.where(rescale, Q32(add_ro(m_old, -m_new)).float(), 0.0)
@@ -667,16 +774,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 alpha = torch.ones_like(m_new)
             if live is not None:
                 p = torch.where(live, p, 0.0)
-        if dp.p_format is None:
-            pq = p
-        elif cast is not None:
-            pq = cast(p)
-            st.p_saturated += int(torch.count_nonzero(p > float(pel.max)))
+        if fcast:
+            st.p_saturated += n_sat
+            st.p_numel += n_vis
+            st.p_flushed += n_fl
         else:
-            pq = _cast_p_block(p, dp)
-        st.p_numel += int(torch.count_nonzero(live)) if live is not None else p.numel()
-        if dp.p_format is not None:
-            st.p_flushed += int(torch.count_nonzero((pq == 0) & (p > 0)))
+            if dp.p_format is None:
+                pq = p
+            elif cast is not None:
+                pq = cast(p)
+                st.p_saturated += int(torch.count_nonzero(p > float(pel.max)))
+            else:
+                pq = _cast_p_block(p, dp)
+            st.p_numel += int(torch.count_nonzero(live)) if live is not None else p.numel()
+            if dp.p_format is not None:
+                st.p_flushed += int(torch.count_nonzero((pq == 0) & (p > 0)))
         tsum = _tile_sum(pq if quant_sum else p, rsum)
         ell_old = ell[:, :, rows]
         ell_new = R["sum"](add_ro(alpha * ell_old, tsum))

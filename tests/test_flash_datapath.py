@@ -404,3 +404,118 @@ def test_shared_parse_and_to_dict() -> None:
     assert AttentionDatapath.parse({"tile": 8}).name == "custom"
     with pytest.raises(ValueError, match="did you mean 'tile'"):
         AttentionDatapath.parse({"tiles": 3})
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fused_p_cast_kernel_is_the_separate_steps(fmt: str) -> None:
+    """P, its FP8 cast and the tile's counts from the one compiled kernel equal, bit for bit,
+    the separate steps (the fused P kernel, the eager cast of :func:`_p_caster` checked in
+    test_p_cast_is_the_saturating_rounding, the counts as the datapath takes them), compiled
+    and eager, with the hard exp2 cases forced onto the exact fallback too. The scores put P on
+    every rounding tie of the format, its subnormals, above its maximum and at -inf."""
+    from precisim.emulation import flash
+    from precisim.emulation.functions import get_function_unit
+    from precisim.formats import get_format, kernels
+
+    u = get_function_unit("exp2-exact")
+    f = get_format(fmt)
+    mx = float(f.max)
+    tiny = float(f.min_normal) * 2.0 ** -f.man_bits
+    vals = torch.cat([torch.arange(1, 2 ** 12, dtype=torch.float64) * tiny / 2,
+                      mx * (1 + torch.arange(0, 512, dtype=torch.float64) / 512),
+                      torch.tensor([2 * mx, 4 * mx])])
+    tie_x = torch.log2(vals).float()  # exp2 near each value (exactly on ties where exp2 is)
+    rnd = (torch.rand(20_000, generator=torch.Generator().manual_seed(3)) * 60 - 40).float()
+    x = torch.cat([tie_x, rnd, torch.tensor([-math.inf, 0.0, -150.0, 9.0])])
+    n = x.numel() // 64 * 64
+    t = x[:n].reshape(-1, 64) + 8.0
+    t[::7, 60:] = -math.inf
+    mo = torch.full((t.shape[0],), 8.0)
+    mo[1::3] = 7.5
+    want_p = flash._p_fused(u, t, mo)
+    want_q = flash._p_caster(f)(want_p)
+    want_c = (int((t != -math.inf).sum()), int((want_p > mx).sum()),
+              int(((want_q == 0) & (want_p > 0)).sum()))
+    assert want_c[1] > 0 and want_c[2] > 0
+    real = flash._exp2_kernel
+
+    def all_hard(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _ = real(v)  # every finite argument hard, its P wrong (saturating) until redone
+        hard = torch.isfinite(v)
+        return torch.where(hard, 1e30, y), hard
+
+    for backend, force in (("eager", False), ("compile", False), ("eager", True)):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            if force:
+                flash._exp2_kernel = all_hard
+                flash._P_CAST_KERNELS.clear()
+            p, q, c = flash._p_fused_cast(u, f, t, mo)
+        finally:
+            flash._exp2_kernel = real
+            flash._P_CAST_KERNELS.clear()
+            kernels.set_backend(old)
+        assert torch.equal(p.view(torch.int32), want_p.view(torch.int32)), backend
+        assert torch.equal(q.view(torch.int32), want_q.view(torch.int32)), backend
+        assert c == want_c, backend
+
+
+def test_scores_max_kernel_compiled_equals_eager() -> None:
+    """The compiled score kernel (t = fp32(S * c), masked keys -inf, row maxima) returns the
+    bits of the eager steps of the datapath (:func:`_scores`, the mask, amax), with and without
+    a mask, on rows that are fully masked, hold NaN, +-inf or only equal scores."""
+    from precisim.emulation import flash
+    from precisim.formats import kernels
+
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(2, 3, 40, 128, generator=g) * 30).float()
+    s[0, 0, 0] = 4.0
+    s[0, 1, 1, 7] = math.nan
+    s[1, 2, 3, :5] = math.inf
+    s[1, 0, 2, 9] = -math.inf
+    vis = torch.rand(2, 3, 40, 128, generator=g) > 0.3
+    vis[0, 2, 5] = False
+    c = flash._scale_const(0.125)
+    c32 = torch.tensor(c, dtype=torch.float32)
+    for v in (None, vis[:, :, 3:40, 5:100]):
+        sv = s[:, :, 3:40, 5:100]
+        want = flash._scores(sv, c32, None, None, 0.125, None)  # type: ignore[arg-type]
+        if v is not None:
+            want = torch.where(v, want, -math.inf)
+        wmax = want.amax(-1)
+        for backend in ("eager", "compile"):
+            old = kernels.get_backend()
+            kernels.set_backend(backend)
+            try:
+                t, tmax = flash._scores_max(sv, c, v)
+            finally:
+                kernels.set_backend(old)
+            for a, b in ((t, want), (tmax, wmax)):
+                assert torch.equal(torch.isnan(a), torch.isnan(b)), backend
+                assert torch.equal(a.nan_to_num(0.5).view(torch.int32),
+                                   b.nan_to_num(0.5).view(torch.int32)), backend
+
+
+@pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating"])
+def test_datapath_compiled_equals_eager(name: str) -> None:
+    """The whole datapath with its compiled kernels (scores and max, P with its cast and
+    counts) returns the eager bits and the same telemetry, on a causal input with a sink."""
+    from precisim.formats import kernels
+
+    q, k, v = _inputs(21, h=3, n_q=40, n_k=200, spread=2.0)
+    k[:, :, 0] *= 20
+    mask = _causal(40, 200)
+    dp = get_datapath(name).with_(tile=64)
+    res = {}
+    for backend in ("eager", "compile"):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            st = FlashStats()
+            res[backend] = (flash_attention(q, k, v, mask, 0.35, dp, st), st.as_dict())
+        finally:
+            kernels.set_backend(old)
+    (a, sa), (b, sb) = res["eager"], res["compile"]
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert sa == sb and sa["p_numel"] > 0
