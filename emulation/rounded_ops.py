@@ -134,9 +134,10 @@ class Rounded:
     def _run(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The exact result rounded to odd in float64 (one compiled kernel for large operands,
         :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
-        most 22 bits of precision whose smallest subnormal is at least 2^-147, the float64
-        value is first rounded to odd at float32 (two or more bits finer than the format
-        everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last rounding
+        most 22 bits of precision whose smallest subnormal is at least 2^-147, the exact value
+        is first rounded to odd at float32 (:func:`_rto32`; two or more bits finer than the
+        format everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last
+        rounding
         is :func:`precisim.formats.quantize` of that float32 tensor; otherwise
         :meth:`Rq.fast` rounds the float64 value."""
         a, b = torch.broadcast_tensors(a.detach(), b.detach())
@@ -167,26 +168,40 @@ def _exact(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return add_ro(a, b) if op == "add" else a * b
 
 
-def _rto32(v: torch.Tensor) -> torch.Tensor:
-    """float64 ``v`` rounded to odd at float32 (finite values stay finite: beyond float32's
-    range, its largest value, whose last bit is odd)."""
-    f = v.float()
-    f = torch.where(torch.isinf(f) & torch.isfinite(v), torch.copysign(
-        torch.full_like(f, torch.finfo(torch.float32).max), f), f)
-    back = f.double()
-    mag = f.abs().view(torch.int32)
-    fix = (back != v) & ((mag & 1) == 0) & ~torch.isnan(v)
-    step = torch.where(back.abs() < v.abs(), 1, -1).to(torch.int32)
-    mag = torch.where(fix, mag + step, mag)
-    return torch.copysign(mag.view(torch.float32), v.float())
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _rto32(s: torch.Tensor, err: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor) -> torch.Tensor:
+    """The exact ``s + err`` rounded to odd at float32, from ``s`` (float32, its rounding to
+    nearest even) and ``err`` (any float tensor whose sign is that of the exact error; 0 where
+    ``s`` is exact), for finite or non-finite operands ``a`` and ``b``. A finite result beyond
+    float32's range becomes its largest value (whose last bit is odd). Float arithmetic only
+    (no int32 view: inductor copies int32 vectors through the stack): ``n``, the float32
+    neighbour of ``s`` towards the exact value, and ``s`` bracket it; the even one of the two is
+    ``fl((s + n) / 2)`` (a tie, rounded to even), and the result is the odd one."""
+    s = torch.where(torch.isinf(s) & torch.isfinite(a) & torch.isfinite(b),
+                    torch.copysign(torch.full_like(s, _F32_MAX), s), s)
+    n = torch.nextafter(s, torch.where(err > 0, float("inf"), float("-inf")))
+    fix = (err != 0) & torch.isfinite(s) & ((s + n) * 0.5 == s)
+    return torch.where(fix, n, s)
 
 
 def _add_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _rto32(_exact("add", a, b))
+    """``a + b`` rounded to odd at float32: the float32 sum and its exact error (Knuth's
+    TwoSum, exact without overflow; a float32 sum in the subnormal range is exact)."""
+    a, b = a.float(), b.float()
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    return _rto32(s, err, a, b)
 
 
 def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _rto32(_exact("mul", a, b))
+    """``a b`` rounded to odd at float32: the exact float64 product against its rounding."""
+    p = a.double() * b.double()
+    s = p.float()
+    return _rto32(s, p - s.double(), a, b)
 
 
 _RTO32 = {"add": _add_rto32, "mul": _mul_rto32}

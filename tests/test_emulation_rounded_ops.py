@@ -47,6 +47,10 @@ def _operands() -> tuple[torch.Tensor, torch.Tensor]:
     for tie in (1 + 2.0 ** -8, 1 + 2.0 ** -11, 1 + 2.0 ** -4, 1 + 3 * 2.0 ** -8):
         a.append(torch.full((64,), tie))
         b.append(torch.tensor([(-1) ** e * 2.0 ** -(20 + e % 40) for e in range(64)]))
+    # products below float32's smallest subnormal (either sign): rounded to odd at float32,
+    # +-2^-149, never zero
+    a.append(torch.tensor([(-1) ** e * 2.0 ** -(70 + e % 30) for e in range(64)]))
+    b.append(torch.tensor([(-1) ** (e // 2) * 1.25 * 2.0 ** -(60 + e % 25) for e in range(64)]))
     return torch.cat(a), torch.cat(b)
 
 
