@@ -145,7 +145,15 @@ class Rounded:
         if f.man_bits + 1 <= 22 and f.min_subnormal >= 2.0 ** -147:  # type: ignore[union-attr]
             from precisim.formats import quantize
 
-            s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), a.numel(), a, b)
+            shape, n = a.shape, a.numel()
+            a, b = a.reshape(-1), b.reshape(-1)  # one compiled kernel for every shape
+            s32 = None
+            if op == "mul":  # float32 arithmetic unless an operand is outside its range
+                s32, unsafe = kernels.run(_mul_rto32_fast, ("rounded-mul-rto32-f32",), n, a, b)
+                s32 = None if unsafe else s32
+            if s32 is None:
+                s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), n, a, b)
+            s32 = s32.reshape(shape)
             return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
                             flush_output=self.flush)
         return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
@@ -180,7 +188,8 @@ def _rto32(s: torch.Tensor, err: torch.Tensor, a: torch.Tensor,
     (no int32 view: inductor copies int32 vectors through the stack): ``n``, the float32
     neighbour of ``s`` towards the exact value, and ``s`` bracket it; the even one of the two is
     ``fl((s + n) / 2)`` (a tie, rounded to even), and the result is the odd one."""
-    s = torch.where(torch.isinf(s) & torch.isfinite(a) & torch.isfinite(b),
+    # |s| == inf, not isinf(s): inductor vectorizes the comparison, not isinf
+    s = torch.where((s.abs() == float("inf")) & torch.isfinite(a) & torch.isfinite(b),
                     torch.copysign(torch.full_like(s, _F32_MAX), s), s)
     n = torch.nextafter(s, torch.where(err > 0, float("inf"), float("-inf")))
     fix = (err != 0) & torch.isfinite(s) & ((s + n) * 0.5 == s)
@@ -195,6 +204,32 @@ def _add_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bb = s - a
     err = (a - (s - bb)) + (b - bb)
     return _rto32(s, err, a, b)
+
+
+_SPLIT = 4097.0  # 2^12 + 1: Veltkamp's split of a float32 into two 12-bit halves
+# Dekker's product error is exact in float32 for operands and products in these ranges (no
+# overflow in the split, every partial product a multiple of 2^-149)
+_SAFE_MIN, _SAFE_MAX, _SAFE_PROD = 2.0 ** -100, 2.0 ** 100, 2.0 ** -96
+
+
+def _mul_rto32_fast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a b`` rounded to odd at float32 in float32 arithmetic (Dekker's TwoProduct with
+    Veltkamp's split; Dekker 1971), and whether any finite non-zero operand pair lies outside
+    the ranges where that error is exact (then :func:`_mul_rto32` computes the call)."""
+    a, b = a.float(), b.float()
+    p = a * b
+    t = a * _SPLIT
+    ah = t - (t - a)
+    al = a - ah
+    t = b * _SPLIT
+    bh = t - (t - b)
+    bl = b - bh
+    err = (((ah * bh - p) + ah * bl) + al * bh) + al * bl
+    ma, mb, mp = a.abs(), b.abs(), p.abs()
+    live = (ma != 0) & (mb != 0) & (ma < float("inf")) & (mb < float("inf"))
+    unsafe = live & ((ma < _SAFE_MIN) | (mb < _SAFE_MIN) | (ma >= _SAFE_MAX)
+                     | (mb >= _SAFE_MAX) | (mp < _SAFE_PROD) | (mp >= 2.0 ** 120))
+    return _rto32(p, err, a, b), unsafe.any()
 
 
 def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
