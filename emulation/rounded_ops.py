@@ -134,9 +134,10 @@ class Rounded:
     def _run(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The exact result rounded to odd in float64 (one compiled kernel for large operands,
         :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
-        most 22 bits of precision whose smallest subnormal is at least 2^-147, the float64
-        value is first rounded to odd at float32 (two or more bits finer than the format
-        everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last rounding
+        most 22 bits of precision whose smallest subnormal is at least 2^-147, the exact value
+        is first rounded to odd at float32 (:func:`_rto32`; two or more bits finer than the
+        format everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last
+        rounding
         is :func:`precisim.formats.quantize` of that float32 tensor; otherwise
         :meth:`Rq.fast` rounds the float64 value."""
         a, b = torch.broadcast_tensors(a.detach(), b.detach())
@@ -144,7 +145,15 @@ class Rounded:
         if f.man_bits + 1 <= 22 and f.min_subnormal >= 2.0 ** -147:  # type: ignore[union-attr]
             from precisim.formats import quantize
 
-            s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), a.numel(), a, b)
+            shape, n = a.shape, a.numel()
+            a, b = a.reshape(-1), b.reshape(-1)  # one compiled kernel for every shape
+            s32 = None
+            if op == "mul":  # float32 arithmetic unless an operand is outside its range
+                s32, unsafe = kernels.run(_mul_rto32_fast, ("rounded-mul-rto32-f32",), n, a, b)
+                s32 = None if unsafe else s32
+            if s32 is None:
+                s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), n, a, b)
+            s32 = s32.reshape(shape)
             return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
                             flush_output=self.flush)
         return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
@@ -167,26 +176,67 @@ def _exact(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return add_ro(a, b) if op == "add" else a * b
 
 
-def _rto32(v: torch.Tensor) -> torch.Tensor:
-    """float64 ``v`` rounded to odd at float32 (finite values stay finite: beyond float32's
-    range, its largest value, whose last bit is odd)."""
-    f = v.float()
-    f = torch.where(torch.isinf(f) & torch.isfinite(v), torch.copysign(
-        torch.full_like(f, torch.finfo(torch.float32).max), f), f)
-    back = f.double()
-    mag = f.abs().view(torch.int32)
-    fix = (back != v) & ((mag & 1) == 0) & ~torch.isnan(v)
-    step = torch.where(back.abs() < v.abs(), 1, -1).to(torch.int32)
-    mag = torch.where(fix, mag + step, mag)
-    return torch.copysign(mag.view(torch.float32), v.float())
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _rto32(s: torch.Tensor, err: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor) -> torch.Tensor:
+    """The exact ``s + err`` rounded to odd at float32, from ``s`` (float32, its rounding to
+    nearest even) and ``err`` (any float tensor whose sign is that of the exact error; 0 where
+    ``s`` is exact), for finite or non-finite operands ``a`` and ``b``. A finite result beyond
+    float32's range becomes its largest value (whose last bit is odd). Float arithmetic only
+    (no int32 view: inductor copies int32 vectors through the stack): ``n``, the float32
+    neighbour of ``s`` towards the exact value, and ``s`` bracket it; the even one of the two is
+    ``fl((s + n) / 2)`` (a tie, rounded to even), and the result is the odd one."""
+    # |s| == inf, not isinf(s): inductor vectorizes the comparison, not isinf
+    s = torch.where((s.abs() == float("inf")) & torch.isfinite(a) & torch.isfinite(b),
+                    torch.copysign(torch.full_like(s, _F32_MAX), s), s)
+    n = torch.nextafter(s, torch.where(err > 0, float("inf"), float("-inf")))
+    fix = (err != 0) & torch.isfinite(s) & ((s + n) * 0.5 == s)
+    return torch.where(fix, n, s)
 
 
 def _add_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _rto32(_exact("add", a, b))
+    """``a + b`` rounded to odd at float32: the float32 sum and its exact error (Knuth's
+    TwoSum, exact without overflow; a float32 sum in the subnormal range is exact)."""
+    a, b = a.float(), b.float()
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    return _rto32(s, err, a, b)
+
+
+_SPLIT = 4097.0  # 2^12 + 1: Veltkamp's split of a float32 into two 12-bit halves
+# Dekker's product error is exact in float32 for operands and products in these ranges (no
+# overflow in the split, every partial product a multiple of 2^-149)
+_SAFE_MIN, _SAFE_MAX, _SAFE_PROD = 2.0 ** -100, 2.0 ** 100, 2.0 ** -96
+
+
+def _mul_rto32_fast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a b`` rounded to odd at float32 in float32 arithmetic (Dekker's TwoProduct with
+    Veltkamp's split; Dekker 1971), and whether any finite non-zero operand pair lies outside
+    the ranges where that error is exact (then :func:`_mul_rto32` computes the call)."""
+    a, b = a.float(), b.float()
+    p = a * b
+    t = a * _SPLIT
+    ah = t - (t - a)
+    al = a - ah
+    t = b * _SPLIT
+    bh = t - (t - b)
+    bl = b - bh
+    err = (((ah * bh - p) + ah * bl) + al * bh) + al * bl
+    ma, mb, mp = a.abs(), b.abs(), p.abs()
+    live = (ma != 0) & (mb != 0) & (ma < float("inf")) & (mb < float("inf"))
+    unsafe = live & ((ma < _SAFE_MIN) | (mb < _SAFE_MIN) | (ma >= _SAFE_MAX)
+                     | (mb >= _SAFE_MAX) | (mp < _SAFE_PROD) | (mp >= 2.0 ** 120))
+    return _rto32(p, err, a, b), unsafe.any()
 
 
 def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _rto32(_exact("mul", a, b))
+    """``a b`` rounded to odd at float32: the exact float64 product against its rounding."""
+    p = a.double() * b.double()
+    s = p.float()
+    return _rto32(s, p - s.double(), a, b)
 
 
 _RTO32 = {"add": _add_rto32, "mul": _mul_rto32}

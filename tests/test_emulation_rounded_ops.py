@@ -47,6 +47,10 @@ def _operands() -> tuple[torch.Tensor, torch.Tensor]:
     for tie in (1 + 2.0 ** -8, 1 + 2.0 ** -11, 1 + 2.0 ** -4, 1 + 3 * 2.0 ** -8):
         a.append(torch.full((64,), tie))
         b.append(torch.tensor([(-1) ** e * 2.0 ** -(20 + e % 40) for e in range(64)]))
+    # products below float32's smallest subnormal (either sign): rounded to odd at float32,
+    # +-2^-149, never zero
+    a.append(torch.tensor([(-1) ** e * 2.0 ** -(70 + e % 30) for e in range(64)]))
+    b.append(torch.tensor([(-1) ** (e // 2) * 1.25 * 2.0 ** -(60 + e % 25) for e in range(64)]))
     return torch.cat(a), torch.cat(b)
 
 
@@ -226,3 +230,64 @@ def test_compiled_equals_eager() -> None:
         finally:
             kernels.set_backend(old)
         assert torch.equal(want.view(torch.int32), got.view(torch.int32)), (spec, op)
+
+
+def test_product_float32_path_equals_the_exact_reference() -> None:
+    """The float32 product kernel (Dekker's TwoProduct, no float64) on operands inside its
+    ranges: random products, near-ties of bf16 / fp16 / e4m3 with sticky parts of either sign,
+    products at the ends of the ranges; equal to the exact reference bit for bit, and batches
+    with an operand outside the ranges are handed to the float64 kernel."""
+    from precisim.emulation.rounded_ops import _mul_rto32_fast
+
+    g = torch.Generator().manual_seed(5)
+    n = 2000
+    a = [torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 10)]
+    b = [torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 10)]
+    e = torch.arange(64, dtype=torch.float32)
+    for tie in (1 + 2.0 ** -8, 1 + 2.0 ** -11, 1 + 2.0 ** -4, 1 + 3 * 2.0 ** -8):
+        for sign in (1.0, -1.0):
+            a.append(torch.full((64,), tie * sign))
+            b.append(1 + (-1) ** e * torch.exp2(-(12 + e % 12)))
+    # inexact products whose float32 rounding is a tie of bf16 or fp16: a = fl(T / b) and its
+    # neighbours for ties T (the sticky direction decides the rounding)
+    for step in (2.0 ** -7, 2.0 ** -10):  # the ulps of bf16 and fp16 at 1
+        bb = 1 + torch.rand(3000, generator=g)
+        tie = 1 + (torch.randint(0, 2 ** 7, (3000,), generator=g) * 2 + 1) * step / 2
+        tie = tie * (1 - 2 * torch.randint(0, 2, (3000,), generator=g)) * 2.0 ** 30
+        q = (tie.double() / bb.double()).float()
+        for aa in (q, torch.nextafter(q, q * 2), torch.nextafter(q, q * 0)):
+            prod = aa.double() * bb.double()
+            hit = (prod.float() == tie) & (prod != tie.double())
+            a.append(aa[hit])
+            b.append(bb[hit])
+    edge = torch.tensor([2.0 ** -100, 2.0 ** 99 * 1.999, 2.0 ** -48, 2.0 ** 60 * 1.7])
+    a.append(edge)
+    b.append(torch.tensor([2.0 ** 4 * 1.3, 2.0 ** 20 * 1.1, -(2.0 ** -48) * 1.25, 2.0 ** 59]))
+    a, b = torch.cat(a), torch.cat(b)
+    p = a.double() * b.double()
+    keep = (a.abs() >= 2.0 ** -100) & (b.abs() >= 2.0 ** -100) & (a.abs() < 2.0 ** 100) \
+        & (b.abs() < 2.0 ** 100) & (p.abs() >= 2.0 ** -96) & (p.abs() < 2.0 ** 120)
+    a, b = a[keep], b[keep]
+    assert len(a) > 3000
+    _, unsafe = _mul_rto32_fast(a, b)
+    assert not bool(unsafe)
+    from precisim.formats import kernels
+
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend("compile")
+        compiled = Rounded("bf16").mul(a, b)
+    finally:
+        kernels.set_backend(old)
+    for spec in (Rounded("bf16"), Rounded("fp16", rounding="rtz"), Rounded("e4m3"),
+                 Rounded("bf16", rounding="ru"), Rounded("e5m2", rounding="rd")):
+        fast = spec.mul(a, b)
+        if spec == Rounded("bf16"):
+            assert torch.equal(fast.view(torch.int32), compiled.view(torch.int32))
+        bad = [(x, y, f) for x, y, f in zip(a.tolist(), b.tolist(), fast.tolist())
+               if not _same(f, float(spec.mul_reference(x, y)))]
+        assert not bad, f"{spec.describe()}: {len(bad)} mismatches: {bad[:4]}"
+    for x, y in ((2.0 ** 100, 1.0), (2.0 ** -101, 4.0), (2.0 ** -50, 2.0 ** -47),
+                 (2.0 ** 70, 2.0 ** 51)):
+        _, unsafe = _mul_rto32_fast(torch.tensor([1.0, x]), torch.tensor([1.0, y]))
+        assert bool(unsafe), (x, y)

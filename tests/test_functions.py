@@ -290,3 +290,29 @@ def test_code_table_path(spec: dict, backend: str) -> None:
     same = (y.view(torch.int32) == ref.view(torch.int32)) | (y.isnan() & ref.isnan())
     assert bool(same.all()), f"{int((~same).sum())} elements differ"
     _check(u, x[::997])  # and a sample against the exact reference
+
+
+def test_hard_cases_are_found_on_a_compiled_batch() -> None:
+    """A correctly rounded unit's compiled kernel reports only a count of hard cases (the
+    elements whose float64 value is too close to a rounding boundary); a non-zero count makes
+    the unit compute the mask and the exact results. rsqrt rounded toward zero of powers of 4
+    is such a case (the float64 value straddles the exact 2^-k); the large batch is compiled."""
+    from precisim.emulation.functions.units import FunctionUnit, _kernel
+    from precisim.formats import kernels
+
+    u = FunctionUnit("t-rsqrt-rtz", function="rsqrt", method="exact", output_rounding="rtz")
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(300000, generator=g) * 100, 4.0 ** torch.arange(-20, 20).float()])
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend("compile")
+        y, count = kernels.run(_kernel(u, True), ("function-unit-flag", u), x.numel(), x)
+        _, hard = kernels.run(_kernel(u), ("function-unit", u), x.numel(), x)
+        got = u(x)
+    finally:
+        kernels.set_backend(old)
+    assert float(count) == int(hard.sum()) >= 40
+    assert bool(hard[-40:].all())
+    want = [float(u.reference(v)) for v in x[-40:].tolist()]
+    assert got[-40:].tolist() == want
+    assert torch.equal(y, got)

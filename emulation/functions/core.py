@@ -465,7 +465,11 @@ def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[float, float]
         exact = torch.zeros_like(exact)  # (powers of 4: decided exactly by the fallback)
     out = r.fast(v)
     eps = d.guard(xc)
-    hard = (r.fast(v * (1.0 - eps)) != r.fast(v * (1.0 + eps))) & ~exact & torch.isfinite(x)
+    if r.is_f32:  # compared as float32 (two casts back to float64 fewer, compiled)
+        hard = (v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()
+    else:
+        hard = r.fast(v * (1.0 - eps)) != r.fast(v * (1.0 + eps))
+    hard = hard & ~exact & torch.isfinite(x)
     if fn is Fn.RSQRT:
         hard = hard & (x > 0)
     at_pinf, at_ninf = infs

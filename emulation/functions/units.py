@@ -341,9 +341,17 @@ class FunctionUnit:
         """:meth:`_apply` without the table of 16-bit codes: the unit's kernel."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
-        out = kernels.run(_kernel(self), ("function-unit", self), flat.numel(), flat, *tabs)
-        y, xq, hard = out if self.method is Method.BOUND else (out[0], None, out[1])
-        if any_true(hard):
+        n = flat.numel()
+        if self.method is Method.BOUND:
+            y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
+        else:  # the hard-case mask only where there is one
+            xq = None
+            y, count = kernels.run(_kernel(self, True), ("function-unit-flag", self), n, flat,
+                                   *tabs)
+            hard = None
+            if float(count) > 0:
+                y, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
+        if hard is not None and any_true(hard):
             idx = hard.nonzero().reshape(-1)
             y = y.clone()
             if self.method is Method.BOUND:  # (displaced below)
@@ -648,7 +656,10 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 # the fast path (one compiled kernel per unit)
 
 @lru_cache(maxsize=512)
-def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's constants
+def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure over constants
+    """The unit's kernel on flat float32 input: ``(y, xq, hard)`` (bound model), else
+    ``(y, hard)``; with ``flag``, ``(y, count)`` instead, ``count`` > 0 where any element is a
+    hard case (a float32 sum: compiled, it costs far less than writing the bool mask)."""
     r = u.rounders
     fn, m = u.function, u.method
     W = r["w"].fast
@@ -775,6 +786,8 @@ def _kernel(u: FunctionUnit):  # noqa: ANN202 - a closure over the unit's consta
         y, xq, hard = kernel(x.double(), *tabs)
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             return y.float(), xq.float(), hard
+        if flag:
+            return y.float(), torch.where(hard, 1.0, 0.0).float().sum()
         return y.float(), hard
 
     return kernel32
