@@ -163,20 +163,20 @@ def round_f32_bits(
     if overflow is Overflow.WRAP:
         return _wrap_int(bits, fmt, rounding, k, flush_in_below, rand, sr_bits)
 
-    def fn(xf, kk, rr):
-        # float32 in, viewed as int32 inside: compiled CPU kernels load float32 vectors directly
-        # but int32 vectors through a stack copy (several times slower)
-        return round_bits(xf.view(torch.int32), kk, p, rounding, overflow, flush_in_below,
-                          flush_output, rr, sr_bits)
+    def fn(b, kk, rr):
+        # the int32 bits as the kernel's input: a float32 -> int32 view inside a compiled CPU
+        # kernel copies every vector through the stack
+        return round_bits(b, kk, p, rounding, overflow, flush_in_below, flush_output, rr,
+                          sr_bits)
 
     key = ("round", p, rounding, overflow, flush_in_below, flush_output, sr_bits,
            k is None, rand is None)
     if k is None:  # one dimension: one compiled kernel for every shape
         flat = bits.reshape(-1)
         rflat = None if rand is None else rand.reshape(-1)
-        out = kernels.run(fn, key, flat.numel(), flat.view(torch.float32), None, rflat)
+        out = kernels.run(fn, key, flat.numel(), flat, None, rflat)
         return out.view(bits.shape)
-    return kernels.run(fn, key, bits.numel(), bits.view(torch.float32), k, rand)
+    return kernels.run(fn, key, bits.numel(), bits, k, rand)
 
 
 def _wrap_int(bits, fmt: IntFormat, rounding, k, flush_in_below, rand, sr_bits):
