@@ -43,6 +43,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -620,10 +621,12 @@ def _events_key(f: ScaledFormat) -> tuple:
     return (f.element, f.scale)
 
 
+@lru_cache(maxsize=256)
 def _event_consts(f: ScaledFormat) -> tuple[float, float, float]:
     """``(element max, overflow ratio, scale max)`` of ``f`` as Python floats, computed outside
     the traced kernels: traced from the formats' integer fields (symbolic under
-    ``dynamic=True``), they were recomputed with pow/log2 for every vector of elements."""
+    ``dynamic=True``), they were recomputed with pow/log2 for every vector of elements. Cached
+    (formats are frozen): the Fraction arithmetic is per-call overhead on every quantization."""
     return float(f.element.max), overflow_ratio(f.element), float(f.scale.max)
 
 
@@ -726,9 +729,8 @@ def _float_scaled_fn(f: ScaledFormat, red_dims, rnd, flush_in, bits_sr, p: Kerne
     """The float-scale quantizer as one function for torch.compile: block amaxes (and the
     tensor amax), scales, then the elements. Returns (g, bs, dequantized[, elements][, events
     (:func:`_float_events`) when ``counted``])."""
-    elem_max = float(f.element.max)
-    scale_max = float(f.scale.max)
     ec = _event_consts(f)
+    elem_max, scale_max = ec[0], ec[2]
     ps = KernelParams.of(f.scale)
     fp32_scale = f.scale == FP32
     tensor_scale = f.tensor_scale
