@@ -218,23 +218,8 @@ def _read_by_parent(name: str, modules: dict[str, nn.Module]) -> str | None:
 # wrappers
 
 class _Recorder:
-    """Forwards telemetry counts and keeps the last ones (to repeat them for a reused input)."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.telemetry = telemetry
-        self.counts: dict[str, torch.Tensor] | None = None
-
-    def add(self, module: str, role: str, counts: dict[str, torch.Tensor]) -> None:
-        self.counts = counts
-        self.telemetry.add(module, role, counts)
-
-
-_operand_bytes = operand_bytes
-
-
-class _Capture:
-    """Keeps the counts of a weight's quantization (for a shared cache, which counts them into
-    every emulation that reads the weight) and forwards them to ``telemetry`` if any."""
+    """Keeps the last telemetry counts (to repeat them for a reused input, or to store them
+    with a shared cached weight) and forwards them to ``telemetry`` if any."""
 
     def __init__(self, telemetry: Any) -> None:
         self.telemetry = telemetry
@@ -718,7 +703,7 @@ class Emulation:
             return op if op.values.dtype == torch.float32 else Operand(op.values.float(),
                                                                         op.parts)
         if hit is not None:
-            self._cache_total -= _operand_bytes(hit[1])
+            self._cache_total -= operand_bytes(hit[1])
             del self._wcache[name]
         need = needs_parts(spec)
         shared = self.weight_cache if cache and spec.weight is not None and \
@@ -733,7 +718,7 @@ class Emulation:
         else:
             wt = w.t() if transposed else w
             tel = None if self.telemetry is None else _Static(self.telemetry)
-            rec = _Capture(tel) if shared is not None else tel
+            rec = _Recorder(tel) if shared is not None else tel
             op = quantize_operand(wt, spec.weight, axis=-1, need_parts=need,
                                   telemetry=rec, where=(name, "weight"))
             stored = op
@@ -743,8 +728,8 @@ class Emulation:
                     stored = Operand(compact, op.parts)
             if shared is not None:
                 shared.put(name, w, spec.weight, need, transposed, stored,
-                           rec.counts if isinstance(rec, _Capture) else None)
-        size = _operand_bytes(stored)
+                           rec.counts if isinstance(rec, _Recorder) else None)
+        size = operand_bytes(stored)
         budget = self.weight_cache_bytes
         if cache and (budget is None or self._cache_total + size <= budget):
             self._wcache[name] = (key, stored)
@@ -775,7 +760,7 @@ class Emulation:
 
     def cache_bytes(self) -> int:
         """Bytes held by the quantized-weight cache (values, and codes and scales)."""
-        return sum(_operand_bytes(op) for _, op in self._wcache.values())
+        return sum(operand_bytes(op) for _, op in self._wcache.values())
 
     def clear_cache(self) -> None:
         """Drop the quantized weights (they are recomputed at the next forward)."""
