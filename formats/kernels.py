@@ -401,8 +401,15 @@ REUSE_MIN_NUMEL = 1 << 13
 RECOMPILE_LIMIT = 64
 
 #: the first-use self-check of compiled kernels (see :func:`run`); ``PRECISIM_KERNEL_SELF_CHECK=0``
-#: switches it off (for measuring its cost; results may then depend on the compile cache)
-SELF_CHECK = os.environ.get("PRECISIM_KERNEL_SELF_CHECK", "1") != "0"
+#: switches it off (for measuring its cost; results may then depend on the compile cache);
+#: ``PRECISIM_KERNEL_SELF_CHECK=all`` checks every call, not only the first (a diagnostic for a
+#: compiled kernel suspected of differing on a later batch: slow, every call also runs eagerly)
+_SELF_CHECK_ENV = os.environ.get("PRECISIM_KERNEL_SELF_CHECK", "1")
+if _SELF_CHECK_ENV not in ("0", "1", "all"):
+    raise ValueError(f"PRECISIM_KERNEL_SELF_CHECK={_SELF_CHECK_ENV!r}: accepted '0' (off), "
+                     "'1' (the first call of each kernel) and 'all' (every call)")
+SELF_CHECK = _SELF_CHECK_ENV != "0"
+SELF_CHECK_EVERY_CALL = _SELF_CHECK_ENV == "all"
 #: the largest first batch the self-check compares whole; past it, a leading slice of every
 #: tensor argument that shares the batch's length (element-wise kernels) is compared, else the
 #: whole batch
@@ -462,7 +469,7 @@ def run(fn, key: tuple, numel: int, *args):
         warnings.warn(f"torch.compile failed ({exc!r:.200}); using the eager kernel", stacklevel=3)
         _COMPILED[key] = False
         return fn(*args)
-    if SELF_CHECK and key not in _CHECKED:
+    if SELF_CHECK and (key not in _CHECKED or SELF_CHECK_EVERY_CALL):
         out = self_check(fn, key, args, out)
     return out
 
@@ -491,7 +498,7 @@ def self_check(fn: Callable[..., Any], key: tuple, args: tuple, out: Any) -> Any
     _CHECKED.add(key)
     t0 = time.perf_counter()
     try:
-        probe, probe_out = _probe(args), None
+        probe, probe_out = (None if SELF_CHECK_EVERY_CALL else _probe(args)), None
         compiled = _COMPILED.get(key)
         if probe is not None and callable(compiled):
             try:
@@ -512,9 +519,10 @@ def self_check(fn: Callable[..., Any], key: tuple, args: tuple, out: Any) -> Any
     _COMPILED[key] = False
     import warnings
 
+    which = "a" if SELF_CHECK_EVERY_CALL else "its first"
     warnings.warn(
-        f"the compiled kernel {key[0]!r} returned bits that differ from its eager twin on its "
-        f"first batch in this process ({differ} of {total} values); it runs eagerly from now on. "
+        f"the compiled kernel {key[0]!r} returned bits that differ from its eager twin on "
+        f"{which} batch in this process ({differ} of {total} values); it runs eagerly from now on. "
         "A torch.compile cache written by another machine or torch build (TORCHINDUCTOR_CACHE_DIR) "
         "is the likely cause: clear it", RuntimeWarning, stacklevel=3)
     return fn(*args) if probe_out is not None else ref

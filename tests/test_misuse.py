@@ -423,3 +423,48 @@ def test_a_healthy_compiled_kernel_is_checked_once(monkeypatch, fresh_kernels) -
     st = kernels.self_check_stats()
     assert st["checked"] == 1 and st["failed"] == 0
     assert len(calls) == 4  # three calls and the check's leading slice
+
+
+def test_every_call_self_check_catches_a_kernel_wrong_on_a_later_batch(monkeypatch,
+                                                                          fresh_kernels) -> None:
+    """A compiled kernel right on its first batch and wrong on the second passes the
+    first-use check; ``PRECISIM_KERNEL_SELF_CHECK=all`` (every call checked) catches it."""
+    def wrong_from_second_call(fn):
+        seen = []
+
+        def compiled(*args):
+            seen.append(1)
+            out = fn(*args)
+            return out if len(seen) == 1 else _flip(out)
+        return compiled
+
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(2)) * 100
+    monkeypatch.setattr(kernels, "_compile", wrong_from_second_call)
+    quantize(x, "e4m3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrong = quantize(x, "e4m3")  # first-use mode: the second batch is not checked
+    set_backend("eager")
+    ref = quantize(x, "e4m3")
+    assert not torch.equal(wrong, ref)
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_CHECKED", set())
+    monkeypatch.setattr(kernels, "SELF_CHECK_EVERY_CALL", True)
+    set_backend("compile")
+    quantize(x, "e4m3")
+    with pytest.warns(RuntimeWarning, match="differ from its eager twin on a batch"):
+        got = quantize(x, "e4m3")
+    assert torch.equal(got, ref)
+
+
+def test_an_unknown_self_check_setting_is_an_error() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PRECISIM_KERNEL_SELF_CHECK="yes")
+    r = subprocess.run([sys.executable, "-c", "import precisim.formats.kernels"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "PRECISIM_KERNEL_SELF_CHECK='yes'" in r.stderr and "'all'" in r.stderr
