@@ -11,7 +11,11 @@ by up to 15% between two x86 machines.
 ATen's CPU capability (``ATEN_CPU_CAPABILITY=avx2``), Intel MKL's conditional numerical
 reproducibility in strict mode (``MKL_CBWR=AVX2,STRICT``: the AVX2 code path on every CPU that
 has AVX2, and results independent of the thread count) and oneDNN's ISA
-(``ONEDNN_MAX_CPU_ISA=AVX2``). Every x86-64 CPU since 2013 (Haswell, Zen) has AVX2; the same
+(``ONEDNN_MAX_CPU_ISA=AVX2``), and the target of the C++ code torch.compile generates for
+precisim's own kernels (``TORCHINDUCTOR_CPP_MARCH=x86-64-v3``: inductor writes AVX2 vector code
+once ATen is pinned to AVX2, and by default compiles it with ``-march=native``; GCC 12.2 on an
+AVX-512 CPU was measured to miscompile that code, see docs/reproducibility.md section 9). Every
+x86-64 CPU since 2013 (Haswell, Zen) has AVX2; the same
 torch and MKL builds then give the same bits on any of them, at any thread count (measured:
 tests/test_numerics.py; precisim's own compiled kernels are exact integer arithmetic or
 elementwise float operations, which do not depend on the vector width). The cost on an AVX-512
@@ -39,6 +43,7 @@ PINS: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
 }
 
 #: the pins as they were when this module was first imported (torch reads them once, at load)
@@ -47,6 +52,11 @@ _AT_START = {k: os.environ.get(k) for k in PINS}
 
 class ReproducibilityError(RuntimeError):
     """Reproducible mode is asked for but cannot be had (the message says why and what to do)."""
+
+
+#: the /proc/cpuinfo flags of the x86-64-v3 level beyond x86-64-v2 (``abm``: LZCNT), which the
+#: pinned compiled kernels are built for (``TORCHINDUCTOR_CPP_MARCH``)
+X86_64_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"})
 
 
 @cache
@@ -79,8 +89,10 @@ def can_pin() -> str | None:
         return (f"reproducible mode pins x86-64 AVX2 code paths; this machine is "
                 f"{platform.machine()}")
     flags = _cpu_flags()
-    if flags and not {"avx2", "fma"} <= flags:
-        return "reproducible mode needs a CPU with AVX2 and FMA (x86-64-v3); this one has neither"
+    missing = sorted(X86_64_V3 - flags) if flags else []
+    if missing:
+        return (f"reproducible mode needs an x86-64-v3 CPU (AVX2, FMA, BMI1/2, F16C, LZCNT, "
+                f"MOVBE); this one lacks {', '.join(missing)}")
     import torch
 
     if not torch.backends.mkl.is_available():
@@ -102,14 +114,13 @@ def pinned_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update(PINS)
     if "TORCHINDUCTOR_CACHE_DIR" not in env:
-        # a compile cache of its own: kernels compiled under another ATen capability and loaded
-        # under the pinned one return wrong bits (caught by precisim's first-use self-check,
-        # which then falls back to slower eager kernels)
+        # a compile cache of its own, never shared with native runs nor with pinned runs from
+        # before the -march pin (whose kernels could be miscompiled: docs/reproducibility.md)
         import getpass
         import tempfile
 
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_precisim_avx2")
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_precisim_x86-64-v3")
     return env
 
 

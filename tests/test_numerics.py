@@ -22,10 +22,10 @@ PINNED = numerics.can_pin() is None
 
 def test_pins_and_environment() -> None:
     assert numerics.PINS == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
-                             "ONEDNN_MAX_CPU_ISA": "AVX2"}
+                             "ONEDNN_MAX_CPU_ISA": "AVX2", "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3"}
     env = numerics.pinned_env({"PATH": "/bin", "ATEN_CPU_CAPABILITY": "avx512"})
     cache = env.pop("TORCHINDUCTOR_CACHE_DIR")  # its own compile cache (not the native one's)
-    assert cache.endswith("_precisim_avx2") and env == {"PATH": "/bin", **numerics.PINS}
+    assert cache.endswith("_precisim_x86-64-v3") and env == {"PATH": "/bin", **numerics.PINS}
     assert numerics.pinned_env({"TORCHINDUCTOR_CACHE_DIR": "/c"})["TORCHINDUCTOR_CACHE_DIR"] == "/c"
     e = numerics.environment()
     assert {"reproducible", "pins", "torch", "mkl", "numpy", "python", "cpu_capability",
@@ -52,7 +52,8 @@ def test_comparable_says_why_not() -> None:
 def test_can_pin_names_what_is_missing(monkeypatch) -> None:
     monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"sse2", "avx"}))
     monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
-    assert "needs a CPU with AVX2 and FMA" in numerics.can_pin()
+    msg = numerics.can_pin()
+    assert "needs an x86-64-v3 CPU" in msg and "lacks abm, avx2, bmi1, bmi2, f16c, fma" in msg
     monkeypatch.setattr(numerics.platform, "machine", lambda: "aarch64")
     assert "this machine is aarch64" in numerics.can_pin()
 
@@ -257,3 +258,32 @@ def test_the_committed_main_job_sheet_reruns_exactly(tmp_path) -> None:
                        text=True, timeout=7200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "reproduced exactly" in r.stdout and "both in reproducible mode" in r.stdout
+
+
+_SELECT = """
+import torch
+def f(sig, sh):
+    return torch.where(sh >= 0, sig << sh.clamp(min=0), sig >> (-sh).clamp(min=0))
+g = torch.Generator().manual_seed(0)
+sig = torch.randint(0, 1 << 20, (100000,), dtype=torch.int32, generator=g)
+sh = torch.randint(-8, 8, (100000,), dtype=torch.int32, generator=g)
+out = torch.compile(f, dynamic=True, fullgraph=True)(sig, sh)
+print(torch.backends.cpu.get_cpu_capability(), int((out != f(sig, sh)).sum()))
+"""
+
+
+@pytest.mark.skipif(not PINNED, reason="needs an AVX2 x86-64 CPU with MKL (reproducible mode)")
+def test_pinned_compiled_select_equals_eager(tmp_path) -> None:
+    """Code torch.compile generates in a pinned process equals eager PyTorch on an int32 select
+    (``where(sh >= 0, sig << sh, sig >> -sh)``, the pattern of the fused chain's prepare
+    kernel). Inductor writes AVX2 vector code under the pinned capability; compiled with its
+    default ``-march=native``, GCC 12.2 on this project's AVX-512 machine inverted the select
+    (93663 of 100000 values wrong; the first-use self-check missed it on a batch whose shifts
+    were all zero); the ``TORCHINDUCTOR_CPP_MARCH`` pin compiles for x86-64-v3 instead."""
+    env = numerics.pinned_env({k: v for k, v in os.environ.items() if k not in numerics.PINS})
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")  # compiled here, not loaded
+    r = subprocess.run([sys.executable, "-c", _SELECT], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    capability, differ = r.stdout.split()[-2:]
+    assert capability == "AVX2" and differ == "0"
