@@ -11,7 +11,9 @@ of 128); the median step time and the peak resident memory (VmHWM after the mode
 and warmed up, minus the resident size before the model) are reported, and each recipe's
 ratio to the unpatched step of the same run. Kernels of at least ``--compile-min-numel``
 elements run compiled (default 2^16, what ``precisim.eval.train`` uses in training).
-Targets (the issue): fake-quant recipes <= 3x, bit-exact accumulator recipes
+``fp8-attention-train`` adds the attention matmuls' FP8 forward and their four backward GEMMs
+(docs/training.md section 1b) to ``fp8-tensor-train``. Targets (the issue): fake-quant
+recipes <= 3x, bit-exact accumulator recipes
 (``deepseek-fp8-train``) <= 25x. Do not time while other heavy jobs share the machine.
 """
 
@@ -25,7 +27,7 @@ import sys
 import time
 
 DEFAULT = ("bf16-train,fp8-tensor-train,mxfp8-floor-train,mxfp8-ceil-train,nvfp4-train,"
-           "deepseek-fp8-train")
+           "fp8-attention-train,deepseek-fp8-train")
 
 
 def _rss(field: str) -> int:

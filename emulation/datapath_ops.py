@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .patch import PlanEntry
 
 __all__ = ["activation_of", "emulated_softmax", "install_activation", "install_normalization",
+           "needs_grad", "with_own_backward",
            "install_softmax", "is_activation", "is_norm", "norm_kind_of"]
 
 _PROBE = torch.linspace(-6.0, 6.0, 97)
@@ -122,6 +123,27 @@ def _count(installer: Installer, name: str, own: torch.Tensor, y: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
+# training: the backward is the module's own (docs/training.md section 1c)
+
+def needs_grad(*ts: Any) -> bool:
+    """Whether autograd records now and any of ``ts`` (tensors or None) requires a gradient."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def with_own_backward(y: torch.Tensor, ref: torch.Tensor | None, name: str,
+                       kind: str) -> torch.Tensor:
+    """The emulated ``y`` with the backward of ``ref``, the module's own operation on the
+    unquantized inputs (straight through the unit's roundings), or ``y`` when no gradient is
+    needed (``ref`` None)."""
+    if ref is None:
+        return y
+    from .training.autograd import own_backward
+
+    return own_backward(y, ref, name, kind)
+
+
+# ---------------------------------------------------------------------------------------------
 # installers
 
 def install_normalization(installer: Installer, entries: Sequence[PlanEntry]) -> None:
@@ -141,10 +163,13 @@ def install_normalization(installer: Installer, entries: Sequence[PlanEntry]) ->
         def forward(x: torch.Tensor, *a: Any, m: nn.Module = m, spec: Norm = spec,
                     eps: float = eps, name: str = e.module, own: Any = own) -> torch.Tensor:
             b = getattr(m, "bias", None)
-            y = spec(x, m.weight, b if isinstance(b, torch.Tensor) else None, eps=eps)
+            b = b if isinstance(b, torch.Tensor) else None
+            y = spec(x, m.weight, b, eps=eps)
+            ref = own(m, x, *a) if needs_grad(x, m.weight, b) else None
             if installer.emulation.telemetry is not None:
-                _count(installer, name, own(m, x, *a), y, x.dtype, spec.output_format)
-            return y.to(x.dtype)
+                _count(installer, name, own(m, x, *a) if ref is None else ref.detach(), y,
+                       x.dtype, spec.output_format)
+            return with_own_backward(y.to(x.dtype), ref, name, "normalization")
 
         installer.setattr(m, "forward", forward)
 
@@ -165,9 +190,11 @@ def install_activation(installer: Installer, entries: Sequence[PlanEntry]) -> No
         def forward(x: torch.Tensor, m: nn.Module = m, spec: Activation = spec,
                     name: str = e.module, own: Any = own) -> torch.Tensor:
             y = spec(x)
+            ref = own(m, x) if needs_grad(x) else None
             if installer.emulation.telemetry is not None:
-                _count(installer, name, own(m, x), y, x.dtype, spec.output_format)
-            return y.to(x.dtype)
+                _count(installer, name, own(m, x) if ref is None else ref.detach(), y,
+                       x.dtype, spec.output_format)
+            return with_own_backward(y.to(x.dtype), ref, name, "activation")
 
         installer.setattr(m, "forward", forward)
 
@@ -202,10 +229,11 @@ class _SoftmaxMode(TorchFunctionMode):
             return func(*args, **kwargs)
         xt = x if dtype is None else x.to(dtype)
         y = self.spec(xt, dim=dim)
+        ref = func(*args, **kwargs) if needs_grad(x) else None
         if self.installer.emulation.telemetry is not None:
-            _count(self.installer, self.name, func(*args, **kwargs), y, xt.dtype,
-                   self.spec.output_format)
-        return y.to(xt.dtype)
+            _count(self.installer, self.name, func(*args, **kwargs) if ref is None
+                   else ref.detach(), y, xt.dtype, self.spec.output_format)
+        return with_own_backward(y.to(xt.dtype), ref, self.name, "softmax")
 
 
 def install_softmax(installer: Installer, entries: Sequence[PlanEntry]) -> None:

@@ -443,27 +443,29 @@ def _register_datapath_kinds() -> None:
     from . import rounded_ops as r
     from .functions import Activation, Norm, Softmax
 
+    # (docs/training.md section 1c)
+    _ST = "; backward: straight through (PyTorch's, on the unquantized inputs)"
     for kind in (
         OpKind("softmax", Softmax, d.is_attention, d.install_softmax, ("output",),
                family="softmax", default_on=False,
                description="the softmax inside every attention function (emulated Softmax "
-               "unit: max, subtraction, exp unit, sum reduction, division or reciprocal)"),
+               "unit: max, subtraction, exp unit, sum reduction, division or reciprocal)" + _ST),
         OpKind("normalization", Norm, d.is_norm, d.install_normalization, ("output",),
                family="normalization", default_on=False,
                description="every RMSNorm / LayerNorm (recognised by behaviour): reduction "
-               "format and order, rsqrt unit, epsilon, cast order around the weight"),
+               "format and order, rsqrt unit, epsilon, cast order around the weight" + _ST),
         OpKind("activation", Activation, d.is_activation, d.install_activation, ("output",),
                family="activation", default_on=False,
                description="every SiLU / GELU activation module (recognised by behaviour): "
-               "a function unit, or exp and rcp units"),
+               "a function unit, or exp and rcp units" + _ST),
         OpKind("glu", r.Rounded, r.is_glu, r.install_glu, ("output",), family="glu",
                default_on=False,
                description="the gated product act(gate) * up of every gated MLP (recognised "
-               "on a probe input), computed exactly and rounded once"),
+               "on a probe input), computed exactly and rounded once" + _ST),
         OpKind("residual", r.Rounded, r.is_residual_block, r.install_residual, ("output",),
                family="residual", default_on=False,
                description="the residual adds of every decoder layer (input plus a "
-               "sub-module's output), computed exactly and rounded once"),
+               "sub-module's output), computed exactly and rounded once" + _ST),
     ):
         OP_KINDS.register(kind.name, kind)
 

@@ -38,6 +38,7 @@ from precisim.formats import FloatFormat, Overflow, Rounding, kernels
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .datapath_ops import needs_grad, with_own_backward
 from .functions import exact as ex
 from .functions.core import Rq, Value, add_ro, check_format, default_overflow, parse_enum
 from .opkinds import EmulationError, dispatches_attention, is_linear
@@ -377,7 +378,9 @@ def install_glu(installer: Installer, entries: Sequence[PlanEntry]) -> None:
             y = spec.mul(a, u)
             if installer.emulation.telemetry is not None:
                 _count(installer, name, _exact("mul", a, u), y, spec)
-            return (y.to(p.dtype), *args[1:])
+            # training: the backward is the model's own product's (docs/training.md 1c)
+            return (with_own_backward(y.to(p.dtype), p if needs_grad(p) else None, name,
+                                       "glu"), *args[1:])
 
         for key, child in (("a", roles.act), ("u", roles.up)):
             installer.on_restore(kids[child].register_forward_hook(keep(key, kept)).remove)
@@ -432,14 +435,28 @@ class _ResidualMode(TorchFunctionMode):
         if self.installer.emulation.telemetry is not None:
             _count(self.installer, self.name, _exact("add", a.detach(), b.detach()), y,
                    self.spec)
+        # training: the backward is the model's own add's (docs/training.md section 1c)
+        grad = needs_grad(a, b)
         if func in _IN_PLACE:  # r += h: the sum is written into r (a stream tensor already)
+            if grad:  # the own add in autograd's graph, then its value replaced
+                func(a, b).register_hook(_noting(self.name))
             with torch.no_grad():
                 out = a.copy_(y)
         else:
-            out = y.to(a.dtype)
+            out = with_own_backward(y.to(a.dtype), func(a, b) if grad else None, self.name,
+                                     "residual")
         self.stream.append(out)
         self.adds += 1
         return out
+
+
+def _noting(name: str):  # noqa: ANN202 - a gradient hook
+    def hook(g: torch.Tensor) -> None:
+        from .training.autograd import GRAD_PROBES
+
+        for p in GRAD_PROBES:
+            p.note_straight_through(name, "residual")
+    return hook
 
 
 def install_residual(installer: Installer, entries: Sequence[PlanEntry]) -> None:

@@ -266,3 +266,56 @@ def test_loss_scaler_backs_off_on_inf_and_grows():
     assert sc2.state_dict() == sc.state_dict()
     with pytest.raises(ValueError, match="backoff=1.5"):
         LossScaling(backoff=1.5)
+
+
+def _opt_after_steps(fmt: str, n: int, shape: tuple[int, int], steps: int = 1):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(shape)) for _ in range(n)]
+    opt = LowPrecisionAdamW([(f"p{i}", p) for i, p in enumerate(ps)], lr=LR, states=fmt)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(shape)
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn(shape)
+    return ps, opt
+
+
+@pytest.mark.parametrize("fmt", sorted(STATE_FORMATS))
+def test_step_peak_memory_is_one_parameters_temporaries(fmt, monkeypatch):
+    """Bytes, not time: the peak of the CPU bytes a step allocates (torch's memory profiler)
+    is at most 3 fp32 copies of one parameter (its decoded m and v and the denominator; fp32
+    states: the denominator only) plus the rounding's temporaries of one slice of
+    ENCODE_CHUNK elements (at most 128 bytes an element: eager stochastic rounding to bf16
+    takes about 100), and the same for 1 and 4
+    parameters. Before, the previous parameter's m and v were alive while the next ones were
+    decoded, and the rounding's temporaries spanned the whole tensor (bf16-sr: 27 fp32 copies
+    of a 256x256 parameter, 9.5 over four 2048x1024 ones)."""
+    import precisim.emulation.training.lowp_optim as lo
+
+    monkeypatch.setattr(lo, "ENCODE_CHUNK", 1 << 14)
+    shape = (512, 256)
+    param = shape[0] * shape[1] * 4
+    copies = 1 if fmt == "fp32" else 3
+    peaks = []
+    for n in (1, 4):
+        _, opt = _opt_after_steps(fmt, n, shape)
+        peaks.append(lo.peak_bytes(opt.step))
+    assert peaks[0] == peaks[1], peaks
+    assert copies * param <= peaks[0] <= copies * param + 128 * (1 << 14), peaks
+
+
+@pytest.mark.parametrize("fmt", ["bf16-sr", "fp8", "fp8-sr"])
+def test_sliced_rounding_stores_the_same_codes(fmt, monkeypatch):
+    """Rounding the moments in slices of ENCODE_CHUNK elements (SR bits keyed by the element's
+    position in the whole tensor) stores the same codes, bit for bit, as in one slice."""
+    import precisim.emulation.training.lowp_optim as lo
+
+    whole = _opt_after_steps(fmt, 2, (96, 80), steps=3)
+    monkeypatch.setattr(lo, "ENCODE_CHUNK", 1000)  # not a divisor of a row or the tensor
+    sliced = _opt_after_steps(fmt, 2, (96, 80), steps=3)
+    for pa, pb in zip(whole[0], sliced[0]):
+        assert torch.equal(pa, pb)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(whole[1].state[pa][k].view(torch.uint8),
+                               sliced[1].state[pb][k].view(torch.uint8))

@@ -43,8 +43,9 @@ from .hadamard import random_hadamard, rht
 from .roles import TrainingSpec, check_blocks
 from .sr import SRSeedError, active_seed, element_bits, key_of
 
-__all__ = ["AttentionGrad", "GradProbe", "LinearGrad", "attach_attention_grad",
-           "attach_linear_grad", "check_layer", "plain_linear", "straight_through"]
+__all__ = ["AttentionGrad", "GradProbe", "LinearGrad", "OwnBackward", "attach_attention_grad",
+           "attach_linear_grad", "check_layer", "own_backward", "plain_linear",
+           "straight_through"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +82,9 @@ class GradProbe:
     """Collects :class:`GradStat` per (module, gemm) while active (``with GradProbe() as p``)."""
 
     stats: dict[tuple[str, str], GradStat] = field(default_factory=dict)
+    #: (module, op kind) -> backward calls that ran straight through an emulated unit (the
+    #: op kinds softmax, normalization, activation, glu, residual: docs/training.md 1c)
+    straight_through: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __enter__(self) -> GradProbe:
         GRAD_PROBES.append(self)
@@ -88,6 +92,10 @@ class GradProbe:
 
     def __exit__(self, *exc: object) -> None:
         GRAD_PROBES.remove(self)
+
+    def note_straight_through(self, module: str, kind: str) -> None:
+        key = (module, kind)
+        self.straight_through[key] = self.straight_through.get(key, 0) + 1
 
     def add(self, module: str, gemm_name: str, q: torch.Tensor, g: torch.Tensor) -> None:
         self.stats.setdefault((module, gemm_name), GradStat()).add(q, g)
@@ -352,3 +360,33 @@ def straight_through(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or not x.requires_grad:
         return q
     return StraightThrough.apply(q.detach(), x)
+
+
+class OwnBackward(torch.autograd.Function):
+    """``OwnBackward.apply(y, own, module, kind)``: the emulated value ``y`` forward; the
+    gradient goes to ``own``, the module's own operation on the unquantized inputs (already
+    in autograd's graph), so the backward is PyTorch's (docs/training.md section 1c). Each
+    backward call is recorded in every active :class:`GradProbe`."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, own: torch.Tensor, module: str,
+                kind: str) -> torch.Tensor:
+        ctx.where = (module, kind)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        for p in GRAD_PROBES:
+            p.note_straight_through(*ctx.where)
+        return None, gy, None, None
+
+
+def own_backward(y: torch.Tensor, own: torch.Tensor, module: str, kind: str) -> torch.Tensor:
+    """``y`` (the emulated result, ``own``'s dtype and shape) with the backward of ``own``
+    (docs/training.md section 1c); ``y`` itself when ``own`` needs no gradient."""
+    if not (torch.is_grad_enabled() and own.requires_grad):
+        return y
+    if y.shape != own.shape or y.dtype != own.dtype:
+        raise ValueError(f"{module}: emulated result {tuple(y.shape)} {y.dtype} does not "
+                         f"match the module's own {tuple(own.shape)} {own.dtype}")
+    return OwnBackward.apply(y.detach(), own, module, kind)

@@ -33,7 +33,8 @@ from precisim.formats import quantize
 
 from .sr import element_bits, key_of
 
-__all__ = ["STATE_FORMATS", "LossScaler", "LossScaling", "LowPrecisionAdamW", "StateFormat"]
+__all__ = ["ENCODE_CHUNK", "STATE_FORMATS", "LossScaler", "LossScaling", "LowPrecisionAdamW",
+           "StateFormat", "peak_bytes"]
 
 #: the accepted optimizer-state formats: name -> (element format, per-tensor scale, SR)
 STATE_FORMATS: dict[str, tuple[str, bool, bool]] = {
@@ -47,6 +48,8 @@ _FP8_MAX = 448.0
 #: the storage dtype of each element format (holds its values exactly)
 _STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+#: elements rounded at a time when the moments are stored (bounds the step's temporaries)
+ENCODE_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -87,26 +90,37 @@ class StateFormat:
         """The dtype the moments are stored in (it holds the format's values exactly)."""
         return _STORAGE[self.element]
 
-    def encode(self, x: torch.Tensor, *, seed: int, step: int, name: str,
-               moment: str) -> tuple[torch.Tensor, float]:
+    def encode(self, x: torch.Tensor, *, seed: int, step: int, name: str, moment: str,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """``x`` (float32) rounded to this format (with its per-tensor scale when ``scaled``:
         ``scale = amax / 448``, 1 for an all-zero tensor), as (codes in :attr:`dtype`,
-        scale); ``decode`` of them is the rounded value."""
+        scale); ``decode`` of them is the rounded value. The rounding runs over slices of
+        :data:`ENCODE_CHUNK` elements (it is elementwise once the scale is known; the SR bits
+        are keyed by the element's position in the whole tensor), so its temporaries are
+        bounded whatever the tensor's size; ``out`` (contiguous, :attr:`dtype`, ``x``'s
+        shape) receives the codes in place (docs/training.md section 7)."""
         if self.name == "fp32":
             return x, 1.0
         scale = 1.0
         if self.scaled:
             amax = float(x.abs().max()) if x.numel() else 0.0
             scale = amax / _FP8_MAX if amax > 0 and math.isfinite(amax) else 1.0
-        y = x / scale if scale != 1.0 else x
-        if self.stochastic:
-            r = element_bits((y.numel(),), self.sr_bits, key_of(seed, step, name, moment),
-                             device=y.device)
-            q = quantize(y.reshape(-1), self.element, "sr", sr_bits=self.sr_bits,
-                         rand=r).reshape(y.shape)
-        else:
-            q = quantize(y, self.element)
-        return q.to(self.dtype), scale
+        if out is None or out.shape != x.shape or out.dtype != self.dtype \
+                or not out.is_contiguous():
+            out = torch.empty(x.shape, dtype=self.dtype, device=x.device)
+        flat, codes = x.reshape(-1), out.view(-1)
+        key = key_of(seed, step, name, moment) if self.stochastic else None
+        for lo in range(0, flat.numel(), ENCODE_CHUNK):
+            y = flat[lo:lo + ENCODE_CHUNK]
+            y = y / scale if scale != 1.0 else y
+            if key is not None:
+                r = element_bits((y.numel(),), self.sr_bits, key, row_offset=lo,
+                                 device=y.device)
+                q = quantize(y, self.element, "sr", sr_bits=self.sr_bits, rand=r)
+            else:
+                q = quantize(y, self.element)
+            codes[lo:lo + y.numel()].copy_(q)
+        return out, scale
 
     @staticmethod
     def decode(codes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -140,45 +154,53 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One AdamW step, parameter by parameter: the fp32 temporaries of one parameter (its
+        decoded m and v and the update's denominator) are freed before the next parameter's
+        are made, and the moments are rounded into their stored codes in place, in slices
+        (:meth:`StateFormat.encode`); docs/training.md section 7."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            eps, wd = group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    for k in _MOMENTS:
-                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format,
-                                                 dtype=self.states.dtype)
-                        st[f"{k}_scale"] = 1.0
-                grad = p.grad
-                # fp32 states are updated in place; the others are decoded to fp32 copies
-                m, v = (self.states.decode(st[k], st.get(f"{k}_scale", 1.0)) for k in _MOMENTS)
-                st["step"] += 1
-                step = float(st["step"])
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                # the torch.optim.AdamW single-tensor update, op for op
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1 ** step
-                bias_correction2 = 1 - beta2 ** step
-                step_size = lr / bias_correction1
-                denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)
-                p.addcdiv_(m, denom, value=-step_size)
-                if self.states.name == "fp32":
-                    continue
-                name = self._names.get(id(p), "")
-                for k, x in zip(_MOMENTS, (m, v)):
-                    st[k], st[f"{k}_scale"] = self.states.encode(
-                        x, seed=self.seed, step=int(step), name=name, moment=k)
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
+
+    def _update(self, p: torch.nn.Parameter, group: dict[str, Any]) -> None:
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            for k in _MOMENTS:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                         dtype=self.states.dtype)
+                st[f"{k}_scale"] = 1.0
+        grad = p.grad
+        # fp32 states are updated in place; the others are decoded to fp32 copies
+        m, v = (self.states.decode(st[k], st.get(f"{k}_scale", 1.0)) for k in _MOMENTS)
+        st["step"] += 1
+        step = float(st["step"])
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        # the torch.optim.AdamW single-tensor update, op for op
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = lr / bias_correction1
+        # in place (the same IEEE operations as torch's out-of-place division)
+        denom = v.sqrt().div_(bias_correction2 ** 0.5).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+        del denom
+        if self.states.name == "fp32":
+            return
+        name = self._names.get(id(p), "")
+        for k, x in zip(_MOMENTS, (m, v)):  # rounded into the stored codes in place
+            st[k], st[f"{k}_scale"] = self.states.encode(
+                x, seed=self.seed, step=int(step), name=name, moment=k, out=st[k])
 
     def moments(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored moments (m, v) of ``p`` decoded to float32."""
@@ -201,6 +223,24 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             for k in _MOMENTS:
                 if k in st and f"{k}_scale" in st and st[k].dtype != self.states.dtype:
                     st[k] = st[k].to(self.states.dtype)
+
+
+def peak_bytes(fn: Any) -> int:
+    """The peak of the CPU bytes allocated by ``fn()`` and not yet freed, over its run, from
+    torch's memory profiler (allocation and free events in time order). Blocks allocated
+    before the call and freed during it are not seen (the profiler records no size for
+    them), so replacing a tensor counts its new allocation only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 @dataclass(frozen=True)
