@@ -80,7 +80,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Mixed-precision search (docs/cost-perf.md section 8): per-layer KL "
         "sensitivities on a search set, a greedy cost-per-KL path, real evaluations of its ends "
         "and of the predicted budget edge, a back-off promoting the most sensitive layers until "
-        "the search set meets the budget minus --margin, and a verification on held-out tokens "
+        "the held-out check is predicted to pass (--verify-confidence) within the budget minus "
+        "--margin, and a verification on held-out tokens "
         "(the first --heldout-tokens of the text, what "
         "`precisim eval --tokens N` evaluates). Writes recipe.yaml, search.md/csv and "
         "pareto.png.")
@@ -99,6 +100,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--margin", type=float, default=0.0,
                    help="the search set must meet the budget tightened by this much (same unit "
                    "as the limit; default 0)")
+    s.add_argument("--verify-confidence", default="0.95",
+                   help="accept a point on the search set when the held-out check is predicted "
+                   "to pass with this probability (from the point's estimate and interval; "
+                   "docs/cost-perf.md section 8); 'none': when the search set's own budget "
+                   "value meets the budget minus --margin (default 0.95)")
     s.add_argument("--rank-by", choices=("kl", "budget"), default="kl",
                    help="per-layer sensitivity measure: KL to the reference (default) or the "
                    "budget's metric")
@@ -292,13 +298,20 @@ def run_search_cmd(args: argparse.Namespace) -> int:
             lim = float(limit)
         except ValueError:
             return _err(f"--budget {args.budget!r}: the limit {limit!r} is not a number")
+        vc_text = args.verify_confidence.strip().lower()
+        try:
+            vc = None if vc_text == "none" else float(vc_text)
+        except ValueError:
+            return _err(f"--verify-confidence {args.verify_confidence!r} is not valid: accepted "
+                        "a probability in [0.5, 1) or 'none'")
         problem = SearchProblem(
             candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
             budget=Budget(metric.strip(), lim, args.use),
             objective=Objective(args.objective, args.accelerator, args.batch),
             by=args.by, template=args.template, search_tokens=args.search_tokens,
             heldout_tokens=args.heldout_tokens, window=args.window, bootstrap=args.bootstrap,
-            name=args.name, margin=args.margin, rank_by=args.rank_by, against=args.against)
+            name=args.name, margin=args.margin, rank_by=args.rank_by, against=args.against,
+            verify_confidence=vc)
         data = data_source(args.data)
         if args.threads:
             import torch
