@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -541,14 +542,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
            progress: bool = False) -> SearchResult:
     """Run ``problem`` (default :class:`SearchProblem`) on a loaded ``model`` and its
     ``tokenizer`` over ``data``: a path or dataset name (read by
-    :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids. See
-    the module docstring."""
+    :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids.
+    ``progress``: a line on stderr after each stage and each sensitivity pass (one group in
+    one candidate), and the evaluations' progress. See the module docstring."""
     from .data import load_text, prefix_token, tokenize
     from .layers import module_groups, reference_logprobs, sensitivity
     from .perplexity import evaluate
 
     p = problem or SearchProblem()
     t_start = time.perf_counter()
+
+    def say(msg: str) -> None:  # stage progress on stderr (progress=True)
+        if progress:
+            print(f"[search +{time.perf_counter() - t_start:.0f} s] {msg}", file=sys.stderr,
+                  flush=True)
     secs: dict[str, float] = {}
     need = p.heldout_tokens + p.search_tokens
     if isinstance(data, str | Path):
@@ -594,14 +601,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     ref = reference_logprobs(model, srch, window=p.window, prefix_token=prefix)
     sens: dict[str, dict[str, dict[str, float]]] = {lab: {} for lab in order[1:]}
     sens_rows: list[dict[str, Any]] = []
+    say(f"reference log-probabilities: {time.perf_counter() - t0:.0f} s")
+    n_pass = (len(order) - 1) * len(groups)
     for lab in order[1:]:
         r = Recipe(f"{p.name}-{lab}", linear=specs[lab])
-        rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
-                           base=base_recipe if p.against == "base" else None, groups=groups,
-                           reference=ref, weight_cache=wcache)
-        for row in rows:
-            sens[lab][row["group"]] = row
-            sens_rows.append({"candidate": lab, **row})
+        for g, members in groups.items():  # one group per call: same rows, progress between
+            rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
+                               base=base_recipe if p.against == "base" else None,
+                               groups={g: members}, reference=ref, weight_cache=wcache)
+            for row in rows:
+                sens[lab][row["group"]] = row
+                sens_rows.append({"candidate": lab, **row})
+            done = sum(len(v) for v in sens.values())
+            say(f"sensitivity {done}/{n_pass} ({lab}, {g}): "
+                f"{time.perf_counter() - t0:.0f} s")
     secs["sensitivity"] = time.perf_counter() - t0
 
     metric = p.budget.metric
@@ -736,6 +749,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         row.setdefault("measured_as", "backoff" if row["stage"] == "backoff" else "")
         row.setdefault("prediction_error", None)
     secs["evaluate"] = time.perf_counter() - t0
+    say(f"search-set evaluations ({len(evaluated)} points): {secs['evaluate']:.0f} s")
 
     # 4. the verification on held-out tokens
     t0 = time.perf_counter()
@@ -756,6 +770,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
                     f"{s['delta_ppl_high']:+.3f}]" if "delta_ppl_low" in s else "",
                     "meets": p.budget.ok(s)})
     secs["verification"] = time.perf_counter() - t0
+    say(f"held-out verification: {secs['verification']:.0f} s")
     secs["total"] = time.perf_counter() - t_start
     verified = next(r for r in ver if r["recipe"] == p.name)["meets"]
     all_costs = _all_costs(model, chosen, modules)

@@ -141,3 +141,34 @@ def test_search_command_refuses_a_bad_confidence(capsys) -> None:
         assert main(["search", "--data", DATA, "--verify-confidence", v]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and what in err[0], err
+
+
+def test_search_progress_lines_and_per_group_sensitivities(tiny_checkpoint, tiny_text,
+                                                           capsys) -> None:
+    """With ``progress=True`` the search prints a line per sensitivity pass (one group in one
+    candidate) and per stage; the per-group sensitivity calls give the rows of one call over
+    all groups, bit for bit."""
+    from precisim.emulation import Recipe, load_model
+    from precisim.eval.data import prefix_token
+    from precisim.eval.layers import module_groups, sensitivity
+    from precisim.eval.search import search
+
+    model, tok = load_model(tiny_checkpoint)
+    ids = tok(tiny_text)["input_ids"]
+    p = SearchProblem(candidates=("nvfp4", "bf16"), budget=Budget("kl", 1e-3, "estimate"),
+                      search_tokens=64, heldout_tokens=64, window=32, bootstrap=20)
+    r = search(model, tok, ids, p, progress=True)
+    err = capsys.readouterr().err
+    groups = module_groups(model, Recipe("probe", linear="nvfp4"), "layer")
+    n = len(groups)
+    for k in range(1, n + 1):
+        assert f"sensitivity {k}/{n} (nvfp4, " in err
+    for stage in ("reference log-probabilities", "search-set evaluations",
+                  "held-out verification"):
+        assert stage in err
+    srch = ids[64:128]
+    whole = sensitivity(model, srch, Recipe("searched-nvfp4", linear="nvfp4"), by="layer",
+                        window=32, prefix_token=prefix_token(tok), groups=groups)
+    got = {row["group"]: row for row in r.sensitivities}
+    for row in whole:
+        assert {k: v for k, v in got[row["group"]].items() if k != "candidate"} == row
