@@ -757,4 +757,5 @@ def cost_record(recipe: Any, coefficients: Any = (HOROWITZ_2014,), model: Any = 
 
 
 # the non-GEMM units' cost models register themselves (docs/cost-perf.md section 4b)
+from . import cost_functions as _cost_functions  # noqa: E402,F401
 from . import cost_units as _cost_units  # noqa: E402,F401

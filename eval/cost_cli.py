@@ -32,10 +32,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="A first-order datapath cost model (docs/cost-perf.md): relative area and "
         "energy per product of matrix units (and of recipes' GEMMs: block-scale application, "
         "storage bits) and per evaluated element of function units (exp, rcp, rsqrt...: "
-        "tables and FMAs, docs/cost-perf.md section 4b), a bf16 multiply with fp32 "
+        "tables and FMAs) and of softmax, norm and activation units (docs/cost-perf.md "
+        "section 4b), a bf16 multiply with fp32 "
         "accumulation = 1. A model, not a measurement.")
-    c.add_argument("names", nargs="*", help=f"units, recipes or function units (unit:NAME / "
-                   f"recipe:NAME / fn:NAME when a name is several; .yaml recipe files too); "
+    c.add_argument("names", nargs="*", help=f"units, recipes, function, softmax, norm or "
+                   f"activation units (unit:NAME / recipe:NAME / fn:NAME / softmax:NAME / "
+                   f"norm:NAME / activation:NAME when a name is several; .yaml recipe files "
+                   f"too); "
                    f"default {DEFAULT_COST}")
     c.add_argument("--detail", action="store_true", help="print every term of each datapath")
     c.add_argument("--coefficients", default=None,
@@ -80,7 +83,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Mixed-precision search (docs/cost-perf.md section 8): per-layer KL "
         "sensitivities on a search set, a greedy cost-per-KL path, real evaluations of its ends "
         "and of the predicted budget edge, a back-off promoting the most sensitive layers until "
-        "the search set meets the budget minus --margin, and a verification on held-out tokens "
+        "the held-out check is predicted to pass (--verify-confidence) within the budget minus "
+        "--margin, and a verification on held-out tokens "
         "(the first --heldout-tokens of the text, what "
         "`precisim eval --tokens N` evaluates). Writes recipe.yaml, search.md/csv and "
         "pareto.png.")
@@ -99,6 +103,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--margin", type=float, default=0.0,
                    help="the search set must meet the budget tightened by this much (same unit "
                    "as the limit; default 0)")
+    s.add_argument("--verify-confidence", default="0.95",
+                   help="accept a point on the search set when the held-out check is predicted "
+                   "to pass with this probability (from the point's estimate and interval; "
+                   "docs/cost-perf.md section 8); 'none': when the search set's own budget "
+                   "value meets the budget minus --margin (default 0.95)")
     s.add_argument("--rank-by", choices=("kl", "budget"), default="kl",
                    help="per-layer sensitivity measure: KL to the reference (default) or the "
                    "budget's metric")
@@ -121,14 +130,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+#: the element-wise datapaths ``precisim cost`` prices per element (docs/cost-perf.md 4b)
+_SPEC_KINDS = ("softmax", "norm", "activation")
+
+
+def _spec_registries() -> dict[str, Any]:
+    from precisim.emulation.functions import ACTIVATION_UNITS, NORMS, SOFTMAXES
+
+    return {"softmax": SOFTMAXES, "norm": NORMS, "activation": ACTIVATION_UNITS}
+
+
 def _cost_subject(name: str) -> tuple[str, Any]:
-    """``("unit", MatrixUnit)``, ``("recipe", Recipe)`` or ``("function", FunctionUnit)`` for
-    a name."""
+    """``("unit", MatrixUnit)``, ``("recipe", Recipe)``, ``("function", FunctionUnit)`` or
+    ``("softmax" | "norm" | "activation", spec)`` for a name."""
     from precisim.emulation import get_recipe, get_unit
     from precisim.emulation.functions import get_function_unit
     from precisim.formats.registry import UnknownNameError
 
     kind, sep, rest = name.partition(":")
+    if sep and kind in _SPEC_KINDS:
+        return kind, _spec_registries()[kind].get(rest)
     if sep and kind in ("unit", "recipe", "fn"):
         if kind == "fn":
             return "function", get_function_unit(rest)
@@ -149,9 +170,12 @@ def _cost_subject(name: str) -> tuple[str, Any]:
         return "recipe", recipe
     with contextlib.suppress(UnknownNameError):
         return "function", get_function_unit(name)
+    for k, reg in _spec_registries().items():
+        with contextlib.suppress(KeyError):
+            return k, reg.get(name)
     raise ValueError(f"{name!r} is neither a matrix unit nor a recipe nor a function unit "
-                     "(precisim cost takes unit, recipe and function-unit names, or recipe "
-                     "files)")
+                     "nor a softmax, norm or activation unit (precisim cost takes unit, "
+                     "recipe, fn:, softmax:, norm: and activation: names, or recipe files)")
 
 
 def run_cost_cmd(args: argparse.Namespace) -> int:
@@ -167,12 +191,12 @@ def run_cost_cmd(args: argparse.Namespace) -> int:
         rows, details = [], []
         for n in names:
             kind, obj = _cost_subject(n)
-            if kind == "function":
+            if kind == "function" or kind in _SPEC_KINDS:
                 from .cost_units import TableGeometry
 
                 dp = unit_cost(obj, coeffs)
-                rows.append({"name": n, "kind": "function",
-                             "datapath": f"{dp.description}; {TableGeometry.of(obj).describe()}",
+                geo = f"; {TableGeometry.of(obj).describe()}" if kind == "function" else ""
+                rows.append({"name": n, "kind": kind, "datapath": f"{dp.description}{geo}",
                              "energy": dp.energy, "area": dp.area, "energy_pj": dp.energy_pj})
                 details.append(dp)
                 continue
@@ -200,7 +224,8 @@ def run_cost_cmd(args: argparse.Namespace) -> int:
             ("energy", "energy/op", ".3g"), ("area", "area/op", ".3g"),
             ("energy_pj", "pJ (45 nm)", ".3g"), ("bits_a", "bits A"), ("bits_w", "bits W")]
     print(f"_{MODEL_NOTE}_\n")
-    print("op: one product (units, recipes) or one evaluated element (function units)\n")
+    print("op: one product (units, recipes), one evaluated element (function units) or one "
+          "element of a row (softmax, norm and activation units)\n")
     print(render_table(rows, cols))
     if args.detail:
         for d in details:
@@ -292,13 +317,20 @@ def run_search_cmd(args: argparse.Namespace) -> int:
             lim = float(limit)
         except ValueError:
             return _err(f"--budget {args.budget!r}: the limit {limit!r} is not a number")
+        vc_text = args.verify_confidence.strip().lower()
+        try:
+            vc = None if vc_text == "none" else float(vc_text)
+        except ValueError:
+            return _err(f"--verify-confidence {args.verify_confidence!r} is not valid: accepted "
+                        "a probability in [0.5, 1) or 'none'")
         problem = SearchProblem(
             candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()),
             budget=Budget(metric.strip(), lim, args.use),
             objective=Objective(args.objective, args.accelerator, args.batch),
             by=args.by, template=args.template, search_tokens=args.search_tokens,
             heldout_tokens=args.heldout_tokens, window=args.window, bootstrap=args.bootstrap,
-            name=args.name, margin=args.margin, rank_by=args.rank_by, against=args.against)
+            name=args.name, margin=args.margin, rank_by=args.rank_by, against=args.against,
+            verify_confidence=vc)
         data = data_source(args.data)
         if args.threads:
             import torch

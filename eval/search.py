@@ -27,16 +27,19 @@ The method (docs/cost-perf.md section 8):
    (:func:`precisim.eval.evaluate`, with bootstrap intervals) and the budget value of every
    point predicted in the load by a monotone piecewise-linear fit of every point measured so
    far (:class:`~precisim.eval.search_fit.MonotoneFit`; with the two ends, the line through
-   them); the target on the search set is the limit tightened by ``margin``; the cheapest
-   point predicted to meet it is evaluated; while it meets the target, the fit is redone with
-   it and the cheapest point predicted to meet between it and the first measured point that
-   misses is evaluated (at most ``refine`` rounds); if the edge misses, :func:`backoff`
-   promotes its most sensitive groups one level back until the measured value meets the
-   target (at most ``max_backoff`` rounds); the cheapest evaluated point that meets the target
-   is chosen (the all-expensive one when none does). Every point is predicted before it is
-   measured, and the errors of those predictions are reported (``SearchResult.calibration``);
-   all evaluations share one :class:`~precisim.emulation.WeightCache`, so each (module,
-   format) is quantized once for the whole search (``SearchResult.cache``);
+   them); a point is accepted on the search set when its **acceptance value** (the budget
+   value the held-out check is predicted to stay within with probability
+   ``verify_confidence``, :func:`acceptance`) meets the target, the limit tightened by
+   ``margin``; the cheapest point predicted to meet it is evaluated; while it meets the
+   target, the fit is redone with it and the cheapest point predicted to meet between it and
+   the first measured point that misses is evaluated (at most ``refine`` rounds); if the edge
+   misses, :func:`backoff` promotes its most sensitive groups one level back until the
+   measured acceptance value meets the target (at most ``max_backoff`` rounds); the cheapest
+   evaluated point that meets the target is chosen (the all-expensive one when none does).
+   Every point is predicted before it is measured, and the errors of those predictions are
+   reported (``SearchResult.calibration``); all evaluations share one
+   :class:`~precisim.emulation.WeightCache`, so each (module, format) is quantized once for
+   the whole search (``SearchResult.cache``);
 5. the chosen recipe, and the candidates applied uniformly, are evaluated on the held-out
    tokens.
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +61,10 @@ from typing import Any
 
 from precisim.emulation import GemmSpec, Recipe, RecipeError, Rule, WeightCache, get_recipe, plan
 
-from .search_fit import MonotoneFit, locate
+from .search_fit import MonotoneFit, heldout_bound, locate
 
 __all__ = ["OBJECTIVES", "Budget", "backoff", "Objective", "SearchError", "SearchProblem",
-           "SearchResult", "candidate_spec", "module_costs", "search"]
+           "SearchResult", "acceptance", "candidate_spec", "module_costs", "search"]
 
 #: the cost a search minimises
 OBJECTIVES = ("bits", "energy", "area", "time")
@@ -178,8 +182,12 @@ class SearchProblem:
     every point keeps (None: high precision); ``by``: ``layer``, ``op`` or ``module``
     groups; ``rank_by``: the sensitivity measure (``kl`` or the ``budget`` metric);
     ``against``: sensitivities with the other groups unquantized (``reference``) or in the most
-    expensive candidate (``base``); ``margin``: how much tighter than the budget the search set
-    must be (same unit as the limit); ``max_backoff``: back-off rounds at most; ``refine``:
+    expensive candidate (``base``); ``verify_confidence``: a point is accepted on the search set
+    when the held-out check is predicted to pass with this probability (:func:`acceptance`;
+    None: when the search set's own budget value meets the target, a rule that at the edge
+    passes the held-out check about half the time); ``margin``: how much tighter than the
+    budget the acceptance value must be (same unit as the limit; for what the noise model
+    leaves out, e.g. a harder held-out text); ``max_backoff``: back-off rounds at most; ``refine``:
     refinement rounds at most (a cheaper path point tried after the edge met the target);
     ``weight_cache_bytes``: the budget of the quantized weights shared by all the search's
     evaluations (None: no limit)."""
@@ -198,6 +206,7 @@ class SearchProblem:
     rank_by: str = "kl"
     against: str = "reference"
     margin: float = 0.0
+    verify_confidence: float | None = 0.95
     max_backoff: int = 8
     refine: int = 2
     weight_cache_bytes: int | None = 2 << 30
@@ -224,6 +233,11 @@ class SearchProblem:
         if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or \
                 not math.isfinite(self.margin) or self.margin < 0:
             raise SearchError(f"margin={self.margin!r} is not valid: accepted a number >= 0")
+        vc = self.verify_confidence
+        if vc is not None and (isinstance(vc, bool) or not isinstance(vc, int | float) or
+                               not 0.5 <= vc < 1):
+            raise SearchError(f"verify_confidence={vc!r} is not valid: accepted a probability "
+                              "in [0.5, 1), or None (the search set's own budget value)")
         for f in ("max_backoff", "refine"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -238,6 +252,26 @@ class SearchProblem:
     def labels(self) -> list[str]:
         return [c if isinstance(c, str) else candidate_spec(c).describe()
                 for c in self.candidates]
+
+
+def acceptance(problem: SearchProblem, summary: Mapping[str, Any]) -> float:
+    """What the search compares with its target (the budget limit tightened by ``margin``) for
+    a point measured on the search set (metric units; docs/cost-perf.md section 8,
+    "acceptance"): :func:`~precisim.eval.search_fit.heldout_bound` of the budget metric's
+    estimate and the bad end of its 95% interval, i.e. the budget value the held-out check is
+    predicted to stay within with probability ``problem.verify_confidence``. With
+    ``verify_confidence=None``, or a summary without an interval, it is the budget value
+    itself (:meth:`Budget.value`)."""
+    b = problem.budget
+    m = b.metric
+    bad = summary.get(f"{m}_low" if b.higher_is_better else f"{m}_high")
+    if problem.verify_confidence is None or bad is None:
+        return b.value(summary)
+    sg = -1.0 if b.higher_is_better else 1.0
+    return sg * heldout_bound(sg * float(summary[m]), sg * float(bad),
+                              search_tokens=problem.search_tokens,
+                              heldout_tokens=problem.heldout_tokens,
+                              confidence=float(problem.verify_confidence), use=b.use)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +371,7 @@ class SearchResult:
             + ("met" if self.verified else "NOT met")
             + f" ({m} {ch[m]:.4g} [{ch.get(f'{m}_low', math.nan):.4g}, "
               f"{ch.get(f'{m}_high', math.nan):.4g}])",
+            self.acceptance_rule(),
             "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()),
             self._calibration_line(), self._cache_line(),
             "", f"_{self.note}_", "", "held-out verification:", ""]
@@ -346,13 +381,32 @@ class SearchResult:
         pcols = [("step", "step"), ("stage", "stage"), ("measured_as", "measured as"),
                  ("moved", "moved"),
                  ("cost", "cost", ".5g"),
-                 ("predicted_before", f"predicted {b.use} {m} (before measuring)", ".4g"),
+                 ("predicted_before", "predicted acceptance value (before measuring)",
+                  ".4g"),
                  ("measured", f"measured {m}", ".4g"),
-                 ("measured_ci", "95% CI"), ("meets", "meets budget")]
+                 ("measured_ci", "95% CI"), ("accept", "acceptance value", ".4g"),
+                 ("meets", "accepted")]
         evaluated = [p for p in self.path if p.get("measured") is not None]
         return ("\n".join(head) + render_table(self.verification, vcols) +
                 "\nevaluated points of the greedy path (search set):\n\n" +
                 render_table(evaluated, pcols))
+
+    def acceptance_rule(self) -> str:
+        """The rule that accepted points on the search set, in words (docs/cost-perf.md
+        section 8, "acceptance")."""
+        p = self.problem
+        b = p.budget
+        rel = ">=" if b.higher_is_better else "<="
+        sg = -1.0 if b.higher_is_better else 1.0
+        target = b.limit - sg * p.margin
+        if p.verify_confidence is None:
+            return (f"acceptance on the search set: its own {b.describe().rsplit(' ', 2)[0]} "
+                    f"{rel} {target:g} (limit, margin {p.margin:g})")
+        judged = "upper end of the 95% CI" if b.use == "upper" else "estimate"
+        return (f"acceptance on the search set: the held-out {judged} of {b.metric} predicted "
+                f"from the search set's estimate and interval ({p.search_tokens} search, "
+                f"{p.heldout_tokens} held-out tokens) {rel} {target:g} (limit, margin "
+                f"{p.margin:g}) with probability {p.verify_confidence:g}")
 
     def _calibration_line(self) -> str:
         c = self.calibration
@@ -488,14 +542,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
            progress: bool = False) -> SearchResult:
     """Run ``problem`` (default :class:`SearchProblem`) on a loaded ``model`` and its
     ``tokenizer`` over ``data``: a path or dataset name (read by
-    :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids. See
-    the module docstring."""
+    :func:`~precisim.eval.load_text`), a :class:`~precisim.eval.data.Text`, or token ids.
+    ``progress``: a line on stderr after each stage and each sensitivity pass (one group in
+    one candidate), and the evaluations' progress. See the module docstring."""
     from .data import load_text, prefix_token, tokenize
     from .layers import module_groups, reference_logprobs, sensitivity
     from .perplexity import evaluate
 
     p = problem or SearchProblem()
     t_start = time.perf_counter()
+
+    def say(msg: str) -> None:  # stage progress on stderr (progress=True)
+        if progress:
+            print(f"[search +{time.perf_counter() - t_start:.0f} s] {msg}", file=sys.stderr,
+                  flush=True)
     secs: dict[str, float] = {}
     need = p.heldout_tokens + p.search_tokens
     if isinstance(data, str | Path):
@@ -541,14 +601,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
     ref = reference_logprobs(model, srch, window=p.window, prefix_token=prefix)
     sens: dict[str, dict[str, dict[str, float]]] = {lab: {} for lab in order[1:]}
     sens_rows: list[dict[str, Any]] = []
+    say(f"reference log-probabilities: {time.perf_counter() - t0:.0f} s")
+    n_pass = (len(order) - 1) * len(groups)
     for lab in order[1:]:
         r = Recipe(f"{p.name}-{lab}", linear=specs[lab])
-        rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
-                           base=base_recipe if p.against == "base" else None, groups=groups,
-                           reference=ref, weight_cache=wcache)
-        for row in rows:
-            sens[lab][row["group"]] = row
-            sens_rows.append({"candidate": lab, **row})
+        for g, members in groups.items():  # one group per call: same rows, progress between
+            rows = sensitivity(model, srch, r, by=p.by, window=p.window, prefix_token=prefix,
+                               base=base_recipe if p.against == "base" else None,
+                               groups={g: members}, reference=ref, weight_cache=wcache)
+            for row in rows:
+                sens[lab][row["group"]] = row
+                sens_rows.append({"candidate": lab, **row})
+            done = sum(len(v) for v in sens.values())
+            say(f"sensitivity {done}/{n_pass} ({lab}, {g}): "
+                f"{time.perf_counter() - t0:.0f} s")
     secs["sensitivity"] = time.perf_counter() - t0
 
     metric = p.budget.metric
@@ -613,8 +679,8 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         for i, rr in zip(todo, res.results):
             evaluated[i] = rr.metrics
 
-    def value(i: int) -> float:  # larger is worse
-        return sign * p.budget.value(evaluated[i])
+    def value(i: int) -> float:  # the acceptance value, larger is worse
+        return sign * acceptance(p, evaluated[i])
 
     target = sign * (p.budget.limit - sign * p.margin)  # the search-set target, larger = worse
 
@@ -633,7 +699,8 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
             run([i])
             path[i]["predicted_before"] = sign * before
             path[i]["prediction_error"] = sign * (value(i) - before)
-        path[i].update(_summary_cells(evaluated[i], metric), meets=target_ok(value(i)))
+        path[i].update(_summary_cells(evaluated[i], metric), accept=sign * value(i),
+                       meets=target_ok(value(i)))
         return value(i)
 
     def measure_path_point(i: int) -> float:
@@ -650,7 +717,8 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
             "refine" if i in loc.refined else "edge"
     chosen_i, refine_rounds = loc.chosen, len(loc.refined)
     for i, s in evaluated.items():
-        path[i].update(_summary_cells(s, metric), meets=target_ok(value(i)))
+        path[i].update(_summary_cells(s, metric), accept=sign * value(i),
+                       meets=target_ok(value(i)))
     if chosen_i != 0 and not target_ok(value(chosen_i)):
         def measure(a: dict[str, str]) -> float:
             i = len(path)
@@ -676,10 +744,12 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
         row["label"] = ("all " + row["assignment"][next(iter(groups))]
                         if len(set(row["assignment"].values())) == 1 else f"step {i}")
         row.setdefault("measured", None)
+        row.setdefault("accept", None)
         row.setdefault("predicted_before", None)
         row.setdefault("measured_as", "backoff" if row["stage"] == "backoff" else "")
         row.setdefault("prediction_error", None)
     secs["evaluate"] = time.perf_counter() - t0
+    say(f"search-set evaluations ({len(evaluated)} points): {secs['evaluate']:.0f} s")
 
     # 4. the verification on held-out tokens
     t0 = time.perf_counter()
@@ -700,6 +770,7 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
                     f"{s['delta_ppl_high']:+.3f}]" if "delta_ppl_low" in s else "",
                     "meets": p.budget.ok(s)})
     secs["verification"] = time.perf_counter() - t0
+    say(f"held-out verification: {secs['verification']:.0f} s")
     secs["total"] = time.perf_counter() - t_start
     verified = next(r for r in ver if r["recipe"] == p.name)["meets"]
     all_costs = _all_costs(model, chosen, modules)

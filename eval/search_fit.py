@@ -9,6 +9,11 @@ extended past the last knot by the slope of the line through the first and last 
 the two ends of the greedy path only it is the line through them (the earlier calibration);
 every point measured during the search (the predicted edge, the refinement and back-off
 points) adds a knot.
+
+:func:`heldout_bound` is the acceptance value of a measured point: the value the held-out
+check (the same budget on other windows of the text) is predicted not to exceed with a stated
+confidence, from the point's estimate and 95% interval on the search set (docs/cost-perf.md
+section 8, "acceptance").
 """
 
 from __future__ import annotations
@@ -17,8 +22,49 @@ import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
-__all__ = ["Located", "MonotoneFit", "isotonic", "locate"]
+__all__ = ["Z95", "Located", "MonotoneFit", "heldout_bound", "isotonic", "locate"]
+
+#: the normal quantile of the two-sided 95% intervals the evaluations report
+Z95 = NormalDist().inv_cdf(0.975)
+
+
+def heldout_bound(estimate: float, bad_end: float, *, search_tokens: int, heldout_tokens: int,
+                  confidence: float = 0.95, use: str = "upper") -> float:
+    """The budget value a recipe measured on the search set is predicted to stay within on the
+    held-out tokens with probability ``confidence`` (values signed so that larger is worse;
+    docs/cost-perf.md section 8, "acceptance").
+
+    ``estimate`` and ``bad_end``: the search-set estimate and the bad end of its 95% interval.
+    The model: the estimate on ``n`` tokens is normal around the recipe's true value with
+    standard error ``sigma_n``; the search set's is ``sigma_s = (bad_end - estimate) / Z95``
+    (the interval's bad side), the held-out one's ``sigma_h = sigma_s sqrt(search_tokens /
+    heldout_tokens)``; the two sets are disjoint windows, so the held-out estimate differs from
+    the search one by a normal error of standard deviation ``sqrt(sigma_s^2 + sigma_h^2)``. The
+    held-out check judges the estimate (``use="estimate"``) or the bad end of its interval,
+    ``estimate + Z95 sigma_h`` (``"upper"``), so::
+
+        bound = estimate + [use == "upper"] Z95 sigma_h + z(confidence) sqrt(sigma_s^2 + sigma_h^2)
+
+    With ``confidence=0.5`` and equal token counts this is the search set's own bad end (the
+    rule that, at the edge of the budget, passes the held-out check about half the time)."""
+    for name, v in (("search_tokens", search_tokens), ("heldout_tokens", heldout_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not valid: accepted a positive integer")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or \
+            not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence={confidence!r} is not valid: accepted a number in "
+                         "[0.5, 1)")
+    if use not in ("upper", "estimate"):
+        raise ValueError(f"use={use!r} is not valid: accepted 'upper', 'estimate'")
+    if not (math.isfinite(estimate) and math.isfinite(bad_end)):
+        raise ValueError(f"estimate={estimate!r}, bad_end={bad_end!r}: accepted finite numbers")
+    sigma_s = max(0.0, bad_end - estimate) / Z95
+    sigma_h = sigma_s * math.sqrt(search_tokens / heldout_tokens)
+    z = NormalDist().inv_cdf(confidence)
+    return estimate + (Z95 * sigma_h if use == "upper" else 0.0) + \
+        z * math.hypot(sigma_s, sigma_h)
 
 
 def isotonic(ys: Sequence[float], ws: Sequence[float] | None = None) -> list[float]:

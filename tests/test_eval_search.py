@@ -278,6 +278,16 @@ def test_search_backs_off_on_the_tiny_checkpoint(tiny_search) -> None:
     # the chosen point measured on the search set meets the target
     chosen_row = next(row for row in ok if row["cost"] == r.cost)
     assert chosen_row["measured"] <= 8e-5
+    # accepted by the held-out bound of its estimate and interval (docs/cost-perf.md 8)
+    from precisim.eval.search import acceptance
+
+    assert r.problem.verify_confidence == 0.95 and chosen_row["measured_high"] is not None
+    for row in r.path:
+        if row["measured"] is not None:
+            s = {"kl": row["measured"], "kl_high": row["measured_high"]}
+            assert row["accept"] == pytest.approx(acceptance(r.problem, s), rel=1e-12)
+            assert row["meets"] == (row["accept"] <= 8e-5)
+    assert "acceptance on the search set: the held-out estimate of kl" in r.table()
 
 
 def test_search_problem_checks_the_new_knobs() -> None:
