@@ -281,11 +281,15 @@ class FlashStats:
         return dataclasses.asdict(self)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, g: GemmSpec | None) -> torch.Tensor:
+def _matmul(a: torch.Tensor, b: torch.Tensor, g: GemmSpec | None, unrounded: bool = False
+            ) -> torch.Tensor:
     """``a @ b^T`` (b: (..., N, K)) under ``g``, or the fp32 product (float64 accumulation
-    rounded once to fp32) when g is None; float32."""
+    rounded once to fp32) when g is None; float32. ``unrounded``: the fp32 product's float64
+    accumulation is returned before its rounding (the caller's kernel rounds it with
+    ``.float()``, saving a pass)."""
     if g is None or g.is_identity:
-        return torch.matmul(a.double(), b.double().transpose(-1, -2)).float()
+        y = torch.matmul(a.double(), b.double().transpose(-1, -2))
+        return y if unrounded else y.float()
     from .gemm import gemm
 
     return gemm(a.float(), b.float(), g, out_dtype=torch.float32).float()
@@ -315,13 +319,34 @@ def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
     return dataclasses.replace(g, input=None, weight=None)
 
 
+#: the last mask :func:`_mask_parts` read: (the tensor, its version, shape, result); every
+#: layer of one forward passes a view of the same mask (held here, so that no other tensor
+#: can take its address while it is cached)
+_LAST_MASK: list[Any] = [None, -1, (), (None, None)]
+
+
 def _mask_parts(mask: torch.Tensor | None, shape: tuple[int, ...]
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(visible, bias)`` from an additive or boolean mask: a key is masked where the mask is
     False, -inf or at most half the dtype's minimum; the finite values elsewhere are an
-    additive bias (ALiBi), as float32 (None when every visible value is 0)."""
+    additive bias (ALiBi), as float32 (None when every visible value is 0). The result for
+    the last mask is reused for the same view of the same storage while it is unchanged (its
+    version counter, shared by every view)."""
     if mask is None:
         return None, None
+    old, version, shp, res = _LAST_MASK
+    if old is not None and old.data_ptr() == mask.data_ptr() and old.device == mask.device \
+            and old.dtype == mask.dtype \
+            and old.shape == mask.shape and old.stride() == mask.stride() \
+            and version == mask._version and shp == shape:
+        return res
+    res = _mask_parts_of(mask, shape)
+    _LAST_MASK[:] = [mask, mask._version, shape, res]
+    return res
+
+
+def _mask_parts_of(mask: torch.Tensor, shape: tuple[int, ...]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if mask.dtype == torch.bool:
         return mask.expand(shape), None
     lo = torch.finfo(mask.dtype).min / 2
@@ -590,13 +615,12 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
     if n_hard:
         idx = hard.nonzero(as_tuple=True)
-        x = (t - mo[..., None])[idx]
+        x = t[idx] - mo[idx[:-1]]  # fp32(t - mo) at the hard elements only
         y0 = y[idx]
         y1 = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
                           dtype=torch.float32, device=y.device)
         q0, q1 = pq[idx], y1.clamp(-mx, mx).to(dt).float()
-        y, pq = y.clone(), pq.clone()
-        y[idx], pq[idx] = y1, q1.to(pq.dtype)
+        y[idx], pq[idx] = y1, q1.to(pq.dtype)  # (fresh kernel outputs: fixed in place)
         n_sat += int((y1 > mx).sum()) - int((y0 > mx).sum())
         n_fl += int(((q1 == 0) & (y1 > 0)).sum()) - int(((q0 == 0) & (y0 > 0)).sum())
     return y, pq, (n_vis, n_sat, n_fl)
@@ -609,7 +633,7 @@ def _t_kernel_for(c: float, masked: bool):  # noqa: ANN202 - a kernel function
     inf = math.inf
 
     def kernel(s: torch.Tensor, *vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = s * c
+        t = s.float() * c  # (float64 S: the fp32 product's accumulation, rounded here)
         if masked:
             t = torch.where(vis[0], t, -inf)
         return t, t.amax(-1)
@@ -746,6 +770,7 @@ def _update_kernel_for(dp: AttentionDatapath, acc32: bool):  # noqa: ANN202 - a 
     def kernel(ell_old: torch.Tensor, e2: torch.Tensor, rescale: torch.Tensor,
                src: torch.Tensor, acc_old: torch.Tensor, pv: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pv = pv.float()  # (float64 PV: the fp32 product's accumulation, rounded here)
         alpha = torch.where(rescale, ralpha(e2.double()), 1.0)
         ell_new = rsumf(add_ro(alpha * ell_old, _tile_sum(src, rsum)))
         if acc32:
@@ -854,9 +879,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if r0 == r1:
             continue
         rows = slice(r0, r1)
-        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
+        plain = softcap is None and bias is None  # the scores kernel rounds S itself
+        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk, unrounded=fast and plain)
         vt = None if vis is None else vis[:, :, rows, j0:j1]
-        if softcap is None and bias is None:
+        if plain:
             t, tmax = _scores_max(s, c, vt)
         else:
             t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
@@ -873,7 +899,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             st.p_saturated += n_sat
             st.p_flushed += n_fl
             e2 = _unit32(dp.exp2, ax)
-            pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
+            pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv, unrounded=True)
             ell_new, acc_new, c2 = _compiled(kup, kup_key, p.numel(), ell[:, :, rows], e2,
                                              rescale, pq if quant_sum else p, acc[:, :, rows],
                                              pv)

@@ -582,3 +582,27 @@ def _stats_vs_loop(case: str, backends: tuple[str, ...]) -> None:
     assert torch.equal(a[..., 3, :], torch.zeros_like(a[..., 3, :]))
     if case == "fa4-fp8-saturating":
         assert sa.p_saturated > 0
+
+
+def test_mask_cache_follows_in_place_changes_and_views() -> None:
+    """The mask read once per mask (every layer passes the same one) is read again when the
+    tensor changes in place or another view of it is passed: each call equals a call with a
+    fresh copy of its mask."""
+    from precisim.emulation import flash
+
+    q, k, v = _inputs(41, n_q=6, n_k=40)
+    dp = get_datapath("fa3-fp8").with_(tile=16)
+    mask = _causal(6, 40).clone()
+    got = [flash_attention(q, k, v, mask, 0.35, dp)]
+    mask[..., 2, :30] = -math.inf  # in place: the version counter moves
+    got.append(flash_attention(q, k, v, mask, 0.35, dp))
+    got.append(flash_attention(q, k[:, :, :30], v[:, :, :30], mask[..., :30], 0.35, dp))
+    want = [flash_attention(q, k, v, _causal(6, 40), 0.35, dp)]
+    m2 = _causal(6, 40).clone()
+    m2[..., 2, :30] = -math.inf
+    want.append(flash_attention(q, k, v, m2.clone(), 0.35, dp))
+    want.append(flash_attention(q, k[:, :, :30], v[:, :, :30], m2[..., :30].clone(), 0.35, dp))
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert not torch.equal(got[0], got[1])
+    assert flash._LAST_MASK[0] is not None
