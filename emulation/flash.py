@@ -281,14 +281,23 @@ class FlashStats:
         return dataclasses.asdict(self)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, g: GemmSpec | None) -> torch.Tensor:
+def _matmul(a: torch.Tensor, b: torch.Tensor, g: GemmSpec | None, unrounded: bool = False
+            ) -> torch.Tensor:
     """``a @ b^T`` (b: (..., N, K)) under ``g``, or the fp32 product (float64 accumulation
-    rounded once to fp32) when g is None; float32."""
+    rounded once to fp32) when g is None; float32. ``unrounded``: the fp32 product's float64
+    accumulation is returned before its rounding (the caller's kernel rounds it with
+    ``.float()``, saving a pass)."""
     if g is None or g.is_identity:
-        return torch.matmul(a.double(), b.double().transpose(-1, -2)).float()
+        y = torch.matmul(a.double(), b.double().transpose(-1, -2))
+        return y if unrounded else y.float()
     from .gemm import gemm
 
     return gemm(a.float(), b.float(), g, out_dtype=torch.float32).float()
+
+
+def _is_identity(g: GemmSpec | None) -> bool:
+    """True when :func:`_matmul` under ``g`` is the fp32 product through float64."""
+    return g is None or g.is_identity
 
 
 def _operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dp: AttentionDatapath
@@ -310,13 +319,34 @@ def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
     return dataclasses.replace(g, input=None, weight=None)
 
 
+#: the last mask :func:`_mask_parts` read: (the tensor, its version, shape, result); every
+#: layer of one forward passes a view of the same mask (held here, so that no other tensor
+#: can take its address while it is cached)
+_LAST_MASK: list[Any] = [None, -1, (), (None, None)]
+
+
 def _mask_parts(mask: torch.Tensor | None, shape: tuple[int, ...]
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(visible, bias)`` from an additive or boolean mask: a key is masked where the mask is
     False, -inf or at most half the dtype's minimum; the finite values elsewhere are an
-    additive bias (ALiBi), as float32 (None when every visible value is 0)."""
+    additive bias (ALiBi), as float32 (None when every visible value is 0). The result for
+    the last mask is reused for the same view of the same storage while it is unchanged (its
+    version counter, shared by every view)."""
     if mask is None:
         return None, None
+    old, version, shp, res = _LAST_MASK
+    if old is not None and old.data_ptr() == mask.data_ptr() and old.device == mask.device \
+            and old.dtype == mask.dtype \
+            and old.shape == mask.shape and old.stride() == mask.stride() \
+            and version == mask._version and shp == shape:
+        return res
+    res = _mask_parts_of(mask, shape)
+    _LAST_MASK[:] = [mask, mask._version, shape, res]
+    return res
+
+
+def _mask_parts_of(mask: torch.Tensor, shape: tuple[int, ...]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if mask.dtype == torch.bool:
         return mask.expand(shape), None
     lo = torch.finfo(mask.dtype).min / 2
@@ -536,27 +566,30 @@ def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Ten
     return y
 
 
-def _p_cast_kernel_for(dt: torch.dtype, mx: float):  # noqa: ANN202 - a kernel function
+def _p_cast_kernel_for(dt: torch.dtype, mx: float, pq64: bool = False):  # noqa: ANN202
     """The kernel of :func:`_p_fused_cast` for P's torch dtype ``dt`` with largest value ``mx``
     (plain Python constants captured by the closure, not traced): :func:`_p_kernel`, then P's
     saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry counts
-    (visible scores, P above ``mx``, P > 0 cast to 0) in the same compiled pass."""
+    (visible scores, P above ``mx``, P > 0 cast to 0, hard exp2 cases) in the same compiled
+    pass; ``pq64``: the cast P as float64 (the same values, for a float64 PV product)."""
     inf = math.inf
 
     def kernel(t: torch.Tensor, mo: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         y, hard = _p_kernel(t, mo)
         pq = y.clamp(-mx, mx).to(dt).float()
-        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum()])
-        return y, hard, pq, counts
+        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum(),
+                              hard.sum()])
+        return y, hard, pq.double() if pq64 else pq, counts
 
     return kernel
 
 
-_P_CAST_KERNELS: dict[torch.dtype, Any] = {}
+_P_CAST_KERNELS: dict[tuple[torch.dtype, bool], Any] = {}
 
 
-def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: torch.Tensor
+def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: torch.Tensor,
+                  pq64: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     """``(p, pq, (visible, saturated, flushed))`` of a tile for a unit of
     :func:`_is_cr_fp32_exp2` and a P format with a torch dtype (:func:`_torch_dtype`): P as
@@ -569,25 +602,25 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     dt = _torch_dtype(pel)
     assert dt is not None
     mx = float(pel.max)
-    fn = _P_CAST_KERNELS.get(dt)
+    fn = _P_CAST_KERNELS.get((dt, pq64))
     if fn is None:
-        fn = _P_CAST_KERNELS[dt] = _p_cast_kernel_for(dt, mx)
+        fn = _P_CAST_KERNELS[dt, pq64] = _p_cast_kernel_for(dt, mx, pq64)
     old = kernels.COMPILE_MIN_NUMEL
     kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
     try:
-        y, hard, pq, counts = kernels.run(fn, ("flash-p-cast", str(dt)), t.numel(), t, mo)
+        y, hard, pq, counts = kernels.run(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t,
+                                          mo)
     finally:
         kernels.COMPILE_MIN_NUMEL = old
-    n_vis, n_sat, n_fl = (int(c) for c in counts.tolist())
-    if bool(hard.any()):
+    n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
+    if n_hard:
         idx = hard.nonzero(as_tuple=True)
-        x = (t - mo[..., None])[idx]
+        x = t[idx] - mo[idx[:-1]]  # fp32(t - mo) at the hard elements only
         y0 = y[idx]
         y1 = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
                           dtype=torch.float32, device=y.device)
         q0, q1 = pq[idx], y1.clamp(-mx, mx).to(dt).float()
-        y, pq = y.clone(), pq.clone()
-        y[idx], pq[idx] = y1, q1
+        y[idx], pq[idx] = y1, q1.to(pq.dtype)  # (fresh kernel outputs: fixed in place)
         n_sat += int((y1 > mx).sum()) - int((y0 > mx).sum())
         n_fl += int(((q1 == 0) & (y1 > 0)).sum()) - int(((q0 == 0) & (y0 > 0)).sum())
     return y, pq, (n_vis, n_sat, n_fl)
@@ -600,7 +633,7 @@ def _t_kernel_for(c: float, masked: bool):  # noqa: ANN202 - a kernel function
     inf = math.inf
 
     def kernel(s: torch.Tensor, *vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = s * c
+        t = s.float() * c  # (float64 S: the fp32 product's accumulation, rounded here)
         if masked:
             t = torch.where(vis[0], t, -inf)
         return t, t.amax(-1)
@@ -668,10 +701,120 @@ def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[in
     (the causal triangle)."""
     if vis is None:
         return 0, n_q
+    for dim in range(vis.dim() - 2):  # a broadcast (batch, head) axis: one copy is enough
+        if vis.stride(dim) == 0 and vis.shape[dim] > 1:
+            vis = vis.narrow(dim, 0, 1)
     rows = vis[..., j0:j1].any(-1).reshape(-1, n_q).any(0).nonzero()
     if rows.numel() == 0:
         return 0, 0
     return int(rows[0]), int(rows[-1]) + 1
+
+
+#: run the per-tile statistics (running max, rescale, row sum, accumulator) and the final
+#: normalisation through the compiled kernels of :func:`_stats_kernel_for`,
+#: :func:`_update_kernel_for` and :func:`_norm_kernel_for` (False: the eager per-tile code of
+#: :func:`flash_attention`; tests/test_flash_datapath.py compares the two bit for bit)
+FAST_STATS = True
+
+
+def _compiled(fn: Any, key: tuple, numel: int, *args: Any) -> Any:
+    """``kernels.run`` with compilation from 2^12 elements on (the datapath's per-tile tensors
+    are small); compiled kernels are self-checked bit for bit against their eager twin."""
+    from precisim.formats import kernels
+
+    old = kernels.COMPILE_MIN_NUMEL
+    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
+    try:
+        return kernels.run(fn, key, numel, *args)
+    finally:
+        kernels.COMPILE_MIN_NUMEL = old
+
+
+_STAT_KERNELS: dict[tuple, Any] = {}
+
+
+def _stats_kernel_for(dp: AttentionDatapath):  # noqa: ANN202 - a kernel function
+    """The running-max step of a tile (module docstring, step 2) as one kernel of
+    ``(m_old float64, tmax float32)``: ``(m_new, mo = fp32(m_new - max_offset) float32,
+    ax = fp32(m_old - m_new) where the rescale is taken else 0 (float32), rescale, count)``;
+    the same operations as the eager loop of :func:`flash_attention`."""
+    rmax, q32 = _fast(rq(dp.max_format)), _fast(rq("fp32"))
+    thr, off, inf = dp.rescale_threshold, float(dp.max_offset), math.inf
+
+    def kernel(m_old: torch.Tensor, tmax: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cand = rmax(torch.maximum(m_old, tmax.double()))
+        first = m_old == -inf
+        diff = q32(add_ro(cand, -m_old))
+        take = first | (diff > thr)
+        m_new = torch.where(take, cand, m_old)
+        rescale = take & ~first & (m_new != m_old)
+        mo = q32(add_ro(m_new, torch.full_like(m_new, -off))).float()
+        ax = torch.where(rescale, q32(add_ro(m_old, -m_new)).float(), 0.0)
+        return m_new, mo, ax, rescale, rescale.sum()
+
+    return kernel
+
+
+def _update_kernel_for(dp: AttentionDatapath, acc32: bool):  # noqa: ANN202 - a kernel
+    """Steps 5 and 6 of a tile as one kernel of ``(ell_old, e2, rescale, src, acc_old, pv)``
+    (``e2``: the exp2 unit's value of ``ax``, ``src``: the P the row sum adds):
+    ``alpha = alpha_format(e2)`` where the rescale is taken else 1, the pairwise tile sum of
+    ``src`` (:func:`_tile_sum`), ``l = sum_format(alpha * l + sum)``, the accumulator update
+    and the overflow counts; the same operations as the eager loop of
+    :func:`flash_attention` (an fp32 accumulator: ``acc + PV`` in float32 where alpha = 1, the
+    float64 round-to-odd update rounded once in the rescaled rows)."""
+    ralpha, rsumf, racc = (_fast(rq(getattr(dp, f"{w}_format"), what=f"{w}_format"))
+                           for w in ("alpha", "sum", "acc"))
+    rsum, q32 = rq(dp.sum_format, what="sum_format"), _fast(rq("fp32"))
+
+    def kernel(ell_old: torch.Tensor, e2: torch.Tensor, rescale: torch.Tensor,
+               src: torch.Tensor, acc_old: torch.Tensor, pv: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pv = pv.float()  # (float64 PV: the fp32 product's accumulation, rounded here)
+        alpha = torch.where(rescale, ralpha(e2.double()), 1.0)
+        ell_new = rsumf(add_ro(alpha * ell_old, _tile_sum(src, rsum)))
+        if acc32:
+            resc = q32(add_ro(alpha[..., None] * acc_old.double(), pv.double())).float()
+            acc_new = torch.where(rescale[..., None], resc, acc_old + pv)
+        else:
+            acc_new = racc(add_ro(alpha[..., None] * acc_old, pv.double()))
+        counts = torch.stack([(torch.isinf(ell_new) & ~torch.isinf(ell_old)).sum(),
+                              (torch.isinf(acc_new) & ~torch.isinf(acc_old)).sum()])
+        return ell_new, acc_new, counts
+
+    return kernel
+
+
+def _norm_kernel_for(divide: bool):  # noqa: ANN202 - a kernel function
+    """The final normalisation ``fp32(O / l)`` or ``fp32(O * fp32(1 / l))`` (0 where
+    ``l = 0``) as one kernel of ``(acc, ell)``; the eager code of :func:`flash_attention`."""
+    q32 = _fast(rq("fp32"))
+
+    def kernel(acc: torch.Tensor, ell: torch.Tensor) -> torch.Tensor:
+        acc = acc.double()
+        if divide:
+            out = q32(div_ro(acc, ell[..., None]))
+        else:
+            r = q32(div_ro(torch.ones_like(ell), ell))
+            out = q32(acc * r[..., None])
+        return torch.where((ell == 0)[..., None], 0.0, out).float()
+
+    return kernel
+
+
+def _kernel(kind: str, dp: AttentionDatapath, *extra: Any) -> tuple[Any, tuple]:
+    """The cached kernel ``kind`` for the fields of ``dp`` it depends on, and its key."""
+    fields = {"stats": (dp.max_format, dp.rescale_threshold, dp.max_offset),
+              "update": (dp.alpha_format, dp.sum_format, dp.acc_format),
+              "norm": (dp.normalize,)}[kind]
+    key = (f"flash-{kind}", *fields, *extra)
+    fn = _STAT_KERNELS.get(key)
+    if fn is None:
+        make = {"stats": lambda: _stats_kernel_for(dp),
+                "update": lambda: _update_kernel_for(dp, *extra),
+                "norm": lambda: _norm_kernel_for(dp.normalize is Normalize.DIVIDE)}[kind]
+        fn = _STAT_KERNELS[key] = make()
+    return fn, key
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -718,14 +861,28 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     acc = torch.zeros((b, h, n_q, dv), dtype=torch.float32 if acc32 else torch.float64,
                       device=dev)
     st = FlashStats()
+    # the common case (a correctly rounded fp32 exp2, P cast to a torch dtype): the per-tile
+    # statistics in compiled kernels, the counts summed on the device (one read at the end)
+    fast = FAST_STATS and fused and cast is not None and dp.p_format is not None \
+        and _torch_dtype(pel) is not None
+    if fast:
+        kst, kst_key = _kernel("stats", dp)
+        kup, kup_key = _kernel("update", dp, acc32)
+        counts = torch.zeros(3, dtype=torch.int64, device=dev)
+        if _is_identity(gqk):  # the fp32 products in float64: the operands converted once
+            qq, kq = qq.double(), kq.double()
+        pv64 = _is_identity(gpv)  # P cast straight to float64 for the float64 PV product
+        if pv64:
+            vq = vq.double()
     for j0, j1 in _tiles(n_k, dp):
         r0, r1 = _row_range(vis, j0, j1, n_q)
         if r0 == r1:
             continue
         rows = slice(r0, r1)
-        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk)
+        plain = softcap is None and bias is None  # the scores kernel rounds S itself
+        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk, unrounded=fast and plain)
         vt = None if vis is None else vis[:, :, rows, j0:j1]
-        if softcap is None and bias is None:
+        if plain:
             t, tmax = _scores_max(s, c, vt)
         else:
             t = _scores(s, c32, None if bias is None else bias[:, :, rows, j0:j1], softcap,
@@ -733,8 +890,25 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if vt is not None:
                 t = torch.where(vt, t, -math.inf)
             tmax = t.amax(-1)
+        if fast:  # steps 2-6 in three compiled kernels and the exp2 of the rescale factors
+            m_old = m[:, :, rows]
+            m_new, mo, ax, rescale, n_resc = _compiled(kst, kst_key, m_old.numel(), m_old,
+                                                       tmax)
+            p, pq, (n_vis, n_sat, n_fl) = _p_fused_cast(dp.exp2, pel, t, mo, pv64)
+            st.p_numel += n_vis
+            st.p_saturated += n_sat
+            st.p_flushed += n_fl
+            e2 = _unit32(dp.exp2, ax)
+            pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv, unrounded=True)
+            ell_new, acc_new, c2 = _compiled(kup, kup_key, p.numel(), ell[:, :, rows], e2,
+                                             rescale, pq if quant_sum else p, acc[:, :, rows],
+                                             pv)
+            counts += torch.cat([n_resc.reshape(1), c2])
+            m[:, :, rows], ell[:, :, rows], acc[:, :, rows] = m_new, ell_new, acc_new
+            continue
         # P, its cast and the counts in one compiled kernel (fp32 CR exp2, torch-castable P)
-        fcast = fused and cast is not None and dp.p_format is not None
+        fcast = fused and cast is not None and dp.p_format is not None \
+            and _torch_dtype(pel) is not None
         live = None
         if not fcast:
             live = t != -math.inf
@@ -809,6 +983,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                    & ~torch.isinf(acc_old)))
         acc[:, :, rows] = acc_new
         m[:, :, rows] = m_new
+    if fast:
+        n_resc, n_ell, n_acc = (int(x) for x in counts.tolist())
+        st.rescales += n_resc
+        st.row_sum_overflow += n_ell
+        st.acc_overflow += n_acc
+        kn, kn_key = _kernel("norm", dp)
+        out = _compiled(kn, kn_key, acc.numel(), acc, ell)
+        if stats is not None:
+            stats.add(st)
+        return out
     acc = acc.double()
     if dp.normalize is Normalize.DIVIDE:
         out = Q32(div_ro(acc, ell[..., None]))

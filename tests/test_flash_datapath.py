@@ -406,8 +406,9 @@ def test_shared_parse_and_to_dict() -> None:
         AttentionDatapath.parse({"tiles": 3})
 
 
+@pytest.mark.parametrize("pq64", [False, True])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_fused_p_cast_kernel_is_the_separate_steps(fmt: str) -> None:
+def test_fused_p_cast_kernel_is_the_separate_steps(fmt: str, pq64: bool) -> None:
     """P, its FP8 cast and the tile's counts from the one compiled kernel equal, bit for bit,
     the separate steps (the fused P kernel, the eager cast of :func:`_p_caster` checked in
     test_p_cast_is_the_saturating_rounding, the counts as the datapath takes them), compiled
@@ -451,13 +452,14 @@ def test_fused_p_cast_kernel_is_the_separate_steps(fmt: str) -> None:
             if force:
                 flash._exp2_kernel = all_hard
                 flash._P_CAST_KERNELS.clear()
-            p, q, c = flash._p_fused_cast(u, f, t, mo)
+            p, q, c = flash._p_fused_cast(u, f, t, mo, pq64)
         finally:
             flash._exp2_kernel = real
             flash._P_CAST_KERNELS.clear()
             kernels.set_backend(old)
         assert torch.equal(p.view(torch.int32), want_p.view(torch.int32)), backend
-        assert torch.equal(q.view(torch.int32), want_q.view(torch.int32)), backend
+        assert q.dtype == (torch.float64 if pq64 else torch.float32)
+        assert torch.equal(q.float().view(torch.int32), want_q.view(torch.int32)), backend
         assert c == want_c, backend
 
 
@@ -500,7 +502,8 @@ def test_scores_max_kernel_compiled_equals_eager() -> None:
 @pytest.mark.parametrize("name", ["fa3-fp8", "fa4-fp8-saturating"])
 def test_datapath_compiled_equals_eager(name: str) -> None:
     """The whole datapath with its compiled kernels (scores and max, P with its cast and
-    counts) returns the eager bits and the same telemetry, on a causal input with a sink."""
+    counts, the per-tile statistics and the final normalisation) returns the eager bits and
+    the same telemetry, on a causal input with a sink."""
     from precisim.formats import kernels
 
     q, k, v = _inputs(21, h=3, n_q=40, n_k=200, spread=2.0)
@@ -519,3 +522,87 @@ def test_datapath_compiled_equals_eager(name: str) -> None:
     (a, sa), (b, sb) = res["eager"], res["compile"]
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert sa == sb and sa["p_numel"] > 0
+
+
+STATS_CASES = {
+    "fa3-fp8": {}, "fa4-fp8-saturating": {}, "fa4-fp8-fixed": {}, "fa2-bf16": {},
+    "sage2-fp16-acc": {}, "fa3-fp8/reverse": {"order": "reverse"},
+    "fa3-fp8/narrow": {"max_format": "bf16", "alpha_format": "bf16", "sum_format": "fp16",
+                       "row_sum": "quantized", "normalize": "reciprocal"},
+    "fa4-fp8-saturating/thr8-e5m2": {"rescale_threshold": 8.0, "p_format": "e5m2"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATS_CASES) + [
+    pytest.param("compiled", marks=pytest.mark.slow)])
+def test_kernel_statistics_equal_the_eager_loop(case: str) -> None:
+    """The per-tile statistics (running max and rescale, row sum, accumulator) and the final
+    normalisation through their kernels (FAST_STATS) return the bits and the telemetry of the
+    eager per-tile loop, on a causal input with a sink key, sink logits, a fully masked row,
+    rescales taken, and (fa4-fp8-saturating) saturated P. The kernels run eagerly here (the
+    same functions the compiled kernels trace); test_datapath_compiled_equals_eager compares
+    them compiled for the fp32 statistics of fa3-fp8 and fa4-fp8-saturating, and the slow
+    case ``compiled`` compiles them for the narrow formats (bf16 max, fp16 sum, quantized row
+    sum, reciprocal) and the fp16 accumulator."""
+    if case == "compiled":
+        for c in ("fa3-fp8/narrow", "sage2-fp16-acc"):
+            _stats_vs_loop(c, ("eager", "compile"))
+        return
+    _stats_vs_loop(case, ("eager",))
+
+
+def _stats_vs_loop(case: str, backends: tuple[str, ...]) -> None:
+    from precisim.emulation import flash
+    from precisim.formats import kernels
+
+    q, k, v = _inputs(31, h=3, n_q=70, n_k=260, spread=2.5)
+    k[:, :, 0] *= 20
+    k[:, :, 150] *= 12
+    mask = _causal(70, 260).clone()
+    mask[..., 3, :] = -math.inf
+    dp = get_datapath(case.split("/")[0]).with_(tile=64, **STATS_CASES[case])
+    sinks = torch.tensor([0.5, 6.0, -4.0])
+    res = []
+    for fast, backend in ((False, "eager"), *((True, b) for b in backends)):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        flash.FAST_STATS = fast
+        try:
+            st = FlashStats()
+            out = flash_attention(q, k, v, mask, 0.35, dp, st, sinks=sinks)
+        finally:
+            flash.FAST_STATS = True
+            kernels.set_backend(old)
+        res.append((out, st))
+    (a, sa), *rest = res
+    for b, sb in rest:
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), case
+        assert sa == sb, (sa, sb)
+    assert sa.rescales > 0 and sa.p_numel > 0
+    assert torch.equal(a[..., 3, :], torch.zeros_like(a[..., 3, :]))
+    if case == "fa4-fp8-saturating":
+        assert sa.p_saturated > 0
+
+
+def test_mask_cache_follows_in_place_changes_and_views() -> None:
+    """The mask read once per mask (every layer passes the same one) is read again when the
+    tensor changes in place or another view of it is passed: each call equals a call with a
+    fresh copy of its mask."""
+    from precisim.emulation import flash
+
+    q, k, v = _inputs(41, n_q=6, n_k=40)
+    dp = get_datapath("fa3-fp8").with_(tile=16)
+    mask = _causal(6, 40).clone()
+    got = [flash_attention(q, k, v, mask, 0.35, dp)]
+    mask[..., 2, :30] = -math.inf  # in place: the version counter moves
+    got.append(flash_attention(q, k, v, mask, 0.35, dp))
+    got.append(flash_attention(q, k[:, :, :30], v[:, :, :30], mask[..., :30], 0.35, dp))
+    want = [flash_attention(q, k, v, _causal(6, 40), 0.35, dp)]
+    m2 = _causal(6, 40).clone()
+    m2[..., 2, :30] = -math.inf
+    want.append(flash_attention(q, k, v, m2.clone(), 0.35, dp))
+    want.append(flash_attention(q, k[:, :, :30], v[:, :, :30], m2[..., :30].clone(), 0.35, dp))
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert not torch.equal(got[0], got[1])
+    assert flash._LAST_MASK[0] is not None

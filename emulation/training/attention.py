@@ -16,7 +16,15 @@ along that GEMM's own reduction axis (the last axis of the operand as listed):
 P is recomputed from the unquantized q and k in fp32 (as FlashAttention's backward recomputes
 it), the softmax backward ``dS = P * (dP - rowsum(dP * P))`` runs in fp32, ``scaling`` is
 applied to the GEMM outputs, and with grouped-query attention the per-head dK and dV are
-summed over each key/value head's group in fp32. ``None`` (``high``) is the fp32 GEMM on the
+summed over each key/value head's group in fp32. The variants the inference path supports
+(docs/attention-datapath.md section 1) are modelled too (docs/training.md section 1b): an
+ALiBi or other finite bias in the additive mask; Gemma-2's soft cap
+``S = cap * tanh(scaling * Q K^T / cap) + mask``, whose derivative ``1 - tanh^2`` multiplies
+dS (fp32) before the dq / dk GEMMs, so their ``input`` is the gradient of the capped
+product; attention sinks (gpt-oss's ``s_aux``: one logit per head in the softmax
+denominator, V = 0), whose gradient ``-sum_(b, q) P_sink * rowsum(dP * P)`` is summed in fp32.
+The sliding window arrives in the mask (the model's eager function ignores its
+``sliding_window`` argument), so it needs a mask. ``None`` (``high``) is the fp32 GEMM on the
 unquantized operands. Stochastic rounding draws replayable counter bits keyed by (seed, step,
 module, ``<gemm>.<role>``, element position in the operand's natural (b, h, rows, cols)
 layout). A :class:`AttentionTrainingSpec` is the spec of the opt-in ``train_attention`` op
@@ -26,9 +34,10 @@ high-precision eager backward bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,13 +46,14 @@ from ..specs import AttentionSpec, GemmSpec, RecipeError
 from .autograd import GRAD_PROBES, is_sr, quantize_role, role_bits
 from .roles import check_blocks, is_high, parse_gemm_roles
 
-__all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionTrainGrad", "AttentionTrainingSpec",
-           "attach_attention_train_grad", "attention_backward"]
+__all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionGrads", "AttentionTrainGrad",
+           "AttentionTrainingSpec", "attach_attention_train_grad", "attention_backward",
+           "attention_grads"]
 
 ATTN_GEMMS = ("dq", "dk", "dp", "dv")
 _UNSET: Any = object()
-#: attention-function arguments that change the numerics and are not modelled here
-_UNMODELLED = ("sliding_window", "softcap", "s_aux", "sinks")
+#: attention-function arguments that carry sink logits (gpt-oss passes ``s_aux``)
+_SINK_ARGS = ("s_aux", "sinks")
 #: stands for a sequence axis in install-time block checks (its partial last block is padded)
 _ANY = 1 << 20
 
@@ -131,28 +141,75 @@ def _role_gemm(spec: GemmSpec | None, a: torch.Tensor, b: torch.Tensor, nat_a: t
     return out
 
 
-def attention_backward(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                       d_out: torch.Tensor, *, name: str, handle: Any = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV of the standard eager attention (q: (b, h, q, d); k, v: (b, h_kv, k, d);
-    ``d_out``: (b, q, h, d), the gradient of its transposed output) under ``spec``'s backward
-    GEMMs (module docstring)."""
+class AttentionGrads(NamedTuple):
+    """The gradients of one attention call: dQ, dK, dV in their operands' dtypes and the
+    sinks' gradient (h,) in theirs (None without sinks)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dsinks: torch.Tensor | None
+
+
+def check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
+                 ) -> tuple[float | None, torch.Tensor | None]:
+    """The soft cap as a float > 0 and the sinks as (h,) logits, or a ValueError naming the
+    bad value and what is accepted."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, int | float) \
+                or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
+                             "(or None)")
+        softcap = float(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.numel() != h \
+                or not sinks.is_floating_point():
+            shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks)
+            raise ValueError(f"sinks of shape {shape} are not valid: accepted a floating "
+                             f"tensor of {h} logits, one per query head")
+        if not bool(torch.isfinite(sinks.detach()).all()):
+            raise ValueError("sinks are not valid: accepted finite logits (got inf or NaN)")
+    return softcap, sinks
+
+
+def attention_grads(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                    d_out: torch.Tensor, *, name: str, handle: Any = None,
+                    softcap: float | None = None, sinks: torch.Tensor | None = None
+                    ) -> AttentionGrads:
+    """dQ, dK, dV (and the sinks' gradient) of the standard eager attention (q: (b, h, q, d);
+    k, v: (b, h_kv, k, d); ``d_out``: (b, q, h, d), the gradient of its transposed output;
+    ``mask``: additive, its finite values a bias such as ALiBi; ``softcap``: Gemma-2's cap;
+    ``sinks``: (h,) logits) under ``spec``'s backward GEMMs (module docstring)."""
     from ..attention import repeat_kv
 
     b, h, n_q, d = q.shape
     groups = h // k.shape[1]
+    softcap, sinks = check_extras(softcap, sinks, h)
     qf = q.float()
     kr, vr = repeat_kv(k.float(), groups), repeat_kv(v.float(), groups)
     s = torch.matmul(qf, kr.transpose(-1, -2)) * scaling
+    th = None
+    if softcap is not None:  # the cap's tanh, kept for its derivative
+        th = torch.tanh(s / softcap)
+        s = th * softcap
     if mask is not None:
         s = s + mask[..., :kr.shape[-2]].float()
-    p = torch.softmax(s, dim=-1)  # (b, h, q, k), fp32
+    p_sink = None
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)  # (b, h, q, k), fp32
+    else:  # the sink: one more logit per row, dropped after the softmax
+        col = sinks.detach().float().reshape(1, h, 1, 1).expand(b, h, n_q, 1)
+        full = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)
+        p, p_sink = full[..., :-1], full[..., -1]
     do = d_out.float().transpose(1, 2)  # (b, h, q, d)
     dv_r = _role_gemm(spec.dv, p.transpose(-1, -2), do.transpose(-1, -2), p, do, True, True,
                       name, "dv", handle)
     dp = _role_gemm(spec.dp, do, vr, do, vr, False, False, name, "dp", handle)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # the softmax backward, fp32
+    rs = (dp * p).sum(-1, keepdim=True)  # the sink's dP is 0 (its V is 0)
+    ds = p * (dp - rs)  # the softmax backward, fp32
+    if th is not None:  # through the cap: d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+        ds = ds * (1 - th * th)
     dq = _role_gemm(spec.dq, ds, kr.transpose(-1, -2), ds, kr, False, True, name, "dq",
                     handle) * scaling
     dk_r = _role_gemm(spec.dk, ds.transpose(-1, -2), qf.transpose(-1, -2), ds, qf, True, True,
@@ -161,29 +218,44 @@ def attention_backward(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Te
     def fold(t: torch.Tensor) -> torch.Tensor:  # GQA: sum each kv head's group
         return t.reshape(b, h // groups, groups, *t.shape[-2:]).sum(2)
 
-    return dq.to(q.dtype), fold(dk_r).to(k.dtype), fold(dv_r).to(v.dtype)
+    dsinks = None
+    if sinks is not None and p_sink is not None:  # dS_sink = P_sink * (0 - rowsum(dP * P))
+        dsinks = (-(p_sink * rs[..., 0])).sum((0, 2)).reshape(sinks.shape).to(sinks.dtype)
+    return AttentionGrads(dq.to(q.dtype), fold(dk_r).to(k.dtype), fold(dv_r).to(v.dtype),
+                          dsinks)
+
+
+def attention_backward(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                       d_out: torch.Tensor, *, name: str, handle: Any = None,
+                       softcap: float | None = None, sinks: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV of :func:`attention_grads` (the sinks' gradient left out)."""
+    g = attention_grads(spec, q, k, v, mask, scaling, d_out, name=name, handle=handle,
+                        softcap=softcap, sinks=sinks)
+    return g.dq, g.dk, g.dv
 
 
 class AttentionTrainGrad(torch.autograd.Function):
-    """``AttentionTrainGrad.apply(out, q, k, v, ctxinfo)``: the emulated attention output with
-    :func:`attention_backward`'s gradients; ``ctxinfo`` = (spec, mask, scaling, name,
-    handle)."""
+    """``AttentionTrainGrad.apply(out, q, k, v, sinks, ctxinfo)``: the emulated attention
+    output with :func:`attention_grads`'s gradients (``sinks``: the (h,) logits or None);
+    ``ctxinfo`` = (spec, mask, scaling, name, handle, softcap)."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, info: tuple) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v)
+                v: torch.Tensor, sinks: torch.Tensor | None, info: tuple) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v, sinks)
         ctx.info = info
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        q, k, v = ctx.saved_tensors
-        spec, mask, scaling, name, handle = ctx.info
-        dq, dk, dv = attention_backward(spec, q, k, v, mask, scaling, gy, name=name,
-                                        handle=handle)
-        need = ctx.needs_input_grad[1:4]
-        return (None, *(g if n else None for g, n in zip((dq, dk, dv), need)), None)
+        q, k, v, sinks = ctx.saved_tensors
+        spec, mask, scaling, name, handle, softcap = ctx.info
+        g = attention_grads(spec, q, k, v, mask, scaling, gy, name=name, handle=handle,
+                            softcap=softcap, sinks=sinks)
+        need = ctx.needs_input_grad[1:5]
+        return (None, *(t if n else None for t, n in zip(g, need)), None)
 
 
 def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -193,20 +265,35 @@ def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                 ) -> torch.Tensor:
     """``out`` with :class:`AttentionTrainGrad`'s backward when autograd needs one; raises
     :class:`EmulationError` for an attention call the GEMM-level backward does not model."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+    given = [a for a in _SINK_ARGS if kwargs.get(a) is not None]
+    sinks = kwargs[given[0]] if given else None
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if not torch.is_grad_enabled() or not any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
         return out
     scaling = kwargs.get("scaling", args[0] if args else None)
     dropout = kwargs.get("dropout", args[1] if len(args) > 1 else 0.0)
-    extra = sorted(k for k in _UNMODELLED if kwargs.get(k) is not None)
-    if scaling is None or q.dim() != 4 or (module.training and dropout) or extra or (
+    window = kwargs.get("sliding_window")
+    if scaling is None or q.dim() != 4 or (module.training and dropout) or (
             mask is not None and (not mask.is_floating_point() or mask.dim() != 4)):
         raise EmulationError(
             f"{name}: train_attention models the standard eager attention (4-D q/k/v, a float "
             f"additive mask, a scaling, no dropout); this call has q of {q.dim()} dims, "
-            f"scaling={scaling!r}, dropout={dropout if module.training else 0!r}, extra "
-            f"arguments {extra}: use the 'attention' op kind (high-precision backward) here")
-    info = (spec, mask, float(scaling), name, handle)
-    return AttentionTrainGrad.apply(out.detach(), q, k, v, info)
+            f"scaling={scaling!r}, dropout={dropout if module.training else 0!r}: use the "
+            "'attention' op kind (high-precision backward) here")
+    if len(given) > 1:
+        raise EmulationError(f"{name}: train_attention got sink logits twice ({given[0]!r} "
+                             f"and {given[1]!r}): accepted one of {', '.join(_SINK_ARGS)}")
+    if window is not None and mask is None:
+        raise EmulationError(f"{name}: train_attention got sliding_window={window!r} without "
+                             "an attention mask: the window is read from the mask (as the "
+                             "model's eager attention does); pass the model's mask")
+    try:
+        softcap, sinks = check_extras(kwargs.get("softcap"), sinks, q.shape[1])
+    except ValueError as e:
+        raise EmulationError(f"{name}: train_attention: {e}") from None
+    info = (spec, mask, float(scaling), name, handle, softcap)
+    return AttentionTrainGrad.apply(out.detach(), q, k, v, sinks, info)
 
 
 def check_attention_module(name: str, module: torch.nn.Module, spec: AttentionTrainingSpec
