@@ -152,6 +152,32 @@ def test_fused_int32_sums_near_their_limit():
     assert same_bits(exact[0, 0], ref[0, 0])
 
 
+def test_fused_int32_sums_between_2_29_and_2_30_stay_in_the_kernel(monkeypatch):
+    """H100 bf16 (k = 16, F = 25): one-signed blocks of sixteen products in [1, 2) (block
+    exponent 0) have integer sums in [2^29, 2^30): the compiled kernel sums them in int32 and
+    flags none of them for the int64 recount (the flag threshold, :func:`sum_guard`, lies just
+    below 2^30; it was 2^29), and the bits equal the float chain's and the exact reference's.
+    Sums above the threshold are still recounted (test above)."""
+    unit = get_unit("h100-bf16")
+    gen = torch.Generator().manual_seed(5)
+    a = quantize(1.0 + 0.4 * torch.rand(2, 24, 16, generator=gen), "bf16").clamp(max=1.3984375)
+    b = quantize(1.0 + 0.4 * torch.rand(2, 16, 40, generator=gen), "bf16").clamp(max=1.3984375)
+    b[:, :, 1::2] = -b[:, :, 1::2]  # negative sums too
+    a[:, 23] = quantize(torch.randn(2, 16, generator=gen), "bf16")  # rows of mixed signs
+    sums = (a[:, :23].double() @ b.double()).abs()
+    assert float(sums.min()) >= 16 and float(sums.max()) < 32  # S = sum * 2^25
+    recounts = []
+    old = fc._exact_sums
+    monkeypatch.setattr(fc, "_exact_sums", lambda *x: recounts.append(1) or old(*x))
+    ref, outs = both(lambda: matmul(a, b, unit))
+    assert not recounts
+    for out in outs:
+        assert same_bits(ref, out)
+    exact = matmul(a[:, :3], b, unit, kernel="reference")
+    assert same_bits(exact, ref[:, :3])
+    assert fc.sum_guard(fc.sum_bound(unit), 5) == (1 << 30) - 8832  # 2^30 - margin
+
+
 def test_fused_overflow_inside_blocks():
     """Block sums beyond fp32 (E5M2 maxima with a huge c) and sign of zero after cancellation."""
     unit = get_unit("h100-e5m2")

@@ -67,7 +67,7 @@ from .intarith import NEG_BIG_32
 from .registry import Kernel, register_kernel
 
 __all__ = ["block_max_exponent", "exponent_of_sum", "exponent_powers", "make_kernels",
-           "pow_dtype", "promote_kernel"]
+           "pow_dtype", "promote_kernel", "sum_guard"]
 
 
 def pow_dtype(fa: FloatFormat, fb: FloatFormat, k: int) -> torch.dtype | None:
@@ -156,6 +156,22 @@ def _times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return (x * _p2(h)) * _p2(n - h)
 
 
+def sum_guard(sum_bound: int, c: int) -> int:
+    """The threshold of the int32-overflow flag of the block kernel (:func:`make_kernels`,
+    used where ``sum_bound`` > 2^30): a multiple of 2^7 below 2^30 (so a float32 value) such
+    that ``approx = fl32(|fl32(sum v_i)| + |fl32(ct)|) <= T`` implies ``|S| < 2^30`` for the
+    integer block sum ``S = sum trunc(v_i) + ct`` of fewer than ``2^c`` terms with
+    ``sum |v_i| + |ct| <= sum_bound``. The margin covers the truncations (< 1 per term), the
+    float32 sum (error <= gamma_(n-1) * sum |v_i| < 2^c * 2^-23 * sum_bound, Higham, *Accuracy
+    and Stability of Numerical Algorithms*, 2nd ed., section 4.2, any order), the rounding of
+    ct to float32 and of the final addition (<= 2^-24 * 2^30 = 2^6)."""
+    terms = 1 << c
+    err_sum = -(-(terms * sum_bound) >> 23)
+    err_ct = -(-sum_bound >> 23)
+    margin = terms + err_sum + err_ct + (1 << 6) + 1
+    return ((1 << 30) - margin) >> 7 << 7
+
+
 def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bool, m: int,
                  bemin: int, max_val: float, rounding: Rounding, saturate: bool,
                  sum_bound: int = 1 << 24
@@ -170,11 +186,13 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
 
     ``prepare(P, off, part, pe, es, sz)`` -> (E, mult, ct): from the exponent-maximum matmul
     ``P`` (:func:`block_max_exponent`'s operand powers summed, their offsets summing to the
-    int32 scalar ``off``), the block's alignment
+    int32 scalar ``off``; a float32 P is given as its int32 bits), the block's alignment
     exponent E (the products' maximum plus the scale exponent ``es``, against ``pe``), the
-    float32 factor 2^(F-E+es) of the products (0 where no product is nonzero) and the running
-    sum aligned to E and truncated (int32). ``es``/``sz``: None, or the exponents and zero
-    mask of in-block power-of-two scales.
+    float32 factor 2^(F-E+es) of the products as its int32 bits (0 where no product is
+    nonzero) and the running sum aligned to E and truncated (int32), from ``part`` given as
+    its int32 bits. (Bit views of inputs and outputs are free outside the kernel; inside,
+    inductor's CPU code copies every vector through the stack for them.) ``es``/``sz``: None,
+    or the exponents and zero mask of in-block power-of-two scales.
 
     ``block(a, bt, mult, ct, E)`` -> (part, pe, flags): the integer block sum
     S = sum_i trunc(a_i*b_i*mult) + ct, its value S*2^(E-F) rounded to the block format
@@ -182,20 +200,28 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     by the rounding table), the new alignment exponent, and int32 flags: bit 0 where S == 0
     (the result is +0; the caller gives the zero its IEEE sign where that can be -0), bit 1
     where the result overflowed (above ``max_val``; with ``saturate`` it is clamped
-    instead), bit 2 where the int32 sum may have overflowed (only when ``sum_bound``, a bound
-    on |S|, exceeds 2^30: the float32 sum of the scaled products says where |S| may reach
-    2^29; those outputs are recomputed exactly by the caller). a: (B, M, kb) float32, bt:
+    instead), bit 2 where |S| may reach 2^30, beyond which the int32 sum and the rounding
+    below are not exact (only when ``sum_bound``, a bound on |S|, exceeds 2^30: the float32
+    sum of the scaled products above :func:`sum_guard`; those outputs are recomputed exactly
+    by the caller). a: (B, M, kb) float32, bt:
     (B, kb, N) float32.
     """
     lim = 1 << (m + 1)
     e_max = math.frexp(max_val)[1] - 1
 
+    inv_c = 1.0 / c
     wide = sum_bound > 1 << 24  # |S| may not be exact in float32
-    guard = sum_bound > 1 << 30  # |S| may not fit int32
+    guard = sum_bound > 1 << 30  # |S| may reach 2^30
+    if guard:
+        limit = float(sum_guard(sum_bound, c))  # a plain float, exact in float32
 
     def prepare(P, off, part, pe, es=None, sz=None):
         zero_blk = P == 0
-        Ep = exponent_of_sum(P, c) + off
+        if P.dtype == torch.int32:  # the bits of a float32 P >= +0 (normal or 0)
+            x = (P >> 23) - 127
+            Ep = torch.floor((x.to(torch.float32) + 0.5) * inv_c).to(torch.int32) + off
+        else:
+            Ep = exponent_of_sum(P, c) + off
         if es is not None:
             zero_blk = zero_blk | sz
             Ep = Ep + es
@@ -205,11 +231,19 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
             E = torch.clamp(E, min=floor)
         d = F - E
         dt = d if es is None else d + es
-        mult = torch.where(zero_blk, 0.0, _p2(dt))
-        cv = _times_pow2(part, d.clamp(-252, 252))  # |part * 2^d| < 2^(F+1): exact
-        ct = cv.to(torch.int32)
-        if use_floor:
-            ct = ct - (ct.to(cv.dtype) > cv).to(torch.int32)
+        # the bits of float32 2^dt (+0 where no product is nonzero)
+        mult = torch.where(zero_blk, 0, (dt.clamp(-126, 127) + 127) << 23)
+        # part (given as its float32 bits) times 2^d, truncated, in integers: part =
+        # sig * 2^(max(ex, 1) - 150); |part * 2^d| < 2^(F+1), so a left shift stays small
+        mag = part & 0x7FFFFFFF
+        ex = mag >> 23
+        sig = torch.where(ex == 0, mag, (mag & 0x7FFFFF) | 0x800000)
+        sh = torch.clamp(ex, min=1) - 150 + d
+        r = (-sh).clamp(0, 31)
+        q = torch.where(sh >= 0, sig << sh.clamp(0, 31), sig >> r)
+        if use_floor:  # floor: a negative part with dropped bits goes one further down
+            q = q + ((part < 0) & (sh < 0) & ((q << r) != sig)).to(torch.int32)
+        ct = torch.where(part < 0, -q, q)
         return E, mult, ct
 
     def block(a, bt, mult, ct, E):
@@ -254,7 +288,7 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
         flags = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
         if guard:
             approx = v.sum(2).abs() + ct.to(torch.float32).abs()
-            flags = flags | ((approx > float(1 << 29)).to(torch.int32) << 2)
+            flags = flags | ((approx > limit).to(torch.int32) << 2)
         return part, pe, flags
 
     return prepare, block
@@ -414,15 +448,18 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
     for j in range(nblk):
         lo, hi = j * k, min((j + 1) * k, K)
         P = torch.matmul(pa[:, :, lo:hi], pb[:, lo:hi])  # exponent maxima (module docstring)
+        Pv = P.view(torch.int32) if P.dtype == torch.float32 else P
+        partv = part.view(torch.int32)
         if scaled and not per:
             s = sc.at(lo, ns, shape)
             sz = s == 0
             es = torch.where(sz, 0, fexp64(s)).to(torch.int32)
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, P, off, part,
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, Pv, off, partv,
                                        pe, es, sz)
         else:
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, P, off, part,
-                                       pe)
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, Pv, off,
+                                       partv, pe)
+        mult = mult.view(torch.float32)
         a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
         r, pe, flags = compiled.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
         fl = int(flags.max())
