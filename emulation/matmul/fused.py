@@ -239,10 +239,14 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
         ex = mag >> 23
         sig = torch.where(ex == 0, mag, (mag & 0x7FFFFF) | 0x800000)
         sh = torch.clamp(ex, min=1) - 150 + d
+        # one shift of the two is by 0: no select on sh's sign. (No int32 >=, <= or != in
+        # the kernels: GCC 12 at -O3 -march=native on an AVX-512 CPU inverts the select of
+        # inductor's AVX2 code, which reproducible mode runs, on such a negated comparison;
+        # tests/test_emulation_fused_chain.py runs the kernels pinned to AVX2)
         r = (-sh).clamp(0, 31)
-        q = torch.where(sh >= 0, sig << sh.clamp(0, 31), sig >> r)
+        q = (sig << sh.clamp(0, 31)) >> r
         if use_floor:  # floor: a negative part with dropped bits goes one further down
-            q = q + ((part < 0) & (sh < 0) & ((q << r) != sig)).to(torch.int32)
+            q = q + ((part < 0) & ((q << r) < sig)).to(torch.int32)
         ct = torch.where(part < 0, -q, q)
         return E, mult, ct
 
