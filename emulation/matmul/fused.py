@@ -62,7 +62,7 @@ from .float_chain import (
     promote,
     sums_refusal,
 )
-from .floatarith import any_true, fexp32, fexp64, pow2_32, pow2_64, round_float
+from .floatarith import all_finite, any_true, fexp32, fexp64, pow2_32, pow2_64, round_float
 from .intarith import NEG_BIG_32
 from .registry import Kernel, register_kernel
 
@@ -318,6 +318,18 @@ def promote_kernel(reg: torch.Tensor, part: torch.Tensor, s: torch.Tensor | None
     return torch.where(fix, bits + step, bits).view(torch.float64).to(torch.float32)
 
 
+def _promote_scaled_exact(reg, part, sa, sb):
+    """:func:`promote_kernel` with the scale product s = sa*sb (exact in float64) formed in
+    the kernel from A's (B, M, 1) and B's (B, 1, N) scales, not read as a (B, M, N) tensor."""
+    return promote_kernel(reg, part, sa * sb)
+
+
+def _promote_scaled_fp32(reg, part, sa, sb):
+    """:func:`_promote_scaled_exact` with s = fl32(sa*sb) (RNE), as :meth:`.call.Scales.at`
+    forms it for scales whose product is not exact."""
+    return promote_kernel(reg, part, (sa * sb).to(torch.float32).to(torch.float64))
+
+
 # ---------------------------------------------------------------------------------------------
 # the chain
 
@@ -427,7 +439,8 @@ def _rare(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
 def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), offset: int = 0):
     """The eager chain's blocks with the compiled kernels (same bits). a: (B, M, K) float32
     values, pa: their exponent powers (B, M, K); bt: (B, K, Nc), pb: (B, K, Nc) (the
-    exponent offsets of pa and pb sum to ``offset``); cval: (B, M, Nc) float64 incoming c."""
+    exponent offsets of pa and pb sum to ``offset``); cval: (B, M, Nc) incoming c (float32
+    values)."""
     unit, sc = call.unit, call.scales
     k = unit.block_size
     K = a.shape[-1]
@@ -436,15 +449,18 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
     dev = cval.device
     inf_pos, inf_neg, nan, per, scaled = chain_start(unit, cval, sc)
     acc_emin = unit.acc_format.emin
-    reg = cval.to(torch.float32)
+    reg = cval.to(torch.float32).contiguous()  # (never written in place)
     neg32 = torch.full(shape, NEG_BIG_32, dtype=torch.int32, device=dev)
     if per:
-        part, pe = torch.zeros_like(reg), neg32
+        zero = torch.zeros_like(reg)  # the running sum after a promotion (read only)
+        part, pe = zero, neg32
     else:
         part = reg
-        pe = torch.where(cval != 0, torch.clamp(fexp64(cval), min=acc_emin), neg32)
+        c64 = cval.to(torch.float64)
+        pe = torch.where(c64 != 0, torch.clamp(fexp64(c64), min=acc_emin), neg32)
         pe = pe.to(torch.int32)
     part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    part_ovf = False  # part_pos / part_neg may be set (an overflowed block in this chunk)
     negz = any_true(torch.signbit(part) & (part == 0))  # some running sum is -0
     kkey, prepare, block = _kernels_of(unit)
     work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
@@ -474,17 +490,30 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
         if fl >= 2 or (fl == 1 and negz):
             r, pe = _rare(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
                           (part_pos, part_neg) if per else (inf_pos, inf_neg), negz)
+            part_ovf = part_ovf or fl >= 2
             negz = any_true(torch.signbit(r) & (r == 0))
         part = r
         if per and ((j + 1) % per == 0 or j == nblk - 1):
-            s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
-            args = (reg, part) if s_p is None else (reg, part, s_p)
-            new = compiled.run(promote_kernel, ("fused-promote", s_p is None), work, *args)
-            reg = promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan, new=new)
-            part, pe, negz = torch.zeros_like(part), neg32, False
-            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
-    return finish(unit, reg.to(torch.float64) if per else part.to(torch.float64),
-                  inf_pos, inf_neg, nan, sc, ns)
+            lo_p = (j // per) * per * k
+            if scaled:
+                fn = _promote_scaled_exact if sc.exact else _promote_scaled_fp32
+                new = compiled.run(fn, ("fused-promote-scaled", sc.exact), work, reg, part,
+                                   *sc.factors(lo_p, ns))
+            else:
+                new = compiled.run(promote_kernel, ("fused-promote", True), work, reg, part)
+            if part_ovf or not all_finite(new):
+                # the special values (rare): the (B, M, Nc) scale products after all
+                s_p = sc.at(lo_p, ns, shape) if scaled else None
+                reg = promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan,
+                              new=new)
+            else:
+                reg = new
+            part, pe, negz = zero, neg32, False
+            if part_ovf:
+                part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+                part_ovf = False
+    # (finish takes float32 values as they are: no float64 copy)
+    return finish(unit, reg if per else part, inf_pos, inf_neg, nan, sc, ns)
 
 
 def _run(call: GemmCall) -> torch.Tensor:
@@ -502,12 +531,12 @@ def _run(call: GemmCall) -> torch.Tensor:
     a32, b32 = call.a.to(torch.float32).contiguous(), call.b.to(torch.float32).contiguous()
     pa = exponent_powers(ea, a32 == 0, k, dt, off_a).contiguous()
     pb = exponent_powers(eb, b32 == 0, k, dt, off_b).contiguous()
-    c64 = call.c_or_zero().to(torch.float64)
+    c = call.c_or_zero()
     out = torch.empty((Bt, M, N), dtype=torch.float32, device=a32.device)
     step = max(1, call.max_chunk_elements // max(1, Bt * M))
     for n0 in range(0, N, step):
         ns = slice(n0, min(N, n0 + step))
-        out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c64[:, :, ns],
+        out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c[:, :, ns],
                                     ns, off_a + off_b)
     return out
 
