@@ -10,6 +10,7 @@ and the GPU recordings; both kernels of the fused chain run compiled and eagerly
 
 from __future__ import annotations
 
+import json
 import random
 import zlib
 
@@ -152,6 +153,32 @@ def test_fused_int32_sums_near_their_limit():
     assert same_bits(exact[0, 0], ref[0, 0])
 
 
+def test_fused_int32_sums_between_2_29_and_2_30_stay_in_the_kernel(monkeypatch):
+    """H100 bf16 (k = 16, F = 25): one-signed blocks of sixteen products in [1, 2) (block
+    exponent 0) have integer sums in [2^29, 2^30): the compiled kernel sums them in int32 and
+    flags none of them for the int64 recount (the flag threshold, :func:`sum_guard`, lies just
+    below 2^30; it was 2^29), and the bits equal the float chain's and the exact reference's.
+    Sums above the threshold are still recounted (test above)."""
+    unit = get_unit("h100-bf16")
+    gen = torch.Generator().manual_seed(5)
+    a = quantize(1.0 + 0.4 * torch.rand(2, 24, 16, generator=gen), "bf16").clamp(max=1.3984375)
+    b = quantize(1.0 + 0.4 * torch.rand(2, 16, 40, generator=gen), "bf16").clamp(max=1.3984375)
+    b[:, :, 1::2] = -b[:, :, 1::2]  # negative sums too
+    a[:, 23] = quantize(torch.randn(2, 16, generator=gen), "bf16")  # rows of mixed signs
+    sums = (a[:, :23].double() @ b.double()).abs()
+    assert float(sums.min()) >= 16 and float(sums.max()) < 32  # S = sum * 2^25
+    recounts = []
+    old = fc._exact_sums
+    monkeypatch.setattr(fc, "_exact_sums", lambda *x: recounts.append(1) or old(*x))
+    ref, outs = both(lambda: matmul(a, b, unit))
+    assert not recounts
+    for out in outs:
+        assert same_bits(ref, out)
+    exact = matmul(a[:, :3], b, unit, kernel="reference")
+    assert same_bits(exact, ref[:, :3])
+    assert fc.sum_guard(fc.sum_bound(unit), 5) == (1 << 30) - 8832  # 2^30 - margin
+
+
 def test_fused_overflow_inside_blocks():
     """Block sums beyond fp32 (E5M2 maxima with a huge c) and sign of zero after cancellation."""
     unit = get_unit("h100-e5m2")
@@ -189,6 +216,75 @@ def test_fused_promotion_with_scales():
     ref, outs = both(lambda: scaled_matmul(xa, wb, "deepseek-fp8"))
     for out in outs:
         assert same_bits(ref, out)
+
+
+_PINNED = """
+import json, sys, torch
+from precisim.emulation import get_unit, scaled_matmul, unit_from_dict, use_kernels
+from precisim.emulation.matmul import fused as fc
+from precisim.emulation.matmul import matmul
+from precisim.formats import kernels, quantize
+from precisim.formats.scaling import quantize_scaled
+torch.set_num_threads(1)
+calls = []
+old_chunk = fc.chunk_fused
+fc.chunk_fused = lambda *a, **k: calls.append(1) or old_chunk(*a, **k)
+gen = torch.Generator().manual_seed(4)
+# DeepSeek-V3 FP8 (the recipe's GEMM): four blocks of 32 per promotion, so the running sum
+# the prepare kernel aligns is nonzero from the second block on
+x = torch.randn(24, 256, generator=gen) * torch.exp2(torch.randn(24, 256, generator=gen))
+w = torch.randn(72, 256, generator=gen) * 0.02
+xa = quantize_scaled(x, "fp8_1x128", return_parts=True)
+wb = quantize_scaled(w, "fp8_128x128", return_parts=True)
+floor = unit_from_dict({"base": "h100-e4m3", "name": "floor-drop", "drop": "floor"})
+a = quantize(torch.randn(1, 24, 160, generator=gen) * 4, "e4m3")
+b = quantize(torch.randn(1, 160, 72, generator=gen), "e4m3")
+cases = {"deepseek-fp8": lambda: scaled_matmul(xa, wb, "deepseek-fp8"),
+         "floor-drop": lambda: matmul(a, b, floor),
+         "h100-e4m3": lambda: matmul(a, b, get_unit("h100-e4m3"))}
+differ = {}
+for name, fn in cases.items():
+    kernels.set_backend("eager")
+    with use_kernels("float-chain"):
+        ref = fn()
+    kernels.set_backend("compile")
+    with use_kernels("fused-chain"):
+        out = fn()
+    differ[name] = int((ref.view(torch.int32) != out.view(torch.int32)).sum())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "fused": len(calls),
+                  "differ": differ}))
+"""
+
+
+def test_fused_kernels_compiled_for_avx2():
+    """The compiled kernels as reproducible mode builds them (ATen pinned to AVX2, so inductor
+    emits AVX2 code; compiled with -march=native, on an AVX-512 CPU GCC 12 then inverted the
+    select of ``where(sh >= 0, ...)`` in the prepare kernel: every aligned running sum was
+    wrong, the main job's deepseek-fp8 logits came out all zero, perplexity 49152), against
+    the eager chain bit for bit, in a fresh pinned process without the first-use self-check
+    (which saw only the first block, whose running sum is 0). Skipped where reproducible mode
+    is not available."""
+    import os
+    import subprocess
+    import sys
+
+    from precisim.eval.numerics import can_pin, pinned_env
+
+    why = can_pin()
+    if why is not None:
+        pytest.skip(why)
+    # reproducible mode's own compile cache: torch.compile in this process has set
+    # TORCHINDUCTOR_CACHE_DIR to the native one, whose kernels a pinned process must not load
+    env = pinned_env({k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"})
+    env["PRECISIM_KERNEL_SELF_CHECK"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", _PINNED], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.splitlines()[-1])
+    assert res["capability"] == "AVX2"
+    assert res["fused"] == 3, res
+    assert res["differ"] == {"deepseek-fp8": 0, "floor-drop": 0, "h100-e4m3": 0}, res
 
 
 @pytest.mark.parametrize("k", [4, 7, 16, 32])

@@ -69,6 +69,15 @@ class Scales:
         s = sa * sb  # exact in float64: two float32 values
         return s if self.exact else s.to(torch.float32).to(torch.float64)
 
+    def factors(self, lo: int, ns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales of the K-range starting at product ``lo`` unmultiplied: A's (B, M, 1) and
+        B's (B, 1, Nc) float64 (a missing one is 1.0), whose product :meth:`at` forms (as
+        :meth:`_product`: exact, or rounded once to fp32 unless ``exact``)."""
+        one = torch.ones((1, 1, 1), dtype=torch.float64)
+        sa = one if self.a is None else self.a[:, :, lo // self.a_blk, None]
+        sb = one if self.b is None else self.b[:, ns, lo // self.b_blk][:, None, :]
+        return sa, sb
+
     def at(self, lo: int, ns: slice, shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, M, Nc) scale products of the K-range starting at product ``lo``."""
         one = torch.ones((), dtype=torch.float64)

@@ -62,12 +62,12 @@ from .float_chain import (
     promote,
     sums_refusal,
 )
-from .floatarith import any_true, fexp32, fexp64, pow2_32, pow2_64, round_float
+from .floatarith import all_finite, any_true, fexp32, fexp64, pow2_32, pow2_64, round_float
 from .intarith import NEG_BIG_32
 from .registry import Kernel, register_kernel
 
 __all__ = ["block_max_exponent", "exponent_of_sum", "exponent_powers", "make_kernels",
-           "pow_dtype", "promote_kernel"]
+           "pow_dtype", "promote_kernel", "sum_guard"]
 
 
 def pow_dtype(fa: FloatFormat, fb: FloatFormat, k: int) -> torch.dtype | None:
@@ -156,6 +156,22 @@ def _times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return (x * _p2(h)) * _p2(n - h)
 
 
+def sum_guard(sum_bound: int, c: int) -> int:
+    """The threshold of the int32-overflow flag of the block kernel (:func:`make_kernels`,
+    used where ``sum_bound`` > 2^30): a multiple of 2^7 below 2^30 (so a float32 value) such
+    that ``approx = fl32(|fl32(sum v_i)| + |fl32(ct)|) <= T`` implies ``|S| < 2^30`` for the
+    integer block sum ``S = sum trunc(v_i) + ct`` of fewer than ``2^c`` terms with
+    ``sum |v_i| + |ct| <= sum_bound``. The margin covers the truncations (< 1 per term), the
+    float32 sum (error <= gamma_(n-1) * sum |v_i| < 2^c * 2^-23 * sum_bound, Higham, *Accuracy
+    and Stability of Numerical Algorithms*, 2nd ed., section 4.2, any order), the rounding of
+    ct to float32 and of the final addition (<= 2^-24 * 2^30 = 2^6)."""
+    terms = 1 << c
+    err_sum = -(-(terms * sum_bound) >> 23)
+    err_ct = -(-sum_bound >> 23)
+    margin = terms + err_sum + err_ct + (1 << 6) + 1
+    return ((1 << 30) - margin) >> 7 << 7
+
+
 def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bool, m: int,
                  bemin: int, max_val: float, rounding: Rounding, saturate: bool,
                  sum_bound: int = 1 << 24
@@ -170,11 +186,13 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
 
     ``prepare(P, off, part, pe, es, sz)`` -> (E, mult, ct): from the exponent-maximum matmul
     ``P`` (:func:`block_max_exponent`'s operand powers summed, their offsets summing to the
-    int32 scalar ``off``), the block's alignment
+    int32 scalar ``off``; a float32 P is given as its int32 bits), the block's alignment
     exponent E (the products' maximum plus the scale exponent ``es``, against ``pe``), the
-    float32 factor 2^(F-E+es) of the products (0 where no product is nonzero) and the running
-    sum aligned to E and truncated (int32). ``es``/``sz``: None, or the exponents and zero
-    mask of in-block power-of-two scales.
+    float32 factor 2^(F-E+es) of the products as its int32 bits (0 where no product is
+    nonzero) and the running sum aligned to E and truncated (int32), from ``part`` given as
+    its int32 bits. (Bit views of inputs and outputs are free outside the kernel; inside,
+    inductor's CPU code copies every vector through the stack for them.) ``es``/``sz``: None,
+    or the exponents and zero mask of in-block power-of-two scales.
 
     ``block(a, bt, mult, ct, E)`` -> (part, pe, flags): the integer block sum
     S = sum_i trunc(a_i*b_i*mult) + ct, its value S*2^(E-F) rounded to the block format
@@ -182,20 +200,28 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
     by the rounding table), the new alignment exponent, and int32 flags: bit 0 where S == 0
     (the result is +0; the caller gives the zero its IEEE sign where that can be -0), bit 1
     where the result overflowed (above ``max_val``; with ``saturate`` it is clamped
-    instead), bit 2 where the int32 sum may have overflowed (only when ``sum_bound``, a bound
-    on |S|, exceeds 2^30: the float32 sum of the scaled products says where |S| may reach
-    2^29; those outputs are recomputed exactly by the caller). a: (B, M, kb) float32, bt:
+    instead), bit 2 where |S| may reach 2^30, beyond which the int32 sum and the rounding
+    below are not exact (only when ``sum_bound``, a bound on |S|, exceeds 2^30: the float32
+    sum of the scaled products above :func:`sum_guard`; those outputs are recomputed exactly
+    by the caller). a: (B, M, kb) float32, bt:
     (B, kb, N) float32.
     """
     lim = 1 << (m + 1)
     e_max = math.frexp(max_val)[1] - 1
 
+    inv_c = 1.0 / c
     wide = sum_bound > 1 << 24  # |S| may not be exact in float32
-    guard = sum_bound > 1 << 30  # |S| may not fit int32
+    guard = sum_bound > 1 << 30  # |S| may reach 2^30
+    if guard:
+        limit = float(sum_guard(sum_bound, c))  # a plain float, exact in float32
 
     def prepare(P, off, part, pe, es=None, sz=None):
         zero_blk = P == 0
-        Ep = exponent_of_sum(P, c) + off
+        if P.dtype == torch.int32:  # the bits of a float32 P >= +0 (normal or 0)
+            x = (P >> 23) - 127
+            Ep = torch.floor((x.to(torch.float32) + 0.5) * inv_c).to(torch.int32) + off
+        else:
+            Ep = exponent_of_sum(P, c) + off
         if es is not None:
             zero_blk = zero_blk | sz
             Ep = Ep + es
@@ -205,11 +231,23 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
             E = torch.clamp(E, min=floor)
         d = F - E
         dt = d if es is None else d + es
-        mult = torch.where(zero_blk, 0.0, _p2(dt))
-        cv = _times_pow2(part, d.clamp(-252, 252))  # |part * 2^d| < 2^(F+1): exact
-        ct = cv.to(torch.int32)
-        if use_floor:
-            ct = ct - (ct.to(cv.dtype) > cv).to(torch.int32)
+        # the bits of float32 2^dt (+0 where no product is nonzero)
+        mult = torch.where(zero_blk, 0, (dt.clamp(-126, 127) + 127) << 23)
+        # part (given as its float32 bits) times 2^d, truncated, in integers: part =
+        # sig * 2^(max(ex, 1) - 150); |part * 2^d| < 2^(F+1), so a left shift stays small
+        mag = part & 0x7FFFFFFF
+        ex = mag >> 23
+        sig = torch.where(ex == 0, mag, (mag & 0x7FFFFF) | 0x800000)
+        sh = torch.clamp(ex, min=1) - 150 + d
+        # one shift of the two is by 0: no select on sh's sign. (No int32 >=, <= or != in
+        # the kernels: GCC 12 at -O3 -march=native on an AVX-512 CPU inverts the select of
+        # inductor's AVX2 code, which reproducible mode runs, on such a negated comparison;
+        # tests/test_emulation_fused_chain.py runs the kernels pinned to AVX2)
+        r = (-sh).clamp(0, 31)
+        q = (sig << sh.clamp(0, 31)) >> r
+        if use_floor:  # floor: a negative part with dropped bits goes one further down
+            q = q + ((part < 0) & ((q << r) < sig)).to(torch.int32)
+        ct = torch.where(part < 0, -q, q)
         return E, mult, ct
 
     def block(a, bt, mult, ct, E):
@@ -254,7 +292,7 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
         flags = (S == 0).to(torch.int32) | (ovf.to(torch.int32) << 1)
         if guard:
             approx = v.sum(2).abs() + ct.to(torch.float32).abs()
-            flags = flags | ((approx > float(1 << 29)).to(torch.int32) << 2)
+            flags = flags | ((approx > limit).to(torch.int32) << 2)
         return part, pe, flags
 
     return prepare, block
@@ -278,6 +316,18 @@ def promote_kernel(reg: torch.Tensor, part: torch.Tensor, s: torch.Tensor | None
     fix = (err != 0) & ((bits & 1) == 0)
     step = torch.where((err > 0) == (t > 0), 1, -1)
     return torch.where(fix, bits + step, bits).view(torch.float64).to(torch.float32)
+
+
+def _promote_scaled_exact(reg, part, sa, sb):
+    """:func:`promote_kernel` with the scale product s = sa*sb (exact in float64) formed in
+    the kernel from A's (B, M, 1) and B's (B, 1, N) scales, not read as a (B, M, N) tensor."""
+    return promote_kernel(reg, part, sa * sb)
+
+
+def _promote_scaled_fp32(reg, part, sa, sb):
+    """:func:`_promote_scaled_exact` with s = fl32(sa*sb) (RNE), as :meth:`.call.Scales.at`
+    forms it for scales whose product is not exact."""
+    return promote_kernel(reg, part, (sa * sb).to(torch.float32).to(torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +439,8 @@ def _rare(flags, r, pe, a_j, b_j, part, sz, tpn, negz: bool = True):
 def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), offset: int = 0):
     """The eager chain's blocks with the compiled kernels (same bits). a: (B, M, K) float32
     values, pa: their exponent powers (B, M, K); bt: (B, K, Nc), pb: (B, K, Nc) (the
-    exponent offsets of pa and pb sum to ``offset``); cval: (B, M, Nc) float64 incoming c."""
+    exponent offsets of pa and pb sum to ``offset``); cval: (B, M, Nc) incoming c (float32
+    values)."""
     unit, sc = call.unit, call.scales
     k = unit.block_size
     K = a.shape[-1]
@@ -398,15 +449,18 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
     dev = cval.device
     inf_pos, inf_neg, nan, per, scaled = chain_start(unit, cval, sc)
     acc_emin = unit.acc_format.emin
-    reg = cval.to(torch.float32)
+    reg = cval.to(torch.float32).contiguous()  # (never written in place)
     neg32 = torch.full(shape, NEG_BIG_32, dtype=torch.int32, device=dev)
     if per:
-        part, pe = torch.zeros_like(reg), neg32
+        zero = torch.zeros_like(reg)  # the running sum after a promotion (read only)
+        part, pe = zero, neg32
     else:
         part = reg
-        pe = torch.where(cval != 0, torch.clamp(fexp64(cval), min=acc_emin), neg32)
+        c64 = cval.to(torch.float64)
+        pe = torch.where(c64 != 0, torch.clamp(fexp64(c64), min=acc_emin), neg32)
         pe = pe.to(torch.int32)
     part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+    part_ovf = False  # part_pos / part_neg may be set (an overflowed block in this chunk)
     negz = any_true(torch.signbit(part) & (part == 0))  # some running sum is -0
     kkey, prepare, block = _kernels_of(unit)
     work = shape[0] * shape[1] * shape[2] * min(k, max(K, 1))
@@ -414,15 +468,18 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
     for j in range(nblk):
         lo, hi = j * k, min((j + 1) * k, K)
         P = torch.matmul(pa[:, :, lo:hi], pb[:, lo:hi])  # exponent maxima (module docstring)
+        Pv = P.view(torch.int32) if P.dtype == torch.float32 else P
+        partv = part.view(torch.int32)
         if scaled and not per:
             s = sc.at(lo, ns, shape)
             sz = s == 0
             es = torch.where(sz, 0, fexp64(s)).to(torch.int32)
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, P, off, part,
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", True), work, Pv, off, partv,
                                        pe, es, sz)
         else:
-            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, P, off, part,
-                                       pe)
+            E, mult, ct = compiled.run(prepare, (*kkey, "prepare", False), work, Pv, off,
+                                       partv, pe)
+        mult = mult.view(torch.float32)
         a_j, b_j = a[:, :, lo:hi], bt[:, lo:hi]
         r, pe, flags = compiled.run(block, (*kkey, "block"), work, a_j, b_j, mult, ct, E)
         fl = int(flags.max())
@@ -433,17 +490,30 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
         if fl >= 2 or (fl == 1 and negz):
             r, pe = _rare(flags, r, pe, a_j, b_j, part, sz if scaled and not per else None,
                           (part_pos, part_neg) if per else (inf_pos, inf_neg), negz)
+            part_ovf = part_ovf or fl >= 2
             negz = any_true(torch.signbit(r) & (r == 0))
         part = r
         if per and ((j + 1) % per == 0 or j == nblk - 1):
-            s_p = sc.at((j // per) * per * k, ns, shape) if scaled else None
-            args = (reg, part) if s_p is None else (reg, part, s_p)
-            new = compiled.run(promote_kernel, ("fused-promote", s_p is None), work, *args)
-            reg = promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan, new=new)
-            part, pe, negz = torch.zeros_like(part), neg32, False
-            part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
-    return finish(unit, reg.to(torch.float64) if per else part.to(torch.float64),
-                  inf_pos, inf_neg, nan, sc, ns)
+            lo_p = (j // per) * per * k
+            if scaled:
+                fn = _promote_scaled_exact if sc.exact else _promote_scaled_fp32
+                new = compiled.run(fn, ("fused-promote-scaled", sc.exact), work, reg, part,
+                                   *sc.factors(lo_p, ns))
+            else:
+                new = compiled.run(promote_kernel, ("fused-promote", True), work, reg, part)
+            if part_ovf or not all_finite(new):
+                # the special values (rare): the (B, M, Nc) scale products after all
+                s_p = sc.at(lo_p, ns, shape) if scaled else None
+                reg = promote(reg, part, s_p, part_pos, part_neg, inf_pos, inf_neg, nan,
+                              new=new)
+            else:
+                reg = new
+            part, pe, negz = zero, neg32, False
+            if part_ovf:
+                part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
+                part_ovf = False
+    # (finish takes float32 values as they are: no float64 copy)
+    return finish(unit, reg if per else part, inf_pos, inf_neg, nan, sc, ns)
 
 
 def _run(call: GemmCall) -> torch.Tensor:
@@ -461,12 +531,12 @@ def _run(call: GemmCall) -> torch.Tensor:
     a32, b32 = call.a.to(torch.float32).contiguous(), call.b.to(torch.float32).contiguous()
     pa = exponent_powers(ea, a32 == 0, k, dt, off_a).contiguous()
     pb = exponent_powers(eb, b32 == 0, k, dt, off_b).contiguous()
-    c64 = call.c_or_zero().to(torch.float64)
+    c = call.c_or_zero()
     out = torch.empty((Bt, M, N), dtype=torch.float32, device=a32.device)
     step = max(1, call.max_chunk_elements // max(1, Bt * M))
     for n0 in range(0, N, step):
         ns = slice(n0, min(N, n0 + step))
-        out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c64[:, :, ns],
+        out[:, :, ns] = chunk_fused(call, a32, pa, b32[:, :, ns], pb[:, :, ns], c[:, :, ns],
                                     ns, off_a + off_b)
     return out
 
