@@ -45,6 +45,8 @@ PINS: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
 }
+#: the name of reproducible mode's compile cache (a directory of its own, see pinned_env)
+PINNED_CACHE = "precisim_x86-64-v3"
 
 #: the pins as they were when this module was first imported (torch reads them once, at load)
 _AT_START = {k: os.environ.get(k) for k in PINS}
@@ -113,14 +115,19 @@ def pinned_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) with the pins of reproducible mode."""
     env = dict(os.environ if base is None else base)
     env.update(PINS)
-    if "TORCHINDUCTOR_CACHE_DIR" not in env:
-        # a compile cache of its own, never shared with native runs nor with pinned runs from
-        # before the -march pin (whose kernels could be miscompiled: docs/reproducibility.md)
+    # a compile cache of its own, never shared with native runs nor with pinned runs from
+    # before the -march pin (whose kernels could be miscompiled: docs/reproducibility.md); a
+    # cache directory already set (by the user, or by torch itself in a process that compiled
+    # something) gets a subdirectory
+    given = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(given, PINNED_CACHE)
+    else:
         import getpass
         import tempfile
 
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_precisim_x86-64-v3")
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{PINNED_CACHE}")
     return env
 
 
