@@ -33,7 +33,7 @@ from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
 
 __all__ = ["Fn", "Rq", "Value", "add_rn32", "add_ro", "check_format", "cr_exact", "cr_fast",
-           "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_rne", "inf_values",
+           "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
            "parse_enum", "pow2_pair", "rq", "signed_zero"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
@@ -281,15 +281,22 @@ _OVF_MID = 2.0**128 - 2.0**103
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def grid_rne(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
+def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
     """:func:`grid_fast` (ties to even on the grid of multiples of 2^-frac_bits) for float64
     ``t`` with ``|t| < 2^(51 - frac_bits)``, by the magic-constant trick: ``M = 1.5 *
     2^(52 - frac_bits)`` has ulp 2^-frac_bits and an even significand, and ``t + M`` stays in
     M's binade, so IEEE 754's RNE addition rounds t to the grid; ``- M`` is exact. Float
     operations only (vectorised when compiled). A zero result is +0 (grid_fast keeps the
-    sign of a negative t rounded to zero; no unit reads that sign)."""
-    m = 1.5 * 2.0 ** (52 - frac_bits)
+    sign of a negative t rounded to zero; no unit reads that sign). ``frac_bits`` may be
+    given as the float ``grid_magic(frac_bits)`` computed before tracing (a captured int is
+    a symbolic size when compiled, and 2^(52 - F) then a pow call in every iteration)."""
+    m = frac_bits if isinstance(frac_bits, float) else grid_magic(frac_bits)
     return (t + m) - m
+
+
+def grid_magic(frac_bits: int) -> float:
+    """The constant of :func:`grid_rne`."""
+    return 1.5 * 2.0 ** (52 - frac_bits)
 
 
 def pow2_pair(n: torch.Tensor) -> torch.Tensor:

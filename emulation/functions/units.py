@@ -79,6 +79,7 @@ from .core import (
     cr_exact,
     cr_fast,
     grid_exact,
+    grid_magic,
     grid_rne,
     inf_values,
     parse_enum,
@@ -542,6 +543,10 @@ def _fast_tables_cpu(u: FunctionUnit) -> tuple[torch.Tensor, ...]:
     out = [torch.tensor([float(v) for v in t.t0], dtype=d),
            torch.tensor([float(v) for v in t.t1], dtype=d),
            torch.tensor([float(v) for v in t.tm], dtype=d)]
+    if u.method is Method.TABLE:  # the slopes W(T1 - T0), as the datapath rounds them
+        w = u.rounders["w"]
+        out.append(torch.tensor([float(w.exact(b - a)) for a, b in zip(t.t0, t.t1)],
+                                dtype=d))
     if u.method is Method.POLYNOMIAL:
         # one table per coefficient: a gather from each (a gather of whole rows made the
         # compiled kernel write an (n, degree + 1) float64 tensor)
@@ -702,7 +707,7 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     W = r["w"].fast
     c = float(_tables(u).c)
     tmin, tmax = (float(v) for v in _clamp_limits(u))
-    F = u.arg_frac_bits
+    F = grid_magic(u.arg_frac_bits)
     N = 1 << u.table_bits
     lo, hi = u.bounds
     w = (hi - lo) / N
@@ -748,10 +753,9 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)
         if m is Method.TABLE:
-            t0, t1, tm = tabs[0][i], tabs[1][i], tabs[2][i]
             if u.interpolation is Interp.NONE:
-                return tm
-            d = addw(t1, -t0)
+                return tabs[2][i]
+            t0, d = tabs[0][i], tabs[3][i]  # d = W(T1 - T0), tabulated
             return addw(t0, d * pos) if u.fma else addw(t0, W(d * pos))
         if m is Method.POLYNOMIAL:
             y = tabs[3 + u.degree][i]
