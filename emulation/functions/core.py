@@ -249,8 +249,8 @@ def div_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def add_rn32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """RNE_fp32(a + b) of float64 ``a`` and ``b`` (exact values), correctly rounded, as a
     float64 tensor of float32 values: the same bits as ``rq("fp32").fast(add_ro(a, b))``
-    with float operations only (compiled, they stay in vector registers; the int64 bit view
-    of :func:`add_ro` does not).
+    with float operations only (no int64 bit view). Measured slower than ``add_ro`` inside
+    the compiled unit kernels (docs/arithmetic.md section 7.1), so they do not use it.
 
     Why it is exact: ``s = RN64(a + b)``, ``err = a + b - s`` (TwoSum, exact). Rounding s to
     float32 gives the correct rounding of the exact sum unless s is exactly a float32

@@ -67,13 +67,12 @@ import torch
 from precisim.formats import FloatFormat, Rounding, kernels
 from precisim.formats.quantize import check_tensor
 
-from ..matmul.floatarith import any_true
+from ..matmul.floatarith import any_true, fexp64, pow2_64
 from .core import (
     ACTIVATIONS,
     Fn,
     Rq,
     Value,
-    add_rn32,
     add_ro,
     check_format,
     cr_exact,
@@ -716,23 +715,17 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     # kernel would be traced into symbolic integers)
     inf_out = float(r["out"].exact(math.inf))
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
-    w32 = r["w"].is_f32
 
-    # Compiled, every helper below is float (or int32) arithmetic in vector registers: no
-    # int64 bit views, isnan or signbit, which inductor (torch 2.13, CPU) evaluates lane by
-    # lane through a stack copy (the cost of the first version of this kernel).
+    # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
+    # comparisons replace them. The int64 bit views of add_ro are too, yet measured cheaper
+    # than the float-only core.add_rn32 (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
+    # 367 vs 561 ms on 4096x4096, one thread, loaded machine), so sums stay W(add_ro(a, b)).
     def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """W(a + b) of exact values: :func:`add_rn32` for an fp32 RNE working format."""
-        return add_rn32(a, b) if w32 else W(add_ro(a, b))
+        """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""
+        return W(add_ro(a, b))
 
     def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included), NaN excluded
         return (v < 0) | ((v == 0) & (1.0 / v < 0))
-
-    def exp2i(v: torch.Tensor) -> torch.Tensor:  # floor(log2 v) of positive fp32 values
-        a = v.float()
-        sub = a < 2.0**-126
-        b = torch.where(sub, a * 2.0**64, a).view(torch.int32)
-        return ((b >> 23) & 0xFF) - torch.where(sub, 127 + 64, 127)
 
     def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if fn is Fn.RSQRT:
@@ -810,14 +803,14 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
             ax = xq.abs()
             ok = (ax > 0) & (ax < math.inf)
             axs = torch.where(ok, ax, 1.0)
-            e = exp2i(axs)  # (fp32 values: -149 <= e <= 127)
             neg = is_neg(xq)
+            e = fexp64(axs)
             if fn is Fn.RCP:
-                y = core(axs * pow2_pair(-e), tabs) * pow2_pair(-e)
+                y = core(axs * pow2_64(-e), tabs) * pow2_64(-e)
                 y = torch.where(neg, -y, y)
             else:
                 k = torch.div(e, 2, rounding_mode="floor")
-                y = core(axs * pow2_pair(-2 * k), tabs) * pow2_pair(-k)
+                y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
             y = r["out"].fast(y)
             y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
             if fn is Fn.RCP:
