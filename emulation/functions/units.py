@@ -346,8 +346,9 @@ class FunctionUnit:
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         n = flat.numel()
-        B = _block_of(n) if blocks else 0
-        if self.method is not Method.BOUND and B and n >= _ONE_PASS_NUMEL:
+        # (only correctly rounded cores, method exact, have hard cases)
+        B = _block_of(n) if blocks and self.method is Method.EXACT else 0
+        if B and n >= _ONE_PASS_NUMEL:
             return self._blocks(flat, tabs, B).reshape(x.shape), None
         if self.method is Method.BOUND:
             y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
