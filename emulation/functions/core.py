@@ -32,8 +32,9 @@ from precisim.formats.rounding import ExactRemainder, FloatRemainder, round_up
 from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
 
-__all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast", "div_ro",
-           "exact_fn", "grid_exact", "grid_fast", "inf_values", "parse_enum", "rq"]
+__all__ = ["Fn", "Rq", "Value", "add_rn32", "add_ro", "check_format", "cr_exact", "cr_fast",
+           "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
+           "parse_enum", "pow2_pair", "rq", "signed_zero"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
 
@@ -245,6 +246,71 @@ def div_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(fix, bits + step, bits).view(torch.float64)
 
 
+def add_rn32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RNE_fp32(a + b) of float64 ``a`` and ``b`` (exact values), correctly rounded, as a
+    float64 tensor of float32 values: the same bits as ``rq("fp32").fast(add_ro(a, b))``
+    with float operations only (no int64 bit view). Measured slower than ``add_ro`` inside
+    the compiled unit kernels (docs/arithmetic.md section 7.1), so they do not use it.
+
+    Why it is exact: ``s = RN64(a + b)``, ``err = a + b - s`` (TwoSum, exact). Rounding s to
+    float32 gives the correct rounding of the exact sum unless s is exactly a float32
+    midpoint and ``err != 0``: a midpoint strictly between s and the exact sum would be
+    nearer to the exact sum than s (a float64 value), so no other midpoint can separate them.
+    With ``s32 = RN32(s)`` and ``d = s - s32`` (exact: |d| <= half an fp32 ulp), s is a
+    midpoint iff ``d != 0`` and ``w = s32 + 2d`` is a float32 value (then w is the other
+    neighbour; otherwise |2d| is at least two float64 ulps short of an fp32 ulp and w lies
+    strictly between two float32 values). At a midpoint the exact sum lies on err's side of
+    s: the result is w when err points from s32 toward w, else s32. Infinite or NaN sums
+    give NaN differences, so no correction is made (IEEE 754 addition's own result), except
+    at the overflow midpoint ``+-(2^128 - 2^103)`` (s32 infinite), where an exact sum just
+    inside it rounds to +-max."""
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    s32 = s.float().double()
+    d = s - s32
+    w = s32 + 2.0 * d
+    w32 = w.float().double()
+    mid = (d != 0) & (w32 == w) & (err != 0)
+    y = torch.where(mid & ((err > 0) == (d > 0)), w32, s32)
+    inside = (s.abs() == _OVF_MID) & ((err > 0) != (s > 0)) & (err != 0)
+    return torch.where(inside, torch.where(s > 0, _F32_MAX, -_F32_MAX), y)
+
+
+_OVF_MID = 2.0**128 - 2.0**103
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
+    """:func:`grid_fast` (ties to even on the grid of multiples of 2^-frac_bits) for float64
+    ``t`` with ``|t| < 2^(51 - frac_bits)``, by the magic-constant trick: ``M = 1.5 *
+    2^(52 - frac_bits)`` has ulp 2^-frac_bits and an even significand, and ``t + M`` stays in
+    M's binade, so IEEE 754's RNE addition rounds t to the grid; ``- M`` is exact. Float
+    operations only (vectorised when compiled). A zero result is +0 (grid_fast keeps the
+    sign of a negative t rounded to zero; no unit reads that sign). ``frac_bits`` may be
+    given as the float ``grid_magic(frac_bits)`` computed before tracing (a captured int is
+    a symbolic size when compiled, and 2^(52 - F) then a pow call in every iteration)."""
+    m = frac_bits if isinstance(frac_bits, float) else grid_magic(frac_bits)
+    return (t + m) - m
+
+
+def grid_magic(frac_bits: int) -> float:
+    """The constant of :func:`grid_rne`."""
+    return 1.5 * 2.0 ** (52 - frac_bits)
+
+
+def pow2_pair(n: torch.Tensor) -> torch.Tensor:
+    """2^n in float64 for an integer-valued tensor n with |n| <= 252, exactly, from two
+    float32 powers of two built from their bits (int32 shifts: vectorised when compiled,
+    unlike the int64 view of :func:`~precisim.emulation.matmul.floatarith.pow2_64`)."""
+    ni = n.to(torch.int32)
+    a = torch.div(ni, 2, rounding_mode="floor")
+    b = ni - a
+    pa = ((a + 127) << 23).view(torch.float32).double()
+    pb = ((b + 127) << 23).view(torch.float32).double()
+    return pa * pb
+
+
 def grid_fast(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """``t`` (float64, finite) rounded to a multiple of ``2^-frac_bits``, ties to even (the
     fixed-point reduced argument of a unit), through the decision table."""
@@ -442,7 +508,7 @@ def _at_inf(fn: Fn, positive: bool) -> Value:
     return INF if positive else -0.0  # the activations: x or -0
 
 
-def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[float, float]
+def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[Any, Any]
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(x)`` correctly rounded by ``r`` for float64 ``x`` (exact values): the float64
     approximation rounded, and a mask of the elements whose certified error interval (the
@@ -473,13 +539,37 @@ def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[float, float]
     if fn is Fn.RSQRT:
         hard = hard & (x > 0)
     at_pinf, at_ninf = infs
-    out = torch.where(x == math.inf, at_pinf, out)
-    out = torch.where(x == -math.inf, at_ninf, out)
+    out = torch.where(x == math.inf, signed_zero(at_pinf, x), out)
+    out = torch.where(x == -math.inf, signed_zero(at_ninf, x), out)
     return out, hard
 
 
+class _NegZero:
+    """-0.0 as a compiled kernel's constant: a Python float captured by a kernel is traced
+    as a symbolic float (torch.compile with dynamic shapes), whose sign of zero sympy drops
+    (torch 2.13: silu(-inf) was +0 compiled, -0 eager; the kernels' first-use self-check
+    caught it and ran silu-exact eagerly from then on)."""
+
+    def __repr__(self) -> str:
+        return "NEG_ZERO"
+
+
+NEG_ZERO = _NegZero()
+
+
+def signed_zero(c: float | _NegZero, x: torch.Tensor) -> torch.Tensor | float:
+    """``c`` for ``torch.where`` at the elements where ``x`` is infinite; :data:`NEG_ZERO`
+    is written ``1 / x`` there (-0.0 at -inf)."""
+    return 1.0 / x if c is NEG_ZERO else c
+
+
 @lru_cache(maxsize=1024)
-def inf_values(fn: Fn, r: Rq) -> tuple[float, float]:
-    """``fn(+inf)`` and ``fn(-inf)`` rounded by ``r``, as floats: computed outside the
-    compiled kernels (a cached function is traced through, not looked up)."""
-    return float(r.exact(_at_inf(fn, True))), float(r.exact(_at_inf(fn, False)))
+def inf_values(fn: Fn, r: Rq) -> tuple[float | _NegZero, float | _NegZero]:
+    """``fn(+inf)`` and ``fn(-inf)`` rounded by ``r``, as floats (-0.0 as :data:`NEG_ZERO`):
+    computed outside the compiled kernels (a cached function is traced through, not looked
+    up)."""
+    def f(v: Value) -> float | _NegZero:
+        v = float(v)
+        return NEG_ZERO if v == 0 and math.copysign(1.0, v) < 0 else v
+
+    return f(r.exact(_at_inf(fn, True))), f(r.exact(_at_inf(fn, False)))

@@ -78,9 +78,11 @@ from .core import (
     cr_exact,
     cr_fast,
     grid_exact,
-    grid_fast,
+    grid_magic,
+    grid_rne,
     inf_values,
     parse_enum,
+    pow2_pair,
     rq,
 )
 
@@ -337,11 +339,17 @@ class FunctionUnit:
             return y.reshape(x.shape), None
         return self._direct(x)
 
-    def _direct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel."""
+    def _direct(self, x: torch.Tensor, blocks: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel (the one-pass
+        :meth:`_blocks` form for large batches unless ``blocks`` is False)."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         n = flat.numel()
+        # (only correctly rounded cores, method exact, have hard cases)
+        B = _block_of(n) if blocks and self.method is Method.EXACT else 0
+        if B and n >= _ONE_PASS_NUMEL:
+            return self._blocks(flat, tabs, B).reshape(x.shape), None
         if self.method is Method.BOUND:
             y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
         else:  # the hard-case mask only where there is one
@@ -349,6 +357,10 @@ class FunctionUnit:
             y, count = kernels.run(_kernel(self, True), ("function-unit-flag", self), n, flat,
                                    *tabs)
             hard = None
+            if float(count) > 0 and B:
+                # (not the first pass: a count per row costs more than one in all, measured
+                # 220 vs 126 ms for exp-exact on 2^24 elements; cheaper than a mask pass)
+                return self._blocks(flat, tabs, B).reshape(x.shape), None
             if float(count) > 0:
                 y, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
         if hard is not None and any_true(hard):
@@ -366,10 +378,45 @@ class FunctionUnit:
             xq = xq.reshape(x.shape)
         return y.reshape(x.shape), xq
 
+    def _blocks(self, flat: torch.Tensor, tabs: tuple[torch.Tensor, ...], B: int
+                ) -> torch.Tensor:
+        """The kernel on ``flat`` (float32, a multiple of B elements) seen as rows of B,
+        for a batch known to hold hard cases: one pass writes the results and a count of
+        hard cases per row; only the rows with a hard case go through :meth:`_direct` again
+        (the mask, then the exact reference for the hard elements) instead of a mask pass
+        over the whole batch."""
+        n = flat.numel()
+        rows = flat.view(n // B, B)
+        key = ("function-unit-blocks", self)
+        if key not in _PRIMED:  # its first-use self-check on 8 rows, not on the batch
+            _PRIMED.add(key)
+            kernels.run(_kernel(self, True), key, n, rows[:8], *tabs)
+        y, count = kernels.run(_kernel(self, True), key, n, rows, *tabs)
+        bad = count.nonzero().reshape(-1)
+        if bad.numel():
+            y[bad] = self._direct(rows[bad], blocks=False)[0]
+        return y.reshape(-1)
+
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
         a Fraction, or a float for -0.0, nan and +-inf."""
         return _reference(self, x)
+
+
+#: row lengths of the one-pass kernel (:meth:`FunctionUnit._blocks`), the first that
+#: divides the number of elements; batches with fewer rows than _MIN_ROWS take the two-pass
+#: kernel (a count, then the mask where it is not zero)
+_BLOCKS = (4096, 2048, 1024, 512, 256)
+_MIN_ROWS = 16
+_PRIMED: set[tuple] = set()
+#: from this many elements the per-row pass runs first: a correctly rounded unit then almost
+#: surely has a hard case (exp-exact: 8 in 2^24 random inputs), which would cost the count
+#: pass and the per-row pass (126 + 220 ms for exp-exact on 2^24 elements, vs 220 alone)
+_ONE_PASS_NUMEL = 1 << 23
+
+
+def _block_of(n: int) -> int:
+    return next((b for b in _BLOCKS if n % b == 0 and n // b >= _MIN_ROWS), 0)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -505,6 +552,10 @@ def _fast_tables_cpu(u: FunctionUnit) -> tuple[torch.Tensor, ...]:
     out = [torch.tensor([float(v) for v in t.t0], dtype=d),
            torch.tensor([float(v) for v in t.t1], dtype=d),
            torch.tensor([float(v) for v in t.tm], dtype=d)]
+    if u.method is Method.TABLE:  # the slopes W(T1 - T0), as the datapath rounds them
+        w = u.rounders["w"]
+        out.append(torch.tensor([float(w.exact(b - a)) for a, b in zip(t.t0, t.t1)],
+                                dtype=d))
     if u.method is Method.POLYNOMIAL:
         # one table per coefficient: a gather from each (a gather of whole rows made the
         # compiled kernel write an (n, degree + 1) float64 tensor)
@@ -665,7 +716,7 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     W = r["w"].fast
     c = float(_tables(u).c)
     tmin, tmax = (float(v) for v in _clamp_limits(u))
-    F = u.arg_frac_bits
+    F = grid_magic(u.arg_frac_bits)
     N = 1 << u.table_bits
     lo, hi = u.bounds
     w = (hi - lo) / N
@@ -674,6 +725,17 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     # kernel would be traced into symbolic integers)
     inf_out = float(r["out"].exact(math.inf))
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
+
+    # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
+    # comparisons replace them. The int64 bit views of add_ro are too, yet measured cheaper
+    # than the float-only core.add_rn32 (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
+    # 367 vs 561 ms on 4096x4096, one thread, loaded machine), so sums stay W(add_ro(a, b)).
+    def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""
+        return W(add_ro(a, b))
+
+    def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included), NaN excluded
+        return (v < 0) | ((v == 0) & (1.0 / v < 0))
 
     def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if fn is Fn.RSQRT:
@@ -694,41 +756,40 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)
         if m is Method.TABLE:
-            t0, t1, tm = tabs[0][i], tabs[1][i], tabs[2][i]
             if u.interpolation is Interp.NONE:
-                return tm
-            d = W(add_ro(t1, -t0))
-            return W(add_ro(t0, d * pos)) if u.fma else W(add_ro(t0, W(d * pos)))
+                return tabs[2][i]
+            t0, d = tabs[0][i], tabs[3][i]  # d = W(T1 - T0), tabulated
+            return addw(t0, d * pos) if u.fma else addw(t0, W(d * pos))
         if m is Method.POLYNOMIAL:
             y = tabs[3 + u.degree][i]
             if u.degree == 0:
                 return W(y)
             for k in range(u.degree - 1, -1, -1):
                 ck = tabs[3 + k][i]
-                y = W(add_ro(y * pos, ck)) if u.fma else W(add_ro(W(y * pos), ck))
+                y = addw(y * pos, ck) if u.fma else addw(W(y * pos), ck)
             return y
         y = tabs[2][i]
         for _ in range(u.newton_steps):
             if fn is Fn.RCP:
                 if u.fma:
-                    e = W(add_ro(torch.ones_like(y), -(v * y)))
-                    y = W(add_ro(y, y * e))
+                    e = addw(torch.ones_like(y), -(v * y))
+                    y = addw(y, y * e)
                 else:
-                    y = W(y * W(add_ro(torch.full_like(y, 2.0), -W(v * y))))
+                    y = W(y * addw(torch.full_like(y, 2.0), -W(v * y)))
             else:
                 a = W(y * y)
                 if u.fma:
-                    e = W(add_ro(torch.ones_like(y), -(v * a)))
-                    y = W(add_ro(y, (y * 0.5) * e))
+                    e = addw(torch.ones_like(y), -(v * a))
+                    y = addw(y, (y * 0.5) * e)
                 else:
-                    y = W(y * W(add_ro(torch.full_like(y, 3.0), -W(v * a))) * 0.5)
+                    y = W(y * addw(torch.full_like(y, 3.0), -W(v * a)) * 0.5)
         return y
 
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
         if u.flush_input:
             x = torch.where(x.abs() < min_in, x * 0.0, x)
         xq = r["in"].fast(x)
-        nan = torch.isnan(xq)
+        nan = xq != xq
         no = torch.zeros_like(nan)
         if m is Method.BOUND or (m is Method.EXACT and not (fn is Fn.EXP
                                                             and u.log2e_format is not None)):
@@ -737,13 +798,13 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
             return y, xq, hard
         if fn in (Fn.EXP, Fn.EXP2):
             t = W(xq * c) if fn is Fn.EXP else W(xq)
-            t = torch.where(torch.isnan(t), 0.0, t).clamp(tmin, tmax)
+            t = torch.where(t != t, 0.0, t).clamp(tmin, tmax)
             if m is Method.EXACT:
                 y, hard = cr_fast(Fn.EXP2, t, r["out"], infs[Fn.EXP2])
             else:
-                T = grid_fast(t, F)
+                T = grid_rne(t, F)  # (|t| <= 2^8)
                 n = T.floor()
-                y = r["out"].fast(core(T - n, tabs) * pow2_64(n))
+                y = r["out"].fast(core(T - n, tabs) * pow2_pair(n))
                 hard = no
             y = torch.where(xq == math.inf, inf_out, y)
             y = torch.where(xq == -math.inf, 0.0, y)
@@ -752,23 +813,24 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
             ax = xq.abs()
             ok = (ax > 0) & (ax < math.inf)
             axs = torch.where(ok, ax, 1.0)
+            neg = is_neg(xq)
             e = fexp64(axs)
             if fn is Fn.RCP:
                 y = core(axs * pow2_64(-e), tabs) * pow2_64(-e)
-                y = torch.where(torch.signbit(xq), -y, y)
+                y = torch.where(neg, -y, y)
             else:
                 k = torch.div(e, 2, rounding_mode="floor")
                 y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
             y = r["out"].fast(y)
-            y = torch.where(ax == 0, torch.where(torch.signbit(xq), -inf_out, inf_out), y)
+            y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
             if fn is Fn.RCP:
-                y = torch.where(ax == math.inf, torch.where(torch.signbit(xq), -0.0, 0.0), y)
+                y = torch.where(ax == math.inf, 1.0 / xq, y)  # (+-0: see signed_zero)
             else:
                 y = torch.where(xq == math.inf, 0.0, y)
                 y = torch.where((xq < 0) & (ax > 0), math.nan, y)
             return torch.where(nan, math.nan, y), xq, no
         # bounded functions
-        xg = grid_fast(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)
+        xg = grid_rne(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)  # (|.| <= 2^13)
         inside = (xg >= lo) & (xg < hi)
         y = core(torch.where(inside, xg, lo), tabs)
         if fn is Fn.SIGMOID:
@@ -787,7 +849,8 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             return y.float(), xq.float(), hard
         if flag:
-            return y.float(), torch.where(hard, 1.0, 0.0).float().sum()
+            # a count per row (2-D input, :meth:`FunctionUnit._blocks`), else in all
+            return y.float(), torch.where(hard, 1.0, 0.0).float().sum(-1)
         return y.float(), hard
 
     return kernel32

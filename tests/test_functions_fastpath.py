@@ -1,0 +1,139 @@
+"""The float-only helpers of the function units' compiled kernels (docs/arithmetic.md section
+7.1) and their one-pass form, each against the slower form it replaces, bit for bit:
+``add_rn32`` against round-to-odd ``add_ro`` then the fp32 rounding (on forced float32
+midpoints, where the shortcut must correct the float64 sum, and at the overflow midpoint),
+``grid_rne`` against the decision-table ``grid_fast`` (exact ties included), ``pow2_pair``
+against 2.0**k; the one-pass kernel with per-row hard-case counts (only flagged rows re-run)
+against the two-pass kernel and the exact reference; and compiled kernels keep -0.0 results
+(a captured -0.0 constant was traced as +0.0)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from precisim.emulation.functions import FunctionUnit, get_function_unit
+from precisim.emulation.functions.core import (
+    add_rn32,
+    add_ro,
+    grid_fast,
+    grid_rne,
+    pow2_pair,
+    rq,
+)
+from precisim.formats import kernels
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_functions import adversarial_fp32  # noqa: E402
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.view(torch.int64) == b.view(torch.int64)) | (a.isnan() & b.isnan())
+
+
+def test_add_rn32_equals_round_to_odd_sum() -> None:
+    """RNE_fp32(a + b) from float ops equals rq('fp32').fast(add_ro(a, b)) on random exact
+    sums, on sums whose float64 value is exactly a float32 midpoint (b = half an fp32 ulp of
+    a, plus or minus a remainder below float64's precision: the case the shortcut corrects),
+    at the fp32 overflow midpoint, and on special values."""
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 16
+    a = torch.randn(n, generator=g, dtype=torch.float64).float().double()
+    b = (torch.randn(n, generator=g, dtype=torch.float64).float().double()
+         * torch.randn(n, generator=g, dtype=torch.float64).float().double()
+         * 2.0 ** -torch.randint(0, 40, (n,), generator=g).double())
+    s32 = a.float().abs()
+    ulp = (torch.nextafter(s32, torch.tensor(math.inf)) - s32).double()
+    tiny = ulp * 2.0**-40 * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    half = torch.sign(a) * ulp / 2
+    big = 3.4028234663852886e38
+    A = torch.cat([a, a, a, a, torch.tensor([big, -big, big, math.inf, math.inf, 1.0, -0.0,
+                                             0.0, -0.0, 2.0**-149], dtype=torch.float64)])
+    B = torch.cat([b, half + tiny, half - tiny, half,
+                   torch.tensor([2.0**103 - 2.0**60, -(2.0**103 + 2.0**60), 2.0**103,
+                                 -math.inf, 1.0, math.nan, -0.0, -0.0, 0.0, -2.0**-150],
+                                dtype=torch.float64)])
+    want = rq("fp32").fast(add_ro(A, B))
+    got = add_rn32(A, B)
+    assert bool(_bits_equal(got, want).all())
+    # the midpoint correction was needed: the plain float64 sum rounded to fp32 is wrong there
+    plain = (A + B).float().double()
+    assert int((~_bits_equal(plain, want)).sum()) > n // 4
+
+
+def test_grid_rne_equals_grid_fast() -> None:
+    """The magic-constant rounding to multiples of 2^-F equals the decision-table one,
+    exact ties (odd multiples of 2^-(F+1)) included, for |t| up to 2^13."""
+    g = torch.Generator().manual_seed(6)
+    for F in (1, 7, 12, 24, 28):
+        t = torch.cat([torch.randn(20000, generator=g, dtype=torch.float64) * 300,
+                       (torch.randint(-2**20, 2**20, (20000,), generator=g).double() * 2 + 1)
+                       * 2.0 ** -(F + 1),
+                       torch.tensor([8191.75, -8191.75, 0.0, 2.0**-60, -2.0**-60],
+                                    dtype=torch.float64)])
+        t = t.clamp(-8192, 8192)
+        a, b = grid_rne(t, F), grid_fast(t, F)
+        assert torch.equal(a, b), F  # (== : a zero's sign may differ, see grid_rne)
+
+
+def test_pow2_pair() -> None:
+    k = torch.arange(-252, 253, dtype=torch.float64)
+    assert torch.equal(pow2_pair(k), 2.0 ** k)
+
+
+def _rsqrt_rtz() -> FunctionUnit:
+    """rsqrt rounded toward zero: powers of 4 are hard cases (the float64 value straddles
+    the exact 2^-k), so the exact fallback is forced at known places."""
+    return FunctionUnit("t-rsqrt-rtz-blocks", function="rsqrt", method="exact",
+                        output_rounding="rtz")
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_one_pass_rows_with_hard_cases(backend: str) -> None:
+    """A batch of 32 rows of 4096 with powers of 4 (hard cases) planted in rows 3 and 30
+    goes through the one-pass kernel (counts per row), and only those rows are recomputed:
+    the result equals the two-pass kernel's and the exact reference on every hard element;
+    the flagged rows are exactly the planted ones."""
+    from precisim.emulation.functions.units import _block_of, _kernel
+
+    u = _rsqrt_rtz()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(32 * 4096, generator=g) * 100 + 0.5
+    planted = torch.tensor([3 * 4096 + 17, 3 * 4096 + 4000, 30 * 4096 + 5])
+    x[planted] = torch.tensor([4.0**-20, 16.0, 4.0**30])
+    assert _block_of(x.numel()) == 4096
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        got = u(x)
+        _, count = kernels.run(_kernel(u, True), ("function-unit-blocks", u), x.numel(),
+                               x.view(32, 4096))
+        two_pass = u._direct(x, blocks=False)[0]
+    finally:
+        kernels.set_backend(old)
+    assert count.nonzero().reshape(-1).tolist() == [3, 30]
+    assert torch.equal(got.view(torch.int32), two_pass.view(torch.int32))
+    want = [float(u.reference(v)) for v in x[planted].tolist()]
+    assert got[planted].tolist() == want
+
+
+@pytest.mark.parametrize("name", ["silu-exact", "rcp-exact", "rcp-newton1"])
+def test_compiled_kernel_keeps_negative_zero(name: str) -> None:
+    """The compiled kernel returns the eager kernel's bits on the adversarial inputs, -0.0
+    results included (silu(-inf) = -0, rcp(-inf) = -0): a -0.0 captured as a Python float
+    was traced as a symbolic float and became +0.0."""
+    from precisim.emulation.functions.units import _fast_tables, _kernel
+
+    u = get_function_unit(name)
+    x = adversarial_fp32(u.function.value)
+    tabs = _fast_tables(u, x.device)
+    k = _kernel(u)
+    want = k(x, *tabs)[0]
+    got = kernels._compile(k)(x, *tabs)[0]
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), x[~same].tolist()
+    neg_inf = x == -math.inf
+    assert bool(torch.signbit(got[neg_inf]).all()) and bool((got[neg_inf] == 0).all())
