@@ -31,7 +31,7 @@ from .cost import (
     baseline_cost,
     register_cost_model,
 )
-from .cost_units import _pe, _scaled, _term, fp_add_cells, function_unit_terms
+from .cost_units import cost_term, format_pe, fp_add_cells, function_unit_terms, scaled_cells
 
 __all__ = ["ROW", "activation_cost", "activation_terms", "norm_cost", "norm_terms",
            "softmax_cost", "softmax_terms"]
@@ -43,13 +43,13 @@ ROW = 1024
 
 def _mul_cells(f: Any) -> dict[str, float]:
     """One rounded multiply in format ``f``: p x p mul cells, p + e add bits."""
-    p, e = _pe(f)
+    p, e = format_pe(f)
     return {"mul": float(p * p), "add": float(p + e)}
 
 
 def _round_cells(f: Any) -> dict[str, float]:
     """A rounding to ``f`` (None: bf16): p + e add bits."""
-    p, e = _pe(f if f is not None else get_format(HIGH_PRECISION))
+    p, e = format_pe(f if f is not None else get_format(HIGH_PRECISION))
     return {"add": float(p + e)}
 
 
@@ -63,7 +63,7 @@ def _unit_cells(u: FunctionUnit) -> tuple[dict[str, float], float, float]:
 def _unit_term(name: str, u: FunctionUnit, per: float = 1.0) -> tuple[CostTerm, float]:
     cells, read, rom = _unit_cells(u)
     what = f"the {u.name} unit's cells (section 4b)" + ("" if per == 1 else " / row")
-    return _term(name, what, _scaled(cells, per), read_bits=read * per), rom
+    return cost_term(name, what, scaled_cells(cells, per), read_bits=read * per), rom
 
 
 def _check_row(row: int) -> None:
@@ -74,7 +74,7 @@ def _check_row(row: int) -> None:
 def _with_tables(terms: list[CostTerm], roms: dict[str, float]) -> list[CostTerm]:
     for name, bits in roms.items():
         if bits:
-            terms.append(_term(f"{name}_table", f"the {name} unit's table bits (stored once "
+            terms.append(cost_term(f"{name}_table", f"the {name} unit's table bits (stored once "
                                "per lane)", rom_bits=bits))
     return terms
 
@@ -82,34 +82,35 @@ def _with_tables(terms: list[CostTerm], roms: dict[str, float]) -> list[CostTerm
 def softmax_terms(s: Softmax, row: int = ROW) -> list[CostTerm]:
     """The terms of one element of a softmax row (module docstring)."""
     _check_row(row)
-    pi, ei = _pe(s.input_format)
+    pi, ei = format_pe(s.input_format)
     max_fmt = get_format("fp32") if s.max_of.value == "input" else s.input_format
-    pm, em = _pe(max_fmt)
+    pm, em = format_pe(max_fmt)
     exp, exp_rom = _unit_term("exp", s.exp)
     terms = [
-        _term("input_cast", "round x to input_format: p_in + e_in add bits",
+        cost_term("input_cast", "round x to input_format: p_in + e_in add bits",
               {"add": float(pi + ei)}),
-        _term("max", "one comparator per element (max of x or of Q_in(x)): p + e add bits",
+        cost_term("max", "one comparator per element (max of x or of Q_in(x)): p + e add bits",
               {"add": float(pm + em)}),
-        _term("subtract", "x - m: one fp add in sub_format", fp_add_cells(*_pe(s.sub_format))),
+        cost_term("subtract", "x - m: one fp add in sub_format",
+                  fp_add_cells(*format_pe(s.sub_format))),
         exp,
-        _term("sum", "one fp add per element in the sum reduction's format",
-              fp_add_cells(*_pe(s.sum.format))),
+        cost_term("sum", "one fp add per element in the sum reduction's format",
+              fp_add_cells(*format_pe(s.sum.format))),
     ]
     roms = {"exp": exp_rom}
     if s.division is Division.DIVIDE:
         rcp, roms["rcp"] = _unit_term("divide", s.rcp)
         mul = _mul_cells("fp32")
         cells = {k: getattr(rcp, k) + mul.get(k, 0.0) for k in ("mul", "add", "shift")}
-        terms.append(_term("divide", f"e / s per element: the {s.rcp.name} unit's cells "
+        terms.append(cost_term("divide", f"e / s per element: the {s.rcp.name} unit's cells "
                            "(section 4b) and a multiply in fp32", cells,
                            read_bits=rcp.read_bits))
     else:
         rcp, roms["rcp"] = _unit_term("reciprocal", s.rcp, 1.0 / row)
         terms.append(rcp)
-        terms.append(_term("scale", "e x rcp(s) per element: a multiply in fp32",
+        terms.append(cost_term("scale", "e x rcp(s) per element: a multiply in fp32",
                            _mul_cells("fp32")))
-    terms.append(_term("output_round", "round to output_format (None: bf16): p + e add bits",
+    terms.append(cost_term("output_round", "round to output_format (None: bf16): p + e add bits",
                        _round_cells(s.output_format)))
     return _with_tables(terms, roms)
 
@@ -117,29 +118,29 @@ def softmax_terms(s: Softmax, row: int = ROW) -> list[CostTerm]:
 def norm_terms(n: Norm, row: int = ROW) -> list[CostTerm]:
     """The terms of one element of an RMSNorm / LayerNorm row (module docstring)."""
     _check_row(row)
-    pw, ew = _pe(n.working_format)
+    pw, ew = format_pe(n.working_format)
     add_w = fp_add_cells(pw, ew)
-    red = fp_add_cells(*_pe(n.reduction.format))
+    red = fp_add_cells(*format_pe(n.reduction.format))
     terms = []
     if n.kind is NormKind.LAYER:
-        terms.append(_term("mean", "R(x): one fp add per element in the reduction's format, "
+        terms.append(cost_term("mean", "R(x): one fp add per element in the reduction's format, "
                            "and mu = sum / n (a multiply) / row",
                            {k: red.get(k, 0.0) + _mul_cells(n.working_format).get(k, 0.0) / row
                             for k in ("mul", "add", "shift")}))
-        terms.append(_term("center", "x - mu: one fp add in the working format", add_w))
-    terms.append(_term("square", "x^2 (or d^2): a multiply in the working format",
+        terms.append(cost_term("center", "x - mu: one fp add in the working format", add_w))
+    terms.append(cost_term("square", "x^2 (or d^2): a multiply in the working format",
                        _mul_cells(n.working_format)))
-    terms.append(_term("sum_squares", "one fp add per element in the reduction's format", red))
+    terms.append(cost_term("sum_squares", "one fp add per element in the reduction's format", red))
     per_row = {k: (_mul_cells(n.working_format).get(k, 0.0) + add_w.get(k, 0.0)) / row
                for k in ("mul", "add", "shift")}
-    terms.append(_term("variance", "ss / n + eps: a multiply and an add in the working format, "
+    terms.append(cost_term("variance", "ss / n + eps: a multiply and an add in the working format, "
                        "/ row", per_row))
     rs, rom = _unit_term("rsqrt", n.rsqrt, 1.0 / row)
     terms.append(rs)
-    terms.append(_term("normalise", "x r: a multiply in the working format",
+    terms.append(cost_term("normalise", "x r: a multiply in the working format",
                        _mul_cells(n.working_format)))
     out = n.output_format if n.output_format is not None else get_format(HIGH_PRECISION)
-    terms.append(_term("weight", "the weight multiply (and its rounding) in the output format "
+    terms.append(cost_term("weight", "the weight multiply (and its rounding) in the output format "
                        "(None: bf16)", _mul_cells(out)))
     return _with_tables(terms, {"rsqrt": rom})
 
@@ -159,22 +160,22 @@ def activation_terms(a: Activation) -> list[CostTerm]:
         fn = a.function.value
         n_mul = {"silu": 0, "gelu_sigmoid": 1, "gelu_tanh": 3}[fn]
         if n_mul:
-            m = _scaled(_mul_cells(a.working_format), n_mul)
+            m = scaled_cells(_mul_cells(a.working_format), n_mul)
             if fn == "gelu_tanh":
-                add = fp_add_cells(*_pe(a.working_format))
+                add = fp_add_cells(*format_pe(a.working_format))
                 m = {k: m.get(k, 0.0) + add.get(k, 0.0) for k in ("mul", "add", "shift")}
-            terms.append(_term("argument", f"z for {fn}: {n_mul} multiply(ies)"
+            terms.append(cost_term("argument", f"z for {fn}: {n_mul} multiply(ies)"
                                + (" and an add" if fn == "gelu_tanh" else "")
                                + " in the working format", m))
         e, roms["exp"] = _unit_term("exp", a.exp)
         terms.append(e)
-        terms.append(_term("one_plus", "1 + exp(-z): one fp add in the working format",
-                           fp_add_cells(*_pe(a.working_format))))
+        terms.append(cost_term("one_plus", "1 + exp(-z): one fp add in the working format",
+                           fp_add_cells(*format_pe(a.working_format))))
         r, roms["rcp"] = _unit_term("rcp", a.rcp)
         terms.append(r)
-        terms.append(_term("multiply", "x rcp(...): a multiply in the working format",
+        terms.append(cost_term("multiply", "x rcp(...): a multiply in the working format",
                            _mul_cells(a.working_format)))
-    terms.append(_term("output_round", "round to output_format (None: bf16): p + e add bits",
+    terms.append(cost_term("output_round", "round to output_format (None: bf16): p + e add bits",
                        _round_cells(a.output_format)))
     return _with_tables(terms, roms)
 

@@ -46,14 +46,15 @@ from .cost import (
     register_cost_model,
 )
 
-__all__ = ["HEAD_DIM", "TableGeometry", "attention_datapath_cost", "fma_cells", "fp_add_cells",
+__all__ = ["HEAD_DIM", "TableGeometry", "attention_datapath_cost", "cost_term", "fma_cells",
+           "format_pe", "fp_add_cells", "scaled_cells",
            "function_unit_cost", "reduction_cost"]
 
 #: the head dimension the attention datapath is priced at unless told (SmolLM2, Llama: 64-128)
 HEAD_DIM = 128
 
 
-def _pe(f: Any) -> tuple[int, int]:
+def format_pe(f: Any) -> tuple[int, int]:
     """Significand bits (hidden bit included) and exponent bits of a float format."""
     f = get_format(f) if isinstance(f, str) else f
     if not isinstance(f, FloatFormat):
@@ -77,12 +78,14 @@ def fma_cells(p: int, e: int, fused: bool = True) -> dict[str, float]:
     return {"mul": float(p * p), "add": a["add"] + e + (0 if fused else p), "shift": a["shift"]}
 
 
-def _scaled(cells: dict[str, float], k: float) -> dict[str, float]:
+def scaled_cells(cells: dict[str, float], k: float) -> dict[str, float]:
+    """``cells`` with every count multiplied by ``k`` (work done ``k`` times per element)."""
     return {key: v * k for key, v in cells.items()}
 
 
-def _term(name: str, formula: str, cells: dict[str, float] | None = None, *,
+def cost_term(name: str, formula: str, cells: dict[str, float] | None = None, *,
           rom_bits: float = 0.0, read_bits: float = 0.0) -> CostTerm:
+    """A :class:`CostTerm` from cell counts (``mul``, ``add``, ``shift``; absent keys 0)."""
     c = cells or {}
     return CostTerm(name, formula, mul=c.get("mul", 0.0), add=c.get("add", 0.0),
                     shift=c.get("shift", 0.0), rom_bits=rom_bits, read_bits=read_bits)
@@ -92,7 +95,7 @@ def _spec_pe(ts: Any) -> tuple[int, int]:
     """Significand and exponent bits of a tensor spec's element format (None: fp32)."""
     if ts is None:
         return 24, 8
-    return _pe(element_format(ts.resolve(-1)))
+    return format_pe(element_format(ts.resolve(-1)))
 
 
 def _bits(f: Any) -> int:
@@ -144,7 +147,7 @@ class TableGeometry:
     def of(cls, u: FunctionUnit) -> TableGeometry:
         """The geometry of ``u``'s core (exact and bound units: the cubic they are priced
         as)."""
-        pw, _ = _pe(u.working_format)
+        pw, _ = format_pe(u.working_format)
         tw = _bits(u.table_format or u.working_format)
         cw = _bits(u.coef_format or u.working_format)
         n, m = u.table_bits, u.method
@@ -170,7 +173,7 @@ class TableGeometry:
 def function_unit_terms(u: FunctionUnit) -> list[CostTerm]:
     """The terms of one evaluation of a function unit (module docstring); the storage and
     multiplier counts are :class:`TableGeometry`'s."""
-    pw, ew = _pe(u.working_format)
+    pw, ew = format_pe(u.working_format)
     geo = TableGeometry.of(u)
     terms = []
     fn, m = u.function, u.method
@@ -178,36 +181,36 @@ def function_unit_terms(u: FunctionUnit) -> list[CostTerm]:
                              "shift": float(u.arg_frac_bits * ceil_log2(u.arg_frac_bits))}
     if fn is Fn.EXP:  # x * log2(e) first
         red = {k: red.get(k, 0.0) + v for k, v in fma_cells(pw, ew, u.fma).items()}
-    terms.append(_term("range_reduction", "fixed-point split: a_f + e_w add bits, a_f x "
+    terms.append(cost_term("range_reduction", "fixed-point split: a_f + e_w add bits, a_f x "
                        "ceil(log2 a_f) shift cells (+ one FMA for exp's x log2 e)", red))
     fma = fma_cells(pw, ew, u.fma if m is not Method.EXACT and m is not Method.BOUND
                     else True)
     if m is Method.TABLE:
-        terms.append(_term("table", "(2^n [+1 if linear]) entries x w_t bits stored; 1 or 2 "
+        terms.append(cost_term("table", "(2^n [+1 if linear]) entries x w_t bits stored; 1 or 2 "
                            "entries read", rom_bits=geo.stored_bits, read_bits=geo.read_bits))
         if geo.fmas:
-            terms.append(_term("interpolate", "one FMA in the working format",
-                               _scaled(fma, geo.fmas)))
+            terms.append(cost_term("interpolate", "one FMA in the working format",
+                               scaled_cells(fma, geo.fmas)))
     elif m is Method.POLYNOMIAL:
-        terms.append(_term("coefficients", "2^n pieces x (degree + 1) x w_c bits stored; "
+        terms.append(cost_term("coefficients", "2^n pieces x (degree + 1) x w_c bits stored; "
                            "degree + 1 coefficients read", rom_bits=geo.stored_bits,
                            read_bits=geo.read_bits))
-        terms.append(_term("horner", "degree FMAs in the working format",
-                           _scaled(fma, geo.fmas)))
+        terms.append(cost_term("horner", "degree FMAs in the working format",
+                           scaled_cells(fma, geo.fmas)))
     elif m is Method.NEWTON:
-        terms.append(_term("seed_table", "2^n entries x w_t bits stored, one read",
+        terms.append(cost_term("seed_table", "2^n entries x w_t bits stored, one read",
                            rom_bits=geo.stored_bits, read_bits=geo.read_bits))
         per_step = 2 if fn is Fn.RCP else 3
-        terms.append(_term("newton", f"steps x {per_step} FMAs in the working format",
-                           _scaled(fma, geo.fmas)))
+        terms.append(cost_term("newton", f"steps x {per_step} FMAs in the working format",
+                           scaled_cells(fma, geo.fmas)))
     else:  # exact, bound: the cubic piecewise polynomial that reaches the working precision
-        terms.append(_term("coefficients", "exact/bound priced as a cubic: 2^ceil((p_w+1)/4) "
+        terms.append(cost_term("coefficients", "exact/bound priced as a cubic: 2^ceil((p_w+1)/4) "
                            "pieces x 4 x w_c bits stored, 4 read",
                            rom_bits=geo.stored_bits, read_bits=geo.read_bits))
-        terms.append(_term("horner", "exact/bound priced as a cubic: 3 FMAs",
-                           _scaled(fma, geo.fmas)))
-    po, eo = _pe(u.output_format)
-    terms.append(_term("output_round", "p_out + e_out add bits (round, exponent adjust)",
+        terms.append(cost_term("horner", "exact/bound priced as a cubic: 3 FMAs",
+                           scaled_cells(fma, geo.fmas)))
+    po, eo = format_pe(u.output_format)
+    terms.append(cost_term("output_round", "p_out + e_out add bits (round, exponent adjust)",
                        {"add": float(po + eo)}))
     return terms
 
@@ -228,12 +231,12 @@ def reduction_cost(r: Reduction, *, coefficients: CostCoefficients = HOROWITZ_20
                    ) -> DatapathCost:
     """The modelled cost per element reduced: one adder (sum) or comparator (max) in the
     reduction's format (docs/cost-perf.md section 4b)."""
-    p, e = _pe(r.format)
+    p, e = format_pe(r.format)
     if r.op is ReduceOp.SUM:
-        t = _term("add", "one floating-point add per element: p + e add bits, 2 p ceil(log2 p) "
+        t = cost_term("add", "one floating-point add per element: p + e add bits, 2 p ceil(log2 p) "
                   "shift cells", fp_add_cells(p, e))
     else:
-        t = _term("compare", "one comparator per element: p + e add bits",
+        t = cost_term("compare", "one comparator per element: p + e add bits",
                   {"add": float(p + e)})
     e0, a0 = baseline_cost(coefficients)
     return DatapathCost(f"reduce-{r.describe()}", (t,), coefficients, e0, a0, r.describe())
@@ -245,10 +248,10 @@ def attention_datapath_terms(dp: AttentionDatapath, head_dim: int = HEAD_DIM
     docstring); the QK^T products are the GEMM's (:func:`~precisim.eval.cost.gemm_cost`)."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim={head_dim!r} is not valid: accepted a positive integer")
-    pm, em = _pe(dp.max_format)
-    ps, es = _pe(dp.sum_format)
-    pa, ea = _pe(dp.alpha_format)
-    pacc, eacc = _pe(dp.acc_format)
+    pm, em = format_pe(dp.max_format)
+    ps, es = format_pe(dp.sum_format)
+    pa, ea = format_pe(dp.alpha_format)
+    pacc, eacc = format_pe(dp.acc_format)
     pp, ep = _spec_pe(dp.p_format)
     pvv = _spec_pe(dp.pv.weight if dp.pv is not None else None)[0]
     rescale = fma_cells(pa, ea)
@@ -257,22 +260,22 @@ def attention_datapath_terms(dp: AttentionDatapath, head_dim: int = HEAD_DIM
     exp2 = function_unit_terms(dp.exp2)
     exp2_cells = {k: sum(getattr(t, k) for t in exp2) for k in ("mul", "add", "shift")}
     terms = [
-        _term("running_max", "one comparator in max_format: p + e add bits",
+        cost_term("running_max", "one comparator in max_format: p + e add bits",
               {"add": float(pm + em)}),
-        _term("subtract", "x - m: one fp add in fp32", fp_add_cells(24, 8)),
-        _term("exp2", "the exp2 unit's cells (section 4b)", exp2_cells,
+        cost_term("subtract", "x - m: one fp add in fp32", fp_add_cells(24, 8)),
+        cost_term("exp2", "the exp2 unit's cells (section 4b)", exp2_cells,
               read_bits=sum(t.read_bits for t in exp2)),
-        _term("row_sum", "one fp add in sum_format", fp_add_cells(ps, es)),
-        _term("p_cast", "round P to its format: p_P + e_P add bits", {"add": float(pp + ep)}),
-        _term("pv_multiply", "head_dim products of P's and V's significands: head_dim x p_P x "
+        cost_term("row_sum", "one fp add in sum_format", fp_add_cells(ps, es)),
+        cost_term("p_cast", "round P to its format: p_P + e_P add bits", {"add": float(pp + ep)}),
+        cost_term("pv_multiply", "head_dim products of P's and V's significands: head_dim x p_P x "
               "p_V mul cells", {"mul": float(head_dim * pp * pvv)}),
-        _term("rescale", "per tile and row: exp2(m_old - m_new) in alpha_format (one FMA) and "
+        cost_term("rescale", "per tile and row: exp2(m_old - m_new) in alpha_format (one FMA) and "
               "head_dim multiplies of O in acc_format (p_acc^2 mul cells, e_acc add bits "
-              "each), / tile", _scaled(rescale, 1.0 / dp.tile)),
+              "each), / tile", scaled_cells(rescale, 1.0 / dp.tile)),
     ]
     rom = sum(t.rom_bits for t in exp2)
     if rom:
-        terms.append(_term("exp2_table", "the exp2 unit's table bits (stored once per lane)",
+        terms.append(cost_term("exp2_table", "the exp2 unit's table bits (stored once per lane)",
                            rom_bits=rom))
     return terms
 
