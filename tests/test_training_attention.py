@@ -68,27 +68,28 @@ def _qkv(b: int = 2, h: int = 4, hkv: int = 2, n: int = 32, d: int = 32) -> tupl
     return r(b, h, n, d), r(b, hkv, n, d), r(b, hkv, n, d), mask, r(b, n, h, d)
 
 
+def mx_mm(a: torch.Tensor, b: torch.Tensor, on: bool) -> torch.Tensor:
+    """a @ b^T in fp64 of the fp32 operands (quantized to MXFP8 by hand along the last axis,
+    the GEMM's reduction axis, when ``on``), rounded to fp32."""
+    if on:
+        f = get_scaled_format("mxfp8", axis=-1)
+        a, b = (quantize_scaled(t.contiguous(), f) for t in (a, b))
+    return (a.double() @ b.double().transpose(-1, -2)).float()
+
+
 def _hand(role: str, q, k, v, mask, scaling, d_out):  # noqa: ANN001, ANN202
     """dQ, dK, dV with only ``role``'s operands quantized to MXFP8 by hand, each along that
     GEMM's reduction axis (the last axis of the operand as the GEMM reads it)."""
-    f = get_scaled_format("mxfp8", axis=-1)
-
-    def mm(a: torch.Tensor, b: torch.Tensor, on: bool) -> torch.Tensor:
-        """a @ b^T in fp64 of the fp32 operands (quantized when ``on``), rounded to fp32."""
-        if on:
-            a, b = (quantize_scaled(t.contiguous(), f) for t in (a, b))
-        return (a.double() @ b.double().transpose(-1, -2)).float()
-
     g = q.shape[1] // k.shape[1]
     kr, vr = (t.repeat_interleave(g, dim=1) for t in (k, v))
     p = torch.softmax(q @ kr.transpose(-1, -2) * scaling + mask, -1)  # fp32, as recomputed
     do = d_out.transpose(1, 2)
     t = lambda x: x.transpose(-1, -2)  # noqa: E731
-    dv = mm(t(p), t(do), role == "dv")
-    dp = mm(do, vr, role == "dp")
+    dv = mx_mm(t(p), t(do), role == "dv")
+    dp = mx_mm(do, vr, role == "dp")
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = mm(ds, t(kr), role == "dq") * scaling
-    dk = mm(t(ds), t(q), role == "dk") * scaling
+    dq = mx_mm(ds, t(kr), role == "dq") * scaling
+    dk = mx_mm(t(ds), t(q), role == "dk") * scaling
     b, h, n, d = dk.shape
     fold = lambda t: t.reshape(b, h // g, g, n, d).sum(2)  # noqa: E731
     return dq, fold(dk), fold(dv)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from precisim.emulation import GemmSpec, Recipe, TensorSpec, emulate
+from precisim.emulation import Recipe, emulate
 from precisim.emulation.opkinds import EmulationError
 from precisim.emulation.training import AttentionTrainingSpec, seed_scope
 from precisim.emulation.training.attention import (
@@ -16,10 +16,8 @@ from precisim.emulation.training.attention import (
     attach_attention_train_grad,
     attention_grads,
 )
-from precisim.formats.scaling import get_scaled_format, quantize_scaled
+from test_training_attention import HIGH, MX, mx_mm
 
-HIGH = AttentionTrainingSpec(None, None, None, None, None)
-MX = GemmSpec(TensorSpec("mxfp8"), TensorSpec("mxfp8"))
 #: the extras of one case: (ALiBi bias in the mask, soft cap, sinks)
 CASES = {"alibi": (True, None, False), "softcap": (False, 5.0, False),
          "sinks": (False, None, True), "all": (True, 3.0, True)}
@@ -102,13 +100,6 @@ def _hand(role: str, q, k, v, mask, scaling, d_out, softcap, sinks):  # noqa: AN
     """dQ, dK, dV, dsinks with only ``role``'s operands quantized to MXFP8 by hand along that
     GEMM's reduction axis; P recomputed in fp32 with the cap and the sinks, the softmax
     backward and the cap's derivative 1 - tanh^2 in fp32, each GEMM in fp64 rounded to fp32."""
-    f = get_scaled_format("mxfp8", axis=-1)
-
-    def mm(a: torch.Tensor, b: torch.Tensor, on: bool) -> torch.Tensor:
-        if on:
-            a, b = (quantize_scaled(t.contiguous(), f) for t in (a, b))
-        return (a.double() @ b.double().transpose(-1, -2)).float()
-
     g = q.shape[1] // k.shape[1]
     kr, vr = (t.repeat_interleave(g, dim=1) for t in (k, v))
     s = q @ kr.transpose(-1, -2) * scaling
@@ -119,12 +110,12 @@ def _hand(role: str, q, k, v, mask, scaling, d_out, softcap, sinks):  # noqa: AN
     p, psink = full[..., :-1], full[..., -1]
     do = d_out.transpose(1, 2)
     t = lambda x: x.transpose(-1, -2)  # noqa: E731
-    dv = mm(t(p), t(do), role == "dv")
-    dp = mm(do, vr, role == "dp")
+    dv = mx_mm(t(p), t(do), role == "dv")
+    dp = mx_mm(do, vr, role == "dp")
     rs = (dp * p).sum(-1, keepdim=True)
     ds = p * (dp - rs) * (1 - th * th)
-    dq = mm(ds, t(kr), role == "dq") * scaling
-    dk = mm(t(ds), t(q), role == "dk") * scaling
+    dq = mx_mm(ds, t(kr), role == "dq") * scaling
+    dk = mx_mm(t(ds), t(q), role == "dk") * scaling
     b, h, n, d = dk.shape
     fold = lambda x: x.reshape(b, h // g, g, n, d).sum(2)  # noqa: E731
     return dq, fold(dk), fold(dv), -(psink * rs[..., 0]).sum((0, 2))

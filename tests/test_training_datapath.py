@@ -8,6 +8,7 @@ import pytest
 import torch
 from precisim.emulation import Recipe, emulate
 from precisim.emulation.training import GradProbe, seed_scope
+from test_training import _tiny_llama
 from torch import nn
 
 KINDS = ("softmax", "normalization", "activation", "glu", "residual")
@@ -17,17 +18,6 @@ LOW = {"softmax": "softmax-bf16", "normalization": "rmsnorm-bf16-seq",
 #: full precision: correctly rounded fp32 units, fp32 roundings of the product and the sum
 FULL = {"softmax": "softmax-exact", "normalization": "rmsnorm", "activation": "silu",
         "glu": "fp32", "residual": "fp32"}
-
-
-def _tiny_llama(seed: int = 0) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    cfg._attn_implementation = "eager"
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def _grads(model: nn.Module, recipe: Recipe | None, ids: torch.Tensor
