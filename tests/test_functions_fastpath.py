@@ -1,7 +1,5 @@
 """The float-only helpers of the function units' compiled kernels (docs/arithmetic.md section
 7.1) and their one-pass form, each against the slower form it replaces, bit for bit:
-``add_rn32`` against round-to-odd ``add_ro`` then the fp32 rounding (on forced float32
-midpoints, where the shortcut must correct the float64 sum, and at the overflow midpoint),
 ``grid_rne`` against the decision-table ``grid_fast`` (exact ties included), ``pow2_pair``
 against 2.0**k; the one-pass kernel with per-row hard-case counts (only flagged rows re-run)
 against the two-pass kernel and the exact reference; and compiled kernels keep -0.0 results
@@ -17,12 +15,9 @@ import pytest
 import torch
 from precisim.emulation.functions import FunctionUnit, get_function_unit
 from precisim.emulation.functions.core import (
-    add_rn32,
-    add_ro,
     grid_fast,
     grid_rne,
     pow2_pair,
-    rq,
 )
 from precisim.formats import kernels
 
@@ -32,36 +27,6 @@ from test_functions import adversarial_fp32  # noqa: E402
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int64) == b.view(torch.int64)) | (a.isnan() & b.isnan())
-
-
-def test_add_rn32_equals_round_to_odd_sum() -> None:
-    """RNE_fp32(a + b) from float ops equals rq('fp32').fast(add_ro(a, b)) on random exact
-    sums, on sums whose float64 value is exactly a float32 midpoint (b = half an fp32 ulp of
-    a, plus or minus a remainder below float64's precision: the case the shortcut corrects),
-    at the fp32 overflow midpoint, and on special values."""
-    g = torch.Generator().manual_seed(5)
-    n = 1 << 16
-    a = torch.randn(n, generator=g, dtype=torch.float64).float().double()
-    b = (torch.randn(n, generator=g, dtype=torch.float64).float().double()
-         * torch.randn(n, generator=g, dtype=torch.float64).float().double()
-         * 2.0 ** -torch.randint(0, 40, (n,), generator=g).double())
-    s32 = a.float().abs()
-    ulp = (torch.nextafter(s32, torch.tensor(math.inf)) - s32).double()
-    tiny = ulp * 2.0**-40 * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
-    half = torch.sign(a) * ulp / 2
-    big = 3.4028234663852886e38
-    A = torch.cat([a, a, a, a, torch.tensor([big, -big, big, math.inf, math.inf, 1.0, -0.0,
-                                             0.0, -0.0, 2.0**-149], dtype=torch.float64)])
-    B = torch.cat([b, half + tiny, half - tiny, half,
-                   torch.tensor([2.0**103 - 2.0**60, -(2.0**103 + 2.0**60), 2.0**103,
-                                 -math.inf, 1.0, math.nan, -0.0, -0.0, 0.0, -2.0**-150],
-                                dtype=torch.float64)])
-    want = rq("fp32").fast(add_ro(A, B))
-    got = add_rn32(A, B)
-    assert bool(_bits_equal(got, want).all())
-    # the midpoint correction was needed: the plain float64 sum rounded to fp32 is wrong there
-    plain = (A + B).float().double()
-    assert int((~_bits_equal(plain, want)).sum()) > n // 4
 
 
 def test_grid_rne_equals_grid_fast() -> None:

@@ -32,7 +32,7 @@ from precisim.formats.rounding import ExactRemainder, FloatRemainder, round_up
 from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
 
-__all__ = ["Fn", "Rq", "Value", "add_rn32", "add_ro", "check_format", "cr_exact", "cr_fast",
+__all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast",
            "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
            "parse_enum", "pow2_pair", "rq", "signed_zero"]
 
@@ -244,41 +244,6 @@ def div_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fix = (r != 0) & ((bits & 1) == 0) & torch.isfinite(q) & (q != 0)
     step = torch.where((r > 0) == (b > 0), 1, -1) * torch.where(q > 0, 1, -1)
     return torch.where(fix, bits + step, bits).view(torch.float64)
-
-
-def add_rn32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """RNE_fp32(a + b) of float64 ``a`` and ``b`` (exact values), correctly rounded, as a
-    float64 tensor of float32 values: the same bits as ``rq("fp32").fast(add_ro(a, b))``
-    with float operations only (no int64 bit view). Measured slower than ``add_ro`` inside
-    the compiled unit kernels (docs/arithmetic.md section 7.1), so they do not use it.
-
-    Why it is exact: ``s = RN64(a + b)``, ``err = a + b - s`` (TwoSum, exact). Rounding s to
-    float32 gives the correct rounding of the exact sum unless s is exactly a float32
-    midpoint and ``err != 0``: a midpoint strictly between s and the exact sum would be
-    nearer to the exact sum than s (a float64 value), so no other midpoint can separate them.
-    With ``s32 = RN32(s)`` and ``d = s - s32`` (exact: |d| <= half an fp32 ulp), s is a
-    midpoint iff ``d != 0`` and ``w = s32 + 2d`` is a float32 value (then w is the other
-    neighbour; otherwise |2d| is at least two float64 ulps short of an fp32 ulp and w lies
-    strictly between two float32 values). At a midpoint the exact sum lies on err's side of
-    s: the result is w when err points from s32 toward w, else s32. Infinite or NaN sums
-    give NaN differences, so no correction is made (IEEE 754 addition's own result), except
-    at the overflow midpoint ``+-(2^128 - 2^103)`` (s32 infinite), where an exact sum just
-    inside it rounds to +-max."""
-    s = a + b
-    bb = s - a
-    err = (a - (s - bb)) + (b - bb)
-    s32 = s.float().double()
-    d = s - s32
-    w = s32 + 2.0 * d
-    w32 = w.float().double()
-    mid = (d != 0) & (w32 == w) & (err != 0)
-    y = torch.where(mid & ((err > 0) == (d > 0)), w32, s32)
-    inside = (s.abs() == _OVF_MID) & ((err > 0) != (s > 0)) & (err != 0)
-    return torch.where(inside, torch.where(s > 0, _F32_MAX, -_F32_MAX), y)
-
-
-_OVF_MID = 2.0**128 - 2.0**103
-_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:

@@ -728,7 +728,7 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
 
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
     # comparisons replace them. The int64 bit views of add_ro are too, yet measured cheaper
-    # than the float-only core.add_rn32 (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
+    # than a float-only fp32-rounded TwoSum (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
     # 367 vs 561 ms on 4096x4096, one thread, loaded machine), so sums stay W(add_ro(a, b)).
     def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""

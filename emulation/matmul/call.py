@@ -80,10 +80,7 @@ class Scales:
 
     def at(self, lo: int, ns: slice, shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, M, Nc) scale products of the K-range starting at product ``lo``."""
-        one = torch.ones((), dtype=torch.float64)
-        sa = one if self.a is None else self.a[:, :, lo // self.a_blk, None]
-        sb = one if self.b is None else self.b[:, ns, lo // self.b_blk][:, None, :]
-        return self._product(sa, sb).expand(shape)
+        return self._product(*self.factors(lo, ns)).expand(shape)
 
     def at32(self, lo: int, ns: slice) -> torch.Tensor:
         """:meth:`at` in float32 arithmetic (fast mode): fl32(s_a*s_b), broadcastable."""

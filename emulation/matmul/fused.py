@@ -239,9 +239,9 @@ def make_kernels(F: int, c: int, acc_emin: int, floor: int | None, use_floor: bo
         ex = mag >> 23
         sig = torch.where(ex == 0, mag, (mag & 0x7FFFFF) | 0x800000)
         sh = torch.clamp(ex, min=1) - 150 + d
-        # one shift of the two is by 0: no select on sh's sign. (No int32 >=, <= or != in
-        # the kernels: GCC 12 at -O3 -march=native on an AVX-512 CPU inverts the select of
-        # inductor's AVX2 code, which reproducible mode runs, on such a negated comparison;
+        # one shift of the two is by 0: no select on sh's sign. (GCC 12 at -O3 -march=native
+        # on an AVX-512 CPU inverted such a select in inductor's AVX2 code; reproducible mode
+        # now builds that code for x86-64-v3, eval/numerics.py, and this form needs no select;
         # tests/test_emulation_fused_chain.py runs the kernels pinned to AVX2)
         r = (-sh).clamp(0, 31)
         q = (sig << sh.clamp(0, 31)) >> r
