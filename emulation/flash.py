@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_format
+from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_format, kernels
 from precisim.formats.registry import Registry, UnknownNameError
 
 from .functions import exact as ex
@@ -486,6 +486,20 @@ def _p_caster(pel: FloatFormat):  # noqa: ANN202 - float32 -> float32 cast funct
     return slow
 
 
+#: the datapath compiles its kernels from this many elements on (the global threshold of
+#: :func:`precisim.formats.kernels.run` is 2^18): it calls them once per tile, on tensors of
+#: rows x tile elements, where an eager kernel is ~50x slower per element
+TILE_COMPILE_MIN_NUMEL = 1 << 12
+
+
+def _compiled(fn: Any, key: tuple, numel: int, *args: Any) -> Any:
+    """``kernels.run`` with compilation from :data:`TILE_COMPILE_MIN_NUMEL` elements on (the
+    datapath's per-tile tensors are small); compiled kernels are self-checked bit for bit
+    against their eager twin."""
+    with kernels.compile_from(TILE_COMPILE_MIN_NUMEL):
+        return kernels.run(fn, key, numel, *args)
+
+
 def _unit32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     """``unit(x)`` on float32 ``x``. For a correctly rounded fp32 exp2 unit (the default
     ``exp2-exact``) :func:`_exp2_fp32`; otherwise the unit (exp2, or the soft cap's tanh),
@@ -494,16 +508,10 @@ def _unit32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     on tensors of rows x tile elements, where the eager kernel is ~50x slower per element.
     Compiled kernels are self-checked bit for bit against the eager ones on their first
     call."""
-    from precisim.formats import kernels
-
-    old = kernels.COMPILE_MIN_NUMEL
-    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
-    try:
+    with kernels.compile_from(TILE_COMPILE_MIN_NUMEL):
         if FAST_EXP2 and _is_cr_fp32_exp2(unit):
             return _exp2_fp32(unit, x)
         return unit(x)
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
 
 
 #: use :func:`_exp2_fp32` for correctly rounded fp32 exp2 units (False: always the unit's own
@@ -549,14 +557,7 @@ def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Ten
     """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_kernel` compiled (from
     2^12 elements on, self-checked), hard cases by the unit's exact reference. Bit for bit
     the unit applied to ``where(live, t - mo, -inf)``."""
-    from precisim.formats import kernels
-
-    old = kernels.COMPILE_MIN_NUMEL
-    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
-    try:
-        y, hard = kernels.run(_p_kernel, ("flash-p-fp32",), t.numel(), t, mo)
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
+    y, hard = _compiled(_p_kernel, ("flash-p-fp32",), t.numel(), t, mo)
     if bool(hard.any()):
         idx = hard.nonzero(as_tuple=True)
         x = (t - mo[..., None])[idx]
@@ -597,21 +598,13 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     2^12 elements on, self-checked bit for bit against its eager twin); hard exp2 cases by the
     unit's exact reference, their cast and counts redone eagerly. One host sync for the counts
     and one for the hard cases."""
-    from precisim.formats import kernels
-
     dt = _torch_dtype(pel)
     assert dt is not None
     mx = float(pel.max)
     fn = _P_CAST_KERNELS.get((dt, pq64))
     if fn is None:
         fn = _P_CAST_KERNELS[dt, pq64] = _p_cast_kernel_for(dt, mx, pq64)
-    old = kernels.COMPILE_MIN_NUMEL
-    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
-    try:
-        y, hard, pq, counts = kernels.run(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t,
-                                          mo)
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
+    y, hard, pq, counts = _compiled(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t, mo)
     n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
     if n_hard:
         idx = hard.nonzero(as_tuple=True)
@@ -649,19 +642,12 @@ def _scores_max(s: torch.Tensor, c: float, vis: torch.Tensor | None
     """``(t, t.amax(-1))`` for scores without soft cap or bias: :func:`_scores` and the mask
     of the datapath's loop in one compiled pass (from 2^12 elements on, self-checked bit for
     bit against its eager twin)."""
-    from precisim.formats import kernels
-
     key = (c, vis is not None)
     fn = _T_KERNELS.get(key)
     if fn is None:
         fn = _T_KERNELS[key] = _t_kernel_for(*key)
     args = (s,) if vis is None else (s, vis)
-    old = kernels.COMPILE_MIN_NUMEL
-    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
-    try:
-        return kernels.run(fn, ("flash-t", *key), s.numel(), *args)
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
+    return _compiled(fn, ("flash-t", *key), s.numel(), *args)
 
 
 def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
@@ -670,8 +656,6 @@ def _exp2_fp32(unit: FunctionUnit, x: torch.Tensor) -> torch.Tensor:
     underflows), NaN stays NaN): one compiled elementwise kernel, ~10x faster than the generic
     unit kernel, whose rounding steps are general formats; the rare hard cases by the unit's
     exact reference."""
-    from precisim.formats import kernels
-
     flat = x.detach().reshape(-1).float()
     y, hard = kernels.run(_exp2_kernel, ("flash-exp2-fp32",), flat.numel(), flat)
     if bool(hard.any()):
@@ -715,19 +699,6 @@ def _row_range(vis: torch.Tensor | None, j0: int, j1: int, n_q: int) -> tuple[in
 #: :func:`_update_kernel_for` and :func:`_norm_kernel_for` (False: the eager per-tile code of
 #: :func:`flash_attention`; tests/test_flash_datapath.py compares the two bit for bit)
 FAST_STATS = True
-
-
-def _compiled(fn: Any, key: tuple, numel: int, *args: Any) -> Any:
-    """``kernels.run`` with compilation from 2^12 elements on (the datapath's per-tile tensors
-    are small); compiled kernels are self-checked bit for bit against their eager twin."""
-    from precisim.formats import kernels
-
-    old = kernels.COMPILE_MIN_NUMEL
-    kernels.COMPILE_MIN_NUMEL = min(old, 1 << 12)
-    try:
-        return kernels.run(fn, key, numel, *args)
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
 
 
 _STAT_KERNELS: dict[tuple, Any] = {}

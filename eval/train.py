@@ -282,13 +282,11 @@ def train_kernels(min_numel: int = TRAIN_COMPILE_MIN_NUMEL) -> Iterator[None]:
     ``$PRECISIM_COMPILE_MIN_NUMEL`` sets the threshold explicitly, or it is already lower)."""
     from precisim.formats import kernels
 
-    old = kernels.COMPILE_MIN_NUMEL
-    if "PRECISIM_COMPILE_MIN_NUMEL" not in os.environ:
-        kernels.COMPILE_MIN_NUMEL = min(old, min_numel)
-    try:
+    if "PRECISIM_COMPILE_MIN_NUMEL" in os.environ:
         yield
-    finally:
-        kernels.COMPILE_MIN_NUMEL = old
+        return
+    with kernels.compile_from(min_numel):
+        yield
 
 
 def _batch(train_ids: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:

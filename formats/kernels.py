@@ -24,9 +24,10 @@ mantissa bits, such as E8M0, a tie between two normal powers of two rounds up).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -431,6 +432,20 @@ def set_backend(backend: str) -> None:
 
 def get_backend() -> str:
     return _BACKEND
+
+
+@contextlib.contextmanager
+def compile_from(min_numel: int) -> Iterator[None]:
+    """Inside the block, ``"auto"`` compiles kernels from ``min_numel`` elements on (or from
+    :data:`COMPILE_MIN_NUMEL` if that is lower): for callers whose tensors are small and
+    many (a datapath's per-tile tensors, a training step). Restored on exit."""
+    global COMPILE_MIN_NUMEL
+    old = COMPILE_MIN_NUMEL
+    COMPILE_MIN_NUMEL = min(old, min_numel)
+    try:
+        yield
+    finally:
+        COMPILE_MIN_NUMEL = old
 
 
 def run(fn, key: tuple, numel: int, *args):

@@ -295,3 +295,18 @@ def test_auto_backend_reuses_a_compiled_kernel_for_smaller_tensors(monkeypatch) 
         assert calls == ["compile", "compiled", "compiled"]
     finally:
         kernels.set_backend(old)
+
+
+def test_compile_from_lowers_the_threshold_in_its_block_only(monkeypatch) -> None:
+    """``kernels.compile_from(n)`` compiles from min(threshold, n) elements inside the block,
+    never raises the threshold, and restores it on exit, an exception included."""
+    monkeypatch.setattr(K, "COMPILE_MIN_NUMEL", 1 << 18)
+    with K.compile_from(1 << 12):
+        assert K.COMPILE_MIN_NUMEL == 1 << 12
+        with K.compile_from(1 << 20):
+            assert K.COMPILE_MIN_NUMEL == 1 << 12
+        assert K.COMPILE_MIN_NUMEL == 1 << 12
+    assert K.COMPILE_MIN_NUMEL == 1 << 18
+    with pytest.raises(RuntimeError), K.compile_from(16):
+        raise RuntimeError
+    assert K.COMPILE_MIN_NUMEL == 1 << 18
