@@ -374,21 +374,41 @@ def _scores(s: torch.Tensor, c32: torch.Tensor, bias: torch.Tensor | None,
     return u * torch.tensor(LOG2E32, dtype=torch.float32, device=s.device)
 
 
-def _check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
-                  ) -> tuple[float | None, torch.Tensor | None]:
-    """The soft cap as an fp32 value > 0 and the sinks as float32 (h,) logits."""
+def check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
+                 ) -> tuple[float | None, torch.Tensor | None]:
+    """The soft cap as a float > 0 and the sinks as given, after checking them (a ValueError
+    naming the bad value and what is accepted): a finite number > 0, and a floating tensor of
+    ``h`` finite logits. Shared by the datapath and the training attention."""
     if softcap is not None:
-        c = float(np.float32(softcap))
-        if not math.isfinite(c) or c <= 0:
+        if isinstance(softcap, bool) or not isinstance(softcap, int | float) \
+                or not math.isfinite(softcap) or softcap <= 0:
             raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
                              "(or None)")
+        softcap = float(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.numel() != h \
+                or not sinks.is_floating_point():
+            shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks)
+            raise ValueError(f"sinks of shape {shape} are not valid: accepted a floating "
+                             f"tensor of {h} logits, one per query head")
+        if not bool(torch.isfinite(sinks.detach()).all()):
+            raise ValueError("sinks are not valid: accepted finite logits (got inf or NaN)")
+    return softcap, sinks
+
+
+def _check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
+                  ) -> tuple[float | None, torch.Tensor | None]:
+    """:func:`check_extras`, then the soft cap as an fp32 value > 0 and the sinks as float32
+    (h,) logits."""
+    softcap, sinks = check_extras(softcap, sinks, h)
+    if softcap is not None:
+        c = float(np.float32(softcap))
+        if not math.isfinite(c) or c <= 0:  # beyond fp32's range, or below its smallest value
+            raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
+                             "in fp32 (or None)")
         softcap = c
     if sinks is not None:
-        sk = sinks.detach().reshape(-1).float()
-        if sk.numel() != h or not bool(torch.isfinite(sk).all()):
-            raise ValueError(f"sinks of shape {tuple(sinks.shape)} are not valid: accepted "
-                             f"{h} finite logits, one per head")
-        sinks = sk
+        sinks = sinks.detach().reshape(-1).float()
     return softcap, sinks
 
 

@@ -34,13 +34,13 @@ high-precision eager backward bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 
+from ..flash import check_extras
 from ..opkinds import EmulationError, Installer, OpKind
 from ..specs import AttentionSpec, GemmSpec, RecipeError
 from .autograd import GRAD_PROBES, is_sr, quantize_role, role_bits
@@ -149,27 +149,6 @@ class AttentionGrads(NamedTuple):
     dk: torch.Tensor
     dv: torch.Tensor
     dsinks: torch.Tensor | None
-
-
-def check_extras(softcap: float | None, sinks: torch.Tensor | None, h: int
-                 ) -> tuple[float | None, torch.Tensor | None]:
-    """The soft cap as a float > 0 and the sinks as (h,) logits, or a ValueError naming the
-    bad value and what is accepted."""
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float) \
-                or not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap={softcap!r} is not valid: accepted a finite number > 0 "
-                             "(or None)")
-        softcap = float(softcap)
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.numel() != h \
-                or not sinks.is_floating_point():
-            shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks)
-            raise ValueError(f"sinks of shape {shape} are not valid: accepted a floating "
-                             f"tensor of {h} logits, one per query head")
-        if not bool(torch.isfinite(sinks.detach()).all()):
-            raise ValueError("sinks are not valid: accepted finite logits (got inf or NaN)")
-    return softcap, sinks
 
 
 def attention_grads(spec: AttentionTrainingSpec, q: torch.Tensor, k: torch.Tensor,
