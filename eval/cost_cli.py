@@ -124,6 +124,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--name", default="searched", help="the found recipe's name")
+    s.add_argument("--detail", action="store_true",
+                   help="also print each group's candidate, cost in every candidate and "
+                   "sensitivities (written to groups.csv either way)")
     s.add_argument("--out", default="precisim-search", help="output directory")
     s.set_defaults(func=run_search_cmd)
 
@@ -341,6 +344,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     except (SearchError, RecipeError, LoadError, DataError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
     print(result.table())
+    if args.detail:
+        print("\n" + result.detail())
     paths = result.save(args.out)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -327,7 +327,9 @@ class SearchResult:
     ``path`` (predicted and, where evaluated, measured accuracy on the search set), the
     held-out ``verification`` rows (the recipe and each candidate applied uniformly), whether
     the recipe met the budget on the search set (``feasible``) and on the held-out tokens
-    (``verified``), and the wall time of each stage (``seconds``)."""
+    (``verified``), the wall time of each stage (``seconds``), and one row per group
+    (``groups``, :meth:`detail`): its candidate, its cost and its sensitivity in each
+    candidate."""
 
     problem: SearchProblem
     recipe: Recipe
@@ -342,6 +344,7 @@ class SearchResult:
     costs: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
     note: str = ("costs are modelled (docs/cost-perf.md), accuracies measured: search set for "
                  "the path, held-out tokens for the verification")
 
@@ -391,6 +394,28 @@ class SearchResult:
                 "\nevaluated points of the greedy path (search set):\n\n" +
                 render_table(evaluated, pcols))
 
+    def detail(self) -> str:
+        """Why each group got its candidate (``precisim search --detail``): per group, the
+        chosen candidate, the modelled cost of the group in each candidate (objective unit,
+        the same terms as the total: bits per weight of the whole model for ``bits``), the
+        group's sensitivity in each cheaper candidate (KL and delta ppl on the search set,
+        the other groups unquantized or in the most expensive candidate as
+        ``problem.against`` says; the most expensive candidate, where the path starts, has
+        none)."""
+        from .tables import render_table
+
+        labs = self.problem.labels()
+        cols = [("group", "group"), ("modules", "modules"), ("chosen", "chosen"),
+                ("cost", "cost", ".5g")]
+        cols += [(f"cost_{lab}", f"cost {lab}", ".5g") for lab in labs]
+        cols += [(f"{k}_{lab}", f"{k} {lab}", ".4g") for lab in labs
+                 for k in ("kl", "delta_ppl")
+                 if any(f"{k}_{lab}" in r for r in self.groups)]
+        o = self.problem.objective
+        return (f"per {self.problem.by} group: cost in {o.unit} (modelled), sensitivity alone "
+                f"on the search set (measured; rank by {self.problem.rank_by})\n\n"
+                + render_table(self.groups, cols))
+
     def acceptance_rule(self) -> str:
         """The rule that accepted points on the search set, in words (docs/cost-perf.md
         section 8, "acceptance")."""
@@ -429,7 +454,8 @@ class SearchResult:
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``recipe.yaml``, ``search.md``, ``search.csv`` (the whole path),
-        ``verification.csv``, ``sensitivity.csv`` and ``pareto.png``."""
+        ``verification.csv``, ``sensitivity.csv``, ``groups.csv`` (:meth:`detail`) and
+        ``pareto.png``."""
         from precisim.formats.files import write_atomic
 
         from .plots import pareto_plot
@@ -442,6 +468,8 @@ class SearchResult:
                  "path": write_table(self.path, out / "search.csv"),
                  "verification": write_table(self.verification, out / "verification.csv"),
                  "sensitivity": write_table(self.sensitivities, out / "sensitivity.csv")}
+        if self.groups:
+            paths["groups"] = write_table(self.groups, out / "groups.csv")
         m = self.problem.budget.metric
         pts = [{"label": p["label"], "cost": p["cost"], "y": p["measured"],
                 "y_low": p.get("measured_low"), "y_high": p.get("measured_high")}
@@ -785,9 +813,20 @@ def search(model: Any, tokenizer: Any, data: Any, problem: SearchProblem | None 
              "predicted_points": len(errs), "refine_rounds": refine_rounds,
              "mean_abs_error": sum(abs(e) for e in errs) / len(errs) if errs else None,
              "max_abs_error": max((abs(e) for e in errs), default=None)}
-    return SearchResult(p, chosen, dict(path[chosen_i]["assignment"]), path[chosen_i]["cost"],
+    final_assign = dict(path[chosen_i]["assignment"])
+    group_rows = []
+    for g, members in groups.items():
+        row: dict[str, Any] = {"group": g, "modules": len(members), "chosen": final_assign[g],
+                               "cost": cost_of({g: final_assign[g]})}
+        for lab in labels:
+            row[f"cost_{lab}"] = cost_of({g: lab})
+        for lab in order[1:]:
+            row[f"kl_{lab}"] = sens[lab][g]["kl"]
+            row[f"delta_ppl_{lab}"] = sens[lab][g]["delta_ppl"]
+        group_rows.append(row)
+    return SearchResult(p, chosen, final_assign, path[chosen_i]["cost"],
                         path_rows, ver, sens_rows, feasible, bool(verified), secs, all_costs,
-                        calibration=calib, cache=wcache.stats())
+                        calibration=calib, cache=wcache.stats(), groups=group_rows)
 
 
 def _all_costs(model: Any, recipe: Recipe, modules: Sequence[str]) -> dict[str, float]:

@@ -299,3 +299,49 @@ def test_search_problem_checks_the_new_knobs() -> None:
         SearchProblem(margin=-0.1)
     with pytest.raises(SearchError, match="max_backoff=-1"):
         SearchProblem(max_backoff=-1)
+
+
+def test_search_detail_explains_each_group(tiny_search) -> None:
+    """``SearchResult.groups`` / :meth:`detail`: one row per group with the chosen candidate
+    (the result's assignment), the group's cost in each candidate (summing to the chosen
+    cost and to each uniform recipe's cost) and its sensitivity rows in each cheaper one."""
+    _, r = tiny_search
+    labs = r.problem.labels()
+    assert [row["group"] for row in r.groups] == list(r.assignment)
+    assert all(row["chosen"] == r.assignment[row["group"]] for row in r.groups)
+    assert sum(row["cost"] for row in r.groups) == pytest.approx(r.cost, rel=1e-12)
+    for lab in labs:
+        total = sum(row[f"cost_{lab}"] for row in r.groups)
+        ver = next(v for v in r.verification if v["recipe"] == f"all-{lab}")
+        assert total == pytest.approx(ver["cost"], rel=1e-12)
+    sens = {(s["candidate"], s["group"]): s for s in r.sensitivities}
+    cheaper = {c for c, _ in sens}
+    assert len(cheaper) == len(labs) - 1
+    for row in r.groups:
+        for lab in cheaper:
+            assert row[f"kl_{lab}"] == sens[lab, row["group"]]["kl"]
+            assert row[f"delta_ppl_{lab}"] == sens[lab, row["group"]]["delta_ppl"]
+    text = r.detail()
+    assert text.startswith("per module group: cost in bits per weight (modelled)")
+    assert all(row["group"] in text for row in r.groups)
+
+
+def test_search_command_detail(tiny_checkpoint, tiny_text, tmp_path, capsys) -> None:
+    """``precisim search --detail`` on the tiny checkpoint: the search table, then the
+    per-group detail; groups.csv holds one row per group."""
+    import csv
+
+    data = tmp_path / "tiny.txt"
+    data.write_text(tiny_text * 2)
+    out = tmp_path / "out"
+    assert main(["search", "--model", tiny_checkpoint, "--data", str(data),
+                 "--candidates", "nvfp4,mxfp8", "--by", "op", "--budget", "kl:0.05",
+                 "--search-tokens", "128", "--heldout-tokens", "128", "--window", "64",
+                 "--bootstrap", "50", "--detail", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out verification" in text
+    assert "per op group: cost in bits per weight (modelled)" in text
+    with open(out / "groups.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"group", "chosen", "cost_nvfp4", "cost_mxfp8", "kl_nvfp4"} <= set(rows[0])
+    assert all(row["group"] in text for row in rows)
