@@ -468,3 +468,39 @@ def test_an_unknown_self_check_setting_is_an_error() -> None:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "PRECISIM_KERNEL_SELF_CHECK='yes'" in r.stderr and "'all'" in r.stderr
+
+
+@pytest.mark.parametrize("recipe", ["fp8-e4m3", "nvfp4", "deepseek-fp8"])
+def test_telemetry_is_unchanged_when_every_compiled_kernel_falls_back(
+        monkeypatch, fresh_kernels, recipe) -> None:
+    """Every compiled kernel (element and block quantization, the telemetry counters, the
+    matrix-unit chains) rejected by its first-use check and run eagerly: the emulated model's
+    logits and every telemetry record (elements, saturated, flushed per module and role) equal
+    an eager run's (docs/reproducibility.md section 9)."""
+    from precisim.emulation import Emulation, get_recipe
+    from test_training import _tiny_llama
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+
+    def run() -> tuple[torch.Tensor, list[tuple]]:
+        em = Emulation(model, get_recipe(recipe), warn=False)
+        with torch.no_grad(), em:
+            logits = model(ids * 1).logits
+        assert em.telemetry is not None
+        return logits, [(r["module"], r.get("role"), int(r["numel"]), int(r["saturated"]),
+                         int(r["flushed"])) for r in em.telemetry.records()]
+
+    set_backend("eager")
+    ref_logits, ref_tel = run()
+    set_backend("compile")
+    calls: list[str] = []
+    _corrupting_compile(monkeypatch, calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logits, tel = run()
+    st = kernels.self_check_stats()
+    assert calls and st["checked"] > 0 and st["failed"] == st["checked"]
+    assert torch.equal(logits, ref_logits)
+    assert tel == ref_tel
+    assert sum(t[3] + t[4] for t in ref_tel) > 0 or recipe == "deepseek-fp8"
