@@ -428,12 +428,16 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return (grad_out, *out[1:])
     if torch.is_grad_enabled() and isinstance(out, tuple) and out:
         # the high-precision backward of the model's own attention (docs/training.md s. 1)
+        # (sink logits, gpt-oss's s_aux, get theirs through the same recomputation)
+        from .training.attention import sink_args
         from .training.autograd import attach_attention_grad
 
         def ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return eager(module, q, k, v, attention_mask, *args, **kwargs)[0]
 
-        out = (attach_attention_grad(out[0], query, key, value, ref), *out[1:])
+        given = sink_args(kwargs)
+        sinks = kwargs[given[0]] if given else None
+        out = (attach_attention_grad(out[0], query, key, value, ref, sinks), *out[1:])
     return out
 
 
