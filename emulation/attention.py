@@ -45,7 +45,8 @@ from .precision import ieee_fp32
 from .recipe import AttentionSpec, GemmSpec, TensorSpec
 from .telemetry import Telemetry
 
-__all__ = ["chunkable", "chunked_attention", "is_standard_eager", "softmax_row_length"]
+__all__ = ["chunkable", "chunked_attention", "is_standard_eager", "kv_operand",
+           "softmax_row_length"]
 
 #: target size in bytes of one chunk of the score matrix (all heads)
 CHUNK_BYTES = 1 << 22
@@ -196,17 +197,26 @@ class _Repeated:
         self.telemetry.add(module, role, {k: v * self.groups for k, v in counts.items()})
 
 
-def _repeated_operand(x: torch.Tensor, groups: int, spec: TensorSpec | None,
-                      telemetry: Telemetry | None, where: tuple[str, str]) -> torch.Tensor:
-    """``repeat_kv(x, groups)`` quantized to ``spec`` (float32 values): the kv heads are
-    quantized once and then repeated where that is the same (:func:`_head_local`), with the
-    repeated tensor's telemetry counts."""
+def kv_operand(x: torch.Tensor, groups: int, spec: TensorSpec | None,
+               telemetry: Telemetry | None = None, where: tuple[str, str] = ("", "")
+               ) -> tuple[torch.Tensor, int]:
+    """``(values, g)``: ``repeat_kv(x, groups)`` quantized to ``spec`` (float32 values) is
+    ``repeat_kv(values, g)``. The kv heads are quantized once (``g = groups``) where that is
+    the same (:func:`_head_local`), with the repeated tensor's telemetry counts; otherwise
+    the repeated tensor is quantized (``g = 1``)."""
     if groups == 1 or not _head_local(spec):
         return quantize_operand(repeat_kv(x, groups), spec, telemetry=telemetry,
-                                where=where).values
+                                where=where).values, 1
     tel = None if telemetry is None else _Repeated(telemetry, groups)
-    return repeat_kv(quantize_operand(x, spec, telemetry=tel,  # type: ignore[arg-type]
-                                      where=where).values, groups)
+    return quantize_operand(x, spec, telemetry=tel,  # type: ignore[arg-type]
+                            where=where).values, groups
+
+
+def _repeated_operand(x: torch.Tensor, groups: int, spec: TensorSpec | None,
+                      telemetry: Telemetry | None, where: tuple[str, str]) -> torch.Tensor:
+    """``repeat_kv(x, groups)`` quantized to ``spec`` (float32 values): :func:`kv_operand`
+    repeated."""
+    return repeat_kv(*kv_operand(x, groups, spec, telemetry, where))
 
 
 @ieee_fp32

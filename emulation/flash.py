@@ -44,7 +44,7 @@ from precisim.formats import FloatFormat, FormatError, Overflow, Rounding, get_f
 from precisim.formats.registry import Registry, UnknownNameError
 
 from .functions import exact as ex
-from .functions.core import FN_DEFS, Fn, Rq, add_ro, check_format, div_ro, parse_enum, pow2_64, rq
+from .functions.core import FN_DEFS, Fn, Rq, add_ro, check_format, div_ro, parse_enum, rq
 from .functions.datapath import SpecBase, function_unit
 from .functions.reduction import Reduction
 from .functions.units import FunctionUnit
@@ -300,15 +300,72 @@ def _is_identity(g: GemmSpec | None) -> bool:
     return g is None or g.is_identity
 
 
+#: grouped-query attention per key/value head: K and V quantized once per kv head where that
+#: is bit-identical (:func:`~precisim.emulation.attention.kv_operand`) and the QK^T / PV GEMMs
+#: run per kv head with the rows of its query heads stacked (:func:`_gqa_matmul`). False: K
+#: and V repeated per query head before anything else (the previous behaviour;
+#: tests/test_flash_datapath.py compares the two bit for bit)
+GQA_PER_KV_HEAD = True
+
+
+def _groups(h: int, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Query heads per key/value head (a ValueError naming the shapes when they do not
+    match)."""
+    hk = k.shape[1]
+    if hk > 0 and h % hk == 0 and v.shape[1] == hk:
+        return h // hk
+    raise ValueError(f"k and v of shapes {tuple(k.shape)} and {tuple(v.shape)} are not valid "
+                     f"for {h} query heads: accepted the same number of key/value heads, a "
+                     "divisor of the query heads (grouped-query attention)")
+
+
 def _operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dp: AttentionDatapath
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V quantized once to the GEMMs' operand formats (float32)."""
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, int], tuple[torch.Tensor, int]]:
+    """Q, K, V quantized once to the GEMMs' operand formats (float32); K and V (b, h_kv, n,
+    d) with the groups each still stands for: ``(kq, gk)``, ``kq`` repeated ``gk`` times per
+    head is K repeated per query head and quantized (likewise V, returned as (b, h', n, dv))."""
+    from .attention import kv_operand, repeat_kv
+
     qk, pv = dp.qk, dp.pv
+    groups = _groups(q.shape[1], k, v)
+    if not GQA_PER_KV_HEAD:
+        k, v, groups = repeat_kv(k, groups), repeat_kv(v, groups), 1
     qq = quantize_operand(q, qk.input if qk is not None else None).values
-    kq = quantize_operand(k, qk.weight if qk is not None else None).values
-    vq = quantize_operand(v.transpose(-1, -2), pv.weight if pv is not None else None
-                          ).values.transpose(-1, -2)
-    return qq, kq, vq
+    kq = kv_operand(k, groups, qk.weight if qk is not None else None)
+    vq, gv = kv_operand(v.transpose(-1, -2), groups, pv.weight if pv is not None else None)
+    return qq, kq, (vq.transpose(-1, -2), gv)
+
+
+def _stackable(g: GemmSpec | None) -> bool:
+    """True when every output row of the GEMM ``g`` (operand formats removed) depends only on
+    its own row of the first operand: the fp32 product, or a matrix unit with deterministic
+    accumulation, and no output format (whose blocks or scale could span rows)."""
+    if g is None or g.is_identity:
+        return True
+    if g.output is not None:
+        return False
+    if g.unit is None:
+        return True
+    from .presets import get_unit
+
+    return get_unit(g.unit).acc_rounding is not Rounding.STOCHASTIC
+
+
+def _gqa_matmul(a: torch.Tensor, b: torch.Tensor, groups: int, g: GemmSpec | None,
+                unrounded: bool = False) -> torch.Tensor:
+    """:func:`_matmul` of ``a`` (B, h, R, K) and ``b`` (B, h / groups, N, K) repeated
+    ``groups`` times per head: per key/value head, the rows of its ``groups`` query heads
+    stacked into one (groups * R)-row product where the GEMM allows it (:func:`_stackable`),
+    else on the repeated ``b``; (B, h, R, N)."""
+    if groups == 1:
+        return _matmul(a, b, g, unrounded)
+    from .attention import repeat_kv
+
+    if not _stackable(g):
+        return _matmul(a, repeat_kv(b, groups), g, unrounded)
+    B, h, R, K = a.shape
+    y = _matmul(a.reshape(B, h // groups, groups * R, K), b, g, unrounded)
+    return y.reshape(B, h, R, y.shape[-1])
 
 
 def _gemm_no_operands(g: GemmSpec | None) -> GemmSpec | None:
@@ -551,18 +608,21 @@ def _is_cr_fp32_exp2(unit: FunctionUnit) -> bool:
 
 def _exp2_kernel(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """exp2 of float32 ``x32`` (any shape) rounded to fp32 as the unit's exact kernel does it
-    (:func:`~precisim.emulation.functions.core.cr_fast`): the float64 ``exp2`` (2^n exactly
-    for integers n) rounded by the float64 -> float32 conversion, which is the fp32 RNE
-    rounding with gradual underflow and overflow to inf (docs/arithmetic.md section 3.1), and
-    the mask of elements whose certified error interval straddles a rounding boundary."""
+    (:func:`~precisim.emulation.functions.core.cr_fast`): the float64 ``exp2`` rounded by the
+    float64 -> float32 conversion, which is the fp32 RNE rounding with gradual underflow and
+    overflow to inf (docs/arithmetic.md section 3.1), and the mask of elements whose certified
+    error interval (the :data:`~precisim.emulation.functions.core.FN_DEFS` guard, 2^-47
+    relative) straddles a rounding boundary. Integer arguments need no exact branch here (as
+    cr_fast has for any format): 2^n is an fp32 value or beyond fp32's range, at least 2^-25
+    (relative) away from every fp32 rounding boundary, except 2^-150, the midpoint between 0
+    and 2^-149, which is flagged hard and decided by the exact reference (measured: the
+    branch's float64 -> int64 conversion cost ~10% of the P kernel)."""
     d = FN_DEFS[Fn.EXP2]
     x = x32.double()
     xc = x.clamp(d.lo, d.hi)
-    n = xc.round()
-    exact = xc == n
-    v = torch.where(exact, pow2_64(n.clamp(-1000, 130)), torch.exp2(xc))
+    v = torch.exp2(xc)
     eps = d.guard(xc)
-    hard = ((v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()) & ~exact & torch.isfinite(x)
+    hard = ((v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()) & torch.isfinite(x)
     return v.float(), hard
 
 
@@ -573,35 +633,60 @@ def _p_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return _exp2_kernel(x)
 
 
-def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
-    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_kernel` compiled (from
-    2^12 elements on, self-checked), hard cases by the unit's exact reference. Bit for bit
-    the unit applied to ``where(live, t - mo, -inf)``."""
-    y, hard = _compiled(_p_kernel, ("flash-p-fp32",), t.numel(), t, mo)
+def _p_rows_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_p_kernel` with a float32 count of hard cases per row instead of the mask:
+    compiled, writing a bool mask costs more than the float64 exp2 itself (the P + cast +
+    counts kernel on one 9 x 1024 x 128 tile, one thread: 13.1 ns per score with the mask,
+    7.4 ns with per-row counts; docs/attention-datapath.md section 5)."""
+    y, hard = _p_kernel(t, mo)
+    return y, torch.where(hard, 1.0, 0.0).sum(-1)
+
+
+def _p_rows_exact(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
+    """P of a few rows (``t`` (n, keys), ``mo`` (n,)) for a unit of :func:`_is_cr_fp32_exp2`:
+    the eager :func:`_p_kernel`, its hard cases by the unit's exact reference."""
+    y, hard = _p_kernel(t, mo)
     if bool(hard.any()):
         idx = hard.nonzero(as_tuple=True)
-        x = (t - mo[..., None])[idx]
-        y = y.clone()
+        x = t[idx] - mo[idx[0]]  # fp32(t - mo) at the hard elements only
         y[idx] = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
                               dtype=torch.float32, device=y.device)
     return y
 
 
+def _flagged_rows(flags: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the rows whose hard-case count is not zero (one host sync)."""
+    return flags.reshape(-1).nonzero().reshape(-1)
+
+
+def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
+    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_rows_kernel` compiled
+    (from 2^12 elements on, self-checked), the rows that hold a hard case again by
+    :func:`_p_rows_exact`. Bit for bit the unit applied to ``where(live, t - mo, -inf)``."""
+    y, flags = _compiled(_p_rows_kernel, ("flash-p-rows",), t.numel(), t, mo)
+    bad = _flagged_rows(flags)
+    if bad.numel():
+        k = t.shape[-1]
+        y = y.reshape(-1, k)
+        y[bad] = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
+        y = y.reshape(t.shape)
+    return y
+
+
 def _p_cast_kernel_for(dt: torch.dtype, mx: float, pq64: bool = False):  # noqa: ANN202
     """The kernel of :func:`_p_fused_cast` for P's torch dtype ``dt`` with largest value ``mx``
-    (plain Python constants captured by the closure, not traced): :func:`_p_kernel`, then P's
-    saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry counts
-    (visible scores, P above ``mx``, P > 0 cast to 0, hard exp2 cases) in the same compiled
-    pass; ``pq64``: the cast P as float64 (the same values, for a float64 PV product)."""
+    (plain Python constants captured by the closure, not traced): :func:`_p_rows_kernel`, then
+    P's saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry counts
+    (visible scores, P above ``mx``, P > 0 cast to 0) in the same compiled pass; ``pq64``: the
+    cast P as float64 (the same values, for a float64 PV product)."""
     inf = math.inf
 
     def kernel(t: torch.Tensor, mo: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, hard = _p_kernel(t, mo)
+        y, flags = _p_rows_kernel(t, mo)
         pq = y.clamp(-mx, mx).to(dt).float()
-        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum(),
-                              hard.sum()])
-        return y, hard, pq.double() if pq64 else pq, counts
+        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum()])
+        return y, flags, pq.double() if pq64 else pq, counts
 
     return kernel
 
@@ -615,25 +700,26 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     """``(p, pq, (visible, saturated, flushed))`` of a tile for a unit of
     :func:`_is_cr_fp32_exp2` and a P format with a torch dtype (:func:`_torch_dtype`): P as
     :func:`_p_fused`, its cast as :func:`_p_caster` and the counts in one compiled kernel (from
-    2^12 elements on, self-checked bit for bit against its eager twin); hard exp2 cases by the
-    unit's exact reference, their cast and counts redone eagerly. One host sync for the counts
-    and one for the hard cases."""
+    2^12 elements on, self-checked bit for bit against its eager twin); the rows that hold a
+    hard exp2 case again by :func:`_p_rows_exact`, their cast and counts redone eagerly. One
+    host sync for the counts and one for the flagged rows."""
     dt = _torch_dtype(pel)
     assert dt is not None
     mx = float(pel.max)
     fn = _P_CAST_KERNELS.get((dt, pq64))
     if fn is None:
         fn = _P_CAST_KERNELS[dt, pq64] = _p_cast_kernel_for(dt, mx, pq64)
-    y, hard, pq, counts = _compiled(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t, mo)
-    n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
-    if n_hard:
-        idx = hard.nonzero(as_tuple=True)
-        x = t[idx] - mo[idx[:-1]]  # fp32(t - mo) at the hard elements only
-        y0 = y[idx]
-        y1 = torch.tensor([float(unit.reference(v)) for v in x.tolist()],
-                          dtype=torch.float32, device=y.device)
-        q0, q1 = pq[idx], y1.clamp(-mx, mx).to(dt).float()
-        y[idx], pq[idx] = y1, q1.to(pq.dtype)  # (fresh kernel outputs: fixed in place)
+    y, flags, pq, counts = _compiled(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t, mo)
+    n_vis, n_sat, n_fl = (int(c) for c in counts.tolist())
+    bad = _flagged_rows(flags)
+    if bad.numel():
+        k = t.shape[-1]
+        y, pq = y.reshape(-1, k), pq.reshape(-1, k)
+        y0, q0 = y[bad], pq[bad].float()
+        y1 = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
+        q1 = y1.clamp(-mx, mx).to(dt).float()
+        y[bad], pq[bad] = y1, q1.to(pq.dtype)
+        y, pq = y.reshape(t.shape), pq.reshape(t.shape)
         n_sat += int((y1 > mx).sum()) - int((y0 > mx).sum())
         n_fl += int(((q1 == 0) & (y1 > 0)).sum()) - int(((q0 == 0) & (y0 > 0)).sum())
     return y, pq, (n_vis, n_sat, n_fl)
@@ -812,8 +898,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None, scaling: float, dp: AttentionDatapath,
                     stats: FlashStats | None = None, *, softcap: float | None = None,
                     sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h, n_k, d), ``v`` (b, h, n_k, dv)
-    (heads already repeated for grouped-query attention) with ``mask`` (broadcastable to
+    """The datapath on ``q`` (b, h, n_q, d), ``k`` (b, h_kv, n_k, d), ``v`` (b, h_kv, n_k, dv)
+    (grouped-query attention: ``h_kv`` divides ``h``, query head ``i`` sees key/value head
+    ``i // (h / h_kv)``; the result is that of K and V repeated per query head, see
+    :data:`GQA_PER_KV_HEAD`) with ``mask`` (broadcastable to
     (b, h, n_q, n_k): additive (-inf or the dtype's minimum: masked; other values: a bias such
     as ALiBi), or boolean visible) and the softmax ``scaling``; float32 (b, h, n_q, dv).
     ``softcap``: Gemma-2's ``cap * tanh(scores / cap)``; ``sinks``: one logit per head in the
@@ -829,7 +917,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n_k, dv = k.shape[-2], v.shape[-1]
     vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
     softcap, sinks = _check_extras(softcap, sinks, h)
-    qq, kq, vq = _operands(q, k, v, dp)
+    (qq, (kq, gk), (vq, gv)) = _operands(q, k, v, dp)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = _scale_const(scaling)
     c32 = torch.tensor(c, dtype=torch.float32, device=q.device)
@@ -871,7 +959,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         rows = slice(r0, r1)
         plain = softcap is None and bias is None  # the scores kernel rounds S itself
-        s = _matmul(qq[:, :, rows], kq[:, :, j0:j1], gqk, unrounded=fast and plain)
+        s = _gqa_matmul(qq[:, :, rows], kq[:, :, j0:j1], gk, gqk, unrounded=fast and plain)
         vt = None if vis is None else vis[:, :, rows, j0:j1]
         if plain:
             t, tmax = _scores_max(s, c, vt)
@@ -890,7 +978,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             st.p_saturated += n_sat
             st.p_flushed += n_fl
             e2 = _unit32(dp.exp2, ax)
-            pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv, unrounded=True)
+            pv = _gqa_matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gv, gpv,
+                             unrounded=True)
             ell_new, acc_new, c2 = _compiled(kup, kup_key, p.numel(), ell[:, :, rows], e2,
                                              rescale, pq if quant_sum else p, acc[:, :, rows],
                                              pv)
@@ -960,7 +1049,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         st.row_sum_overflow += int(torch.count_nonzero(torch.isinf(ell_new)
                                                        & ~torch.isinf(ell_old)))
         ell[:, :, rows] = ell_new
-        pv = _matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gpv)
+        pv = _gqa_matmul(pq, vq[:, :, j0:j1].transpose(-1, -2), gv, gpv)
         acc_old = acc[:, :, rows]
         if acc32:  # float32: acc + PV is the exact sum rounded once where alpha = 1
             acc_new = acc_old + pv
@@ -1015,7 +1104,10 @@ def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n_k, dv = k.shape[-2], v.shape[-1]
     vis, bias = _mask_parts(mask, (b, h, n_q, n_k))
     softcap, sinks = _check_extras(softcap, sinks, h)
+    from .attention import repeat_kv
+
     qq, kq, vq = _operands(q, k, v, dp)
+    kq, vq = repeat_kv(*kq), repeat_kv(*vq)  # per query head (the fast path stacks rows)
     gqk, gpv = _gemm_no_operands(dp.qk), _gemm_no_operands(dp.pv)
     c = Fraction(_scale_const(scaling))
     r32: Rq = rq("fp32")

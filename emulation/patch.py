@@ -428,12 +428,16 @@ def _precisim_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return (grad_out, *out[1:])
     if torch.is_grad_enabled() and isinstance(out, tuple) and out:
         # the high-precision backward of the model's own attention (docs/training.md s. 1)
+        # (sink logits, gpt-oss's s_aux, get theirs through the same recomputation)
+        from .training.attention import sink_args
         from .training.autograd import attach_attention_grad
 
         def ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return eager(module, q, k, v, attention_mask, *args, **kwargs)[0]
 
-        out = (attach_attention_grad(out[0], query, key, value, ref), *out[1:])
+        given = sink_args(kwargs)
+        sinks = kwargs[given[0]] if given else None
+        out = (attach_attention_grad(out[0], query, key, value, ref, sinks), *out[1:])
     return out
 
 
@@ -483,11 +487,10 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
                         attention_mask: torch.Tensor | None, *args: Any,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The attention of ``module`` by the spec's :class:`~precisim.emulation.flash.
-    AttentionDatapath` (grouped-query heads repeated; the mask read as visible / masked, so
-    causal and sliding-window masks apply, its finite values as a bias; a ``softcap`` and
+    AttentionDatapath` (grouped-query heads per key/value head; the mask read as visible /
+    masked, so causal and sliding-window masks apply, its finite values as a bias; a ``softcap`` and
     sink logits ``s_aux`` from the model, docs/attention-datapath.md section 1); output
     (b, q, h, d) in the query's dtype."""
-    from .attention import repeat_kv
     from .flash import FlashStats, flash_attention
 
     scaling = kwargs.get("scaling", args[0] if args else None)
@@ -500,9 +503,7 @@ def _datapath_attention(st: _AttnState, module: nn.Module, query: torch.Tensor,
     changes = {k: g for k, g in (("qk", st.spec.qk), ("pv", st.spec.pv)) if g is not None}
     if changes:
         dp = dp.with_(**changes)
-    groups = getattr(module, "num_key_value_groups", 1)
-    k = repeat_kv(key, groups)
-    v = repeat_kv(value, groups)
+    k, v = key, value  # (b, h_kv, n, d): the datapath handles grouped-query heads itself
     mask = attention_mask
     if mask is not None:
         mask = mask[..., :k.shape[-2]]

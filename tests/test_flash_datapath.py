@@ -606,3 +606,137 @@ def test_mask_cache_follows_in_place_changes_and_views() -> None:
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert not torch.equal(got[0], got[1])
     assert flash._LAST_MASK[0] is not None
+
+
+#: datapaths of the GQA tests: fake quant (E4M3 K along head_dim, P cast element by element),
+#: K in MXFP8 blocks along head_dim with NVFP4 P (blocks of 16 along the keys), the fp32
+#: products, and QK / PV on the bit-exact h100-e4m3 unit
+_EXACT = {"input": "e4m3", "weight": "e4m3", "unit": "h100-e4m3"}
+GQA_CASES = {
+    "fa3-fp8": ("fa3-fp8", {}),
+    "mxfp8-k-nvfp4-p": ("fa3-fp8", {"qk": {"input": "mxfp8", "weight": "mxfp8"},
+                                    "p_format": "nvfp4", "max_offset": 2}),
+    "exact-online": ("exact-online", {}),
+    "fa3-fp8-bit-exact-unit": ("fa3-fp8", {"qk": _EXACT, "pv": _EXACT}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GQA_CASES))
+def test_gqa_per_kv_head_equals_repeated_heads(case: str) -> None:
+    """Grouped-query attention as SmolLM2 has it (9 query heads, 3 key/value heads, head_dim
+    64): K and V quantized once per kv head and the GEMMs per kv head with the query heads'
+    rows stacked give the output bits and the telemetry of K and V repeated per query head
+    (the previous behaviour), on a causal prefill over 3 tiles with a sink key and sink logits
+    and on a decode step; and of GQA_PER_KV_HEAD = False."""
+    from precisim.emulation import flash
+    from precisim.emulation.attention import repeat_kv
+
+    name, change = GQA_CASES[case]
+    dp = get_datapath(name).with_(tile=64, **change)
+    g = torch.Generator().manual_seed(7)
+    n = 150
+    q = torch.randn(2, 9, n, 64, generator=g)
+    k = torch.randn(2, 3, n, 64, generator=g) * 2.0 ** torch.randint(-3, 3, (2, 3, 1, 64),
+                                                                     generator=g)
+    v = torch.randn(2, 3, n, 64, generator=g)
+    k[:, :, 0] *= 8  # a sink key
+    sinks = torch.randn(9, generator=g)
+    calls = [(q, _causal(n, n), {}), (q[:, :, -1:], None, {"sinks": sinks}),
+             (q[:, :, 100:], _causal(50, n), {"sinks": sinks})]
+    for qq, mask, kw in calls:
+        res = []
+        for kk, vv, per_kv in ((k, v, True), (repeat_kv(k, 3), repeat_kv(v, 3), True),
+                               (k, v, False)):
+            st = FlashStats()
+            old = flash.GQA_PER_KV_HEAD
+            flash.GQA_PER_KV_HEAD = per_kv
+            try:
+                out = flash_attention(qq, kk, vv, mask, 0.125, dp, st, **kw)
+            finally:
+                flash.GQA_PER_KV_HEAD = old
+            res.append((out, st))
+        (a, sa), *rest = res
+        assert sa.p_numel > 0
+        for b, sb in rest:
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (case, kw)
+            assert sa == sb, (sa, sb)
+
+
+def test_gqa_fast_equals_reference_and_bad_heads() -> None:
+    """GQA (6 query heads on 2 key/value heads) through the fast path equals the step-by-step
+    reference (which repeats K and V per query head) bit for bit; key/value heads that do not
+    divide the query heads are refused with the shapes named."""
+    q, _, _ = _inputs(5, h=6, n_q=5, n_k=20)
+    _, k, v = _inputs(6, h=2, n_q=5, n_k=20)
+    for name in ("fa3-fp8", "exact-online"):
+        _same(q, k, v, _causal(5, 20), get_datapath(name).with_(tile=8))
+    with pytest.raises(ValueError, match=r"k and v of shapes \(1, 4, 20, 8\).*6 query heads"):
+        flash_attention(q, torch.zeros(1, 4, 20, 8), torch.zeros(1, 4, 20, 8), None, 0.3,
+                        get_datapath("fa3-fp8"))
+
+
+#: float32 exp2 arguments whose exact result lies within 2^-47 (relative) of an fp32 rounding
+#: tie (found by a search of 2^26 random arguments in [-30, 10] with _exp2_kernel's mask):
+#: the float64 exp2 cannot decide their rounding, the exact reference does
+HARD_X = ("-0x1.032d8ep+4", "-0x1.465b1cp+3", "-0x1.996c7p+1", "0x1.39a4e4p+3",
+          "-0x1.4cb638p+2", "0x1.7349c8p+2", "0x1.19a4e4p+3", "-0x1.c32d8ep+4")
+
+
+@pytest.mark.parametrize("pq64", [False, True])
+def test_p_kernels_on_hard_cases_ties_and_extremes(pq64: bool) -> None:
+    """The P kernels with per-row hard-case counts (_p_fused, _p_fused_cast: only the flagged
+    rows are redone with the exact reference) equal the exp2 unit applied element by element
+    (its own kernel and fallback, the slow path), then the cast, bit for bit with equal counts,
+    eager and compiled, on rows holding real hard cases (arguments next to an fp32 rounding
+    tie, checked to be flagged), integer arguments (2^-150: the tie between 0 and 2^-149;
+    2^128: overflow), -inf scores, huge negative and +inf arguments and a fully masked row,
+    among ordinary rows, with running maxima 0, -8 and 3.5."""
+    from precisim.emulation import flash
+    from precisim.emulation.functions import get_function_unit
+    from precisim.formats import get_format, kernels
+
+    u = get_function_unit("exp2-exact")
+    f = get_format("e4m3")
+    g = torch.Generator().manual_seed(5)
+    t = (torch.rand(64, 128, generator=g, dtype=torch.float64) * 52 - 40).float()
+    hard_rows = [3, 17, 40]
+    for i, r in enumerate(hard_rows):
+        t[r, 5 * i:5 * i + len(HARD_X)] = torch.tensor([float.fromhex(h) for h in HARD_X])
+    t[5, :12] = torch.tensor([-150.0, -149.0, -151.0, -149.5, 0.0, -0.0, 127.0, 128.0, 129.0,
+                              -126.0, 8.0, 9.0])
+    t[7, ::3] = -math.inf
+    t[9, :4] = torch.tensor([-1e30, -3e38, math.inf, -1000.5])
+    t[11] = -math.inf
+    mo = torch.zeros(64)
+    mo[40:50] = -8.0
+    mo[50:] = 3.5
+    _, flags = flash._p_rows_kernel(t, mo)
+    assert bool((flags[hard_rows[:2]] > 0).all()) and int(flags.sum()) >= 2 * len(HARD_X)
+    x = torch.where(t == -math.inf, -math.inf, t - mo[:, None])
+    want_p = u(x)
+    want_q = flash._p_caster(f)(want_p)
+    mx = float(f.max)
+    want_c = (int((t != -math.inf).sum()), int((want_p > mx).sum()),
+              int(((want_q == 0) & (want_p > 0)).sum()))
+    assert want_c[1] > 0 and want_c[2] > 0
+    real = flash._exp2_kernel
+
+    def poisoned(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, hard = real(v)  # the hard cases' P one step off until the exact reference redoes it
+        return torch.where(hard, torch.nextafter(y, torch.full_like(y, math.inf)), y), hard
+
+    for backend, poison in (("eager", False), ("compile", False), ("eager", True)):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            if poison:
+                flash._exp2_kernel = poisoned
+            p1 = flash._p_fused(u, t, mo)
+            p2, q2, c2 = flash._p_fused_cast(u, f, t, mo, pq64)
+        finally:
+            flash._exp2_kernel = real
+            kernels.set_backend(old)
+        for p in (p1, p2):
+            assert torch.equal(p.view(torch.int32), want_p.view(torch.int32)), backend
+        assert torch.equal(q2.float().view(torch.int32), want_q.view(torch.int32)), backend
+        assert c2 == want_c, backend

@@ -138,6 +138,34 @@ def test_direct_call_matches_standard_on_gqa_shapes() -> None:
     assert (out - ref).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("name", ["fa3-fp8", "exact-online"])
+def test_gqa_per_kv_head_in_a_model_is_unchanged(name: str) -> None:
+    """A SmolLM2-shaped GQA model (9 query heads on 3 key/value heads) under a datapath
+    recipe, prefill then decode: the logits and every telemetry record are those of K and V
+    repeated per query head (flash.GQA_PER_KV_HEAD = False, the previous behaviour)."""
+    from precisim.emulation import flash
+
+    model = _model(hidden_size=144, num_attention_heads=9, num_key_value_heads=3)
+    r = Recipe.from_dict({"name": "x", "attention": {"datapath": {"base": name, "tile": 16}}})
+    res = []
+    for per_kv in (True, False):
+        old = flash.GQA_PER_KV_HEAD
+        flash.GQA_PER_KV_HEAD = per_kv
+        try:
+            with emulate(model, r) as em, torch.no_grad():
+                out = model(IDS[:, :30], use_cache=True)
+                step = model(IDS[:, 30:31], past_key_values=out.past_key_values).logits
+                recs = sorted((t["module"], t["role"], tuple(sorted(
+                    (k, float(v)) for k, v in t.items() if isinstance(v, int | float))))
+                    for t in em.telemetry.records())
+        finally:
+            flash.GQA_PER_KV_HEAD = old
+        res.append((out.logits, step, recs))
+    (a, sa, ra), (b, sb, rb) = res
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert ra == rb and any(t[1] == "p" for t in ra)
+
+
 def test_backward_through_a_datapath_recipe() -> None:
     """loss.backward() under a datapath recipe: the forward is the datapath's, the gradient
     the high-precision backward of the eager attention recomputed on the unquantized q, k, v

@@ -194,6 +194,82 @@ def test_models_with_softcap_sinks_and_window_train(kind):
     assert any(not torch.equal(got[n], ref[n]) for n in ref if "q_proj" in n)
 
 
+def _eager32_sinks(sinks: torch.Tensor, mask: torch.Tensor, scaling: float):  # noqa: ANN202
+    """An fp32 eager attention with gpt-oss's sinks as the model writes it: it reads the sinks
+    tensor itself (not an argument), subtracts the row max of ``[scores, sink]``, and drops the
+    sink column after the softmax; (b, q, h, d)."""
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g = q.shape[1] // k.shape[1]
+        kr, vr = (t.repeat_interleave(g, dim=1) for t in (k, v))
+        s = q @ kr.transpose(-1, -2) * scaling + mask
+        col = sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+        full = torch.cat([s, col], -1)
+        p = torch.softmax(full - full.amax(-1, keepdim=True), -1)[..., :-1]
+        return (p @ vr).transpose(1, 2)
+
+    return fn
+
+
+def test_high_precision_attention_grad_gives_the_sinks_gradient():
+    """The high-precision backward of the attention op kind (AttentionGrad, no train_attention:
+    autograd of the model's eager attention recomputed on the unquantized q, k, v) gives the
+    sinks their gradient (before, their .grad stayed None): dQ, dK, dV and dsinks equal
+    float64 autograd of the plain eager formula with a sink column within fp32 tolerance
+    (_close), and equal the GEMM-level backward of train_attention with every role high
+    (attention_grads, dS_sink = -sum P_sink * rowsum(dP * P) in fp32) within the same
+    tolerance."""
+    from precisim.emulation.training.autograd import attach_attention_grad
+
+    q, k, v, mask, d_out, sinks = _inputs(sinks=True)
+    scaling = 32 ** -0.5
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    fn = _eager32_sinks(leaves[3], mask, scaling)
+    out = fn(*leaves[:3]).detach() + 0.25  # the emulated forward's value is not used
+    y = attach_attention_grad(out, *leaves[:3], fn, leaves[3])
+    assert torch.equal(y, out)
+    (y * d_out).sum().backward()
+    got = [t.grad for t in leaves]
+    assert all(g is not None for g in got)
+    ref = _autograd64(q, k, v, mask, scaling, None, sinks, d_out)
+    emu = attention_grads(HIGH, q, k, v, mask, scaling, d_out, name="a", sinks=sinks)
+    for name, g, r, e in zip(("dq", "dk", "dv", "dsinks"), got, ref, emu):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        assert _close(g, r), (name, float((g.double() - r).abs().max()))
+        assert _close(g, e.double()), (name, float((g - e).abs().max()))
+    assert float(got[3].abs().min()) > 1e-3  # every head's sink gradient is in play
+    # only the sinks need a gradient: they get it, q, k, v none
+    sk = sinks.clone().requires_grad_()
+    y = attach_attention_grad(out, q, k, v, _eager32_sinks(sk, mask, scaling), sk)
+    (y * d_out).sum().backward()
+    assert torch.equal(sk.grad, got[3])
+
+
+@pytest.mark.parametrize("attention", [{"qk": "fp32", "pv": "fp32"},
+                                       {"datapath": "exact-online"}, {"qk": "mxfp8",
+                                                                      "pv": "mxfp8"}])
+def test_gpt_oss_sinks_train_under_inference_attention_recipes(attention):
+    """Tiny gpt-oss (sinks, sliding window 8) under the attention op kind (no train_attention):
+    the sinks get their gradient through the high-precision backward, bit-identical to plain
+    PyTorch's under fp32 QK/PV (every parameter), within rtol 1e-4 / atol 1e-6 under the
+    full-precision datapath (its forward differs in the last bits), and close (cosine >
+    0.99) under MXFP8 QK/PV."""
+    model = _tiny("gpt_oss")
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = _grads(model, None, ids)
+    got = _grads(model, Recipe("a", attention=attention), ids)
+    assert set(got) == set(ref)
+    sink_names = [n for n in ref if n.endswith("sinks")]
+    assert len(sink_names) == 2
+    for n, g in ref.items():
+        if attention.get("qk") == "fp32":
+            assert torch.equal(got[n], g), n
+        elif "datapath" in attention:
+            assert torch.allclose(got[n], g, rtol=1e-4, atol=1e-6), n
+    for n in sink_names:
+        cos = torch.nn.functional.cosine_similarity(got[n], ref[n], 0)
+        assert cos > 0.99, (n, float(cos))
+
+
 class _Attn(torch.nn.Module):
     training = False
 

@@ -48,12 +48,12 @@ from .roles import check_blocks, is_high, parse_gemm_roles
 
 __all__ = ["ATTN_GEMMS", "TRAIN_ATTENTION", "AttentionGrads", "AttentionTrainGrad",
            "AttentionTrainingSpec", "attach_attention_train_grad", "attention_backward",
-           "attention_grads"]
+           "attention_grads", "SINK_ARGS", "sink_args"]
 
 ATTN_GEMMS = ("dq", "dk", "dp", "dv")
 _UNSET: Any = object()
 #: attention-function arguments that carry sink logits (gpt-oss passes ``s_aux``)
-_SINK_ARGS = ("s_aux", "sinks")
+SINK_ARGS = ("s_aux", "sinks")
 #: stands for a sequence axis in install-time block checks (its partial last block is padded)
 _ANY = 1 << 20
 
@@ -237,6 +237,12 @@ class AttentionTrainGrad(torch.autograd.Function):
         return (None, *(t if n else None for t, n in zip(g, need)), None)
 
 
+def sink_args(kwargs: dict) -> list[str]:
+    """The names of the attention call's arguments that carry sink logits (of
+    :data:`SINK_ARGS`, in that order)."""
+    return [a for a in SINK_ARGS if kwargs.get(a) is not None]
+
+
 def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, module: torch.nn.Module,
                                 mask: torch.Tensor | None, args: tuple, kwargs: dict,
@@ -244,7 +250,7 @@ def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                 ) -> torch.Tensor:
     """``out`` with :class:`AttentionTrainGrad`'s backward when autograd needs one; raises
     :class:`EmulationError` for an attention call the GEMM-level backward does not model."""
-    given = [a for a in _SINK_ARGS if kwargs.get(a) is not None]
+    given = sink_args(kwargs)
     sinks = kwargs[given[0]] if given else None
     leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
     if not torch.is_grad_enabled() or not any(
@@ -262,7 +268,7 @@ def attach_attention_train_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             "'attention' op kind (high-precision backward) here")
     if len(given) > 1:
         raise EmulationError(f"{name}: train_attention got sink logits twice ({given[0]!r} "
-                             f"and {given[1]!r}): accepted one of {', '.join(_SINK_ARGS)}")
+                             f"and {given[1]!r}): accepted one of {', '.join(SINK_ARGS)}")
     if window is not None and mask is None:
         raise EmulationError(f"{name}: train_attention got sliding_window={window!r} without "
                              "an attention mask: the window is read from the mask (as the "

@@ -310,36 +310,50 @@ def check_layer(name: str, module: nn.Module, spec: TrainingSpec, transposed: bo
 
 
 class AttentionGrad(torch.autograd.Function):
-    """``AttentionGrad.apply(out, q, k, v, fn)``: the emulated attention output ``out`` with
-    the high-precision backward of ``fn(q, k, v)`` (the model's own eager attention, recomputed
-    on the unquantized q, k, v: straight through the emulated matmuls and KV-cache rounding)."""
+    """``AttentionGrad.apply(out, q, k, v, sinks, fn)``: the emulated attention output ``out``
+    with the high-precision backward of ``fn(q, k, v)`` (the model's own eager attention,
+    recomputed on the unquantized q, k, v: straight through the emulated matmuls and KV-cache
+    rounding). ``sinks``: the sink logits the call passed (gpt-oss's ``s_aux``) or None; their
+    gradient is autograd's through the same recomputation (the eager softmax over
+    ``[scores, sink]``: ``-sum_(b, q) P_sink * rowsum(dP * P)``, docs/training.md section 1),
+    so it reaches the sinks parameter as in plain PyTorch."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                fn: Any) -> torch.Tensor:
+                sinks: torch.Tensor | None, fn: Any) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
+        # the tensor itself (not detached, not saved): fn's graph reaches it (the eager
+        # attention reads it, or the module parameter it is), and its gradient is taken there
+        ctx.sinks = sinks
         ctx.fn = fn
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
         q, k, v = ctx.saved_tensors
-        need = ctx.needs_input_grad[1:4]
+        need = ctx.needs_input_grad[1:5]
         with torch.enable_grad():
-            ins = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need)]
+            ins = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need[:3])]
             ref = ctx.fn(*ins)
-            wanted = [t for t, n in zip(ins, need) if n]
-            got = list(torch.autograd.grad(ref, wanted, gy)) if wanted else []
+            wanted = [t for t, n in zip((*ins, ctx.sinks), need) if n]
+            # (allow_unused: an eager function that ignores the sinks gives them no gradient)
+            got = list(torch.autograd.grad(ref, wanted, gy, allow_unused=True)) if wanted \
+                else []
         grads = [got.pop(0) if n else None for n in need]
         return (None, *grads, None)
 
 
 def attach_attention_grad(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, fn: Any) -> torch.Tensor:
-    """``out`` with :class:`AttentionGrad`'s backward when autograd needs one."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+                          v: torch.Tensor, fn: Any, sinks: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """``out`` with :class:`AttentionGrad`'s backward when autograd needs one (``sinks``: the
+    call's sink logits, or None)."""
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        sinks = None
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in leaves):
         return out
-    return AttentionGrad.apply(out.detach(), q, k, v, fn)
+    return AttentionGrad.apply(out.detach(), q, k, v, sinks, fn)
 
 
 class StraightThrough(torch.autograd.Function):
