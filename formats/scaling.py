@@ -458,26 +458,38 @@ def quantize_scaled(
             # kernel (_floor_events); other rules: a kernel of its own over the results
             # (_pow2_events; fused into this one it ran slower)
             in_kernel = counted and _floor_events_apply(f, bshape)
-            ec = _floor_event_consts(f) if in_kernel else None
+            fec = _floor_event_consts(f) if in_kernel else None
 
-            def fused_fn(xf, b):
-                # the values twice, as float32 (the block maxima) and as their int32 bits
-                # (the rounding): compiled CPU code bitcasts a vector through the stack
-                amax = _block_amax_bits(xf, red_dims)
-                k = pow2_scale_exponent(amax, consts, rule)
-                nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
-                out = round_bits_nearest(b, torch.where(nan_block, 0, k), p.nearest_scaled,
-                                         Overflow.SATURATE)
-                out = torch.where(nan_block, F32_NAN, out)
-                if in_kernel:
-                    return out, k, _floor_events(b, k, amax, red_dims, ec)
-                return (out, k, amax) if counted else (out, k)
+            c = p.nearest_scaled
+
+            def fused(lead: bool):
+                def fused_fn(xf, b):
+                    # the values twice, as float32 (the block maxima) and as their int32 bits
+                    # (the rounding): compiled CPU code bitcasts a vector through the stack
+                    amax = _block_amax_bits(xf, red_dims)
+                    k = pow2_scale_exponent(amax, consts, rule)
+                    nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
+                    out = round_bits_nearest(b, torch.where(nan_block, 0, k), c,
+                                             Overflow.SATURATE, subnormal_lead=lead)
+                    out = torch.where(nan_block, F32_NAN, out)
+                    outs = (out, k, _floor_events(b, k, amax, red_dims, fec)) if in_kernel \
+                        else (out, k, amax) if counted else (out, k)
+                    if lead:
+                        return outs
+                    # a non-zero block below k_no_lead: the step needs the subnormal lead
+                    return (*outs, ((k < c.k_no_lead) & (amax != 0)).any())
+                return fused_fn
 
             key = ("mx_fused", p, consts, rule, red_dims, counted,
                    _events_key(f) if in_kernel else None)
             xs = _static_block(xb, f.granularity)
             xi = _static_block(xs.view(torch.int32), f.granularity)
-            outs = kernels.run(fused_fn, key, xb.numel(), xs, xi)
+            # first without the subnormal-lead term (every block a model gives has
+            # k >= -126 - emin); again with it when a block is tinier (a non-zero block
+            # whose amax is below 2^(emax - emin - 126), FLOOR)
+            *outs, tiny = kernels.run(fused(False), (*key, False), xb.numel(), xs, xi)
+            if bool(tiny):
+                outs = kernels.run(fused(True), (*key, True), xb.numel(), xs, xi)
             if counted and not in_kernel:
                 q = _static_block(outs[0].view(torch.float32), f.granularity)
                 ec = _event_consts(f)
