@@ -454,22 +454,43 @@ def quantize_scaled(
         if (rnd is Rounding.NEAREST_EVEN and not flush_in and rand is None
                 and p.nearest_scaled is not None):
             # one pass: block amax, scale and elements in one compiled kernel
-            def fused_fn(xf, b):
-                # the values twice, as float32 (the block maxima) and as their int32 bits
-                # (the rounding): compiled CPU code bitcasts a vector through the stack
-                amax = _block_amax_bits(xf, red_dims)
-                k = pow2_scale_exponent(amax, consts, rule)
-                nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
-                out = round_bits_nearest(b, torch.where(nan_block, 0, k), p.nearest_scaled,
-                                         Overflow.SATURATE)
-                out = torch.where(nan_block, F32_NAN, out)
-                return (out, k, amax) if counted else (out, k)
+            # FLOOR scales: the events from the input bits and the block exponents, in this
+            # kernel (_floor_events); other rules: a kernel of its own over the results
+            # (_pow2_events; fused into this one it ran slower)
+            in_kernel = counted and _floor_events_apply(f, bshape)
+            fec = _floor_event_consts(f) if in_kernel else None
 
-            key = ("mx_fused", p, consts, rule, red_dims, counted)
+            c = p.nearest_scaled
+
+            def fused(lead: bool):
+                def fused_fn(xf, b):
+                    # the values twice, as float32 (the block maxima) and as their int32 bits
+                    # (the rounding): compiled CPU code bitcasts a vector through the stack
+                    amax = _block_amax_bits(xf, red_dims)
+                    k = pow2_scale_exponent(amax, consts, rule)
+                    nan_block = k == 255  # else -127 <= k <= 128 - emax, as the fast path needs
+                    out = round_bits_nearest(b, torch.where(nan_block, 0, k), c,
+                                             Overflow.SATURATE, subnormal_lead=lead)
+                    out = torch.where(nan_block, F32_NAN, out)
+                    outs = (out, k, _floor_events(b, k, amax, red_dims, fec)) if in_kernel \
+                        else (out, k, amax) if counted else (out, k)
+                    if lead:
+                        return outs
+                    # a non-zero block below k_no_lead: the step needs the subnormal lead
+                    return (*outs, ((k < c.k_no_lead) & (amax != 0)).any())
+                return fused_fn
+
+            key = ("mx_fused", p, consts, rule, red_dims, counted,
+                   _events_key(f) if in_kernel else None)
             xs = _static_block(xb, f.granularity)
             xi = _static_block(xs.view(torch.int32), f.granularity)
-            outs = kernels.run(fused_fn, key, xb.numel(), xs, xi)
-            if counted:  # (a kernel of its own: fused into the one above it runs slower)
+            # first without the subnormal-lead term (every block a model gives has
+            # k >= -126 - emin); again with it when a block is tinier (a non-zero block
+            # whose amax is below 2^(emax - emin - 126), FLOOR)
+            *outs, tiny = kernels.run(fused(False), (*key, False), xb.numel(), xs, xi)
+            if bool(tiny):
+                outs = kernels.run(fused(True), (*key, True), xb.numel(), xs, xi)
+            if counted and not in_kernel:
                 q = _static_block(outs[0].view(torch.float32), f.granularity)
                 ec = _event_consts(f)
                 ev = kernels.run(lambda xf, qf, kk, a: _pow2_events(xf, qf, kk, a, f, ec),
@@ -642,12 +663,77 @@ def _pow2_events(xf: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     inv = torch.where(kk == 127, 0x400000, (127 - kk) << 23).view(torch.float32)  # 2^-k
     at_max = (q.abs() * inv) >= consts[0]
     ev = element_events(xf, q, at_max, consts[1])
-    if f.scale == E8M0:
-        nonzero = (amax_bits != 0) & (amax_bits <= kernels.F32_INF)
-        clamped = count(((k == -127) | (k == 255)) & nonzero)
-    else:  # fp32 scales: no format limit short of fp32's own
-        clamped = torch.zeros((), dtype=torch.int64, device=xf.device)
-    return torch.cat([ev, clamped.reshape(1)])
+    return torch.cat([ev, _pow2_scale_clamps(k, amax_bits, f.scale == E8M0).reshape(1)])
+
+
+def _pow2_scale_clamps(k: torch.Tensor, amax_bits: torch.Tensor, e8m0: bool) -> torch.Tensor:
+    """Blocks whose E8M0 scale is clamped: code 0 (k = -127) or 0xFF (NaN) in a block whose
+    amax is non-zero and not NaN (int64 0-d; 0 for fp32 scales, ``e8m0`` False, which have no
+    format limit short of fp32's own)."""
+    if not e8m0:
+        return torch.zeros((), dtype=torch.int64, device=k.device)
+    nonzero = (amax_bits != 0) & (amax_bits <= kernels.F32_INF)
+    return count(((k == -127) | (k == 255)) & nonzero)
+
+
+def _floor_events_apply(f: ScaledFormat, bshape: tuple[int, ...]) -> bool:
+    """Whether :func:`_floor_events` counts the events of ``f`` (with the fused
+    round-to-nearest-even kernel): FLOOR scales (k <= 127 - emax, so the element grid's
+    maximum and overflow threshold times 2^k are float32 normals) and blocks of fewer than
+    2^24 elements (its per-block float32 sums are exact)."""
+    return f.rule is ScaleRule.FLOOR and isinstance(f.element, FloatFormat) \
+        and math.prod(bshape) < 2**24
+
+
+@lru_cache(maxsize=256)
+def _floor_event_consts(f: ScaledFormat) -> tuple[int, int, bool]:
+    """``(flush exponent, overflow-threshold bits, E8M0 scales)`` of :func:`_floor_events`:
+    an element of a block with scale 2^k becomes 0 iff its magnitude is at most
+    2^(k + flush exponent) (half the smallest subnormal, emin - m - 1: the tie rounds to the
+    even 0), and is counted saturated iff its magnitude exceeds 2^k times the float32 value
+    the definition compares with, fl32(elem_max * fl32(overflow ratio))
+    (:func:`~precisim.formats.events.element_events`; computed here as torch computes it,
+    whose float32 bits are returned)."""
+    e = f.element
+    assert isinstance(e, FloatFormat)
+    t = torch.tensor(float(e.max), dtype=torch.float32) * overflow_ratio(e)
+    return e.emin - e.man_bits - 1, int(t.view(torch.int32)), f.scale == E8M0
+
+
+def _floor_events(b: torch.Tensor, k: torch.Tensor, amax_bits: torch.Tensor,
+                  red_dims: tuple[int, ...], consts: tuple[int, int, bool]) -> torch.Tensor:
+    """``[flushed, nonfinite, saturated, scale_clamped]`` of a FLOOR-scaled
+    round-to-nearest-even block quantization from the input's float32 bits ``b`` and the block
+    exponents ``k`` alone, traced into the quantization kernel (no pass over the results): the
+    counts of :func:`_pow2_events` (docs/arithmetic.md section 3.6), bit for bit.
+
+    With FLOOR, k <= 127 - emax for a finite amax, so a non-NaN block (k != 255) has finite
+    elements and finite results: nothing is ``nonfinite``; an element is ``flushed`` iff
+    0 < |x| <= 2^(k + emin - m - 1) (round to nearest even: the tie gives the even 0); it is
+    ``saturated`` (at elem_max * 2^k with |x| > that times the overflow ratio) iff
+    |x| > fl32(elem_max * ratio) * 2^k (beyond that threshold the element rounds to, or is
+    clamped at, elem_max; at or below it the definition's comparison fails). Both thresholds
+    are float32 bit patterns (2^(k + emin - m - 1) >= 2^-149; the overflow threshold times
+    2^k is a normal), compared with the magnitude bits. In a NaN block (k = 255) every element
+    becomes NaN: its finite elements are ``nonfinite`` and none is flushed or saturated. The
+    saturated and nonfinite elements share one per-block count (each block holds only one
+    kind), split by block afterwards."""
+    flush_exp, thr_bits, e8m0 = consts
+    nan_block = k == 255
+    kk = torch.where(nan_block, 0, k)
+    e = kk + flush_exp  # >= -149: the threshold is a float32 subnormal or normal
+    flush = torch.where(e >= -126, (e + 127) << 23,
+                        torch.ones_like(e) << torch.clamp(e + 149, 0, 22))
+    flush = torch.where(nan_block, -1, flush)
+    mag = b & 0x7FFFFFFF
+    flushed = count((mag != 0) & (mag <= flush))
+    # beyond the threshold (normal blocks: saturated), finite (NaN blocks: nonfinite)
+    over = torch.where(nan_block, kernels.F32_INF - 1, kk * (1 << 23) + thr_bits)
+    per_block = ((mag > over) != nan_block).float().sum(dim=red_dims, keepdim=True)
+    saturated = torch.where(nan_block, 0.0, per_block).double().sum().to(torch.int64)
+    nonfinite = torch.where(nan_block, per_block, 0.0).double().sum().to(torch.int64)
+    return torch.stack([flushed, nonfinite, saturated,
+                        _pow2_scale_clamps(k, amax_bits, e8m0)])
 
 
 def _float_events(xf: torch.Tensor, deq: torch.Tensor, q: torch.Tensor, bs: torch.Tensor,

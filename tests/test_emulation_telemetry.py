@@ -146,3 +146,77 @@ def test_e8m0_scale_clamps_known_answers(backend: str) -> None:
         assert int(ref["scale_clamped"]) == 2 * n
     finally:
         set_backend(old)
+
+
+def _next(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The float32 neighbour of each positive ``x`` (d = +1 up, -1 down)."""
+    return (x.view(torch.int32) + d).view(torch.float32)
+
+
+def _floor_edges(name: str) -> torch.Tensor:
+    """Blocks of 32 at the thresholds of :func:`precisim.formats.scaling._floor_events` for
+    every scale from 2^-127 to the largest FLOOR gives: the flush threshold 2^(k + emin - m - 1)
+    and the overflow threshold fl32(max * ratio) * 2^k, each with its float32 neighbours and
+    signs, max * 2^k, zeros, float32 subnormals; and blocks holding NaN or inf."""
+    from precisim.formats.events import overflow_ratio
+
+    e = get_scaled_format(name).element
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for k in range(-127, 128 - e.emax):
+        s = 2.0 ** k
+        top = torch.tensor(float(e.max), dtype=torch.float32) * overflow_ratio(e)
+        thr = top * s
+        tiny = torch.tensor(2.0 ** (k + e.emin - e.man_bits - 1), dtype=torch.float32)
+        amax = _next(torch.tensor(2.0 ** (k + e.emax + 1), dtype=torch.float32), -1)
+        vals = [amax, thr, _next(thr, 1), _next(thr, -1), torch.tensor(float(e.max) * s),
+                tiny, _next(tiny, 1), _next(tiny, -1), torch.tensor(0.0),
+                torch.tensor(1e-45), torch.tensor(2.0 ** -126)]
+        row = torch.stack([v.float() for v in vals])
+        row = torch.cat([row, -row[1:8]])
+        fill = torch.rand(32 - len(row), generator=g) * float(amax)
+        rows.append(torch.cat([row, fill])[torch.randperm(32, generator=g)])
+    x = torch.stack(rows)
+    odd = x[:4].clone()
+    odd[0, 3], odd[1, 5], odd[2] = math.nan, math.inf, -math.inf
+    odd[3, 7] = 3.4e38  # FLOOR's largest scale next to small elements
+    return torch.cat([x, odd]).repeat(64, 1)  # past the compile threshold
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+@pytest.mark.parametrize("name", ["mxfp8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4"])
+def test_floor_events_from_block_exponents_equal_the_kernel_over_results(
+        name: str, backend: str) -> None:
+    """The events of a FLOOR round-to-nearest-even quantization counted in its kernel from the
+    input bits and the block exponents (_floor_events) equal those of the kernel over the
+    quantized results (_pow2_events, used before and for the other rules) and the
+    definition, at every threshold's float32 neighbours for every scale, in NaN/inf blocks and
+    on the adversarial data."""
+    from precisim.formats.scaling import (
+        _block_amax_bits,
+        _event_consts,
+        _pow2_events,
+        events_of_parts,
+    )
+
+    f = get_scaled_format(name)
+    old = get_backend()
+    set_backend(backend)
+    try:
+        for x in (_floor_edges(name), _adversarial(1 << 16, 4)):
+            ev: dict[str, torch.Tensor] = {}
+            deq = quantize_scaled(x, f, events=ev)
+            st = quantize_scaled(x, f, return_parts=True)
+            assert torch.equal(deq.view(torch.int32), st.dequantized.view(torch.int32))
+            xb = x.reshape(-1, 32)
+            codes = st.scales.reshape(-1, 1).to(torch.int32)
+            k = torch.where(codes == 255, 255, codes - 127)
+            before = _pow2_events(xb, st.dequantized.reshape(-1, 32), k,
+                                  _block_amax_bits(xb, (1,)), f, _event_consts(f))
+            got = [int(ev[n]) for n in ("flushed", "nonfinite", "saturated", "scale_clamped")]
+            assert got == [int(v) for v in before], name
+            assert _counts(ev) == _counts(events_of_parts(x, st)), name
+            if x.shape[0] < 1 << 14:  # the edge blocks hit every kind of event
+                assert min(got[:3]) > 0, got
+    finally:
+        set_backend(old)

@@ -127,6 +127,25 @@ def test_nearest_scaled_equals_generic(fmt):
         assert_same_bits(_np(got), _np(want), _np(BITS), f"{fmt.name} k={kv}")
 
 
+@pytest.mark.parametrize("fmt", FAST_SCALED, ids=str)
+def test_nearest_scaled_without_subnormal_lead_equals_generic(fmt):
+    """``subnormal_lead=False`` (the step without a subnormal input's leading-bit bound) for
+    every k from ``k_no_lead`` (-126 - emin) to 128 - emax, on every probe pattern (float32
+    subnormals included); and one k lower, where that bound is needed, it differs."""
+    p = K.KernelParams.of(fmt)
+    c = p.nearest_scaled
+    assert c.k_no_lead == -126 - fmt.emin
+    for kv in range(c.k_no_lead, 129 - fmt.emax):
+        k = torch.full(BITS.shape, kv, dtype=torch.int32)
+        got = K.round_bits_nearest(BITS, k, c, Overflow.SATURATE, subnormal_lead=False)
+        want = K.round_bits_generic(BITS, k, p, RNE, Overflow.SATURATE, 0, False, None, 30)
+        assert_same_bits(_np(got), _np(want), _np(BITS), f"{fmt.name} k={kv}")
+    k = torch.full(BITS.shape, c.k_no_lead - 1, dtype=torch.int32)
+    got = K.round_bits_nearest(BITS, k, c, Overflow.SATURATE, subnormal_lead=False)
+    want = K.round_bits_generic(BITS, k, p, RNE, Overflow.SATURATE, 0, False, None, 30)
+    assert not torch.equal(got, want)
+
+
 def _adversarial(rows: int = 64, cols: int = 96, seed: int = 0) -> torch.Tensor:
     """Blocks of 32 spanning the float32 range: tiny (subnormal) blocks, blocks mixing normals
     and subnormals, zero blocks, NaN / inf blocks, ties of every element format."""
@@ -161,6 +180,34 @@ def test_fused_mx_equals_two_pass(name, rule):
     assert torch.equal(st.dequantized.view(torch.int32), out.reshape(x.shape))
     kq = torch.where(k == 255, 255, k + 127).to(torch.uint8).reshape(st.scales.shape)
     assert torch.equal(st.scales, kq)
+
+
+@pytest.mark.parametrize("name", MX)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_fused_mx_without_tiny_blocks_equals_two_pass(name, rule, backend):
+    """The fused kernel's first run, without the subnormal-lead term, on blocks that mix
+    normals with float32 subnormals down to 2^-149 but whose scale is at least 2^(-126 - emin)
+    (so it is not run again with the term): the same bits as the two-pass kernel."""
+    f = get_scaled_format(name, rule)
+    p = K.KernelParams.of(f.element)
+    x = _adversarial(seed=1)
+    x = x[~(x.isnan() | x.isinf()).any(dim=1)]
+    lowest = 2.0 ** (f.element.emax - f.element.emin - 126 + 1)
+    x = x.reshape(-1, 32)
+    x[:, 0] = torch.maximum(x.abs().amax(dim=1), torch.tensor(lowest))
+    x[::2, 1:9] = torch.tensor(2.0 ** -149) * torch.arange(1, 9)
+    x = x.repeat(64, 1)  # past the compile threshold
+    set_backend(backend)
+    try:
+        st = quantize_scaled(x, f, return_parts=True)
+    finally:
+        set_backend("eager")
+    k = st.scales.to(torch.int32).reshape(-1) - 127
+    assert bool((k >= p.nearest_scaled.k_no_lead).all()), "a block would take the lead term"
+    out, _ = _pow2_two_pass(x, (1,), _elem_emax_and_mant(f.element), f.rule, p, RNE, 0, 30,
+                            None)
+    assert torch.equal(st.dequantized.view(torch.int32), out)
 
 
 def test_float_block_amax_equals_int_amax():
