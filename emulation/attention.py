@@ -147,8 +147,9 @@ def _chunk_gaps(mask: torch.Tensor, dtype: torch.dtype, rows: int, ends: list[in
             out.append(math.inf)
             continue
         m = mask[..., r0:r0 + rows, :].double()
-        M, S = m.amax(-1), m[..., ke:].amax(-1)
-        g = torch.where(S == -math.inf, math.inf, M - S - eps * (M.abs() + S.abs()))
+        top, skip = m.amax(-1), m[..., ke:].amax(-1)  # M_i, S_i
+        g = torch.where(skip == -math.inf, math.inf,
+                        top - skip - eps * (top.abs() + skip.abs()))
         out.append(float(g.min()))  # (NaN where the mask holds NaN: never certified)
     return out
 

@@ -6,6 +6,8 @@ plan, telemetry and YAML describe them; restore is exact; mismatched specs are r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -217,3 +219,66 @@ def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  
     assert tel_chunked == tel_generic and len(tel_chunked) == 2
     if "exp" not in sm:  # the emulated softmax ran (the bound model's few ulps of fp32 exp
         assert not torch.equal(chunked, plain)  # vanish when P is rounded to bf16)
+
+
+@pytest.mark.parametrize("sm", ["softmax-exact", {"base": "softmax-exact",
+                                                  "exp": "expf-fast-bound"}], ids=str)
+def test_chunked_attention_skips_the_keys_a_softmax_drops(sm, monkeypatch) -> None:  # noqa: ANN001
+    """Without telemetry, a softmax that drops entries far below the row maximum
+    (Softmax.drop_gap: a correctly rounded or bound-model exp) lets the chunked path skip the
+    masked keys: shorter rows reach the unit, and the logits equal, bit for bit, those of the
+    generic path and those with every key computed (the scores' bound forced to inf, so no
+    chunk is certified)."""
+    from precisim.emulation import attention, patch
+    from precisim.emulation.functions import Softmax
+
+    model = _llama()
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(2))
+    bf16 = Recipe.from_yaml("name: b\nattention: bf16\nlinear: bf16")
+    r = Recipe("x", attention=bf16.attention, linear=bf16.linear, softmax=sm)
+    assert r.softmax.drop_gap == 1024.0
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # 16-row chunks
+    widths: list[int] = []
+    own = Softmax.__call__
+    monkeypatch.setattr(Softmax, "__call__",
+                        lambda self, x, dim=-1: widths.append(x.shape[dim]) or own(self, x, dim))
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        widths.clear()
+        with emulate(model, r, telemetry=False), torch.no_grad():
+            return model(ids).logits, list(widths)
+
+    skipping, w = run()
+    assert min(w) == 32 and max(w) == 80  # the first chunk's keys 32.. skipped
+    monkeypatch.setattr(attention, "_score_bound", lambda q, k, scale: math.inf)
+    every_key, w = run()
+    assert set(w) == {80}
+    monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
+    generic, _ = run()
+    assert torch.equal(skipping, every_key) and torch.equal(skipping, generic)
+
+
+def test_chunk_gaps_certify_only_far_masks() -> None:
+    """_chunk_gaps: inf where nothing is skipped or the skipped keys are -inf; about the
+    mask's spread for a causal float32 mask; negative (never certified) where the 'visible'
+    mask values sit within rounding of the masked ones; NaN in the mask is never certified.
+    _score_bound is inf / NaN for non-finite operands."""
+    from precisim.emulation.attention import _chunk_gaps, _score_bound
+
+    lo = torch.finfo(torch.float32).min
+    n = 64
+    causal = torch.triu(torch.full((n, n), lo), 1)[None, None]
+    gaps = _chunk_gaps(causal, torch.float32, 16, [16, 32, 48, 64])
+    assert gaps[-1] == math.inf and all(2e38 < g < -lo for g in gaps[:-1])
+    assert _chunk_gaps(causal.clamp(min=-math.inf).masked_fill(causal < 0, -math.inf),
+                       torch.float32, 16, [16, 32, 48, 64])[:3] == [math.inf] * 3
+    close = torch.full((1, 1, n, n), lo / 2)  # keys 16.. 'masked' (<= min/2) ...
+    close[..., :16] = lo / 2 + 2.0**103  # ... the others just above: visible
+    assert _chunk_gaps(close, torch.float32, 16, [16] * 4)[0] < 0
+    nan = causal.clone()
+    nan[0, 0, 3, 40] = math.nan
+    assert not _chunk_gaps(nan, torch.float32, 16, [16, 32, 48, 64])[0] >= 0
+    q = torch.ones(1, 1, 4, 8)
+    assert _score_bound(q, q, 0.5) == 2.5 * 8 * 0.5
+    assert _score_bound(q * math.inf, q, 1.0) == math.inf
+    assert math.isnan(_score_bound(q * math.nan, q, 1.0))

@@ -309,9 +309,11 @@ DROP_GAP = 1024.0
 @lru_cache(maxsize=64)
 def _drop_gap(sm: Softmax) -> float | None:
     """``DROP_GAP`` when every entry ``x <= m - DROP_GAP`` of a row whose maximum is ``m`` (and
-    every -inf entry) is a *dropped* entry: its probability is +0 and removing it from the row
-    leaves every other probability unchanged (so an attention may skip the keys its mask sends
-    that far down; docs/arithmetic.md section 7.4), else None. It holds when
+    every -inf entry) is a *dropped* entry: its probability is +0, and cutting a trailing run
+    of them off the row leaves every other probability unchanged (so an attention may skip the
+    last keys where its mask sends them that far down; docs/arithmetic.md section 7.4), else
+    None. (Only a trailing run: a zero inside the row moves the pairwise tree's pairs.) It
+    holds when
 
     * the input and subtraction roundings are float32's own (:attr:`Rq.is_f32`): ``xq = x``,
       the maximum is attained by a kept entry (a dropped one is below it), and
@@ -324,8 +326,7 @@ def _drop_gap(sm: Softmax) -> float | None:
       and the pairwise tree of a row with zeros appended is the tree of the row (an odd
       level's carried last element meets a zero), as are the sequential and chunked orders.
 
-    Then ``m``, ``s`` and every kept ``e / s`` (or ``e * rcp(s)``) are those of the row without
-    its dropped entries."""
+    Then ``m``, ``s`` and every kept ``e / s`` (or ``e * rcp(s)``) are those of the cut row."""
     u = sm.exp
     if not (rq(sm.input_format).is_f32 and rq(sm.sub_format).is_f32
             and sm.sum.op.value == "sum"
