@@ -24,16 +24,18 @@ row along the keys, no tensor-level scale). Anything else (per-tensor FP8 scalin
 stochastic rounding, a bit-exact unit, a different attention function) runs the generic path.
 
 With an emulated softmax (the ``softmax`` op kind, docs/arithmetic.md section 7.8) the
-``torch.softmax`` call below goes through the op kind's function mode like the generic path's.
-An arbitrary unit's image of the skipped keys' masked scores (or of the -inf padding) need not
-be an exact 0, so keys are skipped only where the unit *drops* entries far below their row's
-maximum (``drop_gap``: :attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a correctly
-rounded exp) and the scores are certified that far down: :func:`_chunk_gaps` bounds, per row
-chunk, the distance between the smallest maximum a row can have and the largest skipped
-score from the mask alone, and :func:`_score_bound` bounds the scores' magnitude from the
-operands' largest elements. A chunk that is not certified runs over every key (with
-``skip_keys=False``, every chunk does). Both paths agree bit for bit
-(tests/test_emulation_datapath.py).
+``torch.softmax`` call below goes through the op kind's function mode like the generic path's,
+and both GEMMs run over every key, as the generic path's do (a BLAS product's summation order
+may depend on the number of keys: with MKL, P @ V over the first 480 of 1024 keys differs in
+the last bits from the same product with zeros for the rest). An arbitrary unit's image of the
+masked scores need not be an exact 0, so the softmax itself runs over only the first keys of a
+chunk (those the mask leaves visible) where the unit *drops* entries far below their row's
+maximum (``drop_gap``: :attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a
+correctly rounded exp) and every later score of the chunk lies that far below its row's
+maximum (:func:`drops_tail`, checked on the scores); the later probabilities are then exact
+zeros, as in the generic path, and P is padded with them. Otherwise (and with
+``skip_keys=False``) the softmax sees every row exactly as the generic path gives it. Both
+paths agree bit for bit (tests/test_emulation_datapath.py).
 """
 
 from __future__ import annotations
@@ -130,66 +132,24 @@ def _key_ends(mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: i
     return ends
 
 
-def _chunk_gaps(mask: torch.Tensor, dtype: torch.dtype, rows: int, ends: list[int]
-                ) -> list[float]:
-    """Per row chunk, a lower bound G on ``M_i - S_i`` over its rows i, less the rounding of
-    adding a score to them: ``M_i`` the row's largest mask value, ``S_i`` its largest over the
-    keys from the chunk's end on (inf where nothing is skipped, or every skipped key is
-    -inf). With scores ``|s| <= B`` the row's maximum is at least ``fl(M_i - B)`` and a
-    skipped score at most ``fl(S_i + B)``, so they are at least ``G - 2B(1 + eps)`` apart
-    (``eps``: the machine epsilon of the addition's type, bounding both roundings)."""
-    eps = max(torch.finfo(dtype).eps, torch.finfo(mask.dtype).eps)
-    n_q, n_k = mask.shape[-2:]
-    out = []
-    for i, r0 in enumerate(range(0, n_q, rows)):
-        ke = ends[i]
-        if ke >= n_k:
-            out.append(math.inf)
-            continue
-        m = mask[..., r0:r0 + rows, :].double()
-        top, skip = m.amax(-1), m[..., ke:].amax(-1)  # M_i, S_i
-        g = torch.where(skip == -math.inf, math.inf,
-                        top - skip - eps * (top.abs() + skip.abs()))
-        out.append(float(g.min()))  # (NaN where the mask holds NaN: never certified)
-    return out
-
-
-def _score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
-    """A bound on the magnitude of every score ``fl(fl(q k^T) * scale)`` in the model's dtype:
-    ``2.5 d max|q| max|k| |scale|`` (a computed dot product of d terms is within a factor
-    ``1 + 2 d u <= 2`` of the sum of the products' magnitudes; the two roundings after it add
-    at most a factor 1 + 2^-8 each). inf or NaN where an operand is not finite."""
-    qm = float(q.abs().amax()) if q.numel() else 0.0
-    km = float(k.abs().amax()) if k.numel() else 0.0
-    return 2.5 * q.shape[-1] * qm * km * abs(scale)
-
-
 class KeyEnds:
-    """Caches :func:`_key_ends` (and :func:`_chunk_gaps`) for the mask object every layer of
-    one forward shares."""
+    """Caches :func:`_key_ends` for the mask object every layer of one forward shares."""
 
     def __init__(self) -> None:
         self._mask: torch.Tensor | None = None
         self._key: tuple[Any, ...] | None = None
         self._ends: list[int] = []
-        self._gaps: dict[torch.dtype, list[float]] = {}
 
     def get(self, mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: int
             ) -> list[int]:
         key = (n_q, n_k, rows, align, None if mask is None else mask._version)
         if mask is not self._mask or key != self._key:
             self._ends = _key_ends(mask, n_q, n_k, rows, align)
-            self._mask, self._key, self._gaps = mask, key, {}
+            self._mask, self._key = mask, key
         return self._ends
 
-    def gaps(self, mask: torch.Tensor, dtype: torch.dtype, rows: int) -> list[float]:
-        """:func:`_chunk_gaps` for the ends of the last :meth:`get` (of this mask)."""
-        if dtype not in self._gaps:
-            self._gaps[dtype] = _chunk_gaps(mask, dtype, rows, self._ends)
-        return self._gaps[dtype]
-
     def clear(self) -> None:
-        self._mask, self._key, self._ends, self._gaps = None, None, [], {}
+        self._mask, self._key, self._ends = None, None, []
 
 
 #: rows are padded with -inf to a multiple of this many keys before the softmax (see
@@ -207,6 +167,18 @@ def softmax_row_length(ke: int, n_k: int) -> int:
     equals the softmax over the full row bit for bit, so a torch whose kernel breaks it fails
     there, not silently."""
     return min(n_k, -(-ke // SOFTMAX_ROW_ALIGN) * SOFTMAX_ROW_ALIGN)
+
+
+def drops_tail(x: torch.Tensor, c: int, gap: float) -> bool:
+    """Whether every row of ``x`` (..., keys) has a finite maximum among its first ``c``
+    entries and every later entry more than ``gap`` below it (NaN anywhere: False): then an
+    emulated softmax with ``drop_gap <= gap`` gives those entries +0 and cutting them off
+    leaves the others unchanged (:attr:`~precisim.emulation.functions.Softmax.drop_gap`). The
+    difference is taken in float64, whose rounding is monotonic and -gap one of its values,
+    so a float64 difference below -gap means an exact one below it."""
+    top = x[..., :c].amax(-1).double()
+    tail = x[..., c:].amax(-1).double()
+    return bool(((tail - top < -gap) & torch.isfinite(top)).all())
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -265,8 +237,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The standard eager attention under ``spec`` (see module doc); returns
     ``(output (b, q, h, d) in the query's dtype, None)``. ``skip_keys=False``: every key of
     every row chunk is computed. ``drop_gap`` (an emulated softmax that drops entries that far
-    below their row's maximum): keys are skipped only in the chunks where the mask and the
-    scores' bound certify it (see module doc)."""
+    below their row's maximum): the GEMMs run over every key and the softmax over the visible
+    ones where :func:`drops_tail` holds (see module doc)."""
     qk, pv = spec.qk, spec.pv
     assert qk is not None and pv is not None
     dtype = query.dtype
@@ -284,11 +256,9 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
     ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [n_k] * len(
         range(0, n_q, rows))
-    if skip_keys and drop_gap is not None and mask is not None:
-        eps = max(torch.finfo(dtype).eps, torch.finfo(mask.dtype).eps)
-        slack = 2 * _score_bound(q, kq, 1.0 if pow2 else scaling) * (1 + eps) + drop_gap
-        ends = [ke if g - slack >= 0 else n_k  # (False for NaN: not certified)
-                for ke, g in zip(ends, key_ends.gaps(mask, dtype, rows))]
+    cuts = None  # (a dropping softmax: where the softmax may stop; the GEMMs take every key)
+    if drop_gap is not None:
+        cuts, ends = ends, [n_k] * len(ends)
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):
@@ -299,6 +269,14 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
             m = mask[:, :, r0:r1, :ke]
             s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
+        if cuts is not None and cuts[i] < ke and drops_tail(s, cuts[i], drop_gap):
+            c = cuts[i]  # (a multiple of P's blocks: quantized alone as within the row)
+            p = torch.softmax(s[..., :c], dim=-1, dtype=torch.float32).to(dtype)
+            pq = quantize_operand(p, pv.input, telemetry=telemetry,
+                                  where=(f"{name}.pv", "input"))
+            pz = torch.nn.functional.pad(pq.values, (0, ke - c))  # the dropped keys' zeros
+            out[:, :, r0:r1] = torch.matmul(pz, vq[:, :, :ke])
+            continue
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
             s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)

@@ -223,12 +223,12 @@ def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  
 
 @pytest.mark.parametrize("sm", ["softmax-exact", {"base": "softmax-exact",
                                                   "exp": "expf-fast-bound"}], ids=str)
-def test_chunked_attention_skips_the_keys_a_softmax_drops(sm, monkeypatch) -> None:  # noqa: ANN001
+def test_chunked_attention_cuts_the_rows_a_softmax_drops(sm, monkeypatch) -> None:  # noqa: ANN001
     """Without telemetry, a softmax that drops entries far below the row maximum
-    (Softmax.drop_gap: a correctly rounded or bound-model exp) lets the chunked path skip the
-    masked keys: shorter rows reach the unit, and the logits equal, bit for bit, those of the
-    generic path and those with every key computed (the scores' bound forced to inf, so no
-    chunk is certified)."""
+    (Softmax.drop_gap: a correctly rounded or bound-model exp) runs over the visible keys of
+    each row chunk only (shorter rows reach the unit), the GEMMs over every key, and the
+    logits equal, bit for bit, those with every row whole (drops_tail forced False) and the
+    generic path's."""
     from precisim.emulation import attention, patch
     from precisim.emulation.functions import Softmax
 
@@ -248,37 +248,29 @@ def test_chunked_attention_skips_the_keys_a_softmax_drops(sm, monkeypatch) -> No
         with emulate(model, r, telemetry=False), torch.no_grad():
             return model(ids).logits, list(widths)
 
-    skipping, w = run()
-    assert min(w) == 32 and max(w) == 80  # the first chunk's keys 32.. skipped
-    monkeypatch.setattr(attention, "_score_bound", lambda q, k, scale: math.inf)
-    every_key, w = run()
+    cut, w = run()
+    assert sorted(set(w)) == [16, 32, 48, 64, 80]  # each chunk up to its last visible key
+    monkeypatch.setattr(attention, "drops_tail", lambda x, c, gap: False)
+    whole, w = run()
     assert set(w) == {80}
     monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
     generic, _ = run()
-    assert torch.equal(skipping, every_key) and torch.equal(skipping, generic)
+    assert torch.equal(cut, whole) and torch.equal(cut, generic)
 
 
-def test_chunk_gaps_certify_only_far_masks() -> None:
-    """_chunk_gaps: inf where nothing is skipped or the skipped keys are -inf; about the
-    mask's spread for a causal float32 mask; negative (never certified) where the 'visible'
-    mask values sit within rounding of the masked ones; NaN in the mask is never certified.
-    _score_bound is inf / NaN for non-finite operands."""
-    from precisim.emulation.attention import _chunk_gaps, _score_bound
+def test_drops_tail() -> None:
+    """drops_tail: every later entry more than the gap below a finite maximum of the first
+    c; exactly at the gap, NaN (in either part), an infinite or all -inf head: False."""
+    from precisim.emulation.attention import drops_tail
 
     lo = torch.finfo(torch.float32).min
-    n = 64
-    causal = torch.triu(torch.full((n, n), lo), 1)[None, None]
-    gaps = _chunk_gaps(causal, torch.float32, 16, [16, 32, 48, 64])
-    assert gaps[-1] == math.inf and all(2e38 < g < -lo for g in gaps[:-1])
-    assert _chunk_gaps(causal.clamp(min=-math.inf).masked_fill(causal < 0, -math.inf),
-                       torch.float32, 16, [16, 32, 48, 64])[:3] == [math.inf] * 3
-    close = torch.full((1, 1, n, n), lo / 2)  # keys 16.. 'masked' (<= min/2) ...
-    close[..., :16] = lo / 2 + 2.0**103  # ... the others just above: visible
-    assert _chunk_gaps(close, torch.float32, 16, [16] * 4)[0] < 0
-    nan = causal.clone()
-    nan[0, 0, 3, 40] = math.nan
-    assert not _chunk_gaps(nan, torch.float32, 16, [16, 32, 48, 64])[0] >= 0
-    q = torch.ones(1, 1, 4, 8)
-    assert _score_bound(q, q, 0.5) == 2.5 * 8 * 0.5
-    assert _score_bound(q * math.inf, q, 1.0) == math.inf
-    assert math.isnan(_score_bound(q * math.nan, q, 1.0))
+    x = torch.tensor([[3.0, 1.0, lo, -math.inf, 3.0 - 1025.0],
+                      [-2.0, 0.5, -1e30, lo, -math.inf]])
+    assert drops_tail(x, 2, 1024.0)
+    assert not drops_tail(x, 1, 1024.0)  # row 1: 0.5 is not dropped
+    for j, v in ((4, 3.0 - 1024.0), (3, math.nan), (0, math.nan), (0, math.inf)):
+        y = x.clone()
+        y[0, j] = v
+        assert not drops_tail(y, 2, 1024.0), (j, v)
+    assert not drops_tail(torch.full((1, 4), -math.inf), 2, 1024.0)
+    assert drops_tail(torch.tensor([[1e38, -3e38]]), 1, 1024.0)
