@@ -356,7 +356,8 @@ class FunctionUnit:
             y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
                                    flat, *tabs)
             if float(count) > 0:
-                cand = (torch.isnan(y) & ~torch.isnan(flat)).nonzero().reshape(-1)
+                cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
+                cand = cand[~torch.isnan(flat[cand])]
                 yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
                                      flat[cand], *tabs)
                 y[cand] = yc
