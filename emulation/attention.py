@@ -25,10 +25,17 @@ stochastic rounding, a bit-exact unit, a different attention function) runs the 
 
 With an emulated softmax (the ``softmax`` op kind, docs/arithmetic.md section 7.8) the
 ``torch.softmax`` call below goes through the op kind's function mode like the generic path's,
-and no keys are skipped (``skip_keys=False``): the softmax unit sees every row exactly as the
-generic path gives it (the skipped keys' masked scores, not -inf padding, whose image under an
-arbitrary exp unit need not be the same), so both paths agree bit for bit
-(tests/test_emulation_datapath.py).
+and both GEMMs run over every key, as the generic path's do (a BLAS product's summation order
+may depend on the number of keys: with MKL, P @ V over the first 480 of 1024 keys differs in
+the last bits from the same product with zeros for the rest). An arbitrary unit's image of the
+masked scores need not be an exact 0, so the softmax itself runs over only the first keys of a
+chunk (those the mask leaves visible) where the unit *drops* entries far below their row's
+maximum (``drop_gap``: :attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a
+correctly rounded exp) and every later score of the chunk lies that far below its row's
+maximum (:func:`drops_tail`, checked on the scores); the later probabilities are then exact
+zeros, as in the generic path, and P is padded with them. Otherwise (and with
+``skip_keys=False``) the softmax sees every row exactly as the generic path gives it. Both
+paths agree bit for bit (tests/test_emulation_datapath.py).
 """
 
 from __future__ import annotations
@@ -163,6 +170,18 @@ def softmax_row_length(ke: int, n_k: int) -> int:
     return min(n_k, -(-ke // SOFTMAX_ROW_ALIGN) * SOFTMAX_ROW_ALIGN)
 
 
+def drops_tail(x: torch.Tensor, c: int, gap: float) -> bool:
+    """Whether every row of ``x`` (..., keys) has a finite maximum among its first ``c``
+    entries and every later entry more than ``gap`` below it (NaN anywhere: False): then an
+    emulated softmax with ``drop_gap <= gap`` gives those entries +0 and cutting them off
+    leaves the others unchanged (:attr:`~precisim.emulation.functions.Softmax.drop_gap`). The
+    difference is taken in float64, whose rounding is monotonic and -gap one of its values,
+    so a float64 difference below -gap means an exact one below it."""
+    top = x[..., :c].amax(-1).double()
+    tail = x[..., c:].amax(-1).double()
+    return bool(((tail - top < -gap) & torch.isfinite(top)).all())
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
@@ -223,11 +242,13 @@ def _repeated_operand(x: torch.Tensor, groups: int, spec: TensorSpec | None,
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                       spec: AttentionSpec, align: int, *, name: str,
-                      telemetry: Telemetry | None, key_ends: KeyEnds, skip_keys: bool = True
-                      ) -> tuple[torch.Tensor, None]:
+                      telemetry: Telemetry | None, key_ends: KeyEnds, skip_keys: bool = True,
+                      drop_gap: float | None = None) -> tuple[torch.Tensor, None]:
     """The standard eager attention under ``spec`` (see module doc); returns
     ``(output (b, q, h, d) in the query's dtype, None)``. ``skip_keys=False``: every key of
-    every row chunk is computed (an emulated softmax, see module doc)."""
+    every row chunk is computed. ``drop_gap`` (an emulated softmax that drops entries that far
+    below their row's maximum): the GEMMs run over every key and the softmax over the visible
+    ones where :func:`drops_tail` holds (see module doc)."""
     qk, pv = spec.qk, spec.pv
     assert qk is not None and pv is not None
     dtype = query.dtype
@@ -245,6 +266,9 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
     ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [n_k] * len(
         range(0, n_q, rows))
+    cuts = None  # (a dropping softmax: where the softmax may stop; the GEMMs take every key)
+    if drop_gap is not None:
+        cuts, ends = ends, [n_k] * len(ends)
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):
@@ -255,6 +279,14 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
             m = mask[:, :, r0:r1, :ke]
             s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
+        if cuts is not None and cuts[i] < ke and drops_tail(s, cuts[i], drop_gap):
+            c = cuts[i]  # (a multiple of P's blocks: quantized alone as within the row)
+            p = torch.softmax(s[..., :c], dim=-1, dtype=torch.float32).to(dtype)
+            pq = quantize_operand(p, pv.input, telemetry=telemetry,
+                                  where=(f"{name}.pv", "input"))
+            pz = torch.nn.functional.pad(pq.values, (0, ke - c))  # the dropped keys' zeros
+            out[:, :, r0:r1] = torch.matmul(pz, vq[:, :, :ke])
+            continue
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
             s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)

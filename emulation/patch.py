@@ -468,10 +468,16 @@ def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
                                                                               key.shape[-2]))):
         from .datapath_ops import emulated_softmax
 
+        # an emulated softmax: keys skipped only where it drops them (and the chunk's scores
+        # are certified far enough down), never under telemetry (its counts cover every key)
+        sm = emulated_softmax(module)
+        gap = None if sm is None else sm.drop_gap
+        tel = st.handle.telemetry
         return chunked_attention(module, query, key, value, attention_mask, float(scaling),
-                                 st.spec, align, name=st.name, telemetry=st.handle.telemetry,
+                                 st.spec, align, name=st.name, telemetry=tel,
                                  key_ends=st.key_ends,
-                                 skip_keys=emulated_softmax(module) is None)
+                                 skip_keys=sm is None or (gap is not None and tel is None),
+                                 drop_gap=gap)
     mode = _AttentionMatmuls(st)
     with mode:
         out = eager(module, query, key, value, attention_mask, *args, **kwargs)

@@ -6,6 +6,8 @@ plan, telemetry and YAML describe them; restore is exact; mismatched specs are r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -217,3 +219,58 @@ def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  
     assert tel_chunked == tel_generic and len(tel_chunked) == 2
     if "exp" not in sm:  # the emulated softmax ran (the bound model's few ulps of fp32 exp
         assert not torch.equal(chunked, plain)  # vanish when P is rounded to bf16)
+
+
+@pytest.mark.parametrize("sm", ["softmax-exact", {"base": "softmax-exact",
+                                                  "exp": "expf-fast-bound"}], ids=str)
+def test_chunked_attention_cuts_the_rows_a_softmax_drops(sm, monkeypatch) -> None:  # noqa: ANN001
+    """Without telemetry, a softmax that drops entries far below the row maximum
+    (Softmax.drop_gap: a correctly rounded or bound-model exp) runs over the visible keys of
+    each row chunk only (shorter rows reach the unit), the GEMMs over every key, and the
+    logits equal, bit for bit, those with every row whole (drops_tail forced False) and the
+    generic path's."""
+    from precisim.emulation import attention, patch
+    from precisim.emulation.functions import Softmax
+
+    model = _llama()
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(2))
+    bf16 = Recipe.from_yaml("name: b\nattention: bf16\nlinear: bf16")
+    r = Recipe("x", attention=bf16.attention, linear=bf16.linear, softmax=sm)
+    assert r.softmax.drop_gap == 1024.0
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # 16-row chunks
+    widths: list[int] = []
+    own = Softmax.__call__
+    monkeypatch.setattr(Softmax, "__call__",
+                        lambda self, x, dim=-1: widths.append(x.shape[dim]) or own(self, x, dim))
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        widths.clear()
+        with emulate(model, r, telemetry=False), torch.no_grad():
+            return model(ids).logits, list(widths)
+
+    cut, w = run()
+    assert sorted(set(w)) == [16, 32, 48, 64, 80]  # each chunk up to its last visible key
+    monkeypatch.setattr(attention, "drops_tail", lambda x, c, gap: False)
+    whole, w = run()
+    assert set(w) == {80}
+    monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
+    generic, _ = run()
+    assert torch.equal(cut, whole) and torch.equal(cut, generic)
+
+
+def test_drops_tail() -> None:
+    """drops_tail: every later entry more than the gap below a finite maximum of the first
+    c; exactly at the gap, NaN (in either part), an infinite or all -inf head: False."""
+    from precisim.emulation.attention import drops_tail
+
+    lo = torch.finfo(torch.float32).min
+    x = torch.tensor([[3.0, 1.0, lo, -math.inf, 3.0 - 1025.0],
+                      [-2.0, 0.5, -1e30, lo, -math.inf]])
+    assert drops_tail(x, 2, 1024.0)
+    assert not drops_tail(x, 1, 1024.0)  # row 1: 0.5 is not dropped
+    for j, v in ((4, 3.0 - 1024.0), (3, math.nan), (0, math.nan), (0, math.inf)):
+        y = x.clone()
+        y[0, j] = v
+        assert not drops_tail(y, 2, 1024.0), (j, v)
+    assert not drops_tail(torch.full((1, 4), -math.inf), 2, 1024.0)
+    assert drops_tail(torch.tensor([[1e38, -3e38]]), 1, 1024.0)

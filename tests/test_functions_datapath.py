@@ -215,3 +215,56 @@ def test_parse_round_trip() -> None:
             assert cls.parse(n) is spec
             assert cls.parse(spec.to_dict()) == spec, n
             assert spec.describe()
+
+
+DROPPING = [SOFTMAXES.get("softmax-exact"),
+            Softmax("d-bound", exp="expf-fast-bound"),
+            Softmax("d-seq-bf16", sum={"format": "bf16", "order": "sequential"},
+                    output_format="bf16"),
+            Softmax("d-chunk7-rcp", sum={"order": "chunked", "chunk": 7},
+                    division="reciprocal", rcp="rcp-newton2"),
+            Softmax("d-exp-fp16", exp={"base": "exp-exact", "output_format": "fp16"},
+                    sum={"format": "fp16", "order": "pairwise"})]
+
+
+@pytest.mark.parametrize("sm", DROPPING, ids=lambda s: s.name)
+def test_softmax_drops_far_entries(sm: Softmax) -> None:
+    """Softmax.drop_gap: entries at least drop_gap below their row's maximum (and -inf) get
+    an exact +0, and cutting a row's trailing run of them off leaves every other probability
+    unchanged, bit for bit, for every reduction order and odd lengths (the pairwise tree's
+    carried element; dropped entries also inside the kept prefix); the dropped entries sit
+    exactly at the gap, at -inf or at float32's most negative value (an attention mask's).
+    The cut row equals the exact reference."""
+    gap = sm.drop_gap
+    assert gap == 1024.0
+    g = torch.Generator().manual_seed(11)
+    for n, k in ((40, 13), (33, 1), (64, 31), (9, 8), (100, 37)):
+        rows = torch.randn(6, k, generator=g) * torch.tensor([[1.0], [5.0], [30.0], [1e-3],
+                                                              [80.0], [0.0]])
+        m = rows.amax(-1, keepdim=True)
+        far = torch.cat([m - gap, torch.full((6, 1), -math.inf),
+                         torch.full((6, 1), torch.finfo(torch.float32).min), m - 3 * gap], -1)
+        inside = torch.rand(6, k, generator=g) < 0.3  # dropped entries in the kept prefix
+        inside.scatter_(1, rows.argmax(-1, keepdim=True), False)  # (the maximum stays)
+        prefix = torch.where(inside, far.gather(1, torch.randint(0, 4, (6, k), generator=g)),
+                             rows)
+        full = torch.cat([prefix, far.gather(1, torch.randint(0, 4, (6, n - k), generator=g))],
+                         -1)
+        m = prefix.amax(-1, keepdim=True)
+        assert bool((full[:, k:] <= m - gap).all()) and bool(
+            (prefix[inside] <= m.expand_as(prefix)[inside] - gap).all())
+        y_full, y_cut = sm(full), sm(prefix)
+        assert bool((y_full[:, k:].view(torch.int32) == 0).all())
+        assert bool((y_cut[inside].view(torch.int32) == 0).all())
+        assert torch.equal(y_full[:, :k].view(torch.int32), y_cut.view(torch.int32))
+    _check_rows(y_cut, [sm.reference(r) for r in prefix.tolist()])
+
+
+@pytest.mark.parametrize("sm, why", [
+    (SOFTMAXES.get("softmax-bf16"), "bf16 input rounding"),
+    (SOFTMAXES.get("softmax-lut16"), "a table exp (not known monotonic)"),
+    (Softmax("u", exp={"base": "exp-exact", "output_rounding": "ru"}), "exp rounded up: "
+     "its smallest subnormal at -1024"),
+    (Softmax("v", sub_format="bf16"), "bf16 subtraction")])
+def test_softmax_that_does_not_drop(sm: Softmax, why: str) -> None:
+    assert sm.drop_gap is None, why

@@ -1,7 +1,7 @@
 """The float-only helpers of the function units' compiled kernels (docs/arithmetic.md section
 7.1) and their one-pass form, each against the slower form it replaces, bit for bit:
 ``grid_rne`` against the decision-table ``grid_fast`` (exact ties included), ``pow2_pair``
-against 2.0**k; the one-pass kernel with per-row hard-case counts (only flagged rows re-run)
+against 2.0**k; the one-pass kernel that marks its hard cases NaN (only those re-run)
 against the two-pass kernel and the exact reference; and compiled kernels keep -0.0 results
 (a captured -0.0 constant was traced as +0.0)."""
 
@@ -52,35 +52,38 @@ def test_pow2_pair() -> None:
 def _rsqrt_rtz() -> FunctionUnit:
     """rsqrt rounded toward zero: powers of 4 are hard cases (the float64 value straddles
     the exact 2^-k), so the exact fallback is forced at known places."""
-    return FunctionUnit("t-rsqrt-rtz-blocks", function="rsqrt", method="exact",
+    return FunctionUnit("t-rsqrt-rtz-mark", function="rsqrt", method="exact",
                         output_rounding="rtz")
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
-def test_one_pass_rows_with_hard_cases(backend: str) -> None:
-    """A batch of 32 rows of 4096 with powers of 4 (hard cases) planted in rows 3 and 30
-    goes through the one-pass kernel (counts per row), and only those rows are recomputed:
-    the result equals the two-pass kernel's and the exact reference on every hard element;
-    the flagged rows are exactly the planted ones."""
-    from precisim.emulation.functions.units import _block_of, _kernel
+def test_hard_cases_marked_nan_in_one_pass(backend: str) -> None:
+    """A batch with powers of 4 (hard cases) planted among random inputs, NaN inputs and
+    negative ones (NaN results that are not hard cases) goes through the marking kernel: its
+    NaN results are exactly the hard cases and the NaN results of NaN or negative inputs, its
+    count is the number of hard cases, and the unit's result equals the kernel with the mask
+    (two passes) everywhere else and the exact reference on every hard element."""
+    from precisim.emulation.functions.units import _kernel
 
     u = _rsqrt_rtz()
     g = torch.Generator().manual_seed(2)
     x = torch.rand(32 * 4096, generator=g) * 100 + 0.5
     planted = torch.tensor([3 * 4096 + 17, 3 * 4096 + 4000, 30 * 4096 + 5])
     x[planted] = torch.tensor([4.0**-20, 16.0, 4.0**30])
-    assert _block_of(x.numel()) == 4096
+    x[[7, 9]] = torch.tensor([math.nan, -3.0])
     old = kernels.get_backend()
     try:
         kernels.set_backend(backend)
         got = u(x)
-        _, count = kernels.run(_kernel(u, True), ("function-unit-blocks", u), x.numel(),
-                               x.view(32, 4096))
-        two_pass = u._direct(x, blocks=False)[0]
+        marked, count = kernels.run(_kernel(u, mark=True), ("function-unit-mark", u),
+                                    x.numel(), x)
+        two_pass, hard = kernels.run(_kernel(u), ("function-unit", u), x.numel(), x)
     finally:
         kernels.set_backend(old)
-    assert count.nonzero().reshape(-1).tolist() == [3, 30]
-    assert torch.equal(got.view(torch.int32), two_pass.view(torch.int32))
+    assert hard.nonzero().reshape(-1).tolist() == planted.tolist() and float(count) == 3
+    assert marked.isnan().nonzero().reshape(-1).tolist() == [7, 9, *planted.tolist()]
+    keep = ~hard
+    assert torch.equal(got[keep].view(torch.int32), two_pass[keep].view(torch.int32))
     want = [float(u.reference(v)) for v in x[planted].tolist()]
     assert got[planted].tolist() == want
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -22,7 +23,7 @@ from .core import Fn, Rq, Value, add_ro, check_format, div_ro, parse_enum, rq
 from .exact import value as _value
 from .presets import get_function_unit
 from .reduction import Reduction
-from .units import FunctionUnit, unit_from_dict
+from .units import FunctionUnit, Method, unit_from_dict
 
 __all__ = ["Activation", "Cast", "MaxOf", "Norm", "NormKind", "Softmax", "SpecBase", "Via",
            "function_unit"]
@@ -277,6 +278,12 @@ class Softmax(_Spec):
         s = self.sum.fast32(e)[..., None]
         return e / s  # Q_out(e / s): one float32 division
 
+    @property
+    def drop_gap(self) -> float | None:
+        """:data:`DROP_GAP` where entries that far below their row's maximum drop out of the
+        softmax, else None (:func:`_drop_gap`)."""
+        return _drop_gap(self)
+
     def reference(self, row: Sequence[float]) -> list[Value]:
         """The exact softmax of one row (Python floats)."""
         Qo = _rq_exact_of(self.output_format)
@@ -293,6 +300,41 @@ class Softmax(_Spec):
             return [Qo.exact(ex.div(v, s)) for v in e]
         r = self.rcp.reference(s)
         return [Qo.exact(ex.mul(v, r)) for v in e]
+
+
+#: see :func:`_drop_gap`
+DROP_GAP = 1024.0
+
+
+@lru_cache(maxsize=64)
+def _drop_gap(sm: Softmax) -> float | None:
+    """``DROP_GAP`` when every entry ``x <= m - DROP_GAP`` of a row whose maximum is ``m`` (and
+    every -inf entry) is a *dropped* entry: its probability is +0, and cutting a trailing run
+    of them off the row leaves every other probability unchanged (so an attention may skip the
+    last keys where its mask sends them that far down; docs/arithmetic.md section 7.4), else
+    None. (Only a trailing run: a zero inside the row moves the pairwise tree's pairs.) It
+    holds when
+
+    * the input and subtraction roundings are float32's own (:attr:`Rq.is_f32`): ``xq = x``,
+      the maximum is attained by a kept entry (a dropped one is below it), and
+      ``d = fl32(x - m) <= -DROP_GAP`` (a rounding is monotonic);
+    * the exp unit is monotonic with +0 at ``-DROP_GAP`` and at -inf: a correctly rounded
+      exp (method exact, no log2(e) rounding: a rounding of an increasing function, never
+      below +0), or the bound model (its correctly rounded exp, whose zeros it keeps), checked
+      on the unit itself; so ``e = +0`` for every dropped entry;
+    * the sum is a sum: a +0 addend leaves a partial sum unchanged (``Q(acc + 0) = acc``),
+      and the pairwise tree of a row with zeros appended is the tree of the row (an odd
+      level's carried last element meets a zero), as are the sequential and chunked orders.
+
+    Then ``m``, ``s`` and every kept ``e / s`` (or ``e * rcp(s)``) are those of the cut row."""
+    u = sm.exp
+    if not (rq(sm.input_format).is_f32 and rq(sm.sub_format).is_f32
+            and sm.sum.op.value == "sum"
+            and (u.method is Method.BOUND or u.method is Method.EXACT
+                 and u.log2e_format is None)):
+        return None
+    y = u(torch.tensor([-DROP_GAP, -math.inf]))
+    return DROP_GAP if bool((y.view(torch.int32) == 0).all()) else None
 
 
 # ---------------------------------------------------------------------------------------------

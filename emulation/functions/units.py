@@ -339,38 +339,36 @@ class FunctionUnit:
             return y.reshape(x.shape), None
         return self._direct(x)
 
-    def _direct(self, x: torch.Tensor, blocks: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel (the one-pass
-        :meth:`_blocks` form for large batches unless ``blocks`` is False)."""
+    def _direct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_apply` without the table of 16-bit codes: the unit's kernel. A correctly
+        rounded core marks its hard cases NaN in the one pass that writes the results (and
+        counts them); only where the count is not zero are the NaN results whose input is not
+        NaN (the hard cases, and results that are NaN anyway) computed again by the kernel
+        with the mask, and the hard ones by the exact reference."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         n = flat.numel()
-        # (only correctly rounded cores, method exact, have hard cases)
-        B = _block_of(n) if blocks and self.method is Method.EXACT else 0
-        if B and n >= _ONE_PASS_NUMEL:
-            return self._blocks(flat, tabs, B).reshape(x.shape), None
         if self.method is Method.BOUND:
             y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
-        else:  # the hard-case mask only where there is one
-            xq = None
-            y, count = kernels.run(_kernel(self, True), ("function-unit-flag", self), n, flat,
-                                   *tabs)
-            hard = None
-            if float(count) > 0 and B:
-                # (not the first pass: a count per row costs more than one in all, measured
-                # 220 vs 126 ms for exp-exact on 2^24 elements; cheaper than a mask pass)
-                return self._blocks(flat, tabs, B).reshape(x.shape), None
+            idx = hard.nonzero().reshape(-1) if any_true(hard) else None
+        else:
+            xq = idx = None
+            y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
+                                   flat, *tabs)
             if float(count) > 0:
-                y, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
-        if hard is not None and any_true(hard):
-            idx = hard.nonzero().reshape(-1)
-            y = y.clone()
+                cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
+                cand = cand[~torch.isnan(flat[cand])]
+                yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
+                                     flat[cand], *tabs)
+                y[cand] = yc
+                idx = cand[hc]
+        if idx is not None and idx.numel():
+            y = y.clone() if xq is not None else y
             if self.method is Method.BOUND:  # (displaced below)
                 vals = [cr_exact(Fn.EXP, Fraction(v), self.rounders["out"])
                         for v in xq[idx].tolist()]
             else:
-                vals = [self.reference(v) for v in x.detach().reshape(-1)[idx].tolist()]
+                vals = [self.reference(v) for v in flat[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
                                   device=y.device).float()
         if xq is not None:
@@ -378,45 +376,10 @@ class FunctionUnit:
             xq = xq.reshape(x.shape)
         return y.reshape(x.shape), xq
 
-    def _blocks(self, flat: torch.Tensor, tabs: tuple[torch.Tensor, ...], B: int
-                ) -> torch.Tensor:
-        """The kernel on ``flat`` (float32, a multiple of B elements) seen as rows of B,
-        for a batch known to hold hard cases: one pass writes the results and a count of
-        hard cases per row; only the rows with a hard case go through :meth:`_direct` again
-        (the mask, then the exact reference for the hard elements) instead of a mask pass
-        over the whole batch."""
-        n = flat.numel()
-        rows = flat.view(n // B, B)
-        key = ("function-unit-blocks", self)
-        if key not in _PRIMED:  # its first-use self-check on 8 rows, not on the batch
-            _PRIMED.add(key)
-            kernels.run(_kernel(self, True), key, n, rows[:8], *tabs)
-        y, count = kernels.run(_kernel(self, True), key, n, rows, *tabs)
-        bad = count.nonzero().reshape(-1)
-        if bad.numel():
-            y[bad] = self._direct(rows[bad], blocks=False)[0]
-        return y.reshape(-1)
-
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
         a Fraction, or a float for -0.0, nan and +-inf."""
         return _reference(self, x)
-
-
-#: row lengths of the one-pass kernel (:meth:`FunctionUnit._blocks`), the first that
-#: divides the number of elements; batches with fewer rows than _MIN_ROWS take the two-pass
-#: kernel (a count, then the mask where it is not zero)
-_BLOCKS = (4096, 2048, 1024, 512, 256)
-_MIN_ROWS = 16
-_PRIMED: set[tuple] = set()
-#: from this many elements the per-row pass runs first: a correctly rounded unit then almost
-#: surely has a hard case (exp-exact: 8 in 2^24 random inputs), which would cost the count
-#: pass and the per-row pass (126 + 220 ms for exp-exact on 2^24 elements, vs 220 alone)
-_ONE_PASS_NUMEL = 1 << 23
-
-
-def _block_of(n: int) -> int:
-    return next((b for b in _BLOCKS if n % b == 0 and n // b >= _MIN_ROWS), 0)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -707,10 +670,12 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 # the fast path (one compiled kernel per unit)
 
 @lru_cache(maxsize=512)
-def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure over constants
+def _kernel(u: FunctionUnit, flag: bool = False, mark: bool = False):  # noqa: ANN202
     """The unit's kernel on flat float32 input: ``(y, xq, hard)`` (bound model), else
     ``(y, hard)``; with ``flag``, ``(y, count)`` instead, ``count`` > 0 where any element is a
-    hard case (a float32 sum: compiled, it costs far less than writing the bool mask)."""
+    hard case (a float32 sum: compiled, it costs far less than writing the bool mask); with
+    ``mark``, ``(y, count)`` with every hard case's result NaN (found again by
+    :meth:`FunctionUnit._direct` without a mask pass over the batch)."""
     r = u.rounders
     fn, m = u.function, u.method
     W = r["w"].fast
@@ -788,7 +753,8 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
         if u.flush_input:
             x = torch.where(x.abs() < min_in, x * 0.0, x)
-        xq = r["in"].fast(x)
+        # (the kernel's x holds float32 values: float32's own input rounding keeps them)
+        xq = x if r["in"].is_f32 else r["in"].fast(x)
         nan = xq != xq
         no = torch.zeros_like(nan)
         if m is Method.BOUND or (m is Method.EXACT and not (fn is Fn.EXP
@@ -848,9 +814,9 @@ def _kernel(u: FunctionUnit, flag: bool = False):  # noqa: ANN202 - a closure ov
         y, xq, hard = kernel(x.double(), *tabs)
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             return y.float(), xq.float(), hard
-        if flag:
-            # a count per row (2-D input, :meth:`FunctionUnit._blocks`), else in all
-            return y.float(), torch.where(hard, 1.0, 0.0).float().sum(-1)
+        if flag or mark:
+            count = torch.where(hard, 1.0, 0.0).float().sum()
+            return (torch.where(hard, math.nan, y) if mark else y).float(), count
         return y.float(), hard
 
     return kernel32
