@@ -7,17 +7,14 @@ Mixtral, ...) share one eager attention function::
 
 :func:`chunked_attention` computes exactly that with both matmuls under their
 :class:`~precisim.emulation.recipe.GemmSpec` (fake quant: operands quantized, fp32 products),
-but the scores, the softmax and P's quantization row chunk by row chunk, and for each chunk
-only over the keys the mask leaves visible (rounded up to whole scale blocks of P; the
-softmax runs over those keys rounded up to whole vectors, :func:`softmax_row_length`, with
-the padding at -inf, so that its reductions add the same values in the same order as the
-generic path's). Entries it skips are the ones the mask sends to an exact 0 in P, so they
-leave every scale block of P that is computed unchanged (the blocks run along the keys,
-docs/arithmetic.md section 2). ``P @ V`` is then one product over every row and key, the
-generic path's own (a BLAS product's summation order may depend on its shape: per-chunk
-products over fewer keys changed SmolLM2's mxfp8 logits from position 417 of 1024 on, ppl
-+0.6%). Under a causal mask this does ~(1 + c/L)/2 of the score and softmax work of the full
-``L x L`` matrix, in cache-sized pieces.
+but row chunk by row chunk, and for each chunk only over the keys the mask leaves visible
+(rounded up to whole scale blocks of P; the softmax runs over those keys rounded up to whole
+vectors, :func:`softmax_row_length`, with the padding at -inf, so that its reductions add the
+same values in the same order as the generic path's). Entries it skips are the ones the mask
+sends to an exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block
+of P that is computed unchanged (the blocks run along the keys, docs/arithmetic.md section 2).
+Under a causal mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in
+cache-sized pieces.
 
 It applies only when the result is the same computation as the generic path (the model's own
 function under :class:`~precisim.emulation.patch` 's matmul routing), checked by
@@ -272,13 +269,7 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     cuts = None  # (a dropping softmax: where the softmax may stop; the GEMMs take every key)
     if drop_gap is not None:
         cuts, ends = ends, [n_k] * len(ends)
-    # P of every chunk, the skipped keys' exact zeros included: one P @ V over every row and
-    # key, the generic path's product itself (a BLAS product's summation order may depend on
-    # its shape: with MKL, P @ V over a chunk's first 480 of 1024 keys, or over a chunk's few
-    # tail rows, differs in the last bits from the whole product, and MX quantization
-    # downstream amplifies such bits: measured on SmolLM2 under mxfp8 at 1024 tokens, logits
-    # from position 417 on, ppl +0.6%)
-    pfull = torch.zeros(b, h, n_q, n_k, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):
         r1, ke = min(n_q, r0 + rows), ends[i]
@@ -293,7 +284,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             p = torch.softmax(s[..., :c], dim=-1, dtype=torch.float32).to(dtype)
             pq = quantize_operand(p, pv.input, telemetry=telemetry,
                                   where=(f"{name}.pv", "input"))
-            pfull[:, :, r0:r1, :c] = pq.values  # (the dropped keys' P: zeros)
+            pz = torch.nn.functional.pad(pq.values, (0, ke - c))  # the dropped keys' zeros
+            out[:, :, r0:r1] = torch.matmul(pz, vq[:, :, :ke])
             continue
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
@@ -301,6 +293,5 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
         p = p if kp == ke else p[..., :ke]
         pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
-        pfull[:, :, r0:r1, :ke] = pq.values
-    out = torch.matmul(pfull, vq)
+        out[:, :, r0:r1] = torch.matmul(pq.values, vq[:, :, :ke])
     return out.to(dtype).transpose(1, 2).contiguous(), None
