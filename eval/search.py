@@ -412,7 +412,8 @@ class SearchResult:
                  for k in ("kl", "delta_ppl")
                  if any(f"{k}_{lab}" in r for r in self.groups)]
         o = self.problem.objective
-        return (f"per {self.problem.by} group: cost in {o.unit} (modelled), sensitivity alone "
+        on = "alone" if self.problem.against == "reference" else "on top of the base"
+        return (f"per {self.problem.by} group: cost in {o.unit} (modelled), sensitivity {on} "
                 f"on the search set (measured; rank by {self.problem.rank_by})\n\n"
                 + render_table(self.groups, cols))
 

@@ -293,10 +293,11 @@ def test_code_table_path(spec: dict, backend: str) -> None:
 
 
 def test_hard_cases_are_found_on_a_compiled_batch() -> None:
-    """A correctly rounded unit's compiled kernel reports only a count of hard cases (the
-    elements whose float64 value is too close to a rounding boundary); a non-zero count makes
-    the unit compute the mask and the exact results. rsqrt rounded toward zero of powers of 4
-    is such a case (the float64 value straddles the exact 2^-k); the large batch is compiled."""
+    """A correctly rounded unit's compiled kernel reports a count of hard cases (the elements
+    whose float64 value is too close to a rounding boundary) and marks their results NaN; a
+    non-zero count makes the unit compute the exact results there. rsqrt rounded toward zero
+    of powers of 4 is such a case (the float64 value straddles the exact 2^-k); the large
+    batch is compiled."""
     from precisim.emulation.functions.units import FunctionUnit, _kernel
     from precisim.formats import kernels
 
@@ -306,7 +307,8 @@ def test_hard_cases_are_found_on_a_compiled_batch() -> None:
     old = kernels.get_backend()
     try:
         kernels.set_backend("compile")
-        y, count = kernels.run(_kernel(u, True), ("function-unit-flag", u), x.numel(), x)
+        y, count = kernels.run(_kernel(u, mark=True), ("function-unit-mark", u), x.numel(),
+                               x)
         _, hard = kernels.run(_kernel(u), ("function-unit", u), x.numel(), x)
         got = u(x)
     finally:
@@ -315,4 +317,5 @@ def test_hard_cases_are_found_on_a_compiled_batch() -> None:
     assert bool(hard[-40:].all())
     want = [float(u.reference(v)) for v in x[-40:].tolist()]
     assert got[-40:].tolist() == want
-    assert torch.equal(y, got)
+    assert bool(torch.isnan(y[hard]).all())
+    assert torch.equal(torch.where(hard, got, y), got)

@@ -670,12 +670,12 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 # the fast path (one compiled kernel per unit)
 
 @lru_cache(maxsize=512)
-def _kernel(u: FunctionUnit, flag: bool = False, mark: bool = False):  # noqa: ANN202
+def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure over constants
     """The unit's kernel on flat float32 input: ``(y, xq, hard)`` (bound model), else
-    ``(y, hard)``; with ``flag``, ``(y, count)`` instead, ``count`` > 0 where any element is a
-    hard case (a float32 sum: compiled, it costs far less than writing the bool mask); with
-    ``mark``, ``(y, count)`` with every hard case's result NaN (found again by
-    :meth:`FunctionUnit._direct` without a mask pass over the batch)."""
+    ``(y, hard)``; with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
+    and ``count`` the number of hard cases (a float32 sum: compiled, it costs far less than
+    writing the bool mask; the NaN results are found again by :meth:`FunctionUnit._direct`
+    without a mask pass over the batch)."""
     r = u.rounders
     fn, m = u.function, u.method
     W = r["w"].fast
@@ -814,9 +814,9 @@ def _kernel(u: FunctionUnit, flag: bool = False, mark: bool = False):  # noqa: A
         y, xq, hard = kernel(x.double(), *tabs)
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             return y.float(), xq.float(), hard
-        if flag or mark:
+        if mark:
             count = torch.where(hard, 1.0, 0.0).float().sum()
-            return (torch.where(hard, math.nan, y) if mark else y).float(), count
+            return torch.where(hard, math.nan, y).float(), count
         return y.float(), hard
 
     return kernel32
