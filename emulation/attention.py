@@ -14,7 +14,9 @@ same values in the same order as the generic path's). Entries it skips are the o
 sends to an exact 0 in P, so they contribute nothing to ``P @ V`` and leave every scale block
 of P that is computed unchanged (the blocks run along the keys, docs/arithmetic.md section 2).
 Under a causal mask this does ~(1 + c/L)/2 of the work of the full ``L x L`` score matrix, in
-cache-sized pieces.
+pieces of :data:`CHUNK_ROWS` rows. The chunks and each one's keys depend only on the
+positions and on that sequence's own mask, never on the batch size or on the other sequences
+of a batch (docs/reproducibility.md section 9).
 
 It applies only when the result is the same computation as the generic path (the model's own
 function under :class:`~precisim.emulation.patch` 's matmul routing), checked by
@@ -55,8 +57,11 @@ from .telemetry import Telemetry
 __all__ = ["chunkable", "chunked_attention", "is_standard_eager", "kv_operand",
            "softmax_row_length"]
 
-#: target size in bytes of one chunk of the score matrix (all heads)
-CHUNK_BYTES = 1 << 22
+#: query rows per chunk. A constant, so that the chunks, the keys each one multiplies over and
+#: hence the BLAS summation order of every row depend on neither the batch size nor the
+#: sequence length (docs/reproducibility.md section 9): a row's result is the same whatever
+#: else is in the batch. One chunk of scores holds ``batch x heads x CHUNK_ROWS x keys`` floats.
+CHUNK_ROWS = 128
 
 _STANDARD: dict[Any, bool] = {}
 
@@ -112,25 +117,40 @@ def chunkable(spec: AttentionSpec) -> int | None:
 
 
 def _key_ends(mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: int
-              ) -> list[int]:
-    """Per row chunk, the number of leading keys that hold every key the mask leaves visible
-    (rounded up to ``align``); all keys for a chunk with a fully masked row (its softmax is
-    uniform over every key) or without a mask."""
+              ) -> list[tuple[int, ...]]:
+    """Per row chunk and per batch element of the mask (one entry for a mask broadcast over
+    the batch, or none), the number of leading keys that hold every key the mask leaves
+    visible to that element's rows (rounded up to ``align``); all keys for an element with a
+    fully masked row in the chunk (its softmax is uniform over every key) or without a mask.
+    Per element, so that one sequence's padding does not change another's keys (and so its
+    summation order)."""
     starts = range(0, n_q, rows)
     if mask is None:
-        return [n_k for _ in starts]
+        return [(n_k,) for _ in starts]
     vis = (mask > torch.finfo(mask.dtype).min / 2).expand(-1, -1, n_q, n_k)
     vis = vis.any(dim=1)  # (b, q, k)
     ends = []
     for r0 in starts:
         v = vis[:, r0:r0 + rows]
-        if not bool(v.any(-1).all()):
-            ends.append(n_k)
-            continue
-        cols = v.any(dim=0).any(dim=0).nonzero()
-        last = int(cols[-1]) + 1
-        ends.append(min(n_k, -(-last // align) * align))
+        whole = v.any(-1).all(-1).tolist()  # (b,): no fully masked row
+        last = v.any(dim=1).int().cumsum(-1).argmax(-1).tolist()  # last visible key
+        ends.append(tuple(min(n_k, -(-(j + 1) // align) * align) if ok else n_k
+                          for ok, j in zip(whole, last, strict=True)))
     return ends
+
+
+def _batch_groups(ends: tuple[int, ...]) -> list[tuple[slice, int]]:
+    """``(batch slice, key end)`` runs of equal key ends (one run over the whole batch when
+    every element has the same)."""
+    if len(set(ends)) == 1:
+        return [(slice(None), ends[0])]
+    out: list[tuple[slice, int]] = []
+    b0 = 0
+    for i in range(1, len(ends) + 1):
+        if i == len(ends) or ends[i] != ends[b0]:
+            out.append((slice(b0, i), ends[b0]))
+            b0 = i
+    return out
 
 
 class KeyEnds:
@@ -139,10 +159,10 @@ class KeyEnds:
     def __init__(self) -> None:
         self._mask: torch.Tensor | None = None
         self._key: tuple[Any, ...] | None = None
-        self._ends: list[int] = []
+        self._ends: list[tuple[int, ...]] = []
 
     def get(self, mask: torch.Tensor | None, n_q: int, n_k: int, rows: int, align: int
-            ) -> list[int]:
+            ) -> list[tuple[int, ...]]:
         key = (n_q, n_k, rows, align, None if mask is None else mask._version)
         if mask is not self._mask or key != self._key:
             self._ends = _key_ends(mask, n_q, n_k, rows, align)
@@ -263,35 +283,46 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q = q * scaling
     b, h, n_q, d = q.shape
     n_k = kq.shape[-2]
-    rows = max(16, min(n_q, CHUNK_BYTES // max(1, 4 * b * h * n_k)))
-    ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [n_k] * len(
+    rows = min(n_q, CHUNK_ROWS)
+    ends = key_ends.get(mask, n_q, n_k, rows, align) if skip_keys else [(n_k,)] * len(
         range(0, n_q, rows))
-    cuts = None  # (a dropping softmax: where the softmax may stop; the GEMMs take every key)
-    if drop_gap is not None:
-        cuts, ends = ends, [n_k] * len(ends)
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
     for i, r0 in enumerate(range(0, n_q, rows)):
-        r1, ke = min(n_q, r0 + rows), ends[i]
-        s = torch.matmul(q[:, :, r0:r1], kt[..., :ke]).to(dtype)
-        if not pow2:
-            s = s * scaling
-        if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
-            m = mask[:, :, r0:r1, :ke]
-            s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
-        if cuts is not None and cuts[i] < ke and drops_tail(s, cuts[i], drop_gap):
-            c = cuts[i]  # (a multiple of P's blocks: quantized alone as within the row)
-            p = torch.softmax(s[..., :c], dim=-1, dtype=torch.float32).to(dtype)
-            pq = quantize_operand(p, pv.input, telemetry=telemetry,
-                                  where=(f"{name}.pv", "input"))
-            pz = torch.nn.functional.pad(pq.values, (0, ke - c))  # the dropped keys' zeros
-            out[:, :, r0:r1] = torch.matmul(pz, vq[:, :, :ke])
-            continue
-        kp = softmax_row_length(ke, n_k)
-        if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
-            s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-        p = p if kp == ke else p[..., :ke]
-        pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
-        out[:, :, r0:r1] = torch.matmul(pq.values, vq[:, :, :ke])
+        r1 = min(n_q, r0 + rows)
+        for bs, ke in _batch_groups(ends[i]):
+            mb = None if mask is None else mask[bs if mask.shape[0] > 1 else slice(None)]
+            out[bs, :, r0:r1] = _chunk(q[bs, :, r0:r1], kt[bs], vq[bs], mb, r0, r1, ke, n_k,
+                                       scaling, pow2, dtype, pv, drop_gap, telemetry, name)
     return out.to(dtype).transpose(1, 2).contiguous(), None
+
+
+def _chunk(q: torch.Tensor, kt: torch.Tensor, vq: torch.Tensor, mask: torch.Tensor | None,
+           r0: int, r1: int, ke: int, n_k: int, scaling: float, pow2: bool,
+           dtype: torch.dtype, pv: GemmSpec, drop_gap: float | None,
+           telemetry: Telemetry | None, name: str) -> torch.Tensor:
+    """Rows ``r0:r1`` of the attention output (fp32) over the first ``ke`` keys (see
+    :func:`chunked_attention`). A dropping softmax (``drop_gap``): the GEMMs take every key and
+    the softmax stops at ``ke`` where :func:`drops_tail` allows."""
+    cut = None
+    if drop_gap is not None:
+        cut, ke = ke, n_k
+    s = torch.matmul(q, kt[..., :ke]).to(dtype)
+    if not pow2:
+        s = s * scaling
+    if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
+        m = mask[:, :, r0:r1, :ke]
+        s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
+    if cut is not None and cut < ke and drops_tail(s, cut, drop_gap):  # type: ignore[arg-type]
+        # (cut is a multiple of P's blocks: quantized alone as within the row)
+        p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
+        pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
+        pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # the dropped keys' zeros
+        return torch.matmul(pz, vq[:, :, :ke])
+    kp = softmax_row_length(ke, n_k)
+    if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
+        s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+    p = p if kp == ke else p[..., :ke]
+    pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
+    return torch.matmul(pq.values, vq[:, :, :ke])

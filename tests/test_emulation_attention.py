@@ -43,7 +43,7 @@ RECIPES = {
 
 
 def _run(model, recipe, *, generic: bool, mp: pytest.MonkeyPatch, mask=None, ids=IDS,
-         record: dict | None = None, chunk_bytes: int = 1):
+         record: dict | None = None, chunk_rows: int = 16):
     """Logits, chunked-attention calls and telemetry records; ``record`` collects the
     quantized operands of the first layer's attention matmuls and that attention's output."""
     calls = []
@@ -69,8 +69,8 @@ def _run(model, recipe, *, generic: bool, mp: pytest.MonkeyPatch, mask=None, ids
         return out
 
     with mp.context() as m:
-        # default: the smallest chunks (16 rows), many of them
-        m.setattr(attn_mod, "CHUNK_BYTES", chunk_bytes)
+        # default: small chunks (16 rows), many of them
+        m.setattr(attn_mod, "CHUNK_ROWS", chunk_rows)
         m.setattr(patch_mod, "chunked_attention", counting)
         m.setattr(attn_mod, "quantize_operand", quantizing)
         m.setattr(gemm_mod, "quantize_operand", quantizing)
@@ -145,7 +145,7 @@ def test_chunked_softmax_rows_of_any_length(monkeypatch: pytest.MonkeyPatch) -> 
     recs: list[dict] = [{}, {}]
     for rec, generic in zip(recs, (False, True)):
         _run(model, RECIPES["e3m2-elementwise"], generic=generic, mp=monkeypatch, record=rec,
-             chunk_bytes=23 * 4 * 2 * 4 * 150)  # b=2, h=4, 150 keys of fp32 per row
+             chunk_rows=23)
     where = ("model.layers.0.self_attn.pv", "input")
     p_full = recs[1][where][0]
     r0 = 0
@@ -253,12 +253,16 @@ def test_half_precision_chunked_equals_generic(monkeypatch: pytest.MonkeyPatch) 
 def test_key_ends_skip_the_causal_triangle() -> None:
     n = 100
     causal = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
-    assert _key_ends(causal, n, n, 16, 32) == [32, 32, 64, 64, 96, 96, 100]
-    assert _key_ends(causal, n, n, 16, 1) == [16, 32, 48, 64, 80, 96, 100]
-    assert _key_ends(None, n, n, 16, 32) == [n] * 7
+    assert _key_ends(causal, n, n, 16, 32) == [(e,) for e in (32, 32, 64, 64, 96, 96, 100)]
+    assert _key_ends(causal, n, n, 16, 1) == [(e,) for e in (16, 32, 48, 64, 80, 96, 100)]
+    assert _key_ends(None, n, n, 16, 32) == [(n,)] * 7
     fully_masked = causal.clone()
     fully_masked[..., 20, :] = torch.finfo(torch.float32).min
-    assert _key_ends(fully_masked, n, n, 16, 1)[1] == n
+    assert _key_ends(fully_masked, n, n, 16, 1)[1] == (n,)
+    # per batch element: one sequence's padding leaves the other's keys alone
+    both = torch.cat([causal, fully_masked])
+    assert _key_ends(both, n, n, 16, 1)[1] == (32, n)
+    assert _key_ends(both, n, n, 16, 1)[0] == (16, 16)
 
 
 def test_when_the_chunked_path_does_not_apply() -> None:
@@ -292,7 +296,7 @@ def test_generate_with_a_kv_cache_chunked_equals_generic(monkeypatch: pytest.Mon
     outs = []
     for generic in (False, True):
         with monkeypatch.context() as m:
-            m.setattr(attn_mod, "CHUNK_BYTES", 1)
+            m.setattr(attn_mod, "CHUNK_ROWS", 16)
             if generic:
                 m.setattr(patch_mod, "chunkable", lambda spec: None)
             with torch.no_grad(), emulate(model, r):
@@ -336,3 +340,33 @@ def test_gqa_operands_quantized_before_repeating_only_when_that_is_the_same(
                                  granularity=Granularity(((1, 2), (-1, 32))))
     monkeypatch.setattr(attn_mod, "resolved_format", lambda spec, axis: across)
     assert not attn_mod._head_local(TensorSpec("mxfp8"))
+
+
+def test_chunked_attention_does_not_depend_on_the_batch(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """A sequence's logits are the same alone and in a batch with other sequences, one of them
+    left-padded: the row chunks are a constant number of rows (attention.CHUNK_ROWS) and the
+    keys of a chunk are those visible to that batch element (attention._key_ends), so every
+    BLAS product, and its summation order, is the same. P is kept in fp32 so that a change of
+    order shows: the same sequence under another chunking differs (the check is not vacuous).
+    Before, the chunk's rows were a byte budget divided by the batch size, and a chunk holding
+    any sequence's padding took every key for every sequence (both fail here: MKL sums the
+    second chunk's 256 keys in another order than 640 keys with zeros past the 256th)."""
+    kw = dict(vocab_size=96, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=640)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    ids = torch.randint(0, 96, (3, 640), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :133] = 0  # fully masked rows in the first two chunks of sequence 1 only
+    r = Recipe.from_dict({"name": "p32", "attention": {"qk": "e4m3", "pv": {
+        "input": "fp32", "weight": "e4m3"}}})
+
+    def logits(rows: int, n: int) -> torch.Tensor:
+        monkeypatch.setattr(attn_mod, "CHUNK_ROWS", rows)
+        with torch.no_grad(), emulate(model, r, telemetry=False):
+            return model(ids[:n], attention_mask=mask[:n], use_cache=False).logits[0]
+
+    alone = logits(128, 1)
+    assert torch.equal(logits(128, 3), alone)
+    assert not torch.equal(logits(64, 1), alone)

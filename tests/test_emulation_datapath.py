@@ -197,7 +197,7 @@ def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  
     r = Recipe("x", attention=bf16.attention, linear=bf16.linear, softmax=sm)
     with emulate(model, bf16):
         plain = _logits(model)
-    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(attention, "CHUNK_ROWS", 16)
     calls = []
     own = patch.chunked_attention
     monkeypatch.setattr(patch, "chunked_attention",
@@ -237,7 +237,7 @@ def test_chunked_attention_cuts_the_rows_a_softmax_drops(sm, monkeypatch) -> Non
     bf16 = Recipe.from_yaml("name: b\nattention: bf16\nlinear: bf16")
     r = Recipe("x", attention=bf16.attention, linear=bf16.linear, softmax=sm)
     assert r.softmax.drop_gap == 1024.0
-    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # 16-row chunks
+    monkeypatch.setattr(attention, "CHUNK_ROWS", 16)
     widths: list[int] = []
     own = Softmax.__call__
     monkeypatch.setattr(Softmax, "__call__",
