@@ -157,6 +157,7 @@ def _scaled(args) -> None:
             def run(fid=fid, out=out, a=a, b=b, unit=unit):
                 out["d"] = scaled_matmul(a, b, unit, fidelity=fid)
 
+            run()  # warm-up: the compiled kernels are built on the first full-size call
             t = _time(run, args.repeat if fid == "bit-exact" else max(5, args.repeat))
             res[fid] = out["d"]
             print(f"{fa + '/' + unit:24s} {fid:9s}: {t:8.3f} s  {products / t:10.3g} products/s"
