@@ -10,11 +10,17 @@ With ``--scaled`` it also times ``scaled_matmul`` on an LLM-shaped linear layer
 DeepSeek 1x128 / 128x128 FP8 on ``deepseek-fp8``.
 
     python benchmarks/bench_gemm.py [--m 512 --k 512 --n 4096 --threads 0 --repeat 3]
-                                    [--units h100-e4m3,h100-bf16] [--scaled]
+                                    [--units h100-e4m3,h100-bf16 | --all-units] [--scaled]
+                                    [--no-slower] [--clock wall|cpu]
 
 Each bit-exact row names the kernel that computed it (:func:`precisim.emulation.explain`)
 and is followed by every slower bit-exact kernel that also computes the call, timed on the same
-inputs (its time, the speed-up, and whether the bits agree).
+inputs (its time, the speed-up, and whether the bits agree); ``--no-slower`` skips those
+timings (what makes a run over every unit long). ``--all-units`` times every preset unit
+(``precisim.emulation.presets.UNITS``), the inputs rounded to each unit's input formats, and
+ends with a summary table (products/s of the bit-exact kernel, its name, the time over the
+fp32 matmul's). ``--clock cpu`` times with ``time.process_time`` (CPU time of this process:
+steadier than wall time on a loaded machine; use it with ``--threads 1``).
 
 Targets on the 2-core CPU (issue 3): bit-exact >= 1e8 products/s; fast within 3x of the fp32
 matmul. Timings are the best of ``--repeat`` runs (the machine is shared: medians drift).
@@ -23,11 +29,13 @@ matmul. Timings are the best of ``--repeat`` runs (the machine is shared: median
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from precisim.emulation import (
     available_kernels,
+    available_units,
     divergence,
     explain,
     get_unit,
@@ -39,13 +47,17 @@ from precisim.emulation.scaled import scaled_explain
 from precisim.formats import quantize
 from precisim.formats.scaling import quantize_scaled
 
+#: the clock of :func:`_time` (``--clock``)
+_CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
 
 def _time(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = _clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, _clock() - t)
     return best
 
 
@@ -75,10 +87,14 @@ def _report(name: str, ex: torch.Tensor, fa: torch.Tensor, unit) -> None:
           f"mean relative bias {r['mean_relative_bias']:.2g}")
 
 
-def _gemms(args) -> None:
+def _gemms(args) -> list[tuple[str, str, float, float]]:
+    """Time every unit of ``args``; returns (unit, bit-exact kernel, bit-exact products/s,
+    bit-exact time / fp32 matmul time) per unit."""
     products = args.m * args.k * args.n
     g = torch.Generator().manual_seed(0)
-    for name in args.units.split(","):
+    names = available_units() if args.all_units else args.units.split(",")
+    rows = []
+    for name in names:
         unit = get_unit(name)
         a = quantize(torch.randn(args.m, args.k, generator=g), unit.a_format)
         b = quantize(torch.randn(args.k, args.n, generator=g), unit.b_format)
@@ -87,7 +103,9 @@ def _gemms(args) -> None:
         print(f"{name:14s} torch.matmul fp32: {t32:8.4f} s  {products / t32:10.3g} products/s")
         results = {}
         for fid in ("bit-exact", "fast"):
-            matmul(a[:8], b, unit, fidelity=fid)  # warm-up
+            # warm-up on the timed shape: the compiled kernels are built (and self-checked)
+            # on their first call of a large batch, not on a small slice
+            matmul(a, b, unit, fidelity=fid)
             out = {}
 
             def run(fid=fid, out=out, a=a, b=b, unit=unit):
@@ -98,9 +116,25 @@ def _gemms(args) -> None:
             print(f"{name:14s} {fid:9s}: {t:8.3f} s  {products / t:10.3g} products/s  "
                   f"{t / t32:8.2f}x the fp32 matmul time")
             if fid == "bit-exact":
-                _other_kernels(name, run, out, t, args.repeat,
-                               lambda k, a=a, b=b, unit=unit: explain(a, b, unit, kernel=k))
+                kern = explain(a, b, unit).kernel
+                rows.append((name, kern, products / t, t / t32))
+                if args.no_slower:
+                    print(f"{name:14s} bit-exact kernel: {kern}")
+                else:
+                    _other_kernels(name, run, out, t, args.repeat,
+                                   lambda k, a=a, b=b, unit=unit: explain(a, b, unit,
+                                                                          kernel=k))
         _report(name, results["bit-exact"], results["fast"], unit)
+    return rows
+
+
+def _summary(rows: list[tuple[str, str, float, float]], target: float) -> None:
+    """The bit-exact rows as a markdown table (``target``: the products/s to reach)."""
+    print(f"\n| unit | bit-exact kernel | products/s | x fp32 matmul time | >= {target:.0e} |")
+    print("|---|---|---:|---:|:---:|")
+    for name, kern, rate, ratio in rows:
+        print(f"| {name} | {kern} | {rate:.3g} | {ratio:.1f} | "
+              f"{'yes' if rate >= target else 'NO'} |")
 
 
 def _scaled(args) -> None:
@@ -123,6 +157,7 @@ def _scaled(args) -> None:
             def run(fid=fid, out=out, a=a, b=b, unit=unit):
                 out["d"] = scaled_matmul(a, b, unit, fidelity=fid)
 
+            run()  # warm-up: the compiled kernels are built on the first full-size call
             t = _time(run, args.repeat if fid == "bit-exact" else max(5, args.repeat))
             res[fid] = out["d"]
             print(f"{fa + '/' + unit:24s} {fid:9s}: {t:8.3f} s  {products / t:10.3g} products/s"
@@ -142,13 +177,27 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per timing (best is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--units", default="h100-e4m3,h100-bf16")
+    p.add_argument("--all-units", action="store_true",
+                   help="every preset unit (overrides --units) and a summary table")
+    p.add_argument("--no-slower", action="store_true",
+                   help="do not time the slower bit-exact kernels")
+    p.add_argument("--clock", choices=sorted(_CLOCK), default="wall",
+                   help="wall: perf_counter; cpu: process_time (CPU time of the process)")
+    p.add_argument("--target", type=float, default=1e9,
+                   help="bit-exact products/s marked as reached in the summary")
     p.add_argument("--scaled", action="store_true", help="also time scaled_matmul")
     args = p.parse_args()
+    global _clock
+    _clock = _CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"A {args.m}x{args.k} @ B {args.k}x{args.n}: {args.m * args.k * args.n:.3g} products, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    _gemms(args)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    rows = _gemms(args)
+    if args.all_units:
+        _summary(rows, args.target)
     if args.scaled:
         _scaled(args)
 

@@ -83,3 +83,79 @@ def test_signed_zeros_and_overflow():
     for u in (unit, sat):
         assert _same(matmul(a, b, u, c, kernel="exact-blocks"),
                      matmul(a, b, u, c, kernel="reference"))
+
+
+def _fma_cases(seed: int, M: int = 48, N: int = 40, K: int = 3):
+    """fp32 operands whose products need 48 bits and whose sums with c land next to float32
+    midpoints (c + a*b = 1 + 2^-24 + a tail), cancel to the product's low half (c = -fl(ab)),
+    or sit at the extremes that :func:`xb._fma32_ok` still accepts."""
+    g = torch.Generator().manual_seed(seed)
+
+    def near(n, k, scale, sign):  # 1 +- s*2^-13, s in [-7, 7]: equal s give
+        # a*b = 2^-24 * (1 - s^2 * 2^-26), just below the midpoint 2^-24 of c = 1 (+2^-23)
+        u = torch.randint(-7, 8, (n, k), generator=g).to(torch.float64)
+        return ((1 + sign * u * 2.0 ** -13) * scale).to(torch.float32)
+
+    a = near(M, K, 2.0 ** -24, 1)
+    b = near(K, N, 1.0, -1)
+    sign = torch.where(torch.rand(M, N, generator=g) < 0.5, -1.0, 1.0)
+    c = torch.where(torch.rand(M, N, generator=g) < 0.5, 1.0, 1.0 + 2.0 ** -23) * sign
+    a[: M // 4] = -a[: M // 4]
+    # cancellation: c = -fl(a0*b0) leaves the exact low half of the first product
+    c[M // 4: M // 2] = -(a[M // 4: M // 2, :1] * b[:1]).to(torch.float32)
+    # wide exponents within the accepted range (products down to 2^-149, operands to 2^114)
+    e = torch.randint(-60, 58, (M, K), generator=g).to(torch.float32)
+    a[M // 2:] = torch.randn(M - M // 2, K, generator=g) * torch.exp2(e[M // 2:])
+    return a, b, c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fp32_fma_in_float32_equals_the_reference(seed):
+    """fma-fp32-fp32 through the float32-only emulated FMA (variant f32x: Dekker product,
+    TwoSum, rounding to odd), compiled and eager, equals the exact reference bit for bit on
+    midpoint, cancellation and wide-exponent cases."""
+    from precisim.emulation.matmul.call import prepare
+
+    unit = get_unit("fma-fp32-fp32")
+    a, b, c = _fma_cases(seed)
+    assert xb._sequential_variant(prepare(a, b, unit, c, "bit-exact")) == "f32x"
+    ref = matmul(a, b, unit, c, kernel="reference")
+    old = kernels.get_backend()
+    try:
+        for backend in ("compile", "eager"):
+            kernels.set_backend(backend)
+            assert _same(matmul(a, b, unit, c, kernel="exact-blocks"), ref), backend
+    finally:
+        kernels.set_backend(old)
+
+
+def test_fp32_fma_variant_limits_and_signed_zeros():
+    """Operands at or above 2^115, or products below 2^-149, leave the float32 FMA for the
+    float64 one; -0 terms keep their sign (-0 + -0*x = -0), an overflow is recomputed exactly,
+    and every case equals the reference."""
+    from precisim.emulation.matmul.call import prepare
+
+    unit = get_unit("fma-fp32-fp32")
+    b = torch.tensor([[1.0], [1.5]])
+    for a, want in ((torch.tensor([[2.0 ** 114, 3.0]]), "f32x"),
+                    (torch.tensor([[2.0 ** 115, 3.0]]), "f64"),
+                    (torch.tensor([[2.0 ** -100, 2.0 ** -3]]), "f32x"),
+                    (torch.tensor([[2.0 ** -110, 2.0 ** -3]]), "f64")):
+        bb = b * 2.0 ** -3 if want == "f32x" and a[0, 0] < 1 else b
+        assert xb._sequential_variant(prepare(a, bb, unit, None, "bit-exact")) == want
+        assert _same(matmul(a, bb, unit, kernel="exact-blocks"),
+                     matmul(a, bb, unit, kernel="reference"))
+    a = torch.tensor([[-0.0, -0.0, -0.0], [0.0, -0.0, -0.0], [3.0e38, 3.0e38, -3.0e38],
+                      [1.0 + 2.0 ** -23, -0.0, 0.0]])
+    b = torch.tensor([[1.0 + 2.0 ** -23], [1.0], [1.0]])
+    c = torch.tensor([[-0.0], [-0.0], [0.0], [-(1.0 + 2.0 ** -22)]])
+    for backend in ("compile", "eager"):
+        old = kernels.get_backend()
+        kernels.set_backend(backend)
+        try:
+            got = matmul(a, b, unit, c, kernel="exact-blocks")
+        finally:
+            kernels.set_backend(old)
+        assert torch.signbit(got[0, 0]) and got[0, 0] == 0
+        assert not torch.signbit(got[1, 0]) and got[1, 0] == 0
+        assert _same(got, matmul(a, b, unit, c, kernel="reference")), backend

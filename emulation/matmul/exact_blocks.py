@@ -90,7 +90,9 @@ def _two_sum(x, y):
 def _sequential_variant(call: GemmCall) -> str:
     """For one product per block under round-to-nearest-even, how the running sum can be
     rounded without bit manipulation (:func:`_kernels`): ``"f32"`` an fp32 accumulator and
-    products exact in float32 (one float32 addition is the unit's rounding), ``"f64"`` an fp32
+    products exact in float32 (one float32 addition is the unit's rounding), ``"f32x"`` an
+    fp32 accumulator, exact (unrounded) products of fp32 values that are not exact in float32
+    but whose Dekker halves are (:func:`_fma32`: float32 arithmetic only), ``"f64"`` an fp32
     accumulator and wider products (a float64 addition, corrected where it lands on a float32
     midpoint), ``"half"`` an fp16 or bf16 accumulator and products exact in float32 (a float32
     addition with its exact error, converted, corrected at midpoints); ``""`` the general
@@ -110,10 +112,62 @@ def _sequential_variant(call: GemmCall) -> str:
             ra[0] + rb[0] - fa.man_bits - fb.man_bits >= -149 and ra[1] + rb[1] + 2 <= 127)
     shape = (bf.exp_bits, bf.man_bits, bf.bias)
     if shape == (8, 23, 127):
-        return "f32" if exact32 else "f64"
+        if exact32:
+            return "f32"
+        return "f32x" if _fma32_ok(call) else "f64"
     if shape in ((5, 10, 15), (8, 7, 127)) and exact32:
         return "half"
     return ""
+
+
+def _fma32_ok(call: GemmCall) -> bool:
+    """Whether :func:`_fma32` computes every product of ``call`` exactly: unrounded products
+    of float formats of at most 24 significant bits (fp32 values), every Veltkamp partial
+    product at or above 2^-149 (the sum of the smallest alignment exponents, less both
+    fraction widths, >= -149) and no operand at or above 2^115 (the split's 4097*x is finite).
+    An operand all zeros is fine."""
+    unit = call.unit
+    fa, fb = unit.a_format, unit.b_format
+    if unit.product_format is not None or not (
+            isinstance(fa, FloatFormat) and isinstance(fb, FloatFormat)
+            and fa.man_bits <= 23 and fb.man_bits <= 23):
+        return False
+    ra, rb = call.exponent_range(0), call.exponent_range(1)
+    if ra is None or rb is None:
+        return True
+    return (ra[0] + rb[0] - fa.man_bits - fb.man_bits >= -149
+            and ra[1] <= 114 and rb[1] <= 114)
+
+
+def _split32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Veltkamp's split of float32 ``x`` (|x| < 2^115): (hi, lo), hi + lo = x exactly, each
+    of at most 12 significant bits, so every product of two halves is exact in float32
+    (docs/arithmetic.md section 4.8, emulated FMA). Both halves of -0 are -0."""
+    x = x.to(torch.float32)
+    g = x * 4097.0
+    hi = g - (g - x)
+    # a zero's halves are hi = x and lo = x, so hi + lo keeps the sign of -0
+    return hi, torch.where(x == 0, x, x - hi)
+
+
+def _fma32(c, ah, al, bh, bl):
+    """RNE_fp32(c + a*b) of float32 ``c`` and the exact product of a = ah + al and
+    b = bh + bl (:func:`_split32` halves), in float32 arithmetic only (docs/arithmetic.md
+    section 4.8): Dekker's exact product a*b = ph + pl, TwoSum c + ph = th + tl, then
+    RN(th + RO(tl + pl)) with RO rounding to odd (Boldo & Melquiond, "Emulation of FMA and
+    correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008). Exact
+    where every partial product is at or above 2^-149 (:func:`_fma32_ok`); an overflow
+    anywhere leaves an infinity or NaN (the caller recomputes those outputs). Where
+    RO(tl + pl) is zero the result is th itself (so the IEEE sign of a zero sum is th's)."""
+    ph = (ah + al) * (bh + bl)
+    pl = (((ah * bh - ph) + ah * bl) + al * bh) + al * bl
+    th, tl = _two_sum(c, ph)
+    u, ue = _two_sum(tl, pl)
+    bits = u.view(torch.int32)
+    fix = (ue != 0) & ((bits & 1) == 0)
+    step = torch.where((ue > 0) == (u > 0), 1, -1).to(torch.int32)
+    v = torch.where(fix, bits + step, bits).view(torch.float32)
+    return torch.where(v == 0, th, th + v)
 
 
 def _sequential_kernel(unit: MatrixUnit, T: int, variant: str):
@@ -125,7 +179,13 @@ def _sequential_kernel(unit: MatrixUnit, T: int, variant: str):
     saturate = unit.acc_overflow.value == "saturate"
     mx = float(bf.max)
 
-    def steps(hi, lo, bad, a_c, b_c):
+    def steps(hi, lo, bad, a_c, b_c, al_c=None, bl_c=None):
+        if variant == "f32x":  # a_c, b_c: the high halves; al_c, bl_c: the low ones
+            c = hi.to(torch.float32)
+            for t in range(T):
+                c = _fma32(c, a_c[:, :, t:t + 1], al_c[:, :, t:t + 1],
+                           b_c[:, t:t + 1, :], bl_c[:, t:t + 1, :])
+            return c.to(torch.float64), lo, bad
         if variant == "f32":
             c, a32, b32 = hi.to(torch.float32), a_c.to(torch.float32), b_c.to(torch.float32)
             for t in range(T):
@@ -256,15 +316,20 @@ def _run(call: GemmCall) -> torch.Tensor:
     bad = torch.zeros_like(c)
     work = Bt * M * N * T
     variant = _sequential_variant(call)
+    if variant == "f32x":  # the operands as float32 Veltkamp halves (split once)
+        (a, al), (b, bl) = _split32(a), _split32(b)
     for k0 in range(0, Kp, T):
         last = k0 + T >= Kp
         chunk_ends = ends
         if not ends and (last or (k0 + T) % k == 0):
             chunk_ends = (T - 1,)  # a long block (or the whole K) ends with this chunk
         steps, key = _kernels(unit, T, chunk_ends, variant)
+        lows = ()
+        if variant == "f32x":
+            lows = (al[:, :, k0:k0 + T].contiguous(), bl[:, k0:k0 + T, :].contiguous())
         hi, lo, bad = compiled.run(steps, key, work, hi, lo, bad,
                                    a[:, :, k0:k0 + T].contiguous(),
-                                   b[:, k0:k0 + T, :].contiguous())
+                                   b[:, k0:k0 + T, :].contiguous(), *lows)
     final = hi
     flagged = (bad != 0) | ~torch.isfinite(hi)
     if any_true(flagged):
