@@ -141,6 +141,11 @@ class Rq:
         # conversion (correctly rounded, subnormals and overflow included), one cast
         object.__setattr__(self, "_is_f32", self.fmt == FP32 and self.overflow is Overflow.INF
                            and self.rounding is Rounding.NEAREST_EVEN and not self.flush)
+        # the same with flush-to-zero of results below the smallest normal: the cast, then
+        # the flush of the rounded value (as :meth:`fast` flushes ``round_scaled``'s result)
+        object.__setattr__(self, "_is_f32_ftz", self.fmt == FP32 and self.flush
+                           and self.overflow is Overflow.INF
+                           and self.rounding is Rounding.NEAREST_EVEN)
 
     def describe(self) -> str:
         parts = [self.fmt.name]
@@ -168,6 +173,16 @@ class Rq:
         to inf, no flush): :meth:`fast32` is then one cast."""
         return self._is_f32  # type: ignore[attr-defined]
 
+    @property
+    def is_f32_ftz(self) -> bool:
+        """True for fp32, RNE, overflow to inf, with flush: the cast, then :meth:`flush32`."""
+        return self._is_f32_ftz  # type: ignore[attr-defined]
+
+    def flush32(self, f: torch.Tensor) -> torch.Tensor:
+        """Float32 results below the smallest normal in magnitude made zero of their sign
+        (the flush of :meth:`fast`, on float32 values; NaN and inf kept)."""
+        return torch.where(f.abs() < self._min_normal, f * 0.0, f)  # type: ignore[attr-defined]
+
     def fast32(self, v: torch.Tensor) -> torch.Tensor:
         """:meth:`fast` with a float32 result (for formats whose values are float32 values)."""
         return v.float() if self._is_f32 else self.fast(v).float()  # type: ignore[attr-defined]
@@ -177,6 +192,8 @@ class Rq:
         Branch-free (torch.compile'd as part of a unit's kernel)."""
         if self._is_f32:  # type: ignore[attr-defined]
             return v.float().double()
+        if self._is_f32_ftz:  # type: ignore[attr-defined]
+            return self.flush32(v.float()).double()
         sp = self.spec
         ax = v.abs()
         neg = torch.signbit(v)
@@ -489,6 +506,9 @@ def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[Any, Any]
     v = d.fast(xc)
     if r.is_f32:
         return _cr_fast32(fn, x, v, d.guard(xc))
+    if r.is_f32_ftz:  # the flush boundary is a float32 value: decided by the same test
+        y, hard = _cr_fast32(fn, x, v, d.guard(xc))
+        return r.flush32(y), hard
     exact = xc == 0
     if fn is Fn.EXP2:  # 2^n for integers n, exactly (from the bits)
         n = xc.round()

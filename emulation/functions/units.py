@@ -67,7 +67,7 @@ import torch
 from precisim.formats import FloatFormat, Rounding, kernels
 from precisim.formats.quantize import check_tensor
 
-from ..matmul.floatarith import any_true, fexp64, pow2_64
+from ..matmul.floatarith import fexp64, pow2_64
 from .core import (
     ACTIVATIONS,
     Fn,
@@ -328,7 +328,7 @@ class FunctionUnit:
         return y, xq
 
     def _apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(y, xq)``, xq only where the kernel computes it anyway (the bound model)."""
+        """``(y, xq)``; xq is None (:meth:`evaluate` rounds the inputs itself)."""
         x = check_tensor(x)
         flat = x.detach().reshape(-1).float()
         dt = _LUT_DTYPES.get(self.input_format.name)
@@ -344,37 +344,26 @@ class FunctionUnit:
         rounded core marks its hard cases NaN in the one pass that writes the results (and
         counts them); only where the count is not zero are the NaN results whose input is not
         NaN (the hard cases, and results that are NaN anyway) computed again by the kernel
-        with the mask, and the hard ones by the exact reference."""
+        with the mask, and the hard ones by the exact reference (for the bound model, its
+        displaced value: the kernel displaces every other result in the same pass)."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         n = flat.numel()
-        if self.method is Method.BOUND:
-            y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
-            idx = hard.nonzero().reshape(-1) if any_true(hard) else None
-        else:
-            xq = idx = None
-            y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
-                                   flat, *tabs)
-            if float(count) > 0:
-                cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
-                cand = cand[~torch.isnan(flat[cand])]
-                yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
-                                     flat[cand], *tabs)
-                y[cand] = yc
-                idx = cand[hc]
+        idx = None
+        y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
+                               flat, *tabs)
+        if float(count) > 0:
+            cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
+            cand = cand[~torch.isnan(flat[cand])]
+            yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
+                                 flat[cand], *tabs)
+            y[cand] = yc
+            idx = cand[hc]
         if idx is not None and idx.numel():
-            y = y.clone() if xq is not None else y
-            if self.method is Method.BOUND:  # (displaced below)
-                vals = [cr_exact(Fn.EXP, Fraction(v), self.rounders["out"])
-                        for v in xq[idx].tolist()]
-            else:
-                vals = [self.reference(v) for v in flat[idx].tolist()]
+            vals = [self.reference(v) for v in flat[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
                                   device=y.device).float()
-        if xq is not None:
-            y = _displace(y.double(), xq.double(), self.bound_seed).float()
-            xq = xq.reshape(x.shape)
-        return y.reshape(x.shape), xq
+        return y.reshape(x.shape), None
 
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
@@ -671,8 +660,8 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 
 @lru_cache(maxsize=512)
 def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure over constants
-    """The unit's kernel on flat float32 input: ``(y, xq, hard)`` (bound model), else
-    ``(y, hard)``; with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
+    """The unit's kernel on flat float32 input: ``(y, hard)`` (the bound model's y displaced,
+    :func:`_displace32`); with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
     and ``count`` the number of hard cases (a float32 sum: compiled, it costs far less than
     writing the bool mask; the NaN results are found again by :meth:`FunctionUnit._direct`
     without a mask pass over the batch)."""
@@ -686,6 +675,7 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
     lo, hi = u.bounds
     w = (hi - lo) / N
     min_in = float(u.input_format.min_normal)
+    seed_bits = _seed_bits(u.bound_seed)
     # constants from exact arithmetic, computed before tracing (Fraction code in a compiled
     # kernel would be traced into symbolic integers)
     inf_out = float(r["out"].exact(math.inf))
@@ -812,12 +802,13 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
         # float32 in and out (every value involved is a float32 value): compiled, the float64
         # arithmetic stays in registers, no full-size float64 tensor is written
         y, xq, hard = kernel(x.double(), *tabs)
+        y = y.float()
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
-            return y.float(), xq.float(), hard
+            y = _displace32(y, xq.float(), seed_bits)
         if mark:
             count = torch.where(hard, 1.0, 0.0).float().sum()
             return torch.where(hard, math.nan, y).float(), count
-        return y.float(), hard
+        return y, hard
 
     return kernel32
 
@@ -888,18 +879,33 @@ def _displace_exact(y: Value, x: Value, seed: int) -> Value:
     return f32_bits_to_value(nb)
 
 
-def _displace(y: torch.Tensor, xq: torch.Tensor, seed: int) -> torch.Tensor:
-    """:func:`_displace_exact` on tensors (y float64 of fp32 values, xq the inputs)."""
-    xb = xq.float().view(torch.int32).to(torch.int64) & _M32
-    B = 2 + torch.floor(torch.floor(xq.abs().clamp(max=1e6) * 1173.0) / 1000.0).long()
-    h = (xb + (seed * 0x9E3779B1 & _M32)) & _M32
-    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
-    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
-    h = h ^ (h >> 16)
-    k = torch.remainder(h, 2 * B + 1) - B
-    yb = y.float().view(torch.int32).to(torch.int64)
-    nb = (yb + k).clamp(0, 0x7F7FFFFF).to(torch.int32).view(torch.float32).double()
-    keep = torch.isnan(y) | torch.isinf(y) | (y == 0)
+def _seed_bits(seed: int) -> int:
+    """The hash's seed term ``seed * 0x9E3779B1 mod 2^32`` as a signed int32 (the same bits)."""
+    v = seed * 0x9E3779B1 & _M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tensor:
+    """:func:`_displace_exact` on float32 tensors (y the correctly rounded results, xq the
+    inputs), in int32 and float64 lanes only (vectorised when compiled; no int64): the
+    unsigned 32-bit hash is computed on int32 bits (additions and products wrap mod 2^32 as
+    the unsigned ones do; the logical shift is an arithmetic one masked to 16 bits), then
+    read as an exact float64 in [0, 2^32) for the remainder by 2B + 1 (the float64 quotient's
+    floor is corrected by one step either way, so the remainder is exact). ``seed_bits``:
+    :func:`_seed_bits`."""
+    xd = xq.double()
+    B = 2.0 + torch.floor(torch.floor(xd.abs().clamp(max=1e6) * 1173.0) / 1000.0)
+    h = xq.view(torch.int32) + seed_bits
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
+    h = h ^ ((h >> 16) & 0xFFFF)
+    hd = h.double() + torch.where(h < 0, 4294967296.0, 0.0)
+    mod = 2.0 * B + 1.0
+    r = hd - torch.floor(hd / mod) * mod
+    r = torch.where(r < 0, r + mod, torch.where(r >= mod, r - mod, r))
+    k = (r - B).to(torch.int32)
+    nb = (y.view(torch.int32) + k).clamp(0, 0x7F7FFFFF).view(torch.float32)
+    keep = (y != y) | (y.abs() == math.inf) | (y == 0)
     return torch.where(keep, y, nb)
 
 
