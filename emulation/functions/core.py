@@ -34,7 +34,7 @@ from ..matmul.intarith import RoundSpec
 
 __all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast",
            "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
-           "parse_enum", "pow2_pair", "rq", "signed_zero"]
+           "parse_enum", "pow2_exp2", "pow2_pair", "rq", "signed_zero"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
 
@@ -239,9 +239,10 @@ def add_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bb = s - a
     err = (a - (s - bb)) + (b - bb)
     bits = s.view(torch.int64)
-    fix = (err != 0) & ((bits & 1) == 0) & torch.isfinite(err)
+    # (err.abs() < inf is isfinite as a comparison: vectorised when compiled)
+    fix = (err != 0) & ((bits & 1) == 0) & (err.abs() < math.inf)
     step = torch.where((err > 0) == (s > 0), 1, -1)
-    return torch.where(fix, bits + step, bits).view(torch.float64)
+    return (bits + torch.where(fix, step, 0)).view(torch.float64)
 
 
 _SPLIT = float(2**27 + 1)
@@ -279,6 +280,15 @@ def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
 def grid_magic(frac_bits: int) -> float:
     """The constant of :func:`grid_rne`."""
     return 1.5 * 2.0 ** (52 - frac_bits)
+
+
+def pow2_exp2(n: torch.Tensor) -> torch.Tensor:
+    """2^n in float64 for an integer-valued float64 tensor n with |n| <= 300: ``torch.exp2``,
+    exact at integers (Sleef's and the C library's exp2 reduce n to itself and a zero
+    remainder, whose polynomial is exactly 1; tests/test_functions.py checks every n, eager
+    and compiled). Float lanes only (vectorised when compiled), unlike the bit
+    constructions of :func:`pow2_pair`."""
+    return torch.exp2(n)
 
 
 def pow2_pair(n: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ from .core import (
     grid_rne,
     inf_values,
     parse_enum,
-    pow2_pair,
+    pow2_exp2,
     rq,
 )
 
@@ -681,49 +681,60 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
     inf_out = float(r["out"].exact(math.inf))
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
+    Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
+
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
-    # comparisons replace them. The int64 bit views of add_ro are too, yet measured cheaper
-    # than a float-only fp32-rounded TwoSum (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
-    # 367 vs 561 ms on 4096x4096, one thread, loaded machine), so sums stay W(add_ro(a, b)).
+    # comparisons replace them. Measured per 2^24 elements, one thread, compiled, on top of a
+    # plain float32 -> float64 -> float32 pass (31 ms): add_ro +22 ms, a float-only
+    # fp32-rounded TwoSum with a midpoint test +34 ms (so sums stay W(add_ro(a, b))); a
+    # 64-entry table gather +10 ms (int32 or int64 index alike); pow2_pair (int32 bits viewed
+    # as float32) +29 ms, exp2 at integers +13 ms (so powers of two come from exp2);
+    # fexp64 / pow2_64 (int64 views) +3 ms. A one-entry table is broadcast, not gathered.
     def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""
         return W(add_ro(a, b))
 
-    def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included), NaN excluded
-        return (v < 0) | ((v == 0) & (1.0 / v < 0))
+    def take(tab: torch.Tensor, i: torch.Tensor | None) -> torch.Tensor:
+        return tab if i is None else tab[i]
 
-    def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included; NaN: either)
+        # (copysign, vectorised; measured 3.3 ms per 2^24 elements against 106 ms for the
+        # former (v < 0) | ((v == 0) & (1 / v < 0)), compiled, one thread)
+        return torch.copysign(torch.ones_like(v), v) < 0
+
+    def locate(v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(int32 segment index, None for a one-entry table; position in the segment)."""
         if fn is Fn.RSQRT:
-            half = N // 2
+            half = float(N // 2)
             p = v >= 2
             s = (torch.where(p, v * 0.5, v) - 1.0) * half
             j = s.floor()
-            return (j + torch.where(p, float(half), 0.0)).long(), s - j
+            return (j + torch.where(p, half, 0.0)).int(), s - j
         if fn in (Fn.EXP, Fn.EXP2):
-            s = v * N
+            s = v * Nf
         elif fn is Fn.RCP:
-            s = (v - 1.0) * N
+            s = (v - 1.0) * Nf
         else:
             s = (v - lo) * (1.0 / w)
-        j = s.floor().clamp(0, N - 1)
-        return j.long(), s - j
+        j = s.floor().clamp(0.0, Nf - 1.0)
+        return (None if N == 1 else j.int()), s - j
 
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)
         if m is Method.TABLE:
             if u.interpolation is Interp.NONE:
-                return tabs[2][i]
-            t0, d = tabs[0][i], tabs[3][i]  # d = W(T1 - T0), tabulated
+                return take(tabs[2], i)
+            t0, d = take(tabs[0], i), take(tabs[3], i)  # d = W(T1 - T0), tabulated
             return addw(t0, d * pos) if u.fma else addw(t0, W(d * pos))
         if m is Method.POLYNOMIAL:
-            y = tabs[3 + u.degree][i]
+            y = take(tabs[3 + u.degree], i)
             if u.degree == 0:
                 return W(y)
             for k in range(u.degree - 1, -1, -1):
-                ck = tabs[3 + k][i]
+                ck = take(tabs[3 + k], i)
                 y = addw(y * pos, ck) if u.fma else addw(W(y * pos), ck)
             return y
-        y = tabs[2][i]
+        y = take(tabs[2], i)
         for _ in range(u.newton_steps):
             if fn is Fn.RCP:
                 if u.fma:
@@ -760,7 +771,7 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
             else:
                 T = grid_rne(t, F)  # (|t| <= 2^8)
                 n = T.floor()
-                y = r["out"].fast(core(T - n, tabs) * pow2_pair(n))
+                y = r["out"].fast(core(T - n, tabs) * pow2_exp2(n))
                 hard = no
             y = torch.where(xq == math.inf, inf_out, y)
             y = torch.where(xq == -math.inf, 0.0, y)
@@ -775,12 +786,12 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
                 y = core(axs * pow2_64(-e), tabs) * pow2_64(-e)
                 y = torch.where(neg, -y, y)
             else:
-                k = torch.div(e, 2, rounding_mode="floor")
+                k = e >> 1  # floor(e / 2)
                 y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
             y = r["out"].fast(y)
             y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
             if fn is Fn.RCP:
-                y = torch.where(ax == math.inf, 1.0 / xq, y)  # (+-0: see signed_zero)
+                y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
             else:
                 y = torch.where(xq == math.inf, 0.0, y)
                 y = torch.where((xq < 0) & (ax > 0), math.nan, y)
