@@ -378,3 +378,19 @@ def test_pow2_exp2_is_exact_at_integers(backend: str) -> None:
         kernels.set_backend(old)
     want = torch.tensor([math.ldexp(1.0, int(k)) for k in n.tolist()], dtype=torch.float64)
     assert torch.equal(got, want)
+
+
+def test_nan_scan_in_chunks() -> None:
+    """The chunked NaN scan of the marked results returns isnan().nonzero() exactly: NaNs at
+    chunk boundaries, in the last partial chunk, none, and a small tensor."""
+    from precisim.emulation.functions.units import _SCAN_CHUNK, _nan_indices
+
+    n = 5 * _SCAN_CHUNK + 123
+    y = torch.zeros(n)
+    assert _nan_indices(y).numel() == 0
+    idx = [0, 1, _SCAN_CHUNK - 1, _SCAN_CHUNK, 3 * _SCAN_CHUNK + 7, n - 124, n - 1]
+    g = torch.Generator().manual_seed(5)
+    idx += torch.randint(0, n, (200,), generator=g).tolist()
+    y[idx] = math.nan
+    assert torch.equal(_nan_indices(y), torch.isnan(y).nonzero().reshape(-1))
+    assert torch.equal(_nan_indices(y[:100]), torch.isnan(y[:100]).nonzero().reshape(-1))

@@ -353,7 +353,7 @@ class FunctionUnit:
         y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
                                flat, *tabs)
         if float(count) > 0:
-            cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
+            cand = _nan_indices(y)  # (one pass over the batch)
             cand = cand[~torch.isnan(flat[cand])]
             yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
                                  flat[cand], *tabs)
@@ -369,6 +369,21 @@ class FunctionUnit:
         """The exact result for one input value (a Python float or an exact Fraction):
         a Fraction, or a float for -0.0, nan and +-inf."""
         return _reference(self, x)
+
+
+#: the NaN scan of :meth:`FunctionUnit._direct` reads the results in chunks of this many
+#: elements: small masks that the allocator reuses warm, instead of one full-size bool tensor
+#: (fresh pages to fault in): 14 vs 26 ms on 2^24 float32 results, one thread
+_SCAN_CHUNK = 1 << 16
+
+
+def _nan_indices(y: torch.Tensor) -> torch.Tensor:
+    """The indices of the NaN elements of the flat tensor ``y``, ascending (int64), as
+    ``torch.isnan(y).nonzero().reshape(-1)``."""
+    if y.numel() <= _SCAN_CHUNK:
+        return torch.isnan(y).nonzero().reshape(-1)
+    return torch.cat([torch.isnan(ch).nonzero().reshape(-1) + i * _SCAN_CHUNK
+                      for i, ch in enumerate(y.split(_SCAN_CHUNK))])
 
 
 def _default(f: dataclasses.Field) -> Any:
