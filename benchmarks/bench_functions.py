@@ -12,6 +12,20 @@ torch.compile's one-off compilation) is reported separately, and every compiled 
 compared with the eager kernel's bit for bit (``bits`` column: ``same`` or the number of
 differing elements).
 
+Allocation: the unit and the clone both return a fresh 4096x4096 float32 tensor (64 MiB). glibc
+serves such a request by ``mmap`` (it is above the largest dynamic mmap threshold, 32 MiB), so
+its first touch page-faults every 4 KiB page (16385 minor faults, about 20-25 ms of kernel
+time zeroing pages: most of a clone's cost) -- unless a free region of the heap left by earlier
+frees happens to be large enough, in which case the memory is reused warm and the clone takes
+3-6 ms instead (the clone-time outliers seen before; which case occurs depended on the
+allocation history of the previous unit). To measure both under the same conditions, the bench
+fixes glibc's mmap threshold at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``, which also turns off its
+dynamic adjustment): every large allocation, of the clone and of the unit alike, is then a
+fresh mapping, as a first allocation of this size always is. The ``faults`` column gives the
+minor page faults of one unit call (a unit that writes only its output: the clone's 16385); the
+``copy ms`` column is ``out.copy_(x)`` into a warm preallocated tensor (no allocation: the
+memory-bandwidth floor, for reference; the ratio is to the clone).
+
 Inputs: ``randn * 4`` (rsqrt: its absolute value), so exp and the activations see their
 whole interesting range.
 
@@ -20,12 +34,15 @@ on a loaded machine it follows the work done rather than the share of the cores 
 with ``--threads 1``.
 
     python benchmarks/bench_functions.py [--size 4096] [--repeats 5] [--only NAME ...]
-        [--threads N] [--clock wall|process]
+        [--threads N] [--clock wall|process] [--no-mallopt]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -38,10 +55,30 @@ from precisim.formats import kernels
 CLOCK = time.perf_counter
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fresh_allocations(threshold: int = 1 << 20) -> bool:
+    """Make every allocation of at least ``threshold`` bytes a fresh mmap (glibc's mallopt;
+    see the module docstring). False where the C library has no mallopt (not glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def once(fn: Callable[[], object]) -> float:
     t0 = CLOCK()
     fn()
     return CLOCK() - t0
+
+
+def faults(fn: Callable[[], object]) -> int:
+    """Minor page faults of one call."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def cases(x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor]]]:
@@ -70,7 +107,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="names of the cases to run")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--clock", choices=("wall", "process"), default="wall")
+    ap.add_argument("--no-mallopt", action="store_true",
+                    help="leave glibc's mmap threshold dynamic (clone times then vary 3-30 ms)")
     args = ap.parse_args()
+    fresh = False if args.no_mallopt else fresh_allocations()
     global CLOCK
     if args.clock == "process":
         CLOCK = time.process_time
@@ -80,8 +120,11 @@ def main() -> None:
     x = torch.randn(args.size, args.size, generator=g) * 4
     y = torch.randn(args.size, args.size, generator=g) * 4
     print(f"{args.size}x{args.size} float32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock")
-    print(f"{'unit':22} {'warm-up s':>9} {'ms':>8} {'clone ms':>9} {'ratio':>7} {'bits':>6}")
+          f"{torch.get_num_threads()} threads, {args.clock} clock, "
+          f"{'fresh allocations (mmap threshold 1 MiB)' if fresh else 'default allocator'}")
+    out = torch.empty_like(x)
+    print(f"{'unit':22} {'warm-up s':>9} {'ms':>8} {'clone ms':>9} {'copy ms':>8} "
+          f"{'ratio':>7} {'faults':>7} {'bits':>6}")
     worst = 0.0
     for name, fn in cases(x, y):
         if args.only and name not in args.only:
@@ -94,21 +137,23 @@ def main() -> None:
         try:
             warm = once(fn)
             compiled = fn()
-            ratios, ts, tcs = [], [], []
+            ratios, ts, tcs, tws = [], [], [], []
             for _ in range(args.repeats):
                 tc = once(x.clone)
                 t = once(fn)
+                tws.append(once(lambda: out.copy_(x)))
                 ratios.append(t / tc)
                 ts.append(t)
                 tcs.append(tc)
+            nf = faults(fn)
         finally:
             kernels.set_backend("auto")
         diff = _differ(eager, compiled)
         r = statistics.median(ratios)
         worst = max(worst, r)
         print(f"{name:22} {warm:9.1f} {statistics.median(ts) * 1e3:8.1f} "
-              f"{statistics.median(tcs) * 1e3:9.1f} {r:6.2f}x "
-              f"{'same' if diff == 0 else diff:>6}")
+              f"{statistics.median(tcs) * 1e3:9.1f} {statistics.median(tws) * 1e3:8.1f} "
+              f"{r:6.2f}x {nf:7d} {'same' if diff == 0 else diff:>6}")
     print(f"\nworst ratio {worst:.2f}x (target <= 2x); ratio = time(unit) / time(x.clone()), "
           "median of per-repetition ratios")
 

@@ -319,3 +319,78 @@ def test_hard_cases_are_found_on_a_compiled_batch() -> None:
     assert got[-40:].tolist() == want
     assert bool(torch.isnan(y[hard]).all())
     assert torch.equal(torch.where(hard, got, y), got)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_bound_displacement_int32_kernel(backend: str) -> None:
+    """The bound model's displacement in int32 / float64 lanes (inside the compiled kernel)
+    equals the exact one (Python integers: the unsigned 32-bit hash, the remainder by 2B + 1)
+    on inputs whose bits cover every sign and hash range with |x| < 1e6 (the kernel clamps
+    |x| there when computing B; beyond, exp(x) is 0 or inf, which are never displaced), and
+    results near 0 and near the largest float32 (the clamp of the displaced bits)."""
+    from fractions import Fraction
+
+    from precisim.emulation.functions.units import _displace32, _displace_exact, _seed_bits
+    from precisim.formats import kernels
+
+    g = torch.Generator().manual_seed(3)
+    n = 1 << 18
+    xb = torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int32)
+    x = xb.view(torch.float32)
+    u = torch.rand(n, generator=g) * 2e6 - 1e6
+    x = torch.where(x.abs() < 1e6, x, u)  # (NaN and inf replaced too)
+    yb = torch.randint(1, 0x7F7FFFFF, (n,), generator=g, dtype=torch.int32)
+    yb[:1000] = torch.arange(1, 1001, dtype=torch.int32)
+    yb[1000:2000] = 0x7F7FFFFF - torch.arange(1000, dtype=torch.int32)
+    y = yb.view(torch.float32)
+    for seed in (0, 7, 2**31 - 1):
+        sb = _seed_bits(seed)
+
+        def disp(y: torch.Tensor, x: torch.Tensor, sb: int = sb) -> torch.Tensor:
+            return _displace32(y, x, sb)
+
+        old = kernels.get_backend()
+        try:
+            kernels.set_backend(backend)
+            got = kernels.run(disp, ("test-displace", seed), n, y, x)
+        finally:
+            kernels.set_backend(old)
+        idx = list(range(0, n, 97)) + list(range(2000))
+        for i in idx:
+            want = _displace_exact(Fraction(float(y[i])), Fraction(float(x[i])), seed)
+            assert float(got[i]) == float(want), (float(x[i]), float(y[i]), seed)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_pow2_exp2_is_exact_at_integers(backend: str) -> None:
+    """The table and polynomial exp units scale by ``pow2_exp2(n)`` (torch.exp2): exactly 2^n
+    for every integer n their clamped argument reaches (|n| <= 300 covers it), eager and
+    compiled, in every lane position of a vectorised loop (and its scalar tail)."""
+    from precisim.emulation.functions.core import pow2_exp2
+    from precisim.formats import kernels
+
+    n = torch.arange(-300, 301, dtype=torch.float64).repeat(37)
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        got = kernels.run(pow2_exp2, ("test-pow2-exp2",), n.numel(), n)
+    finally:
+        kernels.set_backend(old)
+    want = torch.tensor([math.ldexp(1.0, int(k)) for k in n.tolist()], dtype=torch.float64)
+    assert torch.equal(got, want)
+
+
+def test_nan_scan_in_chunks() -> None:
+    """The chunked NaN scan of the marked results returns isnan().nonzero() exactly: NaNs at
+    chunk boundaries, in the last partial chunk, none, and a small tensor."""
+    from precisim.emulation.functions.units import _SCAN_CHUNK, _nan_indices
+
+    n = 5 * _SCAN_CHUNK + 123
+    y = torch.zeros(n)
+    assert _nan_indices(y).numel() == 0
+    idx = [0, 1, _SCAN_CHUNK - 1, _SCAN_CHUNK, 3 * _SCAN_CHUNK + 7, n - 124, n - 1]
+    g = torch.Generator().manual_seed(5)
+    idx += torch.randint(0, n, (200,), generator=g).tolist()
+    y[idx] = math.nan
+    assert torch.equal(_nan_indices(y), torch.isnan(y).nonzero().reshape(-1))
+    assert torch.equal(_nan_indices(y[:100]), torch.isnan(y[:100]).nonzero().reshape(-1))

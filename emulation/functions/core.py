@@ -34,7 +34,7 @@ from ..matmul.intarith import RoundSpec
 
 __all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast",
            "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
-           "parse_enum", "pow2_pair", "rq", "signed_zero"]
+           "parse_enum", "pow2_exp2", "pow2_pair", "rq", "signed_zero"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
 
@@ -141,6 +141,11 @@ class Rq:
         # conversion (correctly rounded, subnormals and overflow included), one cast
         object.__setattr__(self, "_is_f32", self.fmt == FP32 and self.overflow is Overflow.INF
                            and self.rounding is Rounding.NEAREST_EVEN and not self.flush)
+        # the same with flush-to-zero of results below the smallest normal: the cast, then
+        # the flush of the rounded value (as :meth:`fast` flushes ``round_scaled``'s result)
+        object.__setattr__(self, "_is_f32_ftz", self.fmt == FP32 and self.flush
+                           and self.overflow is Overflow.INF
+                           and self.rounding is Rounding.NEAREST_EVEN)
 
     def describe(self) -> str:
         parts = [self.fmt.name]
@@ -168,6 +173,16 @@ class Rq:
         to inf, no flush): :meth:`fast32` is then one cast."""
         return self._is_f32  # type: ignore[attr-defined]
 
+    @property
+    def is_f32_ftz(self) -> bool:
+        """True for fp32, RNE, overflow to inf, with flush: the cast, then :meth:`flush32`."""
+        return self._is_f32_ftz  # type: ignore[attr-defined]
+
+    def flush32(self, f: torch.Tensor) -> torch.Tensor:
+        """Float32 results below the smallest normal in magnitude made zero of their sign
+        (the flush of :meth:`fast`, on float32 values; NaN and inf kept)."""
+        return torch.where(f.abs() < self._min_normal, f * 0.0, f)  # type: ignore[attr-defined]
+
     def fast32(self, v: torch.Tensor) -> torch.Tensor:
         """:meth:`fast` with a float32 result (for formats whose values are float32 values)."""
         return v.float() if self._is_f32 else self.fast(v).float()  # type: ignore[attr-defined]
@@ -177,6 +192,8 @@ class Rq:
         Branch-free (torch.compile'd as part of a unit's kernel)."""
         if self._is_f32:  # type: ignore[attr-defined]
             return v.float().double()
+        if self._is_f32_ftz:  # type: ignore[attr-defined]
+            return self.flush32(v.float()).double()
         sp = self.spec
         ax = v.abs()
         neg = torch.signbit(v)
@@ -222,9 +239,10 @@ def add_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bb = s - a
     err = (a - (s - bb)) + (b - bb)
     bits = s.view(torch.int64)
-    fix = (err != 0) & ((bits & 1) == 0) & torch.isfinite(err)
+    # (err.abs() < inf is isfinite as a comparison: vectorised when compiled)
+    fix = (err != 0) & ((bits & 1) == 0) & (err.abs() < math.inf)
     step = torch.where((err > 0) == (s > 0), 1, -1)
-    return torch.where(fix, bits + step, bits).view(torch.float64)
+    return (bits + torch.where(fix, step, 0)).view(torch.float64)
 
 
 _SPLIT = float(2**27 + 1)
@@ -262,6 +280,15 @@ def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
 def grid_magic(frac_bits: int) -> float:
     """The constant of :func:`grid_rne`."""
     return 1.5 * 2.0 ** (52 - frac_bits)
+
+
+def pow2_exp2(n: torch.Tensor) -> torch.Tensor:
+    """2^n in float64 for an integer-valued float64 tensor n with |n| <= 300: ``torch.exp2``,
+    exact at integers (Sleef's and the C library's exp2 reduce n to itself and a zero
+    remainder, whose polynomial is exactly 1; tests/test_functions.py checks every n, eager
+    and compiled). Float lanes only (vectorised when compiled), unlike the bit
+    constructions of :func:`pow2_pair`."""
+    return torch.exp2(n)
 
 
 def pow2_pair(n: torch.Tensor) -> torch.Tensor:
@@ -489,6 +516,9 @@ def cr_fast(fn: Fn, x: torch.Tensor, r: Rq, infs: tuple[Any, Any]
     v = d.fast(xc)
     if r.is_f32:
         return _cr_fast32(fn, x, v, d.guard(xc))
+    if r.is_f32_ftz:  # the flush boundary is a float32 value: decided by the same test
+        y, hard = _cr_fast32(fn, x, v, d.guard(xc))
+        return r.flush32(y), hard
     exact = xc == 0
     if fn is Fn.EXP2:  # 2^n for integers n, exactly (from the bits)
         n = xc.round()

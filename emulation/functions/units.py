@@ -67,7 +67,7 @@ import torch
 from precisim.formats import FloatFormat, Rounding, kernels
 from precisim.formats.quantize import check_tensor
 
-from ..matmul.floatarith import any_true, fexp64, pow2_64
+from ..matmul.floatarith import fexp64, pow2_64
 from .core import (
     ACTIVATIONS,
     Fn,
@@ -82,7 +82,7 @@ from .core import (
     grid_rne,
     inf_values,
     parse_enum,
-    pow2_pair,
+    pow2_exp2,
     rq,
 )
 
@@ -328,7 +328,7 @@ class FunctionUnit:
         return y, xq
 
     def _apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(y, xq)``, xq only where the kernel computes it anyway (the bound model)."""
+        """``(y, xq)``; xq is None (:meth:`evaluate` rounds the inputs itself)."""
         x = check_tensor(x)
         flat = x.detach().reshape(-1).float()
         dt = _LUT_DTYPES.get(self.input_format.name)
@@ -344,42 +344,46 @@ class FunctionUnit:
         rounded core marks its hard cases NaN in the one pass that writes the results (and
         counts them); only where the count is not zero are the NaN results whose input is not
         NaN (the hard cases, and results that are NaN anyway) computed again by the kernel
-        with the mask, and the hard ones by the exact reference."""
+        with the mask, and the hard ones by the exact reference (for the bound model, its
+        displaced value: the kernel displaces every other result in the same pass)."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
         n = flat.numel()
-        if self.method is Method.BOUND:
-            y, xq, hard = kernels.run(_kernel(self), ("function-unit", self), n, flat, *tabs)
-            idx = hard.nonzero().reshape(-1) if any_true(hard) else None
-        else:
-            xq = idx = None
-            y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
-                                   flat, *tabs)
-            if float(count) > 0:
-                cand = torch.isnan(y).nonzero().reshape(-1)  # (one pass over the batch)
-                cand = cand[~torch.isnan(flat[cand])]
-                yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
-                                     flat[cand], *tabs)
-                y[cand] = yc
-                idx = cand[hc]
+        idx = None
+        y, count = kernels.run(_kernel(self, mark=True), ("function-unit-mark", self), n,
+                               flat, *tabs)
+        if float(count) > 0:
+            cand = _nan_indices(y)  # (one pass over the batch)
+            cand = cand[~torch.isnan(flat[cand])]
+            yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
+                                 flat[cand], *tabs)
+            y[cand] = yc
+            idx = cand[hc]
         if idx is not None and idx.numel():
-            y = y.clone() if xq is not None else y
-            if self.method is Method.BOUND:  # (displaced below)
-                vals = [cr_exact(Fn.EXP, Fraction(v), self.rounders["out"])
-                        for v in xq[idx].tolist()]
-            else:
-                vals = [self.reference(v) for v in flat[idx].tolist()]
+            vals = [self.reference(v) for v in flat[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
                                   device=y.device).float()
-        if xq is not None:
-            y = _displace(y.double(), xq.double(), self.bound_seed).float()
-            xq = xq.reshape(x.shape)
-        return y.reshape(x.shape), xq
+        return y.reshape(x.shape), None
 
     def reference(self, x: Value | float) -> Value:
         """The exact result for one input value (a Python float or an exact Fraction):
         a Fraction, or a float for -0.0, nan and +-inf."""
         return _reference(self, x)
+
+
+#: the NaN scan of :meth:`FunctionUnit._direct` reads the results in chunks of this many
+#: elements: small masks that the allocator reuses warm, instead of one full-size bool tensor
+#: (fresh pages to fault in): 14 vs 26 ms on 2^24 float32 results, one thread
+_SCAN_CHUNK = 1 << 16
+
+
+def _nan_indices(y: torch.Tensor) -> torch.Tensor:
+    """The indices of the NaN elements of the flat tensor ``y``, ascending (int64), as
+    ``torch.isnan(y).nonzero().reshape(-1)``."""
+    if y.numel() <= _SCAN_CHUNK:
+        return torch.isnan(y).nonzero().reshape(-1)
+    return torch.cat([torch.isnan(ch).nonzero().reshape(-1) + i * _SCAN_CHUNK
+                      for i, ch in enumerate(y.split(_SCAN_CHUNK))])
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -671,8 +675,8 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 
 @lru_cache(maxsize=512)
 def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure over constants
-    """The unit's kernel on flat float32 input: ``(y, xq, hard)`` (bound model), else
-    ``(y, hard)``; with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
+    """The unit's kernel on flat float32 input: ``(y, hard)`` (the bound model's y displaced,
+    :func:`_displace32`); with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
     and ``count`` the number of hard cases (a float32 sum: compiled, it costs far less than
     writing the bool mask; the NaN results are found again by :meth:`FunctionUnit._direct`
     without a mask pass over the batch)."""
@@ -686,54 +690,66 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
     lo, hi = u.bounds
     w = (hi - lo) / N
     min_in = float(u.input_format.min_normal)
+    seed_bits = _seed_bits(u.bound_seed)
     # constants from exact arithmetic, computed before tracing (Fraction code in a compiled
     # kernel would be traced into symbolic integers)
     inf_out = float(r["out"].exact(math.inf))
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
+    Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
+
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
-    # comparisons replace them. The int64 bit views of add_ro are too, yet measured cheaper
-    # than a float-only fp32-rounded TwoSum (bench_functions: exp-poly3 398 vs 529 ms, rcp-newton1
-    # 367 vs 561 ms on 4096x4096, one thread, loaded machine), so sums stay W(add_ro(a, b)).
+    # comparisons replace them. Measured per 2^24 elements, one thread, compiled, on top of a
+    # plain float32 -> float64 -> float32 pass (31 ms): add_ro +22 ms, a float-only
+    # fp32-rounded TwoSum with a midpoint test +34 ms (so sums stay W(add_ro(a, b))); a
+    # 64-entry table gather +10 ms (int32 or int64 index alike); pow2_pair (int32 bits viewed
+    # as float32) +29 ms, exp2 at integers +13 ms (so powers of two come from exp2);
+    # fexp64 / pow2_64 (int64 views) +3 ms. A one-entry table is broadcast, not gathered.
     def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""
         return W(add_ro(a, b))
 
-    def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included), NaN excluded
-        return (v < 0) | ((v == 0) & (1.0 / v < 0))
+    def take(tab: torch.Tensor, i: torch.Tensor | None) -> torch.Tensor:
+        return tab if i is None else tab[i]
 
-    def locate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included; NaN: either)
+        # (copysign, vectorised; measured 3.3 ms per 2^24 elements against 106 ms for the
+        # former (v < 0) | ((v == 0) & (1 / v < 0)), compiled, one thread)
+        return torch.copysign(torch.ones_like(v), v) < 0
+
+    def locate(v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(int32 segment index, None for a one-entry table; position in the segment)."""
         if fn is Fn.RSQRT:
-            half = N // 2
+            half = float(N // 2)
             p = v >= 2
             s = (torch.where(p, v * 0.5, v) - 1.0) * half
             j = s.floor()
-            return (j + torch.where(p, float(half), 0.0)).long(), s - j
+            return (j + torch.where(p, half, 0.0)).int(), s - j
         if fn in (Fn.EXP, Fn.EXP2):
-            s = v * N
+            s = v * Nf
         elif fn is Fn.RCP:
-            s = (v - 1.0) * N
+            s = (v - 1.0) * Nf
         else:
             s = (v - lo) * (1.0 / w)
-        j = s.floor().clamp(0, N - 1)
-        return j.long(), s - j
+        j = s.floor().clamp(0.0, Nf - 1.0)
+        return (None if N == 1 else j.int()), s - j
 
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)
         if m is Method.TABLE:
             if u.interpolation is Interp.NONE:
-                return tabs[2][i]
-            t0, d = tabs[0][i], tabs[3][i]  # d = W(T1 - T0), tabulated
+                return take(tabs[2], i)
+            t0, d = take(tabs[0], i), take(tabs[3], i)  # d = W(T1 - T0), tabulated
             return addw(t0, d * pos) if u.fma else addw(t0, W(d * pos))
         if m is Method.POLYNOMIAL:
-            y = tabs[3 + u.degree][i]
+            y = take(tabs[3 + u.degree], i)
             if u.degree == 0:
                 return W(y)
             for k in range(u.degree - 1, -1, -1):
-                ck = tabs[3 + k][i]
+                ck = take(tabs[3 + k], i)
                 y = addw(y * pos, ck) if u.fma else addw(W(y * pos), ck)
             return y
-        y = tabs[2][i]
+        y = take(tabs[2], i)
         for _ in range(u.newton_steps):
             if fn is Fn.RCP:
                 if u.fma:
@@ -770,7 +786,7 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
             else:
                 T = grid_rne(t, F)  # (|t| <= 2^8)
                 n = T.floor()
-                y = r["out"].fast(core(T - n, tabs) * pow2_pair(n))
+                y = r["out"].fast(core(T - n, tabs) * pow2_exp2(n))
                 hard = no
             y = torch.where(xq == math.inf, inf_out, y)
             y = torch.where(xq == -math.inf, 0.0, y)
@@ -785,12 +801,12 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
                 y = core(axs * pow2_64(-e), tabs) * pow2_64(-e)
                 y = torch.where(neg, -y, y)
             else:
-                k = torch.div(e, 2, rounding_mode="floor")
+                k = e >> 1  # floor(e / 2)
                 y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
             y = r["out"].fast(y)
             y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
             if fn is Fn.RCP:
-                y = torch.where(ax == math.inf, 1.0 / xq, y)  # (+-0: see signed_zero)
+                y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
             else:
                 y = torch.where(xq == math.inf, 0.0, y)
                 y = torch.where((xq < 0) & (ax > 0), math.nan, y)
@@ -812,12 +828,13 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
         # float32 in and out (every value involved is a float32 value): compiled, the float64
         # arithmetic stays in registers, no full-size float64 tensor is written
         y, xq, hard = kernel(x.double(), *tabs)
+        y = y.float()
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
-            return y.float(), xq.float(), hard
+            y = _displace32(y, xq.float(), seed_bits)
         if mark:
             count = torch.where(hard, 1.0, 0.0).float().sum()
             return torch.where(hard, math.nan, y).float(), count
-        return y.float(), hard
+        return y, hard
 
     return kernel32
 
@@ -888,18 +905,33 @@ def _displace_exact(y: Value, x: Value, seed: int) -> Value:
     return f32_bits_to_value(nb)
 
 
-def _displace(y: torch.Tensor, xq: torch.Tensor, seed: int) -> torch.Tensor:
-    """:func:`_displace_exact` on tensors (y float64 of fp32 values, xq the inputs)."""
-    xb = xq.float().view(torch.int32).to(torch.int64) & _M32
-    B = 2 + torch.floor(torch.floor(xq.abs().clamp(max=1e6) * 1173.0) / 1000.0).long()
-    h = (xb + (seed * 0x9E3779B1 & _M32)) & _M32
-    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
-    h = ((h ^ (h >> 16)) * _HASH_A) & _M32
-    h = h ^ (h >> 16)
-    k = torch.remainder(h, 2 * B + 1) - B
-    yb = y.float().view(torch.int32).to(torch.int64)
-    nb = (yb + k).clamp(0, 0x7F7FFFFF).to(torch.int32).view(torch.float32).double()
-    keep = torch.isnan(y) | torch.isinf(y) | (y == 0)
+def _seed_bits(seed: int) -> int:
+    """The hash's seed term ``seed * 0x9E3779B1 mod 2^32`` as a signed int32 (the same bits)."""
+    v = seed * 0x9E3779B1 & _M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tensor:
+    """:func:`_displace_exact` on float32 tensors (y the correctly rounded results, xq the
+    inputs), in int32 and float64 lanes only (vectorised when compiled; no int64): the
+    unsigned 32-bit hash is computed on int32 bits (additions and products wrap mod 2^32 as
+    the unsigned ones do; the logical shift is an arithmetic one masked to 16 bits), then
+    read as an exact float64 in [0, 2^32) for the remainder by 2B + 1 (the float64 quotient's
+    floor is corrected by one step either way, so the remainder is exact). ``seed_bits``:
+    :func:`_seed_bits`."""
+    xd = xq.double()
+    B = 2.0 + torch.floor(torch.floor(xd.abs().clamp(max=1e6) * 1173.0) / 1000.0)
+    h = xq.view(torch.int32) + seed_bits
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
+    h = h ^ ((h >> 16) & 0xFFFF)
+    hd = h.double() + torch.where(h < 0, 4294967296.0, 0.0)
+    mod = 2.0 * B + 1.0
+    r = hd - torch.floor(hd / mod) * mod
+    r = torch.where(r < 0, r + mod, torch.where(r >= mod, r - mod, r))
+    k = (r - B).to(torch.int32)
+    nb = (y.view(torch.int32) + k).clamp(0, 0x7F7FFFFF).view(torch.float32)
+    keep = (y != y) | (y.abs() == math.inf) | (y == 0)
     return torch.where(keep, y, nb)
 
 
