@@ -25,21 +25,16 @@ stochastic rounding, a bit-exact unit, a different attention function) runs the 
 
 With an emulated softmax (the ``softmax`` op kind, docs/arithmetic.md section 7.8) the
 ``torch.softmax`` call below goes through the op kind's function mode like the generic path's,
-and both GEMMs run over every key (Q K^T: but see below), as the generic path's do (a BLAS
-product's summation order may depend on the number of keys: with MKL, P @ V over the first
-480 of 1024 keys differs in the last bits from the same product with zeros for the rest).
-An arbitrary unit's image of the masked scores need not be an exact 0, so the softmax itself
-runs over only the first keys of a chunk (those the mask leaves visible) where the unit
-*drops* entries far below their row's maximum (``drop_gap``:
-:attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a correctly rounded exp) and
-every later score of the chunk lies that far below its row's
+and both GEMMs run over every key, as the generic path's do (a BLAS product's summation order
+may depend on the number of keys: with MKL, P @ V over the first 480 of 1024 keys differs in
+the last bits from the same product with zeros for the rest). An arbitrary unit's image of the
+masked scores need not be an exact 0, so the softmax itself runs over only the first keys of a
+chunk (those the mask leaves visible) where the unit *drops* entries far below their row's
+maximum (``drop_gap``: :attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a
+correctly rounded exp) and every later score of the chunk lies that far below its row's
 maximum (:func:`drops_tail`, checked on the scores); the later probabilities are then exact
-zeros, as in the generic path, and P is padded with them. The scores of those later keys
-need not even be computed: where a bound on them (:func:`tail_far_below`: the row's L1 norm of
-Q times the largest |K| of those keys, plus the largest mask entry) already lies that far
-below every row's maximum, ``Q K^T`` runs over the visible keys only (as the chunked path
-without an emulated softmax does; ``P @ V`` still runs over every key). Otherwise (and with
-``skip_keys=False``) the softmax sees every row exactly as the generic path gives it. All
+zeros, as in the generic path, and P is padded with them. Otherwise (and with
+``skip_keys=False``) the softmax sees every row exactly as the generic path gives it. Both
 paths agree bit for bit (tests/test_emulation_datapath.py).
 """
 
@@ -187,43 +182,6 @@ def drops_tail(x: torch.Tensor, c: int, gap: float) -> bool:
     return bool(((tail - top < -gap) & torch.isfinite(top)).all())
 
 
-#: bound the scores of the keys past a chunk's visible ones instead of computing them, where
-#: that proves :func:`drops_tail` (see :func:`tail_far_below`; False: always compute them,
-#: tests/test_emulation_datapath.py compares the two bit for bit)
-BOUND_TAIL = True
-
-
-def tail_far_below(q: torch.Tensor, k_tail: torch.Tensor, mask_tail: torch.Tensor | None,
-                   scaling: float | None, dtype: torch.dtype, top: torch.Tensor, gap: float
-                   ) -> bool:
-    """Whether :func:`drops_tail` would hold for the scores ``fl(q @ k_tail^T * scaling) +
-    mask_tail`` of the keys past a chunk's visible ones, proved from a bound without computing
-    them: ``|q_i . k_j| <= sum_d |q_id| * max |k_tail|`` (the float32 product's rounding
-    within a 2^-10 relative margin, ample for sums of up to 2^13 terms, and for a rounding to
-    ``dtype`` where it is bf16 or fp16), scaled by ``|scaling|`` (None: already in ``q``),
-    plus the largest mask entry of the tail rounded up; every row's bound must lie more than
-    ``gap`` below ``top``, its finite maximum over the visible keys (as :func:`drops_tail`
-    takes it, float64). Rounding is monotonic, so each tail score is at most its bound. NaN
-    anywhere, infinite operands, scores that could overflow, or a +inf mask entry give False:
-    the caller then computes the tail and asks :func:`drops_tail`. ``q`` (b, h, r, d),
-    ``k_tail`` (b, h, n, d), ``mask_tail`` broadcastable to (b, h, r, n), ``top`` (b, h, r)."""
-    if k_tail.shape[-2] == 0 or q.shape[-1] > 1 << 13:
-        return False
-    k_abs = k_tail.double().abs().amax(dim=(-1, -2))  # (b, h)
-    bound = q.double().abs().sum(-1) * k_abs[..., None] * (1 + 2.0 ** -10) + 2.0 ** -100
-    if scaling is not None:
-        bound = bound * abs(scaling)
-    if dtype != torch.float32:
-        bound = bound * (1 + 2.0 ** -6)
-    # every tail score finite: at most half the dtype's largest value
-    ok = torch.isfinite(bound) & (bound <= torch.finfo(dtype).max / 2)
-    if mask_tail is not None:  # plus the mask, the float32 addition rounded up (-inf stays)
-        bound = bound + mask_tail.double().amax(-1)
-        bound = torch.where(torch.isinf(bound), bound, bound + bound.abs() * 2.0 ** -10)
-    ok = ok & (bound - top.double() < -gap) & torch.isfinite(top)
-    return bool(ok.all())
-
-
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
@@ -289,9 +247,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The standard eager attention under ``spec`` (see module doc); returns
     ``(output (b, q, h, d) in the query's dtype, None)``. ``skip_keys=False``: every key of
     every row chunk is computed. ``drop_gap`` (an emulated softmax that drops entries that far
-    below their row's maximum): ``P @ V`` runs over every key and the softmax over the visible
-    ones where :func:`drops_tail` holds, ``Q K^T`` over the visible ones where
-    :func:`tail_far_below` proves that without the other scores (see module doc)."""
+    below their row's maximum): the GEMMs run over every key and the softmax over the visible
+    ones where :func:`drops_tail` holds (see module doc)."""
     qk, pv = spec.qk, spec.pv
     assert qk is not None and pv is not None
     dtype = query.dtype
@@ -314,29 +271,15 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         cuts, ends = ends, [n_k] * len(ends)
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
-
-    def scores(r0: int, r1: int, k0: int, k1: int) -> torch.Tensor:
-        s = torch.matmul(q[:, :, r0:r1], kt[..., k0:k1]).to(dtype)
+    for i, r0 in enumerate(range(0, n_q, rows)):
+        r1, ke = min(n_q, r0 + rows), ends[i]
+        s = torch.matmul(q[:, :, r0:r1], kt[..., :ke]).to(dtype)
         if not pow2:
             s = s * scaling
         if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
-            m = mask[:, :, r0:r1, k0:k1]
+            m = mask[:, :, r0:r1, :ke]
             s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
-        return s
-
-    for i, r0 in enumerate(range(0, n_q, rows)):
-        r1, ke = min(n_q, r0 + rows), ends[i]
-        s = None
-        if cuts is not None and 0 < cuts[i] < ke and BOUND_TAIL:
-            # the visible keys' scores alone (a score depends only on its row and key: the
-            # generic path's values), the rest bounded (tail_far_below)
-            s = scores(r0, r1, 0, cuts[i])
-            mt = None if mask is None else mask[:, :, r0:r1, cuts[i]:ke]
-            if not tail_far_below(q[:, :, r0:r1], kq[:, :, cuts[i]:ke], mt,
-                                  None if pow2 else scaling, dtype, s.amax(-1), drop_gap):
-                s = None
-        if s is not None or (cuts is not None and cuts[i] < ke and drops_tail(
-                s := scores(r0, r1, 0, ke), cuts[i], drop_gap)):
+        if cuts is not None and cuts[i] < ke and drops_tail(s, cuts[i], drop_gap):
             c = cuts[i]  # (a multiple of P's blocks: quantized alone as within the row)
             p = torch.softmax(s[..., :c], dim=-1, dtype=torch.float32).to(dtype)
             pq = quantize_operand(p, pv.input, telemetry=telemetry,
@@ -344,8 +287,6 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             pz = torch.nn.functional.pad(pq.values, (0, ke - c))  # the dropped keys' zeros
             out[:, :, r0:r1] = torch.matmul(pz, vq[:, :, :ke])
             continue
-        if s is None:
-            s = scores(r0, r1, 0, ke)
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
             s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
