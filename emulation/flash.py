@@ -633,13 +633,23 @@ def _p_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return _exp2_kernel(x)
 
 
-def _p_rows_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_p_kernel` with a float32 count of hard cases per row instead of the mask:
-    compiled, writing a bool mask costs more than the float64 exp2 itself (the P + cast +
-    counts kernel on one 9 x 1024 x 128 tile, one thread: 13.1 ns per score with the mask,
-    7.4 ns with per-row counts; docs/attention-datapath.md section 5)."""
+def _p_marked_kernel(t: torch.Tensor, mo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_p_kernel` with the hard cases marked in P itself: ``(y, n)``, ``y`` the P of
+    :func:`_p_kernel` with -1 (a value exp2 never gives) at the hard elements, ``n`` their
+    number. One float64 exp2 per score: compiled, a bool mask output cost more than the float64
+    exp2 itself (13.1 ns per score with the mask, 7.4 ns with per-row counts,
+    docs/attention-datapath.md section 5), and per-row counts of the mask made inductor
+    evaluate the exp2 and its guard a second time in the row-reduction loop; counting the
+    marks reads the stored P instead."""
     y, hard = _p_kernel(t, mo)
-    return y, torch.where(hard, 1.0, 0.0).sum(-1)
+    y = torch.where(hard, -1.0, y)
+    return y, (y < 0).sum()
+
+
+def _marked_rows(y: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the rows of ``y`` (..., keys) that hold a mark of
+    :func:`_p_marked_kernel` (eager; called only when the kernel counted a mark)."""
+    return (y.reshape(-1, y.shape[-1]) < 0).any(-1).nonzero().reshape(-1)
 
 
 def _p_rows_exact(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
@@ -654,18 +664,13 @@ def _p_rows_exact(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torc
     return y
 
 
-def _flagged_rows(flags: torch.Tensor) -> torch.Tensor:
-    """The flat indices of the rows whose hard-case count is not zero (one host sync)."""
-    return flags.reshape(-1).nonzero().reshape(-1)
-
-
 def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Tensor:
-    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_rows_kernel` compiled
-    (from 2^12 elements on, self-checked), the rows that hold a hard case again by
+    """P of a tile for a unit of :func:`_is_cr_fp32_exp2`: :func:`_p_marked_kernel` compiled
+    (from 2^12 elements on, self-checked), the rows that hold a marked hard case again by
     :func:`_p_rows_exact`. Bit for bit the unit applied to ``where(live, t - mo, -inf)``."""
-    y, flags = _compiled(_p_rows_kernel, ("flash-p-rows",), t.numel(), t, mo)
-    bad = _flagged_rows(flags)
-    if bad.numel():
+    y, n_hard = _compiled(_p_marked_kernel, ("flash-p-marked",), t.numel(), t, mo)
+    if int(n_hard):
+        bad = _marked_rows(y)
         k = t.shape[-1]
         y = y.reshape(-1, k)
         y[bad] = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
@@ -675,18 +680,20 @@ def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Ten
 
 def _p_cast_kernel_for(dt: torch.dtype, mx: float, pq64: bool = False):  # noqa: ANN202
     """The kernel of :func:`_p_fused_cast` for P's torch dtype ``dt`` with largest value ``mx``
-    (plain Python constants captured by the closure, not traced): :func:`_p_rows_kernel`, then
-    P's saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry counts
-    (visible scores, P above ``mx``, P > 0 cast to 0) in the same compiled pass; ``pq64``: the
-    cast P as float64 (the same values, for a float64 PV product)."""
+    (plain Python constants captured by the closure, not traced): :func:`_p_marked_kernel`,
+    then P's saturating cast (the conversion of :func:`_p_caster`) and the tile's telemetry
+    counts (visible scores, P above ``mx``, P > 0 cast to 0, marked hard cases) in the same
+    compiled pass; ``pq64``: the cast P as float64 (the same values, for a float64 PV
+    product). A marked P (-1) is neither above ``mx`` nor flushed; its row is redone."""
     inf = math.inf
 
     def kernel(t: torch.Tensor, mo: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, flags = _p_rows_kernel(t, mo)
+        y, n_hard = _p_marked_kernel(t, mo)
         pq = y.clamp(-mx, mx).to(dt).float()
-        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum()])
-        return y, flags, pq.double() if pq64 else pq, counts
+        counts = torch.stack([(t != -inf).sum(), (y > mx).sum(), ((pq == 0) & (y > 0)).sum(),
+                              n_hard])
+        return y, pq.double() if pq64 else pq, counts
 
     return kernel
 
@@ -701,18 +708,19 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     :func:`_is_cr_fp32_exp2` and a P format with a torch dtype (:func:`_torch_dtype`): P as
     :func:`_p_fused`, its cast as :func:`_p_caster` and the counts in one compiled kernel (from
     2^12 elements on, self-checked bit for bit against its eager twin); the rows that hold a
-    hard exp2 case again by :func:`_p_rows_exact`, their cast and counts redone eagerly. One
-    host sync for the counts and one for the flagged rows."""
+    hard exp2 case (marked by :func:`_p_marked_kernel`) again by :func:`_p_rows_exact`, their
+    cast and counts redone eagerly. One host sync for the counts, and one for the marked rows
+    when there are any."""
     dt = _torch_dtype(pel)
     assert dt is not None
     mx = float(pel.max)
     fn = _P_CAST_KERNELS.get((dt, pq64))
     if fn is None:
         fn = _P_CAST_KERNELS[dt, pq64] = _p_cast_kernel_for(dt, mx, pq64)
-    y, flags, pq, counts = _compiled(fn, ("flash-p-cast", str(dt), pq64), t.numel(), t, mo)
-    n_vis, n_sat, n_fl = (int(c) for c in counts.tolist())
-    bad = _flagged_rows(flags)
-    if bad.numel():
+    y, pq, counts = _compiled(fn, ("flash-p-cast-marked", str(dt), pq64), t.numel(), t, mo)
+    n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
+    if n_hard:
+        bad = _marked_rows(y)
         k = t.shape[-1]
         y, pq = y.reshape(-1, k), pq.reshape(-1, k)
         y0, q0 = y[bad], pq[bad].float()

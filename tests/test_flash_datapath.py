@@ -684,7 +684,7 @@ HARD_X = ("-0x1.032d8ep+4", "-0x1.465b1cp+3", "-0x1.996c7p+1", "0x1.39a4e4p+3",
 
 @pytest.mark.parametrize("pq64", [False, True])
 def test_p_kernels_on_hard_cases_ties_and_extremes(pq64: bool) -> None:
-    """The P kernels with per-row hard-case counts (_p_fused, _p_fused_cast: only the flagged
+    """The P kernels with the hard cases marked in P (_p_fused, _p_fused_cast: only the marked
     rows are redone with the exact reference) equal the exp2 unit applied element by element
     (its own kernel and fallback, the slow path), then the cast, bit for bit with equal counts,
     eager and compiled, on rows holding real hard cases (arguments next to an fp32 rounding
@@ -710,8 +710,11 @@ def test_p_kernels_on_hard_cases_ties_and_extremes(pq64: bool) -> None:
     mo = torch.zeros(64)
     mo[40:50] = -8.0
     mo[50:] = 3.5
-    _, flags = flash._p_rows_kernel(t, mo)
-    assert bool((flags[hard_rows[:2]] > 0).all()) and int(flags.sum()) >= 2 * len(HARD_X)
+    marked, n_hard = flash._p_marked_kernel(t, mo)
+    _, hard = flash._p_kernel(t, mo)
+    assert torch.equal(marked < 0, hard) and int(n_hard) == int(hard.sum())
+    assert bool(hard[hard_rows[:2]].any(-1).all()) and int(n_hard) >= 2 * len(HARD_X)
+    assert flash._marked_rows(marked).tolist() == hard.any(-1).nonzero().reshape(-1).tolist()
     x = torch.where(t == -math.inf, -math.inf, t - mo[:, None])
     want_p = u(x)
     want_q = flash._p_caster(f)(want_p)
