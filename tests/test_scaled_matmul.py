@@ -13,9 +13,18 @@ import zlib
 
 import pytest
 import torch
-from precisim.emulation import get_unit, kulisch, matmul, scaled_fast_divergence, scaled_matmul
+from precisim.emulation import (
+    available_kernels,
+    get_unit,
+    kulisch,
+    matmul,
+    scaled_fast_divergence,
+    scaled_matmul,
+    use_kernels,
+)
 from precisim.emulation.matrix_unit import MatrixUnit
 from precisim.emulation.reference import scaled_dot
+from precisim.emulation.scaled import scaled_explain
 from precisim.formats import decode, get_format
 from precisim.formats.scaling import ScaledTensor, get_scaled_format, quantize_scaled
 
@@ -168,6 +177,31 @@ def test_random_operands_equal_reference(fa, fw, unit, K):
     y = check_against_reference(a, w, unit, cols=[0, 1, 2])
     deq = a.dequantized.double() @ w.dequantized.double().T
     assert float((y.double() - deq).norm() / deq.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("fa,fw,unit,K", CASES, ids=[f"{a}-{w}-{u}" for a, w, u, _ in CASES])
+def test_every_supporting_kernel_equals_the_reference(fa, fw, unit, K):
+    """Not only the kernel the dispatcher picks: every bit-exact kernel that accepts the
+    scaled call gives the exact reference's bits (the int64 chain once returned zeros for
+    fp32 K-blocked scales under a promoting unit, deepseek-fp8 with 1x128 scales, because its
+    operands were decomposed for per-product scales that such a unit does not apply)."""
+    g = torch.Generator().manual_seed(K + len(fa) + len(unit) + 1)
+    x = torch.randn(3, K, generator=g) * 3
+    W = torch.randn(130 if fw == "fp8_128x128" else 3, K, generator=g)
+    a = quantize_scaled(x, fa, return_parts=True)
+    w = quantize_scaled(W, fw, return_parts=True)
+    ref = torch.tensor([[reference(a, w, get_unit(unit), m, n) for n in range(3)]
+                        for m in range(3)], dtype=torch.float32)
+    ran = []
+    for k in available_kernels("bit-exact"):
+        if k == "reference" or scaled_explain(a, w, unit, kernel=k).kernel is None:
+            continue
+        with use_kernels(k):
+            y = scaled_matmul(a, w, unit)[:, :3]
+        same = (y.view(torch.int32) == ref.view(torch.int32)) | (y.isnan() & ref.isnan())
+        assert bool(same.all()), (k, y[~same][:4], ref[~same][:4])
+        ran.append(k)
+    assert "int-chain" in ran
 
 
 ADV = [  # (activation, weight, unit, K, tensor scales)

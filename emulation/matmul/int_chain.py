@@ -322,7 +322,11 @@ def _run_exact(call: GemmCall) -> torch.Tensor:
     Bt, M, K, N = call.shape
     k = unit.block_size
     fa, fb = call.elem_formats or (None, None)
-    if sums_fit_float64(unit) and not call.has_k_scales:
+    # K-blocked scales multiply each product (_block_exact's ``ps``) only in a unit without
+    # promotion; with promotion they multiply each promoted partial sum, and the blocks run
+    # through the same kernel as an unscaled call (_chunk's ``term_scales``)
+    term_scales = call.has_k_scales and not unit.promotion_interval
+    if sums_fit_float64(unit) and not term_scales:
         # the float64 block kernel needs the signed values and the alignment exponents only
         ea = decompose(a, unit.a_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
         eb = decompose(b, unit.b_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
