@@ -34,10 +34,8 @@ def _same(x, y) -> bool:
                  | (torch.isnan(x) & torch.isnan(y))).all())
 
 
-@pytest.mark.parametrize("name", UNITS)
-def test_compiled_and_eager_equal_the_reference(name):
-    unit = get_unit(name)
-    a, b, c = _ops(unit, seed=len(name))
+def _compiled_and_eager_equal_reference(a, b, unit, c) -> None:
+    """exact-blocks, compiled and eager, gives the exact reference's bits."""
     ref = matmul(a, b, unit, c, kernel="reference")
     old = kernels.get_backend()
     try:
@@ -46,6 +44,13 @@ def test_compiled_and_eager_equal_the_reference(name):
             assert _same(matmul(a, b, unit, c, kernel="exact-blocks"), ref), backend
     finally:
         kernels.set_backend(old)
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_compiled_and_eager_equal_the_reference(name):
+    unit = get_unit(name)
+    a, b, c = _ops(unit, seed=len(name))
+    _compiled_and_eager_equal_reference(a, b, unit, c)
 
 
 def test_uncertified_outputs_go_to_the_int_chain(monkeypatch):
@@ -119,14 +124,7 @@ def test_fp32_fma_in_float32_equals_the_reference(seed):
     unit = get_unit("fma-fp32-fp32")
     a, b, c = _fma_cases(seed)
     assert xb._sequential_variant(prepare(a, b, unit, c, "bit-exact")) == "f32x"
-    ref = matmul(a, b, unit, c, kernel="reference")
-    old = kernels.get_backend()
-    try:
-        for backend in ("compile", "eager"):
-            kernels.set_backend(backend)
-            assert _same(matmul(a, b, unit, c, kernel="exact-blocks"), ref), backend
-    finally:
-        kernels.set_backend(old)
+    _compiled_and_eager_equal_reference(a, b, unit, c)
 
 
 def test_fp32_fma_variant_limits_and_signed_zeros():
