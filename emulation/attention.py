@@ -288,41 +288,38 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         range(0, n_q, rows))
     out = torch.empty(b, h, n_q, vq.shape[-1], dtype=torch.float32, device=q.device)
     kt = kq.transpose(-1, -2)
+
+    def chunk(bs: slice, r0: int, r1: int, ke: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of batch elements ``bs`` (fp32) over the first ``ke`` keys; a
+        dropping softmax: the GEMMs over every key, the softmax cut at ``ke`` where
+        :func:`drops_tail` allows."""
+        cut = None
+        if drop_gap is not None:
+            cut, ke = ke, n_k
+        s = torch.matmul(q[bs, :, r0:r1], kt[bs, :, :, :ke]).to(dtype)
+        if not pow2:
+            s = s * scaling
+        if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
+            m = mask[bs if mask.shape[0] > 1 else slice(None), :, r0:r1, :ke]
+            s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
+        v = vq[bs, :, :ke]
+        if cut is not None and cut < ke and drops_tail(s, cut, drop_gap):
+            # (cut is a multiple of P's blocks: quantized alone as within the row)
+            p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
+            pq = quantize_operand(p, pv.input, telemetry=telemetry,
+                                  where=(f"{name}.pv", "input"))
+            pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # the dropped keys' zeros
+            return torch.matmul(pz, v)
+        kp = softmax_row_length(ke, n_k)
+        if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
+            s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+        p = p if kp == ke else p[..., :ke]
+        pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
+        return torch.matmul(pq.values, v)
+
     for i, r0 in enumerate(range(0, n_q, rows)):
         r1 = min(n_q, r0 + rows)
         for bs, ke in _batch_groups(ends[i]):
-            mb = None if mask is None else mask[bs if mask.shape[0] > 1 else slice(None)]
-            out[bs, :, r0:r1] = _chunk(q[bs, :, r0:r1], kt[bs], vq[bs], mb, r0, r1, ke, n_k,
-                                       scaling, pow2, dtype, pv, drop_gap, telemetry, name)
+            out[bs, :, r0:r1] = chunk(bs, r0, r1, ke)
     return out.to(dtype).transpose(1, 2).contiguous(), None
-
-
-def _chunk(q: torch.Tensor, kt: torch.Tensor, vq: torch.Tensor, mask: torch.Tensor | None,
-           r0: int, r1: int, ke: int, n_k: int, scaling: float, pow2: bool,
-           dtype: torch.dtype, pv: GemmSpec, drop_gap: float | None,
-           telemetry: Telemetry | None, name: str) -> torch.Tensor:
-    """Rows ``r0:r1`` of the attention output (fp32) over the first ``ke`` keys (see
-    :func:`chunked_attention`). A dropping softmax (``drop_gap``): the GEMMs take every key and
-    the softmax stops at ``ke`` where :func:`drops_tail` allows."""
-    cut = None
-    if drop_gap is not None:
-        cut, ke = ke, n_k
-    s = torch.matmul(q, kt[..., :ke]).to(dtype)
-    if not pow2:
-        s = s * scaling
-    if mask is not None:  # (in place on the fresh scores where that keeps the dtype)
-        m = mask[:, :, r0:r1, :ke]
-        s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
-    if cut is not None and cut < ke and drops_tail(s, cut, drop_gap):  # type: ignore[arg-type]
-        # (cut is a multiple of P's blocks: quantized alone as within the row)
-        p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
-        pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
-        pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # the dropped keys' zeros
-        return torch.matmul(pz, vq[:, :, :ke])
-    kp = softmax_row_length(ke, n_k)
-    if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
-        s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-    p = p if kp == ke else p[..., :ke]
-    pq = quantize_operand(p, pv.input, telemetry=telemetry, where=(f"{name}.pv", "input"))
-    return torch.matmul(pq.values, vq[:, :, :ke])

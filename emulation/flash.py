@@ -670,12 +670,22 @@ def _p_fused(unit: FunctionUnit, t: torch.Tensor, mo: torch.Tensor) -> torch.Ten
     :func:`_p_rows_exact`. Bit for bit the unit applied to ``where(live, t - mo, -inf)``."""
     y, n_hard = _compiled(_p_marked_kernel, ("flash-p-marked",), t.numel(), t, mo)
     if int(n_hard):
-        bad = _marked_rows(y)
-        k = t.shape[-1]
-        y = y.reshape(-1, k)
-        y[bad] = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
-        y = y.reshape(t.shape)
+        y = _redo_marked_rows(unit, y, t, mo)[0]
     return y
+
+
+def _redo_marked_rows(unit: FunctionUnit, y: torch.Tensor, t: torch.Tensor, mo: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y`` (a fresh kernel output, written where it is a view) with the rows that hold a
+    mark of :func:`_p_marked_kernel` recomputed by :func:`_p_rows_exact`; also those rows'
+    flat indices, marked values and new values."""
+    bad = _marked_rows(y)
+    k = t.shape[-1]
+    rows = y.reshape(-1, k)
+    y0 = rows[bad]
+    y1 = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
+    rows[bad] = y1
+    return rows.reshape(t.shape), bad, y0, y1
 
 
 def _p_cast_kernel_for(dt: torch.dtype, mx: float, pq64: bool = False):  # noqa: ANN202
@@ -720,14 +730,11 @@ def _p_fused_cast(unit: FunctionUnit, pel: FloatFormat, t: torch.Tensor, mo: tor
     y, pq, counts = _compiled(fn, ("flash-p-cast-marked", str(dt), pq64), t.numel(), t, mo)
     n_vis, n_sat, n_fl, n_hard = (int(c) for c in counts.tolist())
     if n_hard:
-        bad = _marked_rows(y)
-        k = t.shape[-1]
-        y, pq = y.reshape(-1, k), pq.reshape(-1, k)
-        y0, q0 = y[bad], pq[bad].float()
-        y1 = _p_rows_exact(unit, t.reshape(-1, k)[bad], mo.reshape(-1)[bad])
-        q1 = y1.clamp(-mx, mx).to(dt).float()
-        y[bad], pq[bad] = y1, q1.to(pq.dtype)
-        y, pq = y.reshape(t.shape), pq.reshape(t.shape)
+        y, bad, y0, y1 = _redo_marked_rows(unit, y, t, mo)
+        pq_rows = pq.reshape(-1, t.shape[-1])
+        q0, q1 = pq_rows[bad].float(), y1.clamp(-mx, mx).to(dt).float()
+        pq_rows[bad] = q1.to(pq.dtype)
+        pq = pq_rows.reshape(t.shape)
         n_sat += int((y1 > mx).sum()) - int((y0 > mx).sum())
         n_fl += int(((q1 == 0) & (y1 > 0)).sum()) - int(((q0 == 0) & (y0 > 0)).sum())
     return y, pq, (n_vis, n_sat, n_fl)

@@ -176,6 +176,13 @@ def _block_fast(unit, a_blk, b_blk, cst, sp_block, rand):
     return (rn, rq, rg, c_exponent(rq, rg, unit.acc_format)), rinf, rnan
 
 
+def _term_scales(unit: MatrixUnit, sc: Scales | None) -> bool:
+    """Whether K-blocked scales multiply each product (:func:`_block_exact`'s ``ps``, on the
+    decomposed operands): only in a unit without promotion. With promotion they multiply each
+    promoted partial sum, and the blocks run through the kernel of an unscaled call."""
+    return sc is not None and sc.has_k and not unit.promotion_interval
+
+
 def _chunk(unit, fidelity, A, Bm, Cst, rand, sc: Scales | None = None,
            ns: slice = slice(None)):
     """All blocks of K for one chunk of outputs. A: decomposed (B, M, K) tensors or the raw
@@ -201,7 +208,7 @@ def _chunk(unit, fidelity, A, Bm, Cst, rand, sc: Scales | None = None,
     part_inf_pos = torch.zeros_like(inf_pos)
     part_inf_neg = torch.zeros_like(inf_pos)
     sp_prom = RoundSpec.of(unit.promotion_format, unit.promotion_rounding, Overflow.INF)
-    term_scales = sc is not None and sc.has_k and not per and fidelity == "bit-exact"
+    term_scales = fidelity == "bit-exact" and _term_scales(unit, sc)
     block = _block_fn(unit, sp_block)
     for j in range(nblk):
         sl = slice(j * k, min((j + 1) * k, K))
@@ -322,11 +329,7 @@ def _run_exact(call: GemmCall) -> torch.Tensor:
     Bt, M, K, N = call.shape
     k = unit.block_size
     fa, fb = call.elem_formats or (None, None)
-    # K-blocked scales multiply each product (_block_exact's ``ps``) only in a unit without
-    # promotion; with promotion they multiply each promoted partial sum, and the blocks run
-    # through the same kernel as an unscaled call (_chunk's ``term_scales``)
-    term_scales = call.has_k_scales and not unit.promotion_interval
-    if sums_fit_float64(unit) and not term_scales:
+    if sums_fit_float64(unit) and not _term_scales(unit, sc):
         # the float64 block kernel needs the signed values and the alignment exponents only
         ea = decompose(a, unit.a_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
         eb = decompose(b, unit.b_format)[3].clamp(min=NEG_BIG_32).to(torch.int32)
