@@ -35,13 +35,18 @@ chunk (those the mask leaves visible) where the unit *drops* entries far below t
 maximum (``drop_gap``: :attr:`~precisim.emulation.functions.Softmax.drop_gap`, e.g. a
 correctly rounded exp) and every later score of the chunk lies that far below its row's
 maximum (:func:`drops_tail`, checked on the scores); the later probabilities are then exact
-zeros, as in the generic path, and P is padded with them. Otherwise (and with
-``skip_keys=False``) the softmax sees every row exactly as the generic path gives it. Both
-paths agree bit for bit (tests/test_emulation_datapath.py).
+zeros, as in the generic path, and P is padded with them. Under telemetry the softmax runs
+over those keys rounded up to whole vectors (:func:`softmax_row_length`), so that the
+model's own float32 softmax it is compared with equals the whole row's, the later keys are
+counted as elements only (zeros of both, where :func:`own_softmax_drops` holds), and P is
+quantized whole as in the generic path. Otherwise (and with ``skip_keys=False``) the softmax
+sees every row exactly as the generic path gives it. Both paths agree bit for bit, logits and
+telemetry (tests/test_emulation_datapath.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -202,6 +207,23 @@ def drops_tail(x: torch.Tensor, c: int, gap: float) -> bool:
     return bool(((tail - top < -gap) & torch.isfinite(top)).all())
 
 
+@functools.cache
+def own_softmax_drops(gap: float, device: str) -> bool:
+    """Whether torch's float32 softmax on ``device`` gives exactly +0 to entries ``gap`` or
+    more below their row's maximum (its exp underflows there), checked once per process on
+    rows whose vector body and scalar remainder both hold such entries (exp is monotonic, so
+    the entries at ``-gap`` bound every lower one). Telemetry compares an emulated softmax
+    with this one: where it holds, the keys a dropping softmax cuts off are zeros of both, and
+    their counts are their number alone."""
+    x = torch.full((3, 67), -gap, dtype=torch.float32, device=device)
+    x[0, 0], x[1, 66], x[2, 5] = 0.0, 0.0, 0.0
+    x[2, 40:] = -float("inf")
+    # (the aten op: an emulated softmax's function mode, active in the attention forward
+    # that calls this, intercepts torch.softmax, not it)
+    p = torch.ops.aten._softmax.default(x, -1, False)
+    return bool((p == 0).sum() == 3 * 66) and bool(torch.equal(p.amax(-1), torch.ones(3)))
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
@@ -303,13 +325,22 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             m = mask[bs if mask.shape[0] > 1 else slice(None), :, r0:r1, :ke]
             s = s.add_(m) if m.dtype == s.dtype and s.dtype == dtype else s + m
         v = vq[bs, :, :ke]
-        if cut is not None and cut < ke and drops_tail(s, cut, drop_gap):
-            # (cut is a multiple of P's blocks: quantized alone as within the row)
-            p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
-            pq = quantize_operand(p, pv.input, telemetry=telemetry,
-                                  where=(f"{name}.pv", "input"))
-            pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # the dropped keys' zeros
-            return torch.matmul(pz, v)
+        if cut is not None and cut < ke and drops_tail(s, cut, drop_gap) and (
+                telemetry is None or own_softmax_drops(drop_gap, s.device.type)):
+            if telemetry is None:  # (cut is a multiple of P's blocks: quantized alone as
+                p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
+                pq = quantize_operand(p, pv.input, where=(f"{name}.pv", "input"))
+                pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # within the row)
+                return torch.matmul(pz, v)
+            # telemetry: the softmax over whole vectors (its own fp32 softmax then equals
+            # the whole row's, softmax_row_length), the dropped keys beyond them counted as
+            # zeros of both (own_softmax_drops), and P quantized whole as in the generic path
+            kp = softmax_row_length(cut, ke)
+            p = torch.softmax(s[..., :kp], dim=-1, dtype=torch.float32).to(dtype)
+            telemetry.add_numel(name, "output", p[..., 0].numel() * (ke - kp))
+            pq = quantize_operand(torch.nn.functional.pad(p, (0, ke - kp)), pv.input,
+                                  telemetry=telemetry, where=(f"{name}.pv", "input"))
+            return torch.matmul(pq.values, v)
         kp = softmax_row_length(ke, n_k)
         if ke < kp:  # the skipped keys up to kp at -inf (see softmax_row_length)
             s = torch.nn.functional.pad(s, (0, kp - ke), value=-math.inf)

@@ -469,14 +469,12 @@ def _emulated_attention(st: _AttnState, eager: Callable, module: nn.Module,
         from .datapath_ops import emulated_softmax
 
         # an emulated softmax: keys skipped only where it drops them (and the chunk's scores
-        # are certified far enough down), never under telemetry (its counts cover every key)
+        # are certified far enough down)
         sm = emulated_softmax(module)
         gap = None if sm is None else sm.drop_gap
-        tel = st.handle.telemetry
         return chunked_attention(module, query, key, value, attention_mask, float(scaling),
-                                 st.spec, align, name=st.name, telemetry=tel,
-                                 key_ends=st.key_ends,
-                                 skip_keys=sm is None or (gap is not None and tel is None),
+                                 st.spec, align, name=st.name, telemetry=st.handle.telemetry,
+                                 key_ends=st.key_ends, skip_keys=sm is None or gap is not None,
                                  drop_gap=gap)
     mode = _AttentionMatmuls(st)
     with mode:

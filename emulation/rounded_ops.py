@@ -43,7 +43,7 @@ from .functions import exact as ex
 from .functions.core import Rq, Value, add_ro, check_format, default_overflow, parse_enum
 from .opkinds import EmulationError, dispatches_attention, is_linear
 from .specs import RecipeError, check_keys
-from .telemetry import count_events
+from .telemetry import count_events, count_op_events
 
 if TYPE_CHECKING:
     from .opkinds import Installer
@@ -124,15 +124,23 @@ class Rounded:
         return self.rq.describe()
 
     # -- the arithmetic ------------------------------------------------------------------
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``Q(a + b)`` of two float tensors of at most 24-bit values (float32 result)."""
-        return self._run("add", a, b)
+    def add(self, a: torch.Tensor, b: torch.Tensor,
+            exact: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``Q(a + b)`` of two float tensors of at most 24-bit values (float32 result).
+        ``exact``: see :meth:`mul`."""
+        return self._run("add", a, b, exact)
 
-    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``Q(a b)`` of two float tensors of at most 24-bit values (float32 result)."""
-        return self._run("mul", a, b)
+    def mul(self, a: torch.Tensor, b: torch.Tensor,
+            exact: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``Q(a b)`` of two float tensors of at most 24-bit values (float32 result).
+        ``exact`` (a list): where the rounding goes through the exact result rounded to odd
+        at float32, that tensor is appended; it compares with zero and with the format's
+        overflow threshold as the exact result does (its 24 bits are two more than the
+        format's), so telemetry counts its events from it (section 3.6)."""
+        return self._run("mul", a, b, exact)
 
-    def _run(self, op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _run(self, op: str, a: torch.Tensor, b: torch.Tensor,
+             exact: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The exact result rounded to odd in float64 (one compiled kernel for large operands,
         :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
         most 22 bits of precision whose smallest subnormal is at least 2^-147, the exact value
@@ -155,6 +163,8 @@ class Rounded:
             if s32 is None:
                 s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), n, a, b)
             s32 = s32.reshape(shape)
+            if exact is not None:
+                exact.append(s32)
             return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
                             flush_output=self.flush)
         return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
@@ -171,10 +181,18 @@ class Rounded:
         return self.rq.exact(ex.mul(ex.value(a), ex.value(b)))
 
 
-def _exact(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a + b`` rounded to odd at 53 bits, or the exact ``a b``, in float64."""
-    a, b = a.double(), b.double()
-    return add_ro(a, b) if op == "add" else a * b
+def _exact_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` rounded to odd at 53 bits, in float64 (its comparisons with zero and with
+    any float64 value of at most 52 bits are those of the exact sum)."""
+    return add_ro(a.double(), b.double())
+
+
+def _exact_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The exact ``a b`` of two float tensors of at most 24-bit values, in float64."""
+    return a.double() * b.double()
+
+
+_EXACT = {"add": _exact_add, "mul": _exact_mul}
 
 
 _F32_MAX = torch.finfo(torch.float32).max
@@ -188,12 +206,15 @@ def _rto32(s: torch.Tensor, err: torch.Tensor, a: torch.Tensor,
     float32's range becomes its largest value (whose last bit is odd). Float arithmetic only
     (no int32 view: inductor copies int32 vectors through the stack): ``n``, the float32
     neighbour of ``s`` towards the exact value, and ``s`` bracket it; the even one of the two is
-    ``fl((s + n) / 2)`` (a tie, rounded to even), and the result is the odd one."""
+    ``fl((s + n) / 2)`` (a tie, rounded to even; from magnitude 2^126 on as ``s / 2 + n / 2``,
+    whose halves are exact there and whose sum cannot overflow as ``s + n`` would), and the
+    result is the odd one."""
     # |s| == inf, not isinf(s): inductor vectorizes the comparison, not isinf
     s = torch.where((s.abs() == float("inf")) & torch.isfinite(a) & torch.isfinite(b),
                     torch.copysign(torch.full_like(s, _F32_MAX), s), s)
     n = torch.nextafter(s, torch.where(err > 0, float("inf"), float("-inf")))
-    fix = (err != 0) & torch.isfinite(s) & ((s + n) * 0.5 == s)
+    even = torch.where(s.abs() >= 2.0 ** 126, s * 0.5 + n * 0.5, (s + n) * 0.5)
+    fix = (err != 0) & torch.isfinite(s) & (even == s)
     return torch.where(fix, n, s)
 
 
@@ -246,15 +267,24 @@ _RTO32 = {"add": _add_rto32, "mul": _mul_rto32}
 @lru_cache(maxsize=64)
 def _kernel(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
     def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return r.fast(_exact(op, a, b))
+        return r.fast(_EXACT[op](a, b))
     return run
 
 
-def _count(installer: Installer, name: str, own: torch.Tensor, y: torch.Tensor,
-           spec: Rounded) -> None:
+def _count(installer: Installer, name: str, op: str, a: torch.Tensor, b: torch.Tensor,
+           y: torch.Tensor, spec: Rounded, exact: list[torch.Tensor]) -> None:
+    """The telemetry of ``y = Q(a op b)`` against the exact ``a op b``: from its rounding to
+    odd at float32 where the rounding made one (``exact``, see :meth:`Rounded.mul`), else
+    from the float64 value computed inside the counting kernel."""
     tel = installer.emulation.telemetry
-    if tel is not None:
-        tel.add(name, "output", count_events(own, y, spec.format))  # type: ignore[arg-type]
+    if tel is None:
+        return
+    if exact:
+        tel.add(name, "output", count_events(exact[0], y, spec.format))  # type: ignore[arg-type]
+        return
+    a, b = torch.broadcast_tensors(a.detach(), b.detach())
+    tel.add(name, "output", count_op_events(_EXACT[op], f"rounded-{op}", a, b, y,
+                                            spec.format))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,9 +405,9 @@ def install_glu(installer: Installer, entries: Sequence[PlanEntry]) -> None:
                 raise EmulationError(f"{name}: the down projection's input is not the product "
                                      "of the activation's and the up projection's outputs of "
                                      "this call; the glu op kind cannot emulate it")
-            y = spec.mul(a, u)
-            if installer.emulation.telemetry is not None:
-                _count(installer, name, _exact("mul", a, u), y, spec)
+            ex: list[torch.Tensor] = []
+            y = spec.mul(a, u, ex if installer.emulation.telemetry is not None else None)
+            _count(installer, name, "mul", a, u, y, spec, ex)
             # training: the backward is the model's own product's (docs/training.md 1c)
             return (with_own_backward(y.to(p.dtype), p if needs_grad(p) else None, name,
                                        "glu"), *args[1:])
@@ -431,10 +461,9 @@ class _ResidualMode(TorchFunctionMode):
                 or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
                 or not a.is_floating_point() or a.dtype != b.dtype or a.shape != b.shape:
             return func(*args, **kwargs)
-        y = self.spec.add(a, b)
-        if self.installer.emulation.telemetry is not None:
-            _count(self.installer, self.name, _exact("add", a.detach(), b.detach()), y,
-                   self.spec)
+        ex: list[torch.Tensor] = []
+        y = self.spec.add(a, b, ex if self.installer.emulation.telemetry is not None else None)
+        _count(self.installer, self.name, "add", a, b, y, self.spec, ex)
         # training: the backward is the model's own add's (docs/training.md section 1c)
         grad = needs_grad(a, b)
         if func in _IN_PLACE:  # r += h: the sum is written into r (a stream tensor already)

@@ -19,11 +19,14 @@ per call.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 from precisim.formats import FloatFormat, IntFormat
 from precisim.formats.events import (
+    beyond_bound,
     element_events,
     overflow_ratio,
     overflow_threshold,
@@ -31,7 +34,7 @@ from precisim.formats.events import (
 )
 from precisim.formats.scaling import ScaledFormat, ScaledTensor, scale_clamps
 
-__all__ = ["Telemetry", "count_events", "count_events_reference"]
+__all__ = ["Telemetry", "count_events", "count_events_reference", "count_op_events"]
 
 COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
 
@@ -50,7 +53,9 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     from precisim.formats import kernels
     from precisim.formats.quantize import decode
 
-    xf = x.detach().float().reshape(-1)
+    xf = x.detach().reshape(-1)
+    if xf.dtype != torch.float64 or isinstance(fmt, ScaledFormat):  # float64: an exact value
+        xf = xf.float()
     qf = q.detach().float().reshape(-1)
     out: dict[str, torch.Tensor] = {"numel": torch.tensor(x.numel(), dtype=torch.int64)}
     # the format's constants are tensor arguments, so one compiled graph serves every format
@@ -67,13 +72,48 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
                            consts)
         out["scale_clamped"], out["blocks"] = scale_clamps(x.detach().float(), parts)
     else:
-        thr, tie = overflow_threshold(fmt)
-        consts = torch.tensor([thr, float(tie)], dtype=torch.float64, device=xf.device)
-        sums = kernels.run(plain_events, ("telemetry", "plain"), xf.numel(), xf, qf, consts)
-        out["scale_clamped"] = torch.zeros((), dtype=torch.int64)
-        out["blocks"] = torch.zeros((), dtype=torch.int64)
+        bound = _bound(fmt, xf.dtype, xf.device)
+        sums = kernels.run(plain_events, ("telemetry", "plain", str(xf.dtype)), xf.numel(), xf,
+                           qf, bound)
+    return _plain_counts(out, sums)
+
+
+def _bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    return torch.tensor([beyond_bound(fmt, dtype)], dtype=dtype, device=device)
+
+
+def _plain_counts(out: dict[str, torch.Tensor], sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    out.setdefault("scale_clamped", torch.zeros((), dtype=torch.int64))
+    out.setdefault("blocks", torch.zeros((), dtype=torch.int64))
     out["flushed"], out["nonfinite"], out["saturated"] = sums.unbind()
     return out
+
+
+@cache
+def _op_events(exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):  # noqa: ANN202
+    def run(a: torch.Tensor, b: torch.Tensor, qf: torch.Tensor,
+            bound: torch.Tensor) -> torch.Tensor:
+        return plain_events(exact(a, b), qf, bound)
+    return run
+
+
+def count_op_events(exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str,
+                    a: torch.Tensor, b: torch.Tensor, q: torch.Tensor,
+                    fmt: FloatFormat | IntFormat) -> dict[str, torch.Tensor]:
+    """The counters of ``q``, an element-format rounding of ``exact(a, b)`` (a float64 value
+    whose comparisons with the format's threshold and with zero are those of the exact
+    result, e.g. a product of float32 values or their sum rounded to odd), equal to
+    ``count_events(exact(a, b), q, fmt)``; the exact value is computed inside the counting
+    kernel and never stored (``name``: the kernel's key). ``a``, ``b`` and ``q`` have one
+    shape."""
+    from precisim.formats import kernels
+
+    a, b, qf = (t.detach().reshape(-1) for t in (a, b, q.float()))
+    out: dict[str, torch.Tensor] = {"numel": torch.tensor(q.numel(), dtype=torch.int64)}
+    sums = kernels.run(_op_events(exact), ("telemetry", "plain", name), qf.numel(), a, b, qf,
+                       _bound(fmt, torch.float64, qf.device))
+    return _plain_counts(out, sums)
 
 
 def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, elems: torch.Tensor,
@@ -86,7 +126,9 @@ def count_events_reference(x: torch.Tensor, q: torch.Tensor,
                            parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
     """The definition of the counters, in plain eager torch (what :func:`count_events` is
     tested against)."""
-    xf = x.detach().float()
+    xf = x.detach()
+    if xf.dtype != torch.float64 or isinstance(fmt, ScaledFormat):  # float64: an exact value
+        xf = xf.float()
     qf = q.detach().float()
     ax, aq = xf.abs(), qf.abs()
     finite = torch.isfinite(xf)
@@ -140,6 +182,14 @@ class Telemetry:
             for k, v in counts.items():
                 cur[k] = cur[k] + v.detach().to("cpu", torch.int64)
         self._calls[key] = self._calls.get(key, 0) + 1
+
+    def add_numel(self, module: str, role: str, n: int) -> None:
+        """Count ``n`` more elements of an existing ``(module, role)`` entry that had no event
+        and add no call: elements a kernel knows to be exact zeros of both the value and its
+        quantization without computing them (the keys a dropping softmax cuts off in the
+        chunked attention, emulation/attention.py)."""
+        cur = self._counts[(module, role)]
+        cur["numel"] = cur["numel"] + n
 
     def reset(self) -> None:
         self._counts.clear()

@@ -30,8 +30,8 @@ import torch
 
 from .descriptor import FloatFormat, IntFormat
 
-__all__ = ["ELEMENT_EVENTS", "count", "element_events", "overflow_ratio", "overflow_threshold",
-           "plain_events"]
+__all__ = ["ELEMENT_EVENTS", "beyond_bound", "count", "element_events", "overflow_ratio",
+           "overflow_threshold", "plain_events"]
 
 #: the order of :func:`element_events` / :func:`plain_events` results
 ELEMENT_EVENTS = ("flushed", "nonfinite", "saturated")
@@ -59,9 +59,12 @@ def count(cond: torch.Tensor) -> torch.Tensor:
     """The number of true elements of ``cond`` (int64 0-d), exactly.
 
     Compiled CPU code reduces float vectors with SIMD but integer vectors lane by lane
-    (:mod:`precisim.formats.kernels`), so rows shorter than 2^24 are counted as float32 sums
-    (exact: every partial sum is an integer below 2^24) and the row counts summed in float64
-    (exact below 2^53); other shapes are summed as integers."""
+    (:mod:`precisim.formats.kernels`), so a tensor of fewer than 2^24 elements is counted as
+    one float32 sum, and rows shorter than 2^24 as float32 row sums added in float64 (exact:
+    every partial sum is an integer below 2^24, every total below 2^53); other shapes are
+    summed as integers."""
+    if cond.numel() < 2**24:
+        return cond.float().sum().to(torch.int64)
     if cond.dim() >= 2 and cond.shape[-1] < 2**24:
         return cond.float().sum(dim=-1).double().sum().to(torch.int64)
     return cond.sum()
@@ -80,14 +83,33 @@ def element_events(xf: torch.Tensor, qf: torch.Tensor, at_max: torch.Tensor,
     return torch.stack([flushed, nonfinite, sat])
 
 
-def plain_events(xf: torch.Tensor, qf: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
-    """``[flushed, nonfinite, saturated]`` (int64) of an element-format quantization of the
-    float32 ``xf`` to ``qf``; ``consts``: float64 ``[t, tie]`` of :func:`overflow_threshold`
-    (a tensor, so one compiled kernel serves every format)."""
+def beyond_bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype) -> float:
+    """The smallest magnitude ``c`` of ``dtype`` (float32 or float64) such that a magnitude
+    of ``dtype`` overflows ``fmt`` under RNE iff it is ``>= c`` (:func:`overflow_threshold`:
+    beyond ``t``, or at ``t`` when ``tie``); ``inf`` when no finite magnitude of ``dtype`` does.
+    Comparing with one bound of the operand's own type keeps :func:`plain_events` in float32
+    for float32 operands."""
+    import numpy as np
+
+    t, tie = overflow_threshold(fmt)
+    ty = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+    if ty is None:
+        raise ValueError(f"beyond_bound: dtype {dtype} is not accepted; accepted: "
+                         "torch.float32, torch.float64")
+    with np.errstate(over="ignore"):
+        c = ty(t)  # round to nearest; then step up to the first value that overflows
+    if float(c) < t or (float(c) == t and not tie):
+        c = np.nextafter(c, ty(np.inf))
+    return float(c)
+
+
+def plain_events(xf: torch.Tensor, qf: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``[flushed, nonfinite, saturated]`` (int64) of an element-format quantization of
+    ``xf`` (float32, or float64 for an exact value that float32 cannot hold) to ``qf``;
+    ``bound``: a one-element tensor of ``xf``'s dtype holding :func:`beyond_bound` (a
+    tensor, so one compiled kernel serves every format)."""
     finite = torch.isfinite(xf)
-    flushed = ((xf != 0) & (qf == 0) & finite).sum()
-    nonfinite = (finite & ~torch.isfinite(qf)).sum()
-    ax = xf.abs().double()  # the threshold (max + half an ulp) is exact in float64
-    beyond = (ax > consts[0]) | ((ax == consts[0]) & (consts[1] != 0))
-    sat = (finite & beyond).sum()
+    flushed = count((xf != 0) & (qf == 0) & finite)
+    nonfinite = count(finite & ~torch.isfinite(qf))
+    sat = count(finite & (xf.abs() >= bound[0]))
     return torch.stack([flushed, nonfinite, sat])

@@ -211,7 +211,8 @@ def test_chunked_attention_uses_the_emulated_softmax(sm, monkeypatch) -> None:  
         return y, tel
 
     chunked, tel_chunked = run()
-    assert calls == [False, False]  # both layers chunked, every key computed
+    # both layers chunked; every key computed unless the softmax drops entries (cut rows)
+    assert calls == [r.softmax.drop_gap is not None] * 2
     monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
     generic, tel_generic = run()
     assert len(calls) == 2
@@ -243,19 +244,42 @@ def test_chunked_attention_cuts_the_rows_a_softmax_drops(sm, monkeypatch) -> Non
     monkeypatch.setattr(Softmax, "__call__",
                         lambda self, x, dim=-1: widths.append(x.shape[dim]) or own(self, x, dim))
 
-    def run() -> tuple[torch.Tensor, list[int]]:
+    def run(telemetry: bool = False) -> tuple[torch.Tensor, list[int], dict]:
         widths.clear()
-        with emulate(model, r, telemetry=False), torch.no_grad():
-            return model(ids).logits, list(widths)
+        with emulate(model, r, telemetry=telemetry) as em, torch.no_grad():
+            y = model(ids).logits
+            return y, list(widths), em.telemetry.state() if telemetry else {}
 
-    cut, w = run()
+    cut, w, _ = run()
     assert sorted(set(w)) == [16, 32, 48, 64, 80]  # each chunk up to its last visible key
+    # telemetry: rows cut at whole vectors of 32 keys; the same logits and counts as whole rows
+    cut_t, w_t, tel_cut = run(telemetry=True)
+    assert sorted(set(w_t)) == [32, 64, 80]
     monkeypatch.setattr(attention, "drops_tail", lambda x, c, gap: False)
-    whole, w = run()
+    whole, w, _ = run()
     assert set(w) == {80}
+    whole_t, _, tel_whole = run(telemetry=True)
     monkeypatch.setattr(patch, "chunkable", lambda spec: None)  # the generic path
-    generic, _ = run()
+    generic, _, _ = run()
+    generic_t, _, tel_generic = run(telemetry=True)
     assert torch.equal(cut, whole) and torch.equal(cut, generic)
+    for y in (cut_t, whole_t, generic_t):
+        assert torch.equal(y, cut)
+    assert tel_cut == tel_whole  # counters and calls (one per row chunk)
+    assert {k: c for k, (c, _, _) in tel_cut.items()} == \
+        {k: c for k, (c, _, _) in tel_generic.items()}  # the generic path: one call
+    outs = [c for (m, role), (c, _, _) in tel_cut.items() if role == "output"]
+    assert len(outs) == 2 and all(c["numel"] == 2 * 4 * 80 * 80 for c in outs), outs
+
+
+def test_own_softmax_drops() -> None:
+    """torch's float32 softmax here sends entries 1024 below the maximum to +0 (what the
+    chunked attention's telemetry relies on to count cut-off keys as zeros), and not those
+    within float32 exp's range."""
+    from precisim.emulation.attention import own_softmax_drops
+
+    assert own_softmax_drops(1024.0, "cpu")
+    assert not own_softmax_drops(50.0, "cpu")
 
 
 def test_drops_tail() -> None:

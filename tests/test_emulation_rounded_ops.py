@@ -47,6 +47,14 @@ def _operands() -> tuple[torch.Tensor, torch.Tensor]:
     for tie in (1 + 2.0 ** -8, 1 + 2.0 ** -11, 1 + 2.0 ** -4, 1 + 3 * 2.0 ** -8):
         a.append(torch.full((64,), tie))
         b.append(torch.tensor([(-1) ** e * 2.0 ** -(20 + e % 40) for e in range(64)]))
+    # sums and products of magnitude >= 2^127 (twice them overflows float32) that are not
+    # float32 values: at bf16's overflow threshold t plus or minus a sticky part, and random
+    # products in [2^127, 2^129)
+    t = (2.0 ** 8 - 0.5) * 2.0 ** 120
+    a.append(torch.tensor([(-1) ** (e // 2) * t for e in range(64)]))
+    b.append(torch.tensor([(-1) ** e * 2.0 ** -(e % 40) for e in range(64)]))
+    a.append((torch.rand(64, generator=g) + 1) * 2.0 ** 64)
+    b.append((torch.rand(64, generator=g) + 1) * 2.0 ** 63)
     # products below float32's smallest subnormal (either sign): rounded to odd at float32,
     # +-2^-149, never zero
     a.append(torch.tensor([(-1) ** e * 2.0 ** -(70 + e % 30) for e in range(64)]))

@@ -220,3 +220,93 @@ def test_floor_events_from_block_exponents_equal_the_kernel_over_results(
                 assert min(got[:3]) > 0, got
     finally:
         set_backend(old)
+
+
+def _formats_with_thresholds() -> list:
+    from precisim.formats import get_format
+    from precisim.formats.catalog import FORMATS
+
+    names = list(FORMATS.names()) + ["e8m23", "e11m52", "e5m10", "e3m4", "e2m3", "int4"]
+    out = []
+    for n in dict.fromkeys(names):
+        try:
+            out.append(get_format(n))
+        except Exception:  # a name that is not an element format (no threshold)
+            continue
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_beyond_bound_is_the_first_value_of_the_type_that_overflows(dtype: torch.dtype) -> None:
+    """For every registered element format (and fp32/fp64-wide ones) the one-sided bound of
+    ``dtype`` that plain_events compares with classifies the bound and its neighbours of that
+    type exactly as the definition (above the threshold t, or at t when the tie overflows),
+    decided in Fractions."""
+    from fractions import Fraction
+
+    from precisim.formats.events import beyond_bound, overflow_threshold
+
+    fmts = _formats_with_thresholds()
+    assert len(fmts) > 10
+    for f in fmts:
+        t, tie = overflow_threshold(f)
+        c = beyond_bound(f, dtype)
+        if math.isinf(c):  # no finite value of dtype overflows: the largest one does not
+            big = torch.finfo(dtype).max
+            assert Fraction(big) < Fraction(t) or (Fraction(big) == Fraction(t) and not tie), f
+            continue
+        ct = torch.tensor(c, dtype=dtype)
+        for v in (ct, torch.nextafter(ct, torch.tensor(math.inf, dtype=dtype)),
+                  torch.nextafter(ct, torch.tensor(0.0, dtype=dtype))):
+            fv = Fraction(float(v))
+            want = fv > Fraction(t) or (fv == Fraction(t) and tie)
+            assert (float(v) >= c) == want, (f, float(v))
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+@pytest.mark.parametrize("op", ["add", "mul"])
+@pytest.mark.parametrize("fmt", ["bf16", "e4m3", "fp16", "e5m2"])
+def test_op_events_count_the_exact_value(op: str, fmt: str, backend: str) -> None:
+    """count_op_events (the exact sum or product computed inside the counting kernel) equals
+    the definition applied to the float64 exact value, on adversarial operands, and counts
+    what a float32 rounding of the exact value would hide: a product below float32's range
+    that became zero is flushed; a sum just below an odd-maximum tie threshold does not
+    overflow."""
+    from precisim.emulation.rounded_ops import _EXACT, Rounded
+    from precisim.emulation.telemetry import count_op_events
+    from precisim.formats import get_format
+    from precisim.formats.events import overflow_threshold
+
+    f = get_format(fmt)
+    spec = Rounded.parse(fmt)
+    old = get_backend()
+    set_backend(backend)
+    try:
+        a = _adversarial(1 << 16, 4).reshape(-1)
+        b = _adversarial(1 << 16, 5).reshape(-1)
+        t, _ = overflow_threshold(f)
+        extra_a = torch.tensor([2.0 ** -80, t, -t, t, 1.0], dtype=torch.float32)
+        extra_b = torch.tensor([2.0 ** -80, -(2.0 ** -100), 2.0 ** -100, 0.0, 0.0])
+        a, b = torch.cat([a, extra_a]), torch.cat([b, extra_b])
+        ro: list[torch.Tensor] = []
+        y = spec.add(a, b, ro) if op == "add" else spec.mul(a, b, ro)
+        got = count_op_events(_EXACT[op], f"test-{op}", a, b, y, f)
+        exact = _EXACT[op](a, b)
+        assert exact.dtype == torch.float64
+        ref = count_events_reference(exact, y, f)
+        assert {k: int(v) for k, v in got.items()} == {k: int(v) for k, v in ref.items()}
+        # the rounding's float32 round-to-odd value counts the same (what telemetry uses)
+        assert len(ro) == 1 and ro[0].dtype == torch.float32
+        from_ro = count_events(ro[0], y, f)
+        assert {k: int(v) for k, v in from_ro.items()} == {k: int(v) for k, v in ref.items()}
+        assert int(got["saturated"]) > 0 and int(got["flushed"]) > 0
+        # the float32-rounded exact value would count otherwise on the extra elements
+        tail = slice(len(a) - 5, len(a))
+        e64 = count_events_reference(exact[tail], y[tail], f)
+        e32 = count_events_reference(exact[tail].float(), y[tail], f)
+        if op == "mul" and fmt == "bf16":  # 2^-160 != 0 became 0
+            assert int(e64["flushed"]) == int(e32["flushed"]) + 1
+        if op == "add" and fmt == "bf16":  # t - 2^-100 and -(t - 2^-100) stay below t
+            assert int(e32["saturated"]) == int(e64["saturated"]) + 2
+    finally:
+        set_backend(old)
