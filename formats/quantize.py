@@ -275,39 +275,47 @@ def code_dtype(fmt: FloatFormat | IntFormat) -> torch.dtype:
 
 
 def values_to_codes(y: torch.Tensor, fmt: FloatFormat | IntFormat) -> torch.Tensor:
-    """Codes of float32 values that are exact values of ``fmt`` (as returned by quantize)."""
+    """Codes of float32 values that are exact values of ``fmt`` (as returned by quantize).
+    One compiled kernel for large tensors (:func:`precisim.formats.kernels.run`)."""
     y = y.to(torch.float32).contiguous()
     if isinstance(fmt, IntFormat):
         if torch.isnan(y).any():
             raise ValueError(f"{fmt.name} has no code for NaN")
         q = torch.ldexp(y, torch.tensor(float(fmt.frac_bits))).to(torch.int64)
         return (q & ((1 << fmt.bits) - 1)).to(code_dtype(fmt))
-    b = y.view(torch.int32)
-    neg = b < 0
-    mag = b & 0x7FFFFFFF
-    is_nan = mag > 0x7F800000
-    is_inf = mag == 0x7F800000
-    if is_nan.any() and fmt.nan is Nan.NONE:
+    if fmt.nan is Nan.NONE and torch.isnan(y).any():
         raise ValueError(f"{fmt.name} has no NaN code: the input holds NaN")
-    E = mag >> 23
-    F = mag & 0x7FFFFF
-    e, frac = split_f32(E, F)
-    sig = frac | 0x800000
-    m = fmt.man_bits
-    normal = e >= fmt.emin
-    code_n = ((e + fmt.bias) << m) | ((sig >> (23 - m)) & ((1 << m) - 1))
-    code_s = sig >> torch.clamp(23 - m + fmt.emin - e, 0, 30)
-    code = torch.where(normal, code_n, code_s)
-    code = torch.where(mag == 0, 0, code)
+    flat = y.reshape(-1)  # one compiled kernel for every shape
+    return kernels.run(_codes_kernel(fmt), ("codes", fmt), flat.numel(), flat).reshape(y.shape)
+
+
+@lru_cache(maxsize=64)
+def _codes_kernel(fmt: FloatFormat):  # noqa: ANN202 - a closure over the format's constants
+    m, emin, bias, bits = fmt.man_bits, fmt.emin, fmt.bias, fmt.bits
     inf_code = fmt.inf_magnitude_code if fmt.inf_magnitude_code is not None else 0
-    code = torch.where(is_inf, inf_code, code)
-    if fmt.signed:
-        sign_bit = 1 << (fmt.bits - 1)
-        keep_sign = neg & ((mag != 0) | fmt.has_negative_zero)
-        code = code | torch.where(keep_sign, sign_bit, 0)
-    if fmt.nan_code is not None:
-        code = torch.where(is_nan, fmt.nan_code, code)
-    return code.to(code_dtype(fmt))
+    neg_zero, nan_code, signed = fmt.has_negative_zero, fmt.nan_code, fmt.signed
+    out_dtype = code_dtype(fmt)
+
+    def codes(y: torch.Tensor) -> torch.Tensor:
+        b = y.view(torch.int32)
+        neg = b < 0
+        mag = b & 0x7FFFFFFF
+        E = mag >> 23
+        F = mag & 0x7FFFFF
+        e, frac = split_f32(E, F)
+        sig = frac | 0x800000
+        code_n = ((e + bias) << m) | ((sig >> (23 - m)) & ((1 << m) - 1))
+        code_s = sig >> torch.clamp(23 - m + emin - e, 0, 30)
+        code = torch.where(e >= emin, code_n, code_s)
+        code = torch.where(mag == 0, 0, code)
+        code = torch.where(mag == 0x7F800000, inf_code, code)
+        if signed:
+            keep_sign = neg & ((mag != 0) | neg_zero)
+            code = code | torch.where(keep_sign, 1 << (bits - 1), 0)
+        if nan_code is not None:
+            code = torch.where(mag > 0x7F800000, nan_code, code)
+        return code.to(out_dtype)
+    return codes
 
 
 def encode(
