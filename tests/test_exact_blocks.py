@@ -234,3 +234,25 @@ def test_fp32_fma_in_float32_keeps_signed_zeros():
     assert torch.signbit(got[0, 0]) and got[0, 0] == 0
     assert not torch.signbit(got[1, 0]) and got[1, 0] == 0
     assert got[2, 0].item() == 2.0 ** -46
+
+
+@pytest.mark.parametrize("name", ["fma-fp16-fp16", "fma-bf16-bf16", "fma-fp32-fp32",
+                                  "fma-e4m3-fp32", "mul-add-fp16-fp32"])
+def test_fast_fidelity_of_one_product_blocks_is_exact_blocks(name):
+    """Units with one product per block: the fast fidelity runs exact-blocks (kernel
+    exact-blocks-fast, ahead of the float model, which would take a matmul per product), so
+    the fast result equals the exact reference bit for bit; units with longer blocks keep the
+    float model, and the refusal says why."""
+    from precisim.emulation import explain
+
+    unit = get_unit(name)
+    a, b, c = _ops(unit, seed=3)
+    ex = explain(a, b, unit, c, fidelity="fast")
+    assert ex.kernel == "exact-blocks-fast", str(ex)
+    ref = matmul(a, b, unit, c, kernel="reference")
+    assert _same(matmul(a, b, unit, c, fidelity="fast"), ref)
+    other = get_unit("exact-fp16")
+    a2, b2, c2 = _ops(other, seed=3)
+    ex2 = explain(a2, b2, other, c2, fidelity="fast")
+    assert ex2.kernel == "fast-float"
+    assert dict(ex2.refused)["exact-blocks-fast"].startswith("blocks of more than one product")

@@ -436,3 +436,21 @@ EXACT_BLOCKS = register_kernel(Kernel(
     "exact-blocks", "bit-exact", EXACT_FIELDS, _refusal, _run, priority=15,
     description="exact block sums (Kulisch, sequential FMA, exact blocks) as certified float64 "
     "pairs, rounded through odd float64 and float32 values; compiled"))
+
+
+def _fast_refusal(call: GemmCall) -> str | None:
+    """Why ``exact-blocks-fast`` does not compute ``call``: it takes the units with one
+    product per block (sequential FMA, rounding after every add), whose rounding per product
+    the float model of ``fast-float`` computes as one matmul per product (35x-100x slower than
+    this kernel: docs/bench-gemm.md), and then only what ``exact-blocks`` supports."""
+    if call.unit.block_size != 1:
+        return ("blocks of more than one product (the float model, fast-float, computes them "
+                "with one matmul per block)")
+    return _refusal(call)
+
+
+EXACT_BLOCKS_FAST = register_kernel(Kernel(
+    "exact-blocks-fast", "fast", EXACT_FIELDS, _fast_refusal, _run, priority=45,
+    description="the fast fidelity of units with one product per block (sequential FMA): "
+    "the exact-blocks kernel, so the result is bit-exact (faster than a matmul per product)"))
+
