@@ -188,7 +188,7 @@ def _fma32(c, a, b, ah, al, bh, bl):
     return torch.where(u == 0, th, torch.where(past, o, w))
 
 
-def _round_half32(s, e, bf16: bool):
+def _round_half32(s: torch.Tensor, e: torch.Tensor, bf16: bool) -> torch.Tensor:
     """RNE of s + e (float32 ``s`` = fl(s + e), ``e`` its exact TwoSum error) to bf16
     (``bf16``) or fp16, as float32 (an fp16 overflow as inf); docs/arithmetic.md section 4.8,
     sequential FMA. Integer and float32 arithmetic only: no conversion to the narrow type
@@ -441,8 +441,9 @@ EXACT_BLOCKS = register_kernel(Kernel(
 def _fast_refusal(call: GemmCall) -> str | None:
     """Why ``exact-blocks-fast`` does not compute ``call``: it takes the units with one
     product per block (sequential FMA, rounding after every add), whose rounding per product
-    the float model of ``fast-float`` computes as one matmul per product (35x-100x slower than
-    this kernel: docs/bench-gemm.md), and then only what ``exact-blocks`` supports."""
+    the float model of ``fast-float`` computes as one matmul per product (9x-54x slower than
+    this kernel on fma-fp32-fp32, fma-bf16-bf16 and fma-fp16-fp16: docs/bench-gemm.md), and
+    then only what ``exact-blocks`` supports."""
     if call.unit.block_size != 1:
         return ("blocks of more than one product (the float model, fast-float, computes them "
                 "with one matmul per block)")
