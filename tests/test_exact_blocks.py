@@ -157,3 +157,102 @@ def test_fp32_fma_variant_limits_and_signed_zeros():
         assert torch.signbit(got[0, 0]) and got[0, 0] == 0
         assert not torch.signbit(got[1, 0]) and got[1, 0] == 0
         assert _same(got, matmul(a, b, unit, c, kernel="reference")), backend
+
+
+def _half_ties(fmt: str, n: int = 200_000, seed: int = 0):
+    """(a, b, c) as (B, 1, 1) batches of single products where the float32 sum s = fl(c + a*b)
+    is a midpoint of ``fmt`` (fp16 or bf16) and the TwoSum error is nonzero (c far below a*b,
+    both signs, so the exact value lies on either side of the midpoint), exact ties (c = 0)
+    and, for fp16, sums in its subnormal range (quantum 2^-24) at midpoints; every case is
+    checked to be what it claims."""
+    g = torch.Generator().manual_seed(seed)
+    hf = torch.float16 if fmt == "fp16" else torch.bfloat16
+    lo, hi = (0, 7) if fmt == "fp16" else (-40, 40)
+
+    def rnd(lo_e, hi_e):
+        e = torch.randint(lo_e, hi_e, (n,), generator=g).to(torch.float32)
+        return quantize(torch.randn(n, generator=g) * torch.exp2(e), fmt).double()
+
+    def is_mid(x):  # x (float64) lies halfway between two neighbours in fmt
+        r = x.to(hf).double()
+        o = r + 2 * (x - r)
+        return (x != r) & (o.to(hf).double() == o)
+
+    a, b = rnd(lo, hi), rnd(lo, hi)
+    p = a * b
+    keep = is_mid(p) & (p.abs() >= 4)  # (|c| < ulp(p)/2 then: c does not reach a float32 bit)
+    a, b, p = a[keep][:40], b[keep][:40], p[keep][:40]
+    sign = torch.where(torch.arange(len(p)) % 2 == 0, 1.0, -1.0).double()
+    tiny = quantize((p * sign * 2.0 ** -30).float(), fmt).double()
+    tiny = torch.where(tiny == 0, sign * 2.0 ** -24, tiny)  # (fp16: its smallest subnormal)
+    A, B, C = [a, a], [b, b], [tiny, torch.zeros_like(p)]
+    if fmt == "fp16":  # subnormal-range sums: c + a*b = c +- 2^-25 -+ a tail, |c| < 2^-14
+        k = torch.arange(1, 41, dtype=torch.float64) % 3 + 1  # (tails < 2^-41)
+        sa = torch.where(torch.arange(40) % 4 < 2, 1.0, -1.0).double()
+        A.append(sa * 2.0 ** -12 * (1 + k * 2.0 ** -10))  # a*b = +-2^-25 (1 - k^2 2^-20)
+        B.append(2.0 ** -13 * (1 - k * 2.0 ** -10))
+        j = torch.randint(512, 1024, (40,), generator=g).double()  # 2^-15 <= |c| < 2^-14
+        C.append(j * 2.0 ** -24 * torch.where(torch.arange(40) % 2 == 0, 1.0, -1.0).double())
+    a, b, c = (torch.cat(t).float().reshape(-1, 1, 1) for t in (A, B, C))
+    x = c.double() + a.double() * b.double()
+    s = x.float().double()
+    assert bool(is_mid(s).all())
+    inexact = (x != s).reshape(-1)
+    assert int(inexact[:40].sum()) == 40 and int(inexact[80:].sum()) >= 10 * (fmt == "fp16")
+    return a, b, c
+
+
+@pytest.mark.parametrize("name", ["fma-fp16-fp16", "fma-bf16-bf16"])
+def test_sequential_half_rounding_at_midpoints(name):
+    """The fp16 / bf16 accumulators' rounding of c + a*b from its float32 TwoSum (rounding
+    on the float32 bits, fp16's subnormal range by the 0.75 shift): sums at a midpoint of the
+    format whose exact value lies just above or below it, exact ties, and fp16 subnormal
+    midpoints, compiled and eager, equal the exact reference."""
+    from precisim.emulation.matmul.call import prepare
+
+    unit = get_unit(name)
+    a, b, c = _half_ties(unit.acc_format.name)
+    assert xb._sequential_variant(prepare(a, b, unit, c, "bit-exact")) == "half"
+    _compiled_and_eager_equal_reference(a, b, unit, c)
+
+
+def test_fp32_fma_in_float32_keeps_signed_zeros():
+    """The float32-only FMA (variant f32x, operands in its range): -0 terms keep a -0 sum
+    (-0 + -0*x = -0, where th + u would give +0), a +0 product makes it +0, and an exact
+    cancellation of c against a 48-bit product leaves the product's low half; compiled and
+    eager equal the reference."""
+    from precisim.emulation.matmul.call import prepare
+
+    unit = get_unit("fma-fp32-fp32")
+    a = torch.tensor([[-0.0, -0.0, -0.0], [0.0, -0.0, -0.0],
+                      [1.0 + 2.0 ** -23, -0.0, 0.0], [3.0, -0.0, 2.0 ** -20]])
+    b = torch.tensor([[1.0 + 2.0 ** -23], [1.0], [1.0]])
+    c = torch.tensor([[-0.0], [-0.0], [-(1.0 + 2.0 ** -22)], [-3.0 - 3 * 2.0 ** -23]])
+    assert xb._sequential_variant(prepare(a, b, unit, c, "bit-exact")) == "f32x"
+    _compiled_and_eager_equal_reference(a, b, unit, c)
+    got = matmul(a, b, unit, c, kernel="exact-blocks")
+    assert torch.signbit(got[0, 0]) and got[0, 0] == 0
+    assert not torch.signbit(got[1, 0]) and got[1, 0] == 0
+    assert got[2, 0].item() == 2.0 ** -46
+
+
+@pytest.mark.parametrize("name", ["fma-fp16-fp16", "fma-bf16-bf16", "fma-fp32-fp32",
+                                  "fma-e4m3-fp32", "mul-add-fp16-fp32"])
+def test_fast_fidelity_of_one_product_blocks_is_exact_blocks(name):
+    """Units with one product per block: the fast fidelity runs exact-blocks (kernel
+    exact-blocks-fast, ahead of the float model, which would take a matmul per product), so
+    the fast result equals the exact reference bit for bit; units with longer blocks keep the
+    float model, and the refusal says why."""
+    from precisim.emulation import explain
+
+    unit = get_unit(name)
+    a, b, c = _ops(unit, seed=3)
+    ex = explain(a, b, unit, c, fidelity="fast")
+    assert ex.kernel == "exact-blocks-fast", str(ex)
+    ref = matmul(a, b, unit, c, kernel="reference")
+    assert _same(matmul(a, b, unit, c, fidelity="fast"), ref)
+    other = get_unit("exact-fp16")
+    a2, b2, c2 = _ops(other, seed=3)
+    ex2 = explain(a2, b2, other, c2, fidelity="fast")
+    assert ex2.kernel == "fast-float"
+    assert dict(ex2.refused)["exact-blocks-fast"].startswith("blocks of more than one product")

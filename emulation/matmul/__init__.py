@@ -6,7 +6,10 @@ Two fidelities, both public:
   bit for bit against :mod:`precisim.emulation.reference` and all 60000 real-GPU recordings);
 * ``"fast"`` models the unit's systematic rounding on top of float matmuls
   (:mod:`.fast`; its measured distance to bit-exact is in
-  :mod:`precisim.emulation.divergence`).
+  :mod:`precisim.emulation.divergence`), except for units with one product per block
+  (sequential FMA, rounding after every add): the model would take one matmul per product,
+  so their fast fidelity is the bit-exact ``exact-blocks`` kernel (kernel
+  ``exact-blocks-fast``; fast results may be exact).
 
 Each fidelity has several **kernels** (:mod:`.registry`), tried fastest first; each declares
 the unit fields it models and which calls it supports, and the first that supports a call
@@ -23,6 +26,8 @@ kernel                    fidelity  what it computes (module)
                                     accumulators (:mod:`.float_chain`)
 ``int-chain``             bit-exact int64 block chain: every unit (:mod:`.int_chain`)
 ``reference``             bit-exact the exact reference, one output at a time (only on request)
+``exact-blocks-fast``     fast      units with one product per block (sequential FMA):
+                                    ``exact-blocks`` itself, so bit-exact
 ``fast-float``            fast      one matmul per promotion chunk + a rounding model
 ``blockwise-fast``        fast      float64 block sums + the unit's exact roundings (every
                                     unit)

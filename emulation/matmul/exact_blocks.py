@@ -14,7 +14,9 @@ float32 rounding kernel of :mod:`precisim.formats.kernels` (every mode, overflow
 policy, through the rounding table): rounding to odd with p >= m + 2 bits first and then to m
 bits is the correct rounding of the exact value. Outputs where lo lost a bit (or that became
 infinite) are recomputed by the int64 chain. The steps run compiled, 16 products (or whole
-blocks of k < 16) per kernel call, over every output at once.
+blocks of k < 16) per kernel call, over every output at once. Sequential FMA under
+round-to-nearest-even runs float32 variants instead (:func:`_sequential_variant`), 2-8
+products per call (:data:`SEQ_CHUNK`).
 
 Supported: float accumulators with at most 22 fraction bits (fp16, bf16, reduced-precision
 block results), or fp32 with round-to-nearest-even; products exact or rounded to fp32 with
@@ -45,6 +47,11 @@ CHUNK = 16
 #: products per compiled call of a unit with one product per block (sequential FMA: a
 #: rounding per product, so a larger unrolled kernel takes long to compile)
 FMA_CHUNK = 8
+#: products per compiled call of the float32 sequential variants (:func:`_sequential_variant`)
+#: where fewer are faster (the compiled step's code stays small; measured at 512 x 4096
+#: outputs on one thread, AMD EPYC: fp16 0.51 / 0.66 / 0.80 ns per product at 2 / 4 / 8,
+#: bf16 0.27 at 4 and 0.33 at 8, emulated fp32 FMA 0.46 / 0.57 / 0.73 at 2 / 4 / 8)
+SEQ_CHUNK = {("half", 5): 2, ("half", 8): 4, ("f32x", 8): 2}
 
 
 def _fp32_rne(fmt, rounding: Rounding) -> bool:
@@ -95,8 +102,8 @@ def _sequential_variant(call: GemmCall) -> str:
     but whose Dekker halves are (:func:`_fma32`: float32 arithmetic only), ``"f64"`` an fp32
     accumulator and wider products (a float64 addition, corrected where it lands on a float32
     midpoint), ``"half"`` an fp16 or bf16 accumulator and products exact in float32 (a float32
-    addition with its exact error, converted, corrected at midpoints); ``""`` the general
-    rounding through odd values."""
+    addition with its exact error, rounded on the float32 bits: :func:`_round_half32`);
+    ``""`` the general rounding through odd values."""
     unit = call.unit
     if (unit.block_size != 1 or unit.acc_rounding is not Rounding.NEAREST_EVEN
             or unit.flush_output_subnormals or call.has_k_scales
@@ -150,49 +157,93 @@ def _split32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, torch.where(x == 0, x, x - hi)
 
 
-def _fma32(c, ah, al, bh, bl):
-    """RNE_fp32(c + a*b) of float32 ``c`` and the exact product of a = ah + al and
+def _fma32(c, a, b, ah, al, bh, bl):
+    """RNE_fp32(c + a*b) of float32 ``c`` and the exact product of float32 a = ah + al and
     b = bh + bl (:func:`_split32` halves), in float32 arithmetic only (docs/arithmetic.md
-    section 4.8): Dekker's exact product a*b = ph + pl, TwoSum c + ph = th + tl, then
-    RN(th + RO(tl + pl)) with RO rounding to odd (Boldo & Melquiond, "Emulation of FMA and
-    correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008). Exact
-    where every partial product is at or above 2^-149 (:func:`_fma32_ok`); an overflow
-    anywhere leaves an infinity or NaN (the caller recomputes those outputs). Where
-    RO(tl + pl) is zero the result is th itself (so the IEEE sign of a zero sum is th's)."""
-    ph = (ah + al) * (bh + bl)
+    section 4.8, emulated FMA): Dekker's exact product a*b = ph + pl, TwoSum c + ph = th + tl,
+    TwoSum tl + pl = u + ue and TwoSum th + u = w + we, so c + a*b = w + we + ue exactly.
+
+    The result is w = RN(th + u) unless w + we is a float32 midpoint and ue != 0 has we's sign:
+    then the exact value lies past the midpoint and the result is the other neighbour
+    o = w + 2*we (exact). A midpoint is where o - w == 2*we (elsewhere 0 < |2*we| < the gap
+    to w's neighbour, so o - w is 0 or the gap). ue cannot move a value that is not a midpoint
+    across one: |ue| <= ulp(u)/2 while th + u is a multiple of ulp(u), which divides half an
+    ulp of w (|u| <= 1.5 ulp(th), since |tl| <= ulp(th)/2 and |pl| <= ulp(ph)/2 <= ulp(th)
+    unless c and ph cancel within a factor 2, where c + ph is exact and tl = ue = 0). This is
+    the rounding to odd of Boldo & Melquiond ("Emulation of FMA and correctly rounded sums:
+    proved algorithms using rounding to odd", IEEE TC 2008) decided by float comparisons
+    instead of the last bit of RO(tl + pl) (a bit view costs more than the extra TwoSum,
+    compiled). Exact where every partial product is at or above 2^-149 (:func:`_fma32_ok`);
+    an overflow anywhere leaves an infinity or NaN (the caller recomputes those outputs).
+    Where u is zero (tl + pl = 0 exactly) the result is th itself, so the IEEE sign of a
+    zero sum is th's (th + 0 would turn -0 into +0)."""
+    ph = a * b
     pl = (((ah * bh - ph) + ah * bl) + al * bh) + al * bl
     th, tl = _two_sum(c, ph)
     u, ue = _two_sum(tl, pl)
-    bits = u.view(torch.int32)
-    fix = (ue != 0) & ((bits & 1) == 0)
-    step = torch.where((ue > 0) == (u > 0), 1, -1).to(torch.int32)
-    v = torch.where(fix, bits + step, bits).view(torch.float32)
-    return torch.where(v == 0, th, th + v)
+    w, we = _two_sum(th, u)
+    we2 = we + we
+    o = w + we2
+    past = ((o - w) == we2) & (ue != 0) & ((ue > 0) == (we > 0))
+    return torch.where(u == 0, th, torch.where(past, o, w))
+
+
+def _round_half32(s: torch.Tensor, e: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """RNE of s + e (float32 ``s`` = fl(s + e), ``e`` its exact TwoSum error) to bf16
+    (``bf16``) or fp16, as float32 (an fp16 overflow as inf); docs/arithmetic.md section 4.8,
+    sequential FMA. Integer and float32 arithmetic only: no conversion to the narrow type
+    (compiled, those cost 4x the rest of the step).
+
+    In float32's normal range the rounding is integer arithmetic on the float32 bits: adding
+    h - 1 + u (h: half the format's quantum in units of the last float32 bit, 2^15 for bf16,
+    2^12 for fp16) and clearing the bits below the quantum rounds to nearest for either u in
+    {0, 1} except at a midpoint (low bits exactly h), where u = 1 rounds up in magnitude and
+    u = 0 down; u is the even-tie bit where e = 0 and whether e has s's sign otherwise (then
+    the exact value lies past the midpoint, away from zero). A carry into the exponent gives
+    the next binade (or inf), so for bf16 (float32's exponent range) this is the whole
+    rounding, subnormals included. fp16 results of 2^16 and above are inf, and below 2^-14
+    (fp16 subnormals: a fixed quantum 2^-24) s is rounded by (s + 0.75) - 0.75 (both exact
+    but the first, a float32 rounding to the multiples of 2^-24 near 0.75, ties to even),
+    the tie moved toward e where s is a midpoint and e != 0, a zero keeping s's sign."""
+    bits = s.view(torch.int32)
+    away = ((e.view(torch.int32) ^ bits) >= 0).to(torch.int32)  # e has s's sign
+    inexact = e != 0
+    shift = 16 if bf16 else 13
+    u = torch.where(inexact, away, (bits >> shift) & 1)
+    r = ((bits + ((1 << (shift - 1)) - 1) + u) & -(1 << shift)).view(torch.float32)
+    if bf16:
+        return r
+    r = torch.where(r.abs() > 65504.0, r * math.inf, r)
+    q = (s + 0.75) - 0.75
+    d = s - q  # exact; +-2^-25 at a midpoint
+    q = torch.where((d.abs() == 2.0 ** -25) & inexact & ((e > 0) == (d > 0)), q + 2 * d, q)
+    q = torch.where(q == 0, s * 0.0, q)
+    return torch.where(s.abs() < 2.0 ** -14, q, r)
 
 
 def _sequential_kernel(unit: MatrixUnit, T: int, variant: str):
     """(steps, key) of a :func:`_sequential_variant`: T products, each added to the running
     sum ``hi`` and rounded. Results that overflow come back infinite (the caller recomputes
-    them exactly)."""
+    them exactly). Variants other than ``"f64"`` keep ``hi`` and take the operands in
+    float32 (:func:`_run` converts them once)."""
     bf = unit.block_format
-    half = torch.float16 if bf.exp_bits == 5 else torch.bfloat16
     saturate = unit.acc_overflow.value == "saturate"
     mx = float(bf.max)
 
-    def steps(hi, lo, bad, a_c, b_c, al_c=None, bl_c=None):
-        if variant == "f32x":  # a_c, b_c: the high halves; al_c, bl_c: the low ones
-            c = hi.to(torch.float32)
+    def steps(hi, lo, bad, a_c, b_c, ah=None, al=None, bh=None, bl=None):
+        if variant == "f32x":  # a_c, b_c: fp32 operands; ah, al, bh, bl: their halves
+            c = hi
             for t in range(T):
-                c = _fma32(c, a_c[:, :, t:t + 1], al_c[:, :, t:t + 1],
-                           b_c[:, t:t + 1, :], bl_c[:, t:t + 1, :])
-            return c.to(torch.float64), lo, bad
+                c = _fma32(c, a_c[:, :, t:t + 1], b_c[:, t:t + 1, :], ah[:, :, t:t + 1],
+                           al[:, :, t:t + 1], bh[:, t:t + 1, :], bl[:, t:t + 1, :])
+            return c, lo, bad
         if variant == "f32":
-            c, a32, b32 = hi.to(torch.float32), a_c.to(torch.float32), b_c.to(torch.float32)
+            c = hi
             for t in range(T):
-                c = c + a32[:, :, t:t + 1] * b32[:, t:t + 1, :]
+                c = c + a_c[:, :, t:t + 1] * b_c[:, t:t + 1, :]
                 if saturate:
                     c = c.clamp(-mx, mx)
-            return c.to(torch.float64), lo, bad
+            return c, lo, bad
         if variant == "f64":
             c = hi
             for t in range(T):
@@ -203,15 +254,12 @@ def _sequential_kernel(unit: MatrixUnit, T: int, variant: str):
                 mid = (r != 0) & (o.to(torch.float32).to(torch.float64) == o)
                 c = torch.where(mid & (e != 0) & ((e > 0) == (r > 0)), o, t64)
             return c, lo, bad
-        c, a32, b32 = hi.to(torch.float32), a_c.to(torch.float32), b_c.to(torch.float32)
+        c, bf16 = hi, bf.exp_bits == 8
         for t in range(T):
-            s, e = _two_sum(c, a32[:, :, t:t + 1] * b32[:, t:t + 1, :])  # exact in float32
-            t32 = s.to(half).to(torch.float32)
-            r = s - t32
-            o = t32 + 2 * r
-            mid = (r != 0) & (o.to(half).to(torch.float32) == o)
-            c = torch.where(mid & (e != 0) & ((e > 0) == (r > 0)), o, t32)
-        return c.to(torch.float64), lo, bad
+            # c + a*b as s + e: the product is exact in float32, the TwoSum error too
+            s, e = _two_sum(c, a_c[:, :, t:t + 1] * b_c[:, t:t + 1, :])
+            c = _round_half32(s, e, bf16)
+        return c, lo, bad
 
     return steps, ("exact-blocks-seq", unit.with_(name="-", description=""), T, variant)
 
@@ -280,11 +328,12 @@ def _kernels(unit: MatrixUnit, T: int, ends: tuple[int, ...], variant: str = "")
     return steps, key
 
 
-def _plan(k: int, K: int) -> tuple[int, tuple[int, ...], int]:
+def _plan(k: int, K: int, seq_chunk: int | None = None) -> tuple[int, tuple[int, ...], int]:
     """(T, ends, Kp): chunks of T products, block ends inside a chunk, K padded to whole
-    chunks (the last block ends at K)."""
+    chunks (the last block ends at K); ``seq_chunk``: T for one product per block, if not
+    :data:`FMA_CHUNK`."""
     if k == 1:
-        T = FMA_CHUNK
+        T = seq_chunk or FMA_CHUNK
     elif k <= CHUNK:
         T = k * (CHUNK // k)
     else:
@@ -298,7 +347,8 @@ def _run(call: GemmCall) -> torch.Tensor:
     unit, sc = call.unit, call.scales
     Bt, M, K, N = call.shape
     k = unit.block_size
-    T, ends, Kp = _plan(k, K)
+    variant = _sequential_variant(call)
+    T, ends, Kp = _plan(k, K, SEQ_CHUNK.get((variant, unit.block_format.exp_bits)))
     a = call.a.to(torch.float64)
     b = call.b.to(torch.float64)
     if sc is not None and sc.has_k:  # the scale product multiplies each product: exactly
@@ -315,21 +365,25 @@ def _run(call: GemmCall) -> torch.Tensor:
     hi, lo = c.clone(), torch.zeros_like(c)
     bad = torch.zeros_like(c)
     work = Bt * M * N * T
-    variant = _sequential_variant(call)
-    if variant == "f32x":  # the operands as float32 Veltkamp halves (split once)
-        (a, al), (b, bl) = _split32(a), _split32(b)
+    halves = ()
+    if variant and variant != "f64":  # float32 operands and running sum (exact: see
+        # _sequential_variant), converted once instead of in every chunk
+        a, b, hi = a.to(torch.float32), b.to(torch.float32), hi.to(torch.float32)
+    if variant == "f32x":  # and the operands' Veltkamp halves (split once)
+        halves = (*_split32(a), *_split32(b))
     for k0 in range(0, Kp, T):
         last = k0 + T >= Kp
         chunk_ends = ends
         if not ends and (last or (k0 + T) % k == 0):
             chunk_ends = (T - 1,)  # a long block (or the whole K) ends with this chunk
         steps, key = _kernels(unit, T, chunk_ends, variant)
-        lows = ()
-        if variant == "f32x":
-            lows = (al[:, :, k0:k0 + T].contiguous(), bl[:, k0:k0 + T, :].contiguous())
+        # (ah, al: a's halves, sliced along its last axis; bh, bl: b's, along the middle)
+        parts = tuple(x[:, :, k0:k0 + T].contiguous() for x in halves[:2]) + tuple(
+            x[:, k0:k0 + T, :].contiguous() for x in halves[2:])
         hi, lo, bad = compiled.run(steps, key, work, hi, lo, bad,
                                    a[:, :, k0:k0 + T].contiguous(),
-                                   b[:, k0:k0 + T, :].contiguous(), *lows)
+                                   b[:, k0:k0 + T, :].contiguous(), *parts)
+    hi = hi.to(torch.float64)
     final = hi
     flagged = (bad != 0) | ~torch.isfinite(hi)
     if any_true(flagged):
@@ -382,3 +436,22 @@ EXACT_BLOCKS = register_kernel(Kernel(
     "exact-blocks", "bit-exact", EXACT_FIELDS, _refusal, _run, priority=15,
     description="exact block sums (Kulisch, sequential FMA, exact blocks) as certified float64 "
     "pairs, rounded through odd float64 and float32 values; compiled"))
+
+
+def _fast_refusal(call: GemmCall) -> str | None:
+    """Why ``exact-blocks-fast`` does not compute ``call``: it takes the units with one
+    product per block (sequential FMA, rounding after every add), whose rounding per product
+    the float model of ``fast-float`` computes as one matmul per product (9x-54x slower than
+    this kernel on fma-fp32-fp32, fma-bf16-bf16 and fma-fp16-fp16: docs/bench-gemm.md), and
+    then only what ``exact-blocks`` supports."""
+    if call.unit.block_size != 1:
+        return ("blocks of more than one product (the float model, fast-float, computes them "
+                "with one matmul per block)")
+    return _refusal(call)
+
+
+EXACT_BLOCKS_FAST = register_kernel(Kernel(
+    "exact-blocks-fast", "fast", EXACT_FIELDS, _fast_refusal, _run, priority=45,
+    description="the fast fidelity of units with one product per block (sequential FMA): "
+    "the exact-blocks kernel, so the result is bit-exact (faster than a matmul per product)"))
+
