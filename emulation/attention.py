@@ -327,10 +327,11 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         v = vq[bs, :, :ke]
         if cut is not None and cut < ke and drops_tail(s, cut, drop_gap) and (
                 telemetry is None or own_softmax_drops(drop_gap, s.device.type)):
-            if telemetry is None:  # (cut is a multiple of P's blocks: quantized alone as
+            if telemetry is None:
+                # (cut is a multiple of P's blocks: quantized alone as within the row)
                 p = torch.softmax(s[..., :cut], dim=-1, dtype=torch.float32).to(dtype)
                 pq = quantize_operand(p, pv.input, where=(f"{name}.pv", "input"))
-                pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # within the row)
+                pz = torch.nn.functional.pad(pq.values, (0, ke - cut))  # the dropped zeros
                 return torch.matmul(pz, v)
             # telemetry: the softmax over whole vectors (its own fp32 softmax then equals
             # the whole row's, softmax_row_length), the dropped keys beyond them counted as
