@@ -271,20 +271,24 @@ def _kernel(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
     return run
 
 
-def _count(installer: Installer, name: str, op: str, a: torch.Tensor, b: torch.Tensor,
-           y: torch.Tensor, spec: Rounded, exact: list[torch.Tensor]) -> None:
-    """The telemetry of ``y = Q(a op b)`` against the exact ``a op b``: from its rounding to
-    odd at float32 where the rounding made one (``exact``, see :meth:`Rounded.mul`), else
-    from the float64 value computed inside the counting kernel."""
+def _rounded(installer: Installer, name: str, spec: Rounded, op: str, a: torch.Tensor,
+             b: torch.Tensor) -> torch.Tensor:
+    """``y = Q(a op b)`` by ``spec``, and under telemetry its counts against the exact
+    ``a op b``: from the rounding's own round to odd at float32 where it made one (see
+    :meth:`Rounded.mul`), else from the float64 value computed inside the counting kernel."""
     tel = installer.emulation.telemetry
+    exact: list[torch.Tensor] | None = None if tel is None else []
+    y = spec._run(op, a, b, exact)
     if tel is None:
-        return
+        return y
     if exact:
-        tel.add(name, "output", count_events(exact[0], y, spec.format))  # type: ignore[arg-type]
-        return
-    a, b = torch.broadcast_tensors(a.detach(), b.detach())
-    tel.add(name, "output", count_op_events(_EXACT[op], f"rounded-{op}", a, b, y,
-                                            spec.format))  # type: ignore[arg-type]
+        counts = count_events(exact[0], y, spec.format)  # type: ignore[arg-type]
+    else:
+        a, b = torch.broadcast_tensors(a.detach(), b.detach())
+        counts = count_op_events(_EXACT[op], f"rounded-{op}", a, b, y,
+                                 spec.format)  # type: ignore[arg-type]
+    tel.add(name, "output", counts)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,9 +409,7 @@ def install_glu(installer: Installer, entries: Sequence[PlanEntry]) -> None:
                 raise EmulationError(f"{name}: the down projection's input is not the product "
                                      "of the activation's and the up projection's outputs of "
                                      "this call; the glu op kind cannot emulate it")
-            ex: list[torch.Tensor] = []
-            y = spec.mul(a, u, ex if installer.emulation.telemetry is not None else None)
-            _count(installer, name, "mul", a, u, y, spec, ex)
+            y = _rounded(installer, name, spec, "mul", a, u)
             # training: the backward is the model's own product's (docs/training.md 1c)
             return (with_own_backward(y.to(p.dtype), p if needs_grad(p) else None, name,
                                        "glu"), *args[1:])
@@ -461,9 +463,7 @@ class _ResidualMode(TorchFunctionMode):
                 or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
                 or not a.is_floating_point() or a.dtype != b.dtype or a.shape != b.shape:
             return func(*args, **kwargs)
-        ex: list[torch.Tensor] = []
-        y = self.spec.add(a, b, ex if self.installer.emulation.telemetry is not None else None)
-        _count(self.installer, self.name, "add", a, b, y, self.spec, ex)
+        y = _rounded(self.installer, self.name, self.spec, "add", a, b)
         # training: the backward is the model's own add's (docs/training.md section 1c)
         grad = needs_grad(a, b)
         if func in _IN_PLACE:  # r += h: the sum is written into r (a stream tensor already)

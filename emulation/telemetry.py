@@ -43,6 +43,13 @@ def _beyond(ax: torch.Tensor, t: float, tie: bool) -> torch.Tensor:
     return ax >= t if tie else ax > t
 
 
+def _value(x: torch.Tensor, fmt: FloatFormat | IntFormat | ScaledFormat) -> torch.Tensor:
+    """The quantized value ``x`` as the counters read it: float32, except a float64 ``x`` for
+    an element format, kept as it is (an exact value that float32 cannot hold)."""
+    x = x.detach()
+    return x if x.dtype == torch.float64 and not isinstance(fmt, ScaledFormat) else x.float()
+
+
 def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat | ScaledFormat,
                  parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
     """The counters of one quantization of ``x`` to ``q`` (see the module docstring).
@@ -53,9 +60,7 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
     from precisim.formats import kernels
     from precisim.formats.quantize import decode
 
-    xf = x.detach().reshape(-1)
-    if xf.dtype != torch.float64 or isinstance(fmt, ScaledFormat):  # float64: an exact value
-        xf = xf.float()
+    xf = _value(x, fmt).reshape(-1)
     qf = q.detach().float().reshape(-1)
     out: dict[str, torch.Tensor] = {"numel": torch.tensor(x.numel(), dtype=torch.int64)}
     # the format's constants are tensor arguments, so one compiled graph serves every format
@@ -126,9 +131,7 @@ def count_events_reference(x: torch.Tensor, q: torch.Tensor,
                            parts: ScaledTensor | None = None) -> dict[str, torch.Tensor]:
     """The definition of the counters, in plain eager torch (what :func:`count_events` is
     tested against)."""
-    xf = x.detach()
-    if xf.dtype != torch.float64 or isinstance(fmt, ScaledFormat):  # float64: an exact value
-        xf = xf.float()
+    xf = _value(x, fmt)
     qf = q.detach().float()
     ax, aq = xf.abs(), qf.abs()
     finite = torch.isfinite(xf)

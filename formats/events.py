@@ -25,6 +25,7 @@ module and keeps the eager definition they are tested against.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 
@@ -85,6 +86,7 @@ def element_events(xf: torch.Tensor, qf: torch.Tensor, at_max: torch.Tensor,
     return torch.stack([flushed, nonfinite, sat])
 
 
+@cache
 def beyond_bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype) -> float:
     """The smallest magnitude ``c`` of ``dtype`` (float32 or float64) such that a magnitude
     of ``dtype`` overflows ``fmt`` under RNE iff it is ``>= c`` (:func:`overflow_threshold`:
