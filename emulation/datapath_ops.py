@@ -8,9 +8,10 @@ these keys plans and runs exactly as before. They change a model only through th
 :class:`~precisim.emulation.opkinds.Installer`: norms and activations get an instance
 ``forward`` (deleted at restore), attention modules a forward pre-hook and post-hook that
 enter and leave a :class:`~torch.overrides.TorchFunctionMode` replacing the softmax calls
-made during their forward. Telemetry (role ``output``) compares each emulated output with the
-module's own output: ``saturated`` (the own value beyond the output format's range) and
-``flushed`` (a non-zero own value that became zero).
+made during their forward, off torch's stack while their linear projections run
+(:func:`~precisim.emulation.modes.scope_mode`). Telemetry (role ``output``) compares each
+emulated output with the module's own output: ``saturated`` (the own value beyond the output
+format's range) and ``flushed`` (a non-zero own value that became zero).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .functions import Activation, Fn, Norm, NormKind, Softmax
-from .opkinds import EmulationError, dispatches_attention
+from .modes import ScopedMode, scope_mode
+from .opkinds import EmulationError, dispatches_attention, is_linear
 from .telemetry import count_events
 
 if TYPE_CHECKING:
@@ -211,8 +212,9 @@ def emulated_softmax(module: nn.Module) -> Softmax | None:
     return _EMULATED.get(module)
 
 
-class _SoftmaxMode(TorchFunctionMode):
-    """Replaces the softmax calls of one attention forward by an emulated :class:`Softmax`."""
+class _SoftmaxMode(ScopedMode):
+    """Replaces the softmax calls of one attention forward by an emulated :class:`Softmax`
+    (off torch's stack while the module's linear children, its projections, run)."""
 
     def __init__(self, installer: Installer, name: str, spec: Softmax):
         super().__init__()
@@ -236,6 +238,11 @@ class _SoftmaxMode(TorchFunctionMode):
         return with_own_backward(y.to(xt.dtype), ref, self.name, "softmax")
 
 
+def _is_projection(m: nn.Module) -> bool:
+    """A linear layer, or the emulated wrapper of one (the ``linear`` kind installs first)."""
+    return is_linear(getattr(m, "original", m))
+
+
 def install_softmax(installer: Installer, entries: Sequence[PlanEntry]) -> None:
     """Every attention function runs eagerly (an sdpa / flash implementation becomes
     ``eager``; the ``attention`` op kind's ``precisim`` implementation is kept) and the
@@ -247,20 +254,11 @@ def install_softmax(installer: Installer, entries: Sequence[PlanEntry]) -> None:
             installer.setattr(cfg, "_attn_implementation_internal", "eager")
     for e in entries:
         m = installer.modules[e.module]
-        modes: list[_SoftmaxMode] = []
         _EMULATED[m] = e.spec
         installer.on_restore(lambda m=m: _EMULATED.pop(m, None))
 
-        def pre(module: nn.Module, args: tuple, name: str = e.module, spec: Softmax = e.spec,
-                modes: list[_SoftmaxMode] = modes) -> None:
-            mode = _SoftmaxMode(installer, name, spec)
-            mode.__enter__()
-            modes.append(mode)
+        def enter(args: tuple, kwargs: dict, name: str = e.module,
+                  spec: Softmax = e.spec) -> _SoftmaxMode:
+            return _SoftmaxMode(installer, name, spec)
 
-        def post(module: nn.Module, args: tuple, out: Any,
-                 modes: list[_SoftmaxMode] = modes) -> None:
-            if modes:
-                modes.pop().__exit__(None, None, None)
-
-        installer.on_restore(m.register_forward_pre_hook(pre).remove)
-        installer.on_restore(m.register_forward_hook(post, always_call=True).remove)
+        scope_mode(installer, m, enter, suspend_in=_is_projection)

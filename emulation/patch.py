@@ -273,6 +273,11 @@ class EmulatedLinear(nn.Module):
         object.__setattr__(self, "_handle", handle)
         self._name = name
 
+    @property
+    def original(self) -> nn.Module:
+        """The linear / Conv1D module this wrapper stands in for (restored at restore)."""
+        return self._orig
+
     def extra_repr(self) -> str:
         return f"{self._name}: {self.spec.describe()}"
 

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from precisim.formats import FloatFormat, Overflow, Rounding, kernels
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .datapath_ops import needs_grad, with_own_backward
 from .functions import exact as ex
 from .functions.core import Rq, Value, add_ro, check_format, default_overflow, parse_enum
+from .modes import ScopedMode, scope_mode
 from .opkinds import EmulationError, dispatches_attention, is_linear
 from .specs import RecipeError, check_keys
 from .telemetry import count_events, count_op_events
@@ -436,9 +436,11 @@ _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
 _IN_PLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
 
 
-class _ResidualMode(TorchFunctionMode):
-    """Active during one forward of a decoder layer: emulates the adds of a stream tensor
-    (the layer's input or an emulated residual sum) and a child's output."""
+class _ResidualMode(ScopedMode):
+    """Active during one forward of a decoder layer, off torch's stack while its children run
+    (only the layer's own code makes residual adds; :func:`~precisim.emulation.modes.
+    scope_mode`): emulates the adds of a stream tensor (the layer's input or an emulated
+    residual sum) and a child's output."""
 
     def __init__(self, installer: Installer, name: str, spec: Rounded, x: Any):
         super().__init__()
@@ -489,37 +491,19 @@ def _noting(name: str):  # noqa: ANN202 - a gradient hook
 
 
 def install_residual(installer: Installer, entries: Sequence[PlanEntry]) -> None:
-    """Each decoder layer's forward runs under a :class:`_ResidualMode` (entered by a forward
-    pre-hook, left by a forward hook); hooks on its children record their outputs. A layer
-    whose forward makes no residual add raises :class:`EmulationError`."""
+    """Each decoder layer's forward runs under a :class:`_ResidualMode`, off the stack while
+    its children run (they record their outputs). A layer whose forward makes no residual
+    add raises :class:`EmulationError`."""
     for e in entries:
-        m = installer.modules[e.module]
-        modes: list[_ResidualMode] = []
-
-        def pre(mod: nn.Module, args: tuple, kwargs: dict, name: str = e.module,
-                spec: Rounded = e.spec, modes: list[_ResidualMode] = modes) -> None:
+        def enter(args: tuple, kwargs: dict, name: str = e.module,
+                  spec: Rounded = e.spec) -> _ResidualMode:
             x = args[0] if args else kwargs.get("hidden_states")
-            mode = _ResidualMode(installer, name, spec, x)
-            mode.__enter__()
-            modes.append(mode)
+            return _ResidualMode(installer, name, spec, x)
 
-        def post(mod: nn.Module, args: tuple, out: Any, name: str = e.module,
-                 modes: list[_ResidualMode] = modes) -> None:
-            if not modes:
-                return
-            mode = modes.pop()
-            mode.__exit__(None, None, None)
-            if mode.adds == 0:
+        def left(mode: ScopedMode, name: str = e.module) -> None:
+            if isinstance(mode, _ResidualMode) and mode.adds == 0:
                 raise EmulationError(f"{name}: its forward made no residual add (its input "
                                      "plus a sub-module's output); the residual op kind "
                                      "cannot emulate it")
 
-        def child_post(mod: nn.Module, args: tuple, out: Any,
-                       modes: list[_ResidualMode] = modes) -> None:
-            if modes:
-                modes[-1].child_output(out)
-
-        for child in m.children():
-            installer.on_restore(child.register_forward_hook(child_post).remove)
-        installer.on_restore(m.register_forward_pre_hook(pre, with_kwargs=True).remove)
-        installer.on_restore(m.register_forward_hook(post, always_call=True).remove)
+        scope_mode(installer, installer.modules[e.module], enter, left)
