@@ -48,6 +48,8 @@ UNITS = {
     "rna": {"base": "h100-e4m3", "name": "rna", "acc_rounding": "rna"},
     "rto": {"base": "h100-e4m3", "name": "rto", "acc_rounding": "rto"},
     "rto-promo": {"base": "deepseek-fp8", "name": "rto-promo", "acc_rounding": "rto"},
+    # promotion with E5M2 inputs: the exponent-maximum matmul of each interval in float64
+    "e5m2-promo": {"base": "h100-e5m2", "name": "e5m2-promo", "promotion_interval": 128},
 }
 
 
