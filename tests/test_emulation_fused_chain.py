@@ -490,9 +490,9 @@ def _three(fn):
 
 @pytest.mark.parametrize("K", [448, 456])
 def test_fused_promotion_intervals_in_one_call(K, monkeypatch):
-    """DeepSeek FP8 (k = 32, promotion every 4 blocks): each promotion interval of full
-    blocks is one compiled call (K = 448: three intervals of 4 blocks and one of 2); an
-    interval with a partial block (K = 456: blocks 12-14) runs block by block. Same bits as
+    """DeepSeek FP8 (k = 32, promotion every 4 blocks): the blocks of each promotion interval
+    of full blocks are one compiled call (K = 448: three intervals of 4 blocks and one of 2);
+    an interval with a partial block (K = 456: blocks 12-14) runs block by block. Same bits as
     the float chain and the exact reference, with -0 operands, zero rows and -0 in c."""
     unit = get_unit("deepseek-fp8")
     gen = torch.Generator().manual_seed(K)
@@ -513,8 +513,8 @@ def test_fused_promotion_interval_falls_back_on_a_non_finite_register(monkeypatc
     """An interval whose register overflows (1x128 / 128x128 scales that overflow fp32 in some
     rows from the third interval on) is computed again block by block from the register
     before it, with the special values of docs/arithmetic.md section 4.10; the others stay
-    one call. Without the fallback an infinite register would make a later register NaN
-    where the model keeps it infinite."""
+    in the interval kernel. Without the fallback an infinite register would make a later
+    register NaN where the model keeps it infinite."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(6, 512, generator=gen) * torch.exp2(torch.randn(6, 512, generator=gen))
     x[:2, 256:] *= 3e37  # overflows in the third and fourth interval only
@@ -535,9 +535,10 @@ def test_fused_promotion_interval_falls_back_on_flagged_blocks(monkeypatch):
     interval whose int32 block sum overflows (a block of sixteen products of significand ~4
     at the exponent of the running sum before it: flag bit 2, summed again in int64) and
     one with an overflowed block (+-inf held through the next block, which cancels it) are
-    computed again block by block; an ordinary interval stays one call. Same bits as the
-    eager float chain and the exact reference; without the fallback the wrapped int32 sums
-    and the overflowed running sums give other bits (checked when this test was written)."""
+    computed again block by block; an ordinary interval stays in the interval kernel. Same
+    bits as the eager float chain and the exact reference; without the fallback the wrapped
+    int32 sums and the overflowed running sums give other bits (checked when this test was
+    written)."""
     unit = unit_from_dict({"base": "h100-bf16", "name": "bf16-promo", "promotion_interval": 32})
     big = quantize(torch.tensor(1.99), "bf16").item()
     gen = torch.Generator().manual_seed(12)
