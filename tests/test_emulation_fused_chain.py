@@ -11,6 +11,7 @@ and the GPU recordings; both kernels of the fused chain run compiled and eagerly
 from __future__ import annotations
 
 import json
+import math
 import random
 import zlib
 
@@ -47,6 +48,8 @@ UNITS = {
     "rna": {"base": "h100-e4m3", "name": "rna", "acc_rounding": "rna"},
     "rto": {"base": "h100-e4m3", "name": "rto", "acc_rounding": "rto"},
     "rto-promo": {"base": "deepseek-fp8", "name": "rto-promo", "acc_rounding": "rto"},
+    # promotion with E5M2 inputs: the exponent-maximum matmul of each interval in float64
+    "e5m2-promo": {"base": "h100-e5m2", "name": "e5m2-promo", "promotion_interval": 128},
 }
 
 
@@ -448,3 +451,119 @@ def test_promotion_register_that_overflowed_stays_infinite():
         ref = scaled_matmul(xa, wb, "deepseek-fp8")
     for other in (chain, ref):
         assert same_bits(got, other)
+
+
+def _paths(monkeypatch):
+    """Count the interval kernels built and the intervals computed block by block (their
+    (first, end) block numbers) by :func:`fused.chunk_fused`."""
+    seen = {"interval": 0, "blocks": []}
+    make, blocks = fc.interval_kernel, fc._blocks
+
+    def counted_make(*args):
+        seen["interval"] += 1
+        return make(*args)
+
+    def counted_blocks(ctx, j0, j1, *rest):
+        seen["blocks"].append((j0, j1))
+        return blocks(ctx, j0, j1, *rest)
+
+    monkeypatch.setattr(fc, "interval_kernel", counted_make)
+    monkeypatch.setattr(fc, "_blocks", counted_blocks)
+    return seen
+
+
+def _three(fn):
+    """fn() with the fused chain (compiled), the eager float chain and the exact reference."""
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend("compile")
+        with use_kernels("fused-chain"):
+            got = fn()
+    finally:
+        kernels.set_backend(old)
+    with use_kernels("float-chain"):
+        chain = fn()
+    with use_kernels("reference"):
+        ref = fn()
+    return got, chain, ref
+
+
+@pytest.mark.parametrize("K", [448, 456])
+def test_fused_promotion_intervals_in_one_call(K, monkeypatch):
+    """DeepSeek FP8 (k = 32, promotion every 4 blocks): the blocks of each promotion interval
+    of full blocks are one compiled call (K = 448: three intervals of 4 blocks and one of 2);
+    an interval with a partial block (K = 456: blocks 12-14) runs block by block. Same bits as
+    the float chain and the exact reference, with -0 operands, zero rows and -0 in c."""
+    unit = get_unit("deepseek-fp8")
+    gen = torch.Generator().manual_seed(K)
+    a = operand((2, 12, K), unit.a_format, gen)
+    b = operand((2, K, 10), unit.b_format, gen)
+    a[0, 1] = 0.0
+    b[1, :, 2] = -0.0
+    c = quantize(torch.randn(2, 12, 10, generator=gen) * 50, "fp32")
+    c[0, 0] = -0.0
+    seen = _paths(monkeypatch)
+    got, chain, ref = _three(lambda: matmul(a, b, unit, c))
+    assert seen["interval"] == (4 if K == 448 else 3)
+    assert seen["blocks"] == ([] if K == 448 else [(12, 15)])
+    assert same_bits(got, chain) and same_bits(got, ref)
+
+
+def test_fused_promotion_interval_falls_back_on_a_non_finite_register(monkeypatch):
+    """An interval whose register overflows (1x128 / 128x128 scales that overflow fp32 in some
+    rows from the third interval on) is computed again block by block from the register
+    before it, with the special values of docs/arithmetic.md section 4.10; the others stay
+    in the interval kernel. Without the fallback an infinite register would make a later
+    register NaN where the model keeps it infinite."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 512, generator=gen) * torch.exp2(torch.randn(6, 512, generator=gen))
+    x[:2, 256:] *= 3e37  # overflows in the third and fourth interval only
+    w = torch.randn(5, 512, generator=gen)
+    w[0] = w[0].abs() + 1
+    xa = quantize_scaled(x, "fp8_1x128", return_parts=True)
+    wb = quantize_scaled(w, "fp8_128x128", return_parts=True)
+    seen = _paths(monkeypatch)
+    got, chain, ref = _three(lambda: scaled_matmul(xa, wb, "deepseek-fp8"))
+    assert not bool(torch.isfinite(got[:2]).all()) and bool(torch.isfinite(got[2:]).all())
+    assert seen["interval"] == 4
+    assert seen["blocks"] == [(8, 12), (12, 16)]
+    assert same_bits(got, chain) and same_bits(got, ref)
+
+
+def test_fused_promotion_interval_falls_back_on_flagged_blocks(monkeypatch):
+    """A promoting unit with bf16 inputs (k = 16, F = 25, promotion every 2 blocks): an
+    interval whose int32 block sum overflows (a block of sixteen products of significand ~4
+    at the exponent of the running sum before it: flag bit 2, summed again in int64) and
+    one with an overflowed block (+-inf held through the next block, which cancels it) are
+    computed again block by block; an ordinary interval stays in the interval kernel. Same
+    bits as the eager float chain and the exact reference; without the fallback the wrapped
+    int32 sums and the overflowed running sums give other bits (checked when this test was
+    written)."""
+    unit = unit_from_dict({"base": "h100-bf16", "name": "bf16-promo", "promotion_interval": 32})
+    big = quantize(torch.tensor(1.99), "bf16").item()
+    gen = torch.Generator().manual_seed(12)
+    a = quantize(torch.randn(1, 4, 96, generator=gen), "bf16")
+    b = quantize(torch.randn(1, 96, 3, generator=gen), "bf16")
+    # interval 1 (products 32-63), rows 0-1: a running sum of 1.99, then sixteen products
+    # 1.99^2 at its exponent: |S| ~ 2^31 + 2^26 in column 0 (column 1: they cancel)
+    a[0, :2, 32:48] = 0.0
+    a[0, :2, 32] = big
+    b[0, 32] = 1.0
+    a[0, :2, 48:64] = big
+    b[0, 48:64, 0] = big
+    b[0, 48:64, 1] = -big
+    # interval 2 (products 64-95), row 3: sixteen products ~2^126 overflow (columns 0 and 2,
+    # opposite signs), sixteen more of the other sign follow in the same interval
+    huge = big * 2.0 ** 62
+    a[0, :3, 64:96] = 0.0  # (rows 0-2: the last interval adds 0)
+    a[0, 3, 64:96] = huge
+    b[0, 64:80, 0] = huge
+    b[0, 80:96, 0] = -huge
+    b[0, 64:80, 2] = -huge
+    b[0, 80:96, 2] = huge
+    seen = _paths(monkeypatch)
+    got, chain, ref = _three(lambda: matmul(a, b, unit))
+    assert seen["interval"] == 3
+    assert seen["blocks"] == [(2, 4), (4, 6)]
+    assert got[0, 3, 0] == math.inf and got[0, 3, 2] == -math.inf
+    assert same_bits(got, chain) and same_bits(got, ref)
