@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from precisim.formats import FloatFormat, Overflow, Rounding, kernels
+from precisim.formats.kernels import KernelParams, round_bits
+from precisim.formats.quantize import MAX_SR_BITS
 from torch import nn
 
 from .datapath_ops import needs_grad, with_own_backward
@@ -156,6 +158,15 @@ class Rounded:
 
             shape, n = a.shape, a.numel()
             a, b = a.reshape(-1), b.reshape(-1)  # one compiled kernel for every shape
+            if exact is None and self.rounding is not Rounding.STOCHASTIC:
+                # the round to odd and the rounding in one kernel: no float32 intermediate
+                # (a mul whose float32 error may not be exact goes the two-kernel way)
+                fused = _fused(op, self.rq)
+                out = kernels.run(fused, ("rounded-fused", op, self.rq), n, a, b)
+                if op == "add":
+                    return out.reshape(shape)
+                if not out[1]:
+                    return out[0].reshape(shape)
             s32 = None
             if op == "mul":  # float32 arithmetic unless an operand is outside its range
                 s32, unsafe = kernels.run(_mul_rto32_fast, ("rounded-mul-rto32-f32",), n, a, b)
@@ -262,6 +273,29 @@ def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _RTO32 = {"add": _add_rto32, "mul": _mul_rto32}
+
+
+@lru_cache(maxsize=64)
+def _fused(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
+    """The kernel of :meth:`Rounded._run` without an ``exact`` list: the round to odd at
+    float32 (:func:`_add_rto32`, :func:`_mul_rto32_fast`) and the format's rounding of its
+    bits (:func:`precisim.formats.kernels.round_bits`, as :func:`precisim.formats.quantize`
+    rounds them) in one pass; a mul also returns whether an operand pair was outside the
+    fast product's exact range."""
+    p = KernelParams.of(r.fmt)
+
+    def rnd(s: torch.Tensor) -> torch.Tensor:
+        return round_bits(s.view(torch.int32), None, p, r.rounding, r.overflow, 0, r.flush,
+                          None, MAX_SR_BITS).view(torch.float32)
+
+    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return rnd(_add_rto32(a, b))
+
+    def mul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, unsafe = _mul_rto32_fast(a, b)
+        return rnd(s), unsafe
+
+    return add if op == "add" else mul
 
 
 @lru_cache(maxsize=64)
