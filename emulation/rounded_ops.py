@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from precisim.formats import FloatFormat, Overflow, Rounding, kernels
+from precisim.formats.events import beyond_bound, plain_events
 from precisim.formats.kernels import KernelParams, round_bits
 from precisim.formats.quantize import MAX_SR_BITS
 from torch import nn
@@ -45,7 +46,7 @@ from .functions.core import Rq, Value, add_ro, check_format, default_overflow, p
 from .modes import ScopedMode, scope_mode
 from .opkinds import EmulationError, dispatches_attention, is_linear
 from .specs import RecipeError, check_keys
-from .telemetry import count_events, count_op_events
+from .telemetry import count_events, count_op_events, plain_counts
 
 if TYPE_CHECKING:
     from .opkinds import Installer
@@ -147,9 +148,9 @@ class Rounded:
         :func:`precisim.formats.kernels.run`), then rounded by the spec. For a format of at
         most 22 bits of precision whose smallest subnormal is at least 2^-147, the exact value
         is first rounded to odd at float32 (:func:`_rto32`; two or more bits finer than the
-        format everywhere, so the result is unchanged, Boldo and Melquiond 2008) and the last
-        rounding
-        is :func:`precisim.formats.quantize` of that float32 tensor; otherwise
+        format everywhere, so the result is unchanged, Boldo and Melquiond 2008) and rounded
+        to the format in the same kernel (:func:`_fused`; with an ``exact`` list the float32
+        value is written out and :func:`precisim.formats.quantize` rounds it); otherwise
         :meth:`Rq.fast` rounds the float64 value."""
         a, b = torch.broadcast_tensors(a.detach(), b.detach())
         f = self.format
@@ -158,14 +159,19 @@ class Rounded:
 
             shape, n = a.shape, a.numel()
             a, b = a.reshape(-1), b.reshape(-1)  # one compiled kernel for every shape
-            if exact is None and self.rounding is not Rounding.STOCHASTIC:
-                # the round to odd and the rounding in one kernel: no float32 intermediate
-                # (a mul whose float32 error may not be exact goes the two-kernel way)
-                fused = _fused(op, self.rq)
-                out = kernels.run(fused, ("rounded-fused", op, self.rq), n, a, b)
-                if op == "add":
+            if exact is None or isinstance(exact, _Counted):
+                # the round to odd and the rounding in one kernel (and the counts of a
+                # _Counted): no float32 intermediate written out (a mul whose float32 error
+                # may not be exact goes the two-kernel way)
+                counted = exact is not None
+                args = (a, b, _bound32(f).to(a.device)) if counted else (a, b)
+                out = kernels.run(_fused(op, self.rq, counted),
+                                  ("rounded-fused", op, self.rq, counted), n, *args)
+                if not isinstance(out, tuple):
                     return out.reshape(shape)
-                if not out[1]:
+                if op == "add" or not out[-1]:
+                    if counted:
+                        exact.sums = out[1]  # type: ignore[union-attr]
                     return out[0].reshape(shape)
             s32 = None
             if op == "mul":  # float32 arithmetic unless an operand is outside its range
@@ -175,7 +181,7 @@ class Rounded:
                 s32 = kernels.run(_RTO32[op], (f"rounded-{op}-rto32",), n, a, b)
             s32 = s32.reshape(shape)
             if exact is not None:
-                exact.append(s32)
+                exact.append(s32)  # (a _Counted takes its counts from this value)
             return quantize(s32, f, self.rounding, self.overflow,  # type: ignore[arg-type]
                             flush_output=self.flush)
         return kernels.run(_kernel(op, self.rq), (f"rounded-{op}", self.rq), a.numel(), a,
@@ -275,27 +281,46 @@ def _mul_rto32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _RTO32 = {"add": _add_rto32, "mul": _mul_rto32}
 
 
+class _Counted(list):
+    """The ``exact`` argument of :meth:`Rounded.add` / :meth:`Rounded.mul` when only the
+    telemetry counts are wanted: ``sums`` receives ``[flushed, nonfinite, saturated]`` of the
+    exact result (:func:`precisim.formats.events.plain_events` of its round to odd at
+    float32), computed in the rounding's own kernel; where the rounding goes another way the
+    list receives the exact value as a plain ``exact`` list does."""
+
+    sums: torch.Tensor | None = None
+
+
 @lru_cache(maxsize=64)
-def _fused(op: str, r: Rq):  # noqa: ANN202 - a closure over the rounding
-    """The kernel of :meth:`Rounded._run` without an ``exact`` list: the round to odd at
-    float32 (:func:`_add_rto32`, :func:`_mul_rto32_fast`) and the format's rounding of its
+def _bound32(fmt: FloatFormat) -> torch.Tensor:
+    """:func:`precisim.formats.events.beyond_bound` of ``fmt`` for float32, as a tensor."""
+    return torch.tensor([beyond_bound(fmt, torch.float32)], dtype=torch.float32)
+
+
+@lru_cache(maxsize=64)
+def _fused(op: str, r: Rq, counted: bool):  # noqa: ANN202 - a closure over the rounding
+    """The kernel of :meth:`Rounded._run` for formats of at most 22 bits: the round to odd
+    at float32 (:func:`_add_rto32`, :func:`_mul_rto32_fast`) and the format's rounding of its
     bits (:func:`precisim.formats.kernels.round_bits`, as :func:`precisim.formats.quantize`
-    rounds them) in one pass; a mul also returns whether an operand pair was outside the
-    fast product's exact range."""
+    rounds them) in one pass, the float32 value never written out; with ``counted``, also
+    the events of the rounding against that value (:func:`plain_events`, as
+    :func:`~precisim.emulation.telemetry.count_events` counts them; ``bound`` its third
+    argument); a mul also returns whether an operand pair was outside the fast product's
+    exact range."""
     p = KernelParams.of(r.fmt)
 
-    def rnd(s: torch.Tensor) -> torch.Tensor:
-        return round_bits(s.view(torch.int32), None, p, r.rounding, r.overflow, 0, r.flush,
-                          None, MAX_SR_BITS).view(torch.float32)
+    def run(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor | None = None) -> Any:
+        if op == "add":
+            s, unsafe = _add_rto32(a, b), None
+        else:
+            s, unsafe = _mul_rto32_fast(a, b)
+        y = round_bits(s.view(torch.int32), None, p, r.rounding, r.overflow, 0, r.flush,
+                       None, MAX_SR_BITS).view(torch.float32)
+        out = (y, plain_events(s, y, bound)) if counted else (y,)
+        out = out if unsafe is None else (*out, unsafe)
+        return out[0] if len(out) == 1 else out
 
-    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return rnd(_add_rto32(a, b))
-
-    def mul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, unsafe = _mul_rto32_fast(a, b)
-        return rnd(s), unsafe
-
-    return add if op == "add" else mul
+    return run
 
 
 @lru_cache(maxsize=64)
@@ -311,11 +336,13 @@ def _rounded(installer: Installer, name: str, spec: Rounded, op: str, a: torch.T
     ``a op b``: from the rounding's own round to odd at float32 where it made one (see
     :meth:`Rounded.mul`), else from the float64 value computed inside the counting kernel."""
     tel = installer.emulation.telemetry
-    exact: list[torch.Tensor] | None = None if tel is None else []
+    exact: _Counted | None = None if tel is None else _Counted()
     y = spec._run(op, a, b, exact)
     if tel is None:
         return y
-    if exact:
+    if exact is not None and exact.sums is not None:
+        counts = plain_counts(y.numel(), exact.sums)
+    elif exact:
         counts = count_events(exact[0], y, spec.format)  # type: ignore[arg-type]
     else:
         a, b = torch.broadcast_tensors(a.detach(), b.detach())

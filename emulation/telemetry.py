@@ -34,7 +34,8 @@ from precisim.formats.events import (
 )
 from precisim.formats.scaling import ScaledFormat, ScaledTensor, scale_clamps
 
-__all__ = ["Telemetry", "count_events", "count_events_reference", "count_op_events"]
+__all__ = ["Telemetry", "count_events", "count_events_reference", "count_op_events",
+           "plain_counts"]
 
 COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
 
@@ -86,6 +87,13 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
 def _bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype,
            device: torch.device) -> torch.Tensor:
     return torch.tensor([beyond_bound(fmt, dtype)], dtype=dtype, device=device)
+
+
+def plain_counts(numel: int, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The counters of an element-format rounding of ``numel`` values from the sums
+    ``[flushed, nonfinite, saturated]`` of :func:`precisim.formats.events.plain_events`
+    (computed by a kernel of the caller's, as :func:`count_events` computes them)."""
+    return _plain_counts({"numel": torch.tensor(numel, dtype=torch.int64)}, sums)
 
 
 def _plain_counts(out: dict[str, torch.Tensor], sums: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -272,8 +272,8 @@ def test_op_events_count_the_exact_value(op: str, fmt: str, backend: str) -> Non
     what a float32 rounding of the exact value would hide: a product below float32's range
     that became zero is flushed; a sum just below an odd-maximum tie threshold does not
     overflow."""
-    from precisim.emulation.rounded_ops import _EXACT, Rounded
-    from precisim.emulation.telemetry import count_op_events
+    from precisim.emulation.rounded_ops import _EXACT, Rounded, _Counted
+    from precisim.emulation.telemetry import count_op_events, plain_counts
     from precisim.formats import get_format
     from precisim.formats.events import overflow_threshold
 
@@ -300,6 +300,27 @@ def test_op_events_count_the_exact_value(op: str, fmt: str, backend: str) -> Non
         from_ro = count_events(ro[0], y, f)
         assert {k: int(v) for k, v in from_ro.items()} == {k: int(v) for k, v in ref.items()}
         assert int(got["saturated"]) > 0 and int(got["flushed"]) > 0
+        # the counts made inside the rounding's own kernel (_Counted: the sums of the
+        # round-to-odd value, never written out), on every operand and on those inside the
+        # fast product's ranges (every product there takes that kernel)
+        p = a.double() * b.double()
+        safe = ((a.abs() >= 2.0 ** -100) & (b.abs() >= 2.0 ** -100) & (a.abs() < 2.0 ** 100)
+                & (b.abs() < 2.0 ** 100) & (p.abs() >= 2.0 ** -96) & (p.abs() < 2.0 ** 120))
+        for sa, sb in ((a, b), (a[safe], b[safe])):
+            cnt = _Counted()
+            yc = spec.add(sa, sb, cnt) if op == "add" else spec.mul(sa, sb, cnt)
+            ys = spec.add(sa, sb) if op == "add" else spec.mul(sa, sb)
+            assert torch.equal(yc.view(torch.int32), ys.view(torch.int32))
+            if op == "add" or sa is not a:  # (all operands: a product outside the ranges)
+                assert cnt.sums is not None and not cnt
+                counted = plain_counts(yc.numel(), cnt.sums)
+            else:
+                assert cnt.sums is None and len(cnt) == 1
+                counted = count_events(cnt[0], yc, f)
+            want = count_events_reference(_EXACT[op](sa, sb), yc, f)
+            assert {k: int(v) for k, v in counted.items()} == \
+                {k: int(v) for k, v in want.items()}
+            assert sa is not a or (int(want["saturated"]) > 0 and int(want["flushed"]) > 0)
         # the float32-rounded exact value would count otherwise on the extra elements
         tail = slice(len(a) - 5, len(a))
         e64 = count_events_reference(exact[tail], y[tail], f)
