@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from precisim.formats import FloatFormat, Overflow, Rounding, kernels
-from precisim.formats.events import beyond_bound, plain_events
+from precisim.formats.events import plain_events
 from precisim.formats.kernels import KernelParams, round_bits
 from precisim.formats.quantize import MAX_SR_BITS
 from torch import nn
@@ -46,7 +46,7 @@ from .functions.core import Rq, Value, add_ro, check_format, default_overflow, p
 from .modes import ScopedMode, scope_mode
 from .opkinds import EmulationError, dispatches_attention, is_linear
 from .specs import RecipeError, check_keys
-from .telemetry import count_events, count_op_events, plain_counts
+from .telemetry import count_events, count_op_events, event_bound, plain_counts
 
 if TYPE_CHECKING:
     from .opkinds import Installer
@@ -159,22 +159,22 @@ class Rounded:
 
             shape, n = a.shape, a.numel()
             a, b = a.reshape(-1), b.reshape(-1)  # one compiled kernel for every shape
+            fast_mul = op == "mul"  # float32 arithmetic unless an operand is outside its range
             if exact is None or isinstance(exact, _Counted):
                 # the round to odd and the rounding in one kernel (and the counts of a
                 # _Counted): no float32 intermediate written out (a mul whose float32 error
-                # may not be exact goes the two-kernel way)
+                # may not be exact goes the two-kernel way, with the float64 product)
                 counted = exact is not None
-                args = (a, b, _bound32(f).to(a.device)) if counted else (a, b)
-                out = kernels.run(_fused(op, self.rq, counted),
-                                  ("rounded-fused", op, self.rq, counted), n, *args)
-                if not isinstance(out, tuple):
-                    return out.reshape(shape)
-                if op == "add" or not out[-1]:
+                args = (a, b, event_bound(f, torch.float32, a.device)) if counted else (a, b)
+                y, *more = kernels.run(_fused(op, self.rq, counted),
+                                       ("rounded-fused", op, self.rq, counted), n, *args)
+                if not (fast_mul and more[-1]):
                     if counted:
-                        exact.sums = out[1]  # type: ignore[union-attr]
-                    return out[0].reshape(shape)
+                        exact.sums = more[0]  # type: ignore[union-attr]
+                    return y.reshape(shape)
+                fast_mul = False
             s32 = None
-            if op == "mul":  # float32 arithmetic unless an operand is outside its range
+            if fast_mul:
                 s32, unsafe = kernels.run(_mul_rto32_fast, ("rounded-mul-rto32-f32",), n, a, b)
                 s32 = None if unsafe else s32
             if s32 is None:
@@ -292,12 +292,6 @@ class _Counted(list):
 
 
 @lru_cache(maxsize=64)
-def _bound32(fmt: FloatFormat) -> torch.Tensor:
-    """:func:`precisim.formats.events.beyond_bound` of ``fmt`` for float32, as a tensor."""
-    return torch.tensor([beyond_bound(fmt, torch.float32)], dtype=torch.float32)
-
-
-@lru_cache(maxsize=64)
 def _fused(op: str, r: Rq, counted: bool):  # noqa: ANN202 - a closure over the rounding
     """The kernel of :meth:`Rounded._run` for formats of at most 22 bits: the round to odd
     at float32 (:func:`_add_rto32`, :func:`_mul_rto32_fast`) and the format's rounding of its
@@ -309,16 +303,17 @@ def _fused(op: str, r: Rq, counted: bool):  # noqa: ANN202 - a closure over the 
     exact range."""
     p = KernelParams.of(r.fmt)
 
-    def run(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor | None = None) -> Any:
+    def run(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, ...]:
+        """(y, [sums with ``counted``], [unsafe for a mul])"""
         if op == "add":
-            s, unsafe = _add_rto32(a, b), None
+            s, more = _add_rto32(a, b), ()
         else:
             s, unsafe = _mul_rto32_fast(a, b)
+            more = (unsafe,)
         y = round_bits(s.view(torch.int32), None, p, r.rounding, r.overflow, 0, r.flush,
                        None, MAX_SR_BITS).view(torch.float32)
-        out = (y, plain_events(s, y, bound)) if counted else (y,)
-        out = out if unsafe is None else (*out, unsafe)
-        return out[0] if len(out) == 1 else out
+        return (y, plain_events(s, y, bound), *more) if counted else (y, *more)
 
     return run
 

@@ -35,7 +35,7 @@ from precisim.formats.events import (
 from precisim.formats.scaling import ScaledFormat, ScaledTensor, scale_clamps
 
 __all__ = ["Telemetry", "count_events", "count_events_reference", "count_op_events",
-           "plain_counts"]
+           "event_bound", "plain_counts"]
 
 COUNTERS = ("numel", "saturated", "flushed", "nonfinite", "scale_clamped", "blocks")
 
@@ -78,14 +78,16 @@ def count_events(x: torch.Tensor, q: torch.Tensor, fmt: FloatFormat | IntFormat 
                            consts)
         out["scale_clamped"], out["blocks"] = scale_clamps(x.detach().float(), parts)
     else:
-        bound = _bound(fmt, xf.dtype, xf.device)
+        bound = event_bound(fmt, xf.dtype, xf.device)
         sums = kernels.run(plain_events, ("telemetry", "plain", str(xf.dtype)), xf.numel(), xf,
                            qf, bound)
     return _plain_counts(out, sums)
 
 
-def _bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
+def event_bound(fmt: FloatFormat | IntFormat, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """:func:`precisim.formats.events.beyond_bound` as the one-element tensor of ``dtype``
+    that :func:`precisim.formats.events.plain_events` takes."""
     return torch.tensor([beyond_bound(fmt, dtype)], dtype=dtype, device=device)
 
 
@@ -125,7 +127,7 @@ def count_op_events(exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     a, b, qf = (t.detach().reshape(-1) for t in (a, b, q.float()))
     out: dict[str, torch.Tensor] = {"numel": torch.tensor(q.numel(), dtype=torch.int64)}
     sums = kernels.run(_op_events(exact), ("telemetry", "plain", name), qf.numel(), a, b, qf,
-                       _bound(fmt, torch.float64, qf.device))
+                       event_bound(fmt, torch.float64, qf.device))
     return _plain_counts(out, sums)
 
 
