@@ -362,18 +362,18 @@ def test_bound_displacement_int32_kernel(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
-def test_pow2_exp2_is_exact_at_integers(backend: str) -> None:
-    """The table and polynomial exp units scale by ``pow2_exp2(n)`` (torch.exp2): exactly 2^n
-    for every integer n their clamped argument reaches (|n| <= 300 covers it), eager and
-    compiled, in every lane position of a vectorised loop (and its scalar tail)."""
-    from precisim.emulation.functions.core import pow2_exp2
+def test_pow2_64_is_exact_at_integers(backend: str) -> None:
+    """The table and polynomial exp units scale by ``pow2_64(n)`` (the float64 bits of 2^n):
+    exactly 2^n for every integer n their clamped argument reaches (|n| <= 300 covers it),
+    eager and compiled, in every lane position of a vectorised loop (and its scalar tail)."""
+    from precisim.emulation.matmul.floatarith import pow2_64
     from precisim.formats import kernels
 
     n = torch.arange(-300, 301, dtype=torch.float64).repeat(37)
     old = kernels.get_backend()
     try:
         kernels.set_backend(backend)
-        got = kernels.run(pow2_exp2, ("test-pow2-exp2",), n.numel(), n)
+        got = kernels.run(pow2_64, ("test-pow2-64",), n.numel(), n)
     finally:
         kernels.set_backend(old)
     want = torch.tensor([math.ldexp(1.0, int(k)) for k in n.tolist()], dtype=torch.float64)

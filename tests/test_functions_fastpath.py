@@ -1,25 +1,29 @@
 """The float-only helpers of the function units' compiled kernels (docs/arithmetic.md section
 7.1) and their one-pass form, each against the slower form it replaces, bit for bit:
-``grid_rne`` against the decision-table ``grid_fast`` (exact ties included), ``pow2_pair``
-against 2.0**k; the one-pass kernel that marks its hard cases NaN (only those re-run)
-against the two-pass kernel and the exact reference; and compiled kernels keep -0.0 results
-(a captured -0.0 constant was traced as +0.0)."""
+``grid_rne`` against the decision-table ``grid_fast`` (exact ties included); ``add_rne32``
+against the float32 rounding of the round-to-odd sum and of the exact sum; the one-pass
+kernel that marks its hard cases NaN (only those re-run) against the two-pass kernel and the
+exact reference; and compiled kernels keep -0.0 results (a captured -0.0 constant was traced
+as +0.0)."""
 
 from __future__ import annotations
 
 import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 from precisim.emulation.functions import FunctionUnit, get_function_unit
 from precisim.emulation.functions.core import (
+    add_rne32,
+    add_ro,
     grid_fast,
     grid_rne,
-    pow2_pair,
 )
-from precisim.formats import kernels
+from precisim.formats import Overflow, Rounding, get_format, kernels
+from precisim.formats.reference import round_to_float_format
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_functions import adversarial_fp32  # noqa: E402
@@ -44,9 +48,77 @@ def test_grid_rne_equals_grid_fast() -> None:
         assert torch.equal(a, b), F  # (== : a zero's sign may differ, see grid_rne)
 
 
-def test_pow2_pair() -> None:
-    k = torch.arange(-252, 253, dtype=torch.float64)
-    assert torch.equal(pow2_pair(k), 2.0 ** k)
+def _add_rne32_cases() -> tuple[torch.Tensor, torch.Tensor]:
+    """Addends (float64) where rounding the float64 sum to float32 goes wrong or nearly so:
+    float32 midpoints (normal and subnormal) plus a tiny part of either sign or none (down to
+    2^-1074, whose product with half an ulp underflows), sums of
+    float32 products and float32 values, the overflow midpoint 2^128 - 2^103 with a sticky
+    part of either sign, sums beyond it, signed zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(11)
+    n = 1 << 15
+    f32 = torch.randint(-2**31, 2**31, (3, n), generator=g, dtype=torch.int64).to(torch.int32)
+    r = f32.view(torch.float32).double()
+    r = torch.where(r.isfinite(), r, 1.5)
+    a, b = [r[0] * r[1]], [r[2]]
+    x = (torch.randn(n, generator=g, dtype=torch.float64)
+         * 2.0 ** torch.randint(-149, 127, (n,), generator=g)).float()
+    up = torch.nextafter(x, torch.full_like(x, math.inf)).double()
+    mid = (x.double() + up) / 2
+    mid = mid[mid.isfinite()]
+    tiny = mid * 2.0 ** -60 * torch.rand(mid.numel(), generator=g, dtype=torch.float64)
+    a += [mid, mid, mid]
+    b += [tiny, -tiny, torch.zeros_like(mid)]
+    sub = torch.randint(-2**12, 2**12, (n,), generator=g).double() * 2 + 1  # odd
+    a += [sub * 2.0 ** -150] * 2  # subnormal midpoints (and 2^-150 itself)
+    b += [sub * 2.0 ** -200, -sub * 2.0 ** -200]
+    T = 2.0**128 - 2.0**103
+    edge = [(T, 2.0**-900), (T, -2.0**-900), (T, 0.0), (-T, 2.0**-900), (-T, -2.0**-900),
+            (T, -2.0**52), (T - 2.0**75, 2.0**-30), (2.0**128, -1.0), (2.0**129, -1.0),
+            (-2.0**129, 1.0), (math.inf, -1.0), (-math.inf, 1.0), (math.inf, -math.inf),
+            (math.nan, 1.0), (0.0, -0.0), (-0.0, -0.0), (-0.0, 0.0), (1.0, -1.0),
+            (2.0**-149, -2.0**-150), (2.0**-150, 2.0**-300), (2.0**-150, -2.0**-300),
+            (2.0**-150, 2.0**-1000), (3 * 2.0**-150, -2.0**-1000), (1 + 2.0**-24, 2.0**-1074)]
+    a.append(torch.tensor([e[0] for e in edge], dtype=torch.float64))
+    b.append(torch.tensor([e[1] for e in edge], dtype=torch.float64))
+    return torch.cat(a), torch.cat(b)
+
+
+def _exact_rne32(a: float, b: float) -> float:
+    """float32(a + b) from the exact sum (the decision table); IEEE 754 specials."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return float(torch.tensor(a, dtype=torch.float64) + b)
+    s = Fraction(a) + Fraction(b)
+    if s == 0:  # IEEE 754 RNE: -0 only for (-0) + (-0)
+        return -0.0 if math.copysign(1, a) < 0 and math.copysign(1, b) < 0 else 0.0
+    return float(round_to_float_format(s, get_format("fp32"), Rounding.NEAREST_EVEN,
+                                       Overflow.INF))
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_add_rne32(backend: str) -> None:
+    """``add_rne32`` (float operations only) equals float32 of the round-to-odd sum
+    (``add_ro``, the form it replaces in the units' fp32 working rounding) bit for bit on
+    every case, and the float32 rounding of the exact sum (Fractions) on a sample of every
+    kind of case and on all the midpoint, subnormal and edge cases."""
+    a, b = _add_rne32_cases()
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        got = kernels.run(add_rne32, ("test-add-rne32",), a.numel(), a, b).float()
+    finally:
+        kernels.set_backend(old)
+    want = add_ro(a, b).float()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), [(a[i].item(), b[i].item(), got[i].item(), want[i].item())
+                              for i in (~same).nonzero().flatten()[:5]]
+    n = 1 << 15
+    idx = list(range(0, n, 64)) + list(range(n, a.numel(), 7)) + list(
+        range(a.numel() - 24, a.numel()))
+    for i in idx:
+        w = _exact_rne32(a[i].item(), b[i].item())
+        g = got[i].item()
+        assert (math.isnan(w) and math.isnan(g)) or (
+            g == w and math.copysign(1, g) == math.copysign(1, w)), (a[i].item(), b[i].item())
 
 
 def _rsqrt_rtz() -> FunctionUnit:

@@ -32,9 +32,9 @@ from precisim.formats.rounding import ExactRemainder, FloatRemainder, round_up
 from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
 
-__all__ = ["Fn", "Rq", "Value", "add_ro", "check_format", "cr_exact", "cr_fast",
+__all__ = ["Fn", "Rq", "Value", "add_ro", "add_rne32", "check_format", "cr_exact", "cr_fast",
            "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
-           "parse_enum", "pow2_exp2", "pow2_pair", "rq", "signed_zero"]
+           "parse_enum", "rq", "signed_zero"]
 
 Value = Fraction | float  # float only for nan, +-inf and -0.0
 
@@ -245,6 +245,39 @@ def add_ro(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (bits + torch.where(fix, step, 0)).view(torch.float64)
 
 
+#: the float32 overflow midpoint 2^128 - 2^103 and float32's largest value
+_T32 = 2.0**128 - 2.0**103
+_MAX32 = 2.0**128 - 2.0**104
+
+
+def add_rne32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` of float64 values rounded once to float32 (RNE, overflow to inf), as a float64
+    tensor: the same bits as ``float32(add_ro(a, b))`` (docs/arithmetic.md section 7.1), with
+    float operations only (no int64 bit view, no combined masks: compiled, both cost lane
+    conversions).
+
+    The float64 sum ``s`` and its error ``err`` (TwoSum, exact) are taken as for
+    :func:`add_ro`; ``r = float32(s)``. Rounding ``s`` instead of the exact ``s + err`` can
+    only go wrong where ``s`` is a float32 midpoint (every float32 midpoint is a float64 value
+    and no float64 value lies strictly between ``s`` and ``s + err``): with ``d = s - r``
+    (exact) and ``o = r + 2d``, ``s`` is a midpoint exactly when ``d != 0`` and ``o`` is a
+    float32 value, the other neighbour; the exact sum then lies on ``o``'s side when ``err``
+    has ``d``'s sign. At the overflow midpoint ``2^128 - 2^103`` (``r`` infinite) an exact
+    sum below it in magnitude rounds to float32's largest value."""
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    r = s.float().double()
+    d = s - r
+    o = r + 2.0 * d
+    # (err scaled so the product's sign survives: |err| >= 2^-1074, |d| >= 2^-150 at a
+    # midpoint; an infinite product keeps its sign, NaN compares false)
+    w = torch.where(o.float().double() == o, (err * 2.0**500) * d, 0.0)
+    y = torch.where(w > 0, o, r)
+    edge = torch.where(s.abs() == _T32, err * s, 0.0)
+    return torch.where(edge < 0, torch.copysign(torch.full_like(s, _MAX32), s), y)
+
+
 _SPLIT = float(2**27 + 1)
 
 
@@ -280,27 +313,6 @@ def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
 def grid_magic(frac_bits: int) -> float:
     """The constant of :func:`grid_rne`."""
     return 1.5 * 2.0 ** (52 - frac_bits)
-
-
-def pow2_exp2(n: torch.Tensor) -> torch.Tensor:
-    """2^n in float64 for an integer-valued float64 tensor n with |n| <= 300: ``torch.exp2``,
-    exact at integers (Sleef's and the C library's exp2 reduce n to itself and a zero
-    remainder, whose polynomial is exactly 1; tests/test_functions.py checks every n, eager
-    and compiled). Float lanes only (vectorised when compiled), unlike the bit
-    constructions of :func:`pow2_pair`."""
-    return torch.exp2(n)
-
-
-def pow2_pair(n: torch.Tensor) -> torch.Tensor:
-    """2^n in float64 for an integer-valued tensor n with |n| <= 252, exactly, from two
-    float32 powers of two built from their bits (int32 shifts: vectorised when compiled,
-    unlike the int64 view of :func:`~precisim.emulation.matmul.floatarith.pow2_64`)."""
-    ni = n.to(torch.int32)
-    a = torch.div(ni, 2, rounding_mode="floor")
-    b = ni - a
-    pa = ((a + 127) << 23).view(torch.float32).double()
-    pb = ((b + 127) << 23).view(torch.float32).double()
-    return pa * pb
 
 
 def grid_fast(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -551,9 +563,11 @@ def _cr_fast32(fn: Fn, x: torch.Tensor, v: torch.Tensor, eps: torch.Tensor | flo
     ``fn(+-inf)`` itself (exp, exp2: inf and +0; sigmoid, tanh, erf: the asymptotes; the
     activations: inf and -0 from the clamp's tiny negative value; rsqrt: +0 and NaN), so no
     replacement at +-inf; the exact references agree at every special input
-    (tests/test_functions.py). NaN inputs and rsqrt's non-positive ones are never hard."""
-    hard = ((v * (1.0 - eps)).float() != (v * (1.0 + eps)).float()) & (
-        x > 0 if fn is Fn.RSQRT else x == x)
+    (tests/test_functions.py). NaN inputs and rsqrt's non-positive ones are never hard: their
+    ``v`` is NaN or +-inf, whose two float32 values differ by NaN (the test is ``|hi - lo| >
+    0``, false for NaN, instead of ``!=`` and a NaN mask combined with ``&``, which the
+    compiled kernel converts between mask types lane by lane)."""
+    hard = ((v * (1.0 + eps)).float() - (v * (1.0 - eps)).float()).abs() > 0
     return v.float(), hard
 
 

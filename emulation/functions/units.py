@@ -73,6 +73,7 @@ from .core import (
     Fn,
     Rq,
     Value,
+    add_rne32,
     add_ro,
     check_format,
     cr_exact,
@@ -82,7 +83,6 @@ from .core import (
     grid_rne,
     inf_values,
     parse_enum,
-    pow2_exp2,
     rq,
 )
 
@@ -697,17 +697,22 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
     Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
+    # a correctly rounded core (or the bound model) has hard cases; the other cores none
+    exact_core = m in (Method.BOUND, Method.EXACT)
 
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
     # comparisons replace them. Measured per 2^24 elements, one thread, compiled, on top of a
-    # plain float32 -> float64 -> float32 pass (31 ms): add_ro +22 ms, a float-only
-    # fp32-rounded TwoSum with a midpoint test +34 ms (so sums stay W(add_ro(a, b))); a
-    # 64-entry table gather +10 ms (int32 or int64 index alike); pow2_pair (int32 bits viewed
-    # as float32) +29 ms, exp2 at integers +13 ms (so powers of two come from exp2);
-    # fexp64 / pow2_64 (int64 views) +3 ms. A one-entry table is broadcast, not gathered.
+    # plain float32 -> float64 -> float32 pass (31-38 ms): W(add_ro) +22 ms (its int64 view
+    # and combined masks), add_rne32 (fp32 working rounding) +10 ms, of which its overflow
+    # edge is 4-5 ms (an earlier float-only midpoint test that combined masks with & took
+    # +34 ms: each & of comparisons converts mask types lane by lane); a 64-entry table
+    # gather +10-12 ms (int32 or int64 index alike; scalar loads); 2^n from its int64 bits
+    # (pow2_64) +1.5 ms against +13 ms for torch.exp2 at integers. A one-entry table is
+    # broadcast, not gathered.
     def addw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """W(a + b) of exact values (round-to-odd sum, then the working rounding)."""
-        return W(add_ro(a, b))
+        """W(a + b) of exact values (round-to-odd sum, then the working rounding; float32's
+        own rounding by :func:`add_rne32`, the same bits with float operations only)."""
+        return add_rne32(a, b) if r["w"].is_f32 else W(add_ro(a, b))
 
     def take(tab: torch.Tensor, i: torch.Tensor | None) -> torch.Tensor:
         return tab if i is None else tab[i]
@@ -786,15 +791,15 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
             else:
                 T = grid_rne(t, F)  # (|t| <= 2^8)
                 n = T.floor()
-                y = r["out"].fast(core(T - n, tabs) * pow2_exp2(n))
+                y = r["out"].fast(core(T - n, tabs) * pow2_64(n))
                 hard = no
             y = torch.where(xq == math.inf, inf_out, y)
             y = torch.where(xq == -math.inf, 0.0, y)
             return torch.where(nan, math.nan, y), xq, hard
         if fn in (Fn.RCP, Fn.RSQRT):
             ax = xq.abs()
-            ok = (ax > 0) & (ax < math.inf)
-            axs = torch.where(ok, ax, 1.0)
+            # (nested where, not (ax > 0) & (ax < inf): compiled, & converts mask types)
+            axs = torch.where(ax > 0, torch.where(ax < math.inf, ax, 1.0), 1.0)
             neg = is_neg(xq)
             e = fexp64(axs)
             if fn is Fn.RCP:
@@ -809,12 +814,13 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
                 y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
             else:
                 y = torch.where(xq == math.inf, 0.0, y)
-                y = torch.where((xq < 0) & (ax > 0), math.nan, y)
+                y = torch.where(xq < 0, math.nan, y)  # (-0 < 0 is false: rsqrt(-0) = -inf)
             return torch.where(nan, math.nan, y), xq, no
         # bounded functions
         xg = grid_rne(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)  # (|.| <= 2^13)
-        inside = (xg >= lo) & (xg < hi)
-        y = core(torch.where(inside, xg, lo), tabs)
+        # (outside [lo, hi) the core's value is replaced by the asymptote below; its segment
+        # index is clamped in locate, so no mask keeps xg inside)
+        y = core(xg, tabs)
         if fn is Fn.SIGMOID:
             a_lo, a_hi = torch.zeros_like(xg), torch.ones_like(xg)
         elif fn in (Fn.TANH, Fn.ERF):
@@ -832,6 +838,8 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             y = _displace32(y, xq.float(), seed_bits)
         if mark:
+            if not exact_core:  # (no hard cases: no counting pass over the batch)
+                return y, torch.zeros((), dtype=torch.float32, device=y.device)
             count = torch.where(hard, 1.0, 0.0).float().sum()
             return torch.where(hard, math.nan, y).float(), count
         return y, hard
