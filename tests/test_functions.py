@@ -380,17 +380,30 @@ def test_pow2_64_is_exact_at_integers(backend: str) -> None:
     assert torch.equal(got, want)
 
 
-def test_nan_scan_in_chunks() -> None:
-    """The chunked NaN scan of the marked results returns isnan().nonzero() exactly: NaNs at
-    chunk boundaries, in the last partial chunk, none, and a small tensor."""
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_nan_scan_in_chunks(backend: str) -> None:
+    """The chunked NaN scan of the marked results (a pass counting each chunk's NaNs, then
+    only those chunks scanned) returns isnan().nonzero() exactly: NaNs at chunk boundaries,
+    in a few chunks only, in the last partial chunk only, everywhere, none, and a small
+    tensor; eager and with the counting pass compiled."""
     from precisim.emulation.functions.units import _SCAN_CHUNK, _nan_indices
+    from precisim.formats import kernels
 
-    n = 5 * _SCAN_CHUNK + 123
-    y = torch.zeros(n)
-    assert _nan_indices(y).numel() == 0
-    idx = [0, 1, _SCAN_CHUNK - 1, _SCAN_CHUNK, 3 * _SCAN_CHUNK + 7, n - 124, n - 1]
+    c = _SCAN_CHUNK
+    n = 5 * c + 123
     g = torch.Generator().manual_seed(5)
-    idx += torch.randint(0, n, (200,), generator=g).tolist()
-    y[idx] = math.nan
-    assert torch.equal(_nan_indices(y), torch.isnan(y).nonzero().reshape(-1))
-    assert torch.equal(_nan_indices(y[:100]), torch.isnan(y[:100]).nonzero().reshape(-1))
+    cases = [[], [2 * c, 2 * c + 5, 4 * c - 1], [n - 124, n - 1], [5 * c - 1],
+             [0, 1, c - 1, c, 3 * c + 7, n - 124, n - 1]
+             + torch.randint(0, n, (200,), generator=g).tolist()]
+    old = kernels.get_backend()
+    try:
+        kernels.set_backend(backend)
+        for idx in cases:
+            y = torch.zeros(n)
+            y[idx] = math.nan
+            want = torch.isnan(y).nonzero().reshape(-1)
+            assert torch.equal(_nan_indices(y), want), idx
+            assert torch.equal(_nan_indices(y[:4 * c]), want[want < 4 * c]), idx
+        assert torch.equal(_nan_indices(y[:100]), torch.isnan(y[:100]).nonzero().reshape(-1))
+    finally:
+        kernels.set_backend(old)

@@ -371,19 +371,33 @@ class FunctionUnit:
         return _reference(self, x)
 
 
-#: the NaN scan of :meth:`FunctionUnit._direct` reads the results in chunks of this many
-#: elements: small masks that the allocator reuses warm, instead of one full-size bool tensor
-#: (fresh pages to fault in): 14 vs 26 ms on 2^24 float32 results, one thread
+#: the NaN scan of :meth:`FunctionUnit._direct` counts the NaNs of each chunk of this many
+#: elements in one compiled read-only pass and scans only the chunks with one (small masks
+#: that the allocator reuses warm): 4 ms on 2^24 float32 results with a few NaNs, one thread,
+#: against 14 ms for scanning every chunk and 26 ms for one fresh full-size bool mask
 _SCAN_CHUNK = 1 << 16
+
+
+def _nan_rows(y2: torch.Tensor) -> torch.Tensor:
+    """The number of NaN elements in each row of ``y2`` (a compiled read-only pass)."""
+    return torch.where(y2 != y2, 1.0, 0.0).sum(-1)
 
 
 def _nan_indices(y: torch.Tensor) -> torch.Tensor:
     """The indices of the NaN elements of the flat tensor ``y``, ascending (int64), as
-    ``torch.isnan(y).nonzero().reshape(-1)``."""
-    if y.numel() <= _SCAN_CHUNK:
+    ``torch.isnan(y).nonzero().reshape(-1)``: a compiled pass counts the NaNs of each
+    :data:`_SCAN_CHUNK`-element chunk, and only the chunks with one are scanned."""
+    n = y.numel()
+    c = _SCAN_CHUNK
+    if n <= c:
         return torch.isnan(y).nonzero().reshape(-1)
-    return torch.cat([torch.isnan(ch).nonzero().reshape(-1) + i * _SCAN_CHUNK
-                      for i, ch in enumerate(y.split(_SCAN_CHUNK))])
+    full = n - n % c
+    rows = kernels.run(_nan_rows, ("function-unit-nan-rows",), full, y[:full].view(-1, c))
+    parts = [torch.isnan(y[r * c:(r + 1) * c]).nonzero().reshape(-1) + r * c
+             for r in rows.nonzero().reshape(-1).tolist()]
+    if full < n:
+        parts.append(torch.isnan(y[full:]).nonzero().reshape(-1) + full)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=y.device)
 
 
 def _default(f: dataclasses.Field) -> Any:
