@@ -44,7 +44,9 @@ overflows the output format, or is NaN, are left out). A correctly rounded unit 
 `max |ulp|` at most 0.5. Tables and polynomials on an interval are accurate in absolute, not
 relative, terms: their ulp errors are large where the function is small (and tiny arguments
 round to zero on their fixed-point grid). For odd functions (rcp, tanh) the signed errors
-cancel over the symmetric input set. `expf-fast-bound`
+cancel over the symmetric input set (to within the float64 reference's
+own error: tanh's, from expm1, is not exactly odd and leaves a mean of order 1e-12).
+`expf-fast-bound`
 is a bound model of CUDA's `__expf`, not a bit model: its errors are pseudo-random draws
 within the documented bound (2 + floor(1.173 |x|) ulp).
 
