@@ -529,7 +529,7 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
     if not per:
         c64 = cval.to(torch.float64)
         pe = torch.where(c64 != 0, torch.clamp(fexp64(c64), min=acc_emin), neg32)
-        part = _blocks(ctx, 0, nblk, reg, pe.to(torch.int32), (inf_pos, inf_neg))
+        part, _ = _blocks(ctx, 0, nblk, reg, pe.to(torch.int32), (inf_pos, inf_neg))
         return finish(unit, part, inf_pos, inf_neg, nan, sc, ns)
     zero = torch.zeros_like(reg)  # the running sum after a promotion (read only)
     nfull = K // k  # blocks of k products
@@ -586,7 +586,8 @@ def _blocks(ctx, j0: int, j1: int, part, pe, tpn):
     """Blocks ``j0`` to ``j1 - 1`` of :func:`chunk_fused`, one compiled prepare and block call
     each, from the running sum ``part`` (float32) with alignment exponent ``pe``; ``tpn``:
     the (positive, negative) masks an overflowed block sets (see :func:`_rare`). Returns the
-    running sum, and with ``part`` a promotion's +0 also whether a block overflowed."""
+    running sum and whether a block overflowed (read by a promoting unit, whose ``part`` is a
+    promotion's +0)."""
     call, kkey, prepare, block, a, pa, bt, pb, off, ns, work, neg32 = ctx
     unit, sc = call.unit, call.scales
     k = unit.block_size
@@ -624,7 +625,7 @@ def _blocks(ctx, j0: int, j1: int, part, pe, tpn):
             ovf_any = ovf_any or fl >= 2
             negz = any_true(torch.signbit(r) & (r == 0))
         part = r
-    return (part, ovf_any) if per else part
+    return part, ovf_any
 
 
 def _run(call: GemmCall) -> torch.Tensor:
