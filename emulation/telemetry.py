@@ -125,10 +125,9 @@ def count_op_events(exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     from precisim.formats import kernels
 
     a, b, qf = (t.detach().reshape(-1) for t in (a, b, q.float()))
-    out: dict[str, torch.Tensor] = {"numel": torch.tensor(q.numel(), dtype=torch.int64)}
     sums = kernels.run(_op_events(exact), ("telemetry", "plain", name), qf.numel(), a, b, qf,
                        event_bound(fmt, torch.float64, qf.device))
-    return _plain_counts(out, sums)
+    return plain_counts(q.numel(), sums)
 
 
 def _scaled_events(xf: torch.Tensor, qf: torch.Tensor, elems: torch.Tensor,

@@ -344,6 +344,11 @@ def _promote_scaled_fp32(reg, part, sa, sb):
     return promote_kernel(reg, part, (sa * sb).to(torch.float32).to(torch.float64))
 
 
+#: the promotion kernel per kind of scaling: None (unscaled), "exact" or "fp32" scale products
+_PROMOTE: dict[str | None, Callable[..., Any]] = {
+    None: promote_kernel, "exact": _promote_scaled_exact, "fp32": _promote_scaled_fp32}
+
+
 # ---------------------------------------------------------------------------------------------
 # the chain
 
@@ -492,8 +497,7 @@ def checked_promote(promo: str | None) -> Callable[..., Any]:
     (``promo`` None), :func:`_promote_scaled_exact` (``"exact"``) or
     :func:`_promote_scaled_fp32` (``"fp32"``) with the scale factors ``sab``, and ``bad'``
     nonzero where ``bad`` is or ``new`` is not finite everywhere."""
-    fn = promote_kernel if promo is None else \
-        _promote_scaled_exact if promo == "exact" else _promote_scaled_fp32
+    fn = _PROMOTE[promo]
 
     def promote(reg, part, bad, *sab):
         new = fn(reg, part, *sab)
@@ -545,6 +549,7 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
         # mapped and faulted in again on every call: page faults cost as much as the matmul)
         pbuf: dict[int, torch.Tensor] = {}
     promo = None if not scaled else "exact" if sc.exact else "fp32"
+    checked = checked_promote(promo)
     for j0 in range(0, nblk, per):
         j1 = min(j0 + per, nblk)
         lo_p = j0 * k
@@ -559,19 +564,15 @@ def chunk_fused(call: GemmCall, a, pa, bt, pb, cval, ns: slice = slice(None), of
             Pv = P.view(torch.int32) if P.dtype == torch.float32 else P
             part, bad, *_ = compiled.run(fn, (*kkey, "interval", j1 - j0), work,
                                          a4[:, :, j0:j1], b4[:, j0:j1], Pv, off)
-            new, bad = compiled.run(checked_promote(promo), ("fused-promote-checked", promo),
-                                    work, reg, part, bad, *sab)
+            new, bad = compiled.run(checked, ("fused-promote-checked", promo), work, reg,
+                                    part, bad, *sab)
             if not float(bad):
                 reg = new
                 continue
         # block by block (a rare case, or a partial block), from the register before
         part_pos, part_neg = torch.zeros_like(inf_pos), torch.zeros_like(inf_pos)
         part, part_ovf = _blocks(ctx, j0, j1, zero, neg32, (part_pos, part_neg))
-        if scaled:
-            fn = _promote_scaled_exact if sc.exact else _promote_scaled_fp32
-            new = compiled.run(fn, ("fused-promote-scaled", sc.exact), work, reg, part, *sab)
-        else:
-            new = compiled.run(promote_kernel, ("fused-promote", True), work, reg, part)
+        new = compiled.run(_PROMOTE[promo], ("fused-promote", promo), work, reg, part, *sab)
         if part_ovf or not all_finite(new):
             # the special values (rare): the (B, M, Nc) scale products after all
             s_p = sc.at(lo_p, ns, shape) if scaled else None
