@@ -177,3 +177,29 @@ def test_compiled_kernel_keeps_negative_zero(name: str) -> None:
     assert bool(same.all()), x[~same].tolist()
     neg_inf = x == -math.inf
     assert bool(torch.signbit(got[neg_inf]).all()) and bool((got[neg_inf] == 0).all())
+
+
+def test_tanh64_relative_error_below_2_pow_minus_50() -> None:
+    """The float64 tanh of the correctly rounded units (``t / (t + 2)``, ``t = expm1(2x)``)
+    is within 2^-50 (relative) of tanh in mpmath on |x| <= 40 (its clamp), far inside the
+    2^-47 guard the hard-case test assumes: tiny, moderate and large arguments of both signs,
+    and every fp16 value in range; -0 stays -0."""
+    import mpmath
+    from precisim.emulation.functions.core import FN_DEFS, Fn
+
+    d = FN_DEFS[Fn.TANH]
+    assert (d.lo, d.hi) == (-40.0, 40.0)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = torch.cat([codes.double(), torch.randn(4000, generator=g, dtype=torch.float64) * 8,
+                   torch.tensor([2.0**-1074, 2.0**-500, 1e-8, 0.5, 19.0, 40.0],
+                                dtype=torch.float64)])
+    x = x[x.isfinite() & (x.abs() <= 40) & (x != 0)]
+    x = torch.cat([x, -x])
+    v = d.fast(x)
+    with mpmath.workprec(120):
+        ref = [mpmath.tanh(mpmath.mpf(xi)) for xi in x.tolist()]
+        worst = max(abs(float((mpmath.mpf(vi) - r) / r)) for vi, r in zip(v.tolist(), ref))
+    assert worst < 2.0**-50, worst
+    z = d.fast(torch.tensor([-0.0], dtype=torch.float64))
+    assert z.item() == 0 and math.copysign(1, z.item()) < 0
