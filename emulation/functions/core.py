@@ -278,6 +278,57 @@ def add_rne32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(edge < 0, torch.copysign(torch.full_like(s, _MAX32), s), y)
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``a * b + c`` of float32 tensors rounded once to float32 (RNE, overflow to inf): the
+    fused multiply-add of IEEE 754 binary32 (docs/arithmetic.md section 7.1).
+
+    Eager, and compiled where ``fused`` is False: the product is exact in float64 (24 + 24
+    significant bits) and the sum is rounded once by :func:`add_rne32`. Compiled with
+    ``fused`` (:func:`fused_fma32_compiles` found the compiled ``prims.fma`` fused on this
+    machine): ``prims.fma``, which inductor's CPU code emits as the vector FMA instruction
+    (``at::vec::fmadd``) and ``std::fma`` in the tail, one rounding each; eager ``prims.fma``
+    rounds twice, so it is never called eagerly."""
+    if fused and torch.compiler.is_compiling():
+        return torch.ops.prims.fma(a, b, c)
+    return add_rne32(a.double() * b.double(), c.double()).float()
+
+
+def _fma_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Operands whose fused and unfused ``a * b + c`` differ: c = -float32(a * b) (the fused
+    result is the product's rounding error, the unfused one 0), the tie 1 + 2^-11 + 2^-24 of
+    (1 + 2^-12)^2 - 1, and products that overflow or underflow; 16 * 64 + 7 elements, so the
+    compiled kernel's vector loop and its scalar tail both run."""
+    g = torch.Generator().manual_seed(32)
+    n = 16 * 64 + 7
+    a = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g))
+    b = torch.randn(n, generator=g)
+    c = -(a * b)
+    c[::3] = torch.randn(c[::3].shape, generator=g)
+    a[:4] = torch.tensor([1 + 2.0**-12, 2.0**100, 2.0**-100, 3.0])
+    b[:4] = torch.tensor([1 + 2.0**-12, 2.0**40, 2.0**-60, 1 / 3])
+    c[:4] = torch.tensor([-1.0, -1.0, 2.0**-149, -1.0])
+    return a, b, c
+
+
+@lru_cache(maxsize=1)
+def fused_fma32_compiles() -> bool:
+    """Whether ``torch.compile`` of ``prims.fma`` on float32 CPU tensors rounds once on this
+    machine: its result on :func:`_fma_probe_args` equals :func:`fma32`'s exact emulation bit
+    for bit (inductor emits the vector FMA instruction where the CPU has one; a generic vector
+    type would multiply and add). Checked once per process; False where compiling fails."""
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
+
+        f = torch.compile(lambda a, b, c: torch.ops.prims.fma(a, b, c), dynamic=True,
+                          fullgraph=True)
+        a, b, c = _fma_probe_args()
+        got = f(a, b, c)
+    except Exception:  # pragma: no cover - depends on the machine's compiler
+        return False
+    want = fma32(a, b, c, fused=False)
+    return bool(torch.equal(got.view(torch.int32), want.view(torch.int32)))
+
+
 _SPLIT = float(2**27 + 1)
 
 

@@ -78,6 +78,8 @@ from .core import (
     check_format,
     cr_exact,
     cr_fast,
+    fma32,
+    fused_fma32_compiles,
     grid_exact,
     grid_magic,
     grid_rne,
@@ -687,8 +689,38 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 # ---------------------------------------------------------------------------------------------
 # the fast path (one compiled kernel per unit)
 
+@lru_cache(maxsize=256)
+def _f32_core(u: FunctionUnit) -> bool:
+    """Whether the unit's core runs in float32 arithmetic (docs/arithmetic.md section 7.1):
+    a table, polynomial or Newton core whose working rounding is float32's own (fp32, RNE,
+    overflow to inf, no flush), whose tabulated values are float32 values, and whose position
+    in the segment is a float32 value: a multiple of 2^-24 in [0, 1) (exp: the reduced
+    argument's fraction has ``arg_frac_bits`` bits, the segment index ``table_bits`` of them;
+    bounded functions: the segment width is a power of two; rcp / rsqrt: the mantissa of a
+    float32 input has 23 fraction bits). Every product is then exact in float64 and every
+    rounding is one float32 operation (a sum of a product: :func:`fma32`), the same bits as
+    the float64 datapath. With ``fma``, only where the compiled FMA rounds once
+    (:func:`fused_fma32_compiles`; else the float64 datapath is the faster one)."""
+    if u.method not in (Method.TABLE, Method.POLYNOMIAL, Method.NEWTON):
+        return False
+    if not u.rounders["w"].is_f32 or (u.fma and not fused_fma32_compiles()):
+        return False
+    fn = u.function
+    if fn in (Fn.EXP, Fn.EXP2):
+        pos_bits = u.arg_frac_bits - u.table_bits
+    elif fn in (Fn.RCP, Fn.RSQRT):
+        pos_bits = 23
+    else:
+        lo, hi = u.bounds
+        pos_bits = u.arg_frac_bits - u.table_bits + int(math.log2(hi - lo))
+    if pos_bits > 24:
+        return False
+    return all(torch.equal(t.float().double(), t) for t in _fast_tables_cpu(u))
+
+
 @lru_cache(maxsize=512)
-def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure over constants
+def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure over constants
+            f32: bool | None = None):
     """The unit's kernel on flat float32 input: ``(y, hard)`` (the bound model's y displaced,
     :func:`_displace32`); with ``mark``, ``(y, count)`` instead, with every hard case's result NaN
     and ``count`` the number of hard cases (a float32 sum: compiled, it costs far less than
@@ -713,6 +745,7 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
     Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
     # a correctly rounded core (or the bound model) has hard cases; the other cores none
     exact_core = m in (Method.BOUND, Method.EXACT)
+    f32 = _f32_core(u) if f32 is None else f32
 
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
     # comparisons replace them. Measured per 2^24 elements, one thread, compiled, on top of a
@@ -753,36 +786,62 @@ def _kernel(u: FunctionUnit, mark: bool = False):  # noqa: ANN202 - a closure ov
         j = s.floor().clamp(0.0, Nf - 1.0)
         return (None if N == 1 else j.int()), s - j
 
+    if f32:  # the core's values are float32 values: float32 arithmetic (module docstring)
+        fused = u.fma and fused_fma32_compiles()
+
+        def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return fma32(a, b, c, fused)
+
+        def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a * b
+
+        def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+    else:
+        def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return addw(a * b, c)
+
+        def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return W(a * b)
+
+        add = addw
+
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)
+        if f32:
+            v, pos = v.float(), pos.float()
+            tabs = tuple(t.float() for t in tabs)
+        return core_at(v, i, pos, tabs).double()
+
+    def core_at(v: torch.Tensor, i: torch.Tensor | None, pos: torch.Tensor,
+                tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if m is Method.TABLE:
             if u.interpolation is Interp.NONE:
                 return take(tabs[2], i)
             t0, d = take(tabs[0], i), take(tabs[3], i)  # d = W(T1 - T0), tabulated
-            return addw(t0, d * pos) if u.fma else addw(t0, W(d * pos))
+            return fma(d, pos, t0) if u.fma else add(t0, mul(d, pos))
         if m is Method.POLYNOMIAL:
             y = take(tabs[3 + u.degree], i)
             if u.degree == 0:
-                return W(y)
+                return y if f32 else W(y)
             for k in range(u.degree - 1, -1, -1):
                 ck = take(tabs[3 + k], i)
-                y = addw(y * pos, ck) if u.fma else addw(W(y * pos), ck)
+                y = fma(y, pos, ck) if u.fma else add(mul(y, pos), ck)
             return y
         y = take(tabs[2], i)
         for _ in range(u.newton_steps):
             if fn is Fn.RCP:
                 if u.fma:
-                    e = addw(torch.ones_like(y), -(v * y))
-                    y = addw(y, y * e)
+                    y = fma(y, fma(-v, y, torch.ones_like(y)), y)
                 else:
-                    y = W(y * addw(torch.full_like(y, 2.0), -W(v * y)))
+                    y = mul(y, add(torch.full_like(y, 2.0), -mul(v, y)))
             else:
-                a = W(y * y)
+                # (y / 2 is exact: y >= 2^-3 at every step, docs/arithmetic.md section 7.1)
+                a = mul(y, y)
                 if u.fma:
-                    e = addw(torch.ones_like(y), -(v * a))
-                    y = addw(y, (y * 0.5) * e)
+                    y = fma(y * 0.5, fma(-v, a, torch.ones_like(y)), y)
                 else:
-                    y = W(y * addw(torch.full_like(y, 3.0), -W(v * a)) * 0.5)
+                    y = mul(y * 0.5, add(torch.full_like(y, 3.0), -mul(v, a)))
         return y
 
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
