@@ -361,6 +361,16 @@ def grid_rne(t: torch.Tensor, frac_bits: int | float) -> torch.Tensor:
     return (t + m) - m
 
 
+def grid_rne32(t: torch.Tensor, m: float) -> torch.Tensor:
+    """:func:`grid_rne` on float32 ``t`` (finite): ``t`` rounded to a multiple of ``2^-F``,
+    ties to even, given ``m = 2^(23 - F)`` (``F <= 149``, computed before tracing). Where
+    ``|t| < m``, ``t +- m`` (the sign of t) lies in [m, 2m], whose float32 step is 2^-F, and m
+    is an even multiple of it, so float32's RNE addition rounds t to the grid and ``-+ m`` is
+    exact; elsewhere t's own step is at least 2^-F: t is on the grid. A zero result is +0."""
+    ms = torch.copysign(torch.full_like(t, m), t)
+    return torch.where(t.abs() < m, (t + ms) - ms, t)
+
+
 def grid_magic(frac_bits: int) -> float:
     """The constant of :func:`grid_rne`."""
     return 1.5 * 2.0 ** (52 - frac_bits)

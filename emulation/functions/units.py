@@ -83,6 +83,7 @@ from .core import (
     grid_exact,
     grid_magic,
     grid_rne,
+    grid_rne32,
     inf_values,
     parse_enum,
     rq,
@@ -523,7 +524,8 @@ def _tables(u: FunctionUnit) -> _Tables:
 
 
 def _fast_tables(u: FunctionUnit, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device) for t in _fast_tables_cpu(u))
+    f32 = _f32_core(u)
+    return tuple((t.float() if f32 else t).to(device) for t in _fast_tables_cpu(u))
 
 
 @lru_cache(maxsize=256)
@@ -691,29 +693,22 @@ def _core_exact(u: FunctionUnit, v: Fraction) -> Fraction:
 
 @lru_cache(maxsize=256)
 def _f32_core(u: FunctionUnit) -> bool:
-    """Whether the unit's core runs in float32 arithmetic (docs/arithmetic.md section 7.1):
+    """Whether the unit's kernel runs in float32 arithmetic (docs/arithmetic.md section 7.1):
     a table, polynomial or Newton core whose working rounding is float32's own (fp32, RNE,
-    overflow to inf, no flush), whose tabulated values are float32 values, and whose position
-    in the segment is a float32 value: a multiple of 2^-24 in [0, 1) (exp: the reduced
-    argument's fraction has ``arg_frac_bits`` bits, the segment index ``table_bits`` of them;
-    bounded functions: the segment width is a power of two; rcp / rsqrt: the mantissa of a
-    float32 input has 23 fraction bits). Every product is then exact in float64 and every
-    rounding is one float32 operation (a sum of a product: :func:`fma32`), the same bits as
-    the float64 datapath. With ``fma``, only where the compiled FMA rounds once
-    (:func:`fused_fma32_compiles`; else the float64 datapath is the faster one)."""
+    overflow to inf, no flush) and whose tabulated values (and exp's constant log2(e)) are
+    float32 values. Every value of the range reduction and the core is then a float32 value:
+    the input is one; the reduced argument T is t rounded to a coarser grid, so it has fewer
+    significant bits than t; the position in a segment is the fraction of a float32 value;
+    every product of two float32 values is exact in float64, so each working rounding is one
+    float32 operation (a sum of a product: :func:`fma32`). The same bits as the float64
+    kernel. With ``fma``, only where the compiled FMA rounds once
+    (:func:`fused_fma32_compiles`; else the float64 kernel is the faster one)."""
     if u.method not in (Method.TABLE, Method.POLYNOMIAL, Method.NEWTON):
         return False
     if not u.rounders["w"].is_f32 or (u.fma and not fused_fma32_compiles()):
         return False
-    fn = u.function
-    if fn in (Fn.EXP, Fn.EXP2):
-        pos_bits = u.arg_frac_bits - u.table_bits
-    elif fn in (Fn.RCP, Fn.RSQRT):
-        pos_bits = 23
-    else:
-        lo, hi = u.bounds
-        pos_bits = u.arg_frac_bits - u.table_bits + int(math.log2(hi - lo))
-    if pos_bits > 24:
+    c = float(_tables(u).c)
+    if torch.tensor(c, dtype=torch.float32).item() != c:
         return False
     return all(torch.equal(t.float().double(), t) for t in _fast_tables_cpu(u))
 
@@ -735,6 +730,8 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
     N = 1 << u.table_bits
     lo, hi = u.bounds
     w = (hi - lo) / N
+    lo_w = lo / w  # (an integer: the unit checks it)
+    m32 = 2.0 ** (23 - u.arg_frac_bits)  # (grid_rne32's constant)
     min_in = float(u.input_format.min_normal)
     seed_bits = _seed_bits(u.bound_seed)
     # constants from exact arithmetic, computed before tracing (Fraction code in a compiled
@@ -762,7 +759,8 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         return add_rne32(a, b) if r["w"].is_f32 else W(add_ro(a, b))
 
     def take(tab: torch.Tensor, i: torch.Tensor | None) -> torch.Tensor:
-        return tab if i is None else tab[i]
+        # (the index is in range by construction: no bounds check in the compiled gather)
+        return tab if i is None else torch.ops.aten._unsafe_index(tab, [i])
 
     def is_neg(v: torch.Tensor) -> torch.Tensor:  # signbit (-0 included; NaN: either)
         # (copysign, vectorised; measured 3.3 ms per 2^24 elements against 106 ms for the
@@ -777,12 +775,12 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             s = (torch.where(p, v * 0.5, v) - 1.0) * half
             j = s.floor()
             return (j + torch.where(p, half, 0.0)).int(), s - j
-        if fn in (Fn.EXP, Fn.EXP2):
-            s = v * Nf
-        elif fn is Fn.RCP:
-            s = (v - 1.0) * Nf
-        else:
-            s = (v - lo) * (1.0 / w)
+        if fn.bounded:  # (v / w and its floor are exact in float32 too: w is a power of two)
+            q = v * (1.0 / w)
+            k = q.floor()
+            j = (k - lo_w).clamp(0.0, Nf - 1.0)  # (clamped outside [lo, hi): asymptote there)
+            return (None if N == 1 else j.int()), q - k
+        s = v * Nf if fn in (Fn.EXP, Fn.EXP2) else (v - 1.0) * Nf
         j = s.floor().clamp(0.0, Nf - 1.0)
         return (None if N == 1 else j.int()), s - j
 
@@ -807,11 +805,8 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         add = addw
 
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        i, pos = locate(v)
-        if f32:
-            v, pos = v.float(), pos.float()
-            tabs = tuple(t.float() for t in tabs)
-        return core_at(v, i, pos, tabs).double()
+        i, pos = locate(v)  # (v: float32 in kernel_f32, float64 in kernel)
+        return core_at(v, i, pos, tuple(t.float() if f32 else t.double() for t in tabs))
 
     def core_at(v: torch.Tensor, i: torch.Tensor | None, pos: torch.Tensor,
                 tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -843,6 +838,15 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
                 else:
                     y = mul(y * 0.5, add(torch.full_like(y, 3.0), -mul(v, a)))
         return y
+
+    def asymptote(xg: torch.Tensor, xq: torch.Tensor, high: bool) -> torch.Tensor:
+        """A bounded function's value outside [lo, hi) (below: 0, or -1 for tanh and erf;
+        above: 1, or x for the activations)."""
+        if fn in (Fn.TANH, Fn.ERF):
+            return torch.ones_like(xg) if high else -torch.ones_like(xg)
+        if not high:
+            return torch.zeros_like(xg)
+        return torch.ones_like(xg) if fn is Fn.SIGMOID else xq
 
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
         if u.flush_input:
@@ -894,20 +898,66 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         # (outside [lo, hi) the core's value is replaced by the asymptote below; its segment
         # index is clamped in locate, so no mask keeps xg inside)
         y = core(xg, tabs)
-        if fn is Fn.SIGMOID:
-            a_lo, a_hi = torch.zeros_like(xg), torch.ones_like(xg)
-        elif fn in (Fn.TANH, Fn.ERF):
-            a_lo, a_hi = -torch.ones_like(xg), torch.ones_like(xg)
-        else:
-            a_lo, a_hi = torch.zeros_like(xg), xq
-        y = torch.where(xg < lo, a_lo, torch.where(xg >= hi, a_hi, y))
+        y = torch.where(xg < lo, asymptote(xg, xq, False),
+                        torch.where(xg >= hi, asymptote(xg, xq, True), y))
         return torch.where(nan, math.nan, r["out"].fast(y)), xq, no
 
+    def kernel_f32(x: torch.Tensor, tabs: tuple[torch.Tensor, ...]):  # noqa: ANN202
+        """:func:`kernel` in float32 arithmetic (:func:`_f32_core`): every value of the
+        range reduction and the core is a float32 value and every working rounding one
+        float32 operation; float64 only for the exact scaling by a power of two before the
+        output rounding. The same bits as the float64 kernel (tests/test_functions_f32.py)."""
+        if u.flush_input:
+            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        xq = x if r["in"].is_f32 else r["in"].fast(x.double()).float()
+        nan = xq != xq
+        if fn in (Fn.EXP, Fn.EXP2):
+            t = xq * c if fn is Fn.EXP else xq  # (W(x c): c is a float32 value)
+            T = grid_rne32(torch.where(nan, 0.0, t).clamp(tmin, tmax), m32)
+            n = T.floor()
+            y = r["out"].fast32(core(T - n, tabs).double() * pow2_64(n))
+            y = torch.where(xq == math.inf, inf_out, y)
+            y = torch.where(xq == -math.inf, 0.0, y)
+            return torch.where(nan, math.nan, y), xq
+        if fn in (Fn.RCP, Fn.RSQRT):
+            ax = xq.abs()
+            axs = torch.where(ax > 0, torch.where(ax < math.inf, ax, 1.0), 1.0)
+            sub = axs < 2.0**-126  # (float32 subnormals, scaled to normals exactly)
+            b = torch.where(sub, axs * 2.0**24, axs).view(torch.int32)
+            e = ((b >> 23) & 0xFF) - torch.where(sub, 127 + 24, 127)  # floor(log2 |x|)
+            m1 = ((b & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # |x| / 2^e in [1, 2)
+            neg = is_neg(xq)
+            if fn is Fn.RCP:
+                y = core(m1, tabs).double() * pow2_64(-e)
+                y = torch.where(neg, -y, y)
+            else:
+                k = e >> 1  # floor(e / 2); |x| / 4^k = m1 or 2 m1
+                y = core(torch.where(e - 2 * k == 1, m1 * 2.0, m1), tabs).double() * \
+                    pow2_64(-k)
+            y = r["out"].fast32(y)
+            y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
+            if fn is Fn.RCP:
+                y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
+            else:
+                y = torch.where(xq == math.inf, 0.0, y)
+                y = torch.where(xq < 0, math.nan, y)
+            return torch.where(nan, math.nan, y), xq
+        xg = grid_rne32(torch.where(nan, 0.0, xq).clamp(lo - w, hi), m32)
+        y = core(xg, tabs)
+        y = torch.where(xg < lo, asymptote(xg, xq, False),
+                        torch.where(xg >= hi, asymptote(xg, xq, True), y))
+        y = y if r["out"].is_f32 else r["out"].fast32(y.double())
+        return torch.where(nan, math.nan, y), xq
+
     def kernel32(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
-        # float32 in and out (every value involved is a float32 value): compiled, the float64
-        # arithmetic stays in registers, no full-size float64 tensor is written
-        y, xq, hard = kernel(x.double(), *tabs)
-        y = y.float()
+        if f32:
+            y, xq = kernel_f32(x, tabs)
+            hard = torch.zeros_like(xq, dtype=torch.bool)
+        else:
+            # float32 in and out (every value involved is a float32 value): compiled, the
+            # float64 arithmetic stays in registers, no full-size float64 tensor is written
+            y, xq, hard = kernel(x.double(), *tabs)
+            y = y.float()
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             y = _displace32(y, xq.float(), seed_bits)
         if mark:
