@@ -524,8 +524,15 @@ def _tables(u: FunctionUnit) -> _Tables:
 
 
 def _fast_tables(u: FunctionUnit, device: torch.device) -> tuple[torch.Tensor, ...]:
-    f32 = _f32_core(u)
-    return tuple((t.float() if f32 else t).to(device) for t in _fast_tables_cpu(u))
+    tabs = _fast_tables_cpu(u)
+    if _f32_core(u):
+        tabs = tuple(t.float() for t in tabs)
+        if u.method is Method.TABLE and u.interpolation is Interp.LINEAR:
+            # T0 and the slope in one int64 entry: one gather instead of two (a compiled
+            # gather loads lane by lane)
+            tabs += ((tabs[0].view(torch.int32).long() & 0xFFFFFFFF)
+                     | (tabs[3].view(torch.int32).long() << 32),)
+    return tuple(t.to(device) for t in tabs)
 
 
 @lru_cache(maxsize=256)
@@ -806,14 +813,19 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
 
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         i, pos = locate(v)  # (v: float32 in kernel_f32, float64 in kernel)
-        return core_at(v, i, pos, tuple(t.float() if f32 else t.double() for t in tabs))
+        return core_at(v, i, pos, tuple(t if not t.is_floating_point() else t.float() if f32
+                                        else t.double() for t in tabs))
 
     def core_at(v: torch.Tensor, i: torch.Tensor | None, pos: torch.Tensor,
                 tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if m is Method.TABLE:
             if u.interpolation is Interp.NONE:
                 return take(tabs[2], i)
-            t0, d = take(tabs[0], i), take(tabs[3], i)  # d = W(T1 - T0), tabulated
+            if f32:  # (T0 and d packed in one int64 entry, _fast_tables)
+                g = take(tabs[4], i)
+                t0, d = g.int().view(torch.float32), (g >> 32).int().view(torch.float32)
+            else:
+                t0, d = take(tabs[0], i), take(tabs[3], i)  # d = W(T1 - T0), tabulated
             return fma(d, pos, t0) if u.fma else add(t0, mul(d, pos))
         if m is Method.POLYNOMIAL:
             y = take(tabs[3 + u.degree], i)
