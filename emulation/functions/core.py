@@ -367,7 +367,10 @@ def grid_rne32(t: torch.Tensor, m: float) -> torch.Tensor:
     ``|t| < m``, ``t +- m`` (the sign of t) lies in [m, 2m], whose float32 step is 2^-F, and m
     is an even multiple of it, so float32's RNE addition rounds t to the grid and ``-+ m`` is
     exact; elsewhere t's own step is at least 2^-F: t is on the grid. A zero result is +0."""
-    ms = torch.copysign(torch.full_like(t, m), t)
+    # (m enters only through arithmetic and a comparison: compiled, a captured float that
+    # is also a where() or full_like() scalar was specialised there but read as a graph input
+    # elsewhere, and inductor's graph cache then served one m's kernel for another)
+    ms = torch.where(t < 0, -1.0, 1.0) * m
     return torch.where(t.abs() < m, (t + ms) - ms, t)
 
 
