@@ -127,29 +127,35 @@ def test_fma32_compiled_equals_eager() -> None:
 
 F32_PRESETS = ["exp-lut64", "exp-lut16", "exp-poly3", "exp-poly5", "rcp-newton1", "rcp-newton2",
                "rsqrt-newton1", "rsqrt-newton2", "silu-lut64", "silu-lut16", "gelu-lut64",
-               "sigmoid-lut64"]
+               "sigmoid-lut64", "rcp-exact", "rcp-exact-ftz"]
 F32_VARIANTS = [v["name"] for v in VARIANTS if v["name"] in (
     "exp-lut-nofma-bf16", "exp-lut-mid", "exp-poly2-pieces", "exp2-poly4-fp16", "rcp-nofma",
     "rsqrt-nofma-0", "rsqrt-poly", "silu-poly", "gelu-tanh-lut", "sigmoid-mid")]
-DEFAULT = {"exp-lut64", "exp-poly3", "rcp-newton1", "rsqrt-newton2", "silu-lut64",
+DEFAULT = {"exp-lut64", "exp-poly3", "rcp-newton1", "rsqrt-newton2", "silu-lut64", "rcp-exact",
+           "rcp-exact-ftz",
            "exp-lut-nofma-bf16", "rsqrt-nofma-0", "sigmoid-mid"}
 
 
 def _unit(name: str) -> FunctionUnit:
+    if name == "rcp-exact-ftz":
+        return get_function_unit("rcp-exact").with_(name=name, flush_output=True)
     spec = next((v for v in VARIANTS if v["name"] == name), None)
     return unit_from_dict(spec) if spec else get_function_unit(name)
 
 
 def test_f32_kernel_is_used() -> None:
     """Every table, polynomial and Newton preset and variant with an fp32 working rounding
-    runs the float32 kernel (where the compiled FMA is fused); a bf16 working format or a
-    correctly rounded core does not."""
+    runs the float32 kernel (where the compiled FMA is fused), and so does the correctly
+    rounded rcp to fp32 (a float32 division); a bf16 working format, another correctly rounded
+    core or rcp to fp16 does not."""
     for name in F32_PRESETS + F32_VARIANTS:
         u = _unit(name)
-        assert _f32_core(u) == (fused_fma32_compiles() or not u.fma), name
+        exact = u.method.value == "exact"
+        assert _f32_core(u) == (exact or fused_fma32_compiles() or not u.fma), name
     assert not _f32_core(get_function_unit("exp-lut64").with_(working_format="bf16"))
     assert not _f32_core(get_function_unit("exp-exact"))
     assert not _f32_core(get_function_unit("exp-mx-bf16"))
+    assert not _f32_core(get_function_unit("rcp-exact").with_(output_format="fp16"))
 
 
 def _inputs(u: FunctionUnit) -> torch.Tensor:

@@ -709,7 +709,13 @@ def _f32_core(u: FunctionUnit) -> bool:
     every product of two float32 values is exact in float64, so each working rounding is one
     float32 operation (a sum of a product: :func:`fma32`). The same bits as the float64
     kernel. With ``fma``, only where the compiled FMA rounds once
-    (:func:`fused_fma32_compiles`; else the float64 kernel is the faster one)."""
+    (:func:`fused_fma32_compiles`; else the float64 kernel is the faster one). Also the
+    correctly rounded rcp with an fp32 output rounding (with or without flush): IEEE 754's
+    float32 division of float32 values is correctly rounded, subnormals, overflow and signed
+    zeros included."""
+    if u.method is Method.EXACT:
+        out = u.rounders["out"]
+        return u.function is Fn.RCP and (out.is_f32 or out.is_f32_ftz)
     if u.method not in (Method.TABLE, Method.POLYNOMIAL, Method.NEWTON):
         return False
     if not u.rounders["w"].is_f32 or (u.fma and not fused_fma32_compiles()):
@@ -922,6 +928,9 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         if u.flush_input:
             x = torch.where(x.abs() < min_in, x * 0.0, x)
         xq = x if r["in"].is_f32 else r["in"].fast(x.double()).float()
+        if m is Method.EXACT:  # rcp, correctly rounded: the float32 division (_f32_core)
+            y = 1.0 / xq
+            return (r["out"].flush32(y) if r["out"].is_f32_ftz else y), xq
         nan = xq != xq
         if fn in (Fn.EXP, Fn.EXP2):
             t = xq * c if fn is Fn.EXP else xq  # (W(x c): c is a float32 value)
@@ -973,7 +982,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             y = _displace32(y, xq.float(), seed_bits)
         if mark:
-            if not exact_core:  # (no hard cases: no counting pass over the batch)
+            if not exact_core or f32:  # (no hard cases: no counting pass over the batch)
                 return y, torch.zeros((), dtype=torch.float32, device=y.device)
             count = torch.where(hard, 1.0, 0.0).float().sum()
             return torch.where(hard, math.nan, y).float(), count
