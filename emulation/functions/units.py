@@ -1083,8 +1083,8 @@ def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tens
     r = torch.where(r < 0, r + mod, torch.where(r >= mod, r - mod, r))
     k = (r - B).to(torch.int32)
     nb = (y.view(torch.int32) + k).clamp(0, 0x7F7FFFFF).view(torch.float32)
-    keep = (y != y) | (y.abs() == math.inf) | (y == 0)
-    return torch.where(keep, y, nb)
+    # (NaN, inf and zero kept; nested wheres: compiled, | of masks converts them lane by lane)
+    return torch.where(y.abs() < math.inf, torch.where(y != 0, nb, y), y)
 
 
 def unit_from_dict(spec: Mapping[str, Any], where: str = "function unit") -> FunctionUnit:
