@@ -446,7 +446,7 @@ def _tanh64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_tanh64(x: torch.Tensor) -> torch.Tensor:
-    return x * _sig64((2.0 * _C_TANH) * (x + 0.044715 * (x * x * x)))
+    return x / (1.0 + torch.exp((-2.0 * _C_TANH) * (x + 0.044715 * (x * x * x))))
 
 
 def _gelu_tanh_guard(x: torch.Tensor) -> torch.Tensor:
