@@ -49,7 +49,10 @@ with a Ziv loop for the transcendental values, every rounding by
 :func:`precisim.formats.reference.round_to_float_format`) and a fast torch path
 (:meth:`FunctionUnit.__call__`: exact float64 arithmetic with round-to-odd sums, rounding
 through the same decision table, one compiled kernel), bit-identical (tests/test_functions.py
-checks every preset on every fp16 and bf16 input).
+checks every preset on every fp16 and bf16 input). Where the working rounding is float32's own
+and every tabulated value is a float32 value (every fp32 table, polynomial and Newton preset),
+the kernel runs in float32 arithmetic instead, each fused step one float32 FMA
+(:func:`_f32_core`; the same bits as the float64 kernel: tests/test_functions_f32.py).
 """
 
 from __future__ import annotations
