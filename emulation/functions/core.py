@@ -315,7 +315,9 @@ def fused_fma32_compiles() -> bool:
     """Whether ``torch.compile`` of ``prims.fma`` on float32 CPU tensors rounds once on this
     machine: its result on :func:`_fma_probe_args` equals :func:`fma32`'s exact emulation bit
     for bit (inductor emits the vector FMA instruction where the CPU has one; a generic vector
-    type would multiply and add). Checked once per process; False where compiling fails."""
+    type would multiply and add). Checked once per process (one small compile, about 2 s),
+    whatever the backend, so that a unit's kernel and tables are chosen alike for the whole
+    process; False where compiling fails."""
     try:
         import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
 
