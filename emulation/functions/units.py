@@ -869,6 +869,15 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             return torch.zeros_like(xg)
         return torch.ones_like(xg) if fn is Fn.SIGMOID else xq
 
+    def rcp_specials(y: torch.Tensor, xq: torch.Tensor, ax: torch.Tensor, neg: torch.Tensor
+                     ) -> torch.Tensor:
+        """rcp / rsqrt results at zero, infinity and (rsqrt) negative inputs."""
+        y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
+        if fn is Fn.RCP:
+            return torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
+        y = torch.where(xq == math.inf, 0.0, y)
+        return torch.where(xq < 0, math.nan, y)  # (-0 < 0 is false: rsqrt(-0) = -inf)
+
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
         if u.flush_input:
             x = torch.where(x.abs() < min_in, x * 0.0, x)
@@ -906,13 +915,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             else:
                 k = e >> 1  # floor(e / 2)
                 y = core(axs * pow2_64(-2 * k), tabs) * pow2_64(-k)
-            y = r["out"].fast(y)
-            y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
-            if fn is Fn.RCP:
-                y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
-            else:
-                y = torch.where(xq == math.inf, 0.0, y)
-                y = torch.where(xq < 0, math.nan, y)  # (-0 < 0 is false: rsqrt(-0) = -inf)
+            y = rcp_specials(r["out"].fast(y), xq, ax, neg)
             return torch.where(nan, math.nan, y), xq, no
         # bounded functions
         xg = grid_rne(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)  # (|.| <= 2^13)
@@ -958,13 +961,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
                 k = e >> 1  # floor(e / 2); |x| / 4^k = m1 or 2 m1
                 y = core(torch.where(e - 2 * k == 1, m1 * 2.0, m1), tabs).double() * \
                     pow2_64(-k)
-            y = r["out"].fast32(y)
-            y = torch.where(ax == 0, torch.where(neg, -inf_out, inf_out), y)
-            if fn is Fn.RCP:
-                y = torch.where(ax == math.inf, torch.copysign(torch.zeros_like(xq), xq), y)
-            else:
-                y = torch.where(xq == math.inf, 0.0, y)
-                y = torch.where(xq < 0, math.nan, y)
+            y = rcp_specials(r["out"].fast32(y), xq, ax, neg)
             return torch.where(nan, math.nan, y), xq
         xg = grid_rne32(torch.where(nan, 0.0, xq).clamp(lo - w, hi), m32)
         y = core(xg, tabs)
