@@ -35,7 +35,7 @@ from precisim.formats import Overflow, Rounding, get_format, kernels
 from precisim.formats.reference import round_to_float_format
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_functions import VARIANTS, adversarial_fp32  # noqa: E402
+from test_functions import VARIANTS, _all, _check, _specials, adversarial_fp32  # noqa: E402
 
 
 def _same32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,20 +125,33 @@ def test_fma32_compiled_equals_eager() -> None:
 # ---------------------------------------------------------------------------------------------
 # the float32 kernel against the float64 kernel
 
+#: units that exercise the float32 kernel's input and output roundings other than fp32's own
+#: (bf16 / fp16 inputs, flushed inputs and outputs, directed output rounding)
+EXTRA = {
+    "rcp-exact-ftz": dict(base="rcp-exact", flush_output=True),
+    "exp-lut-bf16in-ftz-rtz": dict(base="exp-lut64", input_format="bf16", flush_input=True,
+                                   flush_output=True, output_rounding="rtz"),
+    "silu-lut-fp16in-bf16out": dict(base="silu-lut64", input_format="fp16",
+                                    output_format="bf16"),
+    "rsqrt-newton-ftz-in": dict(base="rsqrt-newton1", flush_input=True, output_format="fp16"),
+    "rcp-newton-ru": dict(base="rcp-newton2", output_rounding="ru", table_format="fp16"),
+}
+
+
 F32_PRESETS = ["exp-lut64", "exp-lut16", "exp-poly3", "exp-poly5", "rcp-newton1", "rcp-newton2",
                "rsqrt-newton1", "rsqrt-newton2", "silu-lut64", "silu-lut16", "gelu-lut64",
-               "sigmoid-lut64", "rcp-exact", "rcp-exact-ftz"]
+               "sigmoid-lut64", "rcp-exact", *EXTRA]
 F32_VARIANTS = [v["name"] for v in VARIANTS if v["name"] in (
     "exp-lut-nofma-bf16", "exp-lut-mid", "exp-poly2-pieces", "exp2-poly4-fp16", "rcp-nofma",
     "rsqrt-nofma-0", "rsqrt-poly", "silu-poly", "gelu-tanh-lut", "sigmoid-mid")]
 DEFAULT = {"exp-lut64", "exp-poly3", "rcp-newton1", "rsqrt-newton2", "silu-lut64", "rcp-exact",
-           "rcp-exact-ftz",
+           "exp-lut-bf16in-ftz-rtz", "rsqrt-newton-ftz-in",
            "exp-lut-nofma-bf16", "rsqrt-nofma-0", "sigmoid-mid"}
 
 
 def _unit(name: str) -> FunctionUnit:
-    if name == "rcp-exact-ftz":
-        return get_function_unit("rcp-exact").with_(name=name, flush_output=True)
+    if name in EXTRA:
+        return unit_from_dict(dict(EXTRA[name], name=name))
     spec = next((v for v in VARIANTS if v["name"] == name), None)
     return unit_from_dict(spec) if spec else get_function_unit(name)
 
@@ -214,3 +227,13 @@ def test_f32_kernel_exp2_core_all_reduced_arguments(name: str) -> None:
     """The exp2 form of the unit (the same core and tables): every one of the 2^24 reduced
     arguments reaches the core as itself."""
     _compare(get_function_unit(name).with_(name=name + "-as-exp2", function="exp2"))
+
+
+@pytest.mark.parametrize("name", list(EXTRA))
+def test_extra_units_equal_the_exact_reference(name: str) -> None:
+    """The units of :data:`EXTRA` (float32 kernel) equal the exact reference on every 97th
+    fp16 and bf16 code, the special values and :func:`adversarial_fp32`."""
+    u = _unit(name)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(u, torch.cat([_all(dtype, 97), _specials(dtype)]))
+    _check(u, adversarial_fp32(u.function.value))
