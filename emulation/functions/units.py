@@ -756,9 +756,10 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
     Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
-    # a correctly rounded core (or the bound model) has hard cases; the other cores none
-    exact_core = m in (Method.BOUND, Method.EXACT)
     f32 = _f32_core(u) if f32 is None else f32
+    # a correctly rounded core (or the bound model) has hard cases; the other cores, and the
+    # float32 kernel (whose correctly rounded rcp is a float32 division), none
+    exact_core = m in (Method.BOUND, Method.EXACT) and not f32
 
     # Compiled, isnan and signbit are evaluated lane by lane (inductor, torch 2.13, CPU):
     # comparisons replace them. Measured per 2^24 elements, one thread, compiled, on top of a
@@ -821,12 +822,9 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         add = addw
 
     def core(v: torch.Tensor, tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        i, pos = locate(v)  # (v: float32 in kernel_f32, float64 in kernel)
-        return core_at(v, i, pos, tuple(t if not t.is_floating_point() else t.float() if f32
-                                        else t.double() for t in tabs))
-
-    def core_at(v: torch.Tensor, i: torch.Tensor | None, pos: torch.Tensor,
-                tabs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The core at v: float32 values and tables (_fast_tables) in kernel_f32, float64 in
+        kernel."""
+        i, pos = locate(v)
         if m is Method.TABLE:
             if u.interpolation is Interp.NONE:
                 return take(tabs[2], i)
@@ -878,9 +876,25 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         y = torch.where(xq == math.inf, 0.0, y)
         return torch.where(xq < 0, math.nan, y)  # (-0 < 0 is false: rsqrt(-0) = -inf)
 
+    def flushed(x: torch.Tensor) -> torch.Tensor:
+        """x with inputs below the input format's smallest normal read as zero
+        (``flush_input``)."""
+        return torch.where(x.abs() < min_in, x * 0.0, x) if u.flush_input else x
+
+    def exp_specials(y: torch.Tensor, xq: torch.Tensor, nan: torch.Tensor) -> torch.Tensor:
+        """exp / exp2 results at +-inf and NaN inputs."""
+        y = torch.where(xq == math.inf, inf_out, y)
+        y = torch.where(xq == -math.inf, 0.0, y)
+        return torch.where(nan, math.nan, y)
+
+    def bounded(y: torch.Tensor, xg: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """A bounded function's core value y at the grid value xg, the asymptote outside
+        [lo, hi) (its segment index is clamped in locate, so no mask keeps xg inside)."""
+        return torch.where(xg < lo, asymptote(xg, xq, False),
+                           torch.where(xg >= hi, asymptote(xg, xq, True), y))
+
     def kernel(x: torch.Tensor, *tabs: torch.Tensor):  # noqa: ANN202
-        if u.flush_input:
-            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        x = flushed(x)
         # (the kernel's x holds float32 values: float32's own input rounding keeps them)
         xq = x if r["in"].is_f32 else r["in"].fast(x)
         nan = xq != xq
@@ -900,9 +914,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
                 n = T.floor()
                 y = r["out"].fast(core(T - n, tabs) * pow2_64(n))
                 hard = no
-            y = torch.where(xq == math.inf, inf_out, y)
-            y = torch.where(xq == -math.inf, 0.0, y)
-            return torch.where(nan, math.nan, y), xq, hard
+            return exp_specials(y, xq, nan), xq, hard
         if fn in (Fn.RCP, Fn.RSQRT):
             ax = xq.abs()
             # (nested where, not (ax > 0) & (ax < inf): compiled, & converts mask types)
@@ -919,11 +931,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             return torch.where(nan, math.nan, y), xq, no
         # bounded functions
         xg = grid_rne(torch.where(nan, 0.0, xq).clamp(lo - w, hi), F)  # (|.| <= 2^13)
-        # (outside [lo, hi) the core's value is replaced by the asymptote below; its segment
-        # index is clamped in locate, so no mask keeps xg inside)
-        y = core(xg, tabs)
-        y = torch.where(xg < lo, asymptote(xg, xq, False),
-                        torch.where(xg >= hi, asymptote(xg, xq, True), y))
+        y = bounded(core(xg, tabs), xg, xq)
         return torch.where(nan, math.nan, r["out"].fast(y)), xq, no
 
     def kernel_f32(x: torch.Tensor, tabs: tuple[torch.Tensor, ...]):  # noqa: ANN202
@@ -931,8 +939,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         range reduction and the core is a float32 value and every working rounding one
         float32 operation; float64 only for the exact scaling by a power of two before the
         output rounding. The same bits as the float64 kernel (tests/test_functions_f32.py)."""
-        if u.flush_input:
-            x = torch.where(x.abs() < min_in, x * 0.0, x)
+        x = flushed(x)
         xq = x if r["in"].is_f32 else r["in"].fast(x.double()).float()
         if m is Method.EXACT:  # rcp, correctly rounded: the float32 division (_f32_core)
             y = 1.0 / xq
@@ -943,9 +950,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             T = grid_rne32(torch.where(nan, 0.0, t).clamp(tmin, tmax), m32)
             n = T.floor()
             y = r["out"].fast32(core(T - n, tabs).double() * pow2_64(n))
-            y = torch.where(xq == math.inf, inf_out, y)
-            y = torch.where(xq == -math.inf, 0.0, y)
-            return torch.where(nan, math.nan, y), xq
+            return exp_specials(y, xq, nan), xq
         if fn in (Fn.RCP, Fn.RSQRT):
             ax = xq.abs()
             axs = torch.where(ax > 0, torch.where(ax < math.inf, ax, 1.0), 1.0)
@@ -964,9 +969,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             y = rcp_specials(r["out"].fast32(y), xq, ax, neg)
             return torch.where(nan, math.nan, y), xq
         xg = grid_rne32(torch.where(nan, 0.0, xq).clamp(lo - w, hi), m32)
-        y = core(xg, tabs)
-        y = torch.where(xg < lo, asymptote(xg, xq, False),
-                        torch.where(xg >= hi, asymptote(xg, xq, True), y))
+        y = bounded(core(xg, tabs), xg, xq)
         y = y if r["out"].is_f32 else r["out"].fast32(y.double())
         return torch.where(nan, math.nan, y), xq
 
@@ -982,7 +985,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
         if m is Method.BOUND:  # (the displacement reads the rounded inputs)
             y = _displace32(y, xq.float(), seed_bits)
         if mark:
-            if not exact_core or f32:  # (no hard cases: no counting pass over the batch)
+            if not exact_core:  # (no hard cases: no counting pass over the batch)
                 return y, torch.zeros((), dtype=torch.float32, device=y.device)
             count = torch.where(hard, 1.0, 0.0).float().sum()
             return torch.where(hard, math.nan, y).float(), count
