@@ -500,6 +500,9 @@ def run(fn, key: tuple, numel: int, *args):
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     """torch.compile of a private copy of ``fn`` (see :func:`_private_copy`)."""
+    # inductor's prims (prims.fma, which some kernels call while compiling) are registered
+    # by this import; torch.compile imports the module anyway
+    import torch._inductor.inductor_prims  # noqa: F401
     # inductor otherwise keeps some values in a wider type across a narrowing cast (seen:
     # x.to(float16).to(float32) compiled to x): precisim's kernels round through casts
     return torch.compile(_private_copy(fn), dynamic=True, fullgraph=True,

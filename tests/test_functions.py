@@ -157,7 +157,7 @@ def test_adversarial_fp32(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["exp-exact", "silu-exact", "rsqrt-exact", "rcp-exact",
-                                  "exp-lut64", "exp-mx-bf16"])
+                                  "exp-lut64", "exp-mx-bf16", "gelu-exact"])
 def test_adversarial_fp32_compiled(name: str) -> None:
     """The same inputs through the torch.compile'd kernel (forced for small tensors): equal
     to the exact reference, hence to the eager kernel, bit for bit."""

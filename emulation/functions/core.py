@@ -31,6 +31,7 @@ from precisim.formats.rounding import ExactRemainder, FloatRemainder, round_up
 
 from ..matmul.floatarith import pow2_64, round_scaled
 from ..matmul.intarith import RoundSpec
+from . import approx64
 
 __all__ = ["Fn", "Rq", "Value", "add_ro", "add_rne32", "check_format", "cr_exact", "cr_fast",
            "div_ro", "exact_fn", "grid_exact", "grid_fast", "grid_magic", "grid_rne", "inf_values",
@@ -417,18 +418,14 @@ def _sig64(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(-x))
 
 
-_RS2 = 1.0 / math.sqrt(2.0)  # (float64; the guards cover the argument's error)
 _C_TANH = math.sqrt(2.0 / math.pi)
 _E = 2.0 ** -47
 
 
-def _g(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A guard ``2^-47 * (1 + c x^2)``: the float64 evaluation's error relative to the value,
-    with the argument's rounding error amplified by the function's condition number (at most
-    about ``c x^2``); the constant ``2^-47`` where c = 0 (no operations in a kernel)."""
-    if c == 0:
-        return lambda x: _E
-    return lambda x: _E * (1.0 + c * x * x)
+def _g(eps: float = _E) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A constant guard: the float64 evaluation's error relative to the value is below
+    ``eps`` (2^-47 unless given; a constant costs no operations in a kernel)."""
+    return lambda x: eps
 
 
 def _g_lin(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -460,18 +457,17 @@ def _gelu_tanh_guard(x: torch.Tensor) -> torch.Tensor:
 #: guard, and the clamp of x (output-invariant: beyond it the value is below every format's
 #: smallest step, beyond every format's range, or within 2^-100 of an asymptote)
 FN_DEFS: dict[Fn, _FnDef] = {
-    Fn.EXP: _FnDef(lambda m, x: m.exp(x), torch.exp, _g(0.0), -700.0, 90.0),
-    Fn.EXP2: _FnDef(lambda m, x: m.power(2, x), torch.exp2, _g(0.0), -1000.0, 130.0),
-    Fn.RCP: _FnDef(lambda m, x: 1 / x, lambda x: 1.0 / x, _g(0.0), -math.inf, math.inf),
-    Fn.RSQRT: _FnDef(lambda m, x: 1 / m.sqrt(x), torch.rsqrt, _g(0.0), -math.inf, math.inf),
-    Fn.SIGMOID: _FnDef(lambda m, x: 1 / (1 + m.exp(-x)), _sig64, _g(0.0), -700.0, 700.0),
-    Fn.TANH: _FnDef(lambda m, x: m.tanh(x), _tanh64, _g(0.0), -40.0, 40.0),
-    Fn.ERF: _FnDef(lambda m, x: m.erf(x), torch.erf, _g(0.0), -700.0, 700.0),
-    Fn.SILU: _FnDef(lambda m, x: x / (1 + m.exp(-x)), lambda x: x * _sig64(x), _g(0.0),
+    Fn.EXP: _FnDef(lambda m, x: m.exp(x), torch.exp, _g(), -700.0, 90.0),
+    Fn.EXP2: _FnDef(lambda m, x: m.power(2, x), torch.exp2, _g(), -1000.0, 130.0),
+    Fn.RCP: _FnDef(lambda m, x: 1 / x, lambda x: 1.0 / x, _g(), -math.inf, math.inf),
+    Fn.RSQRT: _FnDef(lambda m, x: 1 / m.sqrt(x), torch.rsqrt, _g(), -math.inf, math.inf),
+    Fn.SIGMOID: _FnDef(lambda m, x: 1 / (1 + m.exp(-x)), _sig64, _g(), -700.0, 700.0),
+    Fn.TANH: _FnDef(lambda m, x: m.tanh(x), _tanh64, _g(), -40.0, 40.0),
+    Fn.ERF: _FnDef(lambda m, x: m.erf(x), torch.erf, _g(), -700.0, 700.0),
+    Fn.SILU: _FnDef(lambda m, x: x / (1 + m.exp(-x)), lambda x: x * _sig64(x), _g(),
                     -700.0, math.inf),
-    Fn.GELU: _FnDef(lambda m, x: x / 2 * m.erfc(-x / m.sqrt(2)),
-                    lambda x: 0.5 * x * torch.special.erfc(x * -_RS2), _g(2.0), -37.0,
-                    math.inf),
+    Fn.GELU: _FnDef(lambda m, x: x / 2 * m.erfc(-x / m.sqrt(2)), approx64.gelu64,
+                    _g(approx64.GELU_GUARD), -approx64.T, math.inf),
     Fn.GELU_TANH: _FnDef(
         lambda m, x: x / (1 + m.exp(-2 * m.sqrt(2 / m.pi) * (x + m.mpf(44715) / 10**6 * x**3))),
         _gelu_tanh64, _gelu_tanh_guard, -15.0, math.inf),
