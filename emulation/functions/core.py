@@ -415,7 +415,9 @@ class _FnDef:
 
 
 def _sig64(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (1.0 + torch.exp(-x))
+    """sigmoid in float64 for x >= -700 (beyond 700, exp(-700) < 2^-1000 leaves 1 + e = 1):
+    exp within 45u (:func:`~.approx64.exp64`), then two roundings, inside the 2^-47 guard."""
+    return 1.0 / (1.0 + approx64.exp64(-x.clamp(max=700.0)))
 
 
 _C_TANH = math.sqrt(2.0 / math.pi)
@@ -428,10 +430,13 @@ def _g(eps: float = _E) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: eps
 
 
-def _g_lin(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A guard ``2^-47 * (4 + c min(|x|, 40))`` (condition number linear in x for x < 0,
-    vanishing for large positive x)."""
-    return lambda x: _E * (4.0 + c * x.abs().clamp(max=40.0))
+def _gelu_sigmoid_guard(x: torch.Tensor) -> torch.Tensor:
+    """The error bound of ``x sigmoid(1.702 x)`` in float64 at float32 values x: ``1.702 x``
+    (a constant within u, one rounding) within ``2u |1.702 x|`` of the exact argument, which
+    moves ``exp`` by as much relatively; exp64's 45u and three roundings: ``u (48 + 3.5
+    |x|)``, inside ``2^-47 (1 + |x| / 16)`` (|x| clamped at 450: beyond, for x > 0, ``e <
+    e^-700`` leaves the value x)."""
+    return _E * (1.0 + 0.0625 * x.abs().clamp(max=450.0))
 
 
 def _tanh64(x: torch.Tensor) -> torch.Tensor:
@@ -445,19 +450,28 @@ def _tanh64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_tanh64(x: torch.Tensor) -> torch.Tensor:
-    return x / (1.0 + torch.exp((-2.0 * _C_TANH) * (x + 0.044715 * (x * x * x))))
+    y = (-2.0 * _C_TANH) * (x + 0.044715 * (x * x * x))
+    return x / (1.0 + approx64.exp64(y.clamp(min=-700.0)))
 
 
 def _gelu_tanh_guard(x: torch.Tensor) -> torch.Tensor:
+    """The error bound of :func:`_gelu_tanh64` at float32 values x (u = 2^-53): ``x x`` is
+    exact, ``x^3``, the product by 0.044715 (a constant within u), the sum of two terms of
+    one sign and the product by ``-2 sqrt(2 / pi)`` (within 2.5u) put ``y`` within ``8u |y|``
+    of the exact argument, ``|y| <= 1.6 a (1 + 0.045 a^2)``; that moves ``exp(y)`` by as
+    much relatively, exp64 adds 45u, ``1 + e`` carries at most ``e / (1 + e) <= 1`` of it
+    and the quotient adds u: ``u (46 + 12.8 a (1 + 0.045 a^2))``, inside ``2^-47 (1 + 0.25 a
+    (1 + 0.045 a^2))``. (|x| is clamped at 20: beyond, for x > 0, ``e < e^-600`` leaves the
+    value x.)"""
     a = x.abs().clamp(max=20.0)
-    return _E * (8.0 + 6.4 * a * (1.0 + 0.045 * a * a))
+    return _E * (1.0 + 0.25 * a * (1.0 + 0.045 * a * a))
 
 
 #: per function: mpmath form (numerically stable: no cancellation), float64 form, its error
 #: guard, and the clamp of x (output-invariant: beyond it the value is below every format's
 #: smallest step, beyond every format's range, or within 2^-100 of an asymptote)
 FN_DEFS: dict[Fn, _FnDef] = {
-    Fn.EXP: _FnDef(lambda m, x: m.exp(x), torch.exp, _g(), -700.0, 90.0),
+    Fn.EXP: _FnDef(lambda m, x: m.exp(x), approx64.exp64, _g(), -700.0, 90.0),
     Fn.EXP2: _FnDef(lambda m, x: m.power(2, x), torch.exp2, _g(), -1000.0, 130.0),
     Fn.RCP: _FnDef(lambda m, x: 1 / x, lambda x: 1.0 / x, _g(), -math.inf, math.inf),
     Fn.RSQRT: _FnDef(lambda m, x: 1 / m.sqrt(x), torch.rsqrt, _g(), -math.inf, math.inf),
@@ -472,7 +486,8 @@ FN_DEFS: dict[Fn, _FnDef] = {
         lambda m, x: x / (1 + m.exp(-2 * m.sqrt(2 / m.pi) * (x + m.mpf(44715) / 10**6 * x**3))),
         _gelu_tanh64, _gelu_tanh_guard, -15.0, math.inf),
     Fn.GELU_SIGMOID: _FnDef(lambda m, x: x / (1 + m.exp(-m.mpf(1702) / 1000 * x)),
-                            lambda x: x * _sig64(1.702 * x), _g_lin(4.0), -400.0, math.inf),
+                            lambda x: x * _sig64(1.702 * x), _gelu_sigmoid_guard, -400.0,
+                            math.inf),
 }
 
 

@@ -350,7 +350,8 @@ class FunctionUnit:
         rounded core marks its hard cases NaN in the one pass that writes the results (and
         counts them); only where the count is not zero are the NaN results whose input is not
         NaN (the hard cases, and results that are NaN anyway) computed again by the kernel
-        with the mask, and the hard ones by the exact reference (for the bound model, its
+        with the mask (not when there are as many of them as marks: then all are hard
+        cases), and the hard ones by the exact reference (for the bound model, its
         displaced value: the kernel displaces every other result in the same pass)."""
         flat = x.detach().reshape(-1).float()
         tabs = _fast_tables(self, flat.device)
@@ -361,10 +362,13 @@ class FunctionUnit:
         if float(count) > 0:
             cand = _nan_indices(y)  # (one pass over the batch)
             cand = cand[~torch.isnan(flat[cand])]
-            yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
-                                 flat[cand], *tabs)
-            y[cand] = yc
-            idx = cand[hc]
+            if cand.numel() == int(count):  # (no NaN result besides the marks: all hard)
+                idx = cand
+            else:
+                yc, hc = kernels.run(_kernel(self), ("function-unit", self), cand.numel(),
+                                     flat[cand], *tabs)
+                y[cand] = yc
+                idx = cand[hc]
         if idx is not None and idx.numel():
             vals = [self.reference(v) for v in flat[idx].tolist()]
             y[idx] = torch.tensor([_as_float(v) for v in vals], dtype=torch.float64,
@@ -1075,7 +1079,9 @@ def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tens
     floor is corrected by one step either way, so the remainder is exact). ``seed_bits``:
     :func:`_seed_bits`."""
     xd = xq.double()
-    B = 2.0 + torch.floor(torch.floor(xd.abs().clamp(max=1e6) * 1173.0) / 1000.0)
+    # (floor(m / 1000) of the integer m <= 1.173e9 as floor((m + 0.5) * 0.001), no division:
+    # the product is within 1e-9 of (m + 0.5) / 1000, which is 0.0005 or more from an integer)
+    B = 2.0 + torch.floor((torch.floor(xd.abs().clamp(max=1e6) * 1173.0) + 0.5) * 0.001)
     h = xq.view(torch.int32) + seed_bits
     h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
     h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_A
