@@ -760,6 +760,7 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
     infs = {f: inf_values(f, r["out"]) for f in (Fn.EXP, Fn.EXP2, fn)}
 
     Nf = float(N)  # (floats: a captured int is a symbolic size when compiled)
+    same_in = r["in"].is_f32 and not u.flush_input  # (the kernel's x is its rounded input)
     f32 = _f32_core(u) if f32 is None else f32
     # a correctly rounded core (or the bound model) has hard cases; the other cores, and the
     # float32 kernel (whose correctly rounded rcp is a float32 division), none
@@ -986,8 +987,9 @@ def _kernel(u: FunctionUnit, mark: bool = False,  # noqa: ANN202 - a closure ove
             # float64 arithmetic stays in registers, no full-size float64 tensor is written
             y, xq, hard = kernel(x.double(), *tabs)
             y = y.float()
-        if m is Method.BOUND:  # (the displacement reads the rounded inputs)
-            y = _displace32(y, xq.float(), seed_bits)
+        if m is Method.BOUND:  # (the displacement reads the rounded inputs: x itself when
+            # its rounding and flush change nothing, which saves two conversions)
+            y = _displace32(y, x if same_in else xq.float(), seed_bits)
         if mark:
             if not exact_core:  # (no hard cases: no counting pass over the batch)
                 return y, torch.zeros((), dtype=torch.float32, device=y.device)
@@ -1075,8 +1077,10 @@ def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tens
     inputs), in int32 and float64 lanes only (vectorised when compiled; no int64): the
     unsigned 32-bit hash is computed on int32 bits (additions and products wrap mod 2^32 as
     the unsigned ones do; the logical shift is an arithmetic one masked to 16 bits), then
-    read as an exact float64 in [0, 2^32) for the remainder by 2B + 1 (the float64 quotient's
-    floor is corrected by one step either way, so the remainder is exact). ``seed_bits``:
+    read as an exact float64 in [0, 2^32) for the remainder by 2B + 1, exact: the floor of
+    the float64 quotient is the floor of the exact one (an exact quotient below an integer
+    is at least ``1 / (2B + 1) >= 2^-21.2`` below it, beyond the quotient's rounding error
+    ``2^32 / 5 * 2^-53 < 2^-23``; an integer quotient is exact). ``seed_bits``:
     :func:`_seed_bits`."""
     xd = xq.double()
     # (floor(m / 1000) of the integer m <= 1.173e9 as floor((m + 0.5) * 0.001), no division:
@@ -1088,9 +1092,7 @@ def _displace32(y: torch.Tensor, xq: torch.Tensor, seed_bits: int) -> torch.Tens
     h = h ^ ((h >> 16) & 0xFFFF)
     hd = h.double() + torch.where(h < 0, 4294967296.0, 0.0)
     mod = 2.0 * B + 1.0
-    r = hd - torch.floor(hd / mod) * mod
-    r = torch.where(r < 0, r + mod, torch.where(r >= mod, r - mod, r))
-    k = (r - B).to(torch.int32)
+    k = (hd - torch.floor(hd / mod) * mod - B).to(torch.int32)
     nb = (y.view(torch.int32) + k).clamp(0, 0x7F7FFFFF).view(torch.float32)
     # (NaN, inf and zero kept; nested wheres: compiled, | of masks converts them lane by lane)
     return torch.where(y.abs() < math.inf, torch.where(y != 0, nb, y), y)
