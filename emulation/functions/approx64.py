@@ -3,7 +3,7 @@
 (erf form). :func:`~precisim.emulation.functions.core.cr_fast` rounds such an approximation
 and sends the few values whose error interval holds a rounding boundary to the exact
 reference, so an approximation only has to stay within its stated bound; these are cheaper
-than the library functions they replace (Sleef's float64 ``erfc``).
+than the library functions they replace (Sleef's float64 ``exp`` and ``erfc``).
 
 Arithmetic. The polynomials are evaluated by Horner's rule with :func:`fma64`, the fused
 multiply-add as ``torch.compile`` builds it (``prims.fma``; inductor emits the vector FMA

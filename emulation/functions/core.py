@@ -460,7 +460,7 @@ def _gelu_tanh_guard(x: torch.Tensor) -> torch.Tensor:
     one sign and the product by ``-2 sqrt(2 / pi)`` (within 2.5u) put ``y`` within ``8u |y|``
     of the exact argument, ``|y| <= 1.6 a (1 + 0.045 a^2)``; that moves ``exp(y)`` by as
     much relatively, exp64 adds 45u, ``1 + e`` carries at most ``e / (1 + e) <= 1`` of it
-    and the quotient adds u: ``u (46 + 12.8 a (1 + 0.045 a^2))``, inside ``2^-47 (1 + 0.25 a
+    and the quotient adds u: ``u (47 + 12.8 a (1 + 0.045 a^2))``, inside ``2^-47 (1 + 0.25 a
     (1 + 0.045 a^2))``. (|x| is clamped at 20: beyond, for x > 0, ``e < e^-600`` leaves the
     value x.)"""
     a = x.abs().clamp(max=20.0)
