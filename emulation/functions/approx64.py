@@ -112,13 +112,20 @@ def _fma64_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, b, c
 
 
+#: set when the compiled operation failed on a later call: fma64 is then a product and a sum
+_FMA64_FAILED: list[bool] = []
+
+
 @lru_cache(maxsize=1)
 def _fma64_kernel() -> tuple[Any, bool] | None:
     """``(kernel, fused)``: ``torch.compile`` of ``prims.fma`` on float64 tensors, and
     whether it rounds once on this machine; None where compiling fails or where it returns,
     on :func:`_fma64_probe_args`, neither the correctly rounded results (exact in
     Fractions) nor the product-then-sum ones throughout. One small compile per process
-    (about 2 s), at the first eager :func:`fma64`."""
+    (about 2 s), at the first eager :func:`fma64`, whatever the kernels' backend (as
+    :func:`~precisim.emulation.functions.core.fused_fma32_compiles`)."""
+    if _FMA64_FAILED:  # pragma: no cover
+        return None
     try:
         import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
 
@@ -155,7 +162,13 @@ def fma64(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.prims.fma(a, b, c)
     k = _fma64_kernel()
-    return a * b + c if k is None else k[0](a, b, c)
+    if k is not None:
+        try:  # (flat: one compiled graph for every shape)
+            return k[0](a.reshape(-1), b.reshape(-1), c.reshape(-1)).view(a.shape)
+        except Exception:  # pragma: no cover - a failed recompile: the two-rounding form
+            _fma64_kernel.cache_clear()
+            _FMA64_FAILED.append(True)
+    return a * b + c
 
 
 def _horner(t: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
