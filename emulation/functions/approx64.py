@@ -55,8 +55,8 @@ import torch
 
 from ..matmul.floatarith import pow2_64
 
-__all__ = ["EXP_HALF_WIDTH", "GELU_GUARD", "T", "exp64", "fit", "fit_errors", "fma64",
-           "fma64_fused", "gelu64"]
+__all__ = ["EXP_HALF_WIDTH", "GELU_GUARD", "T", "compiled_fma", "exp64", "fit", "fit_errors",
+           "fma64", "fma64_fused", "gelu64"]
 
 #: the relative error bound of :func:`gelu64` at float32 values (module docstring)
 GELU_GUARD = 2.0 ** -46
@@ -112,6 +112,20 @@ def _fma64_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, b, c
 
 
+def compiled_fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+                 ) -> tuple[Any, torch.Tensor] | None:
+    """``torch.compile`` of ``prims.fma`` (dynamic shapes) and its result on the probe
+    operands ``a, b, c``; None where compiling or running it fails."""
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
+
+        f = torch.compile(lambda a, b, c: torch.ops.prims.fma(a, b, c), dynamic=True,
+                          fullgraph=True)
+        return f, f(a, b, c)
+    except Exception:  # pragma: no cover - depends on the machine's compiler
+        return None
+
+
 #: set when the compiled operation failed on a later call: fma64 is then a product and a sum
 _FMA64_FAILED: list[bool] = []
 
@@ -126,15 +140,11 @@ def _fma64_kernel() -> tuple[Any, bool] | None:
     :func:`~precisim.emulation.functions.core.fused_fma32_compiles`)."""
     if _FMA64_FAILED:  # pragma: no cover
         return None
-    try:
-        import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma
-
-        f = torch.compile(lambda a, b, c: torch.ops.prims.fma(a, b, c), dynamic=True,
-                          fullgraph=True)
-        a, b, c = _fma64_probe_args()
-        got = f(a, b, c)
-    except Exception:  # pragma: no cover - depends on the machine's compiler
+    a, b, c = _fma64_probe_args()
+    res = compiled_fma(a, b, c)
+    if res is None:  # pragma: no cover - depends on the machine's compiler
         return None
+    f, got = res
     fused = torch.tensor([float(Fraction(x) * Fraction(y) + Fraction(z))
                           for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())],
                          dtype=torch.float64)
