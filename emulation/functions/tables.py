@@ -2,12 +2,13 @@
 
 For every preset of :data:`~precisim.emulation.functions.FUNCTION_UNITS` and every finite
 input of fp16 and of bf16, the unit's output is compared with the function evaluated in
-float64 (``FN_DEFS``; accurate to a few float64 ulps, far below the printed digits). The
-error is counted in ulps of the unit's output format at the float64 value (the spacing of
-the format there; docs/arithmetic.md section 1.6) where that value is in the format's normal
-range (below it, flushed results would dominate every statistic), and as an absolute error
-everywhere. Inputs whose float64 value is beyond the output format's largest value or NaN, or
-whose unit output overflows, are left out (a range question, not an accuracy one).
+float64 (``FN_DEFS``; within each form's guard, at most 2^-40 relative, far below the
+printed digits). The error is counted in ulps of the unit's output format at the float64
+value (the spacing of the format there; docs/arithmetic.md section 1.6) where that value is
+in the format's normal range (below it, flushed results would dominate every statistic), and
+as an absolute error everywhere. Inputs whose float64 value is beyond the output format's
+largest value or NaN, or whose unit output overflows, are left out (a range question, not an
+accuracy one).
 
     python -m precisim.emulation.functions.tables            # print the markdown
     python -m precisim.emulation.functions.tables --write    # rewrite docs/functions.md
