@@ -56,7 +56,7 @@ import torch
 from ..matmul.floatarith import pow2_64
 
 __all__ = ["EXP_HALF_WIDTH", "GELU_GUARD", "T", "compiled_fma", "exp64", "fit", "fit_errors",
-           "fma64", "fma64_fused", "gelu64"]
+           "fma64", "fma64_fused", "fma_probe_args", "gelu64"]
 
 #: the relative error bound of :func:`gelu64` at float32 values (module docstring)
 GELU_GUARD = 2.0 ** -46
@@ -94,22 +94,30 @@ _L2 = float.fromhex("0x1.ef35793c76730p-45")  # ln 2 - L1 rounded (|ln 2 - L1 - 
 _MAGIC = 1.5 * 2.0**52
 
 
-def _fma64_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float64 operands whose fused and unfused ``a * b + c`` differ: ``c = -(a * b)``
+def fma_probe_args(dtype: torch.dtype, seed: int, specials: tuple[list[float], ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Operands of ``dtype`` whose fused and unfused ``a * b + c`` differ: ``c = -(a * b)``
     rounded (the fused result is the product's rounding error, the unfused one 0), others
-    with a random c, the near-tie ``(1 + 2^-27)^2 - 1`` and a subnormal sum; 8 * 64 + 7
-    elements, so a compiled kernel's vector loop and its scalar tail both run."""
-    g = torch.Generator().manual_seed(64)
-    n = 8 * 64 + 7
-    a = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(
-        torch.randint(-60, 60, (n,), generator=g).double())
-    b = torch.randn(n, generator=g, dtype=torch.float64)
+    with a random c, and first the given ``specials`` (lists of a, b and c); ``V * 64 + 7``
+    elements for V lanes of a 512-bit vector, so a compiled kernel's vector loop and its
+    scalar tail both run."""
+    g = torch.Generator().manual_seed(seed)
+    n = 512 // torch.finfo(dtype).bits * 64 + 7  # (lanes of a 512-bit vector)
+    a = torch.randn(n, generator=g, dtype=dtype) * torch.exp2(
+        torch.randint(-60, 60, (n,), generator=g).to(dtype))
+    b = torch.randn(n, generator=g, dtype=dtype)
     c = -(a * b)
-    c[::3] = torch.randn(c[::3].shape, generator=g, dtype=torch.float64)
-    a[:2] = torch.tensor([1 + 2.0**-27, 2.0**-600], dtype=torch.float64)
-    b[:2] = torch.tensor([1 + 2.0**-27, 2.0**-460], dtype=torch.float64)
-    c[:2] = torch.tensor([-1.0, 2.0**-1074], dtype=torch.float64)
+    c[::3] = torch.randn(c[::3].shape, generator=g, dtype=dtype)
+    for t, vals in zip((a, b, c), specials):
+        t[:len(vals)] = torch.tensor(vals, dtype=dtype)
     return a, b, c
+
+
+def _fma64_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fma_probe_args` in float64, with the near-tie ``(1 + 2^-27)^2 - 1`` and a
+    subnormal sum."""
+    return fma_probe_args(torch.float64, 64, ([1 + 2.0**-27, 2.0**-600],
+                                              [1 + 2.0**-27, 2.0**-460], [-1.0, 2.0**-1074]))
 
 
 def compiled_fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor

@@ -295,20 +295,11 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fused: bool) -> tor
 
 
 def _fma_probe_args() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Operands whose fused and unfused ``a * b + c`` differ: c = -float32(a * b) (the fused
-    result is the product's rounding error, the unfused one 0), the tie 1 + 2^-11 + 2^-24 of
-    (1 + 2^-12)^2 - 1, and products that overflow or underflow; 16 * 64 + 7 elements, so the
-    compiled kernel's vector loop and its scalar tail both run."""
-    g = torch.Generator().manual_seed(32)
-    n = 16 * 64 + 7
-    a = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g))
-    b = torch.randn(n, generator=g)
-    c = -(a * b)
-    c[::3] = torch.randn(c[::3].shape, generator=g)
-    a[:4] = torch.tensor([1 + 2.0**-12, 2.0**100, 2.0**-100, 3.0])
-    b[:4] = torch.tensor([1 + 2.0**-12, 2.0**40, 2.0**-60, 1 / 3])
-    c[:4] = torch.tensor([-1.0, -1.0, 2.0**-149, -1.0])
-    return a, b, c
+    """:func:`~.approx64.fma_probe_args` in float32, with the tie 1 + 2^-11 + 2^-24 of
+    (1 + 2^-12)^2 - 1 and products that overflow or underflow."""
+    return approx64.fma_probe_args(torch.float32, 32, (
+        [1 + 2.0**-12, 2.0**100, 2.0**-100, 3.0], [1 + 2.0**-12, 2.0**40, 2.0**-60, 1 / 3],
+        [-1.0, -1.0, 2.0**-149, -1.0]))
 
 
 @lru_cache(maxsize=1)
