@@ -361,6 +361,31 @@ def test_bound_displacement_int32_kernel(backend: str) -> None:
             assert float(got[i]) == float(want), (float(x[i]), float(y[i]), seed)
 
 
+def test_bound_displacement_quotient_floor_needs_no_correction() -> None:
+    """``_displace32`` takes the remainder of the hash ``h < 2^32`` by ``m = 2B + 1`` from the
+    floor of the float64 quotient without a correction step: that floor is ``h // m`` for
+    every modulus the kernel forms (B from 2 to 1173002) at the quotients nearest an integer
+    (``h = k m - 1, k m, k m + 1`` for small k and the largest k below 2^32) and at random h."""
+    m = torch.arange(5, 2 * 1173002 + 2, 2, dtype=torch.int64)
+    kmax = (2**32 - 1) // m
+    ks = [torch.full_like(m, k) for k in (1, 2, 3, 1000)] + [kmax, kmax - 1]
+    g = torch.Generator().manual_seed(5)
+    hs = [(k * m + d).clamp(0, 2**32 - 1) for k in ks for d in (-1, 0, 1)]
+    hs.append(torch.randint(0, 2**32, m.shape, generator=g, dtype=torch.int64))
+    for h in hs:
+        assert torch.equal(torch.floor(h.double() / m.double()).long(), h // m)
+
+
+@pytest.mark.slow
+def test_bound_displacement_floor_by_1000_without_division() -> None:
+    """``_displace32``'s ``floor(m / 1000)`` is ``floor((m + 0.5) * 0.001)`` in float64 for
+    every integer m from 0 to 1.173e9 (``floor(|x| 1173)`` for |x| <= 1e6)."""
+    step = 1 << 24
+    for lo in range(0, 1_173_000_001, step):
+        m = torch.arange(lo, min(lo + step, 1_173_000_001), dtype=torch.float64)
+        assert torch.equal(torch.floor((m + 0.5) * 0.001), torch.floor(m / 1000.0)), lo
+
+
 @pytest.mark.parametrize("backend", ["eager", "compile"])
 def test_pow2_64_is_exact_at_integers(backend: str) -> None:
     """The table and polynomial exp units scale by ``pow2_64(n)`` (the float64 bits of 2^n):
